@@ -1,0 +1,109 @@
+"""Stable Diffusion pipelines built from configs with random weights: test fixtures and benchmark models.
+
+Nothing is downloaded: the tokenizer is written locally (a byte-level vocabulary, so every word tokenizes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _byte_unicode() -> list[str]:
+    """CLIP's byte-to-unicode table: 256 printable characters, one per byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_length: int = 77) -> Path:
+    """A CLIPTokenizer folder: every byte (plain and word-final) is a token, plus whole-word merges for `words`."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_unicode()
+    vocab: dict[str, int] = {}
+    for tok in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged] + pieces[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                        model_max_length=max_length)
+    tok.save_pretrained(folder)
+    return folder
+
+
+TINY = dict(
+    unet=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+              norm_num_groups=8),
+    vae=dict(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=16),
+    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+              max_position_embeddings=77),
+)
+
+SD15 = dict(
+    unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+    vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, norm_num_groups=32, sample_size=512,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             layers_per_block=2),
+    text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              max_position_embeddings=77),
+)
+
+
+def build_components(spec: dict = TINY, seed: int = 0, prediction_type: str = "epsilon") -> dict:
+    """Random-weight SD-1-shaped components (unet, vae, text_encoder, tokenizer-less) from a size spec."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    text_cfg = CLIPTextConfig(vocab_size=49408 if spec is SD15 else 600, bos_token_id=0, eos_token_id=2,
+                              pad_token_id=1, projection_dim=spec["text"]["hidden_size"], **spec["text"])
+    text_encoder = CLIPTextModel(text_cfg)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+
+
+def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon",
+                       words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue")) -> Path:
+    """Save a tiny SD-1-shaped pipeline (random weights) as a diffusers folder, loadable offline."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    parts = build_components(TINY, seed, prediction_type)
+    tok_dir = write_tokenizer(folder / "_tok", words)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    assert len(tokenizer) <= parts["text_encoder"].config.vocab_size
+    pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False, **parts)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return folder

@@ -1,0 +1,487 @@
+"""Training: `training_step` (pure: batch in, loss out) and `train(config, callbacks, commands)`.
+
+Step N's noise, timesteps, augmentation and batch derive from (seed, N, rank) alone, so a resumed run
+reproduces an uninterrupted one exactly. Progress, samples and checkpoints are callbacks; stop / sample now /
+save now are commands the loop polls. The CLI and the UI differ only in what they register.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import objective
+from .callbacks import Callbacks, Commands
+from .config import Config, validate
+from .data import BatchPlan, Example, build_examples, fit_to_bucket, load_image, scan_folder
+from .errors import ConfigError, DataError, TrainingError
+from .lora import TEXT_PATTERNS, UNET_PATTERNS, inject, lora_parameters, lora_state_dict, load_lora_state_dict, \
+    zero_update_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output: str
+    steps: int
+    final_loss: float
+    seconds: float
+    stopped: bool = False
+    samples: list = field(default_factory=list)
+    checkpoints: list = field(default_factory=list)
+    log: str = ""
+    trigger: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2)
+
+
+# ---------------------------------------------------------------- the step
+
+def seeded(seed: int, step: int, rank: int, micro: int = 0) -> tuple[torch.Generator, np.random.Generator]:
+    """Generators for one micro-batch, from (seed, step, rank, micro) alone."""
+    key = [seed, step, rank, micro]
+    g = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
+    return g, np.random.default_rng(key)
+
+
+def diffusion_loss(unet, latents, cond, scheduler, gen, train_cfg, with_noisy: bool = False):
+    """Per-sample loss of the UNet on noised latents; optionally also returns (noisy, timesteps)."""
+    noise = objective.sample_noise(latents, gen, train_cfg.noise_offset)
+    t = objective.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, gen, latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+    weights = objective.snr_weights(scheduler, t, train_cfg.min_snr_gamma) if train_cfg.min_snr_gamma else None
+    loss = objective.per_sample_loss(pred, objective.target(scheduler, latents, noise, t), weights)
+    return (loss, noisy, t) if with_noisy else loss
+
+
+def training_step(run: "Run", step: int, micro: int) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch: instance loss, plus prior-preservation loss when configured."""
+    cfg = run.cfg
+    gen, rng = seeded(cfg.train.seed, step, run.rank, micro)
+    k = (step * cfg.train.grad_accum + micro) * run.world + run.rank
+    latents, cond = run.batch(run.plan(k), rng)
+    loss, noisy, t = diffusion_loss(run.unet, latents, cond, run.noise_scheduler, gen, cfg.train, with_noisy=True)
+    loss = loss.mean()
+    stats = {"loss_instance": loss.detach()}
+    if run.prior_plan is not None:
+        p_lat, p_cond = run.batch(run.prior_plan(k), rng, prior=True)
+        prior = diffusion_loss(run.unet, p_lat, p_cond, run.noise_scheduler, gen, cfg.train).mean()
+    elif cfg.prior.class_prompt and cfg.prior.mode == "model":
+        prior = run.model_prior_loss(noisy, t)
+    else:
+        prior = None
+    if prior is not None:
+        stats["loss_prior"] = prior.detach()
+        loss = loss + cfg.prior.weight * prior
+    return loss, stats
+
+
+# ---------------------------------------------------------------- the run
+
+class Run:
+    """Everything a training run holds: models, data, caches, optimizer. Built by `setup`."""
+
+    def __init__(self, cfg: Config, accelerator, components):
+        self.cfg, self.acc, self.c = cfg, accelerator, components
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.device = accelerator.device
+        self.noise_scheduler = components.noise_scheduler
+        self.latent_cache: dict = {}
+        self.text_cache: dict = {}
+        self.started = time.time()
+
+    # -- text --
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        tok = self.c.tokenizer
+        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.device)
+
+    def encode_text(self, captions: list[str], text_encoder=None) -> torch.Tensor:
+        te = text_encoder or self.text_encoder
+        if te is self.text_encoder and not self.cfg.lora.train_text_encoder and self.cfg.train.cache_text:
+            missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
+            if missing:
+                with torch.no_grad():
+                    emb = te(self.tokenize(missing), return_dict=False)[0]
+                self.text_cache.update(zip(missing, emb))
+            return torch.stack([self.text_cache[c] for c in captions])
+        with torch.set_grad_enabled(self.cfg.lora.train_text_encoder and te is self.text_encoder):
+            return te(self.tokenize(captions), return_dict=False)[0]
+
+    # -- images --
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.c.vae
+        with torch.no_grad():
+            lat = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((lat - shift) * vae.config.scaling_factor).to(self.weight_dtype)
+
+    def latent(self, ex: Example, flip: bool, rng) -> torch.Tensor:
+        if not self.cache_latents:
+            pixels = fit_to_bucket(load_image(ex.path), ex.bucket, self.cfg.augment.crop, rng, flip)
+            return self.encode_images(pixels[None])[0]
+        key = (ex.path, ex.bucket, flip)
+        if key not in self.latent_cache:
+            pixels = fit_to_bucket(load_image(ex.path), ex.bucket, "center", None, flip)
+            self.latent_cache[key] = self.encode_images(pixels[None])[0]
+        return self.latent_cache[key]
+
+    def batch(self, indices: list[int], rng: np.random.Generator, prior: bool = False):
+        """Latents and text conditioning of a micro-batch, with this step's flips and caption dropout."""
+        examples = self.prior_examples if prior else self.examples
+        aug = self.cfg.augment
+        lats, caps = [], []
+        for i in indices:
+            ex = examples[i]
+            flip = bool(aug.random_flip and rng.random() < 0.5)
+            drop = bool(aug.caption_dropout and rng.random() < aug.caption_dropout)
+            lats.append(self.latent(ex, flip, rng))
+            caps.append("" if drop else ex.caption)
+        return torch.stack(lats), self.encode_text(caps)
+
+    def precompute(self) -> None:
+        """Fill the latent and text caches up front, so the VAE and text encoder do no per-step work."""
+        if self.cache_latents:
+            flips = (False, True) if self.cfg.augment.random_flip else (False,)
+            for ex in {(e.path, e.bucket): e for e in self.examples + self.prior_examples}.values():
+                for flip in flips:
+                    self.latent(ex, flip, None)
+        if self.cfg.train.cache_text and not self.cfg.lora.train_text_encoder:
+            caps = {e.caption for e in self.examples + self.prior_examples} | {"", self.cfg.prior.class_prompt}
+            for chunk in _chunks(sorted(caps), 64):
+                self.encode_text(chunk)
+
+    def model_prior_loss(self, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Prior preservation without class images: match the base model (adapters off) on the class prompt."""
+        n = noisy.shape[0]
+        unet = self.acc.unwrap_model(self.unet)
+        te = self.acc.unwrap_model(self.text_encoder)
+        with torch.no_grad():
+            unet.disable_adapters()
+            if self.cfg.lora.train_text_encoder:
+                te.disable_adapters()
+            base_cond = self.encode_text([self.cfg.prior.class_prompt] * n, text_encoder=te)
+            base = unet(noisy, t, encoder_hidden_states=base_cond, return_dict=False)[0]
+            unet.enable_adapters()
+            if self.cfg.lora.train_text_encoder:
+                te.enable_adapters()
+        cond = self.encode_text([self.cfg.prior.class_prompt] * n)
+        pred = self.unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+        return objective.per_sample_loss(pred, base).mean()
+
+    # -- state --
+    def lora_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        parts = {"lora_unet": lora_state_dict(self.acc.unwrap_model(self.unet))}
+        if self.cfg.lora.train_text_encoder:
+            parts["lora_te"] = lora_state_dict(self.acc.unwrap_model(self.text_encoder))
+        return parts
+
+    def load_lora_parts(self, parts: dict) -> None:
+        load_lora_state_dict(self.acc.unwrap_model(self.unet), parts["lora_unet"])
+        if "lora_te" in parts:
+            load_lora_state_dict(self.acc.unwrap_model(self.text_encoder), parts["lora_te"])
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+# ---------------------------------------------------------------- setup
+
+def _mixed_precision(cfg: Config) -> str:
+    mp = cfg.train.mixed_precision
+    if mp != "auto":
+        return mp
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    mp = _mixed_precision(cfg)
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    return Accelerator(mixed_precision=mp)
+
+
+def resolve_resolution(cfg: Config, components) -> tuple[int, int]:
+    """(resolution, bucket step) that fit the VAE and UNet down-sampling of this model."""
+    vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    multiple = vae_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    res = cfg.augment.resolution or components.unet.config.sample_size * vae_factor
+    if res % multiple:
+        raise ConfigError(f"resolution {res} must be a multiple of {multiple} for this model")
+    return res, max(multiple, math.ceil(res / 64 / multiple) * multiple)
+
+
+def ensure_class_images(cfg: Config, components, resolution: int, callbacks: Callbacks) -> None:
+    """Generate the class images the prior folder lacks, with the base model (no LoRA)."""
+    from .sample import render, save_png
+
+    folder = Path(cfg.prior.class_data)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len(scan_folder(folder)[0])
+    missing = cfg.prior.num_class_images - have
+    if missing <= 0:
+        if have == 0:
+            raise DataError(f"no class images in {folder}; set num_class_images to have them generated")
+        return
+    callbacks.on_message(f"generating {missing} class images for '{cfg.prior.class_prompt}' into {folder}")
+    pipe = components.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    seed = cfg.train.seed + 10_000 + have
+    for start in range(0, missing, 4):
+        n = min(4, missing - start)
+        images = render(pipe, [cfg.prior.class_prompt] * n, seed + start, cfg.sample.steps, cfg.sample.guidance,
+                        resolution, resolution)
+        for i, im in enumerate(images):
+            save_png(im, folder / f"class_{have + start + i:05d}.png", {"prompt": cfg.prior.class_prompt})
+
+
+def setup(cfg: Config, accelerator, callbacks: Callbacks) -> Run:
+    """Load the model, data and LoRA; build caches, optimizer and schedule."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    from .models import load_components
+
+    components = load_components(cfg.model_path, cfg.model.prediction_type)
+    run = Run(cfg, accelerator, components)
+    res, step = resolve_resolution(cfg, components)
+    run.resolution = res
+    buckets_on = cfg.augment.bucketing
+    folders = [(d.path, d.prompt, d.use_captions, d.repeats) for d in cfg.data]
+    run.examples = build_examples(folders, res, buckets_on, step)
+    run.captions_by_folder = {d.path: [c for _, c in scan_folder(d.path, d.prompt, d.use_captions)[0]]
+                              for d in cfg.data}
+    run.prior_examples, run.prior_plan = [], None
+    if cfg.prior.class_prompt and cfg.prior.mode == "images":
+        if accelerator.is_main_process:
+            ensure_class_images(cfg, components, res, callbacks)
+        accelerator.wait_for_everyone()
+        run.prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], res,
+                                            buckets_on, step, is_prior=True)
+        run.prior_plan = BatchPlan(run.prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
+    run.plan = BatchPlan(run.examples, cfg.train.batch_size, cfg.train.seed)
+
+    mp = accelerator.mixed_precision
+    run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32) \
+        if accelerator.device.type == "cuda" else torch.float32
+    unet, te = components.unet, components.text_encoder
+    for module in (unet, te, components.vae):
+        module.to(accelerator.device)
+    if run.weight_dtype != torch.float32:  # the VAE stays fp32: fp16 VAEs overflow to NaN, and it runs once
+        unet.to(dtype=run.weight_dtype)
+        te.to(dtype=run.weight_dtype)
+    torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
+    run.targets = inject(unet, UNET_PATTERNS[cfg.lora.targets], cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout)
+    if cfg.lora.train_text_encoder:
+        run.targets += inject(te, TEXT_PATTERNS, cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout, "text encoder")
+    cast_training_params([unet, te], dtype=torch.float32)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.lora.train_text_encoder:
+            te.gradient_checkpointing_enable()
+
+    run.cache_latents = cfg.train.cache_latents and cfg.augment.crop == "center"
+    if cfg.train.cache_latents and not run.cache_latents:
+        callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
+    run.text_encoder = te
+    run.precompute()
+
+    groups = [{"params": lora_parameters(unet), "lr": cfg.optim.lr}]
+    if cfg.lora.train_text_encoder:
+        groups.append({"params": lora_parameters(te), "lr": cfg.lora.text_encoder_lr or cfg.optim.lr})
+    optimizer = _optimizer(cfg, groups, accelerator.device)
+    run.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                     num_training_steps=cfg.train.max_steps)
+    if cfg.lora.train_text_encoder:
+        run.unet, run.text_encoder, run.optimizer = accelerator.prepare(unet, te, optimizer)
+    else:
+        run.unet, run.optimizer = accelerator.prepare(unet, optimizer)
+    run.params = [p for g in groups for p in g["params"]]
+    return run
+
+
+def _optimizer(cfg: Config, groups: list[dict], device) -> torch.optim.Optimizer:
+    kw = dict(weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optimizer adamw8bit needs bitsandbytes: pip install 'sdlora[cuda]', "
+                              "or use --optimizer adamw") from None
+        if device.type != "cuda":
+            raise ConfigError("optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on the CPU")
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kw)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | None = None,
+          resume: bool = False) -> TrainResult:
+    """Train one LoRA as configured; returns where it went and how it went. Raises SdloraError on bad input."""
+    validate(cfg)
+    callbacks, commands = callbacks or Callbacks(), commands or Commands()
+    acc = make_accelerator(cfg)
+    main = acc.is_main_process
+    run = setup(cfg, acc, callbacks if main else Callbacks())
+    out = Path(cfg.output.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = 0
+    if resume:
+        path = ckpt.latest_checkpoint(out)
+        if path is None:
+            callbacks.on_message(f"no checkpoint in {ckpt.checkpoint_dir(out)}; starting from step 0")
+        else:
+            state = ckpt.load_state(path, cfg.to_dict())
+            run.load_lora_parts(state["lora"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if state.get("scaler") and acc.scaler is not None:
+                acc.scaler.load_state_dict(state["scaler"])
+            start = state["step"]
+            callbacks.on_message(f"resumed from {path} at step {start}")
+    run.start_step = start
+    result = TrainResult(output=str(out), steps=start, final_loss=float("nan"), seconds=0.0,
+                         log=str(out.with_name(out.stem + "_log.jsonl")))
+    if main:
+        callbacks.on_start(run)
+        if start == 0 and cfg.sample.prompts:
+            result.samples += _samples(run, 0, callbacks)
+    t0 = time.time()
+    step = start
+    with open(result.log, "a") if main else open("/dev/null", "w") as log_file:
+        while step < cfg.train.max_steps:
+            loss, stats = _optimizer_step(run, step)
+            step += 1
+            stats.update(loss=loss, lr=run.lr_scheduler.get_last_lr()[0], step=step)
+            result.final_loss = loss
+            if main:
+                log_file.write(json.dumps({k: round(float(v), 8) for k, v in stats.items()}) + "\n")
+                log_file.flush()
+                callbacks.on_step(step, stats)
+            done = step == cfg.train.max_steps
+            if cfg.sample.prompts and main and ((cfg.sample.every and step % cfg.sample.every == 0 and not done)
+                                                or commands.sample_now):
+                commands.sample_now = False
+                result.samples += _samples(run, step, callbacks)
+            if (cfg.output.save_every and step % cfg.output.save_every == 0 and not done) or commands.save_now \
+                    or commands.stop:
+                commands.save_now = False
+                result.checkpoints.append(_checkpoint(run, step, callbacks))
+            if commands.stop:
+                result.stopped = True
+                break
+    result.steps, result.seconds = step, time.time() - t0
+    parts = run.lora_parts()
+    _check_update(parts, step)
+    if main:
+        if not result.stopped and cfg.sample.prompts:
+            result.samples += _samples(run, step, callbacks)
+        _write_output(run, parts, step, out)
+        from .export import trigger_words
+
+        result.trigger = trigger_words(cfg)
+        callbacks.on_end(result)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def _optimizer_step(run: Run, step: int) -> tuple[float, dict]:
+    """Forward/backward over grad_accum micro-batches, clip, step. Raises on a non-finite loss."""
+    cfg, acc = run.cfg, run.acc
+    torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # LoRA dropout: per-step too
+    run.unet.train()
+    total, stats = 0.0, {}
+    for micro in range(cfg.train.grad_accum):
+        sync = micro == cfg.train.grad_accum - 1
+        with acc.no_sync(run.unet) if not sync and acc.num_processes > 1 else _null(), acc.autocast():
+            loss, stats = training_step(run, step, micro)
+        if not torch.isfinite(loss):
+            last = ckpt.latest_checkpoint(cfg.output.path)
+            raise TrainingError(
+                f"loss became {loss.item()} at step {step + 1}: lower the learning rate (now {cfg.optim.lr})"
+                + (" or use --mixed-precision bf16/no" if acc.mixed_precision == "fp16" else "")
+                + (f"; last good checkpoint: {last}" if last else ""))
+        acc.backward(loss / cfg.train.grad_accum)
+        total += loss.item() / cfg.train.grad_accum
+    if cfg.optim.max_grad_norm:
+        acc.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total, {k: v.item() for k, v in stats.items()}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _check_update(parts: dict, step: int) -> None:
+    zero = [m for state in parts.values() for m in zero_update_modules(state)]
+    total = sum(1 for state in parts.values() for k in state if k.endswith(".lora_B.weight"))
+    if zero and len(zero) == total:
+        raise TrainingError(f"the LoRA is still zero after {step} steps, so it would change nothing; "
+                            "raise the learning rate or train more steps")
+    if zero:
+        log.warning("%d of %d LoRA layers never changed (e.g. %s)", len(zero), total, zero[0])
+
+
+def _samples(run: Run, step: int, callbacks: Callbacks) -> list[str]:
+    from .sample import render, save_png
+
+    cfg, out = run.cfg, Path(run.cfg.output.path)
+    unet = run.acc.unwrap_model(run.unet)
+    unet.eval()
+    pipe = run.c.pipeline(unet=unet, text_encoder=run.acc.unwrap_model(run.text_encoder))
+    pipe.set_progress_bar_config(disable=True)
+    with run.acc.autocast():
+        images = render(pipe, list(cfg.sample.prompts), cfg.sample.seed, cfg.sample.steps, cfg.sample.guidance,
+                        run.resolution, run.resolution)
+    folder = out.with_name(out.stem + "_samples")
+    paths = [str(save_png(im, folder / f"step_{step:07d}_{i}.png",
+                          {"prompt": p, "step": step, "seed": cfg.sample.seed + i}))
+             for i, (im, p) in enumerate(zip(images, cfg.sample.prompts))]
+    unet.train()
+    callbacks.on_sample(step, paths)
+    return paths
+
+
+def _checkpoint(run: Run, step: int, callbacks: Callbacks) -> str:
+    path = ckpt.checkpoint_path(run.cfg.output.path, step)
+    if run.acc.is_main_process:
+        ckpt.save_state(path, step, run.lora_parts(), run.optimizer, run.lr_scheduler, run.cfg.to_dict(),
+                        run.acc.scaler)
+        _write_output(run, run.lora_parts(), step, path.with_suffix(".safetensors"), check=False)
+        callbacks.on_checkpoint(step, str(path))
+    run.acc.wait_for_everyone()
+    return str(path)
+
+
+def _write_output(run: Run, parts: dict, step: int, path: Path, check: bool = True) -> Path:
+    from .export import lora_metadata, save_lora
+
+    meta = lora_metadata(run.cfg, run.c, steps=step, resolution=run.resolution, targets=run.targets,
+                         started=run.started, captions_by_folder=run.captions_by_folder)
+    return save_lora(path, parts, run.cfg, meta)

@@ -1,0 +1,203 @@
+"""End-to-end training on a tiny model: files load in diffusers and reproduce the trainer, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from conftest import draw_images, tiny_config
+
+from sdlora.callbacks import Callbacks, Commands
+from sdlora.errors import TrainingError
+from sdlora.formats import read_lora, validate_kohya
+from sdlora.train import train
+
+
+class Capture(Callbacks):
+    """Keeps the run so a test can compare the trainer's in-memory model with what it saved."""
+
+    def on_start(self, run):
+        self.run = run
+
+
+def fresh_pipeline(model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_checked(pipe, path, caplog, has_te=True):
+    """load_lora_weights(path) as users call it; fail on any sign of keys that did not load."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.load_lora_weights(str(path), adapter_name="t")
+    lines = (caplog.text + "\n" + "\n".join(str(w.message) for w in caught)).splitlines()
+    if not has_te:  # diffusers notes that a UNet-only file has no text-encoder keys: expected
+        lines = [x for x in lines if "No LoRA keys associated to CLIPTextModel" not in x]
+    text = "\n".join(lines)
+    for bad in ("unexpected", "alpha_pattern", "did not match", "not loaded", "not found"):
+        assert bad not in text.lower(), text
+
+
+def unet_and_te_outputs(unet, text_encoder, tokenizer):
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ids = tokenizer(["a red sks", "a blue dog"], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = text_encoder(ids)[0]
+        out = unet(x, torch.tensor([10, 700]), encoder_hidden_states=cond).sample
+    return out, cond
+
+
+@pytest.mark.parametrize("fmt,te", [("kohya", True), ("diffusers", True), ("kohya", False)])
+def test_saved_lora_reproduces_trainer(tiny_model, images, tmp_path, caplog, fmt, te):
+    cfg = tiny_config(tiny_model, images, tmp_path / "out" / "l.safetensors", train__max_steps=4)
+    cfg.output.format, cfg.lora.train_text_encoder, cfg.lora.targets = fmt, te, "all"
+    cap = Capture()
+    train(cfg, cap)
+    run = cap.run
+    unet, te_model = run.acc.unwrap_model(run.unet), run.acc.unwrap_model(run.text_encoder)
+    unet.eval()
+    te_model.eval()
+    # every LoRA layer moved away from zero (otherwise loading it would prove nothing)
+    for state in run.lora_parts().values():
+        assert all(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)
+    expected, expected_cond = unet_and_te_outputs(unet, te_model, run.c.tokenizer)
+
+    tensors, meta = read_lora(cfg.output.path)
+    if fmt == "kohya":
+        assert validate_kohya(tensors) == []
+        assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors) == te
+    pipe = fresh_pipeline(tiny_model)
+    base, base_cond = unet_and_te_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    load_checked(pipe, cfg.output.path, caplog, has_te=te)
+    got, got_cond = unet_and_te_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    assert (got - expected).abs().max() < 1e-5
+    assert (got_cond - expected_cond).abs().max() < 1e-5
+    assert (got - base).abs().max() > 1e-4  # the LoRA really changes the output
+    pipe.set_adapters(["t"], adapter_weights=[0.0])
+    zero, zero_cond = unet_and_te_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    assert (zero - base).abs().max() < 1e-6
+    assert meta["ss_network_dim"] == "4" and meta["modelspec.trigger_phrase"] == "a sks"
+    assert json.loads(meta["sdlora_config"])["lora"]["targets"] == "all"
+
+
+def test_cli_run_loss_falls_and_writes_everything(tiny_model, tmp_path):
+    from sdlora.cli import main
+
+    data = draw_images(tmp_path / "imgs", n=3)
+    out = tmp_path / "run" / "demo.safetensors"
+    rc = main(["train", "--model", tiny_model, "--data", str(data), "--instance-prompt", "a sks",
+               "--resolution", "32", "--max-steps", "60", "--lr", "3e-3", "--targets", "all", "--rank", "8",
+               "--output", str(out), "--sample-prompt", "a red sks", "--sample-every", "30", "--sample-steps", "2",
+               "--save-every", "30", "--seed", "3"])
+    assert rc == 0
+    log = [json.loads(line) for line in out.with_name("demo_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 61))
+    first, last = sum(r["loss"] for r in log[:15]) / 15, sum(r["loss"] for r in log[-15:]) / 15
+    assert last < first * 0.9, (first, last)
+    samples = sorted(p.name for p in out.with_name("demo_samples").iterdir())
+    assert samples == ["step_0000000_0.png", "step_0000030_0.png", "step_0000060_0.png"]
+    assert (out.parent / "demo_checkpoints" / "step_0000030.pt").is_file()
+    tensors, meta = read_lora(out)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].dim() == 4  # conv LoRA
+    assert tensors[next(iter(tensors))].dtype == torch.float16  # default save dtype
+    assert meta["sshs_model_hash"] and meta["ss_base_model_version"] == "sd_v1"
+
+
+class StopAt(Callbacks):
+    def __init__(self, commands, step):
+        self.commands, self.step = commands, step
+
+    def on_step(self, step, stats):
+        if step == self.step:
+            self.commands.stop = True
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tiny_model, tmp_path):
+    data = draw_images(tmp_path / "imgs", n=5, sizes=((32, 32), (48, 32)))
+    kw = dict(train__max_steps=8, train__batch_size=2, lora__dropout=0.1)
+    full = tiny_config(tiny_model, data, tmp_path / "a" / "l.safetensors", **kw)
+    full.augment.random_flip, full.augment.caption_dropout = True, 0.3
+    full.lora.train_text_encoder = True
+    full.optim.lr_scheduler, full.optim.warmup_steps = "cosine", 2
+    train(full)
+
+    part = tiny_config(tiny_model, data, tmp_path / "b" / "l.safetensors", **kw)
+    part.augment, part.lora, part.optim = full.augment, full.lora, full.optim
+    commands = Commands()
+    first = train(part, StopAt(commands, 3), commands)
+    assert first.stopped and first.steps == 3
+    second = train(part, resume=True)
+    assert second.steps == 8
+    a, _ = read_lora(full.output.path)
+    b, _ = read_lora(part.output.path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_dreambooth_prior_preservation_generates_class_images(tiny_model, tmp_path):
+    data = draw_images(tmp_path / "inst", n=2, captions=False)
+    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=3)
+    cfg.prior.class_prompt, cfg.prior.class_data, cfg.prior.num_class_images = "a dog", str(tmp_path / "cls"), 3
+    cfg.sample.steps = 2
+    draw_images(tmp_path / "cls", n=1, captions=False)  # one exists, two are generated
+    train(cfg)
+    assert len(list((tmp_path / "cls").glob("class_*.png"))) == 2
+    log = [json.loads(x) for x in (tmp_path / "o" / "l_log.jsonl").read_text().splitlines()]
+    for rec in log:
+        assert rec["loss_prior"] > 0 and rec["loss_instance"] > 0
+        assert rec["loss"] == pytest.approx(rec["loss_instance"] + rec["loss_prior"], rel=1e-5)
+
+
+def test_prior_from_base_model_needs_no_class_images(tiny_model, images, tmp_path):
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=3)
+    cfg.prior.class_prompt, cfg.prior.mode, cfg.prior.weight = "a dog", "model", 0.5
+    train(cfg)
+    log = [json.loads(x) for x in (tmp_path / "o" / "l_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss_prior"] == 0.0  # LoRA starts as the identity: it equals the base model
+    assert log[-1]["loss_prior"] > 0.0
+    assert log[-1]["loss"] == pytest.approx(log[-1]["loss_instance"] + 0.5 * log[-1]["loss_prior"], rel=1e-5)
+
+
+def test_vprediction_model_trains_on_velocity(tiny_vpred_model, images, tmp_path):
+    cap = Capture()
+    cfg = tiny_config(tiny_vpred_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=2)
+    train(cfg, cap)
+    assert cap.run.noise_scheduler.config.prediction_type == "v_prediction"
+    assert read_lora(cfg.output.path)[1]["modelspec.prediction_type"] == "v_prediction"
+
+
+def test_nan_loss_stops_with_advice_and_keeps_checkpoint(tiny_model, images, tmp_path):
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=6)
+    cfg.output.save_every = 2
+    cfg.optim.lr = 1e30
+    cfg.optim.max_grad_norm = 0.0
+    with pytest.raises(TrainingError, match="lower the learning rate"):
+        train(cfg)
+    assert not (tmp_path / "o" / "l.safetensors").exists()
+
+
+def test_zero_update_is_an_error_not_a_file(tiny_model, images, tmp_path):
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=1)
+    cfg.optim.lr = 1e-45  # below float32's smallest step: B stays exactly zero
+    cfg.optim.weight_decay = 0.0
+    with pytest.raises(TrainingError, match="still zero"):
+        train(cfg)
+    assert not (tmp_path / "o" / "l.safetensors").exists()
+
+
+def test_targets_that_match_nothing_are_an_error():
+    from sdlora.lora import inject
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(TrainingError, match="matched no layer"):
+        inject(model, [r"attn2\.to_q"], 4, 4)
