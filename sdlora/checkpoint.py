@@ -13,7 +13,8 @@ from .io import torch_save
 STATE_VERSION = 1
 # Settings that must match for a resume to continue the same run.
 RESUME_KEYS = (("model", "path"), ("lora", "rank"), ("lora", "alpha"), ("lora", "targets"),
-               ("lora", "train_text_encoder"), ("train", "seed"), ("train", "batch_size"), ("train", "grad_accum"))
+               ("lora", "train_text_encoder"), ("train", "seed"), ("train", "batch_size"), ("train", "grad_accum"),
+               ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"))
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -25,10 +26,11 @@ def checkpoint_path(output: str | Path, step: int) -> Path:
     return checkpoint_dir(output) / f"step_{step:07d}.pt"
 
 
-def save_state(path: Path, step: int, lora: dict, optimizer, lr_scheduler, config: dict, scaler=None) -> Path:
+def save_state(path: Path, step: int, lora: dict, optimizer, lr_scheduler, config: dict, scaler=None,
+               extra: dict | None = None) -> Path:
     torch_save({"version": STATE_VERSION, "step": step, "lora": lora, "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "config": config}, path)
+                "config": config, **(extra or {})}, path)
     return path
 
 

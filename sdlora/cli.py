@@ -85,7 +85,7 @@ class ProgressBar(Callbacks):
     def on_start(self, run):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=run.cfg.train.max_steps, initial=run.start_step, desc=Path(self.label).stem,
+        self.bar = tqdm(total=run.cfg.total_steps, initial=run.start_step, desc=Path(self.label).stem,
                         unit="step", dynamic_ncols=True)
 
     def on_step(self, step, stats):
@@ -125,6 +125,8 @@ def cmd_train(args) -> int:
         try:
             validate(cfg)
             result = train(cfg, ProgressBar(label), commands, resume=args.resume)
+            if not result.is_main:
+                continue
             state = "stopped (resume with --resume)" if result.stopped else "done"
             print(f"{label}: {state}: {result.output} ({result.steps} steps, loss {result.final_loss:.4f}, "
                   f"{result.seconds:.1f}s)")
@@ -171,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands that live in their own modules (tools, eval, ui)."""
-    from . import cli_tools
+    """Subcommands that live in their own modules; each module has `register(subparsers)`."""
+    from . import cli_eval, cli_tools, cli_ui
 
-    return cli_tools.REGISTER
+    return [cli_tools.register, cli_eval.register, cli_ui.register]
 
 
 def main(argv: list[str] | None = None) -> int:

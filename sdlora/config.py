@@ -72,6 +72,19 @@ class PriorConfig:
 
 
 @dataclass
+class PivotalConfig:
+    token: str = opt("", "Pivotal tuning: the new token to learn (e.g. '<s1>'); empty = off.", flag="pivotal-token")
+    trigger: str = opt("", "Word in captions, prompts and samples replaced by the new token (e.g. 'sks'); "
+                       "empty = the captions already use the token.", flag="pivotal-trigger")
+    num_vectors: int = opt(1, "Embedding vectors for the token (more vectors hold more detail).")
+    init_word: str = opt("", "Start the new embedding from this word's (e.g. the class noun); empty = random.")
+    ti_steps: int = opt(200, "Phase 1: textual-inversion steps before the LoRA trains (0 = skip phase 1). "
+                        "With train.max_steps = 0 this is plain textual inversion.")
+    ti_lr: float = opt(5e-4, "Learning rate of the new embedding in phase 1.")
+    continue_lr: float = opt(0.0, "Phase 2: keep training the embedding at this rate with the LoRA; 0 = frozen.")
+
+
+@dataclass
 class AugmentConfig:
     resolution: int = opt(0, "Training resolution in pixels (multiple of 8); 0 = the model's default.")
     crop: str = opt("center", "How images are cropped to their bucket.", choices=("center", "random"))
@@ -137,6 +150,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: list = field(default_factory=list)  # list[DataFolder]
     prior: PriorConfig = field(default_factory=PriorConfig)
+    pivotal: PivotalConfig = field(default_factory=PivotalConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,6 +162,15 @@ class Config:
     @property
     def model_path(self) -> str:
         return self.model.path or str(default_model_path())
+
+    @property
+    def ti_steps(self) -> int:
+        """Phase-1 (textual inversion) steps; 0 without pivotal tuning."""
+        return self.pivotal.ti_steps if self.pivotal.token else 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.ti_steps + self.train.max_steps
 
     @property
     def lora_alpha(self) -> float:
@@ -269,7 +292,12 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         (0 <= au.caption_dropout < 1, f"augment.caption_dropout must be in [0, 1), got {au.caption_dropout}"),
         (op.lr > 0, f"optim.lr must be > 0, got {op.lr}"),
         (lo.text_encoder_lr >= 0, f"lora.text_encoder_lr must be >= 0, got {lo.text_encoder_lr}"),
-        (tr.max_steps > 0, f"train.max_steps must be > 0, got {tr.max_steps}"),
+        (tr.max_steps >= 0 and cfg.total_steps > 0, f"train.max_steps must be > 0, got {tr.max_steps}"),
+        (cfg.pivotal.num_vectors >= 1, f"pivotal.num_vectors must be >= 1, got {cfg.pivotal.num_vectors}"),
+        (cfg.pivotal.ti_steps >= 0 and cfg.pivotal.ti_lr > 0 and cfg.pivotal.continue_lr >= 0,
+         "pivotal.ti_steps must be >= 0, ti_lr > 0 and continue_lr >= 0"),
+        (not cfg.pivotal.token or " " not in cfg.pivotal.token.strip(),
+         f"pivotal.token must be one word like '<s1>', got {cfg.pivotal.token!r}"),
         (tr.batch_size > 0, f"train.batch_size must be > 0, got {tr.batch_size}"),
         (tr.grad_accum > 0, f"train.grad_accum must be > 0, got {tr.grad_accum}"),
         (tr.min_snr_gamma >= 0, f"train.min_snr_gamma must be >= 0, got {tr.min_snr_gamma}"),

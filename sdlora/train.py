@@ -40,6 +40,7 @@ class TrainResult:
     checkpoints: list = field(default_factory=list)
     log: str = ""
     trigger: str = ""
+    is_main: bool = True  # False on the other processes of a multi-process run
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -109,14 +110,14 @@ class Run:
 
     def encode_text(self, captions: list[str], text_encoder=None) -> torch.Tensor:
         te = text_encoder or self.text_encoder
-        if te is self.text_encoder and not self.cfg.lora.train_text_encoder and self.cfg.train.cache_text:
+        if te is self.text_encoder and not self.text_trainable and self.cfg.train.cache_text:
             missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
             if missing:
                 with torch.no_grad():
                     emb = te(self.tokenize(missing), return_dict=False)[0]
                 self.text_cache.update(zip(missing, emb))
             return torch.stack([self.text_cache[c] for c in captions])
-        with torch.set_grad_enabled(self.cfg.lora.train_text_encoder and te is self.text_encoder):
+        with torch.set_grad_enabled(self.text_trainable and te is self.text_encoder):
             return te(self.tokenize(captions), return_dict=False)[0]
 
     # -- images --
@@ -157,7 +158,7 @@ class Run:
             for ex in {(e.path, e.bucket): e for e in self.examples + self.prior_examples}.values():
                 for flip in flips:
                     self.latent(ex, flip, None)
-        if self.cfg.train.cache_text and not self.cfg.lora.train_text_encoder:
+        if self.cfg.train.cache_text and not self.text_trainable and not self.new_tokens:
             caps = {e.caption for e in self.examples + self.prior_examples} | {"", self.cfg.prior.class_prompt}
             for chunk in _chunks(sorted(caps), 64):
                 self.encode_text(chunk)
@@ -180,15 +181,37 @@ class Run:
         pred = self.unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
         return objective.per_sample_loss(pred, base).mean()
 
+    def set_phase(self, step: int) -> int:
+        """1 while only the new embedding trains (pivotal phase 1), else 2; text caching follows the phase."""
+        phase = 1 if step < self.cfg.ti_steps else 2
+        trainable = phase == 1 or self.cfg.lora.train_text_encoder or (
+            self.new_tokens is not None and self.cfg.pivotal.continue_lr > 0)
+        if phase != getattr(self, "phase", None):
+            self.text_cache.clear()  # the embeddings may have changed since it was filled
+        self.phase, self.text_trainable = phase, trainable
+        return phase
+
+    def prompt(self, text: str) -> str:
+        """A caption or sample prompt with the pivotal trigger replaced by the new token(s)."""
+        if self.new_tokens is None:
+            return text
+        from .embeddings import replace_trigger
+
+        pv = self.cfg.pivotal
+        return replace_trigger(text, pv.trigger, pv.token, pv.num_vectors)
+
     # -- state --
     def lora_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        if not self.has_lora:
+            return {}
         parts = {"lora_unet": lora_state_dict(self.acc.unwrap_model(self.unet))}
         if self.cfg.lora.train_text_encoder:
             parts["lora_te"] = lora_state_dict(self.acc.unwrap_model(self.text_encoder))
         return parts
 
     def load_lora_parts(self, parts: dict) -> None:
-        load_lora_state_dict(self.acc.unwrap_model(self.unet), parts["lora_unet"])
+        if "lora_unet" in parts:
+            load_lora_state_dict(self.acc.unwrap_model(self.unet), parts["lora_unet"])
         if "lora_te" in parts:
             load_lora_state_dict(self.acc.unwrap_model(self.text_encoder), parts["lora_te"])
 
@@ -215,7 +238,8 @@ def make_accelerator(cfg: Config):
     mp = _mixed_precision(cfg)
     if mp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    return Accelerator(mixed_precision=mp)
+    # cpu=True lets accelerate run DDP over gloo when launched with several processes and no GPU
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
 
 
 def resolve_resolution(cfg: Config, components) -> tuple[int, int]:
@@ -252,14 +276,14 @@ def ensure_class_images(cfg: Config, components, resolution: int, callbacks: Cal
             save_png(im, folder / f"class_{have + start + i:05d}.png", {"prompt": cfg.prior.class_prompt})
 
 
-def setup(cfg: Config, accelerator, callbacks: Callbacks) -> Run:
-    """Load the model, data and LoRA; build caches, optimizer and schedule."""
+def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Run:
+    """Load the model (unless `components` are given), data and LoRA; build caches, optimizer and schedule."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
     from .models import load_components
 
-    components = load_components(cfg.model_path, cfg.model.prediction_type)
+    components = components or load_components(cfg.model_path, cfg.model.prediction_type)
     run = Run(cfg, accelerator, components)
     res, step = resolve_resolution(cfg, components)
     run.resolution = res
@@ -276,6 +300,7 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks) -> Run:
         run.prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], res,
                                             buckets_on, step, is_prior=True)
         run.prior_plan = BatchPlan(run.prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
+    run.new_tokens = _add_pivotal_tokens(run)
     run.plan = BatchPlan(run.examples, cfg.train.batch_size, cfg.train.seed)
 
     mp = accelerator.mixed_precision
@@ -288,9 +313,13 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks) -> Run:
         unet.to(dtype=run.weight_dtype)
         te.to(dtype=run.weight_dtype)
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
-    run.targets = inject(unet, UNET_PATTERNS[cfg.lora.targets], cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout)
-    if cfg.lora.train_text_encoder:
+    run.has_lora = cfg.train.max_steps > 0  # pivotal with no LoRA steps is plain textual inversion
+    run.targets = inject(unet, UNET_PATTERNS[cfg.lora.targets], cfg.lora.rank, cfg.lora_alpha,
+                         cfg.lora.dropout) if run.has_lora else []
+    if cfg.lora.train_text_encoder and run.has_lora:
         run.targets += inject(te, TEXT_PATTERNS, cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout, "text encoder")
+    if run.new_tokens is not None:  # peft froze every non-LoRA parameter, the new embedding included
+        run.new_tokens.module.new.requires_grad_(True)
     cast_training_params([unet, te], dtype=torch.float32)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -301,20 +330,47 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks) -> Run:
     if cfg.train.cache_latents and not run.cache_latents:
         callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
     run.text_encoder = te
+    run.set_phase(0)
     run.precompute()
 
-    groups = [{"params": lora_parameters(unet), "lr": cfg.optim.lr}]
-    if cfg.lora.train_text_encoder:
+    groups = [{"params": lora_parameters(unet), "lr": cfg.optim.lr}] if run.has_lora else []
+    if cfg.lora.train_text_encoder and run.has_lora:
         groups.append({"params": lora_parameters(te), "lr": cfg.lora.text_encoder_lr or cfg.optim.lr})
-    optimizer = _optimizer(cfg, groups, accelerator.device)
+    emb = [run.new_tokens.module.new] if run.new_tokens else []
+    if emb and cfg.pivotal.continue_lr > 0:
+        groups.append({"params": emb, "lr": cfg.pivotal.continue_lr, "weight_decay": 0.0})
+    optimizer = _optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], accelerator.device)
     run.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                                     num_training_steps=cfg.train.max_steps)
-    if cfg.lora.train_text_encoder:
-        run.unet, run.text_encoder, run.optimizer = accelerator.prepare(unet, te, optimizer)
-    else:
-        run.unet, run.optimizer = accelerator.prepare(unet, optimizer)
+                                     num_training_steps=max(cfg.train.max_steps, 1))
+    ti_optimizer = torch.optim.AdamW(emb, lr=cfg.pivotal.ti_lr, weight_decay=0.0) if cfg.ti_steps else None
+    models = [unet] + ([te] if cfg.lora.train_text_encoder or emb else [])
+    prepared = accelerator.prepare(*models, optimizer, *([ti_optimizer] if ti_optimizer else []))
+    run.unet, run.optimizer = prepared[0], prepared[len(models)]
+    run.text_encoder = prepared[1] if len(models) > 1 else te
+    run.ti_optimizer = prepared[-1] if ti_optimizer else None
     run.params = [p for g in groups for p in g["params"]]
+    run.lora_params = [p for p in run.params if not any(p is e for e in emb)]
     return run
+
+
+def _add_pivotal_tokens(run: Run):
+    """Pivotal tuning: add the new token(s) and put them in place of the trigger in every caption."""
+    import dataclasses
+
+    from .embeddings import add_tokens
+
+    pv = run.cfg.pivotal
+    if not pv.token:
+        return None
+    new = add_tokens(run.c.tokenizer, run.c.text_encoder, pv.token, pv.num_vectors, pv.init_word,
+                     run.cfg.train.seed)
+    run.new_tokens, run.new_tokens_init = new, new.vectors.clone()
+    run.examples = [dataclasses.replace(e, caption=run.prompt(e.caption)) for e in run.examples]
+    if not any(pv.token in e.caption for e in run.examples):
+        what = f"the trigger {pv.trigger!r}" if pv.trigger else f"the token {pv.token!r}"
+        raise ConfigError(f"no caption or instance prompt contains {what}; put it in the captions "
+                          "or set pivotal.trigger")
+    return new
 
 
 def _optimizer(cfg: Config, groups: list[dict], device) -> torch.optim.Optimizer:
@@ -351,6 +407,11 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
         else:
             state = ckpt.load_state(path, cfg.to_dict())
             run.load_lora_parts(state["lora"])
+            if run.new_tokens is not None:
+                with torch.no_grad():
+                    run.new_tokens.module.new.copy_(state["embeddings"])
+                if run.ti_optimizer is not None:
+                    run.ti_optimizer.load_state_dict(state["ti_optimizer"])
             run.optimizer.load_state_dict(state["optimizer"])
             run.lr_scheduler.load_state_dict(state["lr_scheduler"])
             if state.get("scaler") and acc.scaler is not None:
@@ -359,7 +420,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
             callbacks.on_message(f"resumed from {path} at step {start}")
     run.start_step = start
     result = TrainResult(output=str(out), steps=start, final_loss=float("nan"), seconds=0.0,
-                         log=str(out.with_name(out.stem + "_log.jsonl")))
+                         log=str(out.with_name(out.stem + "_log.jsonl")), is_main=main)
     if main:
         callbacks.on_start(run)
         if start == 0 and cfg.sample.prompts:
@@ -367,7 +428,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     t0 = time.time()
     step = start
     with open(result.log, "a") if main else open("/dev/null", "w") as log_file:
-        while step < cfg.train.max_steps:
+        while step < cfg.total_steps:
             loss, stats = _optimizer_step(run, step)
             step += 1
             stats.update(loss=loss, lr=run.lr_scheduler.get_last_lr()[0], step=step)
@@ -376,7 +437,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
                 log_file.write(json.dumps({k: round(float(v), 8) for k, v in stats.items()}) + "\n")
                 log_file.flush()
                 callbacks.on_step(step, stats)
-            done = step == cfg.train.max_steps
+            done = step == cfg.total_steps
             if cfg.sample.prompts and main and ((cfg.sample.every and step % cfg.sample.every == 0 and not done)
                                                 or commands.sample_now):
                 commands.sample_now = False
@@ -389,15 +450,20 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
                 result.stopped = True
                 break
     result.steps, result.seconds = step, time.time() - t0
-    parts = run.lora_parts()
-    _check_update(parts, step)
+    _check_in_sync(run)
+    if result.stopped:  # the checkpoint holds everything; the final file is written when the run completes
+        result.output = str(Path(result.checkpoints[-1]).with_suffix(".safetensors"))
+    else:
+        parts = run.lora_parts()
+        _check_update(run, parts, step)
+        if main:
+            if cfg.sample.prompts:
+                result.samples += _samples(run, step, callbacks)
+            _write_output(run, parts, step, out)
     if main:
-        if not result.stopped and cfg.sample.prompts:
-            result.samples += _samples(run, step, callbacks)
-        _write_output(run, parts, step, out)
         from .export import trigger_words
 
-        result.trigger = trigger_words(cfg)
+        result.trigger = run.new_tokens.token if run.new_tokens else trigger_words(cfg)
         callbacks.on_end(result)
     acc.wait_for_everyone()
     acc.end_training()
@@ -409,6 +475,7 @@ def _optimizer_step(run: Run, step: int) -> tuple[float, dict]:
     cfg, acc = run.cfg, run.acc
     torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # LoRA dropout: per-step too
     run.unet.train()
+    phase = run.set_phase(step)
     total, stats = 0.0, {}
     for micro in range(cfg.train.grad_accum):
         sync = micro == cfg.train.grad_accum - 1
@@ -422,12 +489,29 @@ def _optimizer_step(run: Run, step: int) -> tuple[float, dict]:
                 + (f"; last good checkpoint: {last}" if last else ""))
         acc.backward(loss / cfg.train.grad_accum)
         total += loss.item() / cfg.train.grad_accum
-    if cfg.optim.max_grad_norm:
-        acc.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
-    run.optimizer.step()
-    run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    if phase == 1:  # textual inversion: only the new embedding steps (the LoRA is still the identity)
+        for p in run.lora_params:
+            p.grad = None
+        _clip(run, run.new_tokens.module.parameters())
+        run.ti_optimizer.step()
+        run.ti_optimizer.zero_grad(set_to_none=True)
+    else:
+        if run.new_tokens is not None and cfg.pivotal.continue_lr == 0:
+            run.new_tokens.module.new.grad = None  # frozen embedding in phase 2
+        _clip(run, run.params)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    if acc.num_processes > 1:  # log the loss of the whole batch, not of this rank's share
+        stats["loss"] = torch.tensor(total, device=acc.device)
+        stats = {k: acc.reduce(v.detach().reshape(1).float(), "mean") for k, v in stats.items()}
+        total = stats.pop("loss").item()
     return total, {k: v.item() for k, v in stats.items()}
+
+
+def _clip(run: Run, params) -> None:
+    if run.cfg.optim.max_grad_norm:
+        run.acc.clip_grad_norm_(list(params), run.cfg.optim.max_grad_norm)
 
 
 class _null:
@@ -438,7 +522,24 @@ class _null:
         return False
 
 
-def _check_update(parts: dict, step: int) -> None:
+def _check_in_sync(run: Run) -> None:
+    """Under several processes, every rank must hold the same LoRA weights (DDP kept them in sync)."""
+    if run.world == 1:
+        return
+    params = run.lora_params + ([run.new_tokens.module.new] if run.new_tokens else [])
+    sums = torch.stack([p.detach().double().sum() for p in params]).to(run.device)
+    gathered = run.acc.gather(sums[None]).cpu()
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=0, atol=1e-9):
+        raise TrainingError("LoRA weights differ between processes; gradients were not synchronised")
+
+
+def _check_update(run: Run, parts: dict, step: int) -> None:
+    """A LoRA (or embedding) that never moved from its start would change nothing: an error, not a file."""
+    if run.new_tokens is not None and torch.equal(run.new_tokens.vectors, run.new_tokens_init):
+        raise TrainingError(f"the new embedding of {run.cfg.pivotal.token} never changed in {step} steps; "
+                            "raise pivotal.ti_lr or train more steps")
+    if not parts:
+        return
     zero = [m for state in parts.values() for m in zero_update_modules(state)]
     total = sum(1 for state in parts.values() for k in state if k.endswith(".lora_B.weight"))
     if zero and len(zero) == total:
@@ -457,7 +558,7 @@ def _samples(run: Run, step: int, callbacks: Callbacks) -> list[str]:
     pipe = run.c.pipeline(unet=unet, text_encoder=run.acc.unwrap_model(run.text_encoder))
     pipe.set_progress_bar_config(disable=True)
     with run.acc.autocast():
-        images = render(pipe, list(cfg.sample.prompts), cfg.sample.seed, cfg.sample.steps, cfg.sample.guidance,
+        images = render(pipe, [run.prompt(p) for p in cfg.sample.prompts], cfg.sample.seed, cfg.sample.steps, cfg.sample.guidance,
                         run.resolution, run.resolution)
     folder = out.with_name(out.stem + "_samples")
     paths = [str(save_png(im, folder / f"step_{step:07d}_{i}.png",
@@ -471,8 +572,13 @@ def _samples(run: Run, step: int, callbacks: Callbacks) -> list[str]:
 def _checkpoint(run: Run, step: int, callbacks: Callbacks) -> str:
     path = ckpt.checkpoint_path(run.cfg.output.path, step)
     if run.acc.is_main_process:
+        extra = {}
+        if run.new_tokens is not None:
+            extra["embeddings"] = run.new_tokens.vectors
+            if run.ti_optimizer is not None:
+                extra["ti_optimizer"] = run.ti_optimizer.state_dict()
         ckpt.save_state(path, step, run.lora_parts(), run.optimizer, run.lr_scheduler, run.cfg.to_dict(),
-                        run.acc.scaler)
+                        run.acc.scaler, extra)
         _write_output(run, run.lora_parts(), step, path.with_suffix(".safetensors"), check=False)
         callbacks.on_checkpoint(step, str(path))
     run.acc.wait_for_everyone()
@@ -482,6 +588,18 @@ def _checkpoint(run: Run, step: int, callbacks: Callbacks) -> str:
 def _write_output(run: Run, parts: dict, step: int, path: Path, check: bool = True) -> Path:
     from .export import lora_metadata, save_lora
 
+    from .embeddings import bundle, embedding_file
+    from .formats import DTYPES
+
+    extra = {"sdlora_processes": str(run.world)}
+    nt, dtype = run.new_tokens, DTYPES[run.cfg.output.dtype]
+    if nt is not None:
+        extra.update({"modelspec.trigger_phrase": nt.token,
+                      "sdlora_embeddings": json.dumps({nt.token: len(nt.names)})})
+        if not parts:  # plain textual inversion: the embedding is the output
+            return embedding_file(path, nt.vectors, nt.token, dtype)
+        embedding_file(path.with_name(path.stem + "_emb.safetensors"), nt.vectors, nt.token, dtype)
     meta = lora_metadata(run.cfg, run.c, steps=step, resolution=run.resolution, targets=run.targets,
-                         started=run.started, captions_by_folder=run.captions_by_folder)
-    return save_lora(path, parts, run.cfg, meta)
+                         started=run.started, captions_by_folder=run.captions_by_folder, extra=extra)
+    tensors = bundle(nt.token, nt.vectors, dtype) if nt is not None else {}
+    return save_lora(path, parts, run.cfg, meta, extra_tensors=tensors)

@@ -1,0 +1,44 @@
+"""Training under `accelerate launch` with two CPU processes (DDP over gloo), no code changes.
+
+`accelerate launch --cpu` starts several processes only through MPI; `--multi_gpu` on a machine without a GPU
+starts them with torchrun, and sdlora's Accelerator(cpu=True) then runs DDP over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from conftest import draw_images
+
+from sdlora.formats import read_lora
+
+
+def test_two_process_training_saves_a_synchronised_lora(tiny_model, tmp_path):
+    data = draw_images(tmp_path / "imgs", n=4)
+    out = tmp_path / "o" / "ddp.safetensors"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdlora", "train",
+           "--model", tiny_model, "--data", str(data), "--instance-prompt", "a sks", "--resolution", "32",
+           "--max-steps", "4", "--lr", "1e-3", "--output", str(out), "--save-dtype", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # exactly one job report: only rank 0 reports and writes
+    assert proc.stdout.count("done:") == 1, proc.stdout
+    tensors, meta = read_lora(out)
+    assert meta["sdlora_processes"] == "2"
+    assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_up" in k)
+    log = [json.loads(x) for x in out.with_name("ddp_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    base = pipe.unet(x, 5, encoder_hidden_states=cond).sample
+    pipe.load_lora_weights(str(out))
+    assert (pipe.unet(x, 5, encoder_hidden_states=cond).sample - base).abs().max() > 1e-5
