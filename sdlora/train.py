@@ -234,7 +234,11 @@ def _mixed_precision(cfg: Config) -> str:
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # Several jobs run in one process (queue, UI): each gets a fresh precision setting; the process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     mp = _mixed_precision(cfg)
     if mp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")

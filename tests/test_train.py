@@ -201,3 +201,60 @@ def test_targets_that_match_nothing_are_an_error():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(TrainingError, match="matched no layer"):
         inject(model, [r"attn2\.to_q"], 4, 4)
+
+
+@pytest.mark.parametrize("options", [
+    {"train__gradient_checkpointing": True, "lora__targets": "attn"},
+    {"train__min_snr_gamma": 5.0, "train__noise_offset": 0.05, "train__grad_accum": 2},
+    {"train__mixed_precision": "bf16", "lora__targets": "attn_ff"},
+    {"augment__crop": "random", "augment__random_flip": True, "train__batch_size": 2},
+    {"augment__bucketing": False, "optim__lr_scheduler": "cosine", "optim__warmup_steps": 1},
+])
+def test_training_options_give_a_working_lora(tiny_model, tmp_path, options):
+    data = draw_images(tmp_path / "imgs", n=3, sizes=((32, 32), (48, 24)))
+    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=3, **options)
+    cap = Capture()
+    result = train(cfg, cap)
+    assert result.final_loss == result.final_loss and result.steps == 3  # finite
+    grads_ok = all(p.grad is None for p in cap.run.params)  # zeroed after the step
+    assert grads_ok
+    tensors, _ = read_lora(cfg.output.path)
+    assert any(v.float().abs().max() > 0 for k, v in tensors.items() if "lora_up" in k)
+
+
+def test_lora_parameters_get_finite_nonzero_gradients(tiny_model, images, tmp_path):
+    from sdlora.train import make_accelerator, setup, training_step
+
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors")
+    cfg.lora.train_text_encoder = True
+    run = setup(cfg, make_accelerator(cfg), Callbacks())
+    run.set_phase(0)
+    loss, _ = training_step(run, 0, 0)
+    loss.backward()
+    named = [(n, p) for m in (run.unet, run.text_encoder) for n, p in m.named_parameters() if p.requires_grad]
+    assert named and all("lora_" in n for n, _ in named)  # only LoRA parameters train
+    for n, p in named:
+        if "lora_B" in n:  # B = 0 at the start, so A's gradient is zero: B's must be finite and non-zero
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, n
+    opt_params = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for _, p in named}  # optimizer state only for LoRA parameters
+
+
+def test_8bit_adam_without_cuda_says_what_to_do(tiny_model, images, tmp_path):
+    from sdlora.errors import ConfigError
+
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors")
+    cfg.optim.optimizer = "adamw8bit"
+    with pytest.raises(ConfigError, match="adamw8bit needs"):
+        train(cfg)
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    from sdlora.errors import ModelError
+    from sdlora.models import load_components
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="hub is not reachable"):
+        load_components("someone/some-sd-model")
+    with pytest.raises(ModelError, match="not a diffusers model folder"):
+        load_components(".")
