@@ -49,6 +49,8 @@ class LoraConfig:
                        choices=TARGET_PRESETS)
     train_text_encoder: bool = opt(False, "Also put LoRA on the CLIP text encoder (q/k/v/out and MLP).")
     text_encoder_lr: float = opt(0.0, "Learning rate of the text-encoder LoRA; 0 means the UNet's lr.")
+    train_text_encoder_2: bool = opt(True, "SDXL: with train_text_encoder, also the second (OpenCLIP-G) encoder.")
+    text_encoder_2_lr: float = opt(0.0, "SDXL: learning rate of the second encoder's LoRA; 0 = text_encoder_lr.")
 
 
 @dataclass
@@ -291,7 +293,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         (au.crop in ("center", "random"), f"augment.crop must be center or random, got {au.crop!r}"),
         (0 <= au.caption_dropout < 1, f"augment.caption_dropout must be in [0, 1), got {au.caption_dropout}"),
         (op.lr > 0, f"optim.lr must be > 0, got {op.lr}"),
-        (lo.text_encoder_lr >= 0, f"lora.text_encoder_lr must be >= 0, got {lo.text_encoder_lr}"),
+        (lo.text_encoder_lr >= 0 and lo.text_encoder_2_lr >= 0, "lora.text_encoder_lr values must be >= 0"),
         (tr.max_steps >= 0 and cfg.total_steps > 0, f"train.max_steps must be > 0, got {tr.max_steps}"),
         (cfg.pivotal.num_vectors >= 1, f"pivotal.num_vectors must be >= 1, got {cfg.pivotal.num_vectors}"),
         (cfg.pivotal.ti_steps >= 0 and cfg.pivotal.ti_lr > 0 and cfg.pivotal.continue_lr >= 0,

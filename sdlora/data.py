@@ -24,6 +24,7 @@ class Example:
     caption: str
     bucket: tuple[int, int]  # (width, height) in pixels
     is_prior: bool = False
+    size: tuple[int, int] = (0, 0)  # original (width, height), EXIF rotation applied
 
 
 # ---------------------------------------------------------------- images
@@ -89,8 +90,10 @@ def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[
 
 
 def fit_to_bucket(im: Image.Image, bucket: tuple[int, int], crop: str, rng: np.random.Generator | None,
-                  flip: bool = False) -> torch.Tensor:
-    """Resize to cover the bucket, crop (center or random), optionally mirror; returns [3, h, w] in [-1, 1]."""
+                  flip: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize to cover the bucket, crop (center or random), optionally mirror.
+
+    Returns pixels [3, h, w] in [-1, 1] and the crop's (top, left) in resized pixels (SDXL conditions on it)."""
     bw, bh = bucket
     scale = max(bw / im.width, bh / im.height)
     nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
@@ -103,7 +106,7 @@ def fit_to_bucket(im: Image.Image, bucket: tuple[int, int], crop: str, rng: np.r
     if flip:
         im = ImageOps.mirror(im)
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1.0
+    return arr / 127.5 - 1.0, (top, left)
 
 
 # ---------------------------------------------------------------- datasets
@@ -121,7 +124,7 @@ def build_examples(folders, resolution: int, bucketing: bool, step: int | None =
             with Image.open(path) as im:
                 w, h = im.size[::-1] if _has_rotation(im) else im.size
             bucket = pick_bucket((w, h), buckets)
-            examples.extend([Example(path, caption, bucket, is_prior)] * repeats)
+            examples.extend([Example(path, caption, bucket, is_prior, (w, h))] * repeats)
     if not examples:
         where = ", ".join(str(f[0]) for f in folders)
         raise DataError(f"no readable images in {where}; add .png/.jpg images to train on")

@@ -80,7 +80,7 @@ def lora_metadata(cfg, components, *, steps: int, resolution: int, targets: list
 
 
 def save_lora(path: str | Path, parts: dict, cfg, metadata: dict[str, str], fmt: str | None = None,
-              extra_tensors: dict | None = None) -> Path:
+              extra_tensors: dict | None = None, unet_path=None) -> Path:
     """parts: peft state dicts keyed by kohya prefix ('lora_unet', 'lora_te'). Writes `fmt` (default: config's).
 
     `extra_tensors` (A1111's bundle_emb.* embeddings) go into kohya files only: diffusers' loader rejects them.
@@ -88,7 +88,7 @@ def save_lora(path: str | Path, parts: dict, cfg, metadata: dict[str, str], fmt:
     fmt = fmt or cfg.output.format
     dtype = DTYPES[cfg.output.dtype]
     if fmt == "kohya":
-        tensors = {**to_kohya(parts, cfg.lora_alpha, dtype), **(extra_tensors or {})}
+        tensors = {**to_kohya(parts, cfg.lora_alpha, dtype, unet_path), **(extra_tensors or {})}
         meta = dict(metadata)
     else:
         tensors, adapter_meta = to_diffusers(parts, cfg.lora_alpha, cfg.lora.rank, dtype)

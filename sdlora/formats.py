@@ -61,6 +61,42 @@ def kohya_base(prefix: str, path: str) -> str:
     return f"{prefix}_{path.replace('.', '_')}"
 
 
+_RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def sgm_path(path: str, layers_per_block: int, up_has_attention: tuple[bool, ...] = ()) -> str:
+    """A diffusers UNet module path in the original SGM/LDM naming (what kohya writes for SDXL UNets):
+    down_blocks.1.attentions.0.x -> input_blocks.4.1.x, mid_block.resnets.1 -> middle_block.2, ..."""
+    n = layers_per_block + 1
+    parts = path.split(".")
+    head, rest = parts[:4], parts[4:]
+    if parts[0] == "down_blocks":
+        i, kind, j = int(parts[1]), parts[2], int(parts[3])
+        head = [f"input_blocks.{n * i + j + 1}.{1 if kind == 'attentions' else 0}"] if kind != "downsamplers"             else [f"input_blocks.{n * (i + 1)}.0.op"]
+        if kind == "downsamplers":
+            rest = rest[1:]  # "conv" is the op itself
+    elif parts[0] == "up_blocks":
+        i, kind, j = int(parts[1]), parts[2], int(parts[3])
+        if kind == "upsamplers":
+            head = [f"output_blocks.{n * i + layers_per_block}.{2 if up_has_attention[i] else 1}"]
+        else:
+            head = [f"output_blocks.{n * i + j}.{1 if kind == 'attentions' else 0}"]
+    elif parts[0] == "mid_block":
+        head, rest = [f"middle_block.{1 if parts[1] == 'attentions' else 2 * int(parts[2])}"], parts[3:]
+    else:
+        return path
+    if "resnets" in path and rest and rest[0] in _RESNET_SGM:
+        rest = [_RESNET_SGM[rest[0]]] + rest[1:]
+    return ".".join(head + rest)
+
+
+def sgm_namer(unet_config) -> callable:
+    """path -> SGM path for a UNet config (layers per block and which up blocks have attention)."""
+    up_attn = tuple("CrossAttn" in t for t in unet_config["up_block_types"])
+    return lambda path: sgm_path(path, unet_config["layers_per_block"], up_attn)
+
+
 def kohya_names(model: torch.nn.Module, prefix: str) -> dict[str, str]:
     """Map each module path of a live model to its kohya base name (the reverse map for loading)."""
     return {kohya_base(prefix, name): name for name, _ in model.named_modules() if name}
@@ -77,12 +113,14 @@ def _peft_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tenso
     return mods
 
 
-def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """peft state dicts keyed by kohya prefix ('lora_unet', 'lora_te', ...) -> kohya tensors with an alpha each."""
+def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float, dtype=torch.float16,
+             unet_path=None) -> dict[str, torch.Tensor]:
+    """peft state dicts keyed by kohya prefix ('lora_unet', 'lora_te', ...) -> kohya tensors with an alpha each.
+    `unet_path` renames UNet module paths (SDXL: `sgm_namer`)."""
     out = {}
     for prefix, state in parts.items():
         for path, (a, b) in _peft_modules(state).items():
-            base = kohya_base(prefix, path)
+            base = kohya_base(prefix, unet_path(path) if unet_path and prefix == "lora_unet" else path)
             out[f"{base}.lora_down.weight"] = a.to(dtype)
             out[f"{base}.lora_up.weight"] = b.to(dtype)
             out[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=dtype)

@@ -34,14 +34,22 @@ class Components:
     def name(self) -> str:
         return Path(self.source.rstrip("/")).name or self.source
 
-    def pipeline(self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None):
-        """A StableDiffusionPipeline sharing these modules (no copies)."""
-        from diffusers import StableDiffusionPipeline
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.extra["text_encoder_2"]] if "text_encoder_2" in self.extra else [])
 
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=text_encoder or self.text_encoder, tokenizer=self.tokenizer,
-            unet=unet or self.unet, scheduler=self.sample_scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+    def pipeline(self, unet: torch.nn.Module | None = None, text_encoders: list | None = None):
+        """A StableDiffusion(XL)Pipeline sharing these modules (no copies)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        encoders = text_encoders or self.text_encoders
+        common = dict(vae=self.vae, text_encoder=encoders[0], tokenizer=self.tokenizer, unet=unet or self.unet,
+                      scheduler=self.sample_scheduler)
+        if self.family.name == "sdxl":
+            return StableDiffusionXLPipeline(text_encoder_2=encoders[1], tokenizer_2=self.extra["tokenizer_2"],
+                                             **common)
+        return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                       **common)
 
     def model_hash(self) -> str:
         """sha256 of the UNet weights file (first 10 hex digits shown by A1111), or '' when unknown."""
@@ -88,12 +96,22 @@ def load_components(source: str, prediction_type: str = "auto") -> Components:
     if overrides:
         sample_scheduler = type(sample_scheduler).from_config(sample_scheduler.config, **overrides)
     family = detect_family(dict(unet.config), has_second_text_encoder=(Path(source) / "text_encoder_2").is_dir())
+    extra = {}
     if family.name == "sdxl":
-        raise ModelError(f"{source} is an SDXL model; SDXL training is not supported yet")
-    for module in (text_encoder, vae, unet):
+        from transformers import CLIPTextModelWithProjection
+
+        extra = {"tokenizer_2": _from_pretrained(CLIPTokenizer, source, "tokenizer_2"),
+                 "text_encoder_2": _from_pretrained(CLIPTextModelWithProjection, source, "text_encoder_2")}
+    return freeze(Components(tokenizer, text_encoder, vae, unet, noise_scheduler, sample_scheduler, family,
+                             source, extra))
+
+
+def freeze(c: Components) -> Components:
+    """Base weights never train: no gradients, eval mode."""
+    for module in (*c.text_encoders, c.vae, c.unet):
         module.requires_grad_(False)
         module.eval()
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, sample_scheduler, family, source)
+    return c
 
 
 def _load_scheduler(source: str):

@@ -107,3 +107,39 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str =
 
     shutil.rmtree(tok_dir)
     return folder
+
+
+TINY_XL = dict(
+    unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+              transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+              cross_attention_dim=64, norm_num_groups=8),
+    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+              max_position_embeddings=77, projection_dim=32),
+)
+
+
+def save_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0,
+                            words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue")) -> Path:
+    """Save a tiny SDXL-shaped pipeline (two text encoders, size/crop conditioning) as a diffusers folder."""
+    import shutil
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_XL["unet"])
+    vae = build_components(TINY, seed)["vae"]
+    text_cfg = CLIPTextConfig(vocab_size=600, bos_token_id=0, eos_token_id=2, pad_token_id=1, **TINY_XL["text"])
+    te1, te2 = CLIPTextModel(text_cfg), CLIPTextModelWithProjection(text_cfg)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "_tok", words))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "_tok")
+    return folder

@@ -55,12 +55,14 @@ def seeded(seed: int, step: int, rank: int, micro: int = 0) -> tuple[torch.Gener
     return g, np.random.default_rng(key)
 
 
-def diffusion_loss(unet, latents, cond, scheduler, gen, train_cfg, with_noisy: bool = False):
+def diffusion_loss(unet, latents, cond: dict, scheduler, gen, train_cfg, with_noisy: bool = False):
     """Per-sample loss of the UNet on noised latents; optionally also returns (noisy, timesteps)."""
+    from .conditioning import unet_kwargs
+
     noise = objective.sample_noise(latents, gen, train_cfg.noise_offset)
     t = objective.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, gen, latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+    pred = unet(noisy, t, **unet_kwargs(cond), return_dict=False)[0]
     weights = objective.snr_weights(scheduler, t, train_cfg.min_snr_gamma) if train_cfg.min_snr_gamma else None
     loss = objective.per_sample_loss(pred, objective.target(scheduler, latents, noise, t), weights)
     return (loss, noisy, t) if with_noisy else loss
@@ -79,7 +81,7 @@ def training_step(run: "Run", step: int, micro: int) -> tuple[torch.Tensor, dict
         p_lat, p_cond = run.batch(run.prior_plan(k), rng, prior=True)
         prior = diffusion_loss(run.unet, p_lat, p_cond, run.noise_scheduler, gen, cfg.train).mean()
     elif cfg.prior.class_prompt and cfg.prior.mode == "model":
-        prior = run.model_prior_loss(noisy, t)
+        prior = run.model_prior_loss(noisy, t, cond)
     else:
         prior = None
     if prior is not None:
@@ -100,25 +102,34 @@ class Run:
         self.noise_scheduler = components.noise_scheduler
         self.latent_cache: dict = {}
         self.text_cache: dict = {}
+        self.base_text_cache: dict = {}
+        self.tokenizers = [components.tokenizer] + ([components.extra["tokenizer_2"]]
+                                                    if "tokenizer_2" in components.extra else [])
         self.started = time.time()
 
     # -- text --
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        tok = self.c.tokenizer
-        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(self.device)
+    @property
+    def text_encoder(self):
+        return self.text_encoders[0]
 
-    def encode_text(self, captions: list[str], text_encoder=None) -> torch.Tensor:
-        te = text_encoder or self.text_encoder
-        if te is self.text_encoder and not self.text_trainable and self.cfg.train.cache_text:
-            missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
+    def encode_text(self, captions: list[str], base: bool = False) -> dict[str, torch.Tensor]:
+        """Text conditioning of captions; cached per caption while nothing in the text path trains.
+        `base`: with the text-encoder LoRA off (the base model's own conditioning)."""
+        from .conditioning import encode
+
+        encoders = [self.acc.unwrap_model(e) for e in self.text_encoders] if base else self.text_encoders
+        run_encode = lambda caps: encode(self.c.family.name, self.tokenizers, encoders, caps, self.device)  # noqa
+        if base or not self.text_trainable and self.cfg.train.cache_text:
+            cache = self.base_text_cache if base else self.text_cache
+            missing = [c for c in dict.fromkeys(captions) if c not in cache]
             if missing:
-                with torch.no_grad():
-                    emb = te(self.tokenize(missing), return_dict=False)[0]
-                self.text_cache.update(zip(missing, emb))
-            return torch.stack([self.text_cache[c] for c in captions])
-        with torch.set_grad_enabled(self.text_trainable and te is self.text_encoder):
-            return te(self.tokenize(captions), return_dict=False)[0]
+                with torch.no_grad(), _adapters_off([e for e, lr in zip(encoders, self.te_lrs) if lr] if base else []):
+                    out = run_encode(missing)
+                for i, c in enumerate(missing):
+                    cache[c] = {k: v[i] for k, v in out.items()}
+            return {k: torch.stack([cache[c][k] for c in captions]) for k in cache[captions[0]]}
+        with torch.set_grad_enabled(self.text_trainable):
+            return run_encode(captions)
 
     # -- images --
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -128,28 +139,36 @@ class Run:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((lat - shift) * vae.config.scaling_factor).to(self.weight_dtype)
 
-    def latent(self, ex: Example, flip: bool, rng) -> torch.Tensor:
+    def latent(self, ex: Example, flip: bool, rng) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Latent of an example at its bucket size, and the crop's (top, left)."""
         if not self.cache_latents:
-            pixels = fit_to_bucket(load_image(ex.path), ex.bucket, self.cfg.augment.crop, rng, flip)
-            return self.encode_images(pixels[None])[0]
+            pixels, crop = fit_to_bucket(load_image(ex.path), ex.bucket, self.cfg.augment.crop, rng, flip)
+            return self.encode_images(pixels[None])[0], crop
         key = (ex.path, ex.bucket, flip)
         if key not in self.latent_cache:
-            pixels = fit_to_bucket(load_image(ex.path), ex.bucket, "center", None, flip)
-            self.latent_cache[key] = self.encode_images(pixels[None])[0]
+            pixels, crop = fit_to_bucket(load_image(ex.path), ex.bucket, "center", None, flip)
+            self.latent_cache[key] = (self.encode_images(pixels[None])[0], crop)
         return self.latent_cache[key]
 
     def batch(self, indices: list[int], rng: np.random.Generator, prior: bool = False):
-        """Latents and text conditioning of a micro-batch, with this step's flips and caption dropout."""
+        """Latents and conditioning of a micro-batch, with this step's flips and caption dropout."""
+        from .conditioning import time_ids
+
         examples = self.prior_examples if prior else self.examples
         aug = self.cfg.augment
-        lats, caps = [], []
+        lats, caps, ids = [], [], []
         for i in indices:
             ex = examples[i]
             flip = bool(aug.random_flip and rng.random() < 0.5)
             drop = bool(aug.caption_dropout and rng.random() < aug.caption_dropout)
-            lats.append(self.latent(ex, flip, rng))
+            lat, crop = self.latent(ex, flip, rng)
+            lats.append(lat)
             caps.append("" if drop else ex.caption)
-        return torch.stack(lats), self.encode_text(caps)
+            ids.append(time_ids(ex.size[::-1], crop, ex.bucket[::-1]))
+        cond = self.encode_text(caps)
+        if "pooled" in cond:
+            cond["time_ids"] = torch.stack(ids).to(self.device, cond["pooled"].dtype)
+        return torch.stack(lats), cond
 
     def precompute(self) -> None:
         """Fill the latent and text caches up front, so the VAE and text encoder do no per-step work."""
@@ -163,28 +182,24 @@ class Run:
             for chunk in _chunks(sorted(caps), 64):
                 self.encode_text(chunk)
 
-    def model_prior_loss(self, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model_prior_loss(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """Prior preservation without class images: match the base model (adapters off) on the class prompt."""
+        from .conditioning import unet_kwargs
+
         n = noisy.shape[0]
+        extra = {"time_ids": cond["time_ids"]} if "time_ids" in cond else {}
         unet = self.acc.unwrap_model(self.unet)
-        te = self.acc.unwrap_model(self.text_encoder)
-        with torch.no_grad():
-            unet.disable_adapters()
-            if self.cfg.lora.train_text_encoder:
-                te.disable_adapters()
-            base_cond = self.encode_text([self.cfg.prior.class_prompt] * n, text_encoder=te)
-            base = unet(noisy, t, encoder_hidden_states=base_cond, return_dict=False)[0]
-            unet.enable_adapters()
-            if self.cfg.lora.train_text_encoder:
-                te.enable_adapters()
-        cond = self.encode_text([self.cfg.prior.class_prompt] * n)
-        pred = self.unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+        with torch.no_grad(), _adapters_off([unet]):
+            base_cond = {**self.encode_text([self.cfg.prior.class_prompt] * n, base=True), **extra}
+            base = unet(noisy, t, **unet_kwargs(base_cond), return_dict=False)[0]
+        class_cond = {**self.encode_text([self.cfg.prior.class_prompt] * n), **extra}
+        pred = self.unet(noisy, t, **unet_kwargs(class_cond), return_dict=False)[0]
         return objective.per_sample_loss(pred, base).mean()
 
     def set_phase(self, step: int) -> int:
         """1 while only the new embedding trains (pivotal phase 1), else 2; text caching follows the phase."""
         phase = 1 if step < self.cfg.ti_steps else 2
-        trainable = phase == 1 or self.cfg.lora.train_text_encoder or (
+        trainable = phase == 1 or any(self.te_lrs) or (
             self.new_tokens is not None and self.cfg.pivotal.continue_lr > 0)
         if phase != getattr(self, "phase", None):
             self.text_cache.clear()  # the embeddings may have changed since it was filled
@@ -205,15 +220,35 @@ class Run:
         if not self.has_lora:
             return {}
         parts = {"lora_unet": lora_state_dict(self.acc.unwrap_model(self.unet))}
-        if self.cfg.lora.train_text_encoder:
-            parts["lora_te"] = lora_state_dict(self.acc.unwrap_model(self.text_encoder))
+        for prefix, te in self.lora_text_encoders():
+            parts[prefix] = lora_state_dict(self.acc.unwrap_model(te))
         return parts
 
     def load_lora_parts(self, parts: dict) -> None:
         if "lora_unet" in parts:
             load_lora_state_dict(self.acc.unwrap_model(self.unet), parts["lora_unet"])
-        if "lora_te" in parts:
-            load_lora_state_dict(self.acc.unwrap_model(self.text_encoder), parts["lora_te"])
+        for prefix, te in self.lora_text_encoders():
+            load_lora_state_dict(self.acc.unwrap_model(te), parts[prefix])
+
+    def lora_text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+        """(kohya prefix, encoder) of the text encoders that carry a LoRA."""
+        return [(p, te) for p, te, lr in zip(self.c.family.te_prefixes, self.text_encoders, self.te_lrs) if lr]
+
+
+class _adapters_off:
+    """Context: the given models run without their LoRA adapters."""
+
+    def __init__(self, models):
+        self.models = list(models)
+
+    def __enter__(self):
+        for m in self.models:
+            m.disable_adapters()
+
+    def __exit__(self, *exc):
+        for m in self.models:
+            m.enable_adapters()
+        return False
 
 
 def _chunks(items: list, n: int):
@@ -310,36 +345,39 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Ru
     mp = accelerator.mixed_precision
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32) \
         if accelerator.device.type == "cuda" else torch.float32
-    unet, te = components.unet, components.text_encoder
-    for module in (unet, te, components.vae):
+    unet, encoders = components.unet, components.text_encoders
+    for module in (unet, *encoders, components.vae):
         module.to(accelerator.device)
     if run.weight_dtype != torch.float32:  # the VAE stays fp32: fp16 VAEs overflow to NaN, and it runs once
-        unet.to(dtype=run.weight_dtype)
-        te.to(dtype=run.weight_dtype)
+        for module in (unet, *encoders):
+            module.to(dtype=run.weight_dtype)
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
     run.has_lora = cfg.train.max_steps > 0  # pivotal with no LoRA steps is plain textual inversion
     run.targets = inject(unet, UNET_PATTERNS[cfg.lora.targets], cfg.lora.rank, cfg.lora_alpha,
                          cfg.lora.dropout) if run.has_lora else []
-    if cfg.lora.train_text_encoder and run.has_lora:
-        run.targets += inject(te, TEXT_PATTERNS, cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout, "text encoder")
+    run.te_lrs = _text_encoder_lrs(cfg, len(encoders)) if run.has_lora else [0.0] * len(encoders)
+    for i, (te, lr) in enumerate(zip(encoders, run.te_lrs)):
+        if lr:
+            run.targets += inject(te, TEXT_PATTERNS, cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout,
+                                  f"text encoder {i + 1}")
     if run.new_tokens is not None:  # peft froze every non-LoRA parameter, the new embedding included
         run.new_tokens.module.new.requires_grad_(True)
-    cast_training_params([unet, te], dtype=torch.float32)
+    cast_training_params([unet, *encoders], dtype=torch.float32)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.lora.train_text_encoder:
-            te.gradient_checkpointing_enable()
+        for te, lr in zip(encoders, run.te_lrs):
+            if lr:
+                te.gradient_checkpointing_enable()
 
     run.cache_latents = cfg.train.cache_latents and cfg.augment.crop == "center"
     if cfg.train.cache_latents and not run.cache_latents:
         callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
-    run.text_encoder = te
+    run.text_encoders = list(encoders)
     run.set_phase(0)
     run.precompute()
 
     groups = [{"params": lora_parameters(unet), "lr": cfg.optim.lr}] if run.has_lora else []
-    if cfg.lora.train_text_encoder and run.has_lora:
-        groups.append({"params": lora_parameters(te), "lr": cfg.lora.text_encoder_lr or cfg.optim.lr})
+    groups += [{"params": lora_parameters(te), "lr": lr} for te, lr in zip(encoders, run.te_lrs) if lr]
     emb = [run.new_tokens.module.new] if run.new_tokens else []
     if emb and cfg.pivotal.continue_lr > 0:
         groups.append({"params": emb, "lr": cfg.pivotal.continue_lr, "weight_decay": 0.0})
@@ -347,14 +385,26 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Ru
     run.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                      num_training_steps=max(cfg.train.max_steps, 1))
     ti_optimizer = torch.optim.AdamW(emb, lr=cfg.pivotal.ti_lr, weight_decay=0.0) if cfg.ti_steps else None
-    models = [unet] + ([te] if cfg.lora.train_text_encoder or emb else [])
+    trained = [i for i, lr in enumerate(run.te_lrs) if lr or (i == 0 and emb)]  # wrapped for DDP
+    models = [unet] + [encoders[i] for i in trained]
     prepared = accelerator.prepare(*models, optimizer, *([ti_optimizer] if ti_optimizer else []))
     run.unet, run.optimizer = prepared[0], prepared[len(models)]
-    run.text_encoder = prepared[1] if len(models) > 1 else te
+    for j, i in enumerate(trained):
+        run.text_encoders[i] = prepared[1 + j]
     run.ti_optimizer = prepared[-1] if ti_optimizer else None
     run.params = [p for g in groups for p in g["params"]]
     run.lora_params = [p for p in run.params if not any(p is e for e in emb)]
     return run
+
+
+def _text_encoder_lrs(cfg: Config, n: int) -> list[float]:
+    """Learning rate of each text encoder's LoRA (0 = no LoRA on it)."""
+    if not cfg.lora.train_text_encoder:
+        return [0.0] * n
+    lrs = [cfg.lora.text_encoder_lr or cfg.optim.lr]
+    if n > 1:
+        lrs.append((cfg.lora.text_encoder_2_lr or lrs[0]) if cfg.lora.train_text_encoder_2 else 0.0)
+    return lrs
 
 
 def _add_pivotal_tokens(run: Run):
@@ -559,7 +609,7 @@ def _samples(run: Run, step: int, callbacks: Callbacks) -> list[str]:
     cfg, out = run.cfg, Path(run.cfg.output.path)
     unet = run.acc.unwrap_model(run.unet)
     unet.eval()
-    pipe = run.c.pipeline(unet=unet, text_encoder=run.acc.unwrap_model(run.text_encoder))
+    pipe = run.c.pipeline(unet=unet, text_encoders=[run.acc.unwrap_model(te) for te in run.text_encoders])
     pipe.set_progress_bar_config(disable=True)
     with run.acc.autocast():
         images = render(pipe, [run.prompt(p) for p in cfg.sample.prompts], cfg.sample.seed, cfg.sample.steps, cfg.sample.guidance,
@@ -606,4 +656,7 @@ def _write_output(run: Run, parts: dict, step: int, path: Path, check: bool = Tr
     meta = lora_metadata(run.cfg, run.c, steps=step, resolution=run.resolution, targets=run.targets,
                          started=run.started, captions_by_folder=run.captions_by_folder, extra=extra)
     tensors = bundle(nt.token, nt.vectors, dtype) if nt is not None else {}
-    return save_lora(path, parts, run.cfg, meta, extra_tensors=tensors)
+    from .formats import sgm_namer
+
+    namer = sgm_namer(run.c.unet.config) if run.c.family.name == "sdxl" else None
+    return save_lora(path, parts, run.cfg, meta, extra_tensors=tensors, unet_path=namer)

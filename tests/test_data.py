@@ -54,7 +54,8 @@ def test_buckets_keep_aspect_ratio_and_area():
     assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
     assert pick_bucket((1600, 900), buckets) == (640, 384)
     assert pick_bucket((900, 1600), buckets) == (384, 640)
-    pixels = fit_to_bucket(Image.new("RGB", (1600, 900), "red"), (640, 384), "center", None)
+    pixels, crop = fit_to_bucket(Image.new("RGB", (1600, 900), "red"), (640, 384), "center", None)
+    assert crop == (0, 21)  # 1600x900 -> 683x384: 43 px wider than the bucket, centred
     assert pixels.shape == (3, 384, 640) and float(pixels[0].mean()) == pytest.approx(1.0, abs=0.01)
 
 

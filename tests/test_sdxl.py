@@ -1,0 +1,79 @@
+"""SDXL: two text encoders, size/crop micro-conditioning, kohya export with SGM names and lora_te1/lora_te2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import draw_images, tiny_config
+from test_train import Capture, load_checked
+
+from sdlora.formats import read_lora, validate_kohya
+from sdlora.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory):
+    from sdlora.tiny import save_tiny_sdxl_pipeline
+
+    return str(save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+def xl_outputs(unet, encoders, tokenizers):
+    from sdlora.conditioning import encode, time_ids
+
+    cond = encode("sdxl", tokenizers, encoders, ["a red sks", "a blue dog"], "cpu")
+    cond["time_ids"] = torch.stack([time_ids((48, 32), (0, 4), (32, 32))] * 2)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    from sdlora.conditioning import unet_kwargs
+
+    with torch.no_grad():
+        return unet(x, torch.tensor([20, 600]), **unet_kwargs(cond)).sample, cond["hidden"], cond["pooled"]
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_sdxl_lora_loads_in_diffusers_and_reproduces_trainer(tiny_xl, tmp_path, caplog, fmt):
+    from diffusers import StableDiffusionXLPipeline
+
+    data = draw_images(tmp_path / "imgs", n=3, sizes=((32, 32), (48, 32)))
+    cfg = tiny_config(tiny_xl, data, tmp_path / "o" / "xl.safetensors", train__max_steps=3)
+    cfg.lora.train_text_encoder, cfg.lora.targets, cfg.output.format = True, "all", fmt
+    cfg.lora.text_encoder_2_lr = 5e-4
+    cap = Capture()
+    train(cfg, cap)
+    run = cap.run
+    unet = run.acc.unwrap_model(run.unet).eval()
+    encoders = [run.acc.unwrap_model(te).eval() for te in run.text_encoders]
+    assert [p for p, _ in run.lora_text_encoders()] == ["lora_te1", "lora_te2"]
+    assert [g["lr"] for g in run.optimizer.param_groups] == [1e-3, 1e-3, 5e-4]
+    want = xl_outputs(unet, encoders, run.tokenizers)
+
+    tensors, meta = read_lora(cfg.output.path)
+    if fmt == "kohya":
+        assert validate_kohya(tensors, family="sdxl") == []
+        bases = {k.split(".")[0] for k in tensors}
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k" in bases  # SGM names, as kohya
+        assert "lora_unet_middle_block_1_proj_in" in bases
+        assert any(b.startswith("lora_te1_text_model_encoder_layers_") for b in bases)
+        assert any(b.startswith("lora_te2_text_model_encoder_layers_") for b in bases)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl)
+    base = xl_outputs(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2])
+    load_checked(pipe, cfg.output.path, caplog)
+    got = xl_outputs(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2])
+    for g, w, b in zip(got, want, base):
+        assert (g - w).abs().max() < 1e-5
+        assert (g - b).abs().max() > 1e-5  # every part (UNet, CLIP-L, CLIP-G) really changed
+
+
+def test_sdxl_micro_conditioning_follows_size_and_crop(tiny_xl, tmp_path):
+    data = draw_images(tmp_path / "imgs", n=2, sizes=((64, 40),))
+    cfg = tiny_config(tiny_xl, data, tmp_path / "o" / "xl.safetensors", train__max_steps=1)
+    cap = Capture()
+    train(cfg, cap)
+    _, cond = cap.run.batch([0], __import__("numpy").random.default_rng(0))
+    # original (h, w) = (40, 64); bucket (w, h) = (40, 24) for 32 px; centre crop of the resized image
+    h, w = cap.run.examples[0].bucket[::-1]
+    assert cond["time_ids"][0].tolist()[:2] == [40.0, 64.0]
+    assert cond["time_ids"][0].tolist()[4:] == [float(h), float(w)]
+    assert cond["pooled"].shape == (1, 32) and cond["hidden"].shape[-1] == 64
