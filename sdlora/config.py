@@ -37,6 +37,9 @@ class ModelConfig:
                     flag="model")
     prediction_type: str = opt("auto", "Training target; 'auto' reads it from the model's scheduler.",
                                choices=("auto", "epsilon", "v_prediction"))
+    quantize: str = opt("none", "QLoRA: nf4 loads the frozen UNet and text encoders in 4-bit NF4 through "
+                        "bitsandbytes (CUDA only); the LoRA trains in 16/32-bit and loads into the full base.",
+                        choices=("none", "nf4"))
 
 
 @dataclass

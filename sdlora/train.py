@@ -322,7 +322,7 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Ru
 
     from .models import load_components
 
-    components = components or load_components(cfg.model_path, cfg.model.prediction_type)
+    components = components or load_components(cfg.model_path, cfg.model.prediction_type, cfg.model.quantize)
     run = Run(cfg, accelerator, components)
     res, step = resolve_resolution(cfg, components)
     run.resolution = res
@@ -346,9 +346,10 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Ru
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32) \
         if accelerator.device.type == "cuda" else torch.float32
     unet, encoders = components.unet, components.text_encoders
-    for module in (unet, *encoders, components.vae):
+    quantized = cfg.model.quantize != "none"  # 4-bit weights are placed on the GPU by their loader
+    for module in (components.vae,) if quantized else (unet, *encoders, components.vae):
         module.to(accelerator.device)
-    if run.weight_dtype != torch.float32:  # the VAE stays fp32: fp16 VAEs overflow to NaN, and it runs once
+    if run.weight_dtype != torch.float32 and not quantized:  # the VAE stays fp32: fp16 VAEs overflow to NaN
         for module in (unet, *encoders):
             module.to(dtype=run.weight_dtype)
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
@@ -447,6 +448,9 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
           resume: bool = False) -> TrainResult:
     """Train one LoRA as configured; returns where it went and how it went. Raises SdloraError on bad input."""
     validate(cfg)
+    from .models import check_quantize
+
+    check_quantize(cfg.model.quantize)  # before anything loads
     callbacks, commands = callbacks or Callbacks(), commands or Commands()
     acc = make_accelerator(cfg)
     main = acc.is_main_process

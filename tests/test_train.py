@@ -258,3 +258,13 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
         load_components("someone/some-sd-model")
     with pytest.raises(ModelError, match="not a diffusers model folder"):
         load_components(".")
+
+
+def test_qlora_on_cpu_says_it_needs_cuda(tiny_model, images, tmp_path, capsys):
+    from sdlora.cli import main
+
+    rc = main(["train", "--model", tiny_model, "--data", str(images), "--quantize", "nf4",
+               "--output", str(tmp_path / "q.safetensors")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "QLoRA (quantize = nf4) needs a CUDA GPU" in err and "--quantize none" in err
+    assert not (tmp_path / "q.safetensors").exists()
