@@ -105,7 +105,6 @@ def load_components(source: str, prediction_type: str = "auto", quantize: str = 
     `quantize='nf4'` (QLoRA, CUDA only) loads the UNet and text encoders in 4-bit."""
     check_quantize(quantize)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (registers scheduler classes)
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = str(source)
