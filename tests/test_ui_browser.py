@@ -1,0 +1,183 @@
+"""The web UI in a real headless Chromium (Debian's, driven by Python Playwright), on a tiny model.
+
+Screenshots of each tab go to $SDLORA_SCREENSHOTS (default: a pytest temp folder). Without Chromium the
+tests skip, except under CI (the `CI` variable set), where they fail: a missing browser must not pass.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import draw_images
+
+from sdlora.config import load_toml
+from sdlora.formats import read_lora
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("SDLORA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-quic", "--no-first-run"]
+TIMEOUT = 60_000  # ms; the tiny model trains 8 steps in a few seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        message = f"Chromium not found at {CHROMIUM}: apt-get install chromium (never `playwright install`)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model, tmp_path_factory):
+    """The UI served in this process on a free local port, with an output folder in tmp."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from ui.app import serve
+    from ui.jobs import JobManager
+
+    manager = JobManager(tmp_path_factory.mktemp("ui-output"), model=tiny_model)
+    port = free_port()
+    demo = serve(manager, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/", manager
+    manager.close()
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = Path(os.environ.get("SDLORA_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def page(browser, app):
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page.set_default_timeout(TIMEOUT)
+    page.goto(app[0])
+    page.wait_for_selector("#start")
+    yield page
+    page.close()
+
+
+def field(page, elem_id: str):
+    """The text or number input inside a Gradio component."""
+    return page.locator(f"#{elem_id}").locator("input, textarea").first
+
+
+def set_value(page, elem_id: str, value) -> None:
+    box = field(page, elem_id)
+    box.fill(str(value))
+    box.press("Tab")  # Gradio reads the value on input/blur
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_upload_train_watch_preview_download(page, app, shots, tmp_path):
+    url, manager = app
+    images = draw_images(tmp_path / "pick", n=3)
+    set_value(page, "lora-name", "../../web lora")  # sanitized: no escape from the output folder
+    page.locator("#upload input[type=file]").set_input_files(sorted(str(p) for p in images.glob("*.png")))
+    page.wait_for_function("() => document.querySelectorAll('#dataset-gallery img').length >= 3")
+    folder = manager.output_dir / "web_lora" / "images"
+    assert field(page, "opt-data-path").input_value() == str(folder)
+    page.locator('#captions [data-testid="cell-0-1"]').dblclick()  # edit a caption in place
+    page.keyboard.type("a red sks circle")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('#dataset-gallery').innerText.includes('circle')")
+    assert (folder / "img0.txt").read_text().strip() == "a red sks circle"
+    set_value(page, "opt-data-prompt", "a red sks")
+    set_value(page, "opt-train-max_steps", 8)
+    set_value(page, "opt-augment-resolution", 32)
+    set_value(page, "opt-optim-lr", 0.001)
+    set_value(page, "opt-sample-every", 4)
+    page.get_by_text("Advanced", exact=True).click()
+    set_value(page, "opt-sample-steps", 2)
+    page.get_by_role("button", name="Save settings (TOML)").click()
+    with page.expect_download() as info:
+        page.locator("#settings-file a").first.click()
+    settings = load_toml(info.value.path())  # the same TOML `sdlora train` reads
+    assert (settings.train.max_steps, settings.sample.steps, settings.data[0].path) == (8, 2, str(folder))
+    page.screenshot(path=shots / "train-setup.png", full_page=True)
+
+    page.locator("#start").click()
+    page.locator("#job-status").filter(has_text="web_lora").wait_for()
+    page.reload()  # a closed or reloaded tab: the run goes on, and the page shows it again from the manager
+    page.wait_for_selector("#start")
+    status = page.locator("#job-status")
+    status.filter(has_text="Finished").wait_for()
+    assert "8 / 8" in status.inner_text()
+    page.wait_for_function("() => document.querySelectorAll('#samples img').length >= 1")
+    page.wait_for_timeout(500)  # let the loss plot draw
+    page.screenshot(path=shots / "train-done.png", full_page=True)
+    out = manager.output_dir / "web_lora" / "web_lora.safetensors"
+    assert out.is_file() and manager.jobs()[-1].state == "done"
+
+    open_tab(page, "Preview")
+    page.wait_for_function("() => document.querySelector('#preview-lora-0 input').value.includes('web_lora')")
+    set_value(page, "preview-steps", 2)
+    set_value(page, "preview-size", 64)
+    page.locator("#preview-generate").click()
+    page.locator("#preview-lora img").wait_for()
+    page.locator("#preview-base img").wait_for()
+    assert "Seed 0" in page.locator("#preview-status").inner_text()
+    page.locator("#preview-sweep").click()
+    page.locator("#preview-grid img").wait_for()
+    page.screenshot(path=shots / "preview.png", full_page=True)
+
+    open_tab(page, "Library")
+    page.locator("#library-summary").filter(has_text="layout: kohya").wait_for()
+    with page.expect_download() as info:
+        page.locator("#library-download a").first.click()
+    assert info.value.suggested_filename == "web_lora.safetensors"
+    path = tmp_path / info.value.suggested_filename
+    info.value.save_as(path)
+    page.screenshot(path=shots / "library.png", full_page=True)
+    tensors, meta = read_lora(path)
+    assert any(k.endswith(".lora_down.weight") for k in tensors) and meta["ss_network_dim"] == "4"
+
+    open_tab(page, "Merge")
+    page.locator("#merge-lora-0 input").click()
+    page.get_by_role("option", name="web_lora/web_lora.safetensors").click()
+    page.locator("#merge-go").click()
+    page.locator("#merge-download a").first.wait_for()
+    assert read_lora(manager.output_dir / "merged" / "merged.safetensors")[0].keys() == tensors.keys()
+    page.screenshot(path=shots / "merge.png", full_page=True)
+
+
+def test_training_without_images_shows_the_error(page, app, shots, tmp_path):
+    _, manager = app
+    set_value(page, "lora-name", "no-images")
+    page.locator("#start").click()
+    error = page.locator("#job-status .job-error")
+    error.wait_for()
+    assert "no training images" in error.inner_text()
+    assert "Traceback" not in page.content()
+    page.screenshot(path=shots / "error-no-images.png", full_page=True)
+
+    (tmp_path / "empty").mkdir()  # an existing folder without images: the trainer's own error reaches the page
+    set_value(page, "opt-data-path", tmp_path / "empty")
+    set_value(page, "opt-augment-resolution", 32)
+    page.locator("#start").click()
+    page.locator("#job-status.failed").filter(has_text="no-images").wait_for()
+    job = manager.jobs()[-1]
+    assert job.state == "failed" and job.error in page.locator("#job-status .job-error").inner_text()
+    page.screenshot(path=shots / "error-empty-folder.png", full_page=True)

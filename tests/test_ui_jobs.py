@@ -1,0 +1,242 @@
+"""The web UI's job queue, file-name sanitizer and page helpers, without a browser."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from conftest import draw_images, tiny_config
+
+from sdlora.errors import DataError
+from ui import progress
+from ui.files import dataset_rows, import_uploads, inside, list_loras, safe_name, write_captions
+from ui.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, STOPPED, JobManager
+
+
+class FakeTrain:
+    """Stands in for sdlora.train.train: reports steps through the callbacks, honours stop, can be held."""
+
+    def __init__(self, steps=3, fail_on=None):
+        self.order, self.steps, self.fail_on = [], steps, fail_on
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, cfg, callbacks, commands, resume=False):
+        self.order.append(cfg.output.path)
+        if cfg.output.path == self.fail_on:
+            raise DataError("no images in /nowhere")
+        callbacks.on_start(SimpleNamespace(cfg=cfg, start_step=0))
+        step = 0
+        while step < cfg.train.max_steps:
+            self.gate.wait(5)
+            step += 1
+            callbacks.on_step(step, {"loss": 1.0 / step, "lr": 1e-4, "step": step})
+            if commands.stop:
+                break
+        callbacks.on_sample(step, [f"/x/step_{step}.png"])
+        result = SimpleNamespace(output=cfg.output.path, stopped=commands.stop, steps=step)
+        callbacks.on_end(result)
+        return result
+
+
+def cfg_named(name, steps=3):
+    from sdlora.config import Config
+
+    cfg = Config()
+    cfg.output.path, cfg.train.max_steps = name, steps
+    return cfg
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_jobs_run_one_at_a_time_in_queue_order(tmp_path):
+    fake = FakeTrain()
+    fake.gate.clear()  # hold the first job on its first step
+    m = JobManager(tmp_path, train_fn=fake)
+    jobs = [m.submit(cfg_named(n), n) for n in ("a", "b", "c")]
+    wait_for(lambda: jobs[0].state == RUNNING)
+    assert [j.state for j in jobs] == [RUNNING, QUEUED, QUEUED] and m.queued() == jobs[1:]
+    fake.gate.set()
+    for job in jobs:
+        m.wait(job, 10)
+    assert fake.order == ["a", "b", "c"]
+    assert [j.state for j in jobs] == [DONE] * 3
+    assert jobs[0].losses == [(1, 1.0), (2, 0.5), (3, 1 / 3)] and jobs[0].samples == [(3, "/x/step_3.png")]
+    m.close()
+
+
+def test_stop_running_job_and_cancel_queued_one(tmp_path):
+    fake = FakeTrain(steps=1000)
+    fake.gate.clear()
+    m = JobManager(tmp_path, train_fn=fake)
+    first, second = m.submit(cfg_named("a", 1000), "a"), m.submit(cfg_named("b"), "b")
+    wait_for(lambda: first.state == RUNNING)
+    assert m.stop(second.id).state == CANCELLED
+    assert m.stop() is first  # no id: the running job
+    fake.gate.set()
+    m.wait(first, 10)
+    assert first.state == STOPPED and first.step < 1000
+    assert fake.order == ["a"]  # the cancelled job never ran
+    m.close()
+
+
+def test_status_survives_reload(tmp_path):
+    """A page that reloads builds its view from the manager again: the same job, progress and history."""
+    fake = FakeTrain(steps=5)
+    m = JobManager(tmp_path, train_fn=fake)
+    job = m.wait(m.submit(cfg_named("a", 5), "a"), 10)
+    assert m.current() is job
+    html = progress.status_html(m.current())
+    assert "Finished" in html and "5 / 5" in html
+    assert progress.loss_frame(m.current())["step"].tolist() == [1, 2, 3, 4, 5]
+    assert progress.queue_rows(m.jobs())[0][:3] == [job.id, "a", DONE]
+    m.close()
+
+
+def test_error_is_captured_as_a_message(tmp_path):
+    fake = FakeTrain(fail_on="bad")
+    m = JobManager(tmp_path, train_fn=fake)
+    bad, good = m.submit(cfg_named("bad"), "bad"), m.submit(cfg_named("good"), "good")
+    m.wait(good, 10)
+    assert bad.state == FAILED and bad.error == "no images in /nowhere"
+    assert good.state == DONE  # the queue goes on after a failure
+    assert "no images in /nowhere" in progress.status_html(bad) and "Traceback" not in progress.status_html(bad)
+    m.close()
+
+
+def test_real_training_error_from_an_empty_folder(tmp_path, tiny_model):
+    """The real trainer on the worker thread: a data error ends the job with the library's one-line message."""
+    (tmp_path / "empty").mkdir()
+    m = JobManager(tmp_path)
+    job = m.wait(m.submit(tiny_config(tiny_model, tmp_path / "empty", tmp_path / "o" / "l.safetensors"), "x"), 60)
+    assert job.state == FAILED and job.error and "\n" not in job.error
+    m.close()
+
+
+def test_real_training_records_progress(tmp_path, tiny_model):
+    data = draw_images(tmp_path / "imgs", n=2)
+    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=3)
+    cfg.sample.prompts, cfg.sample.steps = ["a red sks"], 2
+    m = JobManager(tmp_path)
+    job = m.wait(m.submit(cfg, "l"), 120)
+    assert job.state == DONE, job.error
+    assert [s for s, _ in job.losses] == [1, 2, 3] and job.total == 3 and job.rate > 0
+    assert [s for s, _ in job.samples] == [0, 3]
+    assert job.output == str(cfg.output.path)
+    m.close()
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("cat.png", "cat.png"),
+    ("../../etc/passwd", "passwd"),
+    ("..\\..\\windows\\evil.png", "evil.png"),
+    ("/abs/path/x.jpg", "x.jpg"),
+    ("..", "file"),
+    ("a..b...png", "a.b.png"),
+    (".hidden.png", "hidden.png"),
+    ("my photo (1).JPG", "my_photo_1_.JPG"),
+    ("naïve café.png", "naive_cafe.png"),
+    ("a\x00b.png", "a_b.png"),
+    ("", "file"),
+])
+def test_safe_name(raw, expected):
+    assert safe_name(raw) == expected
+
+
+def test_safe_name_is_short_and_keeps_extension():
+    name = safe_name("x" * 500 + ".png")
+    assert len(name) <= 100 and name.endswith(".png")
+
+
+def test_uploads_cannot_escape_the_job_folder(tmp_path):
+    src = tmp_path / "src"
+    draw_images(src, n=1)
+    evil = tmp_path / "src" / "..%2f..%2fevil.png"
+    evil.write_bytes((src / "img0.png").read_bytes())
+    (src / "notes.exe").write_text("no")
+    job = tmp_path / "out" / "job" / "images"
+    copied = import_uploads([str(src / "img0.png"), str(src / "img0.txt"), str(evil), str(src / "notes.exe")], job)
+    assert all(p.parent == job.resolve() for p in copied)
+    assert sorted(p.name for p in job.iterdir()) == ["2f._2fevil.png", "img0.png", "img0.txt"]
+    assert inside(job, "../../x.png") == job.resolve() / "x.png"
+
+
+def test_captions_round_trip_through_sidecars(tmp_path):
+    folder = draw_images(tmp_path / "d", n=2, captions=False)
+    assert dataset_rows(folder) == [["img0.png", ""], ["img1.png", ""]]
+    write_captions(folder, [["img0.png", "a red sks"], ["img1.png", ""], ["../escape.png", "x"]])
+    assert (folder / "img0.txt").read_text() == "a red sks\n" and not (folder / "img1.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
+    assert dataset_rows(folder)[0] == ["img0.png", "a red sks"]
+
+
+def test_list_loras_skips_checkpoints(tmp_path):
+    (tmp_path / "a_checkpoints").mkdir()
+    (tmp_path / "a_checkpoints" / "step_1.safetensors").write_bytes(b"")
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    assert list_loras(tmp_path) == [tmp_path / "a.safetensors"]
+
+
+def test_form_round_trips_a_config():
+    """The generated inputs map back to the same Config (what the Save/Load settings buttons rely on)."""
+    import gradio as gr
+
+    from sdlora.config import Config, DataFolder
+    from ui.form import ConfigForm
+
+    cfg = Config()
+    cfg.data = [DataFolder(path="/d", prompt="a sks")]
+    cfg.lora.rank, cfg.sample.prompts, cfg.optim.lr_scheduler = 8, ["p1", "p2"], "cosine"
+    with gr.Blocks():
+        form = ConfigForm()
+        form.add_remaining()
+    again = form.to_config(form.values_of(cfg))
+    assert again.to_dict() == cfg.to_dict()
+    assert all(c.info for c in form.components)  # every input has its help text as a tooltip
+
+
+def test_real_training_stop_then_resume(tmp_path, tiny_model):
+    """Stop (pressed during step 2) saves a resumable checkpoint; a Resume job continues from it to the end."""
+    from sdlora.train import train
+
+    def train_and_press_stop_at_step_2(cfg, callbacks, commands, resume=False):
+        step_hook = callbacks.on_step
+
+        def on_step(step, stats):
+            step_hook(step, stats)
+            if step == 2 and not resume:
+                m.stop()
+
+        callbacks.on_step = on_step
+        return train(cfg, callbacks, commands, resume=resume)
+
+    data = draw_images(tmp_path / "imgs", n=2)
+    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=6)
+    m = JobManager(tmp_path, train_fn=train_and_press_stop_at_step_2)
+    job = m.wait(m.submit(cfg, "l"), 60)
+    assert job.state == STOPPED and job.step == 2, job.error
+    again = m.wait(m.submit(cfg, "l", resume=True), 60)
+    assert again.state == DONE and again.start_step == 2 and again.step == 6
+    assert any("resumed" in text for text in again.messages)
+    m.close()
+
+
+def test_cli_ui_safe_defaults_and_auth():
+    from sdlora.cli import build_parser
+    from sdlora.errors import SdloraError
+    from ui.app import parse_auth
+
+    args = build_parser().parse_args(["ui"])
+    assert (args.host, args.share, args.auth) == ("127.0.0.1", False, None)  # local only, no public link
+    args = build_parser().parse_args(["ui", "--auth", "bob:s:e:c", "--output-dir", "o", "--port", "9"])
+    assert parse_auth(args.auth) == ("bob", "s:e:c") and args.port == 9
+    assert parse_auth(None) is None
+    with pytest.raises(SdloraError, match="USER:PASSWORD"):
+        parse_auth("bob")

@@ -1,0 +1,66 @@
+"""The web UI: `build_app(manager)` composes one file per tab; `serve` launches it with safe defaults."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .jobs import JobManager
+from .library_tab import LibraryTab
+from .merge_tab import MergeTab
+from .preview_tab import PreviewTab
+from .train_tab import TrainTab
+
+CSS = """
+#job-status { padding: 10px 14px; border-radius: 8px; background: var(--block-background-fill);
+              border: 1px solid var(--border-color-primary); }
+#job-status progress { height: 14px; margin-top: 6px; }
+#job-status.failed { border-color: #b91c1c; }
+#job-status.done { border-color: #15803d; }
+"""
+
+
+def build_app(manager: JobManager) -> gr.Blocks:
+    """The Blocks of the whole UI; every bit of state lives in `manager`, so reloaded pages see the same runs."""
+    train, preview, library, merge = TrainTab(manager), PreviewTab(manager), LibraryTab(manager), MergeTab(manager)
+    with gr.Blocks(title="sdlora") as demo:
+        gr.Markdown(f"# sdlora · Stable Diffusion LoRA trainer\nOutput folder: `{manager.output_dir}`")
+        with gr.Tabs():
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train.build()
+            with gr.Tab("Preview", id="preview", elem_id="tab-preview") as preview_tab:
+                preview.build()
+            with gr.Tab("Library", id="library", elem_id="tab-library") as library_tab:
+                library.build()
+            with gr.Tab("Merge", id="merge", elem_id="tab-merge") as merge_tab:
+                merge.build()
+        train.wire(demo)
+        preview.wire(demo, preview_tab)
+        library.wire(demo, library_tab)
+        merge.wire(demo, merge_tab)
+    return demo
+
+
+def serve(manager: JobManager, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,
+          share: bool = False, block: bool = True) -> gr.Blocks:
+    """Launch the UI: local-only unless `host` says otherwise, no public link unless `share`.
+
+    Only the output folder (LoRAs, samples, previews) is served to the browser besides Gradio's uploads.
+    """
+    manager.output_dir.mkdir(parents=True, exist_ok=True)
+    demo = build_app(manager)
+    demo.queue(default_concurrency_limit=2)
+    demo.launch(server_name=host, server_port=port, auth=auth, share=share, allowed_paths=[str(manager.output_dir)],
+                prevent_thread_lock=not block, quiet=not block, css=CSS, footer_links=[])
+    return demo
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """'user:password' -> (user, password); None when not given."""
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not (user and sep and password):
+        from sdlora.errors import SdloraError
+
+        raise SdloraError("--auth must be USER:PASSWORD")
+    return user, password

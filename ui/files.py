@@ -1,0 +1,108 @@
+"""Files the web UI touches: uploaded images (with safe names), caption sidecars, and the LoRAs in the output folder.
+
+Nothing here trusts a name that came from a browser: `safe_name` reduces it to one plain file name and
+`inside` refuses any path that would land outside its folder.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import unicodedata
+from pathlib import Path
+
+from sdlora.errors import SdloraError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, default: str = "file", max_len: int = 100) -> str:
+    """One harmless file name from any string: no folders, no leading dots, only [A-Za-z0-9._-]."""
+    name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    name = name.replace("\\", "/").split("/")[-1]  # drop any folder part, Windows or POSIX
+    name = re.sub(r"\.{2,}", ".", _UNSAFE.sub("_", name)).strip("._-")
+    if not name:
+        return default
+    if len(name) > max_len:
+        stem, dot, ext = name.rpartition(".")
+        name = stem[: max_len - len(ext) - 1] + "." + ext if dot and len(ext) <= 10 else name[:max_len]
+    return name
+
+
+def inside(folder: str | Path, name: str) -> Path:
+    """`folder / safe_name(name)`, checked to be inside `folder`."""
+    folder = Path(folder).resolve()
+    path = (folder / safe_name(name)).resolve()
+    if path.parent != folder:
+        raise SdloraError(f"refusing to write outside {folder}: {name!r}")
+    return path
+
+
+def import_uploads(files: list[str], folder: str | Path) -> list[Path]:
+    """Copy uploaded images (and .txt captions) into `folder` under sanitized names; other files are ignored."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in files or []:
+        src = Path(src)
+        if src.suffix.lower() not in IMAGE_EXTS | {".txt"}:
+            continue
+        dst = inside(folder, src.name)
+        shutil.copyfile(src, dst)
+        copied.append(dst)
+    return copied
+
+
+def dataset_rows(folder: str | Path) -> list[list[str]]:
+    """[[image file name, caption]] for the images of a folder (caption: its .txt sidecar, or empty)."""
+    folder = Path(folder) if folder else None
+    if folder is None or not folder.is_dir():
+        return []
+    rows = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")):
+        side = path.with_suffix(".txt")
+        rows.append([path.name, side.read_text(encoding="utf-8", errors="replace").strip() if side.is_file() else ""])
+    return rows
+
+
+def write_captions(folder: str | Path, rows: list[list[str]]) -> int:
+    """Write each row's caption to its image's .txt sidecar (an empty caption removes the sidecar)."""
+    folder = Path(folder)
+    written = 0
+    for name, caption in rows:
+        image = inside(folder, name)
+        if not image.is_file():
+            continue
+        side = image.with_suffix(".txt")
+        caption = (caption or "").strip()
+        if caption:
+            side.write_text(caption + "\n", encoding="utf-8")
+            written += 1
+        elif side.exists():
+            side.unlink()
+    return written
+
+
+def list_loras(output_dir: str | Path) -> list[Path]:
+    """LoRA files under the output folder, newest first (intermediate checkpoints left out)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.rglob("*.safetensors")
+             if not any(part.endswith("_checkpoints") or part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def samples_of(lora: str | Path) -> list[str]:
+    """Sample images written while training this LoRA (the `<stem>_samples` folder beside it), last first."""
+    lora = Path(lora)
+    folder = lora.with_name(lora.stem + "_samples")
+    return [str(p) for p in sorted(folder.glob("*.png"), reverse=True)] if folder.is_dir() else []
+
+
+def relative(path: str | Path, root: str | Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)

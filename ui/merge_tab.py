@@ -1,0 +1,76 @@
+"""Merge tab: several LoRAs with weights, mixed into one LoRA or merged into a base checkpoint.
+Calls `sdlora.tools.mix_loras / merge_into_model`, as `sdlora mix / merge` do."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from sdlora.errors import SdloraError
+
+from .files import inside, relative, safe_name
+from .jobs import JobManager
+from .preview_tab import lora_choices
+
+SLOTS = 4
+MIX, MERGE = "Mix into one LoRA", "Merge into the base model (a checkpoint)"
+
+
+class MergeTab:
+    def __init__(self, manager: JobManager):
+        self.manager = manager
+
+    def build(self) -> None:
+        gr.Markdown("Combine LoRAs, each with a weight: **mix** them into one LoRA file, or **merge** them into "
+                    "the base model's weights to get a new checkpoint.")
+        self.refresh = gr.Button("Refresh LoRA list", size="sm")
+        self.picks, self.weights = [], []
+        for i in range(SLOTS):
+            with gr.Row():
+                self.picks.append(gr.Dropdown(choices=[], value=None, label=f"LoRA {i + 1}", scale=3,
+                                              elem_id=f"merge-lora-{i}"))
+                self.weights.append(gr.Number(value=1.0, label="weight", scale=1))
+        self.mode = gr.Radio([MIX, MERGE], value=MIX, label="Result", elem_id="merge-mode")
+        with gr.Row():
+            self.name = gr.Textbox(value="merged", label="Output name", elem_id="merge-name")
+            self.rank = gr.Number(value=0, precision=0, label="Rank of the mix (0: exact, ranks stacked)")
+            self.model = gr.Textbox(value=self.manager.model, label="Base model (for a checkpoint)",
+                                    placeholder="empty: the built-in shapes-world model", visible=False)
+        self.go = gr.Button("Combine", variant="primary", elem_id="merge-go")
+        self.status = gr.Markdown(elem_id="merge-status")
+        self.result = gr.File(label="Download", elem_id="merge-download", height=80)
+
+    def wire(self, demo: gr.Blocks, tab: gr.Tab) -> None:
+        for trigger in (self.refresh.click, tab.select):
+            trigger(self.on_refresh, self.picks, self.picks)
+        self.mode.change(lambda m: (gr.update(visible=m == MIX), gr.update(visible=m == MERGE)),
+                         [self.mode], [self.rank, self.model])
+        self.go.click(self.on_combine, [self.mode, self.name, self.rank, self.model] + self.picks + self.weights,
+                      [self.status, self.result])
+
+    def on_refresh(self, *current):
+        choices = lora_choices(self.manager)
+        paths = {p for _, p in choices}
+        return [gr.update(choices=choices, value=v if v in paths else None) for v in current]
+
+    def on_combine(self, mode, name, rank, model, *slots):
+        loras = [(p, float(w if w is not None else 1.0)) for p, w in zip(slots[:SLOTS], slots[SLOTS:]) if p]
+        if not loras:
+            raise gr.Error("Pick at least one LoRA.")
+        # checkpoints go to a *_checkpoints folder, so the LoRA lists leave them out
+        folder = self.manager.output_dir / ("merged" if mode == MIX else "merged_checkpoints")
+        folder.mkdir(parents=True, exist_ok=True)
+        out = inside(folder, safe_name(name, "merged").removesuffix(".safetensors") + ".safetensors")
+        try:
+            if mode == MIX:
+                from sdlora.tools import mix_loras
+
+                report = mix_loras(loras, out, rank=int(rank or 0) or None, overwrite=True)
+                text = f"```\n{report.table(limit=12)}\n```"
+            else:
+                from sdlora.tools import merge_into_model
+
+                out = merge_into_model(model or None, loras, out, overwrite=True)
+                text = ""
+        except SdloraError as e:
+            return f"**Error:** {e}", None
+        return f"Wrote `{relative(out, self.manager.output_dir)}`\n\n{text}", str(out) if out.is_file() else None

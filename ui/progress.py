@@ -1,0 +1,72 @@
+"""What the page shows about a job: a status line with a progress bar, the loss curve, samples, the queue.
+
+Plain functions of a `Job` (no Gradio), so they are tested without a browser.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from .jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, Job
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def status_html(job: Job | None, queued: int = 0) -> str:
+    """One box: state, step / total, a bar, rate, ETA, the last loss, and the error if it failed."""
+    if job is None:
+        return '<div id="job-status" class="idle">No training yet. Add images, then press <b>Start training</b>.</div>'
+    pct = 100 * job.step / job.total if job.total else 0
+    head = {QUEUED: "Queued", RUNNING: "Training", DONE: "Finished", STOPPED: "Stopped (resumable)",
+            FAILED: "Failed"}.get(job.state, job.state.capitalize())
+    parts = [f"<b>{head}</b> · job #{job.id} <code>{html.escape(job.name)}</code>",
+             f"step <b>{job.step} / {job.total}</b> ({pct:.0f}%)"]
+    if job.rate:
+        parts.append(f"{job.rate:.2f} steps/s")
+    if job.state == RUNNING:
+        parts.append(f"ETA {duration(job.eta)}")
+    elif job.ended and job.started:
+        parts.append(f"took {duration(job.ended - job.started)}")
+    if job.losses:
+        parts.append(f"loss {job.losses[-1][1]:.4f}")
+    if queued:
+        parts.append(f"{queued} more queued")
+    body = " · ".join(parts)
+    bar = f'<progress max="{job.total or 1}" value="{job.step}" style="width:100%"></progress>'
+    extra = ""
+    if job.state == FAILED:
+        extra = f'<div class="job-error" style="color:#b91c1c"><b>Error:</b> {html.escape(job.error)}</div>'
+    elif job.state == DONE and job.output:
+        name = html.escape(Path(job.output).name)
+        extra = f"<div>Saved <code>{name}</code> — see the Library and Preview tabs.</div>"
+    return f'<div id="job-status" class="{job.state}">{body}{bar}{extra}</div>'
+
+
+def loss_frame(job: Job | None) -> pd.DataFrame:
+    rows = job.losses if job else []
+    return pd.DataFrame(rows or [], columns=["step", "loss"]).astype({"step": int, "loss": float})
+
+
+def sample_items(job: Job | None) -> list[tuple[str, str]]:
+    """(image path, caption) of the job's samples, newest first."""
+    if not job:
+        return []
+    return [(p, f"step {s}") for s, p in reversed(job.samples) if Path(p).is_file()]
+
+
+def queue_rows(jobs: list[Job]) -> list[list]:
+    return [[j.id, j.name, j.state, f"{j.step}/{j.total}", f"{j.losses[-1][1]:.4f}" if j.losses else "",
+             j.error or (Path(j.output).name if j.output else "")] for j in reversed(jobs)]
+
+
+def messages_text(job: Job | None) -> str:
+    return "\n".join(job.messages[-20:]) if job else ""
