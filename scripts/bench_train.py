@@ -1,6 +1,6 @@
-"""Training-step benchmark on a full-size SD 1.5-shaped model (random weights, nothing downloaded).
+"""Training-step benchmark on a full-size SD 1.5- or SDXL-shaped model (random weights, nothing downloaded).
 
-    python scripts/bench_train.py [--resolution 256] [--steps 5] [--warmup 2]
+    python scripts/bench_train.py [--family sd1|sdxl] [--resolution 256] [--steps 5] [--warmup 2]
 
 LoRA rank 4 on the UNet cross-attention, batch 1, through sdlora's own trainer (`setup` + optimizer steps),
 with latent/text caching on and off. Each configuration runs in a fresh process so peak memory is its own.
@@ -29,7 +29,7 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str) -> d
     from sdlora.config import Config, DataFolder
     from sdlora.families import FAMILIES
     from sdlora.models import Components
-    from sdlora.tiny import SD15, build_components, write_tokenizer
+    from sdlora.tiny import SD15, build_components, build_sdxl_components, write_tokenizer
     from sdlora.train import _optimizer_step, make_accelerator, setup
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
@@ -37,11 +37,12 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str) -> d
     tmp = Path(tempfile.mkdtemp())
     for i in range(4):
         Image.new("RGB", (resolution, resolution), (40 * i, 90, 200)).save(tmp / f"{i}.png")
-    parts = build_components(SD15)
+    parts = build_sdxl_components() if family == "sdxl" else build_components(SD15)
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tmp / "tok", ("a", "photo", "of", "sks")))
+    extra = {"tokenizer_2": tokenizer, "text_encoder_2": parts["text_encoder_2"]} if family == "sdxl" else {}
     components = Components(tokenizer, parts["text_encoder"], parts["vae"], parts["unet"],
                             DDPMScheduler.from_config(parts["scheduler"].config), parts["scheduler"],
-                            FAMILIES[family], "random-sd15")
+                            FAMILIES[family], f"random-{family}", extra)
     cfg = Config()
     cfg.data = [DataFolder(path=str(tmp), prompt="a photo of sks")]
     cfg.augment.resolution = resolution
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=0)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--family", default="sd1")
+    p.add_argument("--family", default="sd1", choices=("sd1", "sdxl"), help="sd1: SD 1.5 shapes; sdxl: SDXL base")
     p.add_argument("--one", choices=("cached", "uncached"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -93,7 +94,8 @@ def main() -> None:
         print(f"{'on' if r['cache'] else 'off':<10}{r['device']:<8}{r['precision']:<10}{r['resolution']:>5}"
               f"{r['sec_per_step']:>9.3f}{r['steps_per_sec']:>9.3f}{r['peak_gib']:>10.2f}")
     print(f"speed-up from caching: {rows[1]['sec_per_step'] / rows[0]['sec_per_step']:.2f}x "
-          f"(SD 1.5-shaped UNet/TE/VAE, random weights, LoRA rank 4 on attn2, batch 1, {rows[0]['threads']} threads)")
+          f"({args.family}-shaped UNet/TE/VAE, random weights, LoRA rank 4 on attn2, batch 1, "
+          f"{rows[0]['threads']} threads)")
 
 
 if __name__ == "__main__":

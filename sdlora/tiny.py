@@ -143,3 +143,32 @@ def save_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0,
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(folder / "_tok")
     return folder
+
+
+SDXL_BASE = dict(
+    unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+              projection_class_embeddings_input_dim=2816),
+    text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              max_position_embeddings=77, projection_dim=768),
+    text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"),
+)
+
+
+def build_sdxl_components(spec: dict = SDXL_BASE, seed: int = 0) -> dict:
+    """Random-weight SDXL-shaped components (full size by default): unet, vae, text_encoder, text_encoder_2."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    parts = {"unet": UNet2DConditionModel(**spec["unet"]), "vae": build_components(SD15, seed)["vae"]}
+    ids = dict(vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**ids, **spec["text"]))
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **spec["text_2"]))
+    parts["scheduler"] = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                timestep_spacing="leading", steps_offset=1)
+    return parts

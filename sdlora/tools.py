@@ -21,10 +21,10 @@ import torch
 from . import lora_math
 from .errors import LoraFileError, ModelError, SdloraError
 from .formats import (DTYPES, LORA_METADATA_KEY, LoraModule, check_fits, detect_layout, kohya_base,
-                      kohya_modules, kohya_names, modules_to_kohya, read_lora, split_embeddings, te_path,
+                      kohya_modules, kohya_names, modules_to_kohya, read_lora, sgm_path, split_embeddings, te_path,
                       validate_kohya, write_lora)
 from .io import check_output, save_safetensors
-from .lora_math import ExtractReport, LayerReport, MixReport, ResizeReport  # noqa: F401 (public API)
+from .lora_math import ExtractReport, MixReport, ResizeReport  # noqa: F401 (public API)
 
 log = logging.getLogger("sdlora")
 COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
@@ -450,8 +450,6 @@ def _save_folder(pipe, output: Path) -> Path:
 
 # ---------------------------------------------------------------- single-file (LDM) layout
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
 
 
@@ -460,25 +458,7 @@ def _unet_ldm_key(key: str, per_block: int, up_attn: list[bool]) -> str:
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
     top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
-    if key in top:
-        return top[key]
-    p = key.split(".")
-    if p[0] == "mid_block":
-        j = int(p[2])
-        return ".".join([f"middle_block.{2 * j if p[1] == 'resnets' else 1}", *_inner(p[1], p[3:])])
-    i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
-    n = per_block + 1
-    if p[0] == "down_blocks":
-        if kind == "downsamplers":
-            return f"input_blocks.{1 + i * n + per_block}.0.op.{rest[-1]}"
-        return ".".join([f"input_blocks.{1 + i * n + j}.{0 if kind == 'resnets' else 1}", *_inner(kind, rest)])
-    if kind == "upsamplers":
-        return f"output_blocks.{i * n + per_block}.{2 if up_attn[i] else 1}.conv.{rest[-1]}"
-    return ".".join([f"output_blocks.{i * n + j}.{0 if kind == 'resnets' else 1}", *_inner(kind, rest)])
-
-
-def _inner(kind: str, rest: list[str]) -> list[str]:
-    return [_RESNET.get(rest[0], rest[0]), *rest[1:]] if kind == "resnets" else rest
+    return top[key] if key in top else sgm_path(key, per_block, tuple(up_attn))
 
 
 def _vae_ldm_key(key: str, n_blocks: int) -> str:

@@ -61,11 +61,6 @@ class Job:
         self.version += 1
 
 
-def total_steps(cfg) -> int:
-    """All optimizer steps of a run (pivotal tuning adds its textual-inversion phase)."""
-    return getattr(cfg, "total_steps", cfg.train.max_steps)
-
-
 class JobCallbacks(Callbacks):
     """Records a run's progress into its Job (called on the worker thread)."""
 
@@ -74,7 +69,7 @@ class JobCallbacks(Callbacks):
 
     def on_start(self, run):
         j = self.job
-        j.total, j.start_step, j.step, j.started = total_steps(run.cfg), run.start_step, run.start_step, time.time()
+        j.total, j.start_step, j.step, j.started = run.cfg.total_steps, run.start_step, run.start_step, time.time()
         j.touch()
 
     def on_step(self, step, stats):
@@ -120,7 +115,7 @@ class JobManager:
     def submit(self, cfg, name: str, resume: bool = False) -> Job:
         """Queue a training run; it starts when the jobs before it have finished."""
         with self._lock:
-            job = Job(id=next(self._ids), name=name, cfg=cfg, resume=resume, total=total_steps(cfg))
+            job = Job(id=next(self._ids), name=name, cfg=cfg, resume=resume, total=cfg.total_steps)
             self._jobs.append(job)
             self._queue.append(job)
             if self._worker is None:
