@@ -373,9 +373,15 @@ def _single_file(path: str, config: str | None, source: str):
 
 
 def model_layers(c) -> dict[str, torch.nn.Module]:
-    """kohya base name -> Linear/Conv2d module of the UNet and text encoder."""
+    """kohya base name -> Linear/Conv2d module of the UNet and text encoder(s); SDXL UNets by SGM names."""
+    from .formats import sgm_namer
+
+    unet_name = sgm_namer(c.unet.config) if c.family.name == "sdxl" else (lambda name: name)
     layers = {}
-    for prefix, model in (("lora_unet", c.unet), ("lora_te", c.text_encoder)):
+    for name, m in c.unet.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            layers[kohya_base("lora_unet", unet_name(name))] = m
+    for prefix, model in zip(c.family.te_prefixes, c.text_encoders):
         for name, m in model.named_modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 layers[kohya_base(prefix, name)] = m

@@ -77,3 +77,32 @@ def test_sdxl_micro_conditioning_follows_size_and_crop(tiny_xl, tmp_path):
     assert cond["time_ids"][0].tolist()[:2] == [40.0, 64.0]
     assert cond["time_ids"][0].tolist()[4:] == [float(h), float(w)]
     assert cond["pooled"].shape == (1, 32) and cond["hidden"].shape[-1] == 64
+
+
+def test_sdxl_lora_merges_mixes_and_resizes(tiny_xl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlora.tools import merge_into_model, mix_loras, resize_lora
+
+    data = draw_images(tmp_path / "imgs", n=2)
+    cfg = tiny_config(tiny_xl, data, tmp_path / "o" / "xl.safetensors", train__max_steps=3)
+    cfg.lora.train_text_encoder, cfg.lora.targets = True, "all"
+    train(cfg)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl)
+    pipe.load_lora_weights(cfg.output.path, adapter_name="a")
+    pipe.set_adapters(["a"], adapter_weights=[0.7])
+    encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
+    want = xl_outputs(pipe.unet, encoders, tokenizers)
+
+    merged = merge_into_model(tiny_xl, [(cfg.output.path, 0.7)], tmp_path / "merged")
+    m = StableDiffusionXLPipeline.from_pretrained(merged)
+    got = xl_outputs(m.unet, [m.text_encoder, m.text_encoder_2], [m.tokenizer, m.tokenizer_2])
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-4
+
+    report = mix_loras([(cfg.output.path, 0.5), (cfg.output.path, 0.5)], tmp_path / "mix.safetensors")
+    assert report.overall_error < 1e-6
+    resized = resize_lora(cfg.output.path, tmp_path / "r.safetensors", rank=4)
+    assert resized.overall_error < 1e-6  # rank 4 is the full rank: lossless
+    tensors, _ = read_lora(tmp_path / "r.safetensors")
+    assert validate_kohya(tensors, family="sdxl") == []
