@@ -24,8 +24,6 @@ def _output_flags(p, what: str) -> None:
 def _model_flags(p, flag: str = "--model", required: bool = False) -> None:
     p.add_argument(flag, required=required, default=None,
                    help="Base model: a diffusers folder (default: the built-in model) or a single-file checkpoint.")
-    p.add_argument("--config", default=None, help="A diffusers folder of the same family, to read a single-file "
-                   "checkpoint offline.")
     p.add_argument("--allow-pickle", action="store_true", help="Allow .ckpt checkpoints (read weights only).")
 
 
@@ -97,7 +95,7 @@ def cmd_generate(args) -> int:
     paths = generate(args.model, [_weighted(s) for s in args.lora], args.prompt, negative_prompt=args.negative_prompt,
                      seed=args.seed, n=args.n, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                      width=args.width, height=args.height, output_dir=args.output, grid=args.grid,
-                     scales=args.scales, allow_pickle=args.allow_pickle, config=args.config)
+                     scales=args.scales, allow_pickle=args.allow_pickle)
     for p in paths:
         print(p)
     return 0
@@ -122,7 +120,7 @@ def cmd_merge(args) -> int:
     from .tools import merge_into_model
 
     out = merge_into_model(args.model, [_weighted(s) for s in args.lora], args.output, overwrite=args.overwrite,
-                           allow_pickle=args.allow_pickle, config=args.config)
+                           allow_pickle=args.allow_pickle)
     print(out)
     return 0
 
@@ -147,7 +145,7 @@ def cmd_extract(args) -> int:
 
     report = extract_lora(args.base, args.tuned, args.rank, args.output, overwrite=args.overwrite,
                           conv_rank=args.conv_rank, text_encoder=not args.no_text_encoder,
-                          allow_pickle=args.allow_pickle, config=args.config)
+                          allow_pickle=args.allow_pickle)
     print(report.table())
     if report.skipped:
         print(f"skipped {len(report.skipped)} layers whose difference is ~0")

@@ -93,6 +93,50 @@ def add_tokens(tokenizer, text_encoder, token: str, n: int, init_word: str = "",
     return NewTokens(token, names, first, module)
 
 
+ENCODER_KEYS = ("clip_l", "clip_g")  # the names A1111, ComfyUI and diffusers' SDXL scripts use
+
+
+@dataclass
+class ConceptTokens:
+    """One concept's new tokens in every text encoder of the model (SDXL: CLIP-L and CLIP-G)."""
+
+    per_encoder: list[NewTokens]
+
+    @property
+    def token(self) -> str:
+        return self.per_encoder[0].token
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [nt.module.new for nt in self.per_encoder]
+
+    def vectors(self) -> list[torch.Tensor]:
+        return [nt.vectors.clone() for nt in self.per_encoder]
+
+    def load(self, vectors: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, vectors):
+                p.copy_(v)
+
+    def tensors(self, dtype=torch.float16) -> dict[str, torch.Tensor]:
+        """{'clip_l': [n, dim]} (+ 'clip_g' for SDXL): the embedding file's content."""
+        return {k: v.to(dtype) for k, v in zip(ENCODER_KEYS, self.vectors())}
+
+    def bundle(self, dtype=torch.float16) -> dict[str, torch.Tensor]:
+        """A1111's LoRA-embedding bundle: SD1/SD2 `bundle_emb.<token>.string_to_param.*`, SDXL
+        `bundle_emb.<token>.clip_l` / `.clip_g`."""
+        parts = self.tensors(dtype)
+        if len(parts) == 1:
+            return {f"bundle_emb.{self.token}.string_to_param.*": parts["clip_l"]}
+        return {f"bundle_emb.{self.token}.{k}": v for k, v in parts.items()}
+
+
+def add_concept(tokenizers: list, encoders: list, token: str, n: int, init_word: str = "",
+                seed: int = 0) -> ConceptTokens:
+    return ConceptTokens([add_tokens(tok, enc, token, n, init_word, seed + i)
+                          for i, (tok, enc) in enumerate(zip(tokenizers, encoders))])
+
+
 def bake(text_encoder, new: NewTokens) -> None:
     """Write the learned rows into the real embedding matrix and drop the wrapper (a plain model again)."""
     module = text_encoder.get_input_embeddings()
@@ -102,14 +146,10 @@ def bake(text_encoder, new: NewTokens) -> None:
         text_encoder.set_input_embeddings(module.base)
 
 
-def bundle(token: str, vectors: torch.Tensor, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """A1111's LoRA-embedding bundle keys for SD1/SD2: bundle_emb.<token>.string_to_param.* [n, dim]."""
-    return {f"bundle_emb.{token}.string_to_param.*": vectors.to(dtype)}
-
-
-def embedding_file(path: str | Path, vectors: torch.Tensor, token: str, dtype=torch.float16) -> Path:
-    """The separate embedding for diffusers' `load_textual_inversion` and ComfyUI: {'clip_l': [n, dim]}."""
+def embedding_file(path: str | Path, concept: ConceptTokens, dtype=torch.float16) -> Path:
+    """The separate embedding for diffusers' `load_textual_inversion` and ComfyUI: {'clip_l' (, 'clip_g')}."""
     from .io import save_safetensors
 
-    save_safetensors({"clip_l": vectors.to(dtype)}, path, {"token": token, "vectors": str(vectors.shape[0])})
+    tensors = concept.tensors(dtype)
+    save_safetensors(tensors, path, {"token": concept.token, "vectors": str(tensors["clip_l"].shape[0])})
     return Path(path)

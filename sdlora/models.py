@@ -108,8 +108,17 @@ def load_components(source: str, prediction_type: str = "auto", quantize: str = 
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = str(source)
-    if Path(source).is_file():
-        raise ModelError(f"{source}: single-file checkpoints are not supported yet; pass a diffusers folder")
+    if Path(source).is_file():  # one original-layout checkpoint (.safetensors), loaded offline
+        from .families import FAMILIES
+        from .single_file import detect_checkpoint, load_single_file
+
+        if quantize != "none":
+            raise ModelError(f"{source}: {quantize} quantisation needs a diffusers folder, not a single file")
+        parts = load_single_file(source, prediction_type)
+        extra = {k: parts[k] for k in ("tokenizer_2", "text_encoder_2") if k in parts}
+        return freeze(Components(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
+                                 DDPMScheduler.from_config(parts["scheduler"].config), parts["scheduler"],
+                                 FAMILIES[detect_checkpoint(source).family], source, extra))
     if Path(source).is_dir() and not (Path(source) / "unet").is_dir():
         raise ModelError(f"{source} is not a diffusers model folder (it has no unet/ subfolder)")
     tokenizer = _from_pretrained(CLIPTokenizer, source, "tokenizer")

@@ -54,6 +54,9 @@ def load_lora_into(pipe, path: str | Path, scale: float = 1.0, adapter_name: str
     for token, parts in embeddings.items():
         pipe.load_textual_inversion(parts["clip_l"], token=token, text_encoder=pipe.text_encoder,
                                     tokenizer=pipe.tokenizer)
+        if "clip_g" in parts:  # SDXL: the same token in the second encoder
+            pipe.load_textual_inversion(parts["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
     return name
 
 

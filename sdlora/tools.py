@@ -21,7 +21,7 @@ import torch
 from . import lora_math
 from .errors import LoraFileError, ModelError, SdloraError
 from .formats import (DTYPES, LORA_METADATA_KEY, LoraModule, check_fits, detect_layout, kohya_base,
-                      kohya_modules, kohya_names, modules_to_kohya, read_lora, sgm_path, split_embeddings, te_path,
+                      kohya_modules, kohya_names, modules_to_kohya, read_lora, split_embeddings, te_path,
                       validate_kohya, write_lora)
 from .io import check_output, save_safetensors
 from .lora_math import ExtractReport, MixReport, ResizeReport  # noqa: F401 (public API)
@@ -325,51 +325,25 @@ def _with_alpha(mods: dict[str, LoraModule], alpha: str | None) -> dict[str, Lor
 
 # ---------------------------------------------------------------- models
 
-def load_model(model: str | Path | None, allow_pickle: bool = False, config: str | None = None):
-    """Components of a base model: a diffusers folder (empty: the built-in model), or a single-file checkpoint
-    (`.safetensors`; `.ckpt` only with allow_pickle, read with torch.load(weights_only=True)), for which
-    `config` names a diffusers folder of the same family (needed offline)."""
+def load_model(model: str | Path | None, allow_pickle: bool = False):
+    """Components of a base model: a diffusers folder (empty: the built-in model), a hub id, or a single-file
+    checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read with weights_only)."""
     from .models import load_components
     from .paths import default_model_path
 
     model = str(model or default_model_path())
     p = Path(model)
-    if not p.is_file():
-        return load_components(model)
-    if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+    if p.is_file() and p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         if not allow_pickle:
             raise ModelError(f"{p} is a pickle checkpoint; pass --allow-pickle to read it (weights only) or "
                              "use a .safetensors file")
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        from .single_file import ckpt_to_safetensors
+
         with tempfile.TemporaryDirectory() as tmp:
-            save_safetensors({k: v for k, v in state.items() if torch.is_tensor(v)}, Path(tmp) / "model.safetensors")
-            return _single_file(str(Path(tmp) / "model.safetensors"), config, source=str(p))
-    if p.suffix != ".safetensors":
-        raise ModelError(f"{p}: model files must be .safetensors (or .ckpt with --allow-pickle)")
-    return _single_file(model, config, source=model)
-
-
-def _single_file(path: str, config: str | None, source: str):
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-    from .families import detect_family
-    from .models import Components
-
-    if not config:
-        raise ModelError(f"{source}: a single-file checkpoint needs --config DIR (a diffusers folder of the same "
-                         "family) to be read offline")
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True,
-                                                        safety_checker=None, requires_safety_checker=False)
-    except Exception as e:  # noqa: BLE001 - diffusers raises many types for unreadable checkpoints
-        raise ModelError(f"{source}: cannot read as an SD checkpoint with config {config}: "
-                         f"{str(e).splitlines()[0]}") from None
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        module.requires_grad_(False).eval()
-    fam = detect_family(dict(pipe.unet.config), has_second_text_encoder=False)
-    return Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
-                      DDPMScheduler.from_config(pipe.scheduler.config), pipe.scheduler, fam, source)
+            c = load_components(str(ckpt_to_safetensors(p, Path(tmp) / f"{p.stem}.safetensors")))
+            c.source = str(p)
+            return c
+    return load_components(model)
 
 
 def model_layers(c) -> dict[str, torch.nn.Module]:
@@ -404,16 +378,16 @@ def check_lora_fits(mods: dict[str, LoraModule], layers: dict[str, torch.nn.Modu
 
 @torch.no_grad()
 def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], output: str | Path,
-                     overwrite: bool = False, allow_pickle: bool = False, config: str | None = None) -> Path:
+                     overwrite: bool = False, allow_pickle: bool = False) -> Path:
     """Bake LoRAs (each at its weight) into the base weights: W += weight * alpha / rank * up @ down.
 
     `output` ending in `.safetensors` is a single-file checkpoint in the original SD (LDM) key layout, as
-    A1111 and ComfyUI load it (SD1 only); anything else is a diffusers folder. Bundled embeddings are added to
+    A1111 and ComfyUI load it (SD1, SD2, SDXL); anything else is a diffusers folder. Bundled embeddings go into
     the tokenizer of a folder output.
     """
     output = Path(output)
     check_output(output, [p for p in (model, *[p for p, _ in loras]) if p], overwrite)
-    c = load_model(model, allow_pickle, config)
+    c = load_model(model, allow_pickle)
     layers = model_layers(c)
     loaded = [(path, w, *load(path)[:2]) for path, w in loras]
     for path, _, mods, _ in loaded:
@@ -425,7 +399,12 @@ def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], o
     if output.suffix == ".safetensors":
         if any(emb for *_, emb in loaded):
             log.warning("bundled embeddings cannot go into a single-file checkpoint; load them separately")
-        save_safetensors(ldm_state_dict(c), output, {"sdlora_merged": json.dumps([[str(p), w] for p, w in loras])})
+        from .single_file import save_tokenizers
+
+        state, header = ldm_file(c)
+        save_safetensors(state, output, {**header, "sdlora_merged": json.dumps([[str(p), w] for p, w in loras])})
+        save_tokenizers(output, [c.tokenizer, *([c.extra["tokenizer_2"]] if "tokenizer_2" in c.extra else [])],
+                        c.text_encoders)
         return output
     pipe = c.pipeline()
     for _, _, _, emb in loaded:
@@ -454,56 +433,14 @@ def _save_folder(pipe, output: Path) -> Path:
     return output
 
 
-# ---------------------------------------------------------------- single-file (LDM) layout
+def ldm_file(c) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The whole model in the original single-file layout (model.diffusion_model.*, first_stage_model.*,
+    cond_stage_model.* / conditioner.*), which A1111, ComfyUI and diffusers' from_single_file read."""
+    from .single_file import ldm_contents
 
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
-
-
-def _unet_ldm_key(key: str, per_block: int, up_attn: list[bool]) -> str:
-    """diffusers UNet key -> original SD key (the inverse of diffusers' convert_ldm_unet_checkpoint)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
-    return top[key] if key in top else sgm_path(key, per_block, tuple(up_attn))
-
-
-def _vae_ldm_key(key: str, n_blocks: int) -> str:
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
-    if key in top:
-        return top[key]
-    p = key.split(".")
-    side, what = p[0], p[1]
-    shortcut = {"conv_shortcut": "nin_shortcut"}
-    if what == "mid_block":
-        if p[2] == "resnets":
-            return ".".join([side, f"mid.block_{int(p[3]) + 1}", shortcut.get(p[4], p[4]), *p[5:]])
-        return ".".join([side, "mid.attn_1", _VAE_ATTN[p[4]], p[-1]])
-    i = int(p[2]) if side == "encoder" else n_blocks - 1 - int(p[2])
-    level = "down" if side == "encoder" else "up"
-    if p[3] in ("downsamplers", "upsamplers"):
-        return f"{side}.{level}.{i}.{level}sample.conv.{p[-1]}"
-    return ".".join([side, f"{level}.{i}.block.{p[4]}", shortcut.get(p[5], p[5]), *p[6:]])
-
-
-def ldm_state_dict(c) -> dict[str, torch.Tensor]:
-    """The whole SD1 model in the original single-file key layout (model.diffusion_model.*, first_stage_model.*,
-    cond_stage_model.transformer.text_model.*), which A1111, ComfyUI and diffusers' from_single_file read."""
-    if c.family.name != "sd1":
-        raise ModelError(f"single-file output is written for SD1 models only (this is {c.family.name}); "
-                         "give --output a folder name instead")
-    cfg = c.unet.config
-    up_attn = ["CrossAttn" in t for t in cfg.up_block_types]
-    out = {f"model.diffusion_model.{_unet_ldm_key(k, cfg.layers_per_block, up_attn)}": v
-           for k, v in c.unet.state_dict().items()}
-    n_vae = len(c.vae.config.up_block_types)
-    for k, v in c.vae.state_dict().items():
-        new = _vae_ldm_key(k, n_vae)
-        out[f"first_stage_model.{new}"] = v[:, :, None, None] if ".attn_1." in new and v.dim() == 2 else v
-    for k, v in c.text_encoder.state_dict().items():
-        out[f"cond_stage_model.transformer.{te_path(k)}"] = v
-    return out
+    models = {"unet": c.unet, "vae": c.vae}
+    models.update(zip(("text_encoder", "text_encoder_2"), c.text_encoders))
+    return ldm_contents(c.family.name, models, c.prediction_type)
 
 
 # ---------------------------------------------------------------- mix / resize
@@ -563,14 +500,14 @@ def _extractable(module: torch.nn.Module, conv_rank: int | None) -> bool:
 @torch.no_grad()
 def extract_lora(base: str | Path | None, tuned: str | Path, rank: int, output: str | Path, overwrite: bool = False,
                  conv_rank: int | None = None, text_encoder: bool = True, min_diff: float = 1e-6,
-                 allow_pickle: bool = False, config: str | None = None, dtype: str = "fp16") -> ExtractReport:
+                 allow_pickle: bool = False, dtype: str = "fp16") -> ExtractReport:
     """A LoRA of rank `rank` from the difference of two models: every UNet Linear and 1x1 conv layer (3x3 convs
     too at `conv_rank`) and the text encoder's, by truncated SVD of tuned - base. Layers whose difference is
     below `min_diff` of the base weight's norm are skipped. `dtype`: fp16 (default), bf16 or fp32 tensors."""
     if rank < 1:
         raise SdloraError(f"--rank must be at least 1, not {rank}")
     check_output(output, [p for p in (base, tuned) if p], overwrite)
-    a, b = load_model(base, allow_pickle, config), load_model(tuned, allow_pickle, config)
+    a, b = load_model(base, allow_pickle), load_model(tuned, allow_pickle)
     layers_a, layers_b = model_layers(a), model_layers(b)
     report, mods, norms = ExtractReport(str(output)), {}, {}
     for name, ma in layers_a.items():
@@ -623,13 +560,13 @@ def set_scheduler(pipe, name: str | None) -> str:
 def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: str, *, negative_prompt: str = "",
              seed: int = 0, n: int = 1, steps: int = 20, guidance: float = 7.5, scheduler: str | None = None,
              width: int | None = None, height: int | None = None, output_dir: str | Path, grid: bool = False,
-             scales: list[float] | None = None, allow_pickle: bool = False, config: str | None = None) -> list[Path]:
+             scales: list[float] | None = None, allow_pickle: bool = False) -> list[Path]:
     """Text to image with LoRAs active together, each at its own scale; image i uses seed + i. PNGs carry the
     parameters (A1111's 'parameters' text). `grid`: one contact sheet, rows = seeds, columns = LoRA scale
     multipliers `scales` (default 0, 0.5, 1), each labelled."""
     from .sample import apply_loras, render
 
-    c = load_model(model, allow_pickle, config)
+    c = load_model(model, allow_pickle)
     pipe = c.pipeline()
     pipe.set_progress_bar_config(disable=True)
     sched = set_scheduler(pipe, scheduler)

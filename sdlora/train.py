@@ -195,8 +195,8 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Ru
         if lr:
             run.targets += inject(te, TEXT_PATTERNS, cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout,
                                   f"text encoder {i + 1}")
-    if run.new_tokens is not None:  # peft froze every non-LoRA parameter, the new embedding included
-        run.new_tokens.module.new.requires_grad_(True)
+    for param in run.new_tokens.params if run.new_tokens else []:  # peft froze every non-LoRA parameter
+        param.requires_grad_(True)
     cast_training_params([unet, *encoders], dtype=torch.float32)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -213,14 +213,14 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Ru
 
     groups = [{"params": lora_parameters(unet), "lr": cfg.optim.lr}] if run.has_lora else []
     groups += [{"params": lora_parameters(te), "lr": lr} for te, lr in zip(encoders, run.te_lrs) if lr]
-    emb = [run.new_tokens.module.new] if run.new_tokens else []
+    emb = run.new_tokens.params if run.new_tokens else []
     if emb and cfg.pivotal.continue_lr > 0:
         groups.append({"params": emb, "lr": cfg.pivotal.continue_lr, "weight_decay": 0.0})
     optimizer = _optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], accelerator.device)
     run.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                      num_training_steps=max(cfg.train.max_steps, 1))
     ti_optimizer = torch.optim.AdamW(emb, lr=cfg.pivotal.ti_lr, weight_decay=0.0) if cfg.ti_steps else None
-    trained = [i for i, lr in enumerate(run.te_lrs) if lr or (i == 0 and emb)]  # wrapped for DDP
+    trained = [i for i, lr in enumerate(run.te_lrs) if lr or emb]  # wrapped for DDP
     models = [unet] + [encoders[i] for i in trained]
     prepared = accelerator.prepare(*models, optimizer, *([ti_optimizer] if ti_optimizer else []))
     run.unet, run.optimizer = prepared[0], prepared[len(models)]
@@ -246,14 +246,14 @@ def _add_pivotal_tokens(run: Run):
     """Pivotal tuning: add the new token(s) and put them in place of the trigger in every caption."""
     import dataclasses
 
-    from .embeddings import add_tokens
+    from .embeddings import add_concept
 
     pv = run.cfg.pivotal
     if not pv.token:
         return None
-    new = add_tokens(run.c.tokenizer, run.c.text_encoder, pv.token, pv.num_vectors, pv.init_word,
-                     run.cfg.train.seed)
-    run.new_tokens, run.new_tokens_init = new, new.vectors.clone()
+    new = add_concept(run.tokenizers, run.c.text_encoders, pv.token, pv.num_vectors, pv.init_word,
+                      run.cfg.train.seed)
+    run.new_tokens, run.new_tokens_init = new, new.vectors()
     run.examples = [dataclasses.replace(e, caption=run.prompt(e.caption)) for e in run.examples]
     if not any(pv.token in e.caption for e in run.examples):
         what = f"the trigger {pv.trigger!r}" if pv.trigger else f"the token {pv.token!r}"
@@ -300,8 +300,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
             state = ckpt.load_state(path, cfg.to_dict())
             run.load_lora_parts(state["lora"])
             if run.new_tokens is not None:
-                with torch.no_grad():
-                    run.new_tokens.module.new.copy_(state["embeddings"])
+                run.new_tokens.load(state["embeddings"])
                 if run.ti_optimizer is not None:
                     run.ti_optimizer.load_state_dict(state["ti_optimizer"])
             run.optimizer.load_state_dict(state["optimizer"])
@@ -384,12 +383,13 @@ def _optimizer_step(run: Run, step: int) -> tuple[float, dict]:
     if phase == 1:  # textual inversion: only the new embedding steps (the LoRA is still the identity)
         for p in run.lora_params:
             p.grad = None
-        _clip(run, run.new_tokens.module.parameters())
+        _clip(run, run.new_tokens.params)
         run.ti_optimizer.step()
         run.ti_optimizer.zero_grad(set_to_none=True)
     else:
         if run.new_tokens is not None and cfg.pivotal.continue_lr == 0:
-            run.new_tokens.module.new.grad = None  # frozen embedding in phase 2
+            for param in run.new_tokens.params:  # frozen embedding in phase 2
+                param.grad = None
         _clip(run, run.params)
         run.optimizer.step()
         run.lr_scheduler.step()
@@ -418,7 +418,7 @@ def _check_in_sync(run: Run) -> None:
     """Under several processes, every rank must hold the same LoRA weights (DDP kept them in sync)."""
     if run.world == 1:
         return
-    params = run.lora_params + ([run.new_tokens.module.new] if run.new_tokens else [])
+    params = run.lora_params + (run.new_tokens.params if run.new_tokens else [])
     sums = torch.stack([p.detach().double().sum() for p in params]).to(run.device)
     gathered = run.acc.gather(sums[None]).cpu()
     if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=0, atol=1e-9):
@@ -427,7 +427,8 @@ def _check_in_sync(run: Run) -> None:
 
 def _check_update(run: Run, parts: dict, step: int) -> None:
     """A LoRA (or embedding) that never moved from its start would change nothing: an error, not a file."""
-    if run.new_tokens is not None and torch.equal(run.new_tokens.vectors, run.new_tokens_init):
+    if run.new_tokens is not None and all(torch.equal(a, b) for a, b in zip(run.new_tokens.vectors(),
+                                                                          run.new_tokens_init)):
         raise TrainingError(f"the new embedding of {run.cfg.pivotal.token} never changed in {step} steps; "
                             "raise pivotal.ti_lr or train more steps")
     if not parts:
@@ -466,35 +467,33 @@ def _checkpoint(run: Run, step: int, callbacks: Callbacks) -> str:
     if run.acc.is_main_process:
         extra = {}
         if run.new_tokens is not None:
-            extra["embeddings"] = run.new_tokens.vectors
+            extra["embeddings"] = run.new_tokens.vectors()
             if run.ti_optimizer is not None:
                 extra["ti_optimizer"] = run.ti_optimizer.state_dict()
         ckpt.save_state(path, step, run.lora_parts(), run.optimizer, run.lr_scheduler, run.cfg.to_dict(),
                         run.acc.scaler, extra)
-        _write_output(run, run.lora_parts(), step, path.with_suffix(".safetensors"), check=False)
+        _write_output(run, run.lora_parts(), step, path.with_suffix(".safetensors"))
         callbacks.on_checkpoint(step, str(path))
     run.acc.wait_for_everyone()
     return str(path)
 
 
-def _write_output(run: Run, parts: dict, step: int, path: Path, check: bool = True) -> Path:
+def _write_output(run: Run, parts: dict, step: int, path: Path) -> Path:
+    """The LoRA file (with bundled embeddings) and, for pivotal tuning, the embedding file beside it."""
+    from .embeddings import embedding_file
     from .export import lora_metadata, save_lora
-
-    from .embeddings import bundle, embedding_file
-    from .formats import DTYPES
+    from .formats import DTYPES, sgm_namer
 
     extra = {"sdlora_processes": str(run.world)}
-    nt, dtype = run.new_tokens, DTYPES[run.cfg.output.dtype]
-    if nt is not None:
-        extra.update({"modelspec.trigger_phrase": nt.token,
-                      "sdlora_embeddings": json.dumps({nt.token: len(nt.names)})})
+    concept, dtype = run.new_tokens, DTYPES[run.cfg.output.dtype]
+    if concept is not None:
+        extra.update({"modelspec.trigger_phrase": concept.token,
+                      "sdlora_embeddings": json.dumps({concept.token: run.cfg.pivotal.num_vectors})})
         if not parts:  # plain textual inversion: the embedding is the output
-            return embedding_file(path, nt.vectors, nt.token, dtype)
-        embedding_file(path.with_name(path.stem + "_emb.safetensors"), nt.vectors, nt.token, dtype)
+            return embedding_file(path, concept, dtype)
+        embedding_file(path.with_name(path.stem + "_emb.safetensors"), concept, dtype)
     meta = lora_metadata(run.cfg, run.c, steps=step, resolution=run.resolution, targets=run.targets,
                          started=run.started, captions_by_folder=run.captions_by_folder, extra=extra)
-    tensors = bundle(nt.token, nt.vectors, dtype) if nt is not None else {}
-    from .formats import sgm_namer
-
     namer = sgm_namer(run.c.unet.config) if run.c.family.name == "sdxl" else None
-    return save_lora(path, parts, run.cfg, meta, extra_tensors=tensors, unet_path=namer)
+    return save_lora(path, parts, run.cfg, meta, extra_tensors=concept.bundle(dtype) if concept else {},
+                     unet_path=namer)

@@ -36,11 +36,11 @@ def test_textual_inversion_changes_only_the_new_rows(tiny_model, images, tmp_pat
     te = cap.run.acc.unwrap_model(cap.run.text_encoder)
     weight = te.get_input_embeddings().weight.detach()
     original = fresh_pipeline(tiny_model).text_encoder.get_input_embeddings().weight.detach()
-    first = cap.run.new_tokens.first_id
+    first = cap.run.new_tokens.per_encoder[0].first_id
     assert weight.shape == original.shape  # the tiny model has spare rows, as SD's tokenizer/vocab may not
     changed = (weight != original).any(dim=1).nonzero().flatten().tolist()
     assert changed == [first, first + 1]  # every other row is bit-identical
-    assert not torch.equal(cap.run.new_tokens.vectors, cap.run.new_tokens_init)
+    assert not torch.equal(cap.run.new_tokens.vectors()[0], cap.run.new_tokens_init[0])
     assert "sks" not in cap.run.examples[0].caption and "<s1> <s1>_1" in cap.run.examples[0].caption
     # plain TI writes the embedding file diffusers loads
     tensors, meta = read_lora(cfg.output.path)

@@ -100,9 +100,90 @@ def test_sdxl_lora_merges_mixes_and_resizes(tiny_xl, tmp_path):
     for g, w in zip(got, want):
         assert (g - w).abs().max() < 1e-4
 
+    from sdlora.tools import load_model
+
+    single = load_model(merge_into_model(tiny_xl, [(cfg.output.path, 0.7)], tmp_path / "merged.safetensors"))
+    assert single.family.name == "sdxl"
+    got = xl_outputs(single.unet, single.text_encoders, [single.tokenizer, single.extra["tokenizer_2"]])
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-4
+
     report = mix_loras([(cfg.output.path, 0.5), (cfg.output.path, 0.5)], tmp_path / "mix.safetensors")
     assert report.overall_error < 1e-6
     resized = resize_lora(cfg.output.path, tmp_path / "r.safetensors", rank=4)
     assert resized.overall_error < 1e-6  # rank 4 is the full rank: lossless
     tensors, _ = read_lora(tmp_path / "r.safetensors")
     assert validate_kohya(tensors, family="sdxl") == []
+
+
+def test_sdxl_pivotal_tuning_carries_clip_l_and_clip_g(tiny_xl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlora.formats import split_embeddings
+    from sdlora.sample import load_lora_into
+
+    data = draw_images(tmp_path / "imgs", n=2)
+    cfg = tiny_config(tiny_xl, data, tmp_path / "o" / "pt.safetensors", train__max_steps=2)
+    cfg.pivotal.token, cfg.pivotal.trigger, cfg.pivotal.num_vectors = "<s1>", "sks", 2
+    cfg.pivotal.ti_steps, cfg.pivotal.ti_lr, cfg.lora.train_text_encoder = 2, 5e-2, True
+    cap = Capture()
+    train(cfg, cap)
+    run = cap.run
+    prompts = ["a red <s1> <s1>_1", "a blue dog"]
+    unet = run.acc.unwrap_model(run.unet).eval()
+    encoders = [run.acc.unwrap_model(te).eval() for te in run.text_encoders]
+
+    def outputs(u, encs, toks):
+        from sdlora.conditioning import encode, time_ids, unet_kwargs
+
+        cond = encode("sdxl", toks, encs, prompts, "cpu")
+        cond["time_ids"] = torch.stack([time_ids((32, 32), (0, 0), (32, 32))] * 2)
+        x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return u(x, torch.tensor([20, 600]), **unet_kwargs(cond)).sample, cond["pooled"]
+
+    want = outputs(unet, encoders, run.tokenizers)
+    tensors, _ = read_lora(cfg.output.path)
+    assert tensors["bundle_emb.<s1>.clip_l"].shape == (2, 32) and tensors["bundle_emb.<s1>.clip_g"].shape == (2, 32)
+    emb = read_lora(tmp_path / "o" / "pt_emb.safetensors")[0]
+    assert set(emb) == {"clip_l", "clip_g"}
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl)
+    pipe.load_lora_weights(split_embeddings(tensors)[0])
+    pipe.load_textual_inversion(emb["clip_l"], token="<s1>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(emb["clip_g"], token="<s1>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    got = outputs(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2])
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-5
+
+    own = StableDiffusionXLPipeline.from_pretrained(tiny_xl)
+    load_lora_into(own, cfg.output.path)
+    got2 = outputs(own.unet, [own.text_encoder, own.text_encoder_2], [own.tokenizer, own.tokenizer_2])
+    assert (got2[0] - want[0]).abs().max() < 1e-5
+
+
+def test_sdxl_single_file_trains_offline_and_loads_in_diffusers(tiny_xl, tmp_path, caplog, monkeypatch):
+    import socket
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlora.single_file import save_single_file
+
+    single = save_single_file(tiny_xl, tmp_path / "xl.safetensors")
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    data = draw_images(tmp_path / "imgs", n=2)
+    cfg = tiny_config(str(single), data, tmp_path / "o" / "l.safetensors", train__max_steps=2)
+    cfg.lora.train_text_encoder = True
+    cap = Capture()
+    train(cfg, cap)
+    run = cap.run
+    assert run.c.family.name == "sdxl"
+    want = xl_outputs(run.acc.unwrap_model(run.unet).eval(), [run.acc.unwrap_model(t) for t in run.text_encoders],
+                      run.tokenizers)
+    monkeypatch.undo()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl)
+    load_checked(pipe, cfg.output.path, caplog)
+    got = xl_outputs(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2])
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-5
