@@ -268,3 +268,19 @@ def test_qlora_on_cpu_says_it_needs_cuda(tiny_model, images, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and "QLoRA (quantize = nf4) needs a CUDA GPU" in err and "--quantize none" in err
     assert not (tmp_path / "q.safetensors").exists()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cached_latents_and_text_mean_no_per_step_encoder_work(tiny_model, images, tmp_path, cache):
+    from sdlora.train import _optimizer_step, make_accelerator, setup
+
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors")
+    cfg.train.cache_latents = cfg.train.cache_text = cache
+    run = setup(cfg, make_accelerator(cfg), Callbacks())
+    calls = {"vae": 0, "text": 0}
+    vae_encode, te_forward = run.c.vae.encode, run.text_encoder.forward
+    run.c.vae.encode = lambda *a, **k: (calls.__setitem__("vae", calls["vae"] + 1), vae_encode(*a, **k))[1]
+    run.text_encoder.forward = lambda *a, **k: (calls.__setitem__("text", calls["text"] + 1), te_forward(*a, **k))[1]
+    for step in range(3):
+        _optimizer_step(run, step)
+    assert (calls["vae"] == 0 and calls["text"] == 0) if cache else (calls["vae"] >= 3 and calls["text"] >= 3)
