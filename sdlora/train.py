@@ -7,6 +7,7 @@ save now are commands the loop polls. The CLI and the UI differ only in what the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from .callbacks import Callbacks, Commands
 from .config import Config, validate
 from .data import BatchPlan, build_examples, scan_folder
 from .errors import ConfigError, DataError, TrainingError
+from .io import atomic_write_text
 from .lora import TEXT_PATTERNS, UNET_PATTERNS, inject, lora_parameters, zero_update_modules
 from .run import Run
 
@@ -291,35 +293,17 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     run = setup(cfg, acc, callbacks if main else Callbacks())
     out = Path(cfg.output.path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = 0
-    if resume:
-        path = ckpt.latest_checkpoint(out)
-        if path is None:
-            callbacks.on_message(f"no checkpoint in {ckpt.checkpoint_dir(out)}; starting from step 0")
-        else:
-            state = ckpt.load_state(path, cfg.to_dict())
-            run.load_lora_parts(state["lora"])
-            if run.new_tokens is not None:
-                run.new_tokens.load(state["embeddings"])
-                if run.ti_optimizer is not None:
-                    run.ti_optimizer.load_state_dict(state["ti_optimizer"])
-            run.optimizer.load_state_dict(state["optimizer"])
-            run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-            if state.get("scaler") and acc.scaler is not None:
-                acc.scaler.load_state_dict(state["scaler"])
-            start = state["step"]
-            callbacks.on_message(f"resumed from {path} at step {start}")
-    run.start_step = start
-    result = TrainResult(output=str(out), steps=start, final_loss=float("nan"), seconds=0.0,
+    run.start_step = step = _resume(run, out, callbacks) if resume else 0
+    result = TrainResult(output=str(out), steps=step, final_loss=float("nan"), seconds=0.0,
                          log=str(out.with_name(out.stem + "_log.jsonl")), is_main=main)
     if main:
+        _trim_log(Path(result.log), step)
         callbacks.on_start(run)
-        if start == 0 and cfg.sample.prompts:
+        if step == 0 and cfg.sample.prompts:
             result.samples += _samples(run, 0, callbacks)
     t0 = time.time()
-    step = start
-    with open(result.log, "a") if main else open("/dev/null", "w") as log_file:
-        while step < cfg.total_steps:
+    with open(result.log, "a") if main else contextlib.nullcontext() as log_file:
+        while step < cfg.total_steps and not result.stopped:
             loss, stats = _optimizer_step(run, step)
             step += 1
             stats.update(loss=loss, lr=run.lr_scheduler.get_last_lr()[0], step=step)
@@ -328,18 +312,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
                 log_file.write(json.dumps({k: round(float(v), 8) for k, v in stats.items()}) + "\n")
                 log_file.flush()
                 callbacks.on_step(step, stats)
-            done = step == cfg.total_steps
-            if cfg.sample.prompts and main and ((cfg.sample.every and step % cfg.sample.every == 0 and not done)
-                                                or commands.sample_now):
-                commands.sample_now = False
-                result.samples += _samples(run, step, callbacks)
-            if (cfg.output.save_every and step % cfg.output.save_every == 0 and not done) or commands.save_now \
-                    or commands.stop:
-                commands.save_now = False
-                result.checkpoints.append(_checkpoint(run, step, callbacks))
-            if commands.stop:
-                result.stopped = True
-                break
+            _periodic(run, step, result, commands, callbacks)
     result.steps, result.seconds = step, time.time() - t0
     _check_in_sync(run)
     if result.stopped:  # the checkpoint holds everything; the final file is written when the run completes
@@ -361,6 +334,58 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     return result
 
 
+def _resume(run: Run, out: Path, callbacks: Callbacks) -> int:
+    """Load the newest checkpoint of this output (LoRA, embeddings, optimizers, schedule); its step, or 0."""
+    path = ckpt.latest_checkpoint(out)
+    if path is None:
+        callbacks.on_message(f"no checkpoint in {ckpt.checkpoint_dir(out)}; starting from step 0")
+        return 0
+    state = ckpt.load_state(path, run.cfg.to_dict())
+    run.load_lora_parts(state["lora"])
+    if run.new_tokens is not None:
+        run.new_tokens.load(state["embeddings"])
+        if run.ti_optimizer is not None:
+            run.ti_optimizer.load_state_dict(state["ti_optimizer"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if state.get("scaler") and run.acc.scaler is not None:
+        run.acc.scaler.load_state_dict(state["scaler"])
+    callbacks.on_message(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (written before an interruption, and about to be trained again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+def _periodic(run: Run, step: int, result: TrainResult, commands: Commands, callbacks: Callbacks) -> None:
+    """Samples and checkpoints when due or asked for; a stop request ends the run after a checkpoint."""
+    cfg = run.cfg
+    done = step == cfg.total_steps
+    stop, save_now, sample_now = _synced(run, commands.stop, commands.save_now, commands.sample_now)
+    if cfg.sample.prompts and run.acc.is_main_process and (
+            (cfg.sample.every and step % cfg.sample.every == 0 and not done) or sample_now):
+        result.samples += _samples(run, step, callbacks)
+    if (cfg.output.save_every and step % cfg.output.save_every == 0 and not done) or save_now or stop:
+        result.checkpoints.append(_checkpoint(run, step, callbacks))
+    commands.sample_now = commands.save_now = False
+    result.stopped = stop
+
+
+def _synced(run: Run, *flags: bool) -> list[bool]:
+    """Command flags as the main process sees them, on every process (so all stop or save together)."""
+    if run.world == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=run.device)
+    return [bool(v) for v in run.acc.reduce(t, "max").tolist()]
+
+
 def _optimizer_step(run: Run, step: int) -> tuple[float, dict]:
     """Forward/backward over grad_accum micro-batches, clip, step. Raises on a non-finite loss."""
     cfg, acc = run.cfg, run.acc
@@ -370,7 +395,7 @@ def _optimizer_step(run: Run, step: int) -> tuple[float, dict]:
     total, stats = 0.0, {}
     for micro in range(cfg.train.grad_accum):
         sync = micro == cfg.train.grad_accum - 1
-        with acc.no_sync(run.unet) if not sync and acc.num_processes > 1 else _null(), acc.autocast():
+        with acc.no_sync(run.unet) if not sync and acc.num_processes > 1 else contextlib.nullcontext(), acc.autocast():
             loss, stats = training_step(run, step, micro)
         if not torch.isfinite(loss):
             last = ckpt.latest_checkpoint(cfg.output.path)
@@ -404,14 +429,6 @@ def _optimizer_step(run: Run, step: int) -> tuple[float, dict]:
 def _clip(run: Run, params) -> None:
     if run.cfg.optim.max_grad_norm:
         run.acc.clip_grad_norm_(list(params), run.cfg.optim.max_grad_norm)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _check_in_sync(run: Run) -> None:

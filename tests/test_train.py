@@ -135,8 +135,12 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_model, tmp_path):
     commands = Commands()
     first = train(part, StopAt(commands, 3), commands)
     assert first.stopped and first.steps == 3
+    log = tmp_path / "b" / "l_log.jsonl"
+    with open(log, "a") as f:  # as if the process died after logging step 4, past the checkpoint
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
     second = train(part, resume=True)
     assert second.steps == 8
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == list(range(1, 9))
     a, _ = read_lora(full.output.path)
     b, _ = read_lora(part.output.path)
     assert a.keys() == b.keys()
