@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 
-def one(resolution: int, steps: int, warmup: int, cache: bool, family: str) -> dict:
+def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quantize: str = "none") -> dict:
     import resource
 
     import torch
@@ -43,7 +43,14 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str) -> d
     components = Components(tokenizer, parts["text_encoder"], parts["vae"], parts["unet"],
                             DDPMScheduler.from_config(parts["scheduler"].config), parts["scheduler"],
                             FAMILIES[family], f"random-{family}", extra)
+    if quantize != "none":  # QLoRA: 4-bit weights come only from from_pretrained, so save the model first
+        from sdlora.models import check_quantize, load_components
+
+        check_quantize(quantize)
+        components.pipeline().save_pretrained(tmp / "model")
+        components = load_components(str(tmp / "model"), quantize=quantize)
     cfg = Config()
+    cfg.model.quantize = quantize
     cfg.data = [DataFolder(path=str(tmp), prompt="a photo of sks")]
     cfg.augment.resolution = resolution
     cfg.train.cache_latents = cfg.train.cache_text = cache
@@ -64,7 +71,7 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str) -> d
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     sec = (time.perf_counter() - t0) / steps
-    return {"cache": cache, "device": acc.device.type, "precision": acc.mixed_precision, "resolution": resolution,
+    return {"cache": cache, "quantize": quantize, "device": acc.device.type, "precision": acc.mixed_precision, "resolution": resolution,
             "sec_per_step": sec, "steps_per_sec": 1 / sec, "peak_gib": peak, "threads": torch.get_num_threads()}
 
 
@@ -74,25 +81,38 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--family", default="sd1", choices=("sd1", "sdxl"), help="sd1: SD 1.5 shapes; sdxl: SDXL base")
-    p.add_argument("--one", choices=("cached", "uncached"), help=argparse.SUPPRESS)
+    p.add_argument("--quantize", action="store_true", help="Also run QLoRA (4-bit NF4 base; CUDA + bitsandbytes).")
+    p.add_argument("--one", choices=("cached", "uncached", "nf4"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         import torch
 
         res = args.resolution or (512 if torch.cuda.is_available() else 256)
-        print(json.dumps(one(res, args.steps, args.warmup, args.one == "cached", args.family)))
+        quantize = "nf4" if args.one == "nf4" else "none"
+        print(json.dumps(one(res, args.steps, args.warmup, args.one != "uncached", args.family, quantize)))
         return
+    if args.quantize:
+        from sdlora.errors import SdloraError
+        from sdlora.models import check_quantize
+
+        try:
+            check_quantize("nf4")  # says what is missing before anything is built
+        except SdloraError as e:
+            sys.exit(f"error: {e}")
     rows = []
-    for mode in ("cached", "uncached"):
+    for mode in ("cached", "uncached") + (("nf4",) if args.quantize else ()):
         out = subprocess.run([sys.executable, __file__, "--one", mode, "--resolution", str(args.resolution),
                               "--steps", str(args.steps), "--warmup", str(args.warmup), "--family", args.family],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    head = f"{'caching':<10}{'device':<8}{'precision':<10}{'px':>5}{'s/step':>9}{'steps/s':>9}{'peak GiB':>10}"
+    head = f"{'caching':<10}{'base':<6}{'device':<8}{'precision':<10}{'px':>5}{'s/step':>9}{'steps/s':>9}{'peak GiB':>10}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{'on' if r['cache'] else 'off':<10}{r['device']:<8}{r['precision']:<10}{r['resolution']:>5}"
+        print(f"{'on' if r['cache'] else 'off':<10}{'nf4' if r['quantize'] != 'none' else 'full':<6}{r['device']:<8}{r['precision']:<10}{r['resolution']:>5}"
               f"{r['sec_per_step']:>9.3f}{r['steps_per_sec']:>9.3f}{r['peak_gib']:>10.2f}")
+    if args.quantize:
+        print(f"QLoRA peak memory: {rows[2]['peak_gib']:.2f} GiB vs {rows[0]['peak_gib']:.2f} GiB "
+              f"({1 - rows[2]['peak_gib'] / rows[0]['peak_gib']:.0%} less)")
     print(f"speed-up from caching: {rows[1]['sec_per_step'] / rows[0]['sec_per_step']:.2f}x "
           f"({args.family}-shaped UNet/TE/VAE, random weights, LoRA rank 4 on attn2, batch 1, "
           f"{rows[0]['threads']} threads)")

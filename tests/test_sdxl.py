@@ -108,6 +108,14 @@ def test_sdxl_lora_merges_mixes_and_resizes(tiny_xl, tmp_path):
     for g, w in zip(got, want):
         assert (g - w).abs().max() < 1e-4
 
+    from PIL import Image
+
+    from sdlora.tools import generate
+
+    images = generate(tiny_xl, [(cfg.output.path, 0.8)], "a red sks", steps=2, output_dir=tmp_path / "gen",
+                      width=32, height=32, grid=True, scales=[0, 1])
+    assert Image.open(images[0]).size[0] > 32  # a labelled contact sheet of two scales
+
     report = mix_loras([(cfg.output.path, 0.5), (cfg.output.path, 0.5)], tmp_path / "mix.safetensors")
     assert report.overall_error < 1e-6
     resized = resize_lora(cfg.output.path, tmp_path / "r.safetensors", rank=4)
