@@ -18,17 +18,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import paths, shapes
+from . import paths
+from .shapes import ALL_SHAPES, COLOURS, SIZE, sample_world
 
 
 @dataclass
 class JudgeConfig:
     """Class names of the two heads and the conv widths."""
 
-    shapes: list[str] = field(default_factory=lambda: list(shapes.ALL_SHAPES))
-    colours: list[str] = field(default_factory=lambda: list(shapes.COLOURS))
+    shapes: list[str] = field(default_factory=lambda: list(ALL_SHAPES))
+    colours: list[str] = field(default_factory=lambda: list(COLOURS))
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
-    size: int = shapes.SIZE
+    size: int = SIZE
 
 
 def default_judge_dir() -> Path:
@@ -120,12 +121,12 @@ def train_judge(steps: int = 1200, seed: int = 0, n_images: int = 8400, batch: i
     """
     torch.manual_seed(seed)
     cfg = JudgeConfig()
-    samples = shapes.sample_world(n_images, seed=seed + 1000, shapes=cfg.shapes, colours=cfg.colours)
+    samples = sample_world(n_images, seed=seed + 1000, shapes=cfg.shapes, colours=cfg.colours)
     x = pixels([s.image for s in samples])
     if roundtrip is not None:
         with torch.no_grad():
             half = torch.arange(0, len(x), 2)
-            x[half] = torch.cat([roundtrip(x[i:i + 256]) for i in half.split(256)]).clamp(-1, 1)
+            x[half] = torch.cat([roundtrip(x[i]) for i in half.split(256)]).clamp(-1, 1)
     ys = torch.tensor([cfg.shapes.index(s.shape) for s in samples])
     yc = torch.tensor([cfg.colours.index(s.colour) for s in samples])
     judge = Judge(cfg)

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
@@ -26,6 +25,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffus
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import shapes
+from .judge import pixels as to_pixels
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -37,11 +37,11 @@ class BuildConfig:
 
     seed: int = 0
     n_images: int = 12000
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     vae_batch: int = 32
     vae_crop: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 5000
+    unet_steps: int = 3500
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 200
@@ -70,6 +70,18 @@ def bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
+def _bpe(parts: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Apply BPE merges to a symbol list: always the best-ranked adjacent pair first."""
+    ranks = {m: i for i, m in enumerate(merges)}
+    while len(parts) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
 def build_tokenizer(out_dir: str | Path, words=None, max_length: int = 77) -> CLIPTokenizer:
     """Write vocab.json + merges.txt for a byte-level CLIP BPE: every byte symbol (plain and ``</w>``)
     plus merges that make each world word one token, so any other word falls back to characters."""
@@ -79,17 +91,15 @@ def build_tokenizer(out_dir: str | Path, words=None, max_length: int = 77) -> CL
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
     merges: list[tuple[str, str]] = []
     for word in words or shapes.world_words():
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = parts[0]
-        for part in parts[1:]:
-            if (cur, part) not in merges:
-                merges.append((cur, part))
-            cur += part
-            vocab.setdefault(cur, len(vocab))
+        parts = _bpe(list(word[:-1]) + [word[-1] + "</w>"], merges)
+        while len(parts) > 1:  # new merges rank last, so words already merged keep their tokens
+            merges.append((parts[0], parts[1]))
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = _bpe(parts, merges)
     vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer(vocab=vocab, merges=[f"{a} {b}" for a, b in merges], model_max_length=max_length)
+    tok = CLIPTokenizer.from_pretrained(out, model_max_length=max_length)
     for word in words or shapes.world_words():
         if len(tok(word, add_special_tokens=False).input_ids) != 1:
             raise RuntimeError(f"tokenizer merges do not make {word!r} one token")
@@ -112,19 +122,16 @@ def make_vae() -> AutoencoderKL:
 
 
 def make_unet(cross_attention_dim: int = 64) -> UNet2DConditionModel:
-    """SD1-shaped: ResNet-only 16x16 level, cross-attention at 8x8, 4x4 and in the middle."""
+    """SD1-shaped: cross-attention at 16x16, 8x8 and in the middle, ResNets only at 4x4.
+
+    Attention at the full latent resolution matters: an attention-only LoRA cannot change fine detail
+    in a level that has none (a new shape's edges stay unlearnt)."""
     return UNet2DConditionModel(
         sample_size=shapes.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64), cross_attention_dim=cross_attention_dim, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64), cross_attention_dim=cross_attention_dim, attention_head_dim=2,
         norm_num_groups=16)
-
-
-def to_tensor(images) -> torch.Tensor:
-    """PIL images -> float tensor in [-1, 1], shape (N, 3, H, W)."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -226,7 +233,7 @@ def build(out_dir: str | Path, cfg: BuildConfig, log: Callable = print) -> Stabl
     out = Path(out_dir)
     t0 = time.time()
     samples = shapes.sample_world(cfg.n_images, seed=cfg.seed)
-    pixels = to_tensor([s.image for s in samples])
+    pixels = to_pixels([s.image for s in samples])
     prompts = [p for p, _, _ in shapes.base_prompts()]
     prompt_ids = torch.tensor([prompts.index(s.caption) for s in samples])
     log(f"rendered {len(samples)} images in {time.time() - t0:.0f}s")
