@@ -26,6 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import shapes
 from .judge import pixels as to_pixels
+from .tiny import byte_unicode
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -57,19 +58,6 @@ class BuildConfig:
                    judge_steps=3)
 
 
-def bytes_to_unicode() -> list[str]:
-    """CLIP's byte -> printable unicode table (the 256 base symbols of byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
 def _bpe(parts: list[str], merges: list[tuple[str, str]]) -> list[str]:
     """Apply BPE merges to a symbol list: always the best-ranked adjacent pair first."""
     ranks = {m: i for i, m in enumerate(merges)}
@@ -87,7 +75,7 @@ def build_tokenizer(out_dir: str | Path, words=None, max_length: int = 77) -> CL
     plus merges that make each world word one token, so any other word falls back to characters."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    chars = bytes_to_unicode()
+    chars = byte_unicode()
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
     merges: list[tuple[str, str]] = []
     for word in words or shapes.world_words():

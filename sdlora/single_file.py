@@ -277,10 +277,10 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77)
     """CLIP's tokenizer (49,408 tokens), rebuilt from the shipped BPE merges as CLIP's SimpleTokenizer builds it."""
     from transformers import CLIPTokenizer
 
-    from .tiny import _byte_unicode
+    from .tiny import byte_unicode
 
     merges = gzip.decompress((ASSETS / "clip" / "merges.txt.gz").read_bytes()).decode("utf-8").splitlines()
-    chars = _byte_unicode()
+    chars = byte_unicode()
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
     vocab = {t: i for i, t in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], pad_token=pad_token,

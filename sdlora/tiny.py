@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 
-def _byte_unicode() -> list[str]:
+def byte_unicode() -> list[str]:
     """CLIP's byte-to-unicode table: 256 printable characters, one per byte."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
@@ -29,7 +29,7 @@ def write_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_length:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_unicode()
+    chars = byte_unicode()
     vocab: dict[str, int] = {}
     for tok in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(tok, len(vocab))
