@@ -11,7 +11,7 @@ from pathlib import Path
 def register(sub) -> None:
     e = sub.add_parser("eval", help="Score a LoRA of a shapes-world concept with the shipped judge.")
     e.add_argument("lora", metavar="LORA", help="LoRA file (.safetensors).")
-    e.add_argument("--trigger", required=True, help="Trigger word(s) of the concept, e.g. 'zxq' or '<s1>'.")
+    e.add_argument("--trigger", required=True, help="Trigger word(s) of the concept, e.g. 'sks' or '<s1>'.")
     e.add_argument("--concept", required=True, help="The judge's class the trigger should produce (e.g. star).")
     e.add_argument("--model", default=None, help="Base model (default: the built-in shapes-world model).")
     e.add_argument("--n", type=int, default=16, help="Images per measurement (default: 16).")
@@ -24,6 +24,7 @@ def register(sub) -> None:
     d.add_argument("--output", default="output/demo", help="Folder for the LoRA, samples and eval (default: "
                                                            "output/demo).")
     d.add_argument("--max-steps", type=int, default=None, help="Override the demo's training steps.")
+    d.add_argument("--n", type=int, default=32, help="Images per eval measurement (default: 32).")
     d.set_defaults(func=cmd_demo)
 
 
@@ -63,5 +64,5 @@ def cmd_demo(args) -> int:
     result = train(cfg, ProgressBar("demo"))
     print(f"trained {result.steps} steps in {time.time() - t0:.0f}s: {result.output}")
     print(f"samples during training: {Path(result.output).with_name('demo_samples')}")
-    run_eval(result.output, demo["trigger"], demo["concept"], output=str(out / "eval"))
+    run_eval(result.output, demo["trigger"], demo["concept"], n=args.n, output=str(out / "eval"))
     return 0

@@ -86,8 +86,8 @@ def test_queue_runs_every_job_and_a_failure_does_not_stop_the_next(tiny_model, t
 
     data = draw_images(tmp_path / "imgs", n=2)
     common = f'[model]\npath = "{tiny_model}"\n[augment]\nresolution = 32\n[train]\nmax_steps = 2\n'
-    bad = write(tmp_path, common + '[[data]]\npath = "missing"\n', "bad.toml")
-    good = write(tmp_path, common + f'[[data]]\npath = "{data}"\nprompt = "a sks"\n'
+    write(tmp_path, common + '[[data]]\npath = "missing"\n', "bad.toml")
+    write(tmp_path, common + f'[[data]]\npath = "{data}"\nprompt = "a sks"\n'
                                     '[output]\npath = "good.safetensors"\n', "good.toml")
     queue = write(tmp_path, "# jobs\nbad.toml\ngood.toml\n", "queue.txt")
     rc = main(["train", "--queue", str(queue)])
@@ -96,3 +96,11 @@ def test_queue_runs_every_job_and_a_failure_does_not_stop_the_next(tiny_model, t
     assert "data folder not found" in out.err
     assert "good.toml: done" in out.out and "1 of 2 jobs succeeded" in out.out
     assert (tmp_path / "good.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["example.toml", "demo.toml"])
+def test_shipped_job_files_are_valid(name):
+    from sdlora.paths import sample_data
+
+    cfg = validate(load_toml(sample_data() / name))
+    assert all(__import__("pathlib").Path(d.path).is_dir() for d in cfg.data)

@@ -1,5 +1,6 @@
 """The shapes world: generator, tokenizer, judge, shipped pipeline and the build script's smoke run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,15 @@ def test_build_script_quick_makes_a_loadable_pipeline(tmp_path):
     assert pipe("a red circle", num_inference_steps=2).images[0].size == (shapes.SIZE, shapes.SIZE)
     assert len(load_judge(tmp_path / "judge").classify(pipe("a", num_inference_steps=1).images)) == 1
     assert (tmp_path / "base_eval.json").exists()
+
+
+def test_demo_command_trains_and_evaluates(tmp_path, capsys):
+    from sdlora.cli import main
+
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--max-steps", "3", "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "concept fidelity" in out and "preservation" in out
+    report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())
+    assert report["concept"] == "star" and report["n"] == 2
+    assert (tmp_path / "demo" / "eval" / "contact_sheet.png").is_file()
+    assert (tmp_path / "demo" / "demo.safetensors").is_file()

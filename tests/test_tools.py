@@ -191,7 +191,7 @@ def test_svd_mix_and_resize_report_true_errors(loras, tmp_path):
     for base, d in deltas(tmp_path / "r4.safetensors").items():
         assert (d - da[base]).abs().max() < 1e-5
 
-    energy = resize_lora(loras[0], tmp_path / "e.safetensors", keep_energy=0.9)
+    resize_lora(loras[0], tmp_path / "e.safetensors", keep_energy=0.9)
     mods, _, _ = load(tmp_path / "e.safetensors")
     for base, m in mods.items():  # the chosen rank is the smallest keeping 90% of the spectrum
         s = torch.linalg.svdvals(da[base].flatten(1).double()) ** 2
