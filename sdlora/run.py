@@ -39,7 +39,10 @@ class Run:
         from .conditioning import encode
 
         encoders = [self.acc.unwrap_model(e) for e in self.text_encoders] if base else self.text_encoders
-        run_encode = lambda caps: encode(self.c.family.name, self.tokenizers, encoders, caps, self.device)  # noqa
+
+        def run_encode(caps):
+            return encode(self.c.family.name, self.tokenizers, encoders, caps, self.device)
+
         if base or not self.text_trainable and self.cfg.train.cache_text:
             cache = self.base_text_cache if base else self.text_cache
             missing = [c for c in dict.fromkeys(captions) if c not in cache]
