@@ -82,9 +82,17 @@ def field(page, elem_id: str):
 
 
 def set_value(page, elem_id: str, value) -> None:
+    from playwright.sync_api import expect
+
     box = field(page, elem_id)
-    box.fill(str(value))
-    box.press("Tab")  # Gradio reads the value on input/blur
+    box.wait_for(state="visible")
+    for _ in range(5):  # a freshly opened accordion may still be writing its initial values: type until it sticks
+        box.fill(str(value))
+        box.press("Tab")  # Gradio reads the value on input/blur
+        page.wait_for_timeout(200)
+        if box.input_value() == str(value):
+            break
+    expect(box).to_have_value(str(value))
 
 
 def open_tab(page, name: str) -> None:
