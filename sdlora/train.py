@@ -153,38 +153,53 @@ def ensure_class_images(cfg: Config, components, resolution: int, callbacks: Cal
 
 def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Run:
     """Load the model (unless `components` are given), data and LoRA; build caches, optimizer and schedule."""
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-
     from .models import load_components
 
     components = components or load_components(cfg.model_path, cfg.model.prediction_type, cfg.model.quantize)
     run = Run(cfg, accelerator, components)
-    res, step = resolve_resolution(cfg, components)
+    _setup_data(run, callbacks)
+    run.new_tokens = _add_pivotal_tokens(run)
+    run.plan = BatchPlan(run.examples, cfg.train.batch_size, cfg.train.seed)
+    _setup_models(run)
+    run.cache_latents = cfg.train.cache_latents and cfg.augment.crop == "center"
+    if cfg.train.cache_latents and not run.cache_latents:
+        callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
+    run.set_phase(0)
+    run.precompute()
+    _setup_optimizers(run)
+    return run
+
+
+def _setup_data(run: Run, callbacks: Callbacks) -> None:
+    """Examples (bucketed), captions for the metadata, and class images for prior preservation."""
+    cfg, acc = run.cfg, run.acc
+    res, step = resolve_resolution(cfg, run.c)
     run.resolution = res
-    buckets_on = cfg.augment.bucketing
     folders = [(d.path, d.prompt, d.use_captions, d.repeats) for d in cfg.data]
-    run.examples = build_examples(folders, res, buckets_on, step)
+    run.examples = build_examples(folders, res, cfg.augment.bucketing, step)
     run.captions_by_folder = {d.path: [c for _, c in scan_folder(d.path, d.prompt, d.use_captions)[0]]
                               for d in cfg.data}
     run.prior_examples, run.prior_plan = [], None
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
-        if accelerator.is_main_process:
-            ensure_class_images(cfg, components, res, callbacks)
-        accelerator.wait_for_everyone()
+        if acc.is_main_process:
+            ensure_class_images(cfg, run.c, res, callbacks)
+        acc.wait_for_everyone()
         run.prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], res,
-                                            buckets_on, step, is_prior=True)
+                                            cfg.augment.bucketing, step, is_prior=True)
         run.prior_plan = BatchPlan(run.prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
-    run.new_tokens = _add_pivotal_tokens(run)
-    run.plan = BatchPlan(run.examples, cfg.train.batch_size, cfg.train.seed)
 
-    mp = accelerator.mixed_precision
-    run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32) \
-        if accelerator.device.type == "cuda" else torch.float32
-    unet, encoders = components.unet, components.text_encoders
+
+def _setup_models(run: Run) -> None:
+    """Device and dtype of the frozen models, then LoRA on the UNet (and text encoders) through peft."""
+    from diffusers.training_utils import cast_training_params
+
+    cfg, acc, c = run.cfg, run.acc, run.c
+    run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32) \
+        if acc.device.type == "cuda" else torch.float32
+    unet, encoders = c.unet, c.text_encoders
     quantized = cfg.model.quantize != "none"  # 4-bit weights are placed on the GPU by their loader
-    for module in (components.vae,) if quantized else (unet, *encoders, components.vae):
-        module.to(accelerator.device)
+    for module in (c.vae,) if quantized else (unet, *encoders, c.vae):
+        module.to(acc.device)
     if run.weight_dtype != torch.float32 and not quantized:  # the VAE stays fp32: fp16 VAEs overflow to NaN
         for module in (unet, *encoders):
             module.to(dtype=run.weight_dtype)
@@ -205,33 +220,33 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Ru
         for te, lr in zip(encoders, run.te_lrs):
             if lr:
                 te.gradient_checkpointing_enable()
-
-    run.cache_latents = cfg.train.cache_latents and cfg.augment.crop == "center"
-    if cfg.train.cache_latents and not run.cache_latents:
-        callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
     run.text_encoders = list(encoders)
-    run.set_phase(0)
-    run.precompute()
 
-    groups = [{"params": lora_parameters(unet), "lr": cfg.optim.lr}] if run.has_lora else []
+
+def _setup_optimizers(run: Run) -> None:
+    """AdamW over the LoRA (and phase-2 embedding) groups with its LR schedule, a phase-1 optimizer for the new
+    embedding, and accelerate's wrapping of whatever trains."""
+    from diffusers.optimization import get_scheduler
+
+    cfg, acc, encoders = run.cfg, run.acc, run.text_encoders
+    groups = [{"params": lora_parameters(run.c.unet), "lr": cfg.optim.lr}] if run.has_lora else []
     groups += [{"params": lora_parameters(te), "lr": lr} for te, lr in zip(encoders, run.te_lrs) if lr]
     emb = run.new_tokens.params if run.new_tokens else []
     if emb and cfg.pivotal.continue_lr > 0:
         groups.append({"params": emb, "lr": cfg.pivotal.continue_lr, "weight_decay": 0.0})
-    optimizer = _optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], accelerator.device)
+    optimizer = _optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], acc.device)
     run.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                      num_training_steps=max(cfg.train.max_steps, 1))
     ti_optimizer = torch.optim.AdamW(emb, lr=cfg.pivotal.ti_lr, weight_decay=0.0) if cfg.ti_steps else None
     trained = [i for i, lr in enumerate(run.te_lrs) if lr or emb]  # wrapped for DDP
-    models = [unet] + [encoders[i] for i in trained]
-    prepared = accelerator.prepare(*models, optimizer, *([ti_optimizer] if ti_optimizer else []))
+    models = [run.c.unet] + [encoders[i] for i in trained]
+    prepared = acc.prepare(*models, optimizer, *([ti_optimizer] if ti_optimizer else []))
     run.unet, run.optimizer = prepared[0], prepared[len(models)]
     for j, i in enumerate(trained):
         run.text_encoders[i] = prepared[1 + j]
     run.ti_optimizer = prepared[-1] if ti_optimizer else None
     run.params = [p for g in groups for p in g["params"]]
     run.lora_params = [p for p in run.params if not any(p is e for e in emb)]
-    return run
 
 
 def _text_encoder_lrs(cfg: Config, n: int) -> list[float]:
