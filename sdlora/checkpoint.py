@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -52,14 +51,3 @@ def load_state(path: Path, config: dict) -> dict:
             raise TrainingError(f"cannot resume from {path.name}: {section}.{key} was {old!r}, now {new!r}; "
                                 "restore the setting or train into a new output")
     return state
-
-
-def prune(output: str | Path, keep: int) -> None:
-    """Keep only the newest `keep` checkpoints."""
-    found = sorted(checkpoint_dir(output).glob("step_*.pt"))
-    for old in found[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
-
-
-def step_of(path: Path) -> int:
-    return int(re.search(r"step_(\d+)", path.name).group(1))

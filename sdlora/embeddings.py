@@ -137,15 +137,6 @@ def add_concept(tokenizers: list, encoders: list, token: str, n: int, init_word:
                           for i, (tok, enc) in enumerate(zip(tokenizers, encoders))])
 
 
-def bake(text_encoder, new: NewTokens) -> None:
-    """Write the learned rows into the real embedding matrix and drop the wrapper (a plain model again)."""
-    module = text_encoder.get_input_embeddings()
-    if isinstance(module, TrainableEmbedding):
-        with torch.no_grad():
-            module.base.weight[new.first_id:new.first_id + len(new.names)] = module.new.to(module.base.weight.dtype)
-        text_encoder.set_input_embeddings(module.base)
-
-
 def embedding_file(path: str | Path, concept: ConceptTokens, dtype=torch.float16) -> Path:
     """The separate embedding for diffusers' `load_textual_inversion` and ComfyUI: {'clip_l' (, 'clip_g')}."""
     from .io import save_safetensors

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from . import paths, shapes
 from .errors import ConfigError
 from .judge import Judge, load_judge
-from .sample import load_lora_into
+from .sample import load_lora_into, render
 
 ROW_LABEL_WIDTH = 150
 
@@ -87,18 +87,11 @@ def load_pipeline(model=None):
     return pipe
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 25, guidance_scale: float = 5.0,
              batch: int = 32) -> list[Image.Image]:
-    """One image per prompt; image i uses generator seed ``seed + i``, whatever the batching."""
-    images: list[Image.Image] = []
+    """One image per prompt at the model's native size; image i uses generator seed ``seed + i``."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        images += pipe(chunk, generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
-                       height=size, width=size).images
-    return images
+    return render(pipe, prompts, seed, steps, guidance_scale, size, size, batch=batch)
 
 
 def trigger_prompts(trigger: str, n: int) -> list[tuple[str, str]]:

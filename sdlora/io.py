@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .errors import SdloraError
+
 
 @contextmanager
 def atomic_path(path: str | Path):
@@ -48,11 +50,7 @@ def check_output(path: str | Path, inputs: list[str | Path] = (), overwrite: boo
     path = Path(path)
     for src in inputs:
         if Path(src).exists() and path.exists() and path.resolve() == Path(src).resolve():
-            from .errors import SdloraError
-
             raise SdloraError(f"output {path} is also an input; choose another --output")
     if path.exists() and not overwrite:
-        from .errors import SdloraError
-
         raise SdloraError(f"{path} exists; pass --overwrite to replace it")
     return path

@@ -16,7 +16,6 @@ def render(pipe, prompts: list[str], seed: int, steps: int, guidance: float, wid
            negative_prompt: str = "", batch: int = 8) -> list[Image.Image]:
     """One image per prompt, image i seeded with seed + i (so samples at different steps are comparable)."""
     images = []
-    device = pipe.unet.device
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         gens = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
@@ -24,7 +23,6 @@ def render(pipe, prompts: list[str], seed: int, steps: int, guidance: float, wid
                    num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                    generator=gens, output_type="pil")
         images.extend(out.images)
-    del device
     return images
 
 
