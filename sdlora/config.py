@@ -37,8 +37,9 @@ class ModelConfig:
                     flag="model")
     prediction_type: str = opt("auto", "Training target; 'auto' reads it from the model's scheduler.",
                                choices=("auto", "epsilon", "v_prediction"))
-    quantize: str = opt("none", "QLoRA: nf4 loads the frozen UNet and text encoders in 4-bit NF4 through "
-                        "bitsandbytes (CUDA only); the LoRA trains in 16/32-bit and loads into the full base.",
+    quantize: str = opt("none", "QLoRA: nf4 holds the frozen UNet and text encoders' Linear layers in 4-bit NF4 "
+                        "through bitsandbytes (CUDA, or the CPU with bitsandbytes >= 0.47); the LoRA trains in "
+                        "16/32-bit and loads into the full base.",
                         choices=("none", "nf4"))
 
 
@@ -101,7 +102,7 @@ class AugmentConfig:
 @dataclass
 class OptimConfig:
     lr: float = opt(1e-4, "Learning rate of the UNet LoRA.")
-    optimizer: str = opt("adamw", "adamw, or adamw8bit (needs bitsandbytes and CUDA).",
+    optimizer: str = opt("adamw", "adamw, or adamw8bit (bitsandbytes: CUDA, or the CPU from 0.50).",
                          choices=("adamw", "adamw8bit"))
     weight_decay: float = opt(1e-2, "AdamW weight decay.")
     lr_scheduler: str = opt("constant", "diffusers scheduler name (constant, linear, cosine, ...).",

@@ -75,35 +75,8 @@ def _from_pretrained(cls, source: str, subfolder: str, **kw):
                          "reachable or has no such model; pass a local diffusers folder") from None
 
 
-def check_quantize(quantize: str) -> None:
-    """QLoRA needs CUDA and bitsandbytes (diffusers' 4-bit loader refuses the CPU): say so before loading."""
-    if quantize == "none":
-        return
-    import importlib.util
-
-    if not torch.cuda.is_available():
-        raise ModelError("QLoRA (quantize = nf4) needs a CUDA GPU: bitsandbytes' 4-bit layers do not run on "
-                         "this machine's CPU; train with --quantize none")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError("QLoRA (quantize = nf4) needs bitsandbytes: pip install 'sdlora[cuda]'")
-
-
-def _nf4_kwargs(quantize: str, library: str) -> dict:
-    """from_pretrained arguments that load a model's Linear layers in 4-bit NF4 (bf16 compute)."""
-    if quantize == "none":
-        return {}
-    if library == "diffusers":
-        from diffusers import BitsAndBytesConfig
-    else:
-        from transformers import BitsAndBytesConfig
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return {"quantization_config": q, "torch_dtype": torch.bfloat16}
-
-
-def load_components(source: str, prediction_type: str = "auto", quantize: str = "none") -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and schedulers from a diffusers folder or a hub id.
-    `quantize='nf4'` (QLoRA, CUDA only) loads the UNet and text encoders in 4-bit."""
-    check_quantize(quantize)
+def load_components(source: str, prediction_type: str = "auto") -> Components:
+    """Load tokenizer, text encoders, VAE, UNet and schedulers from a diffusers folder, a hub id or a single file."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -112,8 +85,6 @@ def load_components(source: str, prediction_type: str = "auto", quantize: str = 
         from .families import FAMILIES
         from .single_file import detect_checkpoint, load_single_file
 
-        if quantize != "none":
-            raise ModelError(f"{source}: {quantize} quantisation needs a diffusers folder, not a single file")
         parts = load_single_file(source, prediction_type)
         extra = {k: parts[k] for k in ("tokenizer_2", "text_encoder_2") if k in parts}
         return freeze(Components(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
@@ -122,9 +93,9 @@ def load_components(source: str, prediction_type: str = "auto", quantize: str = 
     if Path(source).is_dir() and not (Path(source) / "unet").is_dir():
         raise ModelError(f"{source} is not a diffusers model folder (it has no unet/ subfolder)")
     tokenizer = _from_pretrained(CLIPTokenizer, source, "tokenizer")
-    text_encoder = _from_pretrained(CLIPTextModel, source, "text_encoder", **_nf4_kwargs(quantize, "transformers"))
+    text_encoder = _from_pretrained(CLIPTextModel, source, "text_encoder")
     vae = _from_pretrained(AutoencoderKL, source, "vae")
-    unet = _from_pretrained(UNet2DConditionModel, source, "unet", **_nf4_kwargs(quantize, "diffusers"))
+    unet = _from_pretrained(UNet2DConditionModel, source, "unet")
     sample_scheduler = _load_scheduler(source)
     overrides = {} if prediction_type == "auto" else {"prediction_type": prediction_type}
     noise_scheduler = DDPMScheduler.from_config(sample_scheduler.config, **overrides)
@@ -136,8 +107,7 @@ def load_components(source: str, prediction_type: str = "auto", quantize: str = 
         from transformers import CLIPTextModelWithProjection
 
         extra = {"tokenizer_2": _from_pretrained(CLIPTokenizer, source, "tokenizer_2"),
-                 "text_encoder_2": _from_pretrained(CLIPTextModelWithProjection, source, "text_encoder_2",
-                                                    **_nf4_kwargs(quantize, "transformers"))}
+                 "text_encoder_2": _from_pretrained(CLIPTextModelWithProjection, source, "text_encoder_2")}
     return freeze(Components(tokenizer, text_encoder, vae, unet, noise_scheduler, sample_scheduler, family,
                              source, extra))
 

@@ -23,9 +23,10 @@ from . import objective
 from .callbacks import Callbacks, Commands
 from .config import Config, validate
 from .data import BatchPlan, build_examples, scan_folder
-from .errors import ConfigError, DataError, TrainingError
+from .errors import ConfigError, DataError, ModelError, TrainingError
 from .io import atomic_write_text
 from .lora import TEXT_PATTERNS, UNET_PATTERNS, inject, lora_parameters, zero_update_modules
+from .quantize import quantize_nf4, require_bitsandbytes
 from .run import Run
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def setup(cfg: Config, accelerator, callbacks: Callbacks, components=None) -> Ru
     """Load the model (unless `components` are given), data and LoRA; build caches, optimizer and schedule."""
     from .models import load_components
 
-    components = components or load_components(cfg.model_path, cfg.model.prediction_type, cfg.model.quantize)
+    components = components or load_components(cfg.model_path, cfg.model.prediction_type)
     run = Run(cfg, accelerator, components)
     _setup_data(run, callbacks)
     run.new_tokens = _add_pivotal_tokens(run)
@@ -197,12 +198,13 @@ def _setup_models(run: Run) -> None:
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32) \
         if acc.device.type == "cuda" else torch.float32
     unet, encoders = c.unet, c.text_encoders
-    quantized = cfg.model.quantize != "none"  # 4-bit weights are placed on the GPU by their loader
-    for module in (c.vae,) if quantized else (unet, *encoders, c.vae):
-        module.to(acc.device)
-    if run.weight_dtype != torch.float32 and not quantized:  # the VAE stays fp32: fp16 VAEs overflow to NaN
-        for module in (unet, *encoders):
+    for module in (unet, *encoders):  # the VAE stays fp32: fp16 VAEs overflow to NaN
+        if run.weight_dtype != torch.float32:
             module.to(dtype=run.weight_dtype)
+        if cfg.model.quantize == "nf4":
+            quantize_nf4(module, acc.device, run.weight_dtype)
+    for module in (unet, *encoders, c.vae):
+        module.to(acc.device)
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
     run.has_lora = cfg.train.max_steps > 0  # pivotal with no LoRA steps is plain textual inversion
     run.targets = inject(unet, UNET_PATTERNS[cfg.lora.targets], cfg.lora.rank, cfg.lora_alpha,
@@ -279,16 +281,22 @@ def _add_pivotal_tokens(run: Run):
     return new
 
 
+def _check_bitsandbytes(cfg: Config) -> None:
+    """QLoRA and 8-bit Adam need a bitsandbytes that runs here: say so before any model loads."""
+    if cfg.model.quantize != "none":
+        require_bitsandbytes(cfg.model.quantize, f"QLoRA (quantize = {cfg.model.quantize})")
+    if cfg.optim.optimizer == "adamw8bit":
+        try:
+            require_bitsandbytes("adamw8bit", "optimizer adamw8bit")
+        except ModelError as e:
+            raise ConfigError(f"{e}; or use --optimizer adamw") from None
+
+
 def _optimizer(cfg: Config, groups: list[dict], device) -> torch.optim.Optimizer:
     kw = dict(weight_decay=cfg.optim.weight_decay)
     if cfg.optim.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("optimizer adamw8bit needs bitsandbytes: pip install 'sdlora[cuda]', "
-                              "or use --optimizer adamw") from None
-        if device.type != "cuda":
-            raise ConfigError("optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on the CPU")
+        import bitsandbytes as bnb  # present: train() checked before loading
+
         return bnb.optim.AdamW8bit(groups, **kw)
     return torch.optim.AdamW(groups, fused=device.type == "cuda", **kw)
 
@@ -299,9 +307,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
           resume: bool = False) -> TrainResult:
     """Train one LoRA as configured; returns where it went and how it went. Raises SdloraError on bad input."""
     validate(cfg)
-    from .models import check_quantize
-
-    check_quantize(cfg.model.quantize)  # before anything loads
+    _check_bitsandbytes(cfg)
     callbacks, commands = callbacks or Callbacks(), commands or Commands()
     acc = make_accelerator(cfg)
     main = acc.is_main_process
