@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import bitsandbytes as bnb  # the test extra installs it: QLoRA's CPU path is tested, never skipped
 import pytest
 import torch
 from conftest import draw_images, tiny_config
@@ -13,8 +14,6 @@ from test_train import Capture, StopAt, fresh_pipeline, load_checked, unet_and_t
 from sdlora.callbacks import Commands
 from sdlora.formats import read_lora, validate_kohya
 from sdlora.train import train
-
-bnb = pytest.importorskip("bitsandbytes")
 
 
 def quantized_linears(model) -> dict[str, torch.Tensor]:
