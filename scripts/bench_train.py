@@ -31,7 +31,6 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quan
     from sdlora.config import Config, DataFolder
     from sdlora.families import FAMILIES
     from sdlora.models import Components
-    from sdlora.quantize import param_bytes
     from sdlora.tiny import SD15, build_components, build_sdxl_components, write_tokenizer
     from sdlora.train import _optimizer_step, make_accelerator, setup
     from diffusers import DDPMScheduler
@@ -54,7 +53,9 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quan
     cfg.output.path = str(tmp / "out.safetensors")
     acc = make_accelerator(cfg)
     run = setup(cfg, acc, Callbacks(), components=components)
-    weights = sum(param_bytes(m) for m in (run.c.unet, *run.c.text_encoders)) / 2**30
+    # parameter bytes, 4-bit weights at their packed size
+    weights = sum(p.numel() * p.element_size() for m in (run.c.unet, *run.c.text_encoders)
+                  for p in m.parameters()) / 2**30
     for s in range(warmup):
         _optimizer_step(run, s)
     if acc.device.type == "cuda":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import torch
+from packaging.version import Version
 from torch import nn
 
 from .errors import ModelError
@@ -17,10 +18,6 @@ from .errors import ModelError
 # the first releases whose CPU backend runs them (measured: 0.46 cannot quantize sizes that are not a multiple of
 # 64, 0.49 has no CPU 8-bit AdamW)
 CPU_SINCE = {"nf4": "0.47", "adamw8bit": "0.50"}
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
 
 
 def require_bitsandbytes(feature: str, what: str) -> None:
@@ -31,7 +28,7 @@ def require_bitsandbytes(feature: str, what: str) -> None:
     except importlib.metadata.PackageNotFoundError:
         raise ModelError(f"{what} needs bitsandbytes: pip install 'sdlora[qlora]'") from None
     need = CPU_SINCE[feature]
-    if not torch.cuda.is_available() and _version(version) < _version(need):
+    if not torch.cuda.is_available() and Version(version) < Version(need):
         raise ModelError(f"{what} on the CPU needs bitsandbytes >= {need} (this is {version}): "
                          f"pip install -U 'bitsandbytes>={need}'")
 
@@ -54,8 +51,3 @@ def quantize_nf4(model: nn.Module, device: torch.device, compute_dtype: torch.dt
         new.to(device)  # Params4bit quantizes on its first move
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def param_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters, 4-bit weights at their packed size."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())

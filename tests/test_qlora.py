@@ -33,6 +33,12 @@ def use_weights(model, weights: dict[str, torch.Tensor]) -> None:
             linears[name].weight.copy_(w)
 
 
+def pipe_encoders(pipe) -> tuple[list, list]:
+    """The pipeline's text encoders and tokenizers: one for SD1, two for SDXL."""
+    names = [n for n in ("", "_2") if getattr(pipe, f"text_encoder{n}", None) is not None]
+    return [getattr(pipe, f"text_encoder{n}") for n in names], [getattr(pipe, f"tokenizer{n}") for n in names]
+
+
 def fresh_xl(path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -71,19 +77,19 @@ def test_qlora_trains_in_4bit_and_loads_into_the_full_base(tiny_model, tiny_xl, 
 
     # 1. the file loads, with nothing left over, into the unquantized base and changes its output
     full = fresh(folder)
-    full_encoders = [full.text_encoder] + ([full.text_encoder_2] if family != "sd1" else [])
-    full_tokenizers = [full.tokenizer] + ([full.tokenizer_2] if family != "sd1" else [])
-    base = outputs(full.unet, full_encoders, full_tokenizers)
+    full_encoders, tokenizers = pipe_encoders(full)
+    base = outputs(full.unet, full_encoders, tokenizers)
     load_checked(full, cfg.output.path, caplog)
-    got = outputs(full.unet, full_encoders, full_tokenizers)
+    got = outputs(full.unet, full_encoders, tokenizers)
     assert (got[0] - base[0]).abs().max() > 1e-4
     # 2. what it loads is exactly the trained LoRA: over the trainer's dequantized base it gives the trainer's output
     deq = fresh(folder)
-    deq_encoders = [deq.text_encoder] + ([deq.text_encoder_2] if family != "sd1" else [])
+    deq_encoders, _ = pipe_encoders(deq)
+    assert len(deq_encoders) == len(encoders)
     for trained, target in zip((unet, *encoders), (deq.unet, *deq_encoders)):
         use_weights(target, quantized_linears(trained))
     load_checked(deq, cfg.output.path, caplog)
-    got = outputs(deq.unet, deq_encoders, full_tokenizers)
+    got = outputs(deq.unet, deq_encoders, tokenizers)
     for g, w in zip(got, want):
         assert (g - w).abs().max() < 1e-4
 
