@@ -29,22 +29,14 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quan
 
     from sdlora.callbacks import Callbacks
     from sdlora.config import Config, DataFolder
-    from sdlora.families import FAMILIES
-    from sdlora.models import Components
-    from sdlora.tiny import SD15, build_components, build_sdxl_components, write_tokenizer
-    from sdlora.train import _optimizer_step, make_accelerator, setup
-    from diffusers import DDPMScheduler
-    from transformers import CLIPTokenizer
+    from sdlora.random_pipelines import full_size_components
+    from sdlora.training.loop import optimizer_step
+    from sdlora.training.setup import make_accelerator, setup
 
     tmp = Path(tempfile.mkdtemp())
     for i in range(4):
         Image.new("RGB", (resolution, resolution), (40 * i, 90, 200)).save(tmp / f"{i}.png")
-    parts = build_sdxl_components() if family == "sdxl" else build_components(SD15)
-    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tmp / "tok", ("a", "photo", "of", "sks")))
-    extra = {"tokenizer_2": tokenizer, "text_encoder_2": parts["text_encoder_2"]} if family == "sdxl" else {}
-    components = Components(tokenizer, parts["text_encoder"], parts["vae"], parts["unet"],
-                            DDPMScheduler.from_config(parts["scheduler"].config), parts["scheduler"],
-                            FAMILIES[family], f"random-{family}", extra)
+    components = full_size_components(family, tmp / "tok")
     cfg = Config()
     cfg.model.quantize = quantize
     cfg.data = [DataFolder(path=str(tmp), prompt="a photo of sks")]
@@ -52,12 +44,12 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quan
     cfg.train.cache_latents = cfg.train.cache_text = cache
     cfg.output.path = str(tmp / "out.safetensors")
     acc = make_accelerator(cfg)
-    run = setup(cfg, acc, Callbacks(), components=components)
+    state = setup(cfg, acc, Callbacks(), components=components)
     # parameter bytes, 4-bit weights at their packed size
-    weights = sum(p.numel() * p.element_size() for m in (run.c.unet, *run.c.text_encoders)
+    weights = sum(p.numel() * p.element_size() for m in (components.denoiser, *components.text_encoders)
                   for p in m.parameters()) / 2**30
     for s in range(warmup):
-        _optimizer_step(run, s)
+        optimizer_step(state, s)
     if acc.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -65,7 +57,7 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quan
     t0 = time.perf_counter()
     with rss:
         for s in range(warmup, warmup + steps):
-            _optimizer_step(run, s)
+            optimizer_step(state, s)
     if acc.device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**30

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from sdlora import paths
-from sdlora.evaluate import evaluate_base
-from sdlora.judge import train_judge
-from sdlora.shapes_model import BuildConfig, build
+from sdlora.world.evaluate import evaluate_base
+from sdlora.world.judge import train_judge
+from sdlora.world.builder import BuildConfig, build
 
 
 def main(argv=None) -> None:

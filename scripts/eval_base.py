@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from sdlora.evaluate import evaluate_base
-from sdlora.judge import load_judge
+from sdlora.world.evaluate import evaluate_base
+from sdlora.world.judge import load_judge
 
 
 def main(argv=None) -> None:

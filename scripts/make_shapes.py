@@ -7,7 +7,7 @@
 import argparse
 from pathlib import Path
 
-from sdlora import shapes
+from sdlora.world import shapes
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,28 @@
 """sdlora: train Stable Diffusion LoRAs and work with LoRA files.
 
-The verbs the CLI, the web UI and the tests call are imported from their modules, e.g.
-``from sdlora.train import train``; nothing heavy is imported here.
+The verbs the CLI, the web UI and the tests call, importable from here (`from sdlora import train`); each is loaded
+from its module on first use, so `import sdlora` does no work.
 """
 
 __version__ = "0.1.0"
+
+_API = {
+    "Config": "sdlora.config", "load_toml": "sdlora.config", "validate": "sdlora.config",
+    "Callbacks": "sdlora.callbacks", "Commands": "sdlora.callbacks",
+    "train": "sdlora.training.loop", "TrainResult": "sdlora.training.loop",
+    "load_components": "sdlora.models", "load_model": "sdlora.models",
+    "inspect_lora": "sdlora.loras.inspect", "convert_lora": "sdlora.loras.convert",
+    "merge_into_model": "sdlora.loras.merge", "extract_lora": "sdlora.loras.merge",
+    "mix_loras": "sdlora.loras.mix", "resize_lora": "sdlora.loras.mix",
+    "generate": "sdlora.loras.apply", "load_lora_into": "sdlora.loras.apply", "apply_loras": "sdlora.loras.apply",
+    "evaluate": "sdlora.world.evaluate",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'sdlora' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_API[name]), name)

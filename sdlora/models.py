@@ -1,30 +1,30 @@
-"""Load a base model (local diffusers folder or hub id) into its parts, frozen, on a device and dtype."""
+"""Load a base model (diffusers folder, hub id or single file) into its parts, frozen."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ModelError
-from .families import Family, detect_family
+from .families import FAMILIES, Family, detect_family
 
 
 @dataclass
 class Components:
-    """The parts of a Stable Diffusion pipeline that training needs."""
+    """The parts of a Stable Diffusion pipeline that training and the tools need, as loaded (never wrapped)."""
 
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    noise_scheduler: object      # DDPM-style scheduler for training
-    sample_scheduler: object     # the model's own scheduler, for sampling
     family: Family
-    source: str
-    extra: dict = field(default_factory=dict)  # tokenizer_2 / text_encoder_2 for SDXL
+    source: str                  # folder, hub id or file it came from
+    denoiser: torch.nn.Module    # the UNet
+    vae: torch.nn.Module
+    tokenizers: list             # one per text encoder, in the family's order
+    text_encoders: list[torch.nn.Module]
+    noise_scheduler: object      # training's DDPM-style scheduler
+    sample_scheduler: object     # the model's own scheduler, for sampling
 
     @property
     def prediction_type(self) -> str:
@@ -34,28 +34,23 @@ class Components:
     def name(self) -> str:
         return Path(self.source.rstrip("/")).name or self.source
 
-    @property
-    def text_encoders(self) -> list[torch.nn.Module]:
-        return [self.text_encoder] + ([self.extra["text_encoder_2"]] if "text_encoder_2" in self.extra else [])
+    def pipeline(self, denoiser: torch.nn.Module | None = None, text_encoders: list | None = None):
+        """The family's diffusers pipeline sharing these modules (no copies); `denoiser` / `text_encoders`
+        replace the loaded ones (e.g. the trainer's unwrapped models)."""
+        import diffusers
 
-    def pipeline(self, unet: torch.nn.Module | None = None, text_encoders: list | None = None):
-        """A StableDiffusion(XL)Pipeline sharing these modules (no copies)."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        encoders = text_encoders or self.text_encoders
-        common = dict(vae=self.vae, text_encoder=encoders[0], tokenizer=self.tokenizer, unet=unet or self.unet,
-                      scheduler=self.sample_scheduler)
-        if self.family.name == "sdxl":
-            return StableDiffusionXLPipeline(text_encoder_2=encoders[1], tokenizer_2=self.extra["tokenizer_2"],
-                                             **common)
-        return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                                       **common)
+        fam = self.family
+        parts = {fam.denoiser_attr: denoiser or self.denoiser, "vae": self.vae, "scheduler": self.sample_scheduler,
+                 **fam.pipeline_extra}
+        for slot, tok, enc in zip(fam.text_encoders, self.tokenizers, text_encoders or self.text_encoders):
+            parts[slot.attr], parts[slot.tokenizer_attr] = enc, tok
+        return getattr(diffusers, fam.pipeline_class)(**parts)
 
     def model_hash(self) -> str:
-        """sha256 of the UNet weights file (first 10 hex digits shown by A1111), or '' when unknown."""
-        files = sorted(Path(self.source).glob("unet/*.safetensors")) if Path(self.source).is_dir() else []
-        if Path(self.source).is_file():
-            files = [Path(self.source)]
+        """sha256 of the denoiser's weights file(s) (A1111 shows the first 10 hex digits), or '' when unknown."""
+        src = Path(self.source)
+        files = [src] if src.is_file() else \
+            sorted(src.glob(f"{self.family.denoiser_attr}/*.safetensors")) if src.is_dir() else []
         h = hashlib.sha256()
         for f in files:
             with open(f, "rb") as fh:
@@ -75,56 +70,65 @@ def _from_pretrained(cls, source: str, subfolder: str, **kw):
                          "reachable or has no such model; pass a local diffusers folder") from None
 
 
+def _folder_family(source: str) -> Family:
+    """The family of a diffusers folder or hub id, from its model_index.json and denoiser config."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    if Path(source).is_dir() and not (Path(source) / "unet").is_dir():
+        raise ModelError(f"{source} is not a diffusers model folder (it has no unet/ subfolder)")
+    try:
+        index = DiffusionPipeline.load_config(source)
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
+    except (OSError, ValueError) as e:
+        if Path(source).exists():
+            raise ModelError(f"{source} is not a diffusers model folder: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"could not load '{source}': not a local folder, and the hub is not reachable or has "
+                         "no such model; pass a local diffusers folder") from None
+    return detect_family(unet, {k for k, v in index.items() if isinstance(v, (list, tuple)) and v[0]})
+
+
 def load_components(source: str, prediction_type: str = "auto") -> Components:
-    """Load tokenizer, text encoders, VAE, UNet and schedulers from a diffusers folder, a hub id or a single file."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """Tokenizers, text encoders, VAE, denoiser and schedulers of a diffusers folder, a hub id or a single file."""
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler
+    import diffusers
 
     source = str(source)
     if Path(source).is_file():  # one original-layout checkpoint (.safetensors), loaded offline
-        from .families import FAMILIES
         from .single_file import detect_checkpoint, load_single_file
 
         parts = load_single_file(source, prediction_type)
-        extra = {k: parts[k] for k in ("tokenizer_2", "text_encoder_2") if k in parts}
-        return freeze(Components(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
-                                 DDPMScheduler.from_config(parts["scheduler"].config), parts["scheduler"],
-                                 FAMILIES[detect_checkpoint(source).family], source, extra))
-    if Path(source).is_dir() and not (Path(source) / "unet").is_dir():
-        raise ModelError(f"{source} is not a diffusers model folder (it has no unet/ subfolder)")
-    tokenizer = _from_pretrained(CLIPTokenizer, source, "tokenizer")
-    text_encoder = _from_pretrained(CLIPTextModel, source, "text_encoder")
-    vae = _from_pretrained(AutoencoderKL, source, "vae")
-    unet = _from_pretrained(UNet2DConditionModel, source, "unet")
-    sample_scheduler = _load_scheduler(source)
-    overrides = {} if prediction_type == "auto" else {"prediction_type": prediction_type}
-    noise_scheduler = DDPMScheduler.from_config(sample_scheduler.config, **overrides)
-    if overrides:
-        sample_scheduler = type(sample_scheduler).from_config(sample_scheduler.config, **overrides)
-    family = detect_family(dict(unet.config), has_second_text_encoder=(Path(source) / "text_encoder_2").is_dir())
-    extra = {}
-    if family.name == "sdxl":
-        from transformers import CLIPTextModelWithProjection
-
-        extra = {"tokenizer_2": _from_pretrained(CLIPTokenizer, source, "tokenizer_2"),
-                 "text_encoder_2": _from_pretrained(CLIPTextModelWithProjection, source, "text_encoder_2")}
-    return freeze(Components(tokenizer, text_encoder, vae, unet, noise_scheduler, sample_scheduler, family,
-                             source, extra))
+        family = FAMILIES[detect_checkpoint(source).family]
+        sample_scheduler = parts["scheduler"]
+    else:
+        family = _folder_family(source)
+        parts = {"vae": _from_pretrained(AutoencoderKL, source, "vae"),
+                 family.denoiser_attr: _from_pretrained(getattr(diffusers, family.denoiser_class), source,
+                                                        family.denoiser_attr)}
+        for slot in family.text_encoders:
+            parts[slot.tokenizer_attr] = _from_pretrained(transformers.CLIPTokenizer, source, slot.tokenizer_attr)
+            parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr)
+        sample_scheduler = _load_scheduler(source)
+        if prediction_type != "auto":
+            sample_scheduler = type(sample_scheduler).from_config(sample_scheduler.config,
+                                                                  prediction_type=prediction_type)
+    noise_scheduler = DDPMScheduler.from_config(sample_scheduler.config)
+    return freeze(Components(family, source, parts[family.denoiser_attr], parts["vae"],
+                             [parts[s.tokenizer_attr] for s in family.text_encoders],
+                             [parts[s.attr] for s in family.text_encoders], noise_scheduler, sample_scheduler))
 
 
 def freeze(c: Components) -> Components:
     """Base weights never train: no gradients, eval mode."""
-    for module in (*c.text_encoders, c.vae, c.unet):
+    for module in (*c.text_encoders, c.vae, c.denoiser):
         module.requires_grad_(False)
         module.eval()
     return c
 
 
 def _load_scheduler(source: str):
-    import json
-
-    from diffusers import DDIMScheduler
     import diffusers
+    from diffusers import DDIMScheduler
 
     try:
         cfg_path = Path(source) / "scheduler" / "scheduler_config.json"
@@ -136,3 +140,24 @@ def _load_scheduler(source: str):
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable scheduler config
         raise ModelError(f"{source}: cannot read scheduler config: {e}") from None
+
+
+def load_model(model: str | Path | None, allow_pickle: bool = False) -> Components:
+    """Components of a base model for the tools: a diffusers folder (empty: the built-in model), a hub id, or a
+    single-file checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read with weights_only)."""
+    import tempfile
+
+    from .paths import default_model_path
+    from .single_file import PICKLES, ckpt_to_safetensors
+
+    model = str(model or default_model_path())
+    p = Path(model)
+    if p.is_file() and p.suffix.lower() in PICKLES:
+        if not allow_pickle:
+            raise ModelError(f"{p} is a pickle checkpoint; pass --allow-pickle to read it (weights only) or "
+                             "use a .safetensors file")
+        with tempfile.TemporaryDirectory() as tmp:
+            c = load_components(str(ckpt_to_safetensors(p, Path(tmp) / f"{p.stem}.safetensors")))
+            c.source = str(p)
+            return c
+    return load_components(model)

@@ -1,14 +1,12 @@
-"""Where the shipped sample data lives."""
+"""Where the shipped sample data lives: inside the installed package (a wheel ships `sample_data/` as
+`sdlora/sample_data/`), or at the top of a source checkout (an editable install)."""
 
 from pathlib import Path
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def sample_data() -> Path:
-    return repo_root() / "sample_data"
+    installed = Path(__file__).resolve().parent / "sample_data"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "sample_data"
 
 
 def default_model_path() -> Path:

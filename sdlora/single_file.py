@@ -7,7 +7,6 @@ BPE merges (`sdlora/assets/clip/`). diffusers' own `convert_ldm_*` functions ren
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .tokenizers import clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -273,20 +273,6 @@ def detect_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoin
 # ---------------------------------------------------------------- loading
 
 
-def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77):
-    """CLIP's tokenizer (49,408 tokens), rebuilt from the shipped BPE merges as CLIP's SimpleTokenizer builds it."""
-    from transformers import CLIPTokenizer
-
-    from .tiny import byte_unicode
-
-    merges = gzip.decompress((ASSETS / "clip" / "merges.txt.gz").read_bytes()).decode("utf-8").splitlines()
-    chars = byte_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
-    vocab = {t: i for i, t in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], pad_token=pad_token,
-                         model_max_length=model_max_length)
-
-
 def _tokenizer(path: Path, family: str, name: str, vocab_size: int):
     """A `<file stem>.<name>/` folder next to the file wins; else CLIP's own tokenizer when the vocabulary fits."""
     from transformers import CLIPTokenizer
@@ -365,7 +351,7 @@ _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear
 
 def _unet_to_ldm(sd: dict) -> dict:
     """diffusers UNet keys -> `model.diffusion_model.*` (input/middle/output blocks, as kohya names SDXL layers)."""
-    from .formats import sgm_path
+    from .families.naming import sgm_path
 
     per = len(_blocks(sd, "down_blocks.0.resnets.", r"(\d+)\."))  # resnets per down block
     up_attn = tuple(bool(_blocks(sd, f"up_blocks.{i}.attentions.", r"(\d+)\."))
@@ -473,7 +459,7 @@ def save_single_file(pipeline_folder: str | Path, out_path: str | Path) -> Path:
 
     folder, out = Path(pipeline_folder), Path(out_path)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    family = detect_family(dict(unet.config), (folder / "text_encoder_2").is_dir()).name
+    family = detect_family(dict(unet.config), {p.name for p in folder.iterdir() if p.is_dir()}).name
     models = {"unet": unet, "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae")}
     for e in ENCODERS[family]:
         cls = CLIPTextModelWithProjection if e.projection else CLIPTextModel

@@ -16,14 +16,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from sdlora.tiny import save_tiny_pipeline
+    from sdlora.random_pipelines import save_tiny_pipeline
 
     return str(save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd1"))
 
 
 @pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory):
-    from sdlora.tiny import save_tiny_pipeline
+    from sdlora.random_pipelines import save_tiny_pipeline
 
     return str(save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd1-v", prediction_type="v_prediction"))
 

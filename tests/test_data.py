@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlora.data import BatchPlan, build_examples, fit_to_bucket, load_image, make_buckets, pick_bucket
+from sdlora.training.data import BatchPlan, build_examples, fit_to_bucket, load_image, make_buckets, pick_bucket
 from sdlora.errors import DataError
 
 

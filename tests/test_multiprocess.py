@@ -13,7 +13,7 @@ import sys
 import torch
 from conftest import draw_images
 
-from sdlora.formats import read_lora
+from sdlora.loras.files import read_lora
 
 
 def test_two_process_training_saves_a_synchronised_lora(tiny_model, tmp_path):

@@ -9,8 +9,10 @@ from test_train import Capture, StopAt, fresh_pipeline
 
 from sdlora.callbacks import Commands
 from sdlora.errors import ConfigError
-from sdlora.formats import read_lora, split_embeddings, validate_kohya
-from sdlora.train import train
+from sdlora.loras.checks import validate_kohya
+from sdlora.loras.files import read_lora
+from sdlora.loras.layout import split_embeddings
+from sdlora import train
 
 
 def pivotal_config(model, data, out, ti_steps=3, lora_steps=3, **kw):
@@ -33,22 +35,24 @@ def test_textual_inversion_changes_only_the_new_rows(tiny_model, images, tmp_pat
     cap = Capture()
     result = train(cfg, cap)
     assert result.steps == 3
-    te = cap.run.acc.unwrap_model(cap.run.text_encoder)
+    state = cap.state
+    te = state.components.text_encoders[0]
     weight = te.get_input_embeddings().weight.detach()
     original = fresh_pipeline(tiny_model).text_encoder.get_input_embeddings().weight.detach()
-    first = cap.run.new_tokens.per_encoder[0].first_id
+    first = state.concept.per_encoder[0].first_id
     assert weight.shape == original.shape  # the tiny model has spare rows, as SD's tokenizer/vocab may not
     changed = (weight != original).any(dim=1).nonzero().flatten().tolist()
     assert changed == [first, first + 1]  # every other row is bit-identical
-    assert not torch.equal(cap.run.new_tokens.vectors()[0], cap.run.new_tokens_init[0])
-    assert "sks" not in cap.run.examples[0].caption and "<s1> <s1>_1" in cap.run.examples[0].caption
+    assert not torch.equal(state.concept.vectors()[0], state.concept_init[0])
+    caption = state.batches.examples[0].caption
+    assert "sks" not in caption and "<s1> <s1>_1" in caption
     # plain TI writes the embedding file diffusers loads
     tensors, meta = read_lora(cfg.output.path)
     assert set(tensors) == {"clip_l"} and tensors["clip_l"].shape == (2, 32)
     pipe = fresh_pipeline(tiny_model)
     pipe.load_textual_inversion(cfg.output.path, token="<s1>")
     got = encode(pipe.text_encoder, pipe.tokenizer, ["a red <s1> <s1>_1"])
-    want = encode(te, cap.run.c.tokenizer, ["a red <s1> <s1>_1"])
+    want = encode(te, state.components.tokenizers[0], ["a red <s1> <s1>_1"])
     assert (got - want).abs().max() < 1e-5
 
 
@@ -58,8 +62,8 @@ def test_pivotal_file_reloads_in_diffusers_and_reproduces_trainer(tiny_model, im
     cfg.lora.train_text_encoder, cfg.pivotal.continue_lr = True, continue_lr
     cap = Capture()
     train(cfg, cap)
-    run = cap.run
-    unet, te = run.acc.unwrap_model(run.unet), run.acc.unwrap_model(run.text_encoder)
+    c = cap.state.components
+    unet, te = c.denoiser, c.text_encoders[0]
     unet.eval()
     te.eval()
     prompts = ["a red <s1> <s1>_1", "a blue dog"]
@@ -70,7 +74,7 @@ def test_pivotal_file_reloads_in_diffusers_and_reproduces_trainer(tiny_model, im
         with torch.no_grad():
             return u(x, torch.tensor([50, 500]), encoder_hidden_states=cond).sample, cond
 
-    want, want_cond = outputs(unet, te, run.c.tokenizer)
+    want, want_cond = outputs(unet, te, c.tokenizers[0])
     tensors, meta = read_lora(cfg.output.path)
     assert validate_kohya(tensors) == []
     assert tensors["bundle_emb.<s1>.string_to_param.*"].shape == (2, 32)
@@ -89,7 +93,7 @@ def test_pivotal_file_reloads_in_diffusers_and_reproduces_trainer(tiny_model, im
     assert torch.equal(bundled["<s1>"]["clip_l"], read_lora(emb_file)[0]["clip_l"])
 
     # sdlora's own loader reads the bundle from the one file
-    from sdlora.sample import load_lora_into
+    from sdlora.loras.apply import load_lora_into
 
     pipe2 = fresh_pipeline(tiny_model)
     load_lora_into(pipe2, cfg.output.path)

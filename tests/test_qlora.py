@@ -12,8 +12,9 @@ from test_sdxl import tiny_xl, xl_outputs  # noqa: F401 (fixture)
 from test_train import Capture, StopAt, fresh_pipeline, load_checked, unet_and_te_outputs
 
 from sdlora.callbacks import Commands
-from sdlora.formats import read_lora, validate_kohya
-from sdlora.train import train
+from sdlora.loras.checks import validate_kohya
+from sdlora.loras.files import read_lora
+from sdlora import train
 
 
 def quantized_linears(model) -> dict[str, torch.Tensor]:
@@ -56,16 +57,16 @@ def test_qlora_trains_in_4bit_and_loads_into_the_full_base(tiny_model, tiny_xl, 
     cfg.lora.train_text_encoder, cfg.lora.targets = True, "all"
     cap = Capture()
     train(cfg, cap)
-    run = cap.run
-    unet = run.acc.unwrap_model(run.unet).eval()
-    encoders = [run.acc.unwrap_model(t).eval() for t in run.text_encoders]
+    c = cap.state.components
+    unet = c.denoiser.eval()
+    encoders = [t.eval() for t in c.text_encoders]
     for m in (unet, *encoders):  # 4-bit storage under every LoRA-wrapped and plain Linear
         packed = [x.weight for x in m.modules() if isinstance(x, bnb.nn.Linear4bit)]
         assert packed and all(w.dtype == torch.uint8 for w in packed)
-    for state in run.lora_parts().values():  # (SDXL's last text-encoder layer feeds nothing it uses)
+    for state in cap.state.lora_states().values():  # (SDXL's last text-encoder layer feeds nothing it uses)
         assert any(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)
     tensors, _ = read_lora(cfg.output.path)
-    assert validate_kohya(tensors, family=run.c.family.name) == []
+    assert validate_kohya(tensors, family=c.family.name) == []
 
     if family == "sd1":
         def outputs(pipe_unet, pipe_encoders, tokenizers):
@@ -73,7 +74,7 @@ def test_qlora_trains_in_4bit_and_loads_into_the_full_base(tiny_model, tiny_xl, 
         fresh = fresh_pipeline
     else:
         outputs, fresh = xl_outputs, fresh_xl
-    want = outputs(unet, encoders, run.tokenizers)
+    want = outputs(unet, encoders, c.tokenizers)
 
     # 1. the file loads, with nothing left over, into the unquantized base and changes its output
     full = fresh(folder)

@@ -7,27 +7,35 @@ import torch
 from conftest import draw_images, tiny_config
 from test_train import Capture, load_checked
 
-from sdlora.formats import read_lora, validate_kohya
-from sdlora.train import train
+from sdlora.loras.checks import validate_kohya
+from sdlora.loras.files import read_lora
+from sdlora import train
 
 
 @pytest.fixture(scope="module")
 def tiny_xl(tmp_path_factory):
-    from sdlora.tiny import save_tiny_sdxl_pipeline
+    from sdlora.random_pipelines import save_tiny_sdxl_pipeline
 
     return str(save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
 
 
-def xl_outputs(unet, encoders, tokenizers):
-    from sdlora.conditioning import encode, time_ids
-
-    cond = encode("sdxl", tokenizers, encoders, ["a red sks", "a blue dog"], "cpu")
-    cond["time_ids"] = torch.stack([time_ids((48, 32), (0, 4), (32, 32))] * 2)
-    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    from sdlora.conditioning import unet_kwargs
+def xl_outputs(unet, encoders, tokenizers, prompts=("a red sks", "a blue dog"), size=((48, 32), (0, 4), (32, 32))):
+    """UNet output, hidden states and pooled embedding of SDXL's conditioning on fixed inputs."""
+    from sdlora.families.sdxl import CONDITIONING
 
     with torch.no_grad():
-        return unet(x, torch.tensor([20, 600]), **unet_kwargs(cond)).sample, cond["hidden"], cond["pooled"]
+        cond = CONDITIONING.encode(tokenizers, encoders, list(prompts), "cpu")
+        micro = torch.stack([CONDITIONING.micro(*size)] * 2)
+        x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        out = unet(x, torch.tensor([20, 600]), **CONDITIONING.denoiser_kwargs(cond, micro)).sample
+        return out, cond["hidden"], cond["pooled"]
+
+
+def _base(folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    return pipe.unet, [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
@@ -40,12 +48,11 @@ def test_sdxl_lora_loads_in_diffusers_and_reproduces_trainer(tiny_xl, tmp_path, 
     cfg.lora.text_encoder_2_lr = 5e-4
     cap = Capture()
     train(cfg, cap)
-    run = cap.run
-    unet = run.acc.unwrap_model(run.unet).eval()
-    encoders = [run.acc.unwrap_model(te).eval() for te in run.text_encoders]
-    assert [p for p, _ in run.lora_text_encoders()] == ["lora_te1", "lora_te2"]
-    assert [g["lr"] for g in run.optimizer.param_groups] == [1e-3, 1e-3, 5e-4]
-    want = xl_outputs(unet, encoders, run.tokenizers)
+    c = cap.state.components
+    unet, encoders = c.denoiser.eval(), [te.eval() for te in c.text_encoders]
+    assert list(cap.state.lora_states()) == ["unet", "text_encoder", "text_encoder_2"]
+    assert [g["lr"] for g in cap.state.optim.main.param_groups] == [1e-3, 1e-3, 5e-4]
+    want = xl_outputs(unet, encoders, c.tokenizers)
 
     tensors, meta = read_lora(cfg.output.path)
     if fmt == "kohya":
@@ -71,18 +78,20 @@ def test_sdxl_micro_conditioning_follows_size_and_crop(tiny_xl, tmp_path):
     cfg = tiny_config(tiny_xl, data, tmp_path / "o" / "xl.safetensors", train__max_steps=1)
     cap = Capture()
     train(cfg, cap)
-    _, cond = cap.run.batch([0], __import__("numpy").random.default_rng(0))
+    state = cap.state
+    batch = state.batches.fetch(0, __import__("numpy").random.default_rng(0))
+    cond = state.models.text(batch.captions)
     # original (h, w) = (40, 64); bucket (w, h) = (40, 24) for 32 px; centre crop of the resized image
-    h, w = cap.run.examples[0].bucket[::-1]
-    assert cond["time_ids"][0].tolist()[:2] == [40.0, 64.0]
-    assert cond["time_ids"][0].tolist()[4:] == [float(h), float(w)]
+    h, w = state.batches.examples[0].bucket[::-1]
+    assert batch.micro[0].tolist()[:2] == [40.0, 64.0]
+    assert batch.micro[0].tolist()[4:] == [float(h), float(w)]
     assert cond["pooled"].shape == (1, 32) and cond["hidden"].shape[-1] == 64
 
 
 def test_sdxl_lora_merges_mixes_and_resizes(tiny_xl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from sdlora.tools import merge_into_model, mix_loras, resize_lora
+    from sdlora import merge_into_model, mix_loras, resize_lora
 
     data = draw_images(tmp_path / "imgs", n=2)
     cfg = tiny_config(tiny_xl, data, tmp_path / "o" / "xl.safetensors", train__max_steps=3)
@@ -93,6 +102,8 @@ def test_sdxl_lora_merges_mixes_and_resizes(tiny_xl, tmp_path):
     pipe.set_adapters(["a"], adapter_weights=[0.7])
     encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
     want = xl_outputs(pipe.unet, encoders, tokenizers)
+    base = xl_outputs(*_base(tiny_xl))
+    assert (want[0] - base[0]).abs().max() > 1e-2  # the LoRA changes the output far beyond the tolerance below
 
     merged = merge_into_model(tiny_xl, [(cfg.output.path, 0.7)], tmp_path / "merged")
     m = StableDiffusionXLPipeline.from_pretrained(merged)
@@ -100,24 +111,29 @@ def test_sdxl_lora_merges_mixes_and_resizes(tiny_xl, tmp_path):
     for g, w in zip(got, want):
         assert (g - w).abs().max() < 1e-4
 
-    from sdlora.tools import load_model
+    from sdlora.models import load_model
 
     single = load_model(merge_into_model(tiny_xl, [(cfg.output.path, 0.7)], tmp_path / "merged.safetensors"))
     assert single.family.name == "sdxl"
-    got = xl_outputs(single.unet, single.text_encoders, [single.tokenizer, single.extra["tokenizer_2"]])
+    got = xl_outputs(single.denoiser, single.text_encoders, single.tokenizers)
     for g, w in zip(got, want):
         assert (g - w).abs().max() < 1e-4
 
     from PIL import Image
 
-    from sdlora.tools import generate
+    from sdlora import generate
 
     images = generate(tiny_xl, [(cfg.output.path, 0.8)], "a red sks", steps=2, output_dir=tmp_path / "gen",
                       width=32, height=32, grid=True, scales=[0, 1])
     assert Image.open(images[0]).size[0] > 32  # a labelled contact sheet of two scales
 
-    report = mix_loras([(cfg.output.path, 0.5), (cfg.output.path, 0.5)], tmp_path / "mix.safetensors")
-    assert report.overall_error < 1e-6
+    from sdlora.loras.files import load_lora
+
+    mix_loras([(cfg.output.path, 0.5), (cfg.output.path, 0.25)], tmp_path / "mix.safetensors")
+    mods, mixed = load_lora(cfg.output.path)[0], load_lora(tmp_path / "mix.safetensors")[0]
+    assert mixed.keys() == mods.keys()
+    for base_name, m in mods.items():  # exact: the mix is 0.75 x the LoRA, layer by layer
+        torch.testing.assert_close(mixed[base_name].delta(), 0.75 * m.delta(), rtol=1e-3, atol=1e-6)
     resized = resize_lora(cfg.output.path, tmp_path / "r.safetensors", rank=4)
     assert resized.overall_error < 1e-6  # rank 4 is the full rank: lossless
     tensors, _ = read_lora(tmp_path / "r.safetensors")
@@ -127,8 +143,8 @@ def test_sdxl_lora_merges_mixes_and_resizes(tiny_xl, tmp_path):
 def test_sdxl_pivotal_tuning_carries_clip_l_and_clip_g(tiny_xl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from sdlora.formats import split_embeddings
-    from sdlora.sample import load_lora_into
+    from sdlora.loras.layout import split_embeddings
+    from sdlora.loras.apply import load_lora_into
 
     data = draw_images(tmp_path / "imgs", n=2)
     cfg = tiny_config(tiny_xl, data, tmp_path / "o" / "pt.safetensors", train__max_steps=2)
@@ -136,21 +152,14 @@ def test_sdxl_pivotal_tuning_carries_clip_l_and_clip_g(tiny_xl, tmp_path):
     cfg.pivotal.ti_steps, cfg.pivotal.ti_lr, cfg.lora.train_text_encoder = 2, 5e-2, True
     cap = Capture()
     train(cfg, cap)
-    run = cap.run
-    prompts = ["a red <s1> <s1>_1", "a blue dog"]
-    unet = run.acc.unwrap_model(run.unet).eval()
-    encoders = [run.acc.unwrap_model(te).eval() for te in run.text_encoders]
+    c = cap.state.components
+    prompts = ("a red <s1> <s1>_1", "a blue dog")
 
     def outputs(u, encs, toks):
-        from sdlora.conditioning import encode, time_ids, unet_kwargs
+        out, _, pooled = xl_outputs(u, encs, toks, prompts, ((32, 32), (0, 0), (32, 32)))
+        return out, pooled
 
-        cond = encode("sdxl", toks, encs, prompts, "cpu")
-        cond["time_ids"] = torch.stack([time_ids((32, 32), (0, 0), (32, 32))] * 2)
-        x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            return u(x, torch.tensor([20, 600]), **unet_kwargs(cond)).sample, cond["pooled"]
-
-    want = outputs(unet, encoders, run.tokenizers)
+    want = outputs(c.denoiser.eval(), [te.eval() for te in c.text_encoders], c.tokenizers)
     tensors, _ = read_lora(cfg.output.path)
     assert tensors["bundle_emb.<s1>.clip_l"].shape == (2, 32) and tensors["bundle_emb.<s1>.clip_g"].shape == (2, 32)
     emb = read_lora(tmp_path / "o" / "pt_emb.safetensors")[0]
@@ -185,10 +194,9 @@ def test_sdxl_single_file_trains_offline_and_loads_in_diffusers(tiny_xl, tmp_pat
     cfg.lora.train_text_encoder = True
     cap = Capture()
     train(cfg, cap)
-    run = cap.run
-    assert run.c.family.name == "sdxl"
-    want = xl_outputs(run.acc.unwrap_model(run.unet).eval(), [run.acc.unwrap_model(t) for t in run.text_encoders],
-                      run.tokenizers)
+    c = cap.state.components
+    assert c.family.name == "sdxl"
+    want = xl_outputs(c.denoiser.eval(), c.text_encoders, c.tokenizers)
     monkeypatch.undo()
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl)
     load_checked(pipe, cfg.output.path, caplog)

@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from sdlora import paths, shapes
+from sdlora import paths
+from sdlora.world import shapes
 
 MODEL = paths.default_model_path()
 JUDGE = paths.sample_data() / "judge"
@@ -36,7 +38,7 @@ def test_every_shape_renders_in_every_colour():
 def test_tokenizer_falls_back_to_characters(tmp_path):
     from transformers import CLIPTokenizer
 
-    from sdlora.shapes_model import build_tokenizer
+    from sdlora.world.builder import build_tokenizer
 
     build_tokenizer(tmp_path)
     tok = CLIPTokenizer.from_pretrained(tmp_path)  # from vocab.json + merges.txt
@@ -61,7 +63,7 @@ def test_shipped_pipeline_loads_offline_and_generates(monkeypatch):
 
 @pytest.mark.skipif(not JUDGE.exists(), reason="sample_data/judge not built")
 def test_judge_scores_fresh_generator_images():
-    from sdlora.judge import accuracy, load_judge
+    from sdlora.world.judge import accuracy, load_judge
 
     judge = load_judge(JUDGE)
     samples = shapes.sample_world(420, seed=4242, shapes=shapes.ALL_SHAPES)
@@ -70,13 +72,13 @@ def test_judge_scores_fresh_generator_images():
 
 
 def test_build_script_quick_makes_a_loadable_pipeline(tmp_path):
-    root = paths.repo_root()
+    root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
     subprocess.run([sys.executable, str(root / "scripts" / "build_shapes_model.py"), "--quick", "--out",
                     str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
     from diffusers import StableDiffusionPipeline
 
-    from sdlora.judge import load_judge
+    from sdlora.world.judge import load_judge
 
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "shapes-sd", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)

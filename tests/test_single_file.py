@@ -34,7 +34,7 @@ def save_tiny_sd2(folder, seed=0):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sdlora.tiny import TINY, build_components, write_tokenizer
+    from sdlora.random_pipelines import TINY, build_components, write_tokenizer
 
     parts = build_components(TINY, seed)
     torch.manual_seed(seed)
@@ -53,7 +53,7 @@ def save_tiny_sd2(folder, seed=0):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from sdlora.tiny import save_tiny_pipeline
+    from sdlora.random_pipelines import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("single")
     return {"sd1": save_tiny_pipeline(root / "tiny-sd1"), "sd2": save_tiny_sd2(root / "tiny-sd2")}
@@ -126,36 +126,37 @@ def test_lora_trained_on_single_file_reproduces_in_diffusers(folders, files, tmp
     from diffusers import StableDiffusionPipeline
 
     from sdlora.models import load_components
-    from sdlora.train import train
+    from sdlora import train
 
     c = load_components(str(files[family]))
     assert c.family.name == family and c.source == str(files[family]) and len(c.model_hash()) == 64
     assert c.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
     pipe = StableDiffusionPipeline.from_pretrained(str(folders[family]), safety_checker=None)
+    mine = {"unet": c.denoiser, "vae": c.vae, "text_encoder": c.text_encoders[0]}
     for name in ("unet", "vae", "text_encoder"):  # the file holds exactly the folder's weights
-        want, got = getattr(pipe, name).state_dict(), getattr(c, name).state_dict()
+        want, got = getattr(pipe, name).state_dict(), mine[name].state_dict()
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
 
     class Capture(Callbacks):
-        def on_start(self, run):
-            self.run = run
+        def on_start(self, state):
+            self.state = state
 
     cfg = tiny_config(str(files[family]), draw_images(tmp_path / "img", n=2), tmp_path / "l.safetensors",
                       train__max_steps=2)
     cfg.lora.targets, cfg.lora.train_text_encoder = "all", True
     cap = Capture()
     train(cfg, cap)
-    run = cap.run
-    unet, te = run.acc.unwrap_model(run.unet).eval(), run.acc.unwrap_model(run.text_encoder).eval()
-    assert run.c.family.name == family
-    for state in run.lora_parts().values():
+    trained = cap.state.components
+    unet, te = trained.denoiser.eval(), trained.text_encoders[0].eval()
+    assert trained.family.name == family
+    for state in cap.state.lora_states().values():
         assert all(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)
 
     base = outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
     with caplog.at_level(logging.WARNING):
         pipe.load_lora_weights(str(cfg.output.path), adapter_name="t")
     assert not any(w in caplog.text.lower() for w in ("unexpected", "not loaded", "did not match")), caplog.text
-    got, expected = outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer), outputs(unet, te, run.c.tokenizer)
+    got, expected = outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer), outputs(unet, te, trained.tokenizers[0])
     assert (got[0] - expected[0]).abs().max() < 1e-5 and (got[1] - expected[1]).abs().max() < 1e-5
     assert (got[0] - base[0]).abs().max() > 1e-4
 
@@ -171,12 +172,11 @@ def outputs(unet, text_encoder, tokenizer):
 
 
 def test_sdxl_single_file_round_trip(tmp_path, no_network):
-    tiny = pytest.importorskip("sdlora.tiny")
-    if not hasattr(tiny, "save_tiny_sdxl_pipeline"):
-        pytest.skip("no tiny SDXL pipeline")
     from diffusers import StableDiffusionXLPipeline
 
-    folder = tiny.save_tiny_sdxl_pipeline(tmp_path / "xl")
+    from sdlora.random_pipelines import save_tiny_sdxl_pipeline
+
+    folder = save_tiny_sdxl_pipeline(tmp_path / "xl")
     path = save_single_file(folder, tmp_path / "xl.safetensors")
     assert detect_checkpoint(path).family == "sdxl"
     parts = load_single_file(path)

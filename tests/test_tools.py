@@ -12,9 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from sdlora.errors import LoraFileError, SdloraError
-from sdlora.formats import read_lora, to_kohya, write_lora
-from sdlora.tools import (convert_lora, extract_lora, inspect_lora, load, merge_into_model, mix_loras,
-                          parse_weighted, resize_lora)
+from sdlora.loras.files import read_lora, write_lora
+from sdlora.loras.layout import kohya_tensors
+from sdlora.loras.modules import LoraModule
+from sdlora import convert_lora, extract_lora, inspect_lora, merge_into_model, mix_loras, resize_lora
+from sdlora.cli.common import parse_weighted
+from sdlora.loras.files import load_lora as load
 
 UNET_A = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
           "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
@@ -31,24 +34,23 @@ META = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", 
         "modelspec.architecture": "stable-diffusion-v1/lora", "sdlora_family": "sd1"}
 
 
-def random_parts(pipe, unet_paths, te_paths, rank, seed):
-    """peft-style state dicts with random A and B (an untrained B = 0 LoRA would prove nothing)."""
+def random_modules(pipe, unet_paths, te_paths, rank, alpha, seed):
+    """LoRA modules with random down and up (an untrained up = 0 LoRA would prove nothing), by kohya base name."""
+    from sdlora.loras.layout import kohya_base
+
     g = torch.Generator().manual_seed(seed)
-    parts = {}
+    mods = {}
     for prefix, model, paths in (("lora_unet", pipe.unet, unet_paths), ("lora_te", pipe.text_encoder, te_paths)):
-        state = {}
         for path in paths:
             w = model.get_submodule(path).weight
-            a_shape = (rank, *w.shape[1:])
-            b_shape = (w.shape[0], rank, 1, 1) if w.dim() == 4 else (w.shape[0], rank)
-            state[f"{path}.lora_A.weight"] = torch.randn(a_shape, generator=g) * 0.3
-            state[f"{path}.lora_B.weight"] = torch.randn(b_shape, generator=g) * 0.3
-        parts[prefix] = state
-    return parts
+            down = torch.randn((rank, *w.shape[1:]), generator=g) * 0.3
+            up = torch.randn((w.shape[0], rank, 1, 1) if w.dim() == 4 else (w.shape[0], rank), generator=g) * 0.3
+            mods[kohya_base(prefix, path)] = LoraModule(down, up, float(alpha))
+    return mods
 
 
 def write_random_lora(path, pipe, unet_paths, te_paths, rank, alpha, seed, dtype=torch.float32):
-    tensors = to_kohya(random_parts(pipe, unet_paths, te_paths, rank, seed), alpha, dtype)
+    tensors = kohya_tensors(random_modules(pipe, unet_paths, te_paths, rank, alpha, seed), dtype)
     meta = {**META, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
     return str(write_lora(path, tensors, meta))
 
@@ -123,7 +125,7 @@ def deltas(path):
 def test_merge_equals_runtime_lora(tiny_model, base_pipe, loras, tmp_path, which):
     """Folder and single-file (original SD layout, reloaded by diffusers' from_single_file) merges give the
     outputs of diffusers' runtime LoRA at the same weights."""
-    from sdlora.tools import load_model
+    from sdlora.models import load_model
 
     specs = [(loras[0], 0.8)] if which == "one" else [(loras[0], 0.8), (loras[1], -0.6)]
     expected = outputs(with_loras(tiny_model, specs))

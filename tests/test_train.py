@@ -12,15 +12,16 @@ from conftest import draw_images, tiny_config
 
 from sdlora.callbacks import Callbacks, Commands
 from sdlora.errors import TrainingError
-from sdlora.formats import read_lora, validate_kohya
-from sdlora.train import train
+from sdlora.loras.checks import validate_kohya
+from sdlora.loras.files import read_lora
+from sdlora import train
 
 
 class Capture(Callbacks):
-    """Keeps the run so a test can compare the trainer's in-memory model with what it saved."""
+    """Keeps the training state so a test can compare the trainer's in-memory model with what it saved."""
 
-    def on_start(self, run):
-        self.run = run
+    def on_start(self, state):
+        self.state = state
 
 
 def fresh_pipeline(model):
@@ -62,14 +63,14 @@ def test_saved_lora_reproduces_trainer(tiny_model, images, tmp_path, caplog, fmt
     cfg.output.format, cfg.lora.train_text_encoder, cfg.lora.targets = fmt, te, "all"
     cap = Capture()
     train(cfg, cap)
-    run = cap.run
-    unet, te_model = run.acc.unwrap_model(run.unet), run.acc.unwrap_model(run.text_encoder)
+    c = cap.state.components
+    unet, te_model = c.denoiser, c.text_encoders[0]
     unet.eval()
     te_model.eval()
     # every LoRA layer moved away from zero (otherwise loading it would prove nothing)
-    for state in run.lora_parts().values():
+    for state in cap.state.lora_states().values():
         assert all(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)
-    expected, expected_cond = unet_and_te_outputs(unet, te_model, run.c.tokenizer)
+    expected, expected_cond = unet_and_te_outputs(unet, te_model, c.tokenizers[0])
 
     tensors, meta = read_lora(cfg.output.path)
     if fmt == "kohya":
@@ -176,18 +177,43 @@ def test_vprediction_model_trains_on_velocity(tiny_vpred_model, images, tmp_path
     cap = Capture()
     cfg = tiny_config(tiny_vpred_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=2)
     train(cfg, cap)
-    assert cap.run.noise_scheduler.config.prediction_type == "v_prediction"
+    assert cap.state.models.scheduler.config.prediction_type == "v_prediction"
     assert read_lora(cfg.output.path)[1]["modelspec.prediction_type"] == "v_prediction"
 
 
+class Poison(Callbacks):
+    """Turns one LoRA weight into NaN after `step`: the next loss is NaN."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_start(self, state):
+        self.state = state
+
+    def on_step(self, step, stats):
+        if step == self.step:
+            with torch.no_grad():
+                self.state.optim.lora_params[0].fill_(float("nan"))
+
+
 def test_nan_loss_stops_with_advice_and_keeps_checkpoint(tiny_model, images, tmp_path):
+    from sdlora.training.checkpoint import load_state
+
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=6)
     cfg.output.save_every = 2
-    cfg.optim.lr = 1e30
-    cfg.optim.max_grad_norm = 0.0
-    with pytest.raises(TrainingError, match="lower the learning rate"):
-        train(cfg)
+    with pytest.raises(TrainingError, match="loss became nan at step 4: lower the learning rate") as err:
+        train(cfg, Poison(3))
+    kept = tmp_path / "o" / "l_checkpoints" / "step_0000002.pt"
+    assert f"last good checkpoint: {kept}" in str(err.value)
+    saved = load_state(kept, cfg.to_dict())
+    assert all(torch.isfinite(v).all() for s in saved["lora"].values() for v in s.values())
     assert not (tmp_path / "o" / "l.safetensors").exists()
+
+    cfg = tiny_config(tiny_model, images, tmp_path / "p" / "l.safetensors", train__max_steps=6)
+    cfg.output.save_every, cfg.optim.lr, cfg.optim.max_grad_norm = 2, 1e30, 0.0
+    with pytest.raises(TrainingError, match="lower the learning rate") as err:  # NaN before any checkpoint
+        train(cfg)
+    assert "checkpoint" not in str(err.value) and not (tmp_path / "p" / "l.safetensors").exists()
 
 
 def test_zero_update_is_an_error_not_a_file(tiny_model, images, tmp_path):
@@ -200,7 +226,7 @@ def test_zero_update_is_an_error_not_a_file(tiny_model, images, tmp_path):
 
 
 def test_targets_that_match_nothing_are_an_error():
-    from sdlora.lora import inject
+    from sdlora.training.adapters import inject
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(TrainingError, match="matched no layer"):
@@ -220,27 +246,29 @@ def test_training_options_give_a_working_lora(tiny_model, tmp_path, options):
     cap = Capture()
     result = train(cfg, cap)
     assert result.final_loss == result.final_loss and result.steps == 3  # finite
-    grads_ok = all(p.grad is None for p in cap.run.params)  # zeroed after the step
-    assert grads_ok
+    assert all(p.grad is None for p in cap.state.optim.params)  # zeroed after the step
     tensors, _ = read_lora(cfg.output.path)
-    assert any(v.float().abs().max() > 0 for k, v in tensors.items() if "lora_up" in k)
+    ups = [v for k, v in tensors.items() if "lora_up" in k]
+    assert ups and all(v.float().abs().max() > 0 for v in ups)  # backward reached every layer and the step used it
 
 
 def test_lora_parameters_get_finite_nonzero_gradients(tiny_model, images, tmp_path):
-    from sdlora.train import make_accelerator, setup, training_step
+    from sdlora.training.setup import make_accelerator, setup
+    from sdlora.training.step import seeded, training_step
 
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors")
     cfg.lora.train_text_encoder = True
-    run = setup(cfg, make_accelerator(cfg), Callbacks())
-    run.set_phase(0)
-    loss, _ = training_step(run, 0, 0)
+    state = setup(cfg, make_accelerator(cfg), Callbacks())
+    gen, rng = seeded(cfg.train.seed, 0, 0)
+    loss, _ = training_step(state.batches.fetch(0, rng), state.models, cfg, gen)
     loss.backward()
-    named = [(n, p) for m in (run.unet, run.text_encoder) for n, p in m.named_parameters() if p.requires_grad]
+    c = state.components
+    named = [(n, p) for m in (c.denoiser, c.text_encoders[0]) for n, p in m.named_parameters() if p.requires_grad]
     assert named and all("lora_" in n for n, _ in named)  # only LoRA parameters train
     for n, p in named:
         if "lora_B" in n:  # B = 0 at the start, so A's gradient is zero: B's must be finite and non-zero
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, n
-    opt_params = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    opt_params = {id(p) for g in state.optim.main.param_groups for p in g["params"]}
     assert opt_params == {id(p) for _, p in named}  # optimizer state only for LoRA parameters
 
 
@@ -257,15 +285,17 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_cached_latents_and_text_mean_no_per_step_encoder_work(tiny_model, images, tmp_path, cache):
-    from sdlora.train import _optimizer_step, make_accelerator, setup
+    from sdlora.training.loop import optimizer_step
+    from sdlora.training.setup import make_accelerator, setup
 
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors")
     cfg.train.cache_latents = cfg.train.cache_text = cache
-    run = setup(cfg, make_accelerator(cfg), Callbacks())
+    state = setup(cfg, make_accelerator(cfg), Callbacks())
     calls = {"vae": 0, "text": 0}
-    vae_encode, te_forward = run.c.vae.encode, run.text_encoder.forward
-    run.c.vae.encode = lambda *a, **k: (calls.__setitem__("vae", calls["vae"] + 1), vae_encode(*a, **k))[1]
-    run.text_encoder.forward = lambda *a, **k: (calls.__setitem__("text", calls["text"] + 1), te_forward(*a, **k))[1]
+    vae, te = state.components.vae, state.components.text_encoders[0]
+    vae_encode, te_forward = vae.encode, te.forward
+    vae.encode = lambda *a, **k: (calls.__setitem__("vae", calls["vae"] + 1), vae_encode(*a, **k))[1]
+    te.forward = lambda *a, **k: (calls.__setitem__("text", calls["text"] + 1), te_forward(*a, **k))[1]
     for step in range(3):
-        _optimizer_step(run, step)
+        optimizer_step(state, step)
     assert (calls["vae"] == 0 and calls["text"] == 0) if cache else (calls["vae"] >= 3 and calls["text"] >= 3)

@@ -15,7 +15,7 @@ import pytest
 from conftest import draw_images
 
 from sdlora.config import load_toml
-from sdlora.formats import read_lora
+from sdlora.loras.files import read_lora
 
 pytestmark = pytest.mark.browser
 

@@ -16,7 +16,7 @@ from ui.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, STOPPED, JobManage
 
 
 class FakeTrain:
-    """Stands in for sdlora.train.train: reports steps through the callbacks, honours stop, can be held."""
+    """Stands in for sdlora.train: reports steps through the callbacks, honours stop, can be held."""
 
     def __init__(self, steps=3, fail_on=None):
         self.order, self.steps, self.fail_on = [], steps, fail_on
@@ -204,7 +204,7 @@ def test_form_round_trips_a_config():
 
 def test_real_training_stop_then_resume(tmp_path, tiny_model):
     """Stop (pressed during step 2) saves a resumable checkpoint; a Resume job continues from it to the end."""
-    from sdlora.train import train
+    from sdlora import train
 
     def train_and_press_stop_at_step_2(cfg, callbacks, commands, resume=False):
         step_hook = callbacks.on_step

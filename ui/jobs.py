@@ -1,7 +1,7 @@
 """The training queue behind the web UI: jobs run one at a time on a single worker thread.
 
 State lives here, not in a browser session: a job keeps running when its tab is closed, and a reloaded page
-reads the same `JobManager` again. The worker calls the same `sdlora.train.train` as the CLI; only the
+reads the same `JobManager` again. The worker calls the same `sdlora.train` as the CLI; only the
 callbacks differ (they record progress into the `Job`).
 """
 
@@ -96,7 +96,7 @@ class JobCallbacks(Callbacks):
 class JobManager:
     """A FIFO of training jobs and one worker thread that runs them, one at a time.
 
-    `train_fn(cfg, callbacks, commands, resume=...)` is `sdlora.train.train` unless a test passes another.
+    `train_fn(cfg, callbacks, commands, resume=...)` is `sdlora.train` unless a test passes another.
     The worker starts with the first job (nothing runs at import or construction).
     """
 
@@ -199,7 +199,7 @@ class JobManager:
     def _run(self, job: Job) -> None:
         train = self._train_fn
         if train is None:
-            from sdlora.train import train
+            from sdlora import train
         try:
             result = train(job.cfg, JobCallbacks(job), job.commands, resume=job.resume)
             job.output = str(result.output)

@@ -1,5 +1,5 @@
 """Library tab: the LoRAs in the output folder with their metadata and samples; download, convert, resize.
-Calls `sdlora.tools.inspect_lora / convert_lora / resize_lora`, as `sdlora inspect / convert / resize` do."""
+Calls `sdlora.inspect_lora / convert_lora / resize_lora`, as `sdlora inspect / convert / resize` do."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class LibraryTab:
     def on_pick(self, path):
         if not path:
             return "No LoRA yet: train one in the Train tab.", None, []
-        from sdlora.tools import inspect_lora
+        from sdlora import inspect_lora
 
         try:
             info = inspect_lora(path)
@@ -71,7 +71,7 @@ class LibraryTab:
         return f"```\n{info.summary()}\n```", path, samples_of(path)
 
     def on_convert(self, path, to):
-        from sdlora.tools import convert_lora
+        from sdlora import convert_lora
 
         if not path:
             raise gr.Error("Pick a LoRA first.")
@@ -79,7 +79,7 @@ class LibraryTab:
         return self._run(lambda: convert_lora(path, to, out, overwrite=True), out, f"Converted to {to}")
 
     def on_resize(self, path, rank, energy):
-        from sdlora.tools import resize_lora
+        from sdlora import resize_lora
 
         if not path:
             raise gr.Error("Pick a LoRA first.")

@@ -1,5 +1,5 @@
 """Merge tab: several LoRAs with weights, mixed into one LoRA or merged into a base checkpoint.
-Calls `sdlora.tools.mix_loras / merge_into_model`, as `sdlora mix / merge` do."""
+Calls `sdlora.mix_loras / merge_into_model`, as `sdlora mix / merge` do."""
 
 from __future__ import annotations
 
@@ -62,12 +62,12 @@ class MergeTab:
         out = inside(folder, safe_name(name, "merged").removesuffix(".safetensors") + ".safetensors")
         try:
             if mode == MIX:
-                from sdlora.tools import mix_loras
+                from sdlora import mix_loras
 
                 report = mix_loras(loras, out, rank=int(rank or 0) or None, overwrite=True)
                 text = f"```\n{report.table(limit=12)}\n```"
             else:
-                from sdlora.tools import merge_into_model
+                from sdlora import merge_into_model
 
                 out = merge_into_model(model or None, loras, out, overwrite=True)
                 text = ""

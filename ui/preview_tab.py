@@ -1,5 +1,5 @@
 """Preview tab: render a prompt with chosen LoRAs (each at its own scale) beside the base model, same seed;
-and a scale-sweep grid. Calls `sdlora.tools.generate`, as `sdlora generate` does."""
+and a scale-sweep grid. Calls `sdlora.generate`, as `sdlora generate` does."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class PreviewTab:
         return [gr.update(choices=choices, value=v if v in paths else None) for v in first + list(current[1:])]
 
     def _render(self, model, prompt, negative, seed, steps, guidance, size, loras, **kw):
-        from sdlora.tools import generate
+        from sdlora import generate
 
         size = int(size or 0) or None
         return generate(model or None, loras, prompt, negative_prompt=negative or "", seed=int(seed or 0), n=1,

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from sdlora.config import SECTIONS, load_toml, validate
+from sdlora.config import load_toml, validate
 from sdlora.errors import ConfigError, SdloraError
 
 from . import progress
@@ -18,7 +18,6 @@ from .form import ConfigForm
 from .jobs import JobManager
 
 LORA, DREAMBOOTH, PIVOTAL = "LoRA", "DreamBooth (prior preservation)", "Pivotal tuning"
-HAS_PIVOTAL = "pivotal" in SECTIONS  # a later feature: the option appears once the config has the section
 PRIOR_KEYS = [("prior", "class_prompt"), ("prior", "num_class_images"), ("prior", "mode"), ("prior", "weight")]
 COMMON = [("lora", "rank"), ("optim", "lr"), ("train", "max_steps"), ("augment", "resolution"),
           ("lora", "train_text_encoder")]
@@ -64,8 +63,7 @@ class TrainTab:
                                      interactive=True, static_columns=[0], elem_id="captions",
                                      label="Captions (edit a cell: it is saved to the image's .txt file)")
         gr.Markdown("### 2 · Method")
-        methods = [LORA, DREAMBOOTH] + ([PIVOTAL] if HAS_PIVOTAL else [])
-        self.method = gr.Radio(methods, value=LORA, label="Method", elem_id="method")
+        self.method = gr.Radio([LORA, DREAMBOOTH, PIVOTAL], value=LORA, label="Method", elem_id="method")
         with gr.Group(visible=False) as self.prior_group:
             with gr.Row():
                 for s, n in PRIOR_KEYS:
@@ -88,8 +86,6 @@ class TrainTab:
         self._build_run_controls()
 
     def _pivotal_group(self):
-        if not HAS_PIVOTAL:
-            return None
         with gr.Group(visible=False) as group:
             with gr.Row():
                 for s, fld in [(s, fld) for s, fld in self.form._fields if s == "pivotal"]:
@@ -121,8 +117,7 @@ class TrainTab:
         self.upload.upload(self.on_upload, [self.upload, self.name], [self.folder, self.captions, self.gallery])
         self.folder.blur(self.on_folder, [self.folder], [self.captions, self.gallery])
         self.captions.input(self.on_captions, [self.folder, self.captions], [self.gallery])
-        self.method.change(self.on_method, [self.method], [self.prior_group] +
-                           ([self.pivotal_group] if self.pivotal_group else []))
+        self.method.change(self.on_method, [self.method], [self.prior_group, self.pivotal_group])
         run_inputs = [self.name, self.method] + values
         self.start_btn.click(self.on_start, run_inputs, [self.status, self.job_pick, self.seen])
         self.resume_btn.click(self.on_resume, run_inputs, [self.status, self.job_pick, self.seen])
@@ -156,8 +151,7 @@ class TrainTab:
         return thumbnails(folder, dataset_rows(folder))
 
     def on_method(self, method):
-        updates = [gr.update(visible=method == DREAMBOOTH)]
-        return updates + ([gr.update(visible=method == PIVOTAL)] if self.pivotal_group else [])
+        return gr.update(visible=method == DREAMBOOTH), gr.update(visible=method == PIVOTAL)
 
     def on_start(self, name, method, *values, resume=False):
         try:
@@ -193,7 +187,7 @@ class TrainTab:
         except SdloraError as e:
             raise gr.Error(str(e)) from None
         method = DREAMBOOTH if cfg.prior.class_prompt else LORA
-        if HAS_PIVOTAL and cfg.pivotal.token:
+        if cfg.pivotal.token:
             method = PIVOTAL
         return [Path(cfg.output.path).stem, method] + self.form.values_of(cfg)
 
@@ -223,7 +217,7 @@ class TrainTab:
         elif dict(zip(self.form.keys, values)).get(("prior", "mode")) == "images":
             over[("prior", "class_data")] = str(out.parent / "class_images")
         cfg = self.form.to_config(list(values), over)
-        if HAS_PIVOTAL and method != PIVOTAL:
+        if method != PIVOTAL:
             cfg.pivotal.token = ""  # pivotal tuning is on when it has a token
         if not cfg.sample.prompts and cfg.data and cfg.data[0].prompt:
             cfg.sample.prompts = [cfg.data[0].prompt]

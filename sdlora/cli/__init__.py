@@ -1,0 +1,45 @@
+"""The `sdlora` command: one module per group of subcommands, each with `register(subparsers)`; every subcommand
+parses its flags and calls library functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..errors import SdloraError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import tools, train, ui, world
+
+    parser = argparse.ArgumentParser(prog="sdlora", description="Train and use Stable Diffusion LoRAs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show library logs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (train, tools, world, ui):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return args.func(args) or 0
+    except SdloraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("diffusers", "transformers", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)

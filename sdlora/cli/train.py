@@ -1,0 +1,125 @@
+"""`sdlora train`: job files and flags (one flag per config field), batches of jobs, Ctrl-C as a clean stop."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from ..callbacks import Commands
+from ..errors import SdloraError
+from .common import ProgressBar
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="Train LoRAs from TOML configs and/or flags (flags override the TOML).")
+    t.add_argument("configs", nargs="*", metavar="CONFIG.toml", help="Job files, trained one after another.")
+    t.add_argument("--queue", metavar="FILE", help="A text file listing job files, one per line.")
+    t.add_argument("--resume", action="store_true", help="Continue from the last checkpoint of each job's output.")
+    t.add_argument("--print-config", action="store_true", help="Print each job's merged config as TOML and exit.")
+    add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, generated from the dataclasses (help text and default included)."""
+    from ..config import SECTIONS, flag_name, iter_options
+
+    defaults = {s: SECTIONS[s]() for s in SECTIONS}
+    groups = {}
+    for section, f in iter_options():
+        group = groups.setdefault(section, p.add_argument_group(f"[{section}]" if section != "data" else
+                                                                  "[[data]] (one folder from the command line)"))
+        default = getattr(defaults[section], f.name) if section in defaults else f.default
+        help_text = f"{f.metadata['help']} (default: {default!r})"
+        kw = dict(dest=f"{section}.{f.name}", default=None, help=help_text)
+        if f.type != "bool":
+            kw["metavar"] = {"int": "N", "float": "X"}.get(f.type, "TEXT")
+        if f.type == "bool":
+            group.add_argument(f"--{flag_name(f)}", action=argparse.BooleanOptionalAction, **kw)
+        elif f.type == "list":
+            group.add_argument(f"--{flag_name(f)}", action="append", **kw)
+        else:
+            typ = {"int": int, "float": float}.get(f.type, str)
+            group.add_argument(f"--{flag_name(f)}", type=typ, choices=f.metadata.get("choices"), **kw)
+
+
+def apply_flags(cfg, args: argparse.Namespace):
+    """Override a config with the flags that were given (flags win over the TOML)."""
+    from ..config import DataFolder
+
+    given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    data_flags = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith("data.")}
+    for key, value in given.items():
+        section, name = key.split(".", 1)
+        if section != "data":
+            setattr(getattr(cfg, section), name, value)
+    if "path" in data_flags:
+        cfg.data = [DataFolder(**data_flags)]
+    elif data_flags:
+        for folder in cfg.data or []:
+            for name, value in data_flags.items():
+                setattr(folder, name, value)
+    return cfg
+
+
+def job_configs(args) -> list[tuple[str, object]]:
+    """(label, Config) per job: each TOML (and each line of a queue file) with the flags applied."""
+    from ..config import Config, load_toml
+
+    paths = list(args.configs)
+    if args.queue:
+        q = Path(args.queue)
+        if not q.is_file():
+            raise SdloraError(f"queue file not found: {q}")
+        for line in q.read_text().splitlines():
+            if line.strip() and not line.strip().startswith("#"):
+                p = Path(line.strip())
+                paths.append(str(p if p.is_absolute() else q.parent / p))
+    if not paths:
+        return [("command line", apply_flags(Config(), args))]
+    return [(p, apply_flags(load_toml(p), args)) for p in paths]
+
+
+def cmd_train(args) -> int:
+    from ..config import validate
+    from ..training.loop import train
+
+    jobs = job_configs(args)
+    if args.print_config:
+        for label, cfg in jobs:
+            print(f"# {label}\n{cfg.to_toml()}")
+        return 0
+    failures = 0
+    for label, cfg in jobs:
+        commands = Commands()
+        previous = signal.signal(signal.SIGINT, _stop_handler(commands))
+        try:
+            validate(cfg)
+            result = train(cfg, ProgressBar(label), commands, resume=args.resume)
+            if not result.is_main:
+                continue
+            state = "stopped (resume with --resume)" if result.stopped else "done"
+            print(f"{label}: {state}: {result.output} ({result.steps} steps, loss {result.final_loss:.4f}, "
+                  f"{result.seconds:.1f}s)")
+        except SdloraError as e:
+            failures += 1
+            print(f"{label}: error: {e}", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if commands.stop:
+            break
+    if len(jobs) > 1:
+        print(f"{len(jobs) - failures} of {len(jobs)} jobs succeeded")
+    return 1 if failures else 0
+
+
+def _stop_handler(commands):
+    def handler(signum, frame):
+        if commands.stop:
+            raise KeyboardInterrupt
+        commands.stop = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    return handler

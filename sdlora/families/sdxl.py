@@ -1,0 +1,32 @@
+"""SDXL: two CLIP encoders (penultimate layers concatenated), the pooled OpenCLIP-G embedding, and the size/crop
+micro-conditioning of each image."""
+
+from __future__ import annotations
+
+import torch
+
+from .sd import Conditioning, tokenize
+
+
+class SDXLConditioning(Conditioning):
+    def encode(self, tokenizers, encoders, captions, device):
+        """{'hidden': [B, S, D1 + D2], 'pooled': [B, P]}."""
+        hidden, pooled = [], None
+        for tok, enc in zip(tokenizers, encoders):
+            out = enc(tokenize(tok, captions, device), output_hidden_states=True, return_dict=True)
+            hidden.append(out.hidden_states[-2])
+            if hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
+        return {"hidden": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    def micro(self, original_hw, crop_tl, target_hw):
+        """(original h, w, crop top, left, target h, w)."""
+        return torch.tensor([*original_hw, *crop_tl, *target_hw], dtype=torch.float32)
+
+    def denoiser_kwargs(self, cond, micro=None):
+        time_ids = micro.to(cond["pooled"].device, cond["pooled"].dtype)
+        return {"encoder_hidden_states": cond["hidden"],
+                "added_cond_kwargs": {"text_embeds": cond["pooled"], "time_ids": time_ids}}
+
+
+CONDITIONING = SDXLConditioning()

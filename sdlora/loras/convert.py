@@ -1,0 +1,66 @@
+"""`sdlora convert`: rewrite a LoRA in the kohya or diffusers layout, numerically identical."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import LoraFileError, SdloraError
+from ..families import FAMILIES
+from ..io import check_output
+from .files import load_lora, save_kohya, write_embedding, write_lora
+from .layout import NameMap, diffusers_tensors, guess_family, name_map, reference_name_map
+from .modules import LoraModule
+
+
+def names_for(mods: dict, meta: dict[str, str], model: str | None = None) -> NameMap:
+    """The NameMap to read a LoRA's layer names against: `model`'s own modules, else the standard architecture of the
+    family the file is for (its metadata, else its layer names and shapes; SD1/SD2 naming when nothing says)."""
+    if model:
+        from ..models import load_model
+
+        c = load_model(model)
+        return name_map(c.family, c.denoiser, c.text_encoders)
+    from_meta, from_shape = guess_family(mods, meta)
+    return reference_name_map(FAMILIES[from_meta or from_shape or "sd1"])
+
+
+def dtype_of(mods: dict):
+    """The dtype of a file's LoRA tensors (an A1111 alpha may be int64: it does not count)."""
+    import torch
+
+    return next(iter(mods.values())).dtype if mods else torch.float16
+
+
+def convert_lora(path: str | Path, to: str, output: str | Path, overwrite: bool = False,
+                 model: str | None = None) -> Path:
+    """Rewrite a LoRA in the kohya or diffusers layout, metadata kept, numerically identical.
+
+    Layer names are mapped through the family's standard module naming (SGM names for SDXL), or through `model`'s
+    live modules. kohya -> diffusers writes bundled embeddings beside it as `<name>_emb.safetensors` (for
+    load_textual_inversion); diffusers -> kohya restores the file's `ss_network_alpha` when it has one, so a round
+    trip is lossless."""
+    if to not in ("kohya", "diffusers"):
+        raise SdloraError(f"--to must be kohya or diffusers, not {to!r}")
+    check_output(output, [path], overwrite)
+    mods, emb, meta = load_lora(path)
+    if not mods:
+        raise LoraFileError(f"{path}: holds no LoRA module to convert")
+    names = names_for(mods, meta, model)
+    dtype = dtype_of(mods)
+    if to == "kohya":
+        return save_kohya(output, _with_alpha(names.canonical(mods), meta.get("ss_network_alpha")), meta, emb, dtype)
+    for token, parts in emb.items():  # diffusers rejects bundle_emb keys: a sidecar file per token instead
+        name = f"{Path(output).stem}_emb" if len(emb) == 1 else f"{Path(output).stem}_{token}_emb"
+        write_embedding(check_output(Path(output).with_name(name + ".safetensors"), [path], overwrite), token, parts)
+    tensors, adapter_meta = diffusers_tensors(mods, names, dtype)
+    meta = {k: v for k, v in meta.items() if k != "sshs_model_hash"}
+    return write_lora(output, tensors, {**meta, **adapter_meta, "sdlora_format": "diffusers"})
+
+
+def _with_alpha(mods: dict[str, LoraModule], alpha: str | None) -> dict[str, LoraModule]:
+    """Every module re-expressed with the given alpha (each delta unchanged), when it is a positive number."""
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        return mods
+    return {b: m.with_alpha(a) for b, m in mods.items()} if a > 0 else mods

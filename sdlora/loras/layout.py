@@ -1,0 +1,314 @@
+"""The key layouts of LoRA files, in one place: how layers are named (kohya, diffusers/PEFT, older diffusers), how
+each layout's keys are read into modules and written back, and the one rule for embeddings bundled in a LoRA file.
+The rules are those of ../shared/reference/formats.md.
+
+Inside sdlora a LoRA is `{kohya base name: module}`. A base name is what kohya's layout calls a layer
+(`lora_unet_down_blocks_0_..._to_k`, `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`); files in other
+layouts are read into the same form, and a `NameMap` ties base names to the modules of a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import LoraFileError
+from ..families import Family
+from ..families.naming import sgm_namer
+from .modules import LoraModule
+
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the adapter config
+BUNDLE = "bundle_emb."                       # A1111's embeddings inside a LoRA file
+DENOISER_PREFIX = "lora_unet"
+
+
+# ---------------------------------------------------------------- names
+
+def te_path(path: str) -> str:
+    """CLIP module path with the 'text_model.' part that transformers 5 dropped (A1111/ComfyUI need it)."""
+    return path if path.startswith("text_model.") else "text_model." + path
+
+
+def kohya_base(prefix: str, path: str) -> str:
+    """kohya base name of a module: 'lora_unet_down_blocks_0_...' or 'lora_te_text_model_encoder_...'."""
+    if prefix.startswith("lora_te"):
+        path = te_path(path)
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def denoiser_namer(family: Family, denoiser_config) -> Callable[[str], str]:
+    """diffusers module path -> the path kohya names the layer after (SDXL: the original SGM names)."""
+    if family.kohya_naming == "sgm":
+        return sgm_namer(denoiser_config)
+    return lambda path: path
+
+
+@dataclass
+class NameMap:
+    """Which model module each kohya base name means, for one model (its family's spelling, plus the aliases other
+    trainers write: diffusers UNet paths for SDXL, `lora_te_` for SDXL's first encoder)."""
+
+    to_module: dict[str, tuple[str, str]] = field(default_factory=dict)  # base (or alias) -> (part, module path)
+    to_base: dict[tuple[str, str], str] = field(default_factory=dict)    # (part, module path) -> canonical base
+
+    def add(self, part: str, path: str, base: str, *aliases: str) -> None:
+        self.to_base[(part, path)] = base
+        for name in (*aliases, base):
+            self.to_module[name] = (part, path)
+
+    def canonical(self, mods: dict) -> dict:
+        """`mods` keyed by the model's own spelling of each base (unknown bases are kept as they are)."""
+        return {self.to_base.get(self.to_module.get(b, ("", "")), b): m for b, m in mods.items()}
+
+
+def adaptable(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+
+
+def name_map(family: Family, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> NameMap:
+    """The NameMap of a model's Linear and Conv2d layers."""
+    names, namer = NameMap(), denoiser_namer(family, denoiser.config)
+    for path, m in denoiser.named_modules():
+        if adaptable(m):
+            names.add(family.denoiser_attr, path, kohya_base(DENOISER_PREFIX, namer(path)),
+                      kohya_base(DENOISER_PREFIX, path))
+    for slot, encoder in zip(family.text_encoders, text_encoders):
+        aliases = ("lora_te",) if slot.kohya_prefix == "lora_te1" else ()
+        for path, m in encoder.named_modules():
+            if adaptable(m):
+                names.add(slot.attr, path, kohya_base(slot.kohya_prefix, path),
+                          *(kohya_base(a, path) for a in aliases))
+    return names
+
+
+def reference_name_map(family: Family) -> NameMap:
+    """The NameMap of the family's standard architecture, from meta-device models (no weights, no download).
+
+    SD1/SD2 use a UNet with 3 layers per block (a superset of their block names); SDXL its shipped base config."""
+    import json as _json
+    from pathlib import Path
+
+    import diffusers
+    import transformers
+
+    assets = Path(__file__).resolve().parent.parent / "assets"
+    with torch.device("meta"):
+        if family.name == "sdxl":
+            cfg = _json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
+            denoiser = diffusers.UNet2DConditionModel.from_config(cfg)
+        else:
+            denoiser = diffusers.UNet2DConditionModel(layers_per_block=3)
+        encoders = [getattr(transformers, s.model_class)(transformers.CLIPTextConfig(num_hidden_layers=32))
+                    for s in family.text_encoders]
+    return name_map(family, denoiser, encoders)
+
+
+# ---------------------------------------------------------------- bundled embeddings
+
+def bundle_tensors(token: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A1111's LoRA-embedding bundle: SD1/SD2 `bundle_emb.<token>.string_to_param.*`, SDXL `bundle_emb.<token>.clip_l`
+    and `.clip_g`."""
+    if set(parts) == {"clip_l"}:
+        return {f"{BUNDLE}{token}.string_to_param.*": parts["clip_l"]}
+    return {f"{BUNDLE}{token}.{k}": v for k, v in parts.items()}
+
+
+def split_embeddings(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """Separate `bundle_emb.<token>.<part>` tensors from the LoRA tensors: (lora, {token: {part: tensor}})."""
+    lora, emb = {}, defaultdict(dict)
+    for k, v in tensors.items():
+        if not k.startswith(BUNDLE):
+            lora[k] = v
+            continue
+        rest = k[len(BUNDLE):]
+        if ".string_to_param." in rest:  # SD1/SD2 A1111 layout
+            emb[rest.split(".string_to_param.")[0]]["clip_l"] = v
+        else:
+            token, _, part = rest.rpartition(".")
+            emb[token or rest][part if token else "clip_l"] = v
+    return lora, dict(emb)
+
+
+# ---------------------------------------------------------------- reading any layout
+
+# tensor-name suffix -> role, for every LoRA layout diffusers, ComfyUI or A1111 load
+SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
+            ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
+            ".lora_linear_layer.up.weight": "up", ".alpha": "alpha"}
+# older diffusers attention processors: <attention>.processor.to_q_lora.down.weight -> <attention>.to_q
+PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out|q_proj|k_proj|v_proj|out_proj)_lora"
+                       r"\.(down|up)\.weight$")
+FILE_PREFIXES = {"unet": DENOISER_PREFIX, "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+UNPREFIXED_UNET = ("down_blocks.", "mid_block.", "up_blocks.")  # diffusers' oldest UNet-only files
+REFUSED = {".lora_mid.weight": "Tucker-decomposed conv LoRA (lora_mid)", ".dora_scale": "DoRA (dora_scale)",
+           ".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".lokr_w2": "LoKr",
+           ".lora_magnitude_vector": "DoRA (lora_magnitude_vector)"}
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """(module stem, role) of one tensor name; raises naming the key when no layout has it."""
+    if m := PROCESSOR.match(key):
+        name = m[2].replace("to_out", "to_out.0")
+        return f"{m[1]}.{name}", m[3]
+    for suffix, role in SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    for marker, what in REFUSED.items():
+        if marker in key:
+            raise LoraFileError(f"key {key}: {what} is not supported by this sdlora")
+    raise LoraFileError(f"key {key} is in no LoRA layout sdlora reads (kohya lora_down/lora_up, PEFT "
+                        "lora_A/lora_B, diffusers lora.down/lora.up or processor keys)")
+
+
+def _base_of(stem: str, key: str) -> tuple[str, str, str]:
+    """(kohya base, file part, module path) of a module stem in any layout."""
+    if stem.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
+        return stem, "", ""
+    part, _, path = stem.partition(".")
+    if stem.startswith(UNPREFIXED_UNET):
+        part, path = "unet", stem
+    if part not in FILE_PREFIXES or not path:
+        raise LoraFileError(f"key {key}: expected a kohya name (lora_unet_..., lora_te_...) or a diffusers one "
+                            "starting with unet., text_encoder. or text_encoder_2.")
+    return kohya_base(FILE_PREFIXES[part], path), part, path
+
+
+def _adapter_config(meta: dict[str, str]) -> dict:
+    if LORA_METADATA_KEY not in meta:
+        return {}
+    try:
+        cfg = json.loads(meta[LORA_METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise LoraFileError(f"its {LORA_METADATA_KEY} header is not valid JSON ({e.msg}), so its alphas are "
+                            "unknown") from None
+    if not isinstance(cfg, dict):
+        raise LoraFileError(f"its {LORA_METADATA_KEY} header is not a JSON object, so its alphas are unknown")
+    return cfg
+
+
+def _pattern_value(patterns: dict | None, path: str, default):
+    for key, value in (patterns or {}).items():
+        if path == key or path.endswith("." + key) or te_path(path).endswith(key):
+            return value
+    return default
+
+
+def detect_layout(keys) -> str:
+    """'kohya', 'diffusers' (PEFT or older diffusers keys) or 'unknown', from the key names."""
+    keys = [k for k in keys if not k.startswith(BUNDLE)]
+    if keys and all(k.startswith("lora_") for k in keys):
+        return "kohya"
+    if keys and any(k.startswith((*(p + "." for p in FILE_PREFIXES), *UNPREFIXED_UNET)) for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def parse_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> dict[str, LoraModule]:
+    """The LoRA modules of a file in any layout, keyed by kohya base name (embeddings left out).
+
+    Alpha: kohya's `.alpha` tensors; for PEFT files `lora_adapter_metadata` (alpha_pattern included), else
+    alpha = rank. Any key no layout explains is an error naming it: never a partial read."""
+    cfg = _adapter_config(meta or {})
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    where: dict[str, tuple[str, str]] = {}
+    for key, value in split_embeddings(tensors)[0].items():
+        stem, role = _split_key(key)
+        base, part, path = _base_of(stem, key)
+        if role in groups[base]:
+            raise LoraFileError(f"key {key}: module {base} has two '{role}' tensors (mixed layouts)")
+        groups[base][role] = value
+        where[base] = (part, path)
+    mods = {}
+    for base, g in groups.items():
+        if "down" not in g or "up" not in g:
+            raise LoraFileError(f"module {base} lacks its {'down' if 'down' not in g else 'up'} tensor")
+        alpha = float(g["alpha"].item()) if "alpha" in g else float(g["down"].shape[0])
+        part, path = where[base]
+        if part and f"{part}.lora_alpha" in cfg:
+            alpha = float(_pattern_value(cfg.get(f"{part}.alpha_pattern"), path, cfg[f"{part}.lora_alpha"]))
+        mods[base] = LoraModule(g["down"], g["up"], alpha)
+    return mods
+
+
+# ---------------------------------------------------------------- writing
+
+def common_alpha(mods: dict[str, LoraModule]) -> float:
+    return next(iter(mods.values())).alpha if mods else 0.0
+
+
+def kohya_tensors(mods: dict[str, LoraModule], dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """kohya tensors with one alpha value for the whole file (exact in every client): a module trained with another
+    alpha/rank ratio keeps its update, its `up` multiplied by alpha_m / A."""
+    common, out = common_alpha(mods), {}
+    for base, m in mods.items():
+        for suffix, t in m.with_alpha(common).tensors().items():
+            out[f"{base}.{suffix}"] = t.to(dtype)
+        out[f"{base}.alpha"] = torch.tensor(common, dtype=dtype)
+    return out
+
+
+def diffusers_tensors(mods: dict[str, LoraModule], names: NameMap,
+                      dtype=torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """diffusers/PEFT layout: each module's alpha/rank folded into lora_B (scale 1), ranks that differ from the most
+    common one listed in rank_pattern/alpha_pattern of `lora_adapter_metadata` (what diffusers reads)."""
+    unknown = [b for b in mods if b not in names.to_module]
+    if unknown:
+        raise LoraFileError(f"{len(unknown)} LoRA layers map to no module of the model (first: {unknown[0]}); "
+                            "pass --model with the base model to map them")
+    out, by_part = {}, {}
+    for base, m in mods.items():
+        part, path = names.to_module[base]
+        key = f"{part}.{te_path(path) if part.startswith('text_encoder') else path}"
+        out[f"{key}.lora_A.weight"] = m.down.to(dtype)
+        out[f"{key}.lora_B.weight"] = (m.up.float() * m.scale).to(dtype)
+        by_part.setdefault(part, {})[path.removeprefix("text_model.")] = m.rank
+    cfg = {}
+    for part, ranks in by_part.items():
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {p: k for p, k in ranks.items() if k != r}
+        cfg.update({f"{part}.r": r, f"{part}.lora_alpha": r, f"{part}.target_modules": sorted(ranks)})
+        if pattern:
+            cfg.update({f"{part}.rank_pattern": pattern, f"{part}.alpha_pattern": pattern})
+    return out, {LORA_METADATA_KEY: json.dumps(cfg, sort_keys=True)} if cfg else {}
+
+
+def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, family: Family,
+                 denoiser_config) -> tuple[dict[str, LoraModule], NameMap]:
+    """peft state dicts keyed by model part ('unet', 'text_encoder', ...) -> modules keyed by kohya base name, and
+    the NameMap of those modules."""
+    prefixes = {s.attr: s.kohya_prefix for s in family.text_encoders}
+    namer = denoiser_namer(family, denoiser_config)
+    mods, names = {}, NameMap()
+    for part, state in states.items():
+        for key, a in state.items():
+            if key.endswith(".lora_A.weight"):
+                path = key[: -len(".lora_A.weight")]
+                base = kohya_base(prefixes[part], path) if part in prefixes else \
+                    kohya_base(DENOISER_PREFIX, namer(path))
+                names.add(part, path, base)
+                mods[base] = LoraModule(a, state[f"{path}.lora_B.weight"], alpha)
+    return mods, names
+
+
+# ---------------------------------------------------------------- which family a file is for
+
+_LABELS = (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd1", "sd1"), ("sd_v2", "sd2"), ("sd2", "sd2"))
+
+
+def guess_family(mods: dict[str, LoraModule], meta: dict[str, str]) -> tuple[str, str]:
+    """(family named by the metadata, family the layer names and shapes say); '' where unknown."""
+    version = meta.get("sdlora_family") or meta.get("ss_base_model_version", "")
+    from_meta = next((f for p, f in _LABELS if version.startswith(p)), "")
+    if any(b.startswith(("lora_te1_", "lora_te2_")) for b in mods):
+        return from_meta, "sdxl"
+    widths = {m.down.shape[1] for b, m in mods.items() if b.endswith("attn2_to_k")}
+    widths |= {m.down.shape[1] for b, m in mods.items() if b.startswith("lora_te") and b.endswith("q_proj")}
+    from_shape = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(next(iter(widths), 0), "") if len(widths) == 1 else ""
+    if not from_shape and any(b.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for b in mods):
+        from_shape = "sdxl"  # the original SGM names: what kohya writes for SDXL UNets
+    return from_meta, from_shape

@@ -1,0 +1,91 @@
+"""The metadata of LoRA files: the family labels every client reads, and what A1111, ComfyUI and kohya's tools
+display about a training run."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__
+from ..families import Family
+
+# header keys that say which model a LoRA is for (carried over by tools that write a new file)
+FAMILY_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.sai_model_spec", "modelspec.architecture",
+               "modelspec.prediction_type", "modelspec.resolution", "modelspec.trigger_phrase", "sdlora_family")
+
+
+def family_labels(family: Family, prediction_type: str) -> dict[str, str]:
+    """kohya's and ModelSpec's labels of a LoRA for this family and prediction type (A1111 filters LoRAs by them)."""
+    return {"ss_base_model_version": family.ss_base_model_version(prediction_type), "ss_v2": str(family.is_v2),
+            "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": family.modelspec_architecture(prediction_type),
+            "modelspec.prediction_type": prediction_type, "sdlora_family": family.name}
+
+
+def family_meta(meta: dict[str, str]) -> dict[str, str]:
+    """The family labels of an existing file's header."""
+    return {k: v for k, v in meta.items() if k in FAMILY_KEYS}
+
+
+def trigger_words(cfg) -> str:
+    """The trigger phrase: as configured, else the instance prompt's words that the class prompt lacks."""
+    if cfg.output.trigger:
+        return cfg.output.trigger
+    prompts = [d.prompt for d in cfg.data if d.prompt]
+    if not prompts:
+        return ""
+    class_words = set(cfg.prior.class_prompt.lower().split())
+    words = [w for w in prompts[0].split() if w.lower() not in class_words]
+    return " ".join(words) if class_words else prompts[0]
+
+
+def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict:
+    """kohya's ss_tag_frequency: per folder, how often each comma-separated tag occurs."""
+    return {Path(folder).name: dict(Counter(t.strip() for c in caps for t in c.split(",") if t.strip()))
+            for folder, caps in captions_by_folder.items()}
+
+
+def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: str, model_hash: str, steps: int,
+                      resolution: int, targets: list[str], started: float, captions_by_folder: dict,
+                      extra: dict | None = None) -> dict[str, str]:
+    """The header of a trained LoRA: kohya's ss_* keys, ModelSpec, and sdlora's own."""
+    name = cfg.output.name or Path(cfg.output.path).stem
+    now = datetime.now(timezone.utc)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.lora.rank),
+        "ss_network_alpha": str(cfg.lora_alpha),
+        "ss_network_args": json.dumps({"targets": cfg.lora.targets}),
+        "ss_output_name": name,
+        "ss_sd_model_name": model_name,
+        "ss_sd_model_hash": model_hash[:10],
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_steps": str(steps),
+        "ss_max_train_steps": str(cfg.train.max_steps),
+        "ss_learning_rate": str(cfg.optim.lr),
+        "ss_unet_lr": str(cfg.optim.lr),
+        "ss_text_encoder_lr": str(cfg.lora.text_encoder_lr or cfg.optim.lr) if cfg.lora.train_text_encoder else "0",
+        "ss_network_train_unet_only": str(not cfg.lora.train_text_encoder),
+        "ss_seed": str(cfg.train.seed),
+        "ss_batch_size_per_device": str(cfg.train.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.train.grad_accum),
+        "ss_lr_scheduler": cfg.optim.lr_scheduler,
+        "ss_min_snr_gamma": str(cfg.train.min_snr_gamma),
+        "ss_noise_offset": str(cfg.train.noise_offset),
+        "ss_prior_loss_weight": str(cfg.prior.weight),
+        "ss_tag_frequency": json.dumps(tag_frequency(captions_by_folder)),
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(now.timestamp()),
+        **family_labels(family, prediction_type),
+        "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
+        "modelspec.title": name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.trigger_phrase": trigger_words(cfg),
+        "sdlora_version": __version__,
+        "sdlora_targets": json.dumps(targets),
+        "sdlora_config": json.dumps(cfg.to_dict()),
+    }
+    meta.update(extra or {})
+    return meta

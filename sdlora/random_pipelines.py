@@ -1,0 +1,180 @@
+"""Random-weight Stable Diffusion pipelines built from configs: the test suite's fixtures and the benchmark's
+full-size models. Nothing is downloaded: the tokenizer is written locally (a byte-level vocabulary, so every word
+tokenizes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def write_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_length: int = 77) -> Path:
+    """A CLIPTokenizer folder: every byte (plain and word-final) is a token, plus whole-word merges for `words`."""
+    from transformers import CLIPTokenizer
+
+    from .tokenizers import byte_unicode
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = byte_unicode()
+    vocab: dict[str, int] = {}
+    for tok in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged] + pieces[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                        model_max_length=max_length)
+    tok.save_pretrained(folder)
+    return folder
+
+
+TINY = dict(
+    unet=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+              norm_num_groups=8),
+    vae=dict(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=16),
+    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+              max_position_embeddings=77),
+)
+
+SD15 = dict(
+    unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+    vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, norm_num_groups=32, sample_size=512,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             layers_per_block=2),
+    text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              max_position_embeddings=77),
+)
+
+
+def build_components(spec: dict = TINY, seed: int = 0, prediction_type: str = "epsilon") -> dict:
+    """Random-weight SD-1-shaped components (unet, vae, text_encoder, tokenizer-less) from a size spec."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    text_cfg = CLIPTextConfig(vocab_size=49408 if spec is SD15 else 600, bos_token_id=0, eos_token_id=2,
+                              pad_token_id=1, projection_dim=spec["text"]["hidden_size"], **spec["text"])
+    text_encoder = CLIPTextModel(text_cfg)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+
+
+def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon",
+                       words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue")) -> Path:
+    """Save a tiny SD-1-shaped pipeline (random weights) as a diffusers folder, loadable offline."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    parts = build_components(TINY, seed, prediction_type)
+    tok_dir = write_tokenizer(folder / "_tok", words)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    assert len(tokenizer) <= parts["text_encoder"].config.vocab_size
+    pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False, **parts)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return folder
+
+
+TINY_XL = dict(
+    unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+              transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+              cross_attention_dim=64, norm_num_groups=8),
+    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+              max_position_embeddings=77, projection_dim=32),
+)
+
+
+def save_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0,
+                            words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue")) -> Path:
+    """Save a tiny SDXL-shaped pipeline (two text encoders, size/crop conditioning) as a diffusers folder."""
+    import shutil
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_XL["unet"])
+    vae = build_components(TINY, seed)["vae"]
+    text_cfg = CLIPTextConfig(vocab_size=600, bos_token_id=0, eos_token_id=2, pad_token_id=1, **TINY_XL["text"])
+    te1, te2 = CLIPTextModel(text_cfg), CLIPTextModelWithProjection(text_cfg)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "_tok", words))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "_tok")
+    return folder
+
+
+SDXL_BASE = dict(
+    unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+              projection_class_embeddings_input_dim=2816),
+    text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              max_position_embeddings=77, projection_dim=768),
+    text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"),
+)
+
+
+def build_sdxl_components(spec: dict = SDXL_BASE, seed: int = 0) -> dict:
+    """Random-weight SDXL-shaped components (full size by default): unet, vae, text_encoder, text_encoder_2."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    parts = {"unet": UNet2DConditionModel(**spec["unet"]), "vae": build_components(SD15, seed)["vae"]}
+    ids = dict(vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**ids, **spec["text"]))
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **spec["text_2"]))
+    parts["scheduler"] = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                timestep_spacing="leading", steps_offset=1)
+    return parts
+
+
+def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0):
+    """`Components` of a full-size SD 1.5- or SDXL-shaped model with random weights (for benchmarks), with a local
+    byte-level tokenizer written to `tokenizer_dir`."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    from .families import FAMILIES
+    from .models import Components, freeze
+
+    parts = build_sdxl_components(seed=seed) if family == "sdxl" else build_components(SD15, seed)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tokenizer_dir, ("a", "photo", "of", "sks")))
+    encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if family == "sdxl" else [])
+    return freeze(Components(FAMILIES[family], f"random-{family}", parts["unet"], parts["vae"],
+                             [tokenizer] * len(encoders), encoders,
+                             DDPMScheduler.from_config(parts["scheduler"].config), parts["scheduler"]))

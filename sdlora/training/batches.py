@@ -1,0 +1,97 @@
+"""The training data as batches: images bucketed into examples, a batch plan per source, and latents (encoded once
+and cached, unless a random crop needs a fresh one every step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import BatchPlan, Example, fit_to_bucket, load_image
+
+
+@dataclass
+class Batch:
+    """One micro-batch: latents, captions, the family's per-image micro-conditioning (SDXL size/crop; else None),
+    and the prior-preservation (class image) batch that goes with it."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    micro: torch.Tensor | None = None
+    prior: "Batch | None" = None
+
+
+@dataclass
+class Latents:
+    """Image -> latent through the frozen VAE, cached per (image, bucket, flip) when `cached`."""
+
+    vae: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    cached: bool
+    crop: str
+    cache: dict = field(default_factory=dict)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        with torch.no_grad():
+            lat = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)
+
+    def __call__(self, ex: Example, flip: bool, rng) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Latent of an example at its bucket size, and the crop's (top, left)."""
+        if not self.cached:
+            pixels, crop = fit_to_bucket(load_image(ex.path), ex.bucket, self.crop, rng, flip)
+            return self.encode(pixels[None])[0], crop
+        key = (ex.path, ex.bucket, flip)
+        if key not in self.cache:
+            pixels, crop = fit_to_bucket(load_image(ex.path), ex.bucket, "center", None, flip)
+            self.cache[key] = (self.encode(pixels[None])[0], crop)
+        return self.cache[key]
+
+
+@dataclass
+class Batches:
+    """Micro-batch k of the run, from (k, this micro-batch's rng) alone: which examples (the plans), flips and
+    caption dropout (the rng), latents (cached or encoded)."""
+
+    examples: list[Example]
+    plan: BatchPlan
+    prior_examples: list[Example]
+    prior_plan: BatchPlan | None
+    latents: Latents
+    conditioning: object          # the family's Conditioning (its micro-conditioning)
+    random_flip: bool
+    caption_dropout: float
+
+    def fetch(self, k: int, rng: np.random.Generator) -> Batch:
+        batch = self._batch(self.examples, self.plan(k), rng)
+        if self.prior_plan is not None:
+            batch.prior = self._batch(self.prior_examples, self.prior_plan(k), rng)
+        return batch
+
+    def _batch(self, examples: list[Example], indices: list[int], rng) -> Batch:
+        lats, caps, micro = [], [], []
+        for i in indices:
+            ex = examples[i]
+            flip = bool(self.random_flip and rng.random() < 0.5)
+            drop = bool(self.caption_dropout and rng.random() < self.caption_dropout)
+            lat, crop = self.latents(ex, flip, rng)
+            lats.append(lat)
+            caps.append("" if drop else ex.caption)
+            micro.append(self.conditioning.micro(ex.size[::-1], crop, ex.bucket[::-1]))
+        return Batch(torch.stack(lats), caps, None if micro[0] is None else torch.stack(micro))
+
+    def fill_cache(self) -> None:
+        """Encode every image once (both flips when flipping), so the VAE does no per-step work."""
+        if not self.latents.cached:
+            return
+        flips = (False, True) if self.random_flip else (False,)
+        for ex in {(e.path, e.bucket): e for e in self.examples + self.prior_examples}.values():
+            for flip in flips:
+                self.latents(ex, flip, None)
+
+    def captions(self) -> list[str]:
+        return sorted({e.caption for e in self.examples + self.prior_examples})

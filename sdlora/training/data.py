@@ -1,0 +1,166 @@
+"""Training data: image folders with caption sidecars, robust image loading, aspect-ratio buckets, and a
+deterministic batch plan (step N's batch depends only on the seed and N, so resume is exact)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Example:
+    path: str
+    caption: str
+    bucket: tuple[int, int]  # (width, height) in pixels
+    is_prior: bool = False
+    size: tuple[int, int] = (0, 0)  # original (width, height), EXIF rotation applied
+
+
+# ---------------------------------------------------------------- images
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any common image as 8-bit RGB: EXIF rotation applied, alpha composited on white,
+    16-bit, grayscale, palette and CMYK converted."""
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            peak = 65535.0 if arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            rgba = im.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, rgba)
+        return im.convert("RGB")
+
+
+def scan_folder(folder: str | Path, prompt: str = "", use_captions: bool = True) -> tuple[list[tuple[str, str]], list[str]]:
+    """(image path, caption) pairs of a folder, and the names of files that were skipped and why."""
+    folder = Path(folder)
+    items, skipped = [], []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        if path.suffix.lower() == ".txt" or path.name.startswith("."):
+            continue
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            skipped.append(f"{path.name} ({'not an image' if path.suffix.lower() not in IMAGE_EXTS else e})")
+            continue
+        caption = prompt
+        side = path.with_suffix(".txt")
+        if use_captions and side.is_file():
+            caption = side.read_text(encoding="utf-8", errors="replace").strip()
+        items.append((str(path), caption))
+    return items, skipped
+
+
+# ---------------------------------------------------------------- buckets
+
+def make_buckets(resolution: int, step: int | None = None, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(w, h) sizes, multiples of `step`, with area <= resolution**2 and aspect ratio within max_ratio."""
+    step = step or max(8, resolution // 64 * 8)  # 512 px -> 64 px steps, as kohya
+    longest = int(resolution * math.sqrt(max_ratio))
+    buckets = {(resolution, resolution)}
+    for w in range(step, longest + 1, step):
+        h = min(resolution * resolution // w, longest) // step * step
+        if h >= step and max(w, h) / min(w, h) <= max_ratio:
+            buckets.add((w, h))
+    return sorted(buckets)
+
+
+def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (ties: the larger area)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def fit_to_bucket(im: Image.Image, bucket: tuple[int, int], crop: str, rng: np.random.Generator | None,
+                  flip: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize to cover the bucket, crop (center or random), optionally mirror.
+
+    Returns pixels [3, h, w] in [-1, 1] and the crop's (top, left) in resized pixels (SDXL conditions on it)."""
+    bw, bh = bucket
+    scale = max(bw / im.width, bh / im.height)
+    nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
+    im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+    if crop == "random" and rng is not None:
+        left, top = int(rng.integers(0, nw - bw + 1)), int(rng.integers(0, nh - bh + 1))
+    else:
+        left, top = (nw - bw) // 2, (nh - bh) // 2
+    im = im.crop((left, top, left + bw, top + bh))
+    if flip:
+        im = ImageOps.mirror(im)
+    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0, (top, left)
+
+
+# ---------------------------------------------------------------- datasets
+
+def build_examples(folders, resolution: int, bucketing: bool, step: int | None = None,
+                   is_prior: bool = False) -> list[Example]:
+    """Examples from (folder, prompt, use_captions, repeats) tuples; unreadable files are logged by name."""
+    buckets = make_buckets(resolution, step) if bucketing else [(resolution, resolution)]
+    examples = []
+    for folder, prompt, use_captions, repeats in folders:
+        items, skipped = scan_folder(folder, prompt, use_captions)
+        for name in skipped:
+            log.warning("skipped %s in %s", name, folder)
+        for path, caption in items:
+            with Image.open(path) as im:
+                w, h = im.size[::-1] if _has_rotation(im) else im.size
+            bucket = pick_bucket((w, h), buckets)
+            examples.extend([Example(path, caption, bucket, is_prior, (w, h))] * repeats)
+    if not examples:
+        where = ", ".join(str(f[0]) for f in folders)
+        raise DataError(f"no readable images in {where}; add .png/.jpg images to train on")
+    return examples
+
+
+def _has_rotation(im: Image.Image) -> bool:
+    try:
+        return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - broken EXIF blocks are ignored
+        return False
+
+
+def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """This epoch's batches: indices shuffled within buckets, chunked, then the batches shuffled."""
+    rng = np.random.default_rng([seed, epoch, 7])
+    by_bucket: dict[tuple, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_bucket.setdefault(ex.bucket, []).append(i)
+    batches = []
+    for key in sorted(by_bucket):
+        idx = [by_bucket[key][j] for j in rng.permutation(len(by_bucket[key]))]
+        batches.extend(idx[i:i + batch_size] for i in range(0, len(idx), batch_size))
+    return [batches[j] for j in rng.permutation(len(batches))]
+
+
+class BatchPlan:
+    """The k-th micro-batch of the whole run, computed from (seed, k) alone."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.per_epoch = len(epoch_batches(examples, batch_size, seed, 0))
+        self._cache: tuple[int, list] | None = None
+
+    def __call__(self, k: int) -> list[int]:
+        epoch = k // self.per_epoch
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, epoch_batches(self.examples, self.batch_size, self.seed, epoch))
+        return self._cache[1][k % self.per_epoch]

@@ -1,0 +1,225 @@
+"""`train(config, callbacks, commands)`: the training loop.
+
+Progress, samples and checkpoints reach front ends through callbacks; stop / sample now / save now are commands the
+loop polls after every step. The CLI and the UI differ only in what they register.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..callbacks import Callbacks, Commands
+from ..config import Config, validate
+from ..errors import TrainingError
+from ..io import atomic_write_text
+from . import checkpoint as ckpt
+from .adapters import zero_update_modules
+from .output import write_checkpoint, write_output, write_samples
+from .setup import check_bitsandbytes, make_accelerator, setup
+from .state import TrainState
+from .step import seeded, training_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output: str
+    steps: int
+    final_loss: float
+    seconds: float
+    stopped: bool = False
+    samples: list = field(default_factory=list)
+    checkpoints: list = field(default_factory=list)
+    log: str = ""
+    trigger: str = ""
+    is_main: bool = True  # False on the other processes of a multi-process run
+
+
+def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | None = None,
+          resume: bool = False) -> TrainResult:
+    """Train one LoRA as configured; returns where it went and how it went. Raises SdloraError on bad input."""
+    validate(cfg)
+    check_bitsandbytes(cfg)
+    callbacks, commands = callbacks or Callbacks(), commands or Commands()
+    acc = make_accelerator(cfg)
+    main = acc.is_main_process
+    state = setup(cfg, acc, callbacks if main else Callbacks())
+    out = Path(cfg.output.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state.start_step = step = resume_from_checkpoint(state, out, callbacks) if resume else 0
+    result = TrainResult(output=str(out), steps=step, final_loss=float("nan"), seconds=0.0,
+                         log=str(out.with_name(out.stem + "_log.jsonl")), is_main=main)
+    if main:
+        _trim_log(Path(result.log), step)
+        callbacks.on_start(state)
+        if step == 0 and cfg.sample.prompts:
+            result.samples += write_samples(state, 0, callbacks)
+    t0 = time.time()
+    with open(result.log, "a") if main else contextlib.nullcontext() as log_file:
+        while step < cfg.total_steps and not result.stopped:
+            loss, stats = optimizer_step(state, step)
+            step += 1
+            stats.update(loss=loss, lr=state.optim.lr_scheduler.get_last_lr()[0], step=step)
+            result.final_loss = loss
+            if main:
+                log_file.write(json.dumps({k: round(float(v), 8) for k, v in stats.items()}) + "\n")
+                log_file.flush()
+                callbacks.on_step(step, stats)
+            _periodic(state, step, result, commands, callbacks)
+    result.steps, result.seconds = step, time.time() - t0
+    _check_in_sync(state)
+    if result.stopped:  # the checkpoint holds everything; the final file is written when the run completes
+        result.output = str(Path(result.checkpoints[-1]).with_suffix(".safetensors"))
+    else:
+        states = state.lora_states()
+        _check_update(state, states, step)
+        if main:
+            if cfg.sample.prompts:
+                result.samples += write_samples(state, step, callbacks)
+            write_output(state, states, step, out)
+    if main:
+        from ..loras.metadata import trigger_words
+
+        result.trigger = state.concept.token if state.concept else trigger_words(cfg)
+        callbacks.on_end(result)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def optimizer_step(state: TrainState, step: int) -> tuple[float, dict]:
+    """Forward/backward over grad_accum micro-batches, clip, step what this phase trains. Raises on a non-finite
+    loss."""
+    cfg, acc, optim = state.cfg, state.acc, state.optim
+    torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # LoRA dropout: per-step too
+    state.models.denoiser.train()
+    phase = state.enter_phase(step)
+    total, stats = 0.0, {}
+    for micro in range(cfg.train.grad_accum):
+        gen, rng = seeded(cfg.train.seed, step, state.rank, micro)
+        batch = state.batches.fetch((step * cfg.train.grad_accum + micro) * state.world + state.rank, rng)
+        sync = micro == cfg.train.grad_accum - 1
+        with acc.no_sync(state.models.denoiser) if not sync and state.world > 1 else contextlib.nullcontext(), \
+                acc.autocast():
+            loss, stats = training_step(batch, state.models, cfg, gen)
+        if not torch.isfinite(loss):
+            last = ckpt.latest_checkpoint(cfg.output.path)
+            raise TrainingError(
+                f"loss became {loss.item()} at step {step + 1}: lower the learning rate (now {cfg.optim.lr})"
+                + (" or use --mixed-precision bf16/no" if acc.mixed_precision == "fp16" else "")
+                + (f"; last good checkpoint: {last}" if last else ""))
+        acc.backward(loss / cfg.train.grad_accum)
+        total += loss.item() / cfg.train.grad_accum
+    if not phase.trains_lora:
+        for p in optim.lora_params:
+            p.grad = None
+    if state.concept is not None and not phase.trains_embedding:
+        for p in state.concept.params:
+            p.grad = None
+    if phase.embedding_optimizer:
+        _clip(state, state.concept.params)
+        optim.embedding.step()
+        optim.embedding.zero_grad(set_to_none=True)
+    else:
+        _clip(state, optim.params)
+        optim.main.step()
+        optim.lr_scheduler.step()
+        optim.main.zero_grad(set_to_none=True)
+    if state.world > 1:  # log the loss of the whole batch, not of this rank's share
+        stats["loss"] = torch.tensor(total, device=acc.device)
+        stats = {k: acc.reduce(v.detach().reshape(1).float(), "mean") for k, v in stats.items()}
+        total = stats.pop("loss").item()
+    return total, {k: v.item() for k, v in stats.items()}
+
+
+def _clip(state: TrainState, params) -> None:
+    if state.cfg.optim.max_grad_norm:
+        state.acc.clip_grad_norm_(list(params), state.cfg.optim.max_grad_norm)
+
+
+def resume_from_checkpoint(state: TrainState, out: Path, callbacks: Callbacks) -> int:
+    """Load the newest checkpoint of this output (LoRA, embeddings, optimizers, schedule); its step, or 0."""
+    path = ckpt.latest_checkpoint(out)
+    if path is None:
+        callbacks.on_message(f"no checkpoint in {ckpt.checkpoint_dir(out)}; starting from step 0")
+        return 0
+    saved = ckpt.load_state(path, state.cfg.to_dict())
+    state.load_lora_states(saved["lora"])
+    if state.concept is not None:
+        state.concept.load(saved["embeddings"])
+        if state.optim.embedding is not None:
+            state.optim.embedding.load_state_dict(saved["ti_optimizer"])
+    state.optim.main.load_state_dict(saved["optimizer"])
+    state.optim.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if saved.get("scaler") and state.acc.scaler is not None:
+        state.acc.scaler.load_state_dict(saved["scaler"])
+    callbacks.on_message(f"resumed from {path} at step {saved['step']}")
+    return saved["step"]
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (written before an interruption, and about to be trained again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+def _periodic(state: TrainState, step: int, result: TrainResult, commands: Commands, callbacks: Callbacks) -> None:
+    """Samples and checkpoints when due or asked for; a stop request ends the run after a checkpoint."""
+    cfg = state.cfg
+    done = step == cfg.total_steps
+    stop, save_now, sample_now = _synced(state, commands.stop, commands.save_now, commands.sample_now)
+    if cfg.sample.prompts and state.acc.is_main_process and (
+            (cfg.sample.every and step % cfg.sample.every == 0 and not done) or sample_now):
+        result.samples += write_samples(state, step, callbacks)
+    if (cfg.output.save_every and step % cfg.output.save_every == 0 and not done) or save_now or stop:
+        result.checkpoints.append(write_checkpoint(state, step, callbacks))
+    commands.sample_now = commands.save_now = False
+    result.stopped = stop
+
+
+def _synced(state: TrainState, *flags: bool) -> list[bool]:
+    """Command flags as the main process sees them, on every process (so all stop or save together)."""
+    if state.world == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=state.device)
+    return [bool(v) for v in state.acc.reduce(t, "max").tolist()]
+
+
+def _check_in_sync(state: TrainState) -> None:
+    """Under several processes, every rank must hold the same LoRA weights (DDP kept them in sync)."""
+    if state.world == 1:
+        return
+    params = state.optim.lora_params + (state.concept.params if state.concept else [])
+    sums = torch.stack([p.detach().double().sum() for p in params]).to(state.device)
+    gathered = state.acc.gather(sums[None]).cpu()
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=0, atol=1e-9):
+        raise TrainingError("LoRA weights differ between processes; gradients were not synchronised")
+
+
+def _check_update(state: TrainState, states: dict, step: int) -> None:
+    """A LoRA (or embedding) that never moved from its start would change nothing: an error, not a file."""
+    if state.concept is not None and all(torch.equal(a, b) for a, b in zip(state.concept.vectors(),
+                                                                          state.concept_init)):
+        raise TrainingError(f"the new embedding of {state.cfg.pivotal.token} never changed in {step} steps; "
+                            "raise pivotal.ti_lr or train more steps")
+    if not states:
+        return
+    zero = [m for s in states.values() for m in zero_update_modules(s)]
+    total = sum(1 for s in states.values() for k in s if k.endswith(".lora_B.weight"))
+    if zero and len(zero) == total:
+        raise TrainingError(f"the LoRA is still zero after {step} steps, so it would change nothing; "
+                            "raise the learning rate or train more steps")
+    if zero:
+        log.warning("%d of %d LoRA layers never changed (e.g. %s)", len(zero), total, zero[0])

@@ -1,0 +1,241 @@
+"""`setup`: from a config to a ready `TrainState`, top to bottom: model, resolution, class images, pivotal tokens,
+data, device and precision, LoRA adapters, phases, caches, optimizers, and accelerate's wrapping."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..callbacks import Callbacks
+from ..config import Config
+from ..errors import ConfigError, DataError, ModelError
+from ..models import Components
+from ..quantize import quantize_nf4, require_bitsandbytes
+from .adapters import inject, lora_parameters
+from .batches import Batches, Latents
+from .data import BatchPlan, build_examples, scan_folder
+from .embeddings import ConceptTokens, add_concept
+from .phases import plan_phases
+from .state import Adapters, Optimizers, TrainState
+from .step import Models
+from .text import TextEncoding
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Several jobs run in one process (queue, UI): each gets a fresh precision setting; the process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    mp = mixed_precision(cfg)
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    # cpu=True lets accelerate run DDP over gloo when launched with several processes and no GPU
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def mixed_precision(cfg: Config) -> str:
+    mp = cfg.train.mixed_precision
+    if mp != "auto":
+        return mp
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def check_bitsandbytes(cfg: Config) -> None:
+    """QLoRA and 8-bit Adam need a bitsandbytes that runs here: say so before any model loads."""
+    if cfg.model.quantize != "none":
+        require_bitsandbytes(cfg.model.quantize, f"QLoRA (quantize = {cfg.model.quantize})")
+    if cfg.optim.optimizer == "adamw8bit":
+        try:
+            require_bitsandbytes("adamw8bit", "optimizer adamw8bit")
+        except ModelError as e:
+            raise ConfigError(f"{e}; or use --optimizer adamw") from None
+
+
+def resolve_resolution(cfg: Config, c: Components) -> tuple[int, int]:
+    """(resolution, bucket step) that fit the VAE and denoiser down-sampling of this model."""
+    vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    multiple = vae_factor * 2 ** (len(c.denoiser.config.block_out_channels) - 1)
+    res = cfg.augment.resolution or c.denoiser.config.sample_size * vae_factor
+    if res % multiple:
+        raise ConfigError(f"resolution {res} must be a multiple of {multiple} for this model")
+    return res, max(multiple, math.ceil(res / 64 / multiple) * multiple)
+
+
+def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None = None) -> TrainState:
+    """Load the model (unless `components` are given), data and LoRA; build caches, optimizer and schedule."""
+    from ..models import load_components
+
+    c = components or load_components(cfg.model_path, cfg.model.prediction_type)
+    resolution, bucket_step = resolve_resolution(cfg, c)
+    if cfg.prior.class_prompt and cfg.prior.mode == "images":
+        if acc.is_main_process:
+            ensure_class_images(cfg, c, resolution, callbacks)
+        acc.wait_for_everyone()
+    concept = pivotal_tokens(cfg, c)
+    prompt = (lambda text: concept.prompt(text, cfg.pivotal.trigger)) if concept else (lambda text: text)
+    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt)
+    weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
+    adapters = add_adapters(cfg, c, concept)
+    phases = plan_phases(cfg, has_lora=cfg.train.max_steps > 0, text_lora=adapters.text_lora,
+                         has_concept=concept is not None)
+    batches.latents = Latents(c.vae, acc.device, weight_dtype, cached=cfg.train.cache_latents
+                              and cfg.augment.crop == "center", crop=cfg.augment.crop)
+    if cfg.train.cache_latents and not batches.latents.cached:
+        callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
+    optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
+    text = TextEncoding(c.family.conditioning, c.tokenizers, encoders, list(c.text_encoders),
+                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text)
+    models = Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
+    state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept,
+                       concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
+    state.enter_phase(0)
+    batches.fill_cache()
+    if cfg.train.cache_text and not phases.main.text_trainable and concept is None:
+        text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
+    return state
+
+
+def ensure_class_images(cfg: Config, c: Components, resolution: int, callbacks: Callbacks) -> None:
+    """Generate the class images the prior folder lacks, with the base model (no LoRA)."""
+    from ..sampling import render, save_png
+
+    folder = Path(cfg.prior.class_data)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len(scan_folder(folder)[0])
+    missing = cfg.prior.num_class_images - have
+    if missing <= 0:
+        if have == 0:
+            raise DataError(f"no class images in {folder}; set num_class_images to have them generated")
+        return
+    callbacks.on_message(f"generating {missing} class images for '{cfg.prior.class_prompt}' into {folder}")
+    pipe = c.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    seed = cfg.train.seed + 10_000 + have
+    for start in range(0, missing, 4):
+        n = min(4, missing - start)
+        images = render(pipe, [cfg.prior.class_prompt] * n, seed + start, cfg.sample.steps, cfg.sample.guidance,
+                        resolution, resolution)
+        for i, im in enumerate(images):
+            save_png(im, folder / f"class_{have + start + i:05d}.png", {"prompt": cfg.prior.class_prompt})
+
+
+def pivotal_tokens(cfg: Config, c: Components) -> ConceptTokens | None:
+    """Pivotal tuning: the new token(s), added to every tokenizer and text encoder."""
+    pv = cfg.pivotal
+    if not pv.token:
+        return None
+    return add_concept(c.tokenizers, c.text_encoders, [s.embedding_key for s in c.family.text_encoders], pv.token,
+                       pv.num_vectors, pv.init_word, cfg.train.seed)
+
+
+def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, prompt) -> tuple[Batches, dict]:
+    """The examples (bucketed, captions through `prompt`), the class images' examples, their batch plans, and
+    the captions of each folder (for the file's tag frequencies). Latents are attached by `setup`."""
+    import dataclasses
+
+    folders = [(d.path, d.prompt, d.use_captions, d.repeats) for d in cfg.data]
+    examples = [dataclasses.replace(e, caption=prompt(e.caption))
+                for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step)]
+    if cfg.pivotal.token and not any(cfg.pivotal.token in e.caption for e in examples):
+        what = f"the trigger {cfg.pivotal.trigger!r}" if cfg.pivotal.trigger else f"the token {cfg.pivotal.token!r}"
+        raise ConfigError(f"no caption or instance prompt contains {what}; put it in the captions "
+                          "or set pivotal.trigger")
+    captions = {d.path: [cap for _, cap in scan_folder(d.path, d.prompt, d.use_captions)[0]] for d in cfg.data}
+    prior_examples, prior_plan = [], None
+    if cfg.prior.class_prompt and cfg.prior.mode == "images":
+        prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], resolution,
+                                        cfg.augment.bucketing, bucket_step, is_prior=True)
+        prior_plan = BatchPlan(prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
+    batches = Batches(examples, BatchPlan(examples, cfg.train.batch_size, cfg.train.seed), prior_examples,
+                      prior_plan, latents=None, conditioning=c.family.conditioning,
+                      random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout)
+    return batches, captions
+
+
+def place_models(cfg: Config, c: Components, device: torch.device, precision: str) -> torch.dtype:
+    """Frozen denoiser and text encoders in the training precision (NF4 with QLoRA), everything on the device.
+    The VAE stays fp32: fp16 VAEs overflow to NaN. Returns the weights' dtype."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32) \
+        if device.type == "cuda" else torch.float32
+    for module in (c.denoiser, *c.text_encoders):
+        if dtype != torch.float32:
+            module.to(dtype=dtype)
+        if cfg.model.quantize == "nf4":
+            quantize_nf4(module, device, dtype)
+    for module in (c.denoiser, *c.text_encoders, c.vae):
+        module.to(device)
+    return dtype
+
+
+def text_encoder_lrs(cfg: Config, n: int) -> list[float]:
+    """Learning rate of each text encoder's LoRA (0 = no LoRA on it)."""
+    if not cfg.lora.train_text_encoder or cfg.train.max_steps == 0:
+        return [0.0] * n
+    lrs = [cfg.lora.text_encoder_lr or cfg.optim.lr]
+    if n > 1:
+        lrs.append((cfg.lora.text_encoder_2_lr or lrs[0]) if cfg.lora.train_text_encoder_2 else 0.0)
+    return lrs
+
+
+def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> Adapters:
+    """LoRA (B = 0: the model is unchanged) on the denoiser's target layers and on the text encoders that train;
+    pivotal tuning's new embedding rows stay trainable. With max_steps 0 (plain textual inversion) no LoRA."""
+    from diffusers.training_utils import cast_training_params
+
+    torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
+    lo, fam = cfg.lora, c.family
+    targets = inject(c.denoiser, fam.targets[lo.targets], lo.rank, cfg.lora_alpha, lo.dropout) \
+        if cfg.train.max_steps > 0 else []
+    lrs = text_encoder_lrs(cfg, len(c.text_encoders))
+    for i, (encoder, lr) in enumerate(zip(c.text_encoders, lrs)):
+        if lr:
+            targets += inject(encoder, fam.text_targets, lo.rank, cfg.lora_alpha, lo.dropout, f"text encoder {i + 1}")
+    for param in concept.params if concept else []:  # peft froze every non-LoRA parameter
+        param.requires_grad_(True)
+    cast_training_params([c.denoiser, *c.text_encoders], dtype=torch.float32)
+    if cfg.train.gradient_checkpointing:
+        c.denoiser.enable_gradient_checkpointing()
+        for encoder, lr in zip(c.text_encoders, lrs):
+            if lr:
+                encoder.gradient_checkpointing_enable()
+    return Adapters(targets, lrs)
+
+
+def make_optimizers(cfg: Config, acc, c: Components, adapters: Adapters, concept: ConceptTokens | None):
+    """The optimizers with the LR schedule, and accelerate's wrapping of the models that train:
+    (Optimizers, denoiser as the step runs it, text encoders as the step runs them)."""
+    from diffusers.optimization import get_scheduler
+
+    has_lora = cfg.train.max_steps > 0
+    groups = [{"params": lora_parameters(c.denoiser), "lr": cfg.optim.lr}] if has_lora else []
+    groups += [{"params": lora_parameters(e), "lr": lr} for e, lr in zip(c.text_encoders, adapters.text_lrs) if lr]
+    emb = concept.params if concept else []
+    lora_params = [p for g in groups for p in g["params"]]
+    if emb and cfg.pivotal.continue_lr > 0:
+        groups.append({"params": emb, "lr": cfg.pivotal.continue_lr, "weight_decay": 0.0})
+    main = _optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], acc.device)
+    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, main, num_warmup_steps=cfg.optim.warmup_steps,
+                                 num_training_steps=max(cfg.train.max_steps, 1))
+    embedding = torch.optim.AdamW(emb, lr=cfg.pivotal.ti_lr, weight_decay=0.0) if cfg.ti_steps else None
+    denoiser = acc.prepare(c.denoiser)
+    encoders = [acc.prepare(e) if lr or emb else e for e, lr in zip(c.text_encoders, adapters.text_lrs)]
+    main = acc.prepare(main)
+    embedding = acc.prepare(embedding) if embedding is not None else None
+    optim = Optimizers(main, lr_scheduler, embedding, [p for g in groups for p in g["params"]], lora_params)
+    return optim, denoiser, encoders
+
+
+def _optimizer(cfg: Config, groups: list[dict], device) -> torch.optim.Optimizer:
+    kw = dict(weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # present: train() checked before loading
+
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kw)

@@ -1,0 +1,110 @@
+"""The state of one training run, every field declared in one place. `setup.setup` builds it; the loop, the
+checkpoints and the output read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import Config
+from ..models import Components
+from .batches import Batches
+from .embeddings import ConceptTokens
+from .phases import Phase, Phases
+from .step import Models
+
+
+@dataclass
+class Adapters:
+    """Where the LoRA sits: the adapted module paths, and each text encoder's learning rate (0: no LoRA on it)."""
+
+    targets: list[str]
+    text_lrs: list[float]
+
+    @property
+    def text_lora(self) -> bool:
+        return any(self.text_lrs)
+
+
+@dataclass
+class Optimizers:
+    """The main optimizer (LoRA, and the embedding in phase 2 when it keeps training) with its LR schedule, and the
+    new embedding's own optimizer for textual inversion (phase 1)."""
+
+    main: torch.optim.Optimizer
+    lr_scheduler: object
+    embedding: torch.optim.Optimizer | None
+    params: list[torch.nn.Parameter]        # everything the main optimizer steps
+    lora_params: list[torch.nn.Parameter]   # the LoRA's alone
+
+
+@dataclass
+class TrainState:
+    cfg: Config
+    acc: object                   # accelerate.Accelerator
+    components: Components        # the models as loaded, adapters added; never wrapped
+    models: Models                # what the step runs (wrapped by accelerate where they train)
+    batches: Batches
+    resolution: int
+    captions_by_folder: dict[str, list[str]]
+    adapters: Adapters
+    concept: ConceptTokens | None  # pivotal tuning's new token
+    concept_init: list[torch.Tensor] | None
+    phases: Phases
+    optim: Optimizers
+    weight_dtype: torch.dtype
+    started: float
+    start_step: int = 0
+    phase: Phase | None = field(default=None)  # the phase of the last step taken
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    @property
+    def has_lora(self) -> bool:
+        return self.phases.main.trains_lora
+
+    def enter_phase(self, step: int) -> Phase:
+        """The phase of `step`; on a change, cached text conditioning is dropped (the embedding may have moved)."""
+        phase = self.phases.at(step)
+        if phase is not self.phase:
+            self.models.text.cache.clear()
+            self.models.text.trainable = phase.text_trainable
+            self.phase = phase
+        return phase
+
+    def prompt(self, text: str) -> str:
+        """A caption or sample prompt with the pivotal trigger replaced by the new token(s)."""
+        return self.concept.prompt(text, self.cfg.pivotal.trigger) if self.concept is not None else text
+
+    def lora_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """peft state dicts of the LoRA, keyed by model part (unet, text_encoder, ...); empty without a LoRA."""
+        from .adapters import lora_state_dict
+
+        if not self.has_lora:
+            return {}
+        c = self.components
+        states = {c.family.denoiser_attr: lora_state_dict(c.denoiser)}
+        for slot, encoder, lr in zip(c.family.text_encoders, c.text_encoders, self.adapters.text_lrs):
+            if lr:
+                states[slot.attr] = lora_state_dict(encoder)
+        return states
+
+    def load_lora_states(self, states: dict) -> None:
+        from .adapters import load_lora_state_dict
+
+        c = self.components
+        parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders),
+                     **{c.family.denoiser_attr: c.denoiser})
+        for part, state in states.items():
+            load_lora_state_dict(parts[part], state)

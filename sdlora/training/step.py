@@ -1,0 +1,74 @@
+"""The training step: a batch, the models, the config and a generator in; the loss and a few numbers out.
+
+It prints, saves and samples nothing, so the CLI, the UI, the tests and the benchmark share it. Step N's noise and
+timesteps come from a generator seeded by (seed, N, rank, micro-batch) alone, so a resumed run repeats an
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..families.sd import Conditioning
+from . import objective
+from .batches import Batch
+from .text import TextEncoding, adapters_off
+
+
+@dataclass
+class Models:
+    """What the step runs: the denoiser (wrapped by accelerate when several processes train), the text encoding,
+    the noise schedule, and the family's conditioning."""
+
+    denoiser: torch.nn.Module
+    raw_denoiser: torch.nn.Module  # the same model unwrapped, to switch its adapters off
+    text: TextEncoding
+    scheduler: object
+    conditioning: Conditioning
+
+
+def seeded(seed: int, step: int, rank: int, micro: int = 0) -> tuple[torch.Generator, np.random.Generator]:
+    """Generators for one micro-batch, from (seed, step, rank, micro) alone."""
+    key = [seed, step, rank, micro]
+    g = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
+    return g, np.random.default_rng(key)
+
+
+def diffusion_loss(models: Models, batch: Batch, train_cfg, gen: torch.Generator):
+    """Per-sample loss of the denoiser on this batch's noised latents, and (noisy latents, timesteps)."""
+    cond = models.text(batch.captions)
+    latents, scheduler = batch.latents, models.scheduler
+    noise = objective.sample_noise(latents, gen, train_cfg.noise_offset)
+    t = objective.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, gen, latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = models.denoiser(noisy, t, **models.conditioning.denoiser_kwargs(cond, batch.micro), return_dict=False)[0]
+    weights = objective.snr_weights(scheduler, t, train_cfg.min_snr_gamma) if train_cfg.min_snr_gamma else None
+    return objective.per_sample_loss(pred, objective.target(scheduler, latents, noise, t), weights), noisy, t
+
+
+def model_prior_loss(models: Models, noisy: torch.Tensor, t: torch.Tensor, micro, class_prompt: str) -> torch.Tensor:
+    """Prior preservation without class images: on the class prompt, match the base model (adapters off)."""
+    n, kwargs = noisy.shape[0], models.conditioning.denoiser_kwargs
+    with torch.no_grad(), adapters_off([models.raw_denoiser]):
+        base_cond = models.text([class_prompt] * n, base=True)
+        base = models.raw_denoiser(noisy, t, **kwargs(base_cond, micro), return_dict=False)[0]
+    pred = models.denoiser(noisy, t, **kwargs(models.text([class_prompt] * n), micro), return_dict=False)[0]
+    return objective.per_sample_loss(pred, base).mean()
+
+
+def training_step(batch: Batch, models: Models, cfg, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch: the instance loss, plus the prior-preservation loss when configured."""
+    loss, noisy, t = diffusion_loss(models, batch, cfg.train, gen)
+    loss = loss.mean()
+    stats = {"loss_instance": loss.detach()}
+    if batch.prior is not None:
+        prior = diffusion_loss(models, batch.prior, cfg.train, gen)[0].mean()
+    elif cfg.prior.class_prompt and cfg.prior.mode == "model":
+        prior = model_prior_loss(models, noisy, t, batch.micro, cfg.prior.class_prompt)
+    else:
+        return loss, stats
+    stats["loss_prior"] = prior.detach()
+    return loss + cfg.prior.weight * prior, stats

@@ -1,0 +1,62 @@
+"""Text conditioning during training: the family's encoders, with a cache while nothing in the text path trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..families.sd import Conditioning
+
+
+class adapters_off:
+    """Context: the given models run without their LoRA adapters."""
+
+    def __init__(self, models):
+        self.models = list(models)
+
+    def __enter__(self):
+        for m in self.models:
+            m.disable_adapters()
+
+    def __exit__(self, *exc):
+        for m in self.models:
+            m.enable_adapters()
+        return False
+
+
+@dataclass
+class TextEncoding:
+    """Captions -> the denoiser's text conditioning. Cached per caption while the text path is frozen
+    (`trainable` False and `cache` allowed); `base=True` gives the base model's own conditioning (adapters off)."""
+
+    conditioning: Conditioning
+    tokenizers: list
+    encoders: list             # as the step calls them (wrapped by accelerate where they train)
+    raw_encoders: list         # unwrapped, to switch their adapters off
+    adapted: list[bool]        # which encoders carry a LoRA
+    device: torch.device
+    cache_allowed: bool
+    trainable: bool = False
+    cache: dict = field(default_factory=dict)
+    base_cache: dict = field(default_factory=dict)
+
+    def __call__(self, captions: list[str], base: bool = False) -> dict[str, torch.Tensor]:
+        encoders = self.raw_encoders if base else self.encoders
+        if base or not self.trainable and self.cache_allowed:
+            cache = self.base_cache if base else self.cache
+            missing = [c for c in dict.fromkeys(captions) if c not in cache]
+            if missing:
+                off = [e for e, a in zip(encoders, self.adapted) if a] if base else []
+                with torch.no_grad(), adapters_off(off):
+                    out = self.conditioning.encode(self.tokenizers, encoders, missing, self.device)
+                for i, c in enumerate(missing):
+                    cache[c] = {k: v[i] for k, v in out.items()}
+            return {k: torch.stack([cache[c][k] for c in captions]) for k in cache[captions[0]]}
+        with torch.set_grad_enabled(self.trainable):
+            return self.conditioning.encode(self.tokenizers, encoders, captions, self.device)
+
+    def fill(self, captions: list[str], chunk: int = 64) -> None:
+        """Encode these captions into the cache now (so no encoder runs during the steps)."""
+        for start in range(0, len(captions), chunk):
+            self(captions[start:start + chunk])
