@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from sdlora import paths
+from sdlora.world.builder import BuildConfig, build
 from sdlora.world.evaluate import evaluate_base
 from sdlora.world.judge import train_judge
-from sdlora.world.builder import BuildConfig, build
 
 
 def main(argv=None) -> None:
@@ -34,10 +34,15 @@ def main(argv=None) -> None:
     cfg = BuildConfig.quick(args.seed) if args.quick else BuildConfig(seed=args.seed)
     if args.unet_steps is not None:
         cfg.unet_steps = args.unet_steps
-    log = lambda msg: print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+    def log(msg):
+        print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
     pipe = build(args.out / "shapes-sd", cfg, log)
     vae = pipe.vae
-    roundtrip = lambda x: vae.decode(vae.encode(x).latent_dist.mean).sample
+
+    def roundtrip(x):
+        return vae.decode(vae.encode(x).latent_dist.mean).sample
+
     judge = train_judge(steps=cfg.judge_steps, seed=args.seed, n_images=64 if args.quick else 8400,
                         roundtrip=roundtrip, log=log)
     judge.save(args.out / "judge")

@@ -15,10 +15,10 @@ import json
 import time
 from pathlib import Path
 
+from sdlora import train
 from sdlora.cli.world import run_eval
 from sdlora.config import load_toml
 from sdlora.paths import sample_data
-from sdlora import train
 
 
 def main() -> None:

@@ -8,12 +8,12 @@ silently with the default).
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 import tomli_w
+import tomllib
 
 from .errors import ConfigError
 from .paths import default_model_path
@@ -224,7 +224,8 @@ def from_dict(values: dict) -> Config:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"config_version must be a whole number like {CONFIG_VERSION}, got {value!r}")
             if value > CONFIG_VERSION:
-                raise ConfigError(f"config_version {value} is newer than this sdlora ({CONFIG_VERSION}); upgrade sdlora")
+                raise ConfigError(f"config_version {value} is newer than this sdlora ({CONFIG_VERSION}); "
+                                  "upgrade sdlora")
         elif key == "data":
             items = value if isinstance(value, list) else [value]
             cfg.data = []

@@ -89,9 +89,9 @@ def _folder_family(source: str) -> Family:
 
 def load_components(source: str, prediction_type: str = "auto") -> Components:
     """Tokenizers, text encoders, VAE, denoiser and schedulers of a diffusers folder, a hub id or a single file."""
+    import diffusers
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler
-    import diffusers
 
     source = str(source)
     if Path(source).is_file():  # one original-layout checkpoint (.safetensors), loaded offline
@@ -133,7 +133,8 @@ def _load_scheduler(source: str):
     try:
         cfg_path = Path(source) / "scheduler" / "scheduler_config.json"
         if cfg_path.is_file():
-            cls = getattr(diffusers, json.loads(cfg_path.read_text()).get("_class_name", "DDIMScheduler"), DDIMScheduler)
+            name = json.loads(cfg_path.read_text()).get("_class_name", "DDIMScheduler")
+            cls = getattr(diffusers, name, DDIMScheduler)
             return cls.from_pretrained(source, subfolder="scheduler")
         return _from_pretrained(DDIMScheduler, source, "scheduler")
     except ModelError:

@@ -73,8 +73,8 @@ def build_components(spec: dict = TINY, seed: int = 0, prediction_type: str = "e
     text_cfg = CLIPTextConfig(vocab_size=49408 if spec is SD15 else 600, bos_token_id=0, eos_token_id=2,
                               pad_token_id=1, projection_dim=spec["text"]["hidden_size"], **spec["text"])
     text_encoder = CLIPTextModel(text_cfg)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
 
 

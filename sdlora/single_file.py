@@ -76,7 +76,7 @@ def _header(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
 
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
     except Exception as e:  # noqa: BLE001 - any unreadable file
         raise ModelError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
 
@@ -122,10 +122,8 @@ def _family(shapes: dict, path: Path) -> str:
         first = next(k for k in shapes if k.startswith(UNET))
         raise ModelError(f"{path}: its diffusion model has no input_blocks (found '{first}') — not a Stable "
                          "Diffusion 1/2/XL UNet (SD3, Flux and other transformers are not supported)")
-    for family, encoders in ENCODERS.items():
-        if all(has(e.prefix) for e in encoders):
-            break
-    else:
+    family = next((f for f, encoders in ENCODERS.items() if all(has(e.prefix) for e in encoders)), None)
+    if family is None:
         found = sorted({".".join(k.split(".")[:3]) for k in shapes if k.startswith(("cond", "conditioner"))})
         raise ModelError(f"{path}: no SD1 (cond_stage_model.transformer), SD2 (cond_stage_model.model) or SDXL "
                          f"(conditioner.embedders.0/1) text encoder; found {found[:4] or 'none'} "
@@ -408,8 +406,7 @@ def _text_to_ldm(sd: dict, e: Encoder) -> dict:
         elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", key):
             qkv = [sd[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[2]}"] for p in "qkv"]
             out[f"{e.prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[2]}"] = torch.cat(qkv)
-        elif m := re.match(r"encoder\.layers\.(\d+)\.(.*)", key):
-            if not re.match(r"self_attn\.[kv]_proj", m[2]):
+        elif (m := re.match(r"encoder\.layers\.(\d+)\.(.*)", key)) and not re.match(r"self_attn\.[kv]_proj", m[2]):
                 rest = next((m[2].replace(a, b, 1) for a, b in _OPENCLIP_LAYER if m[2].startswith(a)), m[2])
                 out[f"{e.prefix}transformer.resblocks.{m[1]}.{rest}"] = v
     if e.skip_last:  # the unused last OpenCLIP layer (zeros) and projection, so the file has SD2's layout

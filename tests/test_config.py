@@ -104,3 +104,29 @@ def test_shipped_job_files_are_valid(name):
 
     cfg = validate(load_toml(sample_data() / name))
     assert all(__import__("pathlib").Path(d.path).is_dir() for d in cfg.data)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('config_version = "1"\n[[data]]\npath = "."\n', "config_version must be a whole number like 1"),
+    ("config_version = 99\n[[data]]\npath = '.'\n", "config_version 99 is newer than this sdlora"),
+    ("[train]\nmax_steps = 0\n[[data]]\npath = '.'\n", "0 is only for plain textual inversion"),
+    ("[train]\nmax_steps = -2\n[[data]]\npath = '.'\n", "train.max_steps must be >= 0, got -2"),
+])
+def test_bad_versions_and_step_counts_are_one_line(tmp_path, capsys, text, message):
+    rc = main(["train", str(write(tmp_path, text))])
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and err.strip().count("\n") == 0, err
+
+
+def test_zero_steps_are_valid_for_plain_textual_inversion(tmp_path):
+    cfg = Config()
+    from sdlora.config import DataFolder
+
+    cfg.data = [DataFolder(path=str(tmp_path))]
+    cfg.train.max_steps, cfg.pivotal.token, cfg.pivotal.ti_steps = 0, "<s1>", 10
+    assert validate(cfg).total_steps == 10
+
+
+def test_demo_refuses_zero_steps_instead_of_ignoring_them(capsys):
+    assert main(["demo", "--max-steps", "0"]) == 2
+    assert "train.max_steps must be > 0" in capsys.readouterr().err

@@ -7,12 +7,12 @@ import torch
 from conftest import draw_images, tiny_config
 from test_train import Capture, StopAt, fresh_pipeline
 
+from sdlora import train
 from sdlora.callbacks import Commands
 from sdlora.errors import ConfigError
 from sdlora.loras.checks import validate_kohya
 from sdlora.loras.files import read_lora
 from sdlora.loras.layout import split_embeddings
-from sdlora import train
 
 
 def pivotal_config(model, data, out, ti_steps=3, lora_steps=3, **kw):
@@ -47,7 +47,7 @@ def test_textual_inversion_changes_only_the_new_rows(tiny_model, images, tmp_pat
     caption = state.batches.examples[0].caption
     assert "sks" not in caption and "<s1> <s1>_1" in caption
     # plain TI writes the embedding file diffusers loads
-    tensors, meta = read_lora(cfg.output.path)
+    tensors, _ = read_lora(cfg.output.path)
     assert set(tensors) == {"clip_l"} and tensors["clip_l"].shape == (2, 32)
     pipe = fresh_pipeline(tiny_model)
     pipe.load_textual_inversion(cfg.output.path, token="<s1>")

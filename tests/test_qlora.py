@@ -11,10 +11,10 @@ from conftest import draw_images, tiny_config
 from test_sdxl import tiny_xl, xl_outputs  # noqa: F401 (fixture)
 from test_train import Capture, StopAt, fresh_pipeline, load_checked, unet_and_te_outputs
 
+from sdlora import train
 from sdlora.callbacks import Commands
 from sdlora.loras.checks import validate_kohya
 from sdlora.loras.files import read_lora
-from sdlora import train
 
 
 def quantized_linears(model) -> dict[str, torch.Tensor]:

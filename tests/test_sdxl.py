@@ -7,9 +7,10 @@ import torch
 from conftest import draw_images, tiny_config
 from test_train import Capture, load_checked
 
+from sdlora import train
 from sdlora.loras.checks import validate_kohya
 from sdlora.loras.files import read_lora
-from sdlora import train
+from sdlora.loras.layout import split_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +144,8 @@ def test_sdxl_lora_merges_mixes_and_resizes(tiny_xl, tmp_path):
 def test_sdxl_pivotal_tuning_carries_clip_l_and_clip_g(tiny_xl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from sdlora.loras.layout import split_embeddings
     from sdlora.loras.apply import load_lora_into
+    from sdlora.loras.layout import split_embeddings
 
     data = draw_images(tmp_path / "imgs", n=2)
     cfg = tiny_config(tiny_xl, data, tmp_path / "o" / "pt.safetensors", train__max_steps=2)
@@ -203,3 +204,43 @@ def test_sdxl_single_file_trains_offline_and_loads_in_diffusers(tiny_xl, tmp_pat
     got = xl_outputs(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2])
     for g, w in zip(got, want):
         assert (g - w).abs().max() < 1e-5
+
+
+def test_sdxl_convert_round_trip_and_pivotal_merge_keep_everything(tiny_xl, tmp_path, caplog):
+    """kohya -> diffusers -> kohya for SDXL is lossless and loads in diffusers; a pivotal LoRA merged into a folder
+    carries its embedding into both encoders."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlora import convert_lora, merge_into_model
+
+    data = draw_images(tmp_path / "imgs", n=2)
+    cfg = tiny_config(tiny_xl, data, tmp_path / "o" / "pt.safetensors", train__max_steps=2)
+    cfg.pivotal.token, cfg.pivotal.trigger, cfg.pivotal.num_vectors = "<s1>", "sks", 2
+    cfg.pivotal.ti_steps, cfg.pivotal.ti_lr, cfg.lora.train_text_encoder, cfg.lora.targets = 2, 5e-2, True, "all"
+    train(cfg)
+    diff = convert_lora(cfg.output.path, "diffusers", tmp_path / "d.safetensors")
+    back = convert_lora(diff, "kohya", tmp_path / "k.safetensors")
+    a, b, d = read_lora(cfg.output.path)[0], read_lora(back)[0], read_lora(diff)[0]
+    assert any(k.startswith("unet.down_blocks.1.attentions.0.") for k in d)
+    assert any(k.startswith("text_encoder_2.text_model.encoder.layers.") for k in d)
+    assert a.keys() == b.keys()  # SGM names and lora_te1/lora_te2 again, embeddings bundled again
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-7)
+
+    def outputs(pipe):
+        return xl_outputs(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2])
+
+    kohya, diffusers = (StableDiffusionXLPipeline.from_pretrained(tiny_xl) for _ in range(2))
+    kohya.load_lora_weights(split_embeddings(a)[0])
+    load_checked(diffusers, diff, caplog)
+    for g, w in zip(outputs(diffusers), outputs(kohya)):
+        assert (g - w).abs().max() < 1e-4
+
+    merged = StableDiffusionXLPipeline.from_pretrained(merge_into_model(tiny_xl, [(cfg.output.path, 1.0)],
+                                                                       tmp_path / "merged"))
+    bundle = split_embeddings(a)[1]["<s1>"]
+    for part, encoder, tokenizer in (("clip_l", merged.text_encoder, merged.tokenizer),
+                                     ("clip_g", merged.text_encoder_2, merged.tokenizer_2)):
+        ids = tokenizer.convert_tokens_to_ids(["<s1>", "<s1>_1"])
+        rows = encoder.get_input_embeddings().weight[ids]
+        torch.testing.assert_close(rows, bundle[part].float(), rtol=1e-3, atol=1e-4)

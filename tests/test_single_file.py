@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import struct
 
 import pytest
+from safetensors.torch import save_file
 import torch
 from conftest import draw_images, tiny_config
 
 from sdlora.callbacks import Callbacks
 from sdlora.errors import ModelError
-from sdlora.single_file import (ASSETS, ENCODERS, ckpt_to_safetensors, clip_tokenizer, detect_checkpoint,
-                                load_single_file, save_single_file, to_ldm)
+from sdlora.single_file import (
+    ASSETS,
+    ENCODERS,
+    ckpt_to_safetensors,
+    clip_tokenizer,
+    detect_checkpoint,
+    load_single_file,
+    save_single_file,
+    to_ldm,
+)
 
 
 @pytest.fixture
@@ -125,8 +135,8 @@ def test_real_sized_headers_give_the_shipped_configs(tmp_path, family, diffusers
 def test_lora_trained_on_single_file_reproduces_in_diffusers(folders, files, tmp_path, caplog, no_network, family):
     from diffusers import StableDiffusionPipeline
 
-    from sdlora.models import load_components
     from sdlora import train
+    from sdlora.models import load_components
 
     c = load_components(str(files[family]))
     assert c.family.name == family and c.source == str(files[family]) and len(c.model_hash()) == 64
@@ -205,7 +215,8 @@ def test_unknown_files_say_what_was_found(tmp_path):
 
     llm = tmp_path / "llm.safetensors"
     save_file({f"transformer.h.{i}.weight": torch.zeros(2) for i in range(3)}, str(llm))
-    with pytest.raises(ModelError, match="found 3 keys starting with 'transformer.' — not a Stable Diffusion"):
+    said = re.escape("found 3 keys starting with 'transformer.' — not a Stable Diffusion")
+    with pytest.raises(ModelError, match=said):
         detect_checkpoint(llm)
     lora = tmp_path / "lora.safetensors"
     save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(2)}, str(lora))
@@ -213,7 +224,7 @@ def test_unknown_files_say_what_was_found(tmp_path):
         detect_checkpoint(lora)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(ModelError, match="not a readable .safetensors"):
+    with pytest.raises(ModelError, match=r"not a readable \.safetensors"):
         detect_checkpoint(junk)
 
 
@@ -228,3 +239,20 @@ def test_script_writes_a_loadable_file(folders, tmp_path, capsys):
     script.main([str(folders["sd2"]), str(tmp_path / "m.safetensors")])
     assert "sd2, v_prediction" in capsys.readouterr().out
     assert (tmp_path / "m.tokenizer").is_dir()  # its tokenizer is not CLIP's: it travels next to the file
+
+
+def test_extract_labels_an_sd2_768_v_lora_as_768_v(folders, files, tmp_path, no_network):
+    from sdlora import extract_lora, merge_into_model
+    from sdlora.loras.files import read_lora
+
+    d = tmp_path / "lora.safetensors"
+    lora = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+            torch.randn(2, 1024), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+            ".lora_up.weight": torch.randn(32, 2), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+            ".alpha": torch.tensor(2.0)}
+    save_file(lora, str(d))
+    tuned = merge_into_model(str(files["sd2"]), [(str(d), 1.0)], tmp_path / "tuned.safetensors")
+    extract_lora(str(files["sd2"]), str(tuned), 2, tmp_path / "x.safetensors")
+    meta = read_lora(tmp_path / "x.safetensors")[1]
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["modelspec.prediction_type"] == "v_prediction"

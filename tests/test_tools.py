@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sdlora import convert_lora, extract_lora, inspect_lora, merge_into_model, mix_loras, resize_lora
+from sdlora.cli.common import parse_weighted
 from sdlora.errors import LoraFileError, SdloraError
+from sdlora.loras.files import load_lora as load
 from sdlora.loras.files import read_lora, write_lora
 from sdlora.loras.layout import kohya_tensors
 from sdlora.loras.modules import LoraModule
-from sdlora import convert_lora, extract_lora, inspect_lora, merge_into_model, mix_loras, resize_lora
-from sdlora.cli.common import parse_weighted
-from sdlora.loras.files import load_lora as load
 
 UNET_A = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
           "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
@@ -207,7 +207,7 @@ def test_convert_round_trip_is_lossless_and_loads(tiny_model, base_pipe, loras, 
     src = write_random_lora(tmp_path / "h.safetensors", base_pipe, UNET_A, TE_A, 4, 2, seed=5, dtype=torch.float16)
     diff = convert_lora(src, "diffusers", tmp_path / "d.safetensors")
     back = convert_lora(diff, "kohya", tmp_path / "k.safetensors")
-    a, meta_a = read_lora(src)
+    a, _ = read_lora(src)
     b, meta_b = read_lora(back)
     d, meta_d = read_lora(diff)
     assert a.keys() == b.keys()
@@ -325,3 +325,26 @@ def test_parse_weighted():
     assert parse_weighted("a.safetensors") == ("a.safetensors", 1.0)
     with pytest.raises(SdloraError):
         resize_lora("x.safetensors", "y.safetensors")
+
+
+def test_load_lora_into_applies_the_scale(tiny_model, loras):
+    from sdlora.loras.apply import load_lora_into
+
+    half = fresh(tiny_model)
+    load_lora_into(half, loras[0], scale=0.5)
+    want = outputs(with_loras(tiny_model, [(loras[0], 0.5)]))
+    assert (outputs(half) - want).abs().max() < 1e-5
+    assert (want - outputs(with_loras(tiny_model, [(loras[0], 1.0)]))).abs().max() > 1e-3
+
+
+def test_corrupt_adapter_metadata_is_an_error_not_a_wrong_scale(tiny_model, loras, tmp_path):
+    from sdlora.errors import LoraFileError
+
+    diff = convert_lora(loras[0], "diffusers", tmp_path / "d.safetensors")
+    tensors, meta = read_lora(diff)
+    write_lora(tmp_path / "bad.safetensors", tensors, {**meta, "lora_adapter_metadata": '{"unet.r": 4, '})
+    with pytest.raises(LoraFileError, match="lora_adapter_metadata header is not valid JSON"):
+        load(tmp_path / "bad.safetensors")
+    with pytest.raises(LoraFileError, match="not valid JSON"):
+        merge_into_model(tiny_model, [(str(tmp_path / "bad.safetensors"), 1.0)], tmp_path / "m")
+    assert "not valid JSON" in "\n".join(inspect_lora(tmp_path / "bad.safetensors").problems)

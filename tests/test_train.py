@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import draw_images, tiny_config
 
+from sdlora import train
 from sdlora.callbacks import Callbacks, Commands
 from sdlora.errors import TrainingError
 from sdlora.loras.checks import validate_kohya
 from sdlora.loras.files import read_lora
-from sdlora import train
 
 
 class Capture(Callbacks):
@@ -77,14 +77,14 @@ def test_saved_lora_reproduces_trainer(tiny_model, images, tmp_path, caplog, fmt
         assert validate_kohya(tensors) == []
         assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors) == te
     pipe = fresh_pipeline(tiny_model)
-    base, base_cond = unet_and_te_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    base, _ = unet_and_te_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
     load_checked(pipe, cfg.output.path, caplog, has_te=te)
     got, got_cond = unet_and_te_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
     assert (got - expected).abs().max() < 1e-5
     assert (got_cond - expected_cond).abs().max() < 1e-5
     assert (got - base).abs().max() > 1e-4  # the LoRA really changes the output
     pipe.set_adapters(["t"], adapter_weights=[0.0])
-    zero, zero_cond = unet_and_te_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    zero, _ = unet_and_te_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
     assert (zero - base).abs().max() < 1e-6
     assert meta["ss_network_dim"] == "4" and meta["modelspec.trigger_phrase"] == "a sks"
     assert json.loads(meta["sdlora_config"])["lora"]["targets"] == "all"

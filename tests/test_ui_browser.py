@@ -100,7 +100,7 @@ def open_tab(page, name: str) -> None:
 
 
 def test_upload_train_watch_preview_download(page, app, shots, tmp_path):
-    url, manager = app
+    _, manager = app
     images = draw_images(tmp_path / "pick", n=3)
     set_value(page, "lora-name", "../../web lora")  # sanitized: no escape from the output folder
     page.locator("#upload input[type=file]").set_input_files(sorted(str(p) for p in images.glob("*.png")))

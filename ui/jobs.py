@@ -12,9 +12,9 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from sdlora.callbacks import Callbacks, Commands
 from sdlora.errors import SdloraError
@@ -206,7 +206,7 @@ class JobManager:
             job.state = STOPPED if result.stopped else DONE
         except SdloraError as e:
             job.error, job.state = str(e), FAILED
-        except Exception as e:  # an unexpected bug: one line in the page, the traceback in the server log
+        except Exception as e:  # noqa: BLE001 - an unexpected bug: one line in the page, the traceback in the log
             traceback.print_exc()
             job.error, job.state = f"{type(e).__name__}: {e}", FAILED
         job.ended = time.time()

@@ -64,10 +64,9 @@ class TrainTab:
                                      label="Captions (edit a cell: it is saved to the image's .txt file)")
         gr.Markdown("### 2 · Method")
         self.method = gr.Radio([LORA, DREAMBOOTH, PIVOTAL], value=LORA, label="Method", elem_id="method")
-        with gr.Group(visible=False) as self.prior_group:
-            with gr.Row():
-                for s, n in PRIOR_KEYS:
-                    f.add(s, n)
+        with gr.Group(visible=False) as self.prior_group, gr.Row():
+            for s, n in PRIOR_KEYS:
+                f.add(s, n)
         self.pivotal_group = self._pivotal_group()
         gr.Markdown("### 3 · Settings")
         with gr.Row():
@@ -86,10 +85,9 @@ class TrainTab:
         self._build_run_controls()
 
     def _pivotal_group(self):
-        with gr.Group(visible=False) as group:
-            with gr.Row():
-                for s, fld in [(s, fld) for s, fld in self.form._fields if s == "pivotal"]:
-                    self.form.add(s, fld)
+        with gr.Group(visible=False) as group, gr.Row():
+            for s, fld in [(s, fld) for s, fld in self.form._fields if s == "pivotal"]:
+                self.form.add(s, fld)
         return group
 
     def _build_run_controls(self) -> None:

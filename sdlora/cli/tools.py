@@ -88,7 +88,8 @@ def register(sub) -> None:
 def cmd_generate(args) -> int:
     from ..loras.apply import generate
 
-    paths = generate(args.model, [parse_weighted(s) for s in args.lora], args.prompt, negative_prompt=args.negative_prompt,
+    paths = generate(args.model, [parse_weighted(s) for s in args.lora], args.prompt,
+                     negative_prompt=args.negative_prompt,
                      seed=args.seed, n=args.n, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                      width=args.width, height=args.height, output_dir=args.output, grid=args.grid,
                      scales=args.scales, allow_pickle=args.allow_pickle)
@@ -124,7 +125,8 @@ def cmd_merge(args) -> int:
 def cmd_mix(args) -> int:
     from ..loras.mix import mix_loras
 
-    print(mix_loras([parse_weighted(s) for s in args.loras], args.output, rank=args.rank, overwrite=args.overwrite).table())
+    report = mix_loras([parse_weighted(s) for s in args.loras], args.output, rank=args.rank, overwrite=args.overwrite)
+    print(report.table())
     return 0
 
 

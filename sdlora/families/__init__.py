@@ -8,8 +8,8 @@ differently (its text conditioning) lives in the family's own module (`sd`, `sdx
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from . import sd, sdxl
 from .sd import Conditioning

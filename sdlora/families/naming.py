@@ -6,7 +6,7 @@ SDXL LoRA layers after them (`lora_unet_input_blocks_4_1_...`): one mapping serv
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

@@ -37,8 +37,8 @@ def convert_lora(path: str | Path, to: str, output: str | Path, overwrite: bool 
 
     Layer names are mapped through the family's standard module naming (SGM names for SDXL), or through `model`'s
     live modules. kohya -> diffusers writes bundled embeddings beside it as `<name>_emb.safetensors` (for
-    load_textual_inversion); diffusers -> kohya restores the file's `ss_network_alpha` when it has one, so a round
-    trip is lossless."""
+    load_textual_inversion); diffusers -> kohya restores the file's `ss_network_alpha` when it has one and bundles
+    that embedding file again, so a round trip is lossless."""
     if to not in ("kohya", "diffusers"):
         raise SdloraError(f"--to must be kohya or diffusers, not {to!r}")
     check_output(output, [path], overwrite)
@@ -48,6 +48,7 @@ def convert_lora(path: str | Path, to: str, output: str | Path, overwrite: bool 
     names = names_for(mods, meta, model)
     dtype = dtype_of(mods)
     if to == "kohya":
+        emb = emb or _sidecar_embeddings(Path(path))
         return save_kohya(output, _with_alpha(names.canonical(mods), meta.get("ss_network_alpha")), meta, emb, dtype)
     for token, parts in emb.items():  # diffusers rejects bundle_emb keys: a sidecar file per token instead
         name = f"{Path(output).stem}_emb" if len(emb) == 1 else f"{Path(output).stem}_{token}_emb"
@@ -55,6 +56,20 @@ def convert_lora(path: str | Path, to: str, output: str | Path, overwrite: bool 
     tensors, adapter_meta = diffusers_tensors(mods, names, dtype)
     meta = {k: v for k, v in meta.items() if k != "sshs_model_hash"}
     return write_lora(output, tensors, {**meta, **adapter_meta, "sdlora_format": "diffusers"})
+
+
+def _sidecar_embeddings(path: Path) -> dict:
+    """The embedding file a diffusers-layout LoRA carries beside it (`<stem>_emb.safetensors`, as `convert` and
+    training write it), as {token: {part: tensor}}; {} when there is none."""
+    from .files import read_lora
+
+    side = path.with_name(f"{path.stem}_emb.safetensors")
+    if not side.is_file():
+        return {}
+    tensors, meta = read_lora(side)
+    if not meta.get("token"):
+        raise LoraFileError(f"{side}: embedding file without a 'token' in its metadata; cannot bundle it")
+    return {meta["token"]: tensors}
 
 
 def _with_alpha(mods: dict[str, LoraModule], alpha: str | None) -> dict[str, LoraModule]:

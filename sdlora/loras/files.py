@@ -25,7 +25,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise LoraFileError(f"{path}: only .safetensors LoRA files are read (no pickles)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt headers
         raise LoraFileError(f"{path}: not a readable safetensors file ({e})") from None
 

@@ -1,6 +1,7 @@
 """The key layouts of LoRA files, in one place: how layers are named (kohya, diffusers/PEFT, older diffusers), how
 each layout's keys are read into modules and written back, and the one rule for embeddings bundled in a LoRA file.
-The rules are those of ../shared/reference/formats.md.
+They follow what AUTOMATIC1111, ComfyUI, kohya's sd-scripts and diffusers load (checked against their loaders in the
+tests).
 
 Inside sdlora a LoRA is `{kohya base name: module}`. A base name is what kohya's layout calls a layer
 (`lora_unet_down_blocks_0_..._to_k`, `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`); files in other
@@ -12,8 +13,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

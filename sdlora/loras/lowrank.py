@@ -74,7 +74,7 @@ def weighted_delta(parts: list[tuple[LoraModule, float]]) -> torch.Tensor:
 
 
 def mix_modules(inputs: list[tuple[dict[str, LoraModule], float]], rank: int | None,
-                report: "LayerReport") -> dict[str, LoraModule]:
+                report: LayerReport) -> dict[str, LoraModule]:
     """Weighted sum of LoRAs, layer by layer: exact by concatenation (rank None) or truncated SVD to `rank`.
     A layer missing from an input counts as zero there. Fills `report` with each layer's error."""
     out, norms = {}, {}
@@ -96,7 +96,7 @@ def mix_modules(inputs: list[tuple[dict[str, LoraModule], float]], rank: int | N
 
 
 def resize_modules(mods: dict[str, LoraModule], rank: int | None, keep_energy: float | None,
-                   report: "LayerReport") -> dict[str, LoraModule]:
+                   report: LayerReport) -> dict[str, LoraModule]:
     """Every layer at `rank` (never above its own) or at the rank keeping `keep_energy`; errors into `report`."""
     out, norms = {}, {}
     for base, m in mods.items():
@@ -136,7 +136,7 @@ class LayerReport:
     def add(self, name: str, rank: int, error: float) -> None:
         self.layers.append({"name": name, "rank": rank, "error": error})
 
-    def finish(self, norms: dict[str, float]) -> "LayerReport":
+    def finish(self, norms: dict[str, float]) -> LayerReport:
         """Overall error (weighted by each layer's delta norm) and the worst layer."""
         errors = {r["name"]: r["error"] for r in self.layers}
         self.overall_error = overall_error(errors, norms)

@@ -122,7 +122,7 @@ def extract_lora(base: str | Path | None, tuned: str | Path, rank: int, output: 
     layers_a, layers_b = model_layers(a, aliases=False), model_layers(b, aliases=False)
     report, mods, norms = ExtractReport(str(output)), {}, {}
     for name, ma in layers_a.items():
-        if name.startswith("lora_te") and not text_encoder or not _extractable(ma, conv_rank):
+        if (name.startswith("lora_te") and not text_encoder) or not _extractable(ma, conv_rank):
             continue
         mb = layers_b.get(name)
         if mb is None or mb.weight.shape != ma.weight.shape:

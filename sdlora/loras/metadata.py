@@ -19,7 +19,8 @@ FAMILY_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.sai_model_spec", "mo
 def family_labels(family: Family, prediction_type: str) -> dict[str, str]:
     """kohya's and ModelSpec's labels of a LoRA for this family and prediction type (A1111 filters LoRAs by them)."""
     return {"ss_base_model_version": family.ss_base_model_version(prediction_type), "ss_v2": str(family.is_v2),
-            "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": family.modelspec_architecture(prediction_type),
+            "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": family.modelspec_architecture(prediction_type),
             "modelspec.prediction_type": prediction_type, "sdlora_family": family.name}
 
 

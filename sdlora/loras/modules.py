@@ -42,7 +42,7 @@ class LoraModule:
         out = up.flatten(1) @ down.flatten(1)
         return self.scale * out.reshape(up.shape[0], *down.shape[1:])
 
-    def with_alpha(self, alpha: float) -> "LoraModule":
+    def with_alpha(self, alpha: float) -> LoraModule:
         """The same update expressed with another alpha (up rescaled)."""
         if alpha == self.alpha:
             return self

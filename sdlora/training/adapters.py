@@ -10,6 +10,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..errors import TrainingError
 
+
 def target_modules(model: torch.nn.Module, patterns) -> list[str]:
     """Full names of the Linear/Conv2d modules whose name ends with one of the patterns."""
     rx = re.compile(r"(^|\.)(" + "|".join(patterns) + r")$")

@@ -19,7 +19,7 @@ class Batch:
     latents: torch.Tensor
     captions: list[str]
     micro: torch.Tensor | None = None
-    prior: "Batch | None" = None
+    prior: Batch | None = None
 
 
 @dataclass

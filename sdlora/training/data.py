@@ -48,7 +48,8 @@ def load_image(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def scan_folder(folder: str | Path, prompt: str = "", use_captions: bool = True) -> tuple[list[tuple[str, str]], list[str]]:
+def scan_folder(folder: str | Path, prompt: str = "",
+                use_captions: bool = True) -> tuple[list[tuple[str, str]], list[str]]:
     """(image path, caption) pairs of a folder, and the names of files that were skipped and why."""
     folder = Path(folder)
     items, skipped = [], []

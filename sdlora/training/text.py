@@ -43,7 +43,7 @@ class TextEncoding:
 
     def __call__(self, captions: list[str], base: bool = False) -> dict[str, torch.Tensor]:
         encoders = self.raw_encoders if base else self.encoders
-        if base or not self.trainable and self.cache_allowed:
+        if base or (not self.trainable and self.cache_allowed):
             cache = self.base_cache if base else self.cache
             missing = [c for c in dict.fromkeys(captions) if c not in cache]
             if missing:

@@ -10,23 +10,23 @@ offline. ``scripts/build_shapes_model.py`` is the command line over it.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..tokenizers import byte_unicode
 from . import shapes
 from .judge import pixels as to_pixels
-from ..tokenizers import byte_unicode
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -53,7 +53,7 @@ class BuildConfig:
     judge_steps: int = 1200
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "BuildConfig":
+    def quick(cls, seed: int = 0) -> BuildConfig:
         return cls(seed=seed, n_images=64, vae_steps=3, vae_batch=4, unet_steps=3, batch=4, warmup=1,
                    judge_steps=3)
 
@@ -62,7 +62,7 @@ def _bpe(parts: list[str], merges: list[tuple[str, str]]) -> list[str]:
     """Apply BPE merges to a symbol list: always the best-ranked adjacent pair first."""
     ranks = {m: i for i, m in enumerate(merges)}
     while len(parts) > 1:
-        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(parts, parts[1:]))]
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(itertools.pairwise(parts))]
         rank, i = min(pairs)
         if rank == len(ranks):
             break
@@ -178,7 +178,10 @@ def train_denoiser(unet, text_encoder, tok, latents: torch.Tensor, prompt_ids: t
     empty = len(prompts)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    lr_at = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.unet_steps)))
+
+    def lr_at(s):
+        return min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.unet_steps)))
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     gen = torch.Generator().manual_seed(cfg.seed + 2)

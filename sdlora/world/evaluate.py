@@ -16,11 +16,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import paths
-from . import shapes
 from ..errors import ConfigError
-from .judge import Judge, load_judge
 from ..loras.apply import load_lora_into
 from ..sampling import render
+from . import shapes
+from .judge import Judge, load_judge
 
 ROW_LABEL_WIDTH = 150
 

@@ -8,9 +8,9 @@ saved as ``judge.safetensors`` + ``config.json``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -107,7 +107,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
     mix = torch.rand(n, 1, 1, 1, generator=gen)
     x = mix * blurred + (1 - mix) * x
-    x = x + 0.06 * torch.randn(n, 3, 1, 1, generator=gen) + 0.05 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+    x = x + 0.06 * torch.randn(n, 3, 1, 1, generator=gen) \
+        + 0.05 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
     return x.clamp(-1, 1)
 
 

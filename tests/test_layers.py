@@ -1,0 +1,92 @@
+"""The package's layers, checked by walking every import (top-level and inside functions): a lower layer never
+imports a higher one, so the foundations can be read, tested and reused without the trainer, tools or front ends.
+
+    base -> models -> files -> trainer -> tools -> front ends
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = [  # (layer, module prefixes); a module belongs to the longest prefix that names it
+    ("base", ["sdlora.errors", "sdlora.io", "sdlora.paths", "sdlora.config", "sdlora.callbacks"]),
+    ("models", ["sdlora.families", "sdlora.models", "sdlora.single_file", "sdlora.quantize", "sdlora.tokenizers",
+                "sdlora.random_pipelines", "sdlora.sampling"]),
+    ("files", ["sdlora.loras.layout", "sdlora.loras.modules", "sdlora.loras.lowrank", "sdlora.loras.files",
+               "sdlora.loras.metadata", "sdlora.loras.checks"]),
+    ("trainer", ["sdlora.training"]),
+    ("tools", ["sdlora.loras.inspect", "sdlora.loras.convert", "sdlora.loras.merge", "sdlora.loras.mix",
+               "sdlora.loras.apply"]),
+    ("front", ["sdlora.cli", "sdlora.__main__", "sdlora.world", "ui"]),
+]
+RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
+PACKAGE_INITS = {"sdlora", "sdlora.loras"}  # docstrings (and the lazy public API), no imports of their own
+
+
+def layer_of(module: str) -> str | None:
+    best = max(((p, name) for name, prefixes in LAYERS for p in prefixes
+                if module == p or module.startswith(p + ".")), default=None, key=lambda x: len(x[0]))
+    return best[1] if best else None
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in [*ROOT.joinpath("sdlora").rglob("*.py"), *ROOT.joinpath("ui").rglob("*.py")]:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def imports(module: str, path: Path) -> set[str]:
+    """Every sdlora/ui module this file imports, wherever the import statement stands."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)  # `from . import x` imports module x
+    return {m for m in out if m.split(".")[0] in ("sdlora", "ui")}
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in modules() if m not in PACKAGE_INITS and layer_of(m) is None]
+    assert not unplaced, f"give these modules a layer in tests/test_layers.py: {unplaced}"
+
+
+def test_no_module_imports_a_higher_layer():
+    known = modules()
+    wrong = []
+    for module, path in known.items():
+        if module in PACKAGE_INITS:
+            continue
+        mine = RANK[layer_of(module)]
+        for target in imports(module, path):
+            if target not in known or target in PACKAGE_INITS:
+                continue  # a name inside a module, or a package's docstring-only __init__
+            if RANK[layer_of(target)] > mine:
+                wrong.append(f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_package_inits_import_nothing_heavy():
+    for init in PACKAGE_INITS:
+        tree = ast.parse(modules()[init].read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not top, f"{init} imports at module level: {ast.unparse(top[0])}"
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    from ..training.loop import train\n")
+    assert imports("sdlora.loras.layout", path) >= {"sdlora.training.loop"}
+    assert RANK[layer_of("sdlora.training.loop")] > RANK[layer_of("sdlora.loras.layout")]
