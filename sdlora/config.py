@@ -8,12 +8,12 @@ silently with the default).
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 import tomli_w
-import tomllib
 
 from .errors import ConfigError
 from .paths import default_model_path

@@ -10,9 +10,9 @@ import socket
 import struct
 
 import pytest
-from safetensors.torch import save_file
 import torch
 from conftest import draw_images, tiny_config
+from safetensors.torch import save_file
 
 from sdlora.callbacks import Callbacks
 from sdlora.errors import ModelError
@@ -246,10 +246,9 @@ def test_extract_labels_an_sd2_768_v_lora_as_768_v(folders, files, tmp_path, no_
     from sdlora.loras.files import read_lora
 
     d = tmp_path / "lora.safetensors"
-    lora = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
-            torch.randn(2, 1024), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-            ".lora_up.weight": torch.randn(32, 2), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-            ".alpha": torch.tensor(2.0)}
+    base = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    lora = {f"{base}.lora_down.weight": torch.randn(2, 1024), f"{base}.lora_up.weight": torch.randn(32, 2),
+            f"{base}.alpha": torch.tensor(2.0)}
     save_file(lora, str(d))
     tuned = merge_into_model(str(files["sd2"]), [(str(d), 1.0)], tmp_path / "tuned.safetensors")
     extract_lora(str(files["sd2"]), str(tuned), 2, tmp_path / "x.safetensors")

@@ -56,6 +56,9 @@ class Family:
     targets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: UNET_TARGETS)
     text_targets: tuple[str, ...] = CLIP_TARGETS
     pipeline_extra: Mapping[str, object] = field(default_factory=dict)  # constructor arguments of the pipeline
+    # the denoiser config that names every layer a LoRA for this family may have: a shipped config (assets/<name>)
+    # with these overrides (SD1/SD2: 3 layers per block, a superset of their block names)
+    reference_overrides: Mapping[str, object] = field(default_factory=dict)
 
     def ss_base_model_version(self, prediction_type: str) -> str:
         """kohya's label; SD1/SD2 v-prediction models add '_v'."""
@@ -82,11 +85,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            768, "sd_v2", "stable-diffusion-v2-512/lora", sd.CONDITIONING,
            matches=lambda cfg, parts: cfg.get("cross_attention_dim") == 1024,
-           v_architecture="stable-diffusion-v2-768-v/lora", is_v2=True, pipeline_extra=_SD_EXTRA),
+           v_architecture="stable-diffusion-v2-768-v/lora", is_v2=True, pipeline_extra=_SD_EXTRA,
+           reference_overrides={"layers_per_block": 3}),
     Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            512, "sd_v1", "stable-diffusion-v1/lora", sd.CONDITIONING,
-           matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA),
+           matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA, reference_overrides={"layers_per_block": 3}),
 )}
 
 

@@ -8,6 +8,7 @@ import re
 import torch
 
 from ..errors import LoraFileError
+from ..families import FAMILIES
 from .layout import BUNDLE, parse_modules
 from .modules import LoraModule
 
@@ -32,8 +33,9 @@ def validate_kohya(tensors: dict[str, torch.Tensor], family: str = "sd1") -> lis
             problems.append(f"{base} has no .alpha (A1111 would use scale 1.0, diffusers alpha = rank)")
         if base.startswith("lora_te") and "_text_model_encoder_layers_" not in base:
             problems.append(f"{base}: text-encoder name lacks 'text_model_' (A1111 and ComfyUI ignore it)")
-        if family != "sdxl" and base.startswith(("lora_te1_", "lora_te2_")):
-            problems.append(f"{base}: lora_te1_/lora_te2_ is for SDXL only")
+        prefix = base.split("_text_model_")[0] if base.startswith("lora_te") else ""
+        if prefix and family in FAMILIES and prefix not in {s.kohya_prefix for s in FAMILIES[family].text_encoders}:
+            problems.append(f"{base}: {prefix}_ is not a text-encoder prefix of {FAMILIES[family].title}")
         if m.up.shape[1] != m.rank:
             problems.append(f"{base}: lora_up {tuple(m.up.shape)} does not match rank {m.rank}")
     return problems

@@ -88,22 +88,17 @@ def name_map(family: Family, denoiser: torch.nn.Module, text_encoders: list[torc
 
 
 def reference_name_map(family: Family) -> NameMap:
-    """The NameMap of the family's standard architecture, from meta-device models (no weights, no download).
-
-    SD1/SD2 use a UNet with 3 layers per block (a superset of their block names); SDXL its shipped base config."""
-    import json as _json
+    """The NameMap of the family's standard architecture (its shipped denoiser config with the family's reference
+    overrides), from meta-device models: no weights, no download."""
     from pathlib import Path
 
     import diffusers
     import transformers
 
-    assets = Path(__file__).resolve().parent.parent / "assets"
+    config = Path(__file__).resolve().parent.parent / "assets" / family.name / family.denoiser_attr / "config.json"
     with torch.device("meta"):
-        if family.name == "sdxl":
-            cfg = _json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
-            denoiser = diffusers.UNet2DConditionModel.from_config(cfg)
-        else:
-            denoiser = diffusers.UNet2DConditionModel(layers_per_block=3)
+        denoiser = getattr(diffusers, family.denoiser_class).from_config(
+            {**json.loads(config.read_text()), **family.reference_overrides})
         encoders = [getattr(transformers, s.model_class)(transformers.CLIPTextConfig(num_hidden_layers=32))
                     for s in family.text_encoders]
     return name_map(family, denoiser, encoders)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .. import __version__
@@ -52,7 +52,7 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
                       extra: dict | None = None) -> dict[str, str]:
     """The header of a trained LoRA: kohya's ss_* keys, ModelSpec, and sdlora's own."""
     name = cfg.output.name or Path(cfg.output.path).stem
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.lora.rank),
