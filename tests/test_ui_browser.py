@@ -51,7 +51,9 @@ def app(tiny_model, tmp_path_factory):
     from ui.app import serve
     from ui.jobs import JobManager
 
-    manager = JobManager(tmp_path_factory.mktemp("ui-output"), model=tiny_model)
+    # as `sdlora ui --data-root <pytest's temp folder>`: the tests' image folders may be typed into the page
+    manager = JobManager(tmp_path_factory.mktemp("ui-output"), model=tiny_model,
+                         data_roots=[tmp_path_factory.getbasetemp()])
     port = free_port()
     demo = serve(manager, port=port, block=False)
     yield f"http://127.0.0.1:{port}/", manager
@@ -180,6 +182,12 @@ def test_training_without_images_shows_the_error(page, app, shots, tmp_path):
     assert "no training images" in error.inner_text()
     assert "Traceback" not in page.content()
     page.screenshot(path=shots / "error-no-images.png", full_page=True)
+
+    set_value(page, "opt-data-path", "/etc")  # outside the output folder and the data roots: refused in one line
+    set_value(page, "opt-augment-resolution", 32)
+    page.locator("#start").click()
+    page.locator("#job-status .job-error").filter(has_text="outside the folders this UI may use").wait_for()
+    assert "Traceback" not in page.content()
 
     (tmp_path / "empty").mkdir()  # an existing folder without images: the trainer's own error reaches the page
     set_value(page, "opt-data-path", tmp_path / "empty")

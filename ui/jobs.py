@@ -19,6 +19,8 @@ from pathlib import Path
 from sdlora.callbacks import Callbacks, Commands
 from sdlora.errors import SdloraError
 
+from .files import Allowed
+
 QUEUED, RUNNING, DONE, STOPPED, FAILED, CANCELLED = "queued", "running", "done", "stopped", "failed", "cancelled"
 FINISHED = (DONE, STOPPED, FAILED, CANCELLED)
 
@@ -100,9 +102,12 @@ class JobManager:
     The worker starts with the first job (nothing runs at import or construction).
     """
 
-    def __init__(self, output_dir: str | Path, train_fn: Callable | None = None, model: str = ""):
+    def __init__(self, output_dir: str | Path, train_fn: Callable | None = None, model: str = "",
+                 data_roots: list[str | Path] | None = None):
         self.output_dir = Path(output_dir)
         self.model = model  # the base model the pages pre-fill ("" = the built-in one)
+        # the folders browser-given paths must stay in: the output folder and these (default: the working folder)
+        self.allowed = Allowed(self.output_dir, [Path.cwd()] if data_roots is None else data_roots, model)
         self._train_fn = train_fn
         self._jobs: list[Job] = []
         self._queue: deque[Job] = deque()

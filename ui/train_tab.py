@@ -135,13 +135,21 @@ class TrainTab:
         return str(folder), rows, thumbnails(str(folder), rows)
 
     def on_folder(self, folder):
+        if not folder:
+            return [], []
+        try:
+            folder = str(self.manager.allowed.path(folder, "image folder"))
+        except SdloraError as e:
+            gr.Warning(str(e))
+            return [], []
         rows = dataset_rows(folder)
-        if folder and not rows:
+        if not rows:
             gr.Warning(f"No images found in {folder}")
         return rows, thumbnails(folder, rows)
 
     def on_captions(self, folder, rows):
         try:
+            folder = str(self.manager.allowed.path(folder, "image folder"))
             n = write_captions(folder, rows)
         except SdloraError as e:
             raise gr.Error(str(e)) from None
@@ -215,6 +223,10 @@ class TrainTab:
         elif dict(zip(self.form.keys, values)).get(("prior", "mode")) == "images":
             over[("prior", "class_data")] = str(out.parent / "class_images")
         cfg = self.form.to_config(list(values), over)
+        allowed = self.manager.allowed
+        cfg.model.path = allowed.model_path(cfg.model.path)
+        for folder in cfg.data:
+            folder.path = str(allowed.path(folder.path, "image folder")) if folder.path else folder.path
         if method != PIVOTAL:
             cfg.pivotal.token = ""  # pivotal tuning is on when it has a token
         if not cfg.sample.prompts and cfg.data and cfg.data[0].prompt:

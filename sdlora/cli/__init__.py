@@ -22,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return 130
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
@@ -31,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except SdloraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("\ninterrupted (a run stopped this way resumes from its last checkpoint with --resume)",
+              file=sys.stderr)
+        return 130
 
 
 def _quiet_libraries() -> None:

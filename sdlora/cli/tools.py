@@ -49,7 +49,10 @@ def register(sub) -> None:
 
     c = sub.add_parser("convert", help="Rewrite a LoRA in the kohya or diffusers layout (numerically identical).")
     c.add_argument("file")
-    c.add_argument("--to", required=True, choices=("kohya", "diffusers"))
+    c.add_argument("--to", default=None, choices=("kohya", "diffusers"), help="Layout to write (default: keep it).")
+    c.add_argument("--metadata", default=None, choices=("public", "none"),
+                   help="Rewrite the header: public drops absolute paths and user names, none keeps only what loaders "
+                        "read. The tensors are not touched.")
     c.add_argument("--model", default=None, help="Map layer names through this model (default: SD1/SD2 naming).")
     _output_flags(c, "converted LoRA")
     c.set_defaults(func=cmd_convert)
@@ -109,7 +112,8 @@ def cmd_inspect(args) -> int:
 def cmd_convert(args) -> int:
     from ..loras.convert import convert_lora
 
-    print(convert_lora(args.file, args.to, args.output, overwrite=args.overwrite, model=args.model))
+    print(convert_lora(args.file, args.to, args.output, overwrite=args.overwrite, model=args.model,
+                       metadata=args.metadata))
     return 0
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..errors import LoraFileError, SdloraError
 from ..families import Family, family_of_pipeline
-from .files import read_lora
-from .layout import detect_layout, split_embeddings
+from .checks import check_fits
+from .files import check_weights, load_lora, read_lora
+from .layout import model_layers, split_embeddings
 
 
 def load_embeddings(pipe, family: Family, embeddings: dict[str, dict]) -> None:
@@ -28,12 +29,16 @@ def load_embeddings(pipe, family: Family, embeddings: dict[str, dict]) -> None:
 
 def load_lora_into(pipe, path: str | Path, scale: float = 1.0, adapter_name: str | None = None) -> str:
     """Apply one LoRA file to a diffusers pipeline at `scale`: LoRA keys through `load_lora_weights`, bundled
-    embeddings (bundle_emb.*) through `load_textual_inversion`. Returns the adapter name."""
-    tensors, _ = read_lora(path)
-    lora, embeddings = split_embeddings(tensors)
+    embeddings (bundle_emb.*) through `load_textual_inversion`. A file that does not fit the pipeline's model (another
+    family or size) is an error naming a layer. Returns the adapter name."""
+    check_weights([(path, scale)])
+    mods, embeddings, _ = load_lora(path)
+    family = family_of_pipeline(pipe)
+    layers = model_layers(family, getattr(pipe, family.denoiser_attr),
+                          [getattr(pipe, s.attr) for s in family.text_encoders])
+    check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
+    lora = split_embeddings(read_lora(path)[0])[0]
     name = adapter_name or Path(path).stem.replace(".", "_")
-    if detect_layout(lora) == "unknown":
-        raise LoraFileError(f"{path}: not a LoRA in the kohya or diffusers layout")
     pipe.load_lora_weights(lora, adapter_name=name)
     if scale != 1.0:
         pipe.set_adapters([name], adapter_weights=[scale])
@@ -43,6 +48,7 @@ def load_lora_into(pipe, path: str | Path, scale: float = 1.0, adapter_name: str
 
 def apply_loras(pipe, loras: list[tuple[str, float]]) -> list[str]:
     """Load several LoRAs, each at its own scale, active together."""
+    check_weights(loras)
     names = [load_lora_into(pipe, path, adapter_name=f"lora{i}") for i, (path, _) in enumerate(loras)]
     if names:
         pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
@@ -77,7 +83,13 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
     from ..models import load_model
     from ..sampling import render
 
+    scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
+    _check_generate(n, steps, guidance, width, height, seed, scales)
+    check_weights(loras)
     c = load_model(model, allow_pickle)
+    multiple = c.size_multiple
+    if any(v is not None and v % multiple for v in (width, height)):
+        raise SdloraError(f"--width/--height must be multiples of {multiple} for this model, got {width}x{height}")
     pipe = c.pipeline()
     pipe.set_progress_bar_config(disable=True)
     sched = set_scheduler(pipe, scheduler)
@@ -87,11 +99,10 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
     out_dir = Path(output_dir)
     params = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
               "scheduler": sched, "width": width, "height": height, "model": c.name,
-              "loras": [[str(p), w] for p, w in loras]}
+              "loras": [[Path(p).name, w] for p, w in loras]}  # names: shared images carry no local paths
     if not grid:
         images = render(pipe, [prompt] * n, seed, steps, guidance, width, height, negative_prompt)
         return [_save_image(img, out_dir, {**params, "seed": seed + i}) for i, img in enumerate(images)]
-    scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
     rows = []
     for s in scales:
         if names:
@@ -99,6 +110,20 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
         rows.append(render(pipe, [prompt] * n, seed, steps, guidance, width, height, negative_prompt))
     sheet = contact_sheet(rows, [f"x{s:g}" for s in scales], [f"seed {seed + i}" for i in range(n)])
     return [_save_image(sheet, out_dir, {**params, "seed": seed, "n": n, "grid_scales": scales}, "grid")]
+
+
+def _check_generate(n, steps, guidance, width, height, seed, scales) -> None:
+    import math
+
+    checks = [(n >= 1, f"--n must be at least 1, not {n}"), (steps >= 1, f"--steps must be at least 1, not {steps}"),
+              (math.isfinite(guidance) and guidance >= 0, f"--guidance must be a number >= 0, not {guidance}"),
+              (all(v is None or v >= 8 for v in (width, height)), f"--width/--height must be at least 8 pixels, "
+                                                                  f"got {width}x{height}"),
+              (0 <= seed < 2**63, f"--seed must be between 0 and 2**63, not {seed}"),
+              (all(math.isfinite(s) for s in scales), f"--scales must be finite numbers, got {scales}")]
+    for ok, message in checks:
+        if not ok:
+            raise SdloraError(message)
 
 
 def _save_image(image, out_dir: Path, params: dict, stem: str = "img") -> Path:

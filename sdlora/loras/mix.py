@@ -9,9 +9,15 @@ from ..errors import LoraFileError, SdloraError
 from ..io import check_output
 from . import lowrank
 from .convert import dtype_of, names_for
-from .files import load_lora, save_kohya
+from .files import check_weights, load_lora, save_kohya
+from .layout import guess_family
 from .lowrank import MixReport, ResizeReport
 from .metadata import family_meta
+
+
+def _family(mods: dict, meta: dict) -> str:
+    from_meta, from_shape = guess_family(mods, meta)
+    return from_shape or from_meta
 
 
 def _load_modules(path) -> tuple[dict, dict, dict]:
@@ -29,14 +35,21 @@ def mix_loras(loras: list[tuple[str, float]], output: str | Path, rank: int | No
     as zero there. Bundled embeddings are carried over (the first file wins a token clash)."""
     if not loras:
         raise SdloraError("mix needs at least one LoRA file")
+    if rank is not None and rank < 1:
+        raise SdloraError(f"--rank must be at least 1, not {rank}")
+    check_weights(loras)
     check_output(output, [p for p, _ in loras], overwrite)
     inputs = [(_load_modules(p), w) for p, w in loras]
+    families = {str(p): _family(mods, meta) for (p, _), ((mods, _, meta), _) in zip(loras, inputs)}
+    if len(set(families.values()) - {""}) > 1:
+        raise LoraFileError("cannot mix LoRAs for different model families: " +
+                            ", ".join(f"{Path(p).name} is {f or 'unknown'}" for p, f in families.items()))
     report = MixReport(str(output), exact=rank is None, sources=[[str(p), w] for p, w in loras])
     mixed = lowrank.mix_modules([(mods, w) for (mods, _, _), w in inputs], rank, report)
     embeddings = {}
     for (_, emb, _), _ in reversed(inputs):
         embeddings.update(emb)
-    meta = {**family_meta(inputs[0][0][2]), "sdlora_mix": json.dumps(report.sources)}
+    meta = {**family_meta(inputs[0][0][2]), "sdlora_mix": json.dumps([[Path(p).name, w] for p, w in loras])}
     save_kohya(output, mixed, meta, embeddings, dtype_of(inputs[0][0][0]))
     return report
 
@@ -53,6 +66,10 @@ def resize_lora(path: str | Path, output: str | Path, rank: int | None = None, k
         raise SdloraError(f"--keep-energy must be in (0, 1], not {keep_energy}")
     check_output(output, [path], overwrite)
     mods, emb, meta = _load_modules(path)
+    top = max(m.rank for m in mods.values())
+    if rank is not None and rank > top:
+        raise SdloraError(f"--rank {rank} is above the LoRA's rank {top}: resizing cannot add detail; "
+                          f"choose {top} or less")
     report = ResizeReport(str(output))
     out = lowrank.resize_modules(mods, rank, keep_energy, report)
     save_kohya(output, out, {**meta, "sdlora_resized_from": str(Path(path).name)}, emb, dtype_of(mods))

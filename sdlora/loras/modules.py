@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,4 +54,8 @@ class LoraModule:
         return {"lora_down.weight": self.down, "lora_up.weight": self.up}
 
     def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.down).all() and torch.isfinite(self.up).all())
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values()) and math.isfinite(self.alpha)
+
+    def is_zero(self) -> bool:
+        """Its update is exactly zero (an untrained up matrix, or alpha 0)."""
+        return self.alpha == 0 or any(not torch.any(t != 0) for t in self.tensors().values())

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..callbacks import Callbacks
+from ..errors import WriteError
 from ..loras.files import DTYPES, write_embedding, write_lora
 from ..loras.layout import bundle_tensors, diffusers_tensors, kohya_tensors, peft_modules
 from ..loras.metadata import training_metadata
@@ -71,9 +72,14 @@ def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
             if state.optim.embedding is not None:
                 extra["ti_optimizer"] = state.optim.embedding.state_dict()
         states = state.lora_states()
-        ckpt.save_state(path, step, states, state.optim.main, state.optim.lr_scheduler, state.cfg.to_dict(),
-                        state.acc.scaler, extra)
-        write_output(state, states, step, path.with_suffix(".safetensors"))
+        last = ckpt.latest_checkpoint(state.cfg.output.path)
+        try:
+            ckpt.save_state(path, step, states, state.optim.main, state.optim.lr_scheduler, state.cfg.to_dict(),
+                            state.acc.scaler, extra)
+            write_output(state, states, step, path.with_suffix(".safetensors"))
+        except WriteError as e:
+            raise WriteError(f"{e}; " + (f"the last good checkpoint is {last}" if last else "no checkpoint yet")) \
+                from None
         callbacks.on_checkpoint(step, str(path))
     state.acc.wait_for_everyone()
     return str(path)

@@ -60,9 +60,8 @@ def check_bitsandbytes(cfg: Config) -> None:
 
 def resolve_resolution(cfg: Config, c: Components) -> tuple[int, int]:
     """(resolution, bucket step) that fit the VAE and denoiser down-sampling of this model."""
-    vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
-    multiple = vae_factor * 2 ** (len(c.denoiser.config.block_out_channels) - 1)
-    res = cfg.augment.resolution or c.denoiser.config.sample_size * vae_factor
+    multiple = c.size_multiple
+    res = cfg.augment.resolution or c.denoiser.config.sample_size * c.vae_factor
     if res % multiple:
         raise ConfigError(f"resolution {res} must be a multiple of {multiple} for this model")
     return res, max(multiple, math.ceil(res / 64 / multiple) * multiple)
@@ -80,7 +79,7 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
         acc.wait_for_everyone()
     concept = pivotal_tokens(cfg, c)
     prompt = (lambda text: concept.prompt(text, cfg.pivotal.trigger)) if concept else (lambda text: text)
-    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt)
+    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message)
     weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
     adapters = add_adapters(cfg, c, concept)
     phases = plan_phases(cfg, has_lora=cfg.train.max_steps > 0, text_lora=adapters.text_lora,
@@ -135,23 +134,25 @@ def pivotal_tokens(cfg: Config, c: Components) -> ConceptTokens | None:
                        pv.num_vectors, pv.init_word, cfg.train.seed)
 
 
-def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, prompt) -> tuple[Batches, dict]:
+def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, prompt,
+              say=None) -> tuple[Batches, dict]:
     """The examples (bucketed, captions through `prompt`), the class images' examples, their batch plans, and
     the captions of each folder (for the file's tag frequencies). Latents are attached by `setup`."""
     import dataclasses
 
     folders = [(d.path, d.prompt, d.use_captions, d.repeats) for d in cfg.data]
-    examples = [dataclasses.replace(e, caption=prompt(e.caption))
-                for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step)]
+    raw = build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say)
+    examples = [dataclasses.replace(e, caption=prompt(e.caption)) for e in raw]
     if cfg.pivotal.token and not any(cfg.pivotal.token in e.caption for e in examples):
         what = f"the trigger {cfg.pivotal.trigger!r}" if cfg.pivotal.trigger else f"the token {cfg.pivotal.token!r}"
         raise ConfigError(f"no caption or instance prompt contains {what}; put it in the captions "
                           "or set pivotal.trigger")
-    captions = {d.path: [cap for _, cap in scan_folder(d.path, d.prompt, d.use_captions)[0]] for d in cfg.data}
+    captions = {d.path: list({e.path: e.caption for e in raw if e.source == i}.values())
+                for i, d in enumerate(cfg.data)}
     prior_examples, prior_plan = [], None
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], resolution,
-                                        cfg.augment.bucketing, bucket_step, is_prior=True)
+                                        cfg.augment.bucketing, bucket_step, is_prior=True, say=say)
         prior_plan = BatchPlan(prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
     batches = Batches(examples, BatchPlan(examples, cfg.train.batch_size, cfg.train.seed), prior_examples,
                       prior_plan, latents=None, conditioning=c.family.conditioning,
