@@ -10,12 +10,19 @@ import sys
 from ..errors import SdloraError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its mistakes in one line (what to fix, and where the help is) instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import tools, train, ui, world
 
-    parser = argparse.ArgumentParser(prog="sdlora", description="Train and use Stable Diffusion LoRAs.")
+    parser = Parser(prog="sdlora", description="Train and use Stable Diffusion LoRAs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Show library logs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for module in (train, tools, world, ui):
         module.register(sub)
     return parser
