@@ -125,13 +125,29 @@ class TrainConfig:
     batch_size: int = opt(1, "Images per step per process.", gt=0)
     grad_accum: int = opt(1, "Gradient accumulation steps (effective batch = batch_size x grad_accum x GPUs).", gt=0)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet.")
-    mixed_precision: str = opt("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), no, fp16 or bf16.",
+    mixed_precision: str = opt("auto", "auto: bf16 (fp16 on GPUs without bf16) on CUDA; on the CPU bf16 where it is "
+                               "native (AVX512-BF16/AMX), else fp32. Or no, fp16, bf16.",
                                choices=("auto", "no", "fp16", "bf16"))
     seed: int = opt(0, "Seed of everything; step N's noise depends only on (seed, N, rank).", ge=0, le=MAX_SEED)
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is typical); 0 = off.", ge=0)
     noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05) for darker/brighter images; 0 = off.", ge=0)
     cache_latents: bool = opt(True, "Encode images once; the VAE does no per-step work (off with random crop).")
     cache_text: bool = opt(True, "Encode captions once when the text encoder is frozen.")
+
+
+@dataclass
+class SpeedConfig:
+    """Switches that change how fast a step runs and how much memory it takes, not what it learns."""
+
+    threads: int = opt(0, "CPU threads; 0 = the cores not busy with other work (OpenMP threads waiting on a busy core "
+                       "can make a step 10-30x slower), or OMP_NUM_THREADS when set.", ge=0)
+    attention: str = opt("sdpa", "Attention kernel: sdpa (PyTorch's fused/flash attention), math (plain, for "
+                         "comparison), xformers (needs the xformers package).", choices=("sdpa", "math", "xformers"))
+    channels_last: bool = opt(False, "Convolutions in channels-last memory layout (often faster on CUDA).")
+    tf32: bool = opt(True, "TF32 matrix math on Ampere and newer GPUs (no effect on the CPU).")
+    compile: str = opt("none", "torch.compile the denoiser: regional (each repeated transformer block, compiles fast) "
+                       "or full; the first steps are slower while it compiles.", choices=("none", "regional", "full"))
+    fused_optimizer: bool = opt(True, "The fused AdamW kernel on CUDA.")
 
 
 @dataclass
@@ -170,6 +186,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     config_version: int = CONFIG_VERSION

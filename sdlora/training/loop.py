@@ -18,6 +18,7 @@ import torch
 from ..callbacks import Callbacks, Commands
 from ..config import Config, validate
 from ..errors import ConfigError, TrainingError, WriteError
+from ..hardware import pick_threads
 from ..io import atomic_write_text, check_writable, remove_stale_temps
 from . import checkpoint as ckpt
 from .adapters import zero_update_modules
@@ -50,6 +51,10 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     check_bitsandbytes(cfg)
     prepare_output(cfg)
     callbacks, commands = callbacks or Callbacks(), commands or Commands()
+    threads, why = pick_threads(cfg.speed.threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        callbacks.on_message(f"{threads} CPU thread(s) ({why})")
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     state = setup(cfg, acc, callbacks if main else Callbacks())

@@ -12,6 +12,7 @@ import torch
 from ..callbacks import Callbacks
 from ..config import Config
 from ..errors import ConfigError, DataError, ModelError
+from ..hardware import cpu_has_native_bf16
 from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
 from .adapters import inject, lora_parameters
@@ -39,12 +40,51 @@ def make_accelerator(cfg: Config):
 
 
 def mixed_precision(cfg: Config) -> str:
+    """The precision `auto` means here: bf16 (fp16 where the GPU lacks bf16) on CUDA; on the CPU bf16 autocast
+    where bf16 is native, else fp32."""
     mp = cfg.train.mixed_precision
     if mp != "auto":
         return mp
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def apply_speed(cfg: Config, c: Components, device: torch.device) -> None:
+    """The [speed] switches that act on the denoiser (attention kernel, memory layout, TF32); compilation comes after
+    the adapters are in place (`compile_denoiser`)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    sp = cfg.speed
+    if sp.attention == "xformers":
+        try:
+            c.denoiser.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as e:
+            raise ConfigError(f"speed.attention xformers: {str(e).splitlines()[0]}; pip install 'sdlora[xformers]' "
+                              "or use sdpa") from None
+    elif hasattr(c.denoiser, "set_attn_processor"):
+        c.denoiser.set_attn_processor(AttnProcessor2_0() if sp.attention == "sdpa" else AttnProcessor())
+    if sp.channels_last:
+        c.denoiser.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = sp.tf32
+
+
+def compile_denoiser(cfg: Config, c: Components) -> None:
+    """torch.compile, in place: `regional` compiles each repeated transformer block once (fast to compile, reused by
+    every block of the same shape), `full` the whole denoiser."""
+    if cfg.speed.compile == "full":
+        c.denoiser.compile()
+    elif cfg.speed.compile == "regional":
+        blocks = [m for m in c.denoiser.modules() if type(m).__name__ in REPEATED_BLOCKS]
+        if not blocks:
+            raise ConfigError(f"speed.compile regional found no transformer block in {type(c.denoiser).__name__}; "
+                              "use full")
+        for block in blocks:
+            block.compile()
+
+
+REPEATED_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock")
 
 
 def check_bitsandbytes(cfg: Config) -> None:
@@ -81,7 +121,9 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     prompt = (lambda text: concept.prompt(text, cfg.pivotal.trigger)) if concept else (lambda text: text)
     batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message)
     weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
+    apply_speed(cfg, c, acc.device)
     adapters = add_adapters(cfg, c, concept)
+    compile_denoiser(cfg, c)
     phases = plan_phases(cfg, has_lora=cfg.train.max_steps > 0, text_lora=adapters.text_lora,
                          has_concept=concept is not None)
     batches.latents = Latents(c.vae, acc.device, weight_dtype, cached=cfg.train.cache_latents
@@ -239,4 +281,4 @@ def _optimizer(cfg: Config, groups: list[dict], device) -> torch.optim.Optimizer
         import bitsandbytes as bnb  # present: train() checked before loading
 
         return bnb.optim.AdamW8bit(groups, **kw)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kw)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda" and cfg.speed.fused_optimizer, **kw)
