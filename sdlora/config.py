@@ -148,6 +148,9 @@ class SpeedConfig:
     compile: str = opt("none", "torch.compile the denoiser: regional (each repeated transformer block, compiles fast) "
                        "or full; the first steps are slower while it compiles.", choices=("none", "regional", "full"))
     fused_optimizer: bool = opt(True, "The fused AdamW kernel on CUDA.")
+    log_every: int = opt(1, "Read the loss back from the device every N steps (each read waits for the GPU to "
+                         "finish; every step is still logged, in bursts); NaN checks happen then and before "
+                         "checkpoints. 1 = every step, checked before it is applied.", ge=1)
 
 
 @dataclass

@@ -163,16 +163,40 @@ def build_sdxl_components(spec: dict = SDXL_BASE, seed: int = 0) -> dict:
     return parts
 
 
-def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0):
+def full_size_configs(family: str) -> dict:
+    """The configs of `full_size_components`' unet, vae and text encoder(s), as dicts (nothing is allocated)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    spec = SDXL_BASE if family == "sdxl" else SD15
+    ids = dict(vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**spec["unet"]), AutoencoderKL(**SD15["vae"])
+    out = {"unet": dict(unet.config), "vae": dict(vae.config)}
+    if family == "sdxl":
+        out["text_encoder"] = CLIPTextConfig(**ids, **spec["text"]).to_dict()
+        out["text_encoder_2"] = CLIPTextConfig(**ids, **spec["text_2"]).to_dict()
+    else:
+        text = CLIPTextConfig(**ids, projection_dim=spec["text"]["hidden_size"], **spec["text"])
+        out["text_encoder"] = text.to_dict()
+    return out
+
+
+def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, device: str | None = None):
     """`Components` of a full-size SD 1.5- or SDXL-shaped model with random weights (for benchmarks), with a local
-    byte-level tokenizer written to `tokenizer_dir`."""
+    byte-level tokenizer written to `tokenizer_dir`. With `device` (e.g. 'cuda') the weights are made and initialised
+    there: seconds on a GPU instead of a minute of CPU initialisation; the schedulers stay on the CPU."""
+    import contextlib
+
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
     from .families import FAMILIES
     from .models import Components, freeze
 
-    parts = build_sdxl_components(seed=seed) if family == "sdxl" else build_components(SD15, seed)
+    with torch.device(device) if device else contextlib.nullcontext():
+        parts = build_sdxl_components(seed=seed) if family == "sdxl" else build_components(SD15, seed)
+    parts["scheduler"] = type(parts["scheduler"]).from_config(parts["scheduler"].config)
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tokenizer_dir, ("a", "photo", "of", "sks")))
     encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if family == "sdxl" else [])
     return freeze(Components(FAMILIES[family], f"random-{family}", parts["unet"], parts["vae"],

@@ -69,7 +69,7 @@ def job_configs(args) -> list[tuple[str, object]]:
     from ..config import Config, load_toml
 
     paths = list(args.configs)
-    if args.queue:
+    if getattr(args, "queue", None):
         q = Path(args.queue)
         if not q.is_file():
             raise SdloraError(f"queue file not found: {q}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..hardware import pick_threads
 from ..io import atomic_write_text, check_writable, remove_stale_temps
 from . import checkpoint as ckpt
 from .adapters import zero_update_modules
+from .fit import warn_if_too_big
 from .output import write_checkpoint, write_output, write_samples
 from .setup import check_bitsandbytes, make_accelerator, setup
 from .state import TrainState
@@ -57,6 +59,8 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
         callbacks.on_message(f"{threads} CPU thread(s) ({why})")
     acc = make_accelerator(cfg)
     main = acc.is_main_process
+    if main:
+        warn_if_too_big(cfg, acc.device, callbacks.on_message)
     state = setup(cfg, acc, callbacks if main else Callbacks())
     out = Path(cfg.output.path)
     state.start_step = step = resume_from_checkpoint(state, out, callbacks) if resume else 0
@@ -68,17 +72,17 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
         if step == 0 and cfg.sample.prompts:
             result.samples += write_samples(state, 0, callbacks)
     t0 = time.time()
+    every = cfg.speed.log_every
     with open(result.log, "a") if main else contextlib.nullcontext() as log_file:
+        steps = StepLog(state, log_file, callbacks, result)
         while step < cfg.total_steps and not result.stopped:
-            loss, stats = optimizer_step(state, step)
+            loss, stats = optimizer_step(state, step, read=every == 1)
             step += 1
             stats.update(loss=loss, lr=state.optim.lr_scheduler.get_last_lr()[0], step=step)
-            result.final_loss = loss
-            if main:
-                log_file.write(json.dumps({k: round(float(v), 8) for k, v in stats.items()}) + "\n")
-                log_file.flush()
-                callbacks.on_step(step, stats)
-            _periodic(state, step, result, commands, callbacks)
+            steps.add(stats)
+            if step % every == 0 or step == cfg.total_steps:
+                steps.flush()
+            _periodic(state, step, result, commands, callbacks, steps.flush)
     result.steps, result.seconds = step, time.time() - t0
     _check_in_sync(state)
     if result.stopped:  # the checkpoint holds everything; the final file is written when the run completes
@@ -100,14 +104,15 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     return result
 
 
-def optimizer_step(state: TrainState, step: int) -> tuple[float, dict]:
-    """Forward/backward over grad_accum micro-batches, clip, step what this phase trains. Raises on a non-finite
-    loss."""
+def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[float, dict]:
+    """Forward/backward over grad_accum micro-batches, clip, step what this phase trains. With `read`, the loss and
+    stats come back as numbers and a non-finite loss raises before it is applied; without, they stay tensors on the
+    device (no wait for the GPU inside the step) and `StepLog` checks them when it reads them."""
     cfg, acc, optim = state.cfg, state.acc, state.optim
     torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # LoRA dropout: per-step too
     state.models.denoiser.train()
     phase = state.enter_phase(step)
-    total, stats = 0.0, {}
+    total, stats = torch.zeros((), dtype=torch.float64), {}
     for micro in range(cfg.train.grad_accum):
         gen, rng = seeded(cfg.train.seed, step, state.rank, micro)
         batch = state.batches.fetch((step * cfg.train.grad_accum + micro) * state.world + state.rank, rng)
@@ -115,14 +120,10 @@ def optimizer_step(state: TrainState, step: int) -> tuple[float, dict]:
         with acc.no_sync(state.models.denoiser) if not sync and state.world > 1 else contextlib.nullcontext(), \
                 acc.autocast():
             loss, stats = training_step(batch, state.models, cfg, gen)
-        if not torch.isfinite(loss):
-            last = ckpt.latest_checkpoint(cfg.output.path)
-            raise TrainingError(
-                f"loss became {loss.item()} at step {step + 1}: lower the learning rate (now {cfg.optim.lr})"
-                + (" or use --mixed-precision bf16/no" if acc.mixed_precision == "fp16" else "")
-                + (f"; last good checkpoint: {last}" if last else ""))
+        if read and not torch.isfinite(loss):
+            raise _non_finite(state, loss.item(), step + 1)
         acc.backward(loss / cfg.train.grad_accum)
-        total += loss.item() / cfg.train.grad_accum
+        total = total + loss.detach().double() / cfg.train.grad_accum  # as a float64 sum of .item()s, unread
     if not phase.trains_lora:
         for p in optim.lora_params:
             p.grad = None
@@ -139,10 +140,52 @@ def optimizer_step(state: TrainState, step: int) -> tuple[float, dict]:
         optim.lr_scheduler.step()
         optim.main.zero_grad(set_to_none=True)
     if state.world > 1:  # log the loss of the whole batch, not of this rank's share
-        stats["loss"] = torch.tensor(total, device=acc.device)
-        stats = {k: acc.reduce(v.detach().reshape(1).float(), "mean") for k, v in stats.items()}
-        total = stats.pop("loss").item()
-    return total, {k: v.item() for k, v in stats.items()}
+        stats["loss"] = total.float().to(acc.device)
+        stats = {k: acc.reduce(v.detach().reshape(1).float(), "mean")[0] for k, v in stats.items()}
+        total = stats.pop("loss")
+    if not read:
+        return total, {k: v.detach() for k, v in stats.items()}
+    return total.item(), {k: v.item() for k, v in stats.items()}
+
+
+def _non_finite(state: TrainState, value: float, step: int) -> TrainingError:
+    cfg = state.cfg
+    last = ckpt.latest_checkpoint(cfg.output.path)
+    return TrainingError(
+        f"loss became {value} at step {step}: lower the learning rate (now {cfg.optim.lr})"
+        + (" or use --mixed-precision bf16/no" if state.acc.mixed_precision == "fp16" else "")
+        + (f"; last good checkpoint: {last}" if last else ""))
+
+
+class StepLog:
+    """Each step's loss and stats into the log file and `on_step`, read from the device in one transfer per flush
+    (every speed.log_every steps, at the end, and before a checkpoint): a non-finite loss raises then, before
+    anything is written from the weights it touched."""
+
+    def __init__(self, state: TrainState, log_file, callbacks: Callbacks, result: TrainResult):
+        self.state, self.log_file, self.callbacks, self.result, self.pending = state, log_file, callbacks, result, []
+
+    def add(self, stats: dict) -> None:
+        self.pending.append(stats)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        tensors = [v for s in pending for v in s.values() if isinstance(v, torch.Tensor)]
+        device = tensors[0].device if tensors else None
+        values = iter(torch.stack([t.double().reshape(()).to(device) for t in tensors]).cpu().tolist()
+                      if tensors else ())
+        rows = [{k: next(values) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in pending]
+        bad = next((r for r in rows if not math.isfinite(r["loss"])), None)
+        if bad is not None:
+            raise _non_finite(self.state, bad["loss"], bad["step"])
+        for row in rows:
+            self.result.final_loss = row["loss"]
+            if self.state.acc.is_main_process:
+                self.log_file.write(json.dumps({k: round(float(v), 8) for k, v in row.items()}) + "\n")
+                self.log_file.flush()
+                self.callbacks.on_step(row["step"], row)
 
 
 def _clip(state: TrainState, params) -> None:
@@ -215,8 +258,10 @@ def _record(line: str) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _periodic(state: TrainState, step: int, result: TrainResult, commands: Commands, callbacks: Callbacks) -> None:
-    """Samples and checkpoints when due or asked for; a stop request ends the run after a checkpoint."""
+def _periodic(state: TrainState, step: int, result: TrainResult, commands: Commands, callbacks: Callbacks,
+              flush=lambda: None) -> None:
+    """Samples and checkpoints when due or asked for; a stop request ends the run after a checkpoint (`flush` reads
+    and checks the unread losses before it is written)."""
     cfg = state.cfg
     done = step == cfg.total_steps
     stop, save_now, sample_now = _synced(state, commands.stop, commands.save_now, commands.sample_now)
@@ -224,6 +269,7 @@ def _periodic(state: TrainState, step: int, result: TrainResult, commands: Comma
             (cfg.sample.every and step % cfg.sample.every == 0 and not done) or sample_now):
         result.samples += write_samples(state, step, callbacks)
     if (cfg.output.save_every and step % cfg.output.save_every == 0 and not done) or save_now or stop:
+        flush()
         result.checkpoints.append(write_checkpoint(state, step, callbacks))
     commands.sample_now = commands.save_now = False
     result.stopped = stop

@@ -1,0 +1,75 @@
+"""`sdlora fit`: will a job fit in memory, and if not, the cheapest settings that do."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    from .train import add_config_flags
+
+    f = sub.add_parser("fit", help="Estimate a job's peak memory; propose the cheapest settings that fit.",
+                       description="Estimate the peak memory of training a job (weights, LoRA state, cached latents, "
+                       "the step's activations measured from the model's architecture, overhead) and, when it does "
+                       "not fit, the cheapest settings that do: caching, SDPA, 8-bit AdamW, gradient checkpointing, "
+                       "a smaller batch with gradient accumulation, an NF4 base, a lower resolution.")
+    f.add_argument("configs", nargs="*", metavar="CONFIG.toml", help="Job files (flags override them).")
+    f.add_argument("--vram", metavar="SIZE", help="Memory of the GPU to plan for (e.g. 12GB, 8192MB; GPU makers' "
+                   "GB are GiB); implies --device cuda. Default: this machine's free GPU or CPU memory.")
+    f.add_argument("--device", choices=("cuda", "cpu"), help="Device to plan for (default: CUDA when a GPU is here, "
+                   "else the CPU).")
+    add_config_flags(f)
+    f.set_defaults(func=cmd_fit)
+
+
+def cmd_fit(args) -> int:
+    import torch
+
+    from ..training.fit import changed_flags, device_budget, estimate, fit_plan, meta_model, parse_size
+    from .train import job_configs
+
+    vram = parse_size(args.vram) if args.vram else None
+    device = "cuda" if vram else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not vram and not torch.cuda.is_available():
+        print("error: no CUDA GPU here; give --vram SIZE to plan for one", file=sys.stderr)
+        return 2
+    budget, where = device_budget(device, vram)
+    worst = 0
+    for label, cfg in job_configs(args):
+        model = meta_model(cfg.model_path)
+        est = estimate(cfg, device, model)
+        print(report(label, cfg, model, est))
+        if est.total <= budget:
+            print(f"fits: {where} has {budget / 2**30:.2f} GiB ({(budget - est.total) / 2**30:.2f} to spare)\n")
+            continue
+        worst = 1
+        print(f"does not fit: {where} has {budget / 2**30:.2f} GiB")
+        plan = fit_plan(cfg, device, budget, model)
+        if plan is None:
+            print("nothing sdlora can change makes it fit (an NF4 base, batch 1, checkpointing and a lower "
+                  "resolution included)\n")
+        else:
+            new, e = plan
+            print(f"cheapest settings that fit: {' '.join(changed_flags(cfg, new))} "
+                  f"(about {e.total / 2**30:.2f} GiB)\n")
+    return worst
+
+
+def report(label: str, cfg, model, est) -> str:
+    """The estimate, part by part, in GiB."""
+    g = 2**30
+    res = cfg.augment.resolution or model.family.default_resolution
+    weights = "  ".join(f"{k} {v / g:.2f}" for k, v in est.weights.items())
+    what = "CUDA context and allocator slack" if est.device == "cuda" else "the process (Python and libraries)"
+    rows = [
+        (f"weights ({weights}{', NF4' if cfg.model.quantize == 'nf4' else ''})", sum(est.weights.values())),
+        (f"LoRA: {est.lora_params:,} parameters with gradients and {cfg.optim.optimizer} state", est.trainable),
+        ("cached latents and text embeddings", est.cache),
+        (f"activations at their peak ({est.saved / g:.2f} saved for backward)", est.activations),
+        (what, est.overhead),
+        ("total", est.total),
+    ]
+    head = (f"{label}: {model.family.name}, {res} px, batch {cfg.train.batch_size}, {est.precision} on {est.device}"
+            f"{', gradient checkpointing' if cfg.train.gradient_checkpointing else ''}")
+    return "\n".join([head] + [f"  {name:<78}{v / g:>7.2f} GiB" for name, v in rows] + [f"  note: {n}" for n in
+                                                                                        est.notes])

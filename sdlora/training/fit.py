@@ -1,0 +1,508 @@
+"""Will a training job fit in memory? An estimate of its peak from the model's architecture, and the cheapest changes
+that make it fit.
+
+peak = weights (each part in its dtype: the UNet and text encoders in the training precision on CUDA, fp32 on the CPU,
+NF4 Linear layers at 4 bits plus their quantization state; the VAE fp32; every part stays on the device)
+     + trainable state (LoRA weights, gradients and optimizer state, fp32)
+     + cached latents and text embeddings
+     + the step's activations at their peak (measured on the meta device, `memtrace`)
+     + overhead (CUDA: the context and the caching allocator's slack; CPU: the process's own libraries).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError, ModelError
+from ..families import FAMILIES, Family
+from .memtrace import MetaStep, Trace, checkpointing, mark_trainable, trace
+
+GiB = 2**30
+CUDA_CONTEXT = int(0.6 * GiB)   # CUDA context, cuBLAS/cuDNN workspaces (outside PyTorch's allocator counts)
+CUDA_SLACK = 0.10               # the caching allocator reserves about this much beyond what is allocated
+CPU_BASELINE = int(0.45 * GiB)  # a process with torch, diffusers, transformers and peft imported (measured: 0.41)
+OPTIMIZER_STATE = {"adamw": 8, "adamw8bit": 2}  # bytes per LoRA parameter (Adam m and v; 8-bit: one byte each)
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class MetaModel:
+    """A model's family and the diffusers/transformers configs of its parts, to build on the meta device."""
+
+    family: Family
+    configs: dict            # unet, vae, text_encoder[, text_encoder_2] -> config dict
+    source: str
+
+    @property
+    def key(self) -> str:
+        import json
+
+        return json.dumps(self.configs, sort_keys=True, default=str)
+
+    def build(self):
+        """(denoiser, vae, text encoders) on the meta device, frozen."""
+        import diffusers
+        import transformers
+
+        with torch.device("meta"), _quiet():
+            denoiser = getattr(diffusers, self.family.denoiser_class).from_config(self.configs["unet"])
+            vae = diffusers.AutoencoderKL.from_config(self.configs["vae"])
+            encoders = [getattr(transformers, s.model_class)(transformers.CLIPTextConfig.from_dict(
+                self.configs[s.attr])) for s in self.family.text_encoders]
+        for m in (denoiser, vae, *encoders):
+            m.requires_grad_(False)
+            m.eval()
+        return denoiser, vae, encoders
+
+
+class _quiet:
+    """Silence the libraries' construction warnings while building on meta."""
+
+    def __enter__(self):
+        import logging
+
+        self.loggers = [logging.getLogger(n) for n in ("diffusers", "transformers")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)
+
+
+def meta_model(source: str) -> MetaModel:
+    """The configs of a diffusers folder, a hub id in the local cache, or a single-file checkpoint (from its header);
+    no weights are read."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from ..models import _folder_family
+
+    if Path(source).is_file():
+        from ..single_file import detect_checkpoint
+
+        info = detect_checkpoint(source)
+        return MetaModel(FAMILIES[info.family], info.configs, source)
+    family = _folder_family(source)
+    try:
+        configs = {"unet": dict(UNet2DConditionModel.load_config(source, subfolder=family.denoiser_attr)),
+                   "vae": dict(AutoencoderKL.load_config(source, subfolder="vae"))}
+        for slot in family.text_encoders:
+            configs[slot.attr] = CLIPTextConfig.from_pretrained(source, subfolder=slot.attr).to_dict()
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{source}: cannot read its configs: {str(e).splitlines()[0]}") from None
+    return MetaModel(family, configs, source)
+
+
+def random_model(family: str) -> MetaModel:
+    """The full-size random-weight models of `random_pipelines` (the benchmark's), as configs."""
+    from ..random_pipelines import full_size_configs
+
+    with _quiet():
+        return MetaModel(FAMILIES[family], full_size_configs(family), f"random-{family}")
+
+
+@dataclass
+class Estimate:
+    device: str                       # cuda | cpu
+    precision: str                    # no | bf16 | fp16
+    weights: dict[str, int]           # part -> bytes
+    lora_params: int
+    trainable: int                    # LoRA weights + gradients + optimizer state
+    cache: int                        # cached latents and text embeddings
+    saved: int                        # activations autograd holds at the end of the forward
+    activations: int                  # peak of the step's live activations (incl. a VAE encode when uncached)
+    overhead: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def allocated(self) -> int:
+        """What PyTorch allocates at the peak (CUDA: torch.cuda.max_memory_allocated)."""
+        return sum(self.weights.values()) + self.trainable + self.cache + self.activations
+
+    @property
+    def total(self) -> int:
+        """What the device must have free: allocated plus overhead (CUDA: the GPU's memory; CPU: the process RSS)."""
+        return self.allocated + self.overhead
+
+
+def precision_for(cfg: Config, device: str) -> str:
+    """The mixed precision `setup` will use on `device` (cuda assumed bf16-capable unless it is here and is not)."""
+    from ..hardware import cpu_has_native_bf16
+
+    mp = cfg.train.mixed_precision
+    if mp != "auto":
+        return mp
+    if device == "cuda":
+        return "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def _dtypes(precision: str, device: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights' dtype, autocast's low dtype or None), as `setup.place_models` and accelerate make them."""
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return (low if device == "cuda" and low else torch.float32), low
+
+
+def estimate(cfg: Config, device: str = "cuda", model: MetaModel | None = None,
+             n_images: int | None = None) -> Estimate:
+    """Peak memory of training `cfg` on `device` ('cuda' or 'cpu'). `model` defaults to the job's model (read from
+    its configs), `n_images` to the images in its data folders."""
+    model = model or meta_model(cfg.model_path)
+    precision = precision_for(cfg, device)
+    wdtype, _ = _dtypes(precision, device)
+    res = cfg.augment.resolution or model.family.default_resolution
+    counts = _counts(model)
+    weights = {part: _part_bytes(counts[part], wdtype if part != "vae" else torch.float32,
+                                 cfg.model.quantize if part != "vae" else "none") for part in counts}
+    lora = _lora_params(model, cfg)
+    per_param = 4 + 4  # fp32 weight and gradient (diffusers' cast_training_params)
+    trainable = sum(n * (per_param + _optimizer_bytes(cfg.optim.optimizer, n)) for n in lora)
+    step = _step_trace(model, cfg, res, precision, device)
+    activations, notes = step.peak, []
+    if cfg.model.quantize == "nf4":  # one Linear weight at a time is dequantized to the compute dtype
+        activations += max(counts[p]["largest_linear"] for p in counts if p != "vae") * wdtype.itemsize
+    cached = cfg.train.cache_latents and cfg.augment.crop == "center"
+    if not cached:
+        activations = max(activations, _vae_trace(model, res).peak)
+        notes.append("latents not cached: the VAE encodes every step")
+    images = _count_images(cfg) if n_images is None else n_images
+    latent = model.configs["unet"]["in_channels"] * (res // _vae_factor(model)) ** 2 * wdtype.itemsize
+    context = sum(model.configs[s.attr]["hidden_size"] for s in model.family.text_encoders)
+    cache = (images * (2 if cfg.augment.random_flip else 1) * latent if cached else 0) \
+        + ((images + 2) * 77 * context * wdtype.itemsize if cfg.train.cache_text else 0)
+    if device == "cuda":
+        overhead = CUDA_CONTEXT + int(CUDA_SLACK * activations)
+    else:
+        overhead = CPU_BASELINE
+    return Estimate(device, precision, weights, sum(lora), int(trainable), int(cache), step.saved, int(activations),
+                    overhead, notes)
+
+
+def _vae_factor(model: MetaModel) -> int:
+    return 2 ** (len(model.configs["vae"]["block_out_channels"]) - 1)
+
+
+def _optimizer_bytes(name: str, numel: int) -> int:
+    """Optimizer state per parameter of one tensor: bitsandbytes keeps tensors under 4096 values in 32-bit."""
+    if name == "adamw8bit" and numel < 4096:
+        return 8
+    return OPTIMIZER_STATE.get(name, 8)
+
+
+def _count_images(cfg: Config) -> int:
+    n = 0
+    for folder in cfg.data:
+        p = Path(folder.path)
+        if p.is_dir():
+            n += sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+    if cfg.prior.class_prompt and cfg.prior.mode == "images":
+        n += cfg.prior.num_class_images
+    return n
+
+
+def nf4_bytes(numel: int) -> int:
+    """bitsandbytes NF4 storage of one weight (blocks of 64, nested absmax): 4 bits a value, an 8-bit absmax per
+    block, an fp32 absmax per 256 blocks, and the two code books."""
+    blocks = math.ceil(numel / 64)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 64 + 1024 + 4
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def _cached(key: tuple, make):
+    """Memoize the meta measurements within the process (proposals re-estimate the same job many times)."""
+    if key not in _CACHE:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def _counts(model: MetaModel) -> dict:
+    """Per part: floating-point parameter count, each nn.Linear weight's size, and the largest one."""
+    def make():
+        denoiser, vae, encoders = model.build()
+        parts = {"unet": denoiser, "vae": vae, **{s.attr: e for s, e in zip(model.family.text_encoders, encoders)}}
+        out = {}
+        for name, m in parts.items():
+            linear = [mod.weight.numel() for mod in m.modules() if type(mod) is torch.nn.Linear]
+            total = sum(t.numel() for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
+            out[name] = {"params": total, "linear": linear, "largest_linear": max(linear, default=0)}
+        return out
+
+    return _cached(("counts", model.key), make)
+
+
+def _part_bytes(count: dict, dtype: torch.dtype, quantize: str) -> int:
+    if quantize != "nf4":
+        return count["params"] * dtype.itemsize
+    return (count["params"] - sum(count["linear"])) * dtype.itemsize + sum(nf4_bytes(n) for n in count["linear"])
+
+
+def _text_trained(cfg: Config, n: int) -> tuple[bool, ...]:
+    from .setup import text_encoder_lrs
+
+    return tuple(bool(lr) for lr in text_encoder_lrs(cfg, n))
+
+
+def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
+    """Parameters of each LoRA tensor (A and B per target layer): r x in and r x out for a Linear, r x in x k x k and
+    r x out for a convolution."""
+    from .adapters import target_modules
+
+    denoiser, _, encoders = model.build()
+    fam = model.family
+    plan = [(denoiser, fam.targets[cfg.lora.targets])] if cfg.train.max_steps > 0 else []
+    plan += [(e, fam.text_targets) for e, t in zip(encoders, _text_trained(cfg, len(encoders))) if t]
+    sizes = []
+    for module, patterns in plan:
+        for name in target_modules(module, patterns):
+            layer = module.get_submodule(name)
+            if isinstance(layer, torch.nn.Conv2d):
+                k = layer.kernel_size[0] * layer.kernel_size[1]
+                sizes += [cfg.lora.rank * layer.in_channels * k, cfg.lora.rank * layer.out_channels]
+            else:
+                sizes += [cfg.lora.rank * layer.in_features, cfg.lora.rank * layer.out_features]
+    return sizes
+
+
+class _Tokenizer:
+    """Stands in for a CLIP tokenizer: every caption is 77 token ids on the meta device."""
+
+    model_max_length = 77
+
+    def __call__(self, captions, **kw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.zeros(len(captions), 77, dtype=torch.long, device="meta"))
+
+
+def _step_trace(model: MetaModel, cfg: Config, res: int, precision: str, device: str) -> Trace:
+    """Activations of one training step (text encoding when it trains, the denoiser's forward, the loss, backward)."""
+    text = _text_trained(cfg, len(model.family.text_encoders))
+    key = ("step", model.key, res, cfg.train.batch_size, precision, device, cfg.train.gradient_checkpointing,
+           cfg.speed.attention, cfg.lora.targets, text, cfg.train.max_steps > 0)
+    return _cached(key, lambda: _measure_step(model, cfg, res, precision, device, text))
+
+
+def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, device: str, text: tuple) -> Trace:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from .adapters import target_modules
+
+    wdtype, low = _dtypes(precision, device)
+    fam, batch = model.family, cfg.train.batch_size
+    with torch.random.fork_rng(devices=[]):
+        denoiser, _, encoders = model.build()
+        for m in (denoiser, *encoders):
+            torch.nn.Module.to(m, wdtype)
+        denoiser.set_attn_processor(AttnProcessor() if cfg.speed.attention == "math" else AttnProcessor2_0())
+
+        def mode():
+            return MetaStep(low, device)
+
+        if cfg.train.max_steps > 0:
+            mark_trainable(denoiser, target_modules(denoiser, fam.targets[cfg.lora.targets]))
+        for enc, trained in zip(encoders, text):
+            if trained:
+                mark_trainable(enc, target_modules(enc, fam.text_targets))
+                if cfg.train.gradient_checkpointing:
+                    checkpointing(enc, mode)
+        if cfg.train.gradient_checkpointing:
+            checkpointing(denoiser, mode)
+        lat = res // _vae_factor(model)
+
+        def step():
+            with torch.set_grad_enabled(any(text)):
+                cond = fam.conditioning.encode([_Tokenizer()] * len(encoders), encoders, [""] * batch, "meta")
+            micro = torch.zeros(batch, 6, device="meta")
+            noisy = torch.empty(batch, model.configs["unet"]["in_channels"], lat, lat, device="meta", dtype=wdtype)
+            t = torch.zeros(batch, dtype=torch.long, device="meta")
+            pred = denoiser(noisy, t, **fam.conditioning.denoiser_kwargs(cond, micro), return_dict=False)[0]
+            return torch.nn.functional.mse_loss(pred.float(), noisy.float(), reduction="none").mean()
+
+        return trace(step, [denoiser, *encoders], mode)
+
+
+def _vae_trace(model: MetaModel, res: int) -> Trace:
+    """The VAE encoding one image (fp32, no gradient), as uncached latents are made every step."""
+    def make():
+        _, vae, _ = model.build()
+
+        def step():
+            with torch.no_grad():
+                vae.encode(torch.empty(1, 3, res, res, device="meta")).latent_dist.mode()
+
+        return trace(step, [vae], lambda: MetaStep(None, "cpu"), backward=False)
+
+    return _cached(("vae", model.key, res), make)
+
+
+# ---------------------------------------------------------------- what the device offers, and what fits
+
+
+def parse_size(text: str) -> int:
+    """'12GB', '12 GiB', '12g', '12288MB' -> bytes. GPU makers' 'GB' of memory are GiB (a 12 GB card has 12288 MiB)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([gGmM]?)(i?[bB])?\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"memory size {text!r} is not like 12GB or 8192MB")
+    return int(float(m.group(1)) * (2**20 if m.group(2).lower() == "m" else GiB))
+
+
+def device_budget(device: str, vram: int | None = None) -> tuple[int, str]:
+    """(bytes this job may use, where they are): `vram` when given; the GPU's free memory plus the context this
+    process already holds; the CPU's MemAvailable plus this process's own resident memory."""
+    if vram:
+        return vram, "the given memory"
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        return free + CUDA_CONTEXT, f"{torch.cuda.get_device_name()} ({total / GiB:.1f} GiB, {free / GiB:.1f} free)"
+    available = _mem_available()
+    return available + _rss(), f"this machine ({available / GiB:.1f} GiB available)"
+
+
+def _mem_available() -> int:
+    """MemAvailable (Linux); elsewhere the free pages POSIX reports."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        raise ConfigError("cannot tell how much memory this machine has free; give --vram SIZE") from None
+
+
+def _rss() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _changes(cfg: Config):
+    """The changes that lower the peak, cheapest first: (what, change the config in place; False when it cannot)."""
+    def cache(c):
+        can = (not c.train.cache_latents and c.augment.crop == "center") or \
+              (not c.train.cache_text and not any(_text_trained(c, 2)))
+        c.train.cache_latents = c.train.cache_latents or c.augment.crop == "center"
+        c.train.cache_text = c.train.cache_text or not any(_text_trained(c, 2))
+        return can
+
+    def setter(section, name, value):
+        def apply(c):
+            old = getattr(getattr(c, section), name)
+            setattr(getattr(c, section), name, value)
+            return old != value
+        return apply
+
+    def halve_batch(c):
+        if c.train.batch_size < 2:
+            return False
+        c.train.batch_size, c.train.grad_accum = c.train.batch_size // 2, c.train.grad_accum * 2
+        return True
+
+    def lower_resolution(c):
+        res = c.augment.resolution or 0
+        new = (res * 3 // 4) // 64 * 64
+        if new < 256:
+            return False
+        c.augment.resolution = new
+        return True
+
+    yield "caching", cache
+    yield "SDPA attention", setter("speed", "attention", "sdpa")
+    yield "8-bit AdamW", setter("optim", "optimizer", "adamw8bit")
+    yield "gradient checkpointing", setter("train", "gradient_checkpointing", True)
+    for _ in range(8):
+        yield "a smaller batch with gradient accumulation", halve_batch
+    yield "an NF4 base", setter("model", "quantize", "nf4")
+    for _ in range(3):
+        yield "a lower resolution", lower_resolution
+
+
+def fit_plan(cfg: Config, device: str, budget: int, model: MetaModel | None = None) -> tuple[Config, Estimate] | None:
+    """The cheapest settings that fit `budget`: the changes of `_changes` added in order until the estimate fits,
+    then each added change that is not needed taken back. None when even all of them do not fit."""
+    model = model or meta_model(cfg.model_path)
+    trial = copy.deepcopy(cfg)
+    trial.augment.resolution = trial.augment.resolution or model.family.default_resolution
+    applied = []
+    est = estimate(trial, device, model)
+    for what, change in _changes(trial):
+        if est.total <= budget:
+            break
+        before = copy.deepcopy(trial)
+        if change(trial):
+            applied.append((what, before))
+            est = estimate(trial, device, model)
+    if est.total > budget:
+        return None
+    for what, _ in list(applied[:-1]):  # drop a cheap change the later ones made unnecessary
+        undone = _undo(trial, cfg, what)
+        if undone is not None:
+            e = estimate(undone, device, model)
+            if e.total <= budget:
+                trial, est = undone, e
+    return trial, est
+
+
+_FIELDS = {"caching": [("train", "cache_latents"), ("train", "cache_text")],
+           "SDPA attention": [("speed", "attention")], "8-bit AdamW": [("optim", "optimizer")],
+           "gradient checkpointing": [("train", "gradient_checkpointing")], "an NF4 base": [("model", "quantize")]}
+
+
+def _undo(trial: Config, original: Config, what: str) -> Config | None:
+    if what not in _FIELDS:
+        return None
+    out = copy.deepcopy(trial)
+    for section, name in _FIELDS[what]:
+        setattr(getattr(out, section), name, getattr(getattr(original, section), name))
+    return out
+
+
+def changed_flags(before: Config, after: Config) -> list[str]:
+    """The command-line flags that turn `before` into `after`."""
+    from dataclasses import fields
+
+    from ..config import SECTIONS, flag_name
+
+    flags = []
+    for section in SECTIONS:
+        for f in fields(getattr(before, section)):
+            a, b = getattr(getattr(before, section), f.name), getattr(getattr(after, section), f.name)
+            if a != b:
+                name = flag_name(f)
+                flags.append((f"--{name}" if b else f"--no-{name}") if isinstance(b, bool) else f"--{name} {b}")
+    return flags
+
+
+def warn_if_too_big(cfg: Config, device: torch.device, say) -> Estimate | None:
+    """Before training: one line through `say` when the job's estimated peak exceeds what the device has. Advisory:
+    a model whose configs cannot be read is not an error here (loading it will say what is wrong)."""
+    import logging
+
+    try:
+        est = estimate(cfg, device.type)
+        budget, where = device_budget(device.type)
+    except Exception as e:  # noqa: BLE001 - an estimate must never stop a run
+        logging.getLogger(__name__).info("memory estimate skipped: %s", e)
+        return None
+    if est.total > budget:
+        say(f"warning: this job needs about {est.total / GiB:.1f} GiB at its peak and {where} has "
+            f"{budget / GiB:.1f} GiB for it; `sdlora fit` with the same job and flags proposes settings that fit")
+    return est

@@ -1,0 +1,158 @@
+"""A training step's activation memory, measured from the architecture on the meta device (no weights, no data).
+
+The models are built on `meta` from their configs; the LoRA target layers' weights are marked as needing a gradient
+(what LoRA training makes autograd save: each target layer's input); one forward and backward run at the job's batch
+and resolution. Two counts are taken: the bytes autograd saves for backward (`torch.autograd.graph
+.saved_tensors_hooks`, each storage once) and the peak of all live tensors over forward and backward (a dispatch
+mode that follows every storage to its release), which adds the backward's transients and the recomputation of
+gradient checkpointing. Attention is measured as a flash / memory-efficient kernel stores it (q, k, v, out and
+log-sum-exp): on meta, PyTorch's SDPA falls back to its math path and would count the attention-probability matrices.
+Mixed precision is emulated as CUDA's (or the CPU's) autocast casts each op's inputs, so bf16 runs save what they
+save on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class FlashAttention(torch.autograd.Function):
+    """Meta stand-in for a flash / memory-efficient SDPA kernel: saves q, k, v, the output (laid out as the kernels
+    write it, (B, L, H, D), so the attention's output projection reads a view of it) and the fp32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_LOW = (F.linear, F.conv1d, F.conv2d, torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, torch.mm,
+        F.scaled_dot_product_attention)
+_FP32 = {"cuda": (F.group_norm, F.layer_norm, F.softmax, F.log_softmax, F.mse_loss),
+         "cpu": (F.mse_loss,)}
+
+
+class MetaStep(TorchFunctionMode):
+    """Flash attention instead of SDPA's math fallback, and autocast's casts: `low` (bf16/fp16, None = no autocast)
+    for matrix products and convolutions, fp32 for the ops `device`'s autocast runs in fp32."""
+
+    def __init__(self, low: torch.dtype | None = None, device: str = "cuda"):
+        super().__init__()
+        self.low, self.fp32 = low, _FP32[device] if low is not None else ()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.low is not None and func in _LOW:
+            args, kwargs = _cast(args, self.low), _cast(kwargs, self.low)
+        elif func in self.fp32:
+            args, kwargs = _cast(args, torch.float32), _cast(kwargs, torch.float32)
+        if func is F.scaled_dot_product_attention:
+            return FlashAttention.apply(*args[:3])
+        return func(*args, **kwargs)
+
+
+def _cast(tree, dtype):
+    def one(x):
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype else x
+
+    if isinstance(tree, dict):
+        return {k: one(v) for k, v in tree.items()}
+    return tuple(one(x) for x in tree)
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of every storage an op creates, from creation to release (each storage once), and their peak.
+    Storages in `ignore` (the weights) are not counted."""
+
+    def __init__(self, ignore: set[int]):
+        super().__init__()
+        self.ignore, self.live, self.now, self.peak = ignore, {}, 0, 0
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                key = s._cdata
+                if key not in self.live and key not in self.ignore:
+                    self.live[key] = s.nbytes()
+                    self.now += self.live[key]
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(s, self._free, key)
+        return out
+
+
+@dataclass
+class Trace:
+    saved: int   # bytes autograd holds for backward at the end of the forward
+    peak: int    # peak of live activation bytes over forward and backward
+
+
+def storages(*modules: torch.nn.Module) -> set[int]:
+    return {t.untyped_storage()._cdata for m in modules for t in (*m.parameters(), *m.buffers())}
+
+
+def mark_trainable(model: torch.nn.Module, names: list[str]) -> None:
+    """Make the named layers' weights need a gradient, as a LoRA on them does (its down-projection keeps the layer's
+    input). The full-size weight gradient this creates is dropped as soon as it is formed (a LoRA has none)."""
+    for name in names:
+        weight = model.get_submodule(name).weight
+        weight.requires_grad_(True)
+        weight.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+
+
+def checkpointing(model: torch.nn.Module, mode_factory) -> None:
+    """diffusers' / transformers' non-reentrant gradient checkpointing, with the recomputation run under the same
+    emulation as the forward (else the recomputed tensors' dtypes differ from the saved ones)."""
+    from torch.utils.checkpoint import checkpoint
+
+    ckpt = functools.partial(checkpoint, use_reentrant=False,
+                             context_fn=lambda: (contextlib.nullcontext(), mode_factory()))
+    if hasattr(model, "enable_gradient_checkpointing"):  # diffusers
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=ckpt)
+    else:  # transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), mode_factory())})
+    model.train()
+
+
+def trace(step, modules: list[torch.nn.Module], mode_factory, backward: bool = True) -> Trace:
+    """Run `step()` (a meta forward returning a scalar loss, or None under no_grad) and its backward; count saved and
+    peak live bytes, weights of `modules` excluded."""
+    ignore = storages(*modules)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s._cdata not in ignore:
+            saved[s._cdata] = s.nbytes()
+        return t
+
+    live = LiveBytes(ignore)
+    with live:
+        with mode_factory(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = step()
+        held = sum(saved.values())
+        if backward and loss is not None and loss.requires_grad:
+            loss.backward()
+        del loss
+    return Trace(held, live.peak)
