@@ -435,27 +435,28 @@ def _changes(cfg: Config):
         yield "a lower resolution", lower_resolution
 
 
-def fit_plan(cfg: Config, device: str, budget: int, model: MetaModel | None = None) -> tuple[Config, Estimate] | None:
+def fit_plan(cfg: Config, device: str, budget: int, model: MetaModel | None = None,
+             n_images: int | None = None) -> tuple[Config, Estimate] | None:
     """The cheapest settings that fit `budget`: the changes of `_changes` added in order until the estimate fits,
     then each added change that is not needed taken back. None when even all of them do not fit."""
     model = model or meta_model(cfg.model_path)
     trial = copy.deepcopy(cfg)
     trial.augment.resolution = trial.augment.resolution or model.family.default_resolution
     applied = []
-    est = estimate(trial, device, model)
+    est = estimate(trial, device, model, n_images)
     for what, change in _changes(trial):
         if est.total <= budget:
             break
         before = copy.deepcopy(trial)
         if change(trial):
             applied.append((what, before))
-            est = estimate(trial, device, model)
+            est = estimate(trial, device, model, n_images)
     if est.total > budget:
         return None
     for what, _ in list(applied[:-1]):  # drop a cheap change the later ones made unnecessary
         undone = _undo(trial, cfg, what)
         if undone is not None:
-            e = estimate(undone, device, model)
+            e = estimate(undone, device, model, n_images)
             if e.total <= budget:
                 trial, est = undone, e
     return trial, est

@@ -1,0 +1,217 @@
+"""The memory fit check: activations measured on the meta device equal what real tensors save; the published
+activation figures (performance.md §1.2); weights and LoRA sizes as a real run holds them; the proposals; the CLI and
+the warning before training; and speed.log_every."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+from conftest import draw_images, tiny_config
+from test_train import Capture
+
+from sdlora import train
+from sdlora.config import Config
+from sdlora.training import fit
+
+GiB = 2**30
+
+
+def real_saved(model_path: str, cfg: Config, text_trained: bool) -> int:
+    """Bytes real CPU tensors save for backward in one step of `cfg` (PyTorch's own SDPA kernel and autocast)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from sdlora.models import load_components
+    from sdlora.training.adapters import target_modules
+
+    c = load_components(model_path)
+    fam = c.family
+    c.denoiser.set_attn_processor(AttnProcessor2_0())
+    for name in target_modules(c.denoiser, fam.targets[cfg.lora.targets]):
+        c.denoiser.get_submodule(name).weight.requires_grad_(True)
+    if text_trained:
+        for name in target_modules(c.text_encoders[0], fam.text_targets):
+            c.text_encoders[0].get_submodule(name).weight.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        c.denoiser.enable_gradient_checkpointing()
+        c.denoiser.train()
+    weights = {t.untyped_storage().data_ptr() for m in (c.denoiser, *c.text_encoders)
+               for t in (*m.parameters(), *m.buffers())}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    b, lat = cfg.train.batch_size, cfg.augment.resolution // c.vae_factor
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.mixed_precision == "bf16" else \
+        contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        with torch.set_grad_enabled(text_trained):
+            cond = fam.conditioning.encode(c.tokenizers, c.text_encoders, ["a"] * b, "cpu")
+        noisy = torch.randn(b, 4, lat, lat)
+        pred = c.denoiser(noisy, torch.zeros(b, dtype=torch.long), **fam.conditioning.denoiser_kwargs(cond),
+                          return_dict=False)[0]
+        torch.nn.functional.mse_loss(pred.float(), noisy.float(), reduction="none").mean()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("targets,text,ckpt,precision", [
+    ("cross_attn", False, False, "no"), ("all", True, False, "no"), ("all", False, True, "no"),
+    ("all", False, False, "bf16"), ("all", False, True, "bf16"),
+])
+def test_meta_trace_saves_what_real_tensors_save(tiny_model, targets, text, ckpt, precision):
+    cfg = tiny_config(tiny_model, ".", "o.safetensors", train__batch_size=2, train__gradient_checkpointing=ckpt,
+                      train__mixed_precision=precision, lora__targets=targets, lora__train_text_encoder=text)
+    got = fit._step_trace(fit.meta_model(tiny_model), cfg, 32, precision, "cpu")
+    want = real_saved(tiny_model, cfg, text)
+    assert abs(got.saved - want) <= 1e-3 * want, (got.saved, want)
+    assert got.peak >= got.saved
+
+
+@pytest.mark.parametrize("family,resolution,ckpt,want", [
+    ("sd1", 512, False, 1.49), ("sd1", 512, True, 0.28), ("sdxl", 512, False, 2.64),
+])
+def test_published_activation_figures(family, resolution, ckpt, want):
+    """performance.md §1.2 (real fp32 CPU tensors, PyTorch's flash SDPA, attention LoRA r4, batch 1)."""
+    cfg = Config()
+    cfg.lora.targets, cfg.train.gradient_checkpointing = "attn", ckpt
+    got = fit._step_trace(fit.random_model(family), cfg, resolution, "no", "cpu").saved / GiB
+    assert got == pytest.approx(want, rel=0.03)
+
+
+def test_weights_and_lora_size_are_what_training_holds(tiny_model, tmp_path):
+    import bitsandbytes as bnb
+
+    data = draw_images(tmp_path / "imgs", n=2)
+    for quantize in ("none", "nf4"):
+        cfg = tiny_config(tiny_model, data, tmp_path / quantize / "l.safetensors", train__max_steps=1,
+                          lora__targets="all", lora__train_text_encoder=True, model__quantize=quantize)
+        cap = Capture()
+        train(cfg, cap)
+        c = cap.state.components
+        est = fit.estimate(cfg, "cpu")
+        assert est.lora_params == sum(p.numel() for p in cap.state.optim.lora_params)
+        for part, module in (("unet", c.denoiser), ("text_encoder", c.text_encoders[0]), ("vae", c.vae)):
+            held = 0
+            for name, t in (*module.named_parameters(), *module.named_buffers()):
+                if "lora_" in name or not (t.is_floating_point() or isinstance(t, bnb.nn.Params4bit)):
+                    continue
+                held += t.numel() * t.element_size()
+                state = getattr(t, "quant_state", None)
+                if isinstance(t, bnb.nn.Params4bit) and state is not None:
+                    held += sum(x.numel() * x.element_size() for x in (state.absmax, state.code, state.offset,
+                                                                       state.state2.absmax, state.state2.code))
+            assert est.weights[part] == held, (quantize, part)
+
+
+def test_nf4_bytes_follow_bitsandbytes():
+    import bitsandbytes as bnb
+
+    for shape in ((320, 768), (1280, 5120), (37, 32)):
+        w = bnb.nn.Params4bit(torch.randn(shape), requires_grad=False, quant_type="nf4").to("cpu")
+        s = w.quant_state
+        held = sum(x.numel() * x.element_size() for x in (w.data, s.absmax, s.code, s.offset, s.state2.absmax,
+                                                          s.state2.code))
+        assert fit.nf4_bytes(shape[0] * shape[1]) == held
+
+
+def test_adamw8bit_keeps_small_tensors_in_32_bit():
+    assert fit._optimizer_bytes("adamw8bit", 4095) == 8 and fit._optimizer_bytes("adamw8bit", 4096) == 2
+    assert fit._optimizer_bytes("adamw", 10**6) == 8
+
+
+def test_the_plan_fits_and_is_cheapest(tiny_model):
+    model = fit.meta_model(tiny_model)
+    cfg = tiny_config(tiny_model, ".", "o.safetensors", train__batch_size=8)
+    cfg.train.cache_latents = False
+    plain = fit.estimate(cfg, "cuda", model, n_images=8)
+    assert fit.fit_plan(cfg, "cuda", plain.total, model, 8)[1].total == plain.total  # fits as it is
+    new, est = fit.fit_plan(cfg, "cuda", plain.total - 1, model, 8)
+    assert est.total < plain.total and est.total == fit.estimate(new, "cuda", model, n_images=8).total
+    assert new.train.batch_size * new.train.grad_accum == 8  # the effective batch is kept
+    flags = fit.changed_flags(cfg, new)
+    assert flags and all(f.startswith("--") for f in flags)
+    assert fit.fit_plan(cfg, "cuda", 1, model, 8) is None  # nothing fits in one byte
+
+
+def test_sizes_parse():
+    assert fit.parse_size("12GB") == 12 * GiB and fit.parse_size("8192MB") == 8 * GiB
+    assert fit.parse_size("7.5 GiB") == int(7.5 * GiB)
+    with pytest.raises(Exception, match="not like 12GB"):
+        fit.parse_size("lots")
+
+
+def test_cli_fit_reports_and_proposes(tiny_model, tmp_path, capsys):
+    from sdlora.cli import main
+
+    data = draw_images(tmp_path / "imgs", n=2)
+    job = tmp_path / "job.toml"
+    job.write_text(f'[model]\npath = "{tiny_model}"\n[[data]]\npath = "{data}"\nprompt = "a sks"\n'
+                   '[augment]\nresolution = 32\n[train]\nbatch_size = 4\n')
+    assert main(["fit", str(job), "--vram", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "activations at their peak" in out and "fits:" in out
+    assert main(["fit", str(job), "--vram", "0.6GB"]) == 1
+    out = capsys.readouterr().out
+    assert "does not fit" in out
+
+
+def test_warning_before_training(tiny_model, images, tmp_path, monkeypatch):
+    said = []
+
+    class Say(Capture):
+        def on_message(self, text):
+            said.append(text)
+
+    monkeypatch.setattr(fit, "device_budget", lambda device, vram=None: (10**6, "this test's machine"))
+    cfg = tiny_config(tiny_model, images, tmp_path / "l.safetensors", train__max_steps=1)
+    train(cfg, Say())
+    assert any(s.startswith("warning: this job needs about") and "sdlora fit" in s for s in said)
+
+
+def test_log_every_reads_late_but_logs_the_same(tiny_model, images, tmp_path):
+    from sdlora.loras.files import read_lora
+
+    logs, loras = [], []
+    for every in (1, 3):
+        cfg = tiny_config(tiny_model, images, tmp_path / str(every) / "l.safetensors", train__max_steps=5,
+                          train__grad_accum=2)
+        cfg.speed.log_every = every
+        steps = []
+
+        class Steps(Capture):
+            def on_step(self, step, stats):
+                steps.append(step)
+
+        result = train(cfg, Steps())
+        assert steps == [1, 2, 3, 4, 5]
+        logs.append([json.loads(x) for x in open(result.log)])
+        loras.append(read_lora(cfg.output.path)[0])
+    assert logs[0] == logs[1]
+    assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
+
+
+def test_log_every_still_stops_on_nan_before_a_checkpoint(tiny_model, images, tmp_path, monkeypatch):
+    import sdlora.training.loop as loop
+    from sdlora.errors import TrainingError
+
+    real = loop.training_step
+    calls = []
+
+    def poisoned(batch, models, cfg, gen):
+        loss, stats = real(batch, models, cfg, gen)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 3 else loss), stats
+
+    monkeypatch.setattr(loop, "training_step", poisoned)
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=8)
+    cfg.speed.log_every, cfg.output.save_every = 4, 2
+    with pytest.raises(TrainingError, match="loss became nan at step 3") as err:
+        train(cfg)
+    assert "step_0000002" in str(err.value)
+    assert not list((tmp_path / "o" / "l_checkpoints").glob("step_0000004*"))
