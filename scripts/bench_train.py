@@ -1,18 +1,26 @@
-"""Training-step benchmark on a full-size SD 1.5- or SDXL-shaped model (random weights, nothing downloaded).
+"""Training-step benchmark on full-size SD 1.5- and SDXL-shaped models (random weights, nothing downloaded).
 
-    python scripts/bench_train.py [--family sd1|sdxl] [--quantize] [--resolution 256] [--steps 5] [--warmup 2]
+    python scripts/bench_train.py [--family sd1 sdxl] [--resolution PX] [--batch 1 4] [--modes cached uncached nf4]
+                                  [--precision auto] [--switches] [--profile] [--steps N] [--warmup N] [--tiny]
 
-LoRA rank 4 on the UNet cross-attention, batch 1, through sdlora's own trainer (`setup` + optimizer steps),
-with latent/text caching on and off, and with `--quantize` also QLoRA (NF4 base, caching on). Each configuration
-runs in a fresh process so peak memory is its own. Prints a table of seconds per step, steps per second, the bytes of
-the UNet and text-encoder weights, and peak memory during the timed steps (CUDA: allocated; CPU: process RSS).
-Default resolution: 512 px on CUDA, 256 px on the CPU.
+sdlora's own trainer (`setup`, then `optimizer_step` with the loss left on the device) with LoRA rank 4 on the UNet
+cross-attention, for each family x batch x mode (cached latents and text / uncached / NF4 base, cached). `--switches`
+adds one pair of rows per speed switch, measured against the default path in the same run: attention sdpa vs math,
+channels_last, TF32 (fp32 rows), torch.compile regional (compile time excluded: it happens in the warm-up steps),
+fused vs foreach AdamW, and the loss read every step vs every 10. `--profile` writes the top kernels of SD 1.5 batch 4
+(torch.profiler). Results: bench/results/<date>-<device>.json (rows: family, resolution, batch, precision, cached,
+quantize, device, images_per_s, s_per_step, peak_allocated_gb, peak_reserved_gb, ...; GB are GiB) and a markdown
+table. On the CPU each row runs in its own process, so its peak RSS is its own; on CUDA (and with --tiny) the rows
+share one process and the peak counters are reset between them. `--tiny` runs the same rows on the test suite's tiny
+models (a dry run). Default resolution: 512 px (SDXL 1024) on CUDA, 256 px on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import gc
 import json
 import os
 import subprocess
@@ -22,51 +30,125 @@ import threading
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SWITCHES = [  # (label, config overrides of the "on" row, of the "off" row)
+    ("attention sdpa vs math", {"speed.attention": "sdpa"}, {"speed.attention": "math"}),
+    ("channels_last on vs off", {"speed.channels_last": True}, {"speed.channels_last": False}),
+    ("tf32 on vs off (fp32)", {"speed.tf32": True, "train.mixed_precision": "no"},
+     {"speed.tf32": False, "train.mixed_precision": "no"}),
+    ("compile regional vs none", {"speed.compile": "regional"}, {"speed.compile": "none"}),
+    ("fused vs foreach AdamW", {"speed.fused_optimizer": True}, {"speed.fused_optimizer": False}),
+    ("loss read every 10 steps vs every step", {"speed.log_every": 10}, {"speed.log_every": 1}),
+    ("gradient checkpointing on vs off", {"train.gradient_checkpointing": True},
+     {"train.gradient_checkpointing": False}),
+]
+CPU_SWITCHES = ("attention sdpa vs math", "channels_last on vs off", "gradient checkpointing on vs off")
 
-def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quantize: str = "none") -> dict:
+
+def components(family: str, tmp: Path, device: str, tiny: bool):
+    from sdlora.random_pipelines import full_size_components
+
+    if tiny:
+        from sdlora.models import load_components
+        from sdlora.random_pipelines import save_tiny_pipeline, save_tiny_sdxl_pipeline
+
+        save = save_tiny_sdxl_pipeline if family == "sdxl" else save_tiny_pipeline
+        return load_components(str(save(tmp / "model")))
+    if device == "cuda":
+        try:
+            return full_size_components(family, tmp / "tok", device="cuda")
+        except Exception as e:  # noqa: BLE001 - fall back to the CPU build, and say so
+            print(f"building on the GPU failed ({str(e).splitlines()[0]}); building on the CPU", file=sys.stderr)
+    return full_size_components(family, tmp / "tok")
+
+
+def one(spec: dict) -> dict:
+    """Time `spec['steps']` optimizer steps after `spec['warmup']` of one configuration; peak memory of the timed
+    steps (CUDA: allocated and reserved; CPU: the process's resident set)."""
     import torch
     from PIL import Image
 
     from sdlora.callbacks import Callbacks
     from sdlora.config import Config, DataFolder
-    from sdlora.random_pipelines import full_size_components
     from sdlora.training.loop import optimizer_step
     from sdlora.training.setup import make_accelerator, setup
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tmp = Path(tempfile.mkdtemp())
-    for i in range(4):
-        Image.new("RGB", (resolution, resolution), (40 * i, 90, 200)).save(tmp / f"{i}.png")
-    components = full_size_components(family, tmp / "tok")
+    res, batch = spec["resolution"], spec["batch"]
+    (tmp / "data").mkdir()
+    for i in range(max(4, 2 * batch)):
+        Image.new("RGB", (res, res), (40 * i % 255, 90, 200)).save(tmp / "data" / f"{i}.png")
+    c = components(spec["family"], tmp, device, spec.get("tiny", False))
     cfg = Config()
-    cfg.model.quantize = quantize
-    cfg.data = [DataFolder(path=str(tmp), prompt="a photo of sks")]
-    cfg.augment.resolution = resolution
-    cfg.train.cache_latents = cfg.train.cache_text = cache
+    cfg.data = [DataFolder(path=str(tmp / "data"), prompt="a photo of sks")]
+    cfg.augment.resolution, cfg.train.batch_size = res, batch
+    cfg.train.mixed_precision, cfg.model.quantize = spec["precision"], spec["quantize"]
+    cfg.train.cache_latents = cfg.train.cache_text = spec["cached"]
+    cfg.train.max_steps = spec["warmup"] + spec["steps"]
     cfg.output.path = str(tmp / "out.safetensors")
+    for key, value in spec.get("overrides", {}).items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
     acc = make_accelerator(cfg)
-    state = setup(cfg, acc, Callbacks(), components=components)
-    # parameter bytes, 4-bit weights at their packed size
-    weights = sum(p.numel() * p.element_size() for m in (components.denoiser, *components.text_encoders)
-                  for p in m.parameters()) / 2**30
-    for s in range(warmup):
-        optimizer_step(state, s)
-    if acc.device.type == "cuda":
-        torch.cuda.synchronize()
+    state = setup(cfg, acc, Callbacks(), components=c)
+    weights = sum(p.numel() * p.element_size() for m in (c.denoiser, *c.text_encoders) for p in m.parameters())
+    read = cfg.speed.log_every == 1
+    t0 = time.perf_counter()
+    for s in range(spec["warmup"]):
+        optimizer_step(state, s, read=read)
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss = RssPeak() if acc.device.type == "cpu" else contextlib.nullcontext()
+    rss = RssPeak() if device == "cpu" else contextlib.nullcontext()
     t0 = time.perf_counter()
     with rss:
-        for s in range(warmup, warmup + steps):
-            optimizer_step(state, s)
-    if acc.device.type == "cuda":
+        for s in range(spec["warmup"], spec["warmup"] + spec["steps"]):
+            loss, _ = optimizer_step(state, s, read=read or (s + 1) % cfg.speed.log_every == 0)
+        sync(device)
+    sec = (time.perf_counter() - t0) / spec["steps"]
+    row = {k: spec[k] for k in ("family", "resolution", "batch", "cached", "quantize")}
+    row.update(precision=acc.mixed_precision, device=device, images_per_s=batch / sec, s_per_step=sec,
+               peak_allocated_gb=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+               peak_reserved_gb=torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None,
+               peak_rss_gb=rss.peak / 2**30 if device == "cpu" else None, weights_gb=weights / 2**30,
+               switch=spec.get("switch", ""), overrides=spec.get("overrides", {}), targets=cfg.lora.targets,
+               rank=cfg.lora.rank, optimizer=cfg.optim.optimizer, attention=cfg.speed.attention,
+               gradient_checkpointing=cfg.train.gradient_checkpointing, images=len(list((tmp / "data").iterdir())),
+               steps=spec["steps"], warmup=spec["warmup"], warmup_s=warmup_s, threads=torch.get_num_threads(),
+               tiny=spec.get("tiny", False), final_loss=float(loss))
+    if spec.get("profile"):
+        row["profile"] = profile(state, spec["warmup"] + spec["steps"], device)
+    del state, c
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = rss.peak / 2**30
-    sec = (time.perf_counter() - t0) / steps
-    return {"cache": cache, "quantize": quantize, "device": acc.device.type, "precision": acc.mixed_precision,
-            "resolution": resolution, "sec_per_step": sec, "steps_per_sec": 1 / sec, "peak_gib": peak,
-            "weights_gib": weights, "threads": torch.get_num_threads()}
+
+
+def profile(state, start: int, device: str, steps: int = 3) -> str:
+    """The top kernels (CUDA) or operators (CPU) of a few steps, by their own time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    from sdlora.training.loop import optimizer_step
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for s in range(start, start + steps):
+            optimizer_step(state, s, read=False)
+        sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70)
 
 
 class RssPeak(threading.Thread):
@@ -92,23 +174,150 @@ class RssPeak(threading.Thread):
                 self.peak = max(self.peak, int(f.read().split()[1]) * page)
 
 
+def plan(args, cuda: bool) -> list[dict]:
+    """The rows to measure: each family x batch x mode, then the speed-switch pairs on the first family's first
+    batch (cached)."""
+    specs = []
+    for family in args.family:
+        res = args.resolution or (32 if args.tiny else 512 if not cuda else 1024 if family == "sdxl" else 512)
+        if not cuda and not args.resolution and not args.tiny:
+            res = 256
+        for batch in args.batch:
+            for mode in args.modes:
+                specs.append(dict(family=family, resolution=res, batch=batch, precision=args.precision,
+                                  cached=mode != "uncached", quantize="nf4" if mode == "nf4" else "none",
+                                  steps=args.steps, warmup=args.warmup, tiny=args.tiny))
+    core, specs = specs, [] if args.only_switches else specs
+    if args.switches or args.only_switches:
+        base = dict(core[0], cached=True, quantize="none")
+        base["batch"] = max(args.batch) if cuda else min(args.batch)
+        for label, on, off in SWITCHES:
+            if not cuda and label not in CPU_SWITCHES:
+                continue
+            warm = max(args.warmup, 3) if "compile" in label else args.warmup
+            for side, over in (("on", on), ("off", off)):
+                specs.append(dict(base, switch=f"{label}: {side}", overrides=over, warmup=warm))
+    if args.profile:
+        specs.append(dict(core[0], cached=True, quantize="none", batch=max(args.batch), profile=True,
+                          switch="profile"))
+    return specs
+
+
+def environment(note: str) -> dict:
+    """GPU, driver, library versions and the machine, for the results file."""
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    libs = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors"):
+        try:
+            libs[name] = md.version(name)
+        except md.PackageNotFoundError:
+            libs[name] = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    driver = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                if x.startswith("model name")), platform.processor())
+    return {"gpu": gpu, "driver": driver, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "date": datetime.date.today().isoformat(), "libraries": libs, "python": platform.python_version(),
+            "sdlora_commit": commit, "cpu": cpu, "cores": os.cpu_count(), "load_average_start": os.getloadavg(),
+            "note": note, "units": "GB fields are GiB (2**30 bytes); CPU rows report peak_rss_gb (process RSS)"}
+
+
+def run(specs: list[dict], isolate: bool, done=lambda rows: None) -> list[dict]:
+    """Measure each spec (in its own process when `isolate`); `done(rows)` after each, so a run cut short keeps
+    what it measured."""
+    rows = []
+    for spec in specs:
+        label = f"{spec['family']} {spec['resolution']}px b{spec['batch']} {spec.get('switch') or spec['quantize']}"
+        print(f"... {label}{'' if spec['cached'] else ' uncached'}", file=sys.stderr, flush=True)
+        try:
+            if isolate:
+                out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
+                                     text=True, check=True)
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            else:
+                rows.append(one(spec))
+        except (subprocess.CalledProcessError, Exception) as e:  # noqa: BLE001 - one row's failure is reported
+            err = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr \
+                else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"    failed: {err}", file=sys.stderr)
+            rows.append(dict(spec, error=err))
+        done(rows)
+    return rows
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    """The README's table, and one line per speed switch."""
+    names = {"sd1": "SD 1.5", "sdxl": "SDXL"}
+    out = ["| model | px | batch | precision | caching | base | s/step | images/s | peak GiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("switch") or "error" in r:
+            continue
+        peak = f"{r['peak_allocated_gb']:.2f} alloc / {r['peak_reserved_gb']:.2f} reserved" \
+            if r["device"] == "cuda" else f"{r['peak_rss_gb']:.2f} RSS"
+        out.append(f"| {names.get(r['family'], r['family'])}{' (tiny)' if r.get('tiny') else ''} | "
+                   f"{r['resolution']} | {r['batch']} | {r['precision']} | {'on' if r['cached'] else 'off'} | "
+                   f"{'NF4' if r['quantize'] == 'nf4' else 'full'} | {r['s_per_step']:.3f} | "
+                   f"{r['images_per_s']:.2f} | {peak} |")
+    pairs = {}
+    for r in rows:
+        if r.get("switch", "").endswith((": on", ": off")) and "error" not in r:
+            label, side = r["switch"].rsplit(": ", 1)
+            pairs.setdefault(label, {})[side] = r
+    for label, p in pairs.items():
+        if {"on", "off"} <= p.keys():
+            a, b = p["on"]["s_per_step"], p["off"]["s_per_step"]
+            out.append(f"- {label}: {a:.3f} vs {b:.3f} s/step ({b / a:.2f}x)")
+    failed = [r for r in rows if "error" in r]
+    out += [f"- failed: {r['family']} {r.get('switch') or ''} {r['error']}" for r in failed]
+    where = env["gpu"] or env["cpu"]
+    out.append(f"\n{where}, torch {env['torch']}, {env['date']}{'; ' + env['note'] if env['note'] else ''}")
+    return "\n".join(out)
+
+
+def merged(old: list[dict], rows: list[dict]) -> list[dict]:
+    """The rows of an earlier run of the same day and device, with this run's replacing the same configurations."""
+    def key(r):
+        return tuple(str(r.get(k)) for k in ("family", "resolution", "batch", "precision", "cached", "quantize",
+                                             "switch", "tiny", "device"))
+
+    new = {key(r) for r in rows}
+    return [r for r in old if key(r) not in new] + rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", nargs="+", default=["sd1"], choices=("sd1", "sdxl"))
     p.add_argument("--resolution", type=int, default=0)
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--modes", nargs="+", default=["cached", "uncached"], choices=("cached", "uncached", "nf4"))
+    p.add_argument("--precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--family", default="sd1", choices=("sd1", "sdxl"), help="sd1: SD 1.5 shapes; sdxl: SDXL base")
-    p.add_argument("--quantize", action="store_true", help="Also run QLoRA (4-bit NF4 base; CUDA + bitsandbytes).")
-    p.add_argument("--one", choices=("cached", "uncached", "nf4"), help=argparse.SUPPRESS)
+    p.add_argument("--switches", action="store_true", help="Add the speed-switch pairs.")
+    p.add_argument("--only-switches", action="store_true", help="Only the speed-switch pairs.")
+    p.add_argument("--profile", action="store_true", help="Add a profiled row (top kernels).")
+    p.add_argument("--tiny", action="store_true", help="The test suite's tiny models (a dry run).")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="Folder for the JSON and markdown.")
+    p.add_argument("--note", default="", help="A remark stored with the results (e.g. other load on the machine).")
+    p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        import torch
-
-        res = args.resolution or (512 if torch.cuda.is_available() else 256)
-        quantize = "nf4" if args.one == "nf4" else "none"
-        print(json.dumps(one(res, args.steps, args.warmup, args.one != "uncached", args.family, quantize)))
+        print(json.dumps(one(json.loads(args.one))))
         return
-    if args.quantize:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if "nf4" in args.modes:
         from sdlora.errors import SdloraError
         from sdlora.quantize import require_bitsandbytes
 
@@ -116,28 +325,27 @@ def main() -> None:
             require_bitsandbytes("nf4", "QLoRA")  # says what is missing before anything is built
         except SdloraError as e:
             sys.exit(f"error: {e}")
-    rows = []
-    for mode in ("cached", "uncached") + (("nf4",) if args.quantize else ()):
-        out = subprocess.run([sys.executable, __file__, "--one", mode, "--resolution", str(args.resolution),
-                              "--steps", str(args.steps), "--warmup", str(args.warmup), "--family", args.family],
-                             capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    head = (f"{'caching':<10}{'base':<6}{'device':<8}{'precision':<10}{'px':>5}{'s/step':>9}{'steps/s':>9}"
-            f"{'weights GiB':>13}{'peak GiB':>10}")
-    print(head + "\n" + "-" * len(head))
-    for r in rows:
-        print(f"{'on' if r['cache'] else 'off':<10}{'nf4' if r['quantize'] != 'none' else 'full':<6}{r['device']:<8}"
-              f"{r['precision']:<10}{r['resolution']:>5}{r['sec_per_step']:>9.3f}{r['steps_per_sec']:>9.3f}"
-              f"{r['weights_gib']:>13.2f}{r['peak_gib']:>10.2f}")
-    if args.quantize:
-        full, nf4 = rows[0], rows[2]
-        print(f"QLoRA: UNet + text encoder weights {nf4['weights_gib']:.2f} GiB vs {full['weights_gib']:.2f} GiB, "
-              f"peak memory in a step {nf4['peak_gib']:.2f} GiB vs {full['peak_gib']:.2f} GiB "
-              f"({1 - nf4['peak_gib'] / full['peak_gib']:.0%} less), {nf4['sec_per_step'] / full['sec_per_step']:.2f}x "
-              "the time per step")
-    print(f"speed-up from caching: {rows[1]['sec_per_step'] / rows[0]['sec_per_step']:.2f}x "
-          f"({args.family}-shaped UNet/TE/VAE, random weights, LoRA rank 4 on attn2, batch 1, "
-          f"{rows[0]['threads']} threads)")
+    env = environment(args.note)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = ("tiny-" if args.tiny else "") + (env["gpu"] or "cpu").replace(" ", "-").replace("/", "-").lower()
+    stem = out / f"{env['date']}-{device}"
+    earlier = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").is_file() else []
+
+    def write(rows: list[dict]) -> str:
+        profiles = [r["profile"] for r in rows if "profile" in r]
+        rows = merged(earlier, [{k: v for k, v in r.items() if k != "profile"} for r in rows])
+        env["load_average_end"] = os.getloadavg()
+        stem.with_suffix(".json").write_text(json.dumps(dict(env, rows=rows), indent=1) + "\n")
+        table = markdown(env, rows)
+        stem.with_suffix(".md").write_text(table + "\n")
+        if profiles:
+            stem.with_name(stem.name + "-profile.txt").write_text(profiles[0] + "\n")
+        return table
+
+    rows = run(plan(args, cuda), isolate=not cuda and not args.tiny, done=write)
+    print(write(rows))
+    print(f"\nwritten: {stem}.json, {stem}.md")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ from sdlora.training import fit
 GiB = 2**30
 
 
-def real_saved(model_path: str, cfg: Config, text_trained: bool) -> int:
-    """Bytes real CPU tensors save for backward in one step of `cfg` (PyTorch's own SDPA kernel and autocast)."""
+def real_saved(model_path: str, cfg: Config, text_trained: bool, device: str = "cpu") -> int:
+    """Bytes real tensors save for backward in one step of `cfg` (PyTorch's own SDPA kernels and autocast), the
+    weights placed as `setup` places them (on CUDA in the training precision)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from sdlora.models import load_components
@@ -28,6 +30,9 @@ def real_saved(model_path: str, cfg: Config, text_trained: bool) -> int:
 
     c = load_components(model_path)
     fam = c.family
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    for m in (c.denoiser, *c.text_encoders):
+        m.to(device, dtype=low if device == "cuda" and low else torch.float32)
     c.denoiser.set_attn_processor(AttnProcessor2_0())
     for name in target_modules(c.denoiser, fam.targets[cfg.lora.targets]):
         c.denoiser.get_submodule(name).weight.requires_grad_(True)
@@ -48,14 +53,14 @@ def real_saved(model_path: str, cfg: Config, text_trained: bool) -> int:
         return t
 
     b, lat = cfg.train.batch_size, cfg.augment.resolution // c.vae_factor
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.mixed_precision == "bf16" else \
-        contextlib.nullcontext()
+    autocast = torch.autocast(device, dtype=low) if low else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         with torch.set_grad_enabled(text_trained):
-            cond = fam.conditioning.encode(c.tokenizers, c.text_encoders, ["a"] * b, "cpu")
-        noisy = torch.randn(b, 4, lat, lat)
-        pred = c.denoiser(noisy, torch.zeros(b, dtype=torch.long), **fam.conditioning.denoiser_kwargs(cond),
-                          return_dict=False)[0]
+            cond = fam.conditioning.encode(c.tokenizers, c.text_encoders, ["a"] * b, device)
+        wdtype = next(c.denoiser.parameters()).dtype
+        noisy = torch.randn(b, 4, lat, lat).to(device, wdtype)
+        pred = c.denoiser(noisy, torch.zeros(b, dtype=torch.long, device=device),
+                          **fam.conditioning.denoiser_kwargs(cond), return_dict=False)[0]
         torch.nn.functional.mse_loss(pred.float(), noisy.float(), reduction="none").mean()
     return sum(seen.values())
 
@@ -174,6 +179,14 @@ def test_warning_before_training(tiny_model, images, tmp_path, monkeypatch):
     assert any(s.startswith("warning: this job needs about") and "sdlora fit" in s for s in said)
 
 
+class Steps(Capture):
+    def __init__(self):
+        self.seen = []
+
+    def on_step(self, step, stats):
+        self.seen.append(step)
+
+
 def test_log_every_reads_late_but_logs_the_same(tiny_model, images, tmp_path):
     from sdlora.loras.files import read_lora
 
@@ -182,15 +195,10 @@ def test_log_every_reads_late_but_logs_the_same(tiny_model, images, tmp_path):
         cfg = tiny_config(tiny_model, images, tmp_path / str(every) / "l.safetensors", train__max_steps=5,
                           train__grad_accum=2)
         cfg.speed.log_every = every
-        steps = []
-
-        class Steps(Capture):
-            def on_step(self, step, stats):
-                steps.append(step)
-
-        result = train(cfg, Steps())
-        assert steps == [1, 2, 3, 4, 5]
-        logs.append([json.loads(x) for x in open(result.log)])
+        steps = Steps()
+        result = train(cfg, steps)
+        assert steps.seen == [1, 2, 3, 4, 5]
+        logs.append([json.loads(x) for x in Path(result.log).read_text().splitlines()])
         loras.append(read_lora(cfg.output.path)[0])
     assert logs[0] == logs[1]
     assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])

@@ -507,3 +507,33 @@ def warn_if_too_big(cfg: Config, device: torch.device, say) -> Estimate | None:
         say(f"warning: this job needs about {est.total / GiB:.1f} GiB at its peak and {where} has "
             f"{budget / GiB:.1f} GiB for it; `sdlora fit` with the same job and flags proposes settings that fit")
     return est
+
+
+def config_of_row(row: dict) -> Config:
+    """The job a benchmark row (scripts/bench_train.py) measured, as a Config."""
+    cfg = Config()
+    cfg.augment.resolution, cfg.train.batch_size = row["resolution"], row["batch"]
+    cfg.train.mixed_precision, cfg.model.quantize = row["precision"], row["quantize"]
+    cfg.train.cache_latents = cfg.train.cache_text = row["cached"]
+    cfg.lora.targets, cfg.lora.rank, cfg.optim.optimizer = row["targets"], row["rank"], row["optimizer"]
+    cfg.train.gradient_checkpointing, cfg.speed.attention = row["gradient_checkpointing"], row["attention"]
+    for key, value in row.get("overrides", {}).items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def check_row(row: dict) -> dict:
+    """A benchmark row's measured peak against the estimate: CPU rows the process RSS against the total, CUDA rows
+    the allocated peak against `allocated` (and reserved against allocated plus the allocator's slack)."""
+    est = estimate(config_of_row(row), row["device"], random_model(row["family"]), row["images"])
+    if row["device"] == "cuda":
+        measured, estimated = row["peak_allocated_gb"] * GiB, est.allocated
+        reserved = (row["peak_reserved_gb"] * GiB, est.total - CUDA_CONTEXT)
+    else:
+        measured, estimated, reserved = row["peak_rss_gb"] * GiB, est.total, None
+    out = {"measured_gb": measured / GiB, "estimate_gb": estimated / GiB, "error": estimated / measured - 1}
+    if reserved:
+        out.update(reserved_gb=reserved[0] / GiB, estimate_reserved_gb=reserved[1] / GiB,
+                   reserved_error=reserved[1] / reserved[0] - 1)
+    return out
