@@ -8,10 +8,11 @@ huggingface/diffusers whose version the installed diffusers satisfies). Both tra
 shaped model (saved once as a diffusers folder), the same images, resolution, batch, LoRA rank (on to_q/k/v/out, the
 peer's targets: sdlora --targets attn) and precision. Each runs twice, for the two step counts, in its own process;
 (time of the longer run - time of the shorter) / (difference in steps) is the marginal time per step, so loading,
-caching and saving cancel. sdlora runs twice over: uncached (like the peer, which encodes every image and caption each
-step) and with its default caching. When torchvision cannot be imported (no CPU build of it for this torch), the peer's
-four image transforms (Resize, Center/RandomCrop, ToTensor, Normalize) come from a small PIL stand-in; they cost well
-under 1% of a step.
+caching and saving cancel. On CUDA the time is wall time; on the CPU it is the processes' own CPU time (user + system,
+one thread each), which other programs sharing the cores do not stretch; both are recorded. sdlora runs twice over:
+uncached (like the peer, which encodes every image and caption each step) and with its default caching. When
+torchvision cannot be imported (no CPU build of it for this torch), the peer's four image transforms (Resize,
+Center/RandomCrop, ToTensor, Normalize) come from a small PIL stand-in; they cost well under 1% of a step.
 """
 
 from __future__ import annotations
@@ -157,12 +158,18 @@ def commands(args, model: Path, data: Path, out: Path, steps: int, launcher: lis
             "sdlora": ours + ["--output", str(out / f"c{steps}.safetensors")]}
 
 
-def timed(cmd: list[str], env: dict) -> float:
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of a command: on a shared CPU the second is what other processes cannot stretch."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return time.perf_counter() - t0
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def main() -> None:
@@ -193,7 +200,12 @@ def main() -> None:
     for tool in commands(args, model, data, work, short, launcher):
         try:
             t = [timed(commands(args, model, data, work, n, launcher)[tool], env) for n in (short, long)]
-            results[tool] = {"seconds": t, "s_per_step": (t[1] - t[0]) / (long - short)}
+            wall = (t[1][0] - t[0][0]) / (long - short)
+            own = (t[1][1] - t[0][1]) / (long - short)
+            results[tool] = {"wall_seconds": [x[0] for x in t], "cpu_seconds": [x[1] for x in t],
+                             "wall_s_per_step": wall, "cpu_s_per_step": own,
+                             "s_per_step": wall if cuda else own}  # on the CPU: its own time, not the others'
+
         except RuntimeError as e:
             results[tool] = {"error": str(e)}
         print(f"{tool}: {results[tool]}", flush=True)

@@ -14,6 +14,7 @@ from packaging.version import Version
 from torch import nn
 
 from .errors import ModelError
+from .hardware import release_freed_memory
 
 # the first releases whose CPU backend runs them (measured: 0.46 cannot quantize sizes that are not a multiple of
 # 64, 0.49 has no CPU 8-bit AdamW)
@@ -56,3 +57,5 @@ def quantize_nf4(model: nn.Module, device: torch.device, compute_dtype: torch.dt
         new.to(device)  # Params4bit quantizes on its first move
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    if device.type == "cpu":
+        release_freed_memory()

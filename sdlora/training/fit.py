@@ -122,6 +122,7 @@ class Estimate:
     activations: int                  # peak of the step's live activations (incl. a VAE encode when uncached)
     overhead: int
     notes: list[str] = field(default_factory=list)
+    load: int = 0                     # CPU: the peak while loading (an NF4 base is loaded in full precision first)
 
     @property
     def allocated(self) -> int:
@@ -130,8 +131,9 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        """What the device must have free: allocated plus overhead (CUDA: the GPU's memory; CPU: the process RSS)."""
-        return self.allocated + self.overhead
+        """What the device must have free: allocated plus overhead (CUDA: the GPU's memory; CPU: the process RSS, or
+        the loading peak where that is higher)."""
+        return max(self.allocated + self.overhead, self.load)
 
 
 def precision_for(cfg: Config, device: str) -> str:
@@ -179,12 +181,16 @@ def estimate(cfg: Config, device: str = "cuda", model: MetaModel | None = None,
     context = sum(model.configs[s.attr]["hidden_size"] for s in model.family.text_encoders)
     cache = (images * (2 if cfg.augment.random_flip else 1) * latent if cached else 0) \
         + ((images + 2) * 77 * context * wdtype.itemsize if cfg.train.cache_text else 0)
+    load = 0
     if device == "cuda":
         overhead = CUDA_CONTEXT + int(CUDA_SLACK * activations)
     else:
         overhead = CPU_BASELINE
+        load = sum(_part_bytes(c, torch.float32, "none") for c in counts.values()) + overhead
+        if cfg.model.quantize == "nf4":
+            notes.append(f"loading holds the full-precision base before it is quantized: {load / GiB:.2f} GiB")
     return Estimate(device, precision, weights, sum(lora), int(trainable), int(cache), step.saved, int(activations),
-                    overhead, notes)
+                    overhead, notes, load)
 
 
 def _vae_factor(model: MetaModel) -> int:
@@ -260,20 +266,25 @@ def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
     r x out for a convolution."""
     from .adapters import target_modules
 
-    denoiser, _, encoders = model.build()
-    fam = model.family
-    plan = [(denoiser, fam.targets[cfg.lora.targets])] if cfg.train.max_steps > 0 else []
-    plan += [(e, fam.text_targets) for e, t in zip(encoders, _text_trained(cfg, len(encoders))) if t]
-    sizes = []
-    for module, patterns in plan:
-        for name in target_modules(module, patterns):
-            layer = module.get_submodule(name)
-            if isinstance(layer, torch.nn.Conv2d):
-                k = layer.kernel_size[0] * layer.kernel_size[1]
-                sizes += [cfg.lora.rank * layer.in_channels * k, cfg.lora.rank * layer.out_channels]
-            else:
-                sizes += [cfg.lora.rank * layer.in_features, cfg.lora.rank * layer.out_features]
-    return sizes
+    text = _text_trained(cfg, len(model.family.text_encoders))
+
+    def make():
+        denoiser, _, encoders = model.build()
+        fam = model.family
+        plan = [(denoiser, fam.targets[cfg.lora.targets])] if cfg.train.max_steps > 0 else []
+        plan += [(e, fam.text_targets) for e, t in zip(encoders, text) if t]
+        sizes = []
+        for module, patterns in plan:
+            for name in target_modules(module, patterns):
+                layer = module.get_submodule(name)
+                if isinstance(layer, torch.nn.Conv2d):
+                    k = layer.kernel_size[0] * layer.kernel_size[1]
+                    sizes += [cfg.lora.rank * layer.in_channels * k, cfg.lora.rank * layer.out_channels]
+                else:
+                    sizes += [cfg.lora.rank * layer.in_features, cfg.lora.rank * layer.out_features]
+        return sizes
+
+    return _cached(("lora", model.key, cfg.lora.targets, cfg.lora.rank, text, cfg.train.max_steps > 0), make)
 
 
 class _Tokenizer:
@@ -530,9 +541,10 @@ def check_row(row: dict) -> dict:
     if row["device"] == "cuda":
         measured, estimated = row["peak_allocated_gb"] * GiB, est.allocated
         reserved = (row["peak_reserved_gb"] * GiB, est.total - CUDA_CONTEXT)
-    else:
-        measured, estimated, reserved = row["peak_rss_gb"] * GiB, est.total, None
-    out = {"measured_gb": measured / GiB, "estimate_gb": estimated / GiB, "error": estimated / measured - 1}
+    else:  # the step's RSS; with NF4 it may still hold freed full-precision weights, up to the loading peak
+        measured, estimated, reserved = row["peak_rss_gb"] * GiB, est.allocated + est.overhead, None
+    out = {"measured_gb": measured / GiB, "estimate_gb": estimated / GiB, "error": estimated / measured - 1,
+           "load_gb": est.load / GiB}
     if reserved:
         out.update(reserved_gb=reserved[0] / GiB, estimate_reserved_gb=reserved[1] / GiB,
                    reserved_error=reserved[1] / reserved[0] - 1)

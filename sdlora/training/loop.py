@@ -76,7 +76,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     with open(result.log, "a") if main else contextlib.nullcontext() as log_file:
         steps = StepLog(state, log_file, callbacks, result)
         while step < cfg.total_steps and not result.stopped:
-            loss, stats = optimizer_step(state, step, read=every == 1)
+            loss, stats = optimizer_step(state, step) if every == 1 else optimizer_step(state, step, read=False)
             step += 1
             stats.update(loss=loss, lr=state.optim.lr_scheduler.get_last_lr()[0], step=step)
             steps.add(stats)
