@@ -13,7 +13,8 @@ STATE_VERSION = 1
 # Settings that must match for a resume to continue the same run.
 RESUME_KEYS = (("model", "path"), ("lora", "rank"), ("lora", "alpha"), ("lora", "targets"),
                ("lora", "train_text_encoder"), ("train", "seed"), ("train", "batch_size"), ("train", "grad_accum"),
-               ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"))
+               ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"), ("optim", "optimizer"),
+               ("optim", "loraplus_ratio"), ("validation", "data"), ("validation", "split"))
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -45,8 +46,11 @@ def load_state(path: Path, config: dict) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torn or foreign file
         raise TrainingError(f"cannot read checkpoint {path}: {e}") from None
+    from ..config import Config
+
+    defaults = Config().to_dict()  # a checkpoint from before a setting existed had its default
     for section, key in RESUME_KEYS:
-        old, new = state["config"][section][key], config[section][key]
+        old, new = state["config"].get(section, {}).get(key, defaults[section][key]), config[section][key]
         if old != new:
             raise TrainingError(f"cannot resume from {path.name}: {section}.{key} was {old!r}, now {new!r}; "
                                 "restore the setting or train into a new output")

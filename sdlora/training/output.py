@@ -14,12 +14,14 @@ from . import checkpoint as ckpt
 from .state import TrainState
 
 
-def write_output(state: TrainState, states: dict, step: int, path: Path) -> Path:
+def write_output(state: TrainState, states: dict, step: int, path: Path, extra_meta: dict | None = None) -> Path:
     """The LoRA file in the configured layout and, for pivotal tuning, the embedding file beside it (plain textual
     inversion: the embedding file is the output)."""
     cfg, c, concept = state.cfg, state.components, state.concept
     dtype = DTYPES[cfg.output.dtype]
-    extra = {"sdlora_processes": str(state.world)}
+    extra = {"sdlora_processes": str(state.world), **(extra_meta or {})}
+    if state.optim.ema is not None:
+        extra["sdlora_ema"] = json.dumps({"decay": cfg.optim.ema_decay, "updates": state.optim.ema.optimization_step})
     if concept is not None:
         extra.update({"modelspec.trigger_phrase": concept.token,
                       "sdlora_embeddings": json.dumps({concept.token: cfg.pivotal.num_vectors})})
@@ -48,7 +50,7 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
     c.denoiser.eval()
     pipe = c.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    with state.acc.autocast():
+    with state.acc.autocast(), state.optim.evaluation():
         images = render(pipe, [state.prompt(p) for p in cfg.sample.prompts], cfg.sample.seed, cfg.sample.steps,
                         cfg.sample.guidance, state.resolution, state.resolution)
     out = Path(cfg.output.path)
@@ -62,7 +64,8 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
 
 
 def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
-    """A resumable checkpoint (LoRA, embeddings, optimizers, schedule) and the LoRA file of this step."""
+    """A resumable checkpoint (LoRA, embeddings, optimizers, schedule, EMA, best validation) and the LoRA file of
+    this step (with EMA: the averaged weights; the checkpoint keeps the raw ones)."""
     path = ckpt.checkpoint_path(state.cfg.output.path, step)
     if state.acc.is_main_process:
         extra = {}
@@ -70,10 +73,27 @@ def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
             extra["embeddings"] = state.concept.vectors()
             if state.optim.embedding is not None:
                 extra["ti_optimizer"] = state.optim.embedding.state_dict()
+        if state.optim.ema is not None:
+            extra["ema"] = state.optim.ema.state_dict()
+        if state.validation is not None:
+            extra["validation"] = state.validation.best.state_dict()
         states = state.lora_states()
         ckpt.save_state(path, step, states, state.optim.main, state.optim.lr_scheduler, state.cfg.to_dict(),
                         state.acc.scaler, extra)
-        write_output(state, states, step, path.with_suffix(".safetensors"))
+        with state.optim.evaluation():
+            write_output(state, state.lora_states(), step, path.with_suffix(".safetensors"))
         callbacks.on_checkpoint(step, str(path))
     state.acc.wait_for_everyone()
     return str(path)
+
+
+def best_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + "_best.safetensors")
+
+
+def write_best(state: TrainState, step: int, loss: float) -> Path:
+    """NAME_best.safetensors from the weights as they are now (call inside `state.optim.evaluation()`), with the
+    step and validation loss in its metadata; written atomically, replacing the previous best."""
+    return write_output(state, state.lora_states(), step, best_path(state.cfg.output.path),
+                        {"sdlora_best_step": str(step), "sdlora_best_val_loss": repr(loss)})
