@@ -38,6 +38,7 @@ class Job:
     started: float = 0.0
     ended: float = 0.0
     losses: list = field(default_factory=list)  # [(step, loss)]
+    val_losses: list = field(default_factory=list)  # [(step, validation loss)]
     samples: list = field(default_factory=list)  # [(step, path)]
     messages: list = field(default_factory=list)
     error: str = ""
@@ -75,6 +76,10 @@ class JobCallbacks(Callbacks):
     def on_step(self, step, stats):
         self.job.step = step
         self.job.losses.append((step, float(stats["loss"])))
+        self.job.touch()
+
+    def on_validation(self, step, stats):
+        self.job.val_losses.append((step, float(stats["val_loss"])))
         self.job.touch()
 
     def on_sample(self, step, paths):

@@ -99,7 +99,7 @@ class TrainTab:
             self.job_pick = gr.Dropdown(choices=[("latest", LATEST)], value=LATEST, label="Show job", scale=1)
         self.status = gr.HTML(progress.status_html(None), elem_id="status")
         with gr.Row(equal_height=False):
-            self.loss_plot = gr.LinePlot(progress.loss_frame(None), x="step", y="loss", title="Training loss",
+            self.loss_plot = gr.LinePlot(progress.loss_frame(None), x="step", y="loss", color="series", title="Loss",
                                          height=260, elem_id="loss-plot")
             self.samples = gr.Gallery(label="Samples (newest first)", columns=3, height=260, fit_columns=False,
                                       elem_id="samples")

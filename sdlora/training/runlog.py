@@ -52,7 +52,8 @@ class RunLog:
     def write(self, record: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps({k: round(float(v), 8) for k, v in record.items()}) + "\n")
+        self.file.write(json.dumps({k: int(v) if k == "step" else round(float(v), 8) for k, v in record.items()})
+                        + "\n")
         self.file.flush()
         if self.acc.trackers:
             self.acc.log({k: float(v) for k, v in record.items() if k != "step"}, step=int(record["step"]))
