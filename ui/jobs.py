@@ -208,7 +208,8 @@ class JobManager:
         try:
             result = train(job.cfg, JobCallbacks(job), job.commands, resume=job.resume)
             job.output = str(result.output)
-            job.state = STOPPED if result.stopped else DONE
+            early = getattr(result, "early_stopped", False)  # finished by its own rule: the output is the best file
+            job.state = STOPPED if result.stopped and not early else DONE
         except SdloraError as e:
             job.error, job.state = str(e), FAILED
         except Exception as e:  # noqa: BLE001 - an unexpected bug: one line in the page, the traceback in the log

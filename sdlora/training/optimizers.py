@@ -89,9 +89,15 @@ def scheduler_warmup(cfg) -> int:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's tensors (its state per parameter)."""
-    return sum(v.numel() * v.element_size() for s in optimizer.state_dict()["state"].values()
-               for v in s.values() if torch.is_tensor(v))
+    """Bytes of the optimizer's tensors (its state per parameter, as a checkpoint stores it)."""
+    def size(v) -> int:
+        if torch.is_tensor(v):
+            return v.numel() * v.element_size()
+        if isinstance(v, dict):
+            return sum(size(x) for x in v.values())
+        return sum(size(x) for x in v) if isinstance(v, (list, tuple)) else 0
+
+    return size(optimizer.state_dict()["state"])
 
 
 def make_ema(cfg, params: list[torch.nn.Parameter]):
