@@ -71,6 +71,10 @@ class DataFolder:
                       "(and for all images when use_captions is false).", flag="instance-prompt")
     use_captions: bool = opt(True, "Read .txt sidecar captions when present.")
     repeats: int = opt(1, "How many times each image is seen per epoch.", ge=1)
+    shuffle_tags: bool = opt(False, "Captions are tag lists: shuffle their order every step (after the kept ones).")
+    keep_tags: int = opt(0, "The first N tags stay in place and are never dropped (e.g. the trigger word).", ge=0)
+    tag_dropout: float = opt(0.0, "Drop each tag that is not kept with this probability, every step.", ge=0, lt=1)
+    tag_separator: str = opt(",", "What separates the tags of a caption.")
 
 
 @dataclass
@@ -150,9 +154,15 @@ class SpeedConfig:
     fused_optimizer: bool = opt(True, "The fused AdamW kernel on CUDA.")
 
 
+SAMPLE_PROMPT_KEYS = {"text": str, "negative": str, "seed": int, "width": int, "height": int, "steps": int,
+                      "guidance": float, "lora_scale": float}
+
+
 @dataclass
 class SampleConfig:
-    prompts: list = opt([], "Prompts rendered as sample images during training.", flag="sample-prompt")
+    prompts: list = opt([], "Prompts rendered as sample images during training: strings, or in a job file "
+                        "[[sample.prompts]] tables with text, negative, seed, width, height, steps, guidance and "
+                        "lora_scale of their own.", flag="sample-prompt")
     every: int = opt(0, "Render samples every N steps (and at step 0 and the end); 0 = only at the end if "
                      "prompts are given.", flag="sample-every", ge=0)
     steps: int = opt(20, "Denoising steps per sample image.", flag="sample-steps", gt=0)
@@ -228,13 +238,25 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
-        bad = [v for v in value if not isinstance(v, str)]
+        tables = where == "sample.prompts"  # the one list that also takes tables
+        bad = [v for v in value if not (isinstance(v, str) or (tables and isinstance(v, dict)))]
         if bad:
-            raise ConfigError(f"{where} must be a list of strings, got {bad[0]!r} in it")
-        return list(value)
+            raise ConfigError(f"{where} must be a list of strings{' or tables' if tables else ''}, got {bad[0]!r} "
+                              "in it")
+        return [_sample_table(v, f"{where}[{i}]") if isinstance(v, dict) else v for i, v in enumerate(value)]
     if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
         raise ConfigError(f"{where} must be {typ.__name__}, got {value!r}")
     return value
+
+
+def _sample_table(table: dict, where: str) -> dict:
+    """One [[sample.prompts]] table: known keys of the right types, a text."""
+    unknown = sorted(set(table) - set(SAMPLE_PROMPT_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(SAMPLE_PROMPT_KEYS)})")
+    if not isinstance(table.get("text"), str) or not table["text"].strip():
+        raise ConfigError(f"{where} needs a text")
+    return {k: _coerce(v, SAMPLE_PROMPT_KEYS[k], f"{where}.{k}") for k, v in table.items()}
 
 
 def _fill(obj: Any, values: dict, where: str) -> None:
@@ -333,6 +355,9 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
             raise ConfigError(f"data[{i}].path is empty; give the folder of training images (--data DIR)")
         if check_paths and not Path(folder.path).is_dir():
             raise ConfigError(f"data folder not found: {folder.path}; pass an existing folder of images")
+    for i, p in enumerate(cfg.sample.prompts):
+        if isinstance(p, dict):
+            _check_sample_table(p, f"sample.prompts[{i}]")
     pr = cfg.prior
     if pr.class_prompt and pr.mode == "images" and not pr.class_data:
         raise ConfigError("prior preservation with class images needs prior.class_data (--class-data DIR), "
@@ -369,6 +394,17 @@ def _check_field(where: str, f: dataclasses.Field, value) -> None:
     broken = [f"{_BOUND_TEXT[k]} {b}" for k, b in bounds.items() if not _BOUND_OK[k](value, b)]
     if broken:
         raise ConfigError(f"{name} must be {' and '.join(broken)}, got {value!r}")
+
+
+def _check_sample_table(p: dict, where: str) -> None:
+    rules = {"seed": (lambda v: 0 <= v <= MAX_SEED, f">= 0 and <= {MAX_SEED}"),
+             "width": (lambda v: v == 0 or (v >= 8 and v % 8 == 0), "0 (the training size) or a multiple of 8"),
+             "height": (lambda v: v == 0 or (v >= 8 and v % 8 == 0), "0 (the training size) or a multiple of 8"),
+             "steps": (lambda v: v >= 0, ">= 0 (0: sample.steps)"), "guidance": (lambda v: v >= 0, ">= 0"),
+             "lora_scale": (lambda v: True, "a number")}
+    for key, value in p.items():
+        if key in rules and ((isinstance(value, float) and not math.isfinite(value)) or not rules[key][0](value)):
+            raise ConfigError(f"{where}.{key} must be {rules[key][1]}, got {value!r}")
 
 
 def _looks_local(path: str) -> bool:

@@ -18,7 +18,7 @@ LAYERS = [  # (layer, module prefixes); a module belongs to the longest prefix t
                "sdlora.loras.metadata", "sdlora.loras.checks"]),
     ("trainer", ["sdlora.training"]),
     ("tools", ["sdlora.loras.inspect", "sdlora.loras.convert", "sdlora.loras.merge", "sdlora.loras.mix",
-               "sdlora.loras.apply"]),
+               "sdlora.loras.apply", "sdlora.captioning"]),
     ("front", ["sdlora.cli", "sdlora.__main__", "sdlora.world", "ui"]),
 ]
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}

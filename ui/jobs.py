@@ -144,6 +144,19 @@ class JobManager:
             job.touch()
             return job
 
+    def request(self, command: str) -> Job | None:
+        """Ask the running job for a sample (`sample_now`) or a resumable checkpoint (`save_now`) after its current
+        step; None when nothing runs."""
+        with self._lock:
+            job = self.running()
+            if job is None:
+                return None
+            setattr(job.commands, command, True)
+            job.messages.append({"sample_now": "a sample after this step…",
+                                 "save_now": "a checkpoint after this step…"}[command])
+            job.touch()
+            return job
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the running job, drop the queue and end the worker."""
         with self._lock:

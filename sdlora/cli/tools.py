@@ -42,6 +42,18 @@ def register(sub) -> None:
     g.add_argument("--scales", type=_floats, default=None, help="Scale multipliers for --grid (default 0,0.5,1).")
     g.set_defaults(func=cmd_generate)
 
+    cap = sub.add_parser("caption", help="Write a caption beside every image that has none, with an image-to-text "
+                                         "model (BLIP, Florence-2, a small vision-language model).")
+    cap.add_argument("folder")
+    cap.add_argument("--captioner", required=True, metavar="MODEL",
+                     help="A local model folder or a hub id (the hub needs a network).")
+    cap.add_argument("--prefix", default="", help="Put in front of every caption, e.g. 'sks, '.")
+    cap.add_argument("--overwrite", action="store_true", help="Replace existing captions too.")
+    cap.add_argument("--batch-size", type=int, default=4)
+    cap.add_argument("--prompt", default=None, help="The instruction or task prompt (default: the model's own).")
+    cap.add_argument("--device", default="cpu", help="cpu or cuda.")
+    cap.set_defaults(func=cmd_caption)
+
     i = sub.add_parser("inspect", help="Show what a LoRA file holds and check it loads everywhere.")
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="Print JSON instead of text.")
@@ -98,6 +110,26 @@ def cmd_generate(args) -> int:
                      scales=args.scales, allow_pickle=args.allow_pickle)
     for p in paths:
         print(p)
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from tqdm import tqdm
+
+    from ..captioning import caption_folder
+
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        bar = bar or tqdm(total=total, unit="image", desc="captioning")
+        bar.update(done - bar.n)
+
+    report = caption_folder(args.folder, args.captioner, args.prefix, args.overwrite, args.batch_size, progress,
+                            args.device, args.prompt)
+    if bar:
+        bar.close()
+    print(report.summary())
     return 0
 
 

@@ -90,6 +90,36 @@ def scan_folder(folder: str | Path, prompt: str = "",
     return items, skipped
 
 
+# ---------------------------------------------------------------- captions as tag lists
+
+@dataclass(frozen=True)
+class TagRule:
+    """How a folder's captions vary from step to step when they are tag lists."""
+
+    shuffle: bool = False
+    keep: int = 0
+    dropout: float = 0.0
+    separator: str = ","
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout > 0
+
+
+def vary_tags(caption: str, rule: TagRule, rng: np.random.Generator) -> str:
+    """This step's caption: the first `keep` tags in place, the others dropped with probability `dropout` and
+    shuffled; a function of the caption and the micro-batch's rng alone, so a resumed run sees the same captions."""
+    sep = rule.separator
+    tags = [t.strip() for t in caption.split(sep) if t.strip()]
+    kept, rest = tags[: rule.keep], tags[rule.keep:]
+    if rule.dropout:
+        draws = rng.random(len(rest))
+        rest = [t for t, d in zip(rest, draws) if d >= rule.dropout]
+    if rule.shuffle and len(rest) > 1:
+        rest = [rest[j] for j in rng.permutation(len(rest))]
+    return (", " if sep == "," else sep).join(kept + rest)
+
+
 # ---------------------------------------------------------------- buckets
 
 def make_buckets(resolution: int, step: int | None = None, max_ratio: float = 2.0) -> list[tuple[int, int]]:

@@ -17,8 +17,9 @@ from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
 from .adapters import inject, lora_parameters
 from .batches import Batches, Latents
-from .data import BatchPlan, build_examples, scan_folder
+from .data import BatchPlan, TagRule, build_examples, scan_folder
 from .embeddings import ConceptTokens, add_concept
+from .output import sample_prompts
 from .phases import plan_phases
 from .state import Adapters, Optimizers, TrainState
 from .step import Models
@@ -113,6 +114,10 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
 
     c = components or load_components(cfg.model_path, cfg.model.prediction_type)
     resolution, bucket_step = resolve_resolution(cfg, c)
+    odd = [p for p in sample_prompts(cfg, resolution) if p.width % c.size_multiple or p.height % c.size_multiple]
+    if odd:
+        raise ConfigError(f"sample size {odd[0].width}x{odd[0].height} is not a multiple of {c.size_multiple} for "
+                          "this model")
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         if acc.is_main_process:
             ensure_class_images(cfg, c, resolution, callbacks)
@@ -131,14 +136,17 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if cfg.train.cache_latents and not batches.latents.cached:
         callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
     optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
+    varying = any(r.active for r in batches.tag_rules)
+    if cfg.train.cache_text and varying:
+        callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
     text = TextEncoding(c.family.conditioning, c.tokenizers, encoders, list(c.text_encoders),
-                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text)
+                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text and not varying)
     models = Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
     state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept,
                        concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
     state.enter_phase(0)
     batches.fill_cache()
-    if cfg.train.cache_text and not phases.main.text_trainable and concept is None:
+    if text.cache_allowed and not phases.main.text_trainable and concept is None:
         text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
     return state
 
@@ -196,9 +204,11 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, pro
         prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], resolution,
                                         cfg.augment.bucketing, bucket_step, is_prior=True, say=say)
         prior_plan = BatchPlan(prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
+    rules = [TagRule(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.tag_separator) for d in cfg.data]
     batches = Batches(examples, BatchPlan(examples, cfg.train.batch_size, cfg.train.seed), prior_examples,
                       prior_plan, latents=None, conditioning=c.family.conditioning,
-                      random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout)
+                      random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout,
+                      tag_rules=rules)
     return batches, captions
 
 
