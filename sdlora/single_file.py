@@ -229,7 +229,6 @@ def _configs(shapes: dict, meta: dict, family: str, path: Path) -> dict:
         base = _asset(family, part)
         fill = own.get(part) or (rules[part](base, cfg) if part in rules else {})
         out[part] = {**base, **fill, **cfg}
-        _check_standard(part, out[part], family, path)
     return out
 
 
@@ -343,6 +342,8 @@ def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pick
 
     path = Path(path)
     info = detect_checkpoint(path, allow_pickle)
+    for part, part_cfg in info.configs.items():
+        _check_standard(part, part_cfg, info.family, path)
     state, cfg = _tensors(path, allow_pickle), info.configs
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(cfg["unet"])
