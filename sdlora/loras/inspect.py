@@ -11,7 +11,7 @@ from ..errors import LoraFileError
 from .checks import validate_kohya
 from .files import read_lora
 from .layout import LORA_METADATA_KEY, detect_layout, guess_family, parse_modules, split_embeddings
-from .modules import DoraModule
+from .modules import DoraModule, is_plain
 
 
 @dataclass
@@ -108,7 +108,8 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         if missing:
             problems.append(f"metadata lacks {', '.join(missing)} (A1111 uses it to label and filter LoRAs)")
         te = [b for b in mods if b.startswith("lora_te")]
-        if any(re.search(r"_self_attn_[qkv]_proj$", b) for b in te) and not any(b.endswith("_out_proj") for b in te):
+        if any(re.search(r"_self_attn_[qkv]_proj$", b) for b in te) and not any(b.endswith("_out_proj") for b in te) \
+                and all(is_plain(m) for m in mods.values()):  # (diffusers loads no other type at all)
             problems.append("text-encoder attention without any out_proj: diffusers 0.42 drops its q/k/v layers")
     elif layout == "diffusers":
         problems.append("diffusers layout: A1111 and ComfyUI do not load it; `sdlora convert --to kohya` fixes that")

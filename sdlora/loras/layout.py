@@ -159,6 +159,7 @@ SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weigh
             ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
             ".lora_linear_layer.up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
             ".dora_scale": "dora_scale", ".lora_magnitude_vector": "magnitude",
+            ".lora_magnitude_vector.weight": "magnitude",
             **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                                     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
                                     "lokr_t2")}}
@@ -357,9 +358,10 @@ def diffusers_tensors(mods: dict, names: NameMap, dtype=torch.float16) -> tuple[
         key = f"{part}.{te_path(path) if part.startswith('text_encoder') else path}"
         out[f"{key}.lora_A.weight"] = lora.down.to(dtype)
         out[f"{key}.lora_B.weight"] = (lora.up.float() * lora.scale).to(dtype)
-        if m is not lora:  # PEFT's shape: [out] for a Linear, [1, out, 1, 1] for a conv
+        if m is not lora:  # PEFT's shape: [out] for a Linear, [1, out, 1, 1] for a conv. With ".weight": without
+            # it transformers 5 does not load a text encoder's magnitude (measured); the UNet loads either spelling
             shape = (m.weight_shape[0],) if len(m.weight_shape) == 2 else (1, m.weight_shape[0], 1, 1)
-            out[f"{key}.lora_magnitude_vector"] = m.magnitude.float().reshape(shape)
+            out[f"{key}.lora_magnitude_vector.weight"] = m.magnitude.float().reshape(shape)
         dora.setdefault(part, set()).add(m is not lora)
         by_part.setdefault(part, {})[path.removeprefix("text_model.")] = lora.rank
     cfg = {}

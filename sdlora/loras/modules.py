@@ -232,7 +232,7 @@ class LokrModule(_Module):
             w2 = self.w2a.float() @ self.w2b.float()
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        return _shaped(self.scale * torch.kron(w1, w2), base)
+        return _shaped(self.scale * torch.kron(w1.contiguous(), w2.contiguous()), base)
 
     def with_alpha(self, alpha: float) -> LokrModule:
         if alpha == self.alpha or self.rank is None:  # both sides full: the loaders use scale 1 whatever alpha says
