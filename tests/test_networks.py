@@ -20,7 +20,7 @@ from test_qlora import quantized_linears, use_weights
 from test_sdxl import tiny_xl, xl_outputs  # noqa: F401 (fixture)
 from test_train import Capture, StopAt, fresh_pipeline, unet_and_te_outputs
 
-from sdlora import merge_into_model, train
+from sdlora import convert_lora, merge_into_model, train
 from sdlora.callbacks import Commands
 from sdlora.loras.apply import load_lora_into
 from sdlora.loras.checks import validate_kohya
@@ -117,6 +117,12 @@ def test_dora_on_the_output_axis_loads_in_diffusers(tiny_model, images, tmp_path
     own = fresh_pipeline(tiny_model)  # sdlora's run-time path reads the same file the same way
     load_lora_into(own, cfg.output.path)
     assert (unet_and_te_outputs(own.unet, own.text_encoder, own.tokenizer)[0] - want).abs().max() < 1e-5
+    back = convert_lora(cfg.output.path, "kohya", tmp_path / "k.safetensors")  # -> dora_scale [out, 1]
+    scales = {k: v for k, v in read_lora(back)[0].items() if k.endswith(".dora_scale")}
+    assert scales and all(v.dim() >= 2 and v.shape[1] == 1 for v in scales.values())
+    kohya = fresh_pipeline(tiny_model)
+    load_lora_into(kohya, back)
+    assert (unet_and_te_outputs(kohya.unet, kohya.text_encoder, kohya.tokenizer)[0] - want).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("network,args", [("loha", "rank_dropout=0.2,module_dropout=0.1"), ("lokr", "factor=4"),
