@@ -122,6 +122,18 @@ def test_lokr_full_factors_tucker_and_conv_follow_the_loaders_rules(weights, tmp
     torch.testing.assert_close(mods[KOHYA[CONV]].delta(wc), tucker[KOHYA[CONV]][1], rtol=1e-5, atol=1e-7)
 
 
+def test_tucker_locon_lora_mid_is_read(weights, tmp_path):
+    """LoCon's Tucker conv (A1111 network_lora.py, lyco_helpers.rebuild_cp_decomposition): 1x1 down and up around a
+    k x k core: W[o, i, k, l] = sum_ab up[o, a] mid[a, b, k, l] down[b, i]."""
+    wc, r = weights[CONV], 2
+    down, mid, up = rnd(r, wc.shape[1], 1, 1), rnd(r, r, 3, 3), rnd(wc.shape[0], r, 1, 1)
+    expect = torch.einsum("oa,abkl,bi->oikl", up.flatten(1), mid, down.flatten(1)) * 3.0 / r
+    cases = {KOHYA[CONV]: ({"lora_down.weight": down, "lora_mid.weight": mid, "lora_up.weight": up}, expect)}
+    mods = load_lora(write(tmp_path / "mid.safetensors", cases))[0]
+    assert mods[KOHYA[CONV]].kind == "lora_tucker"
+    torch.testing.assert_close(mods[KOHYA[CONV]].delta(wc), expect, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("axis", ["input", "output"])
 def test_dora_update_is_the_published_decomposition(weights, tmp_path, axis):
     """A LoRA (Linear and conv) and a LoHa with dora_scale: m * (W + dW) / ||W + dW|| on the file's axis, told by its
@@ -313,3 +325,21 @@ def test_cli_generates_a_scale_grid_and_mixes_with_a_model(tiny_model, weights, 
     assert main(["mix", hand_dora[0], "--rank", "4", "-o", str(tmp_path / "m.safetensors")]) == 2
     assert "pass --model" in capsys.readouterr().err
     assert main(["mix", hand_dora[0], "--rank", "4", "--model", tiny_model, "-o", str(tmp_path / "m.safetensors")]) == 0
+
+
+def test_plain_lora_and_loha_together_at_their_own_scales(tiny_model, weights, tmp_path):
+    """A plain LoRA through diffusers' adapters and a LoHa through hooks on the same layers, each at its scale: the
+    same as merging both."""
+    from test_tools import UNET_A, write_random_lora
+
+    from sdlora.loras.apply import apply_loras
+
+    plain = write_random_lora(tmp_path / "p.safetensors", fresh(tiny_model), [LIN, CONV] + UNET_A[:2], [], 4, 2, 3)
+    loha = write(tmp_path / "h.safetensors", modules_and_expected(weights))
+    specs = [(plain, 0.5), (loha, -0.8)]
+    pipe = fresh(tiny_model)
+    active = apply_loras(pipe, specs)
+    merged = fresh(str(merge_into_model(tiny_model, specs, tmp_path / "m")))
+    assert (outputs(pipe) - outputs(merged)).abs().max() < 1e-5
+    active.remove()
+    assert (outputs(pipe) - outputs(fresh(tiny_model))).abs().max() < 1e-6
