@@ -281,8 +281,10 @@ def test_network_args_are_typed_and_checked(tiny_model, images, tmp_path, capsys
         parse_network_args("loha", "factor=8")
     with pytest.raises(ConfigError, match="dora_axis must be one of input, output"):
         parse_network_args("dora", "dora_axis=columns")
-    with pytest.raises(ConfigError, match="factor must be a int"):
+    with pytest.raises(ConfigError, match="factor must be a finite int"):
         parse_network_args("lokr", "factor=eight")
+    with pytest.raises(ConfigError, match="conv_alpha must be a finite float"):
+        parse_network_args("lora", "conv_alpha=nan")
     cfg = tiny_config(tiny_model, images, tmp_path / "o.safetensors")
     for network, args, fmt, quantize, message in (
             ("dora", "", "diffusers", "none", "needs dora_axis=output"),

@@ -55,6 +55,11 @@ class MergeTab:
         loras = [(p, float(w if w is not None else 1.0)) for p, w in zip(slots[:SLOTS], slots[SLOTS:]) if p]
         if not loras:
             raise gr.Error("Pick at least one LoRA.")
+        try:
+            loras = [(str(self.manager.allowed.output(p)), w) for p, w in loras]
+            model = self.manager.allowed.model_path(model)
+        except SdloraError as e:
+            return f"**Error:** {e}", None
         # checkpoints go to a *_checkpoints folder, so the LoRA lists leave them out
         folder = self.manager.output_dir / ("merged" if mode == MIX else "merged_checkpoints")
         folder.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from ..errors import LoraFileError, SdloraError
 from ..families import Family, family_of_pipeline
 from .checks import check_fits
-from .files import read_lora
-from .layout import detect_layout, name_map, parse_modules, split_embeddings
+from .files import check_weights, load_lora, read_lora
+from .layout import model_layers, split_embeddings
 from .modules import is_plain
 
 
@@ -43,20 +43,19 @@ class ActiveLoras:
         self.entries: list[tuple[str, HookedLora | None]] = []  # (diffusers adapter name, or hooks)
 
     def add(self, path: str | Path, name: str) -> None:
-        tensors, meta = read_lora(path)
-        lora, embeddings = split_embeddings(tensors)
-        if detect_layout(lora) == "unknown":
-            raise LoraFileError(f"{path}: not a LoRA in the kohya or diffusers layout")
-        try:
-            mods = parse_modules(lora, meta)
-        except LoraFileError as e:
-            raise LoraFileError(f"{path}: {e}") from None
+        """One more file, at scale 1. A file that does not fit the pipeline's model (another family or size) is an
+        error naming a layer."""
+        mods, embeddings, _ = load_lora(path)
+        family = family_of_pipeline(self.pipe)
+        layers = model_layers(family, getattr(self.pipe, family.denoiser_attr),
+                              [getattr(self.pipe, s.attr) for s in family.text_encoders])
+        check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
         if all(is_plain(m) for m in mods.values()):
-            self.pipe.load_lora_weights(lora, adapter_name=name)
+            self.pipe.load_lora_weights(split_embeddings(read_lora(path)[0])[0], adapter_name=name)
             self.entries.append((name, None))
         else:
-            self.entries.append((name, HookedLora(self.pipe, mods, str(path))))
-        load_embeddings(self.pipe, family_of_pipeline(self.pipe), embeddings)
+            self.entries.append((name, HookedLora(layers, mods)))
+        load_embeddings(self.pipe, family, embeddings)
 
     @property
     def _adapters(self) -> list[str]:
@@ -93,14 +92,7 @@ class HookedLora:
     """One file's modules on the pipeline's layers as forward hooks: output += scale * (x through the layer's exact
     update), the update computed from the layer's own weight at each call (DoRA needs it; nothing is cached)."""
 
-    def __init__(self, pipe, mods: dict, what: str):
-        family = family_of_pipeline(pipe)
-        encoders = [getattr(pipe, s.attr) for s in family.text_encoders]
-        parts = {family.denoiser_attr: getattr(pipe, family.denoiser_attr),
-                 **{s.attr: e for s, e in zip(family.text_encoders, encoders)}}
-        names = name_map(family, parts[family.denoiser_attr], encoders)
-        layers = {b: _base_layer(parts[part].get_submodule(path)) for b, (part, path) in names.to_module.items()}
-        check_fits(mods, {b: tuple(layer.weight.shape) for b, layer in layers.items()}, what)
+    def __init__(self, layers: dict[str, torch.nn.Module], mods: dict):
         self.scale, self.on = 1.0, True
         self.handles = [layers[b].register_forward_hook(self._hook(m.map(lambda t, w=layers[b].weight: t.to(w.device))))
                         for b, m in mods.items()]
@@ -122,10 +114,6 @@ class HookedLora:
         self.handles = []
 
 
-def _base_layer(module):
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
 def load_lora_into(pipe, path: str | Path, scale: float = 1.0, adapter_name: str | None = None) -> ActiveLoras:
     """Apply one LoRA file (any type) to a diffusers pipeline at `scale`: plain LoRA keys through diffusers'
     `load_lora_weights`, other types through hooks, bundled embeddings (bundle_emb.*) through
@@ -135,6 +123,7 @@ def load_lora_into(pipe, path: str | Path, scale: float = 1.0, adapter_name: str
 
 def apply_loras(pipe, loras: list[tuple[str, float]], names: list[str] | None = None) -> ActiveLoras:
     """Load several LoRA files, each at its own scale, active together."""
+    check_weights(loras)
     active = ActiveLoras(pipe)
     for i, (path, _) in enumerate(loras):
         active.add(path, names[i] if names else f"lora{i}")
@@ -171,7 +160,13 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
     from ..models import load_model
     from ..sampling import render
 
+    scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
+    _check_generate(n, steps, guidance, width, height, seed, scales)
+    check_weights(loras)
     c = load_model(model, allow_pickle)
+    multiple = c.size_multiple
+    if any(v is not None and v % multiple for v in (width, height)):
+        raise SdloraError(f"--width/--height must be multiples of {multiple} for this model, got {width}x{height}")
     pipe = c.pipeline()
     pipe.set_progress_bar_config(disable=True)
     sched = set_scheduler(pipe, scheduler)
@@ -181,17 +176,30 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
     out_dir = Path(output_dir)
     params = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
               "scheduler": sched, "width": width, "height": height, "model": c.name,
-              "loras": [[str(p), w] for p, w in loras]}
+              "loras": [[Path(p).name, w] for p, w in loras]}  # names: shared images carry no local paths
     if not grid:
         images = render(pipe, [prompt] * n, seed, steps, guidance, width, height, negative_prompt)
         return [_save_image(img, out_dir, {**params, "seed": seed + i}) for i, img in enumerate(images)]
-    scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
     rows = []
     for s in scales:
         active.set_scales([s * w for _, w in loras])
         rows.append(render(pipe, [prompt] * n, seed, steps, guidance, width, height, negative_prompt))
     sheet = contact_sheet(rows, [f"x{s:g}" for s in scales], [f"seed {seed + i}" for i in range(n)])
     return [_save_image(sheet, out_dir, {**params, "seed": seed, "n": n, "grid_scales": scales}, "grid")]
+
+
+def _check_generate(n, steps, guidance, width, height, seed, scales) -> None:
+    import math
+
+    checks = [(n >= 1, f"--n must be at least 1, not {n}"), (steps >= 1, f"--steps must be at least 1, not {steps}"),
+              (math.isfinite(guidance) and guidance >= 0, f"--guidance must be a number >= 0, not {guidance}"),
+              (all(v is None or v >= 8 for v in (width, height)), f"--width/--height must be at least 8 pixels, "
+                                                                  f"got {width}x{height}"),
+              (0 <= seed < 2**63, f"--seed must be between 0 and 2**63, not {seed}"),
+              (all(math.isfinite(s) for s in scales), f"--scales must be finite numbers, got {scales}")]
+    for ok, message in checks:
+        if not ok:
+            raise SdloraError(message)
 
 
 def _save_image(image, out_dir: Path, params: dict, stem: str = "img") -> Path:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ..errors import LoraFileError
 from .checks import validate_kohya
-from .files import read_lora
+from .files import damage, read_lora
 from .layout import LORA_METADATA_KEY, detect_layout, guess_family, parse_modules, split_embeddings
+from .metadata import private_paths
 from .modules import DoraModule, is_plain
 
 
@@ -97,6 +98,9 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         mods = parse_modules(tensors, meta)
     except LoraFileError as e:
         mods, problems = {}, [str(e)]
+    if not mods and not emb and not problems:
+        problems.append("holds no LoRA module: no tool can use it")
+    problems += damage(mods, emb)
     from_meta, from_shape = guess_family(mods, meta)
     family = from_meta or from_shape or "unknown"
     if from_meta and from_shape and from_meta != from_shape:
@@ -113,6 +117,11 @@ def inspect_lora(path: str | Path) -> LoraInfo:
             problems.append("text-encoder attention without any out_proj: diffusers 0.42 drops its q/k/v layers")
     elif layout == "diffusers":
         problems.append("diffusers layout: A1111 and ComfyUI do not load it; `sdlora convert --to kohya` fixes that")
+    zero = [b for b, m in mods.items() if m.is_zero()]
+    if zero and len(zero) < len(mods):
+        problems.append(f"{len(zero)} of {len(mods)} modules change nothing (zero update), e.g. {zero[0]}")
+    problems += [f"privacy: {p}; `sdlora convert FILE --metadata public -o OUT` removes it"
+                 for p in private_paths(meta)]
     kinds = Counter(module_kind(b) for b in mods)
     return LoraInfo(
         path=str(path), size_bytes=path.stat().st_size, layout=layout, family=family,

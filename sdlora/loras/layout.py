@@ -68,31 +68,46 @@ class NameMap:
         return {self.to_base.get(self.to_module.get(b, ("", "")), b): m for b, m in mods.items()}
 
 
-def adaptable(module: torch.nn.Module) -> bool:
-    """A Linear or Conv2d layer, bare or inside a peft adapter layer (a pipeline that already holds a LoRA)."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return isinstance(base, (torch.nn.Linear, torch.nn.Conv2d))
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The layer itself, where an adapter (peft) wraps it."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
-def _adapter_part(path: str) -> bool:
-    """A module inside a peft adapter layer (its base_layer, lora_A, ...): not a layer of the model itself."""
-    return any(p == "base_layer" or p.startswith(("lora_", "hada_", "lokr_")) for p in path.split("."))
+def adaptable_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(path, layer) of every Linear and Conv2d of a model: an adapter-wrapped layer under its own path, and nothing
+    from inside an adapter."""
+    wrappers = [path + "." for path, m in model.named_modules() if hasattr(m, "get_base_layer") and path]
+    out = []
+    for path, m in model.named_modules():
+        if any(path.startswith(w) for w in wrappers):
+            continue
+        if isinstance(base_layer(m), (torch.nn.Linear, torch.nn.Conv2d)):
+            out.append((path, base_layer(m)))
+    return out
 
 
 def name_map(family: Family, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> NameMap:
     """The NameMap of a model's Linear and Conv2d layers."""
     names, namer = NameMap(), denoiser_namer(family, denoiser.config)
-    for path, m in denoiser.named_modules():
-        if adaptable(m) and not _adapter_part(path):
-            names.add(family.denoiser_attr, path, kohya_base(DENOISER_PREFIX, namer(path)),
-                      kohya_base(DENOISER_PREFIX, path))
+    for path, _ in adaptable_layers(denoiser):
+        names.add(family.denoiser_attr, path, kohya_base(DENOISER_PREFIX, namer(path)),
+                  kohya_base(DENOISER_PREFIX, path))
     for slot, encoder in zip(family.text_encoders, text_encoders):
         aliases = ("lora_te",) if slot.kohya_prefix == "lora_te1" else ()
-        for path, m in encoder.named_modules():
-            if adaptable(m) and not _adapter_part(path):
-                names.add(slot.attr, path, kohya_base(slot.kohya_prefix, path),
-                          *(kohya_base(a, path) for a in aliases))
+        for path, _ in adaptable_layers(encoder):
+            names.add(slot.attr, path, kohya_base(slot.kohya_prefix, path), *(kohya_base(a, path) for a in aliases))
     return names
+
+
+def model_layers(family: Family, denoiser: torch.nn.Module, text_encoders: list,
+                 aliases: bool = True) -> dict[str, torch.nn.Module]:
+    """kohya base name -> Linear/Conv2d module of the denoiser and text encoders; with `aliases`, every spelling
+    other trainers use for the same layer too."""
+    names = name_map(family, denoiser, text_encoders)
+    parts = {family.denoiser_attr: denoiser, **{s.attr: e for s, e in zip(family.text_encoders, text_encoders)}}
+    if aliases:
+        return {b: base_layer(parts[part].get_submodule(path)) for b, (part, path) in names.to_module.items()}
+    return {b: base_layer(parts[part].get_submodule(path)) for (part, path), b in names.to_base.items()}
 
 
 def _reference_model(family: Family):
@@ -163,9 +178,11 @@ SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weigh
             **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                                     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
                                     "lokr_t2")}}
-# older diffusers attention processors: <attention>.processor.to_q_lora.down.weight -> <attention>.to_q
-PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out|q_proj|k_proj|v_proj|out_proj)_lora"
-                       r"\.(down|up)\.weight$")
+# older diffusers attention processors: <attention>.processor.to_q_lora.down.weight -> <attention>.to_q (UNet),
+# text_encoder.<attention>.to_q_lora.down.weight -> <attention>.q_proj (text encoder)
+PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_PROCESSOR_NAMES = {"unet": {"to_out": "to_out.0"},
+                    "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 FILE_PREFIXES = {"unet": DENOISER_PREFIX, "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 UNPREFIXED_UNET = ("down_blocks.", "mid_block.", "up_blocks.")  # diffusers' oldest UNet-only files
 REFUSED = {".lokr_t1": "LoKr lokr_t1 (no client reads it)", ".oft_": "OFT", ".diff": "LyCORIS full-weight (diff)",
@@ -176,8 +193,8 @@ REFUSED = {".lokr_t1": "LoKr lokr_t1 (no client reads it)", ".oft_": "OFT", ".di
 def _split_key(key: str) -> tuple[str, str]:
     """(module stem, role) of one tensor name; raises naming the key when no layout has it."""
     if m := PROCESSOR.match(key):
-        name = m[2].replace("to_out", "to_out.0")
-        return f"{m[1]}.{name}", m[3]
+        names = _PROCESSOR_NAMES["text" if key.startswith("text_encoder") else "unet"]
+        return f"{m[1]}.{names.get(m[2], m[2])}", m[3]
     for suffix, role in SUFFIXES.items():
         if key.endswith(suffix):
             return key[: -len(suffix)], role

@@ -10,11 +10,16 @@ from ..families import FAMILIES
 from ..io import check_output
 from . import lowrank
 from .convert import dtype_of, names_for
-from .files import load_lora, save_kohya
-from .layout import guess_family, reference_weights
+from .files import check_weights, load_lora, save_kohya
+from .layout import guess_family, model_layers, reference_weights
 from .lowrank import MixReport, ResizeReport
 from .metadata import family_meta
 from .modules import DoraModule, is_plain
+
+
+def _family(mods: dict, meta: dict) -> str:
+    from_meta, from_shape = guess_family(mods, meta)
+    return from_shape or from_meta
 
 
 def _read(paths: list, model: str | None) -> tuple[list[tuple[dict, dict, dict]], object]:
@@ -42,9 +47,7 @@ def layer_weights(files: list[tuple[str, dict, dict]], model) -> dict | None:
     if all(is_plain(m) for m in mods):
         return None
     if model:
-        from .merge import model_layers
-
-        return {b: layer.weight for b, layer in model_layers(model).items()}
+        return {b: layer.weight for b, layer in model_layers(model.family, model.denoiser, model.text_encoders).items()}
     dora = next((p for p, ms, _ in files if any(isinstance(m, DoraModule) for m in ms.values())), None)
     if dora:
         raise LoraFileError(f"{dora}: a DoRA update depends on the base model's weights (dora_scale rescales them); "
@@ -62,16 +65,23 @@ def mix_loras(loras: list[tuple[str, float]], output: str | Path, rank: int | No
     Bundled embeddings are carried over (the first file wins a token clash)."""
     if not loras:
         raise SdloraError("mix needs at least one LoRA file")
+    if rank is not None and rank < 1:
+        raise SdloraError(f"--rank must be at least 1, not {rank}")
+    check_weights(loras)
     check_output(output, [p for p, _ in loras], overwrite)
     files, c = _read([p for p, _ in loras], model)
     inputs = list(zip(files, [w for _, w in loras]))
+    families = {str(p): _family(mods, meta) for (p, _), (mods, _, meta) in zip(loras, files)}
+    if len(set(families.values()) - {""}) > 1:
+        raise LoraFileError("cannot mix LoRAs for different model families: " +
+                            ", ".join(f"{Path(p).name} is {f or 'unknown'}" for p, f in families.items()))
     bases = layer_weights([(p, mods, meta) for (p, _), (mods, _, meta) in zip(loras, files)], c)
     report = MixReport(str(output), exact=rank is None and bases is None, sources=[[str(p), w] for p, w in loras])
     mixed = lowrank.mix_modules([(mods, w) for (mods, _, _), w in inputs], rank, report, bases)
     embeddings = {}
     for (_, emb, _), _ in reversed(inputs):
         embeddings.update(emb)
-    meta = {**family_meta(inputs[0][0][2]), "sdlora_mix": json.dumps(report.sources)}
+    meta = {**family_meta(inputs[0][0][2]), "sdlora_mix": json.dumps([[Path(p).name, w] for p, w in loras])}
     save_kohya(output, mixed, meta, embeddings, dtype_of(inputs[0][0][0]))
     return report
 
@@ -91,6 +101,10 @@ def resize_lora(path: str | Path, output: str | Path, rank: int | None = None, k
     files, c = _read([path], model)
     mods, emb, meta = files[0]
     bases = layer_weights([(str(path), mods, meta)], c)
+    top = max(m.lora_rank for m in mods.values())
+    if rank is not None and rank > top:
+        raise SdloraError(f"--rank {rank} is above the LoRA's rank {top}: resizing cannot add detail; "
+                          f"choose {top} or less")
     report = ResizeReport(str(output))
     out = lowrank.resize_modules(mods, rank, keep_energy, report, bases)
     meta = {**meta, "sdlora_resized_from": str(Path(path).name)}

@@ -33,7 +33,12 @@ class _Module:
         return next(iter(self.tensors().values())).dtype
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values()) and math.isfinite(self.alpha)
+
+    def is_zero(self) -> bool:
+        """Its update is exactly zero (an untrained factor, or alpha 0): every type here is a product of its
+        tensors times alpha / rank."""
+        return self.scale == 0 or any(not torch.any(t != 0) for t in self.tensors().values())
 
     def map(self, fn):
         """The same module with `fn` applied to each of its tensors (to move them, cast them)."""
@@ -310,6 +315,9 @@ class DoraModule(_Module):
             raise LoraFileError(f"dora_scale {tuple(self.magnitude.shape)} does not fit a layer of shape "
                                 f"{tuple(base.shape)} on the {self.axis} axis")
         return merged * (self.magnitude.float().to(w.device).reshape(norm.shape) / norm) - w
+
+    def is_zero(self) -> bool:
+        return False  # m / ||W + dW|| rescales W even when dW is zero: only the base weight can tell
 
     def with_alpha(self, alpha: float) -> DoraModule:
         return dataclasses.replace(self, inner=self.inner.with_alpha(alpha))

@@ -17,8 +17,9 @@ import torch
 
 from ..callbacks import Callbacks, Commands
 from ..config import Config, validate
-from ..errors import TrainingError
-from ..io import atomic_write_text
+from ..errors import ConfigError, TrainingError, WriteError
+from ..hardware import pick_threads
+from ..io import atomic_write_text, check_writable, remove_stale_temps
 from . import checkpoint as ckpt
 from .adapters import started_at_zero, zero_update_modules
 from .output import write_checkpoint, write_output, write_samples
@@ -48,12 +49,16 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     """Train one LoRA as configured; returns where it went and how it went. Raises SdloraError on bad input."""
     validate(cfg)
     check_bitsandbytes(cfg)
+    prepare_output(cfg)
     callbacks, commands = callbacks or Callbacks(), commands or Commands()
+    threads, why = pick_threads(cfg.speed.threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        callbacks.on_message(f"{threads} CPU thread(s) ({why})")
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     state = setup(cfg, acc, callbacks if main else Callbacks())
     out = Path(cfg.output.path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state.start_step = step = resume_from_checkpoint(state, out, callbacks) if resume else 0
     result = TrainResult(output=str(out), steps=step, final_loss=float("nan"), seconds=0.0,
                          log=str(out.with_name(out.stem + "_log.jsonl")), is_main=main)
@@ -84,7 +89,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
         if main:
             if cfg.sample.prompts:
                 result.samples += write_samples(state, step, callbacks)
-            write_output(state, states, step, out)
+            _write_final(state, states, step, out, callbacks)
     if main:
         from ..loras.metadata import trigger_words
 
@@ -145,13 +150,39 @@ def _clip(state: TrainState, params) -> None:
         state.acc.clip_grad_norm_(list(params), state.cfg.optim.max_grad_norm)
 
 
+def prepare_output(cfg: Config) -> None:
+    """Before any model loads: the output can be written, is not the base model, and what killed runs left behind
+    (hidden temp files) is cleared."""
+    out = Path(cfg.output.path)
+    if cfg.model.path and Path(cfg.model.path).is_file() and out.resolve() == Path(cfg.model.path).resolve():
+        raise ConfigError(f"output {out} is the base model; choose another --output")
+    check_writable(out)
+    remove_stale_temps(out.parent, prefix=f".{out.stem}")
+    for folder in (ckpt.checkpoint_dir(out), out.with_name(out.stem + "_samples")):
+        remove_stale_temps(folder)
+
+
+def _write_final(state: TrainState, states: dict, step: int, out: Path, callbacks: Callbacks) -> None:
+    """The final LoRA file; if it cannot be written (a full disk), the run is kept in a checkpoint and the error
+    says where, so `--resume` writes the file once there is room."""
+    try:
+        write_output(state, states, step, out)
+    except WriteError as e:
+        try:
+            kept = f"the run is kept in {write_checkpoint(state, step, callbacks)}"
+        except WriteError:
+            last = ckpt.latest_checkpoint(out)
+            kept = f"the last checkpoint is {last}" if last else "no checkpoint could be written either"
+        raise TrainingError(f"{e}; {kept}; make room, then run the same command with --resume") from None
+
+
 def resume_from_checkpoint(state: TrainState, out: Path, callbacks: Callbacks) -> int:
-    """Load the newest checkpoint of this output (LoRA, embeddings, optimizers, schedule); its step, or 0."""
-    path = ckpt.latest_checkpoint(out)
-    if path is None:
+    """Load the newest readable checkpoint of this output (LoRA, embeddings, optimizers, schedule); its step, or 0."""
+    found = ckpt.newest_readable(out, state.cfg.to_dict(), callbacks.on_message)
+    if found is None:
         callbacks.on_message(f"no checkpoint in {ckpt.checkpoint_dir(out)}; starting from step 0")
         return 0
-    saved = ckpt.load_state(path, state.cfg.to_dict())
+    path, saved = found
     state.load_lora_states(saved["lora"])
     if state.concept is not None:
         state.concept.load(saved["embeddings"])
@@ -166,13 +197,22 @@ def resume_from_checkpoint(state: TrainState, out: Path, callbacks: Callbacks) -
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past `step` (written before an interruption, and about to be trained again)."""
+    """Drop log lines past `step` (written before an interruption, and about to be trained again), and a torn line
+    (a power cut or a full disk mid-write)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+    lines = path.read_text(errors="replace").splitlines()
+    kept = [x for x in lines if (rec := _record(x)) is not None and rec.get("step", 0) <= step]
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+def _record(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def _periodic(state: TrainState, step: int, result: TrainResult, commands: Commands, callbacks: Callbacks) -> None:
