@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -257,13 +258,14 @@ def parse_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None 
     naming it: never a partial read."""
     cfg = _adapter_config(meta or {})
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    keys: dict[str, dict[str, str]] = defaultdict(dict)
     where: dict[str, tuple[str, str]] = {}
     for key, value in split_embeddings(tensors)[0].items():
         stem, role = _split_key(key)
         base, part, path = _base_of(stem, key)
         if role in groups[base]:
             raise LoraFileError(f"key {key}: module {base} has two '{role}' tensors (mixed layouts)")
-        groups[base][role] = value
+        groups[base][role], keys[base][role] = value, key
         where[base] = (part, path)
     mods = {}
     for base, g in groups.items():
@@ -271,7 +273,7 @@ def parse_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None 
         part, path = where[base]
         if part and f"{part}.lora_alpha" in cfg and "down" in g:
             alpha = float(_pattern_value(cfg.get(f"{part}.alpha_pattern"), path, cfg[f"{part}.lora_alpha"]))
-        mods[base] = assemble(base, g, alpha)
+        mods[base] = assemble(base, g, alpha, keys[base])
     return mods
 
 
@@ -285,37 +287,39 @@ _PAIRS = (("down", "up"), ("w1a", "w1b"), ("w2a", "w2b"), ("t1", "t2"))
 _NEEDED = {LohaModule: ("w1a", "w2a"), LokrModule: ("w1", "w2"), LoraModule: ("down", "up")}
 
 
-def assemble(base: str, g: dict[str, torch.Tensor], alpha: float | None) -> object:
+def assemble(base: str, g: dict[str, torch.Tensor], alpha: float | None, keys: dict[str, str] | None = None):
     """One module from its tensors by role (`SUFFIXES`' roles); alpha None means scale 1 (alpha = rank), as A1111 and
     ComfyUI read a module without one. A tensor that does not belong with the others, or a missing one, is an error
-    naming the module."""
+    naming a key of the module (`keys`: role -> tensor name)."""
     g = dict(g)
+    key = {r: (keys or {}).get(r, f"{base}.{r}") for r in g}
     magnitude = {r: g.pop(r) for r in ("dora_scale", "magnitude", "input_magnitude") if r in g}
     cls, names = next(((c, n) for t, c, n in _TYPES if any(r.startswith(t) for r in g)), (None, None))
     if cls is None:
-        only = ", ".join(sorted(magnitude)) or "alpha"
-        raise LoraFileError(f"module {base} has no LoRA, LoHa or LoKr tensors (only {only})")
-    stray = [r for r in g if r not in names]
-    if stray or len(magnitude) > 1:
-        what = stray[0] if stray else " and ".join(magnitude)
-        raise LoraFileError(f"module {base}: '{what}' does not go with its other tensors (mixed layouts)")
+        raise LoraFileError(f"key {next(iter(key.values()))}: module {base} has no LoRA, LoHa or LoKr tensors")
+    stray = [r for r in g if r not in names] + list(magnitude)[1:]
+    if stray:
+        raise LoraFileError(f"key {key[stray[0]]} does not go with the other tensors of {base} (mixed layouts)")
     kw = {names[r]: v for r, v in g.items()}
+    some = key[next(iter(g))]
+    if "mid" in kw and not ("down" in kw and "up" in kw):
+        raise LoraFileError(f"key {key['mid']}: a Tucker lora_mid needs its module's lora_down and lora_up")
     for a, b in _PAIRS[: None if cls is LohaModule else -1]:  # LoKr has a Tucker core on its w2 side only
         if (a in kw) != (b in kw):
-            raise LoraFileError(f"module {base} lacks its {a if b in kw else b} tensor")
+            raise LoraFileError(f"key {some}: module {base} lacks its {a if b in kw else b} tensor")
     for need in _NEEDED[cls]:
         if need not in kw and need + "a" not in kw:
-            raise LoraFileError(f"module {base} lacks its {need} tensor")
+            raise LoraFileError(f"key {some}: module {base} lacks its {need} tensor")
     if "mid" in kw and kw["down"].shape[2:] != (1, 1):
-        raise LoraFileError(f"module {base}: a Tucker lora_mid needs a 1x1 lora_down")
+        raise LoraFileError(f"key {key['mid']}: a Tucker lora_mid needs a 1x1 lora_down")
     if "t2" in kw and cls is LokrModule and "w2a" not in kw:
-        raise LoraFileError(f"module {base}: lokr_t2 needs lokr_w2_a and lokr_w2_b")
+        raise LoraFileError(f"key {key['lokr_t2']}: lokr_t2 needs lokr_w2_a and lokr_w2_b")
     module = cls(alpha=1.0, **kw)
     module = dataclasses.replace(module, alpha=float(alpha if alpha is not None else module.rank or 1.0))
-    return _with_magnitude(base, module, magnitude)
+    return _with_magnitude(key, module, magnitude)
 
 
-def _with_magnitude(base: str, module, magnitude: dict[str, torch.Tensor]):
+def _with_magnitude(key: dict[str, str], module, magnitude: dict[str, torch.Tensor]):
     """DoRA around `module` when the file has a magnitude: kohya's dora_scale (its axis read from its shape, as
     ComfyUI does: first dim = out means the output axis), PEFT's lora_magnitude_vector (output axis, [out] or
     [1, out, 1, 1]) or sdlora's trainer's input-axis vector [in]."""
@@ -323,18 +327,22 @@ def _with_magnitude(base: str, module, magnitude: dict[str, torch.Tensor]):
         return module
     ((role, m),) = magnitude.items()
     out = module.weight_shape[0]
-    if role == "magnitude":
-        return DoraModule(module, m.reshape(magnitude_shape("output", module.weight_shape)), "output")
-    if role == "input_magnitude":
-        return DoraModule(module, m.reshape(magnitude_shape("input", module.weight_shape)), "input")
+    if role in ("magnitude", "input_magnitude"):
+        axis = "output" if role == "magnitude" else "input"
+        shape = magnitude_shape(axis, module.weight_shape)
+        if m.numel() != math.prod(shape):
+            raise LoraFileError(f"key {key[role]}: a magnitude of {m.numel()} values for a layer of shape "
+                                f"{tuple(module.weight_shape)} ({axis} axis)")
+        return DoraModule(module, m.reshape(shape), axis)
     if m.dim() < 2:
-        raise LoraFileError(f"module {base}: dora_scale is 1-D {tuple(m.shape)}, which no client reads one way "
+        raise LoraFileError(f"key {key[role]}: dora_scale is 1-D {tuple(m.shape)}, which no client reads one way "
                             "(ComfyUI broadcasts it wrongly); expected [1, in] or [out, 1]")
     if m.shape[0] == out and m.numel() == out:
         return DoraModule(module, m, AXES[1])
     if m.shape[0] == 1 and m.numel() == m.shape[1]:
         return DoraModule(module, m, AXES[0])
-    raise LoraFileError(f"module {base}: dora_scale {tuple(m.shape)} fits neither axis of a layer with {out} outputs")
+    raise LoraFileError(f"key {key[role]}: dora_scale {tuple(m.shape)} fits neither axis of a layer with {out} "
+                        "outputs")
 
 
 # ---------------------------------------------------------------- writing
