@@ -22,6 +22,18 @@ from .paths import default_model_path
 CONFIG_VERSION = 1
 
 TARGET_PRESETS = ("cross_attn", "attn", "attn_ff", "all")
+NETWORKS = ("lora", "dora", "loha", "lokr")
+# each network's own knobs (`--network-args "factor=8,decompose_both=true"`): name -> type, or the allowed words
+_SHARED_ARGS = {"conv_rank": int, "conv_alpha": float}
+_LYCORIS_ARGS = {"use_tucker": bool, "rank_dropout": float, "module_dropout": float}
+NETWORK_ARGS = {
+    "lora": dict(_SHARED_ARGS),
+    "dora": {**_SHARED_ARGS, "dora_axis": ("input", "output")},
+    "loha": {**_SHARED_ARGS, **_LYCORIS_ARGS},
+    "lokr": {**_SHARED_ARGS, **_LYCORIS_ARGS, "factor": int, "decompose_both": bool},
+}
+NETWORK_DEFAULTS = {"conv_rank": 0, "conv_alpha": 0.0, "dora_axis": "input", "use_tucker": False,
+                    "rank_dropout": 0.0, "module_dropout": 0.0, "factor": -1, "decompose_both": False}
 
 
 MAX_SEED = 2**32 - 1
@@ -62,6 +74,14 @@ class LoraConfig:
     text_encoder_lr: float = opt(0.0, "Learning rate of the text-encoder LoRA; 0 means the UNet's lr.", ge=0)
     train_text_encoder_2: bool = opt(True, "SDXL: with train_text_encoder, also the second (OpenCLIP-G) encoder.")
     text_encoder_2_lr: float = opt(0.0, "SDXL: learning rate of the second encoder's LoRA; 0 = text_encoder_lr.", ge=0)
+    network: str = opt("lora", "Adapter type: lora; dora (weight-decomposed LoRA); loha (Hadamard product of two "
+                       "low-rank pairs) or lokr (Kronecker product), as LyCORIS makes them. A1111 and ComfyUI load "
+                       "all four; diffusers loads lora and dora (dora_axis=output), not loha or lokr.",
+                       choices=NETWORKS)
+    network_args: str = opt("", "The network's own knobs, comma-separated key=value: conv_rank, conv_alpha (k x k "
+                            "convs; 0 = rank, and alpha at the same alpha/rank ratio); dora: dora_axis=input (exact "
+                            "in A1111 and ComfyUI) or output (peft's; needed for --format diffusers); loha/lokr: "
+                            "use_tucker, rank_dropout, module_dropout; lokr: factor (-1 = balanced), decompose_both.")
 
 
 @dataclass
@@ -219,6 +239,11 @@ class Config:
     def lora_alpha(self) -> float:
         return self.lora.alpha or float(self.lora.rank)
 
+    @property
+    def network_args(self) -> dict:
+        """`lora.network_args` parsed and typed, every knob of the network present (defaults filled in)."""
+        return parse_network_args(self.lora.network, self.lora.network_args)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -333,6 +358,69 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or f.name.replace("_", "-")
 
 
+def parse_network_args(network: str, text: str) -> dict:
+    """'factor=8,decompose_both=true' -> {'factor': 8, 'decompose_both': True, ...} with every knob of `network`
+    (defaults filled in); an unknown key or a bad value is a one-line ConfigError."""
+    known = NETWORK_ARGS.get(network)
+    if known is None:
+        raise ConfigError(f"lora.network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    out = {k: NETWORK_DEFAULTS[k] for k in known}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = (p.strip() for p in item.partition("="))
+        if key not in known:
+            raise ConfigError(f"lora.network_args: unknown key {key!r} for network {network} (known: "
+                              f"{', '.join(known)})")
+        if not sep or not value:
+            raise ConfigError(f"lora.network_args: {key} needs a value, like {key}={NETWORK_DEFAULTS[key]}")
+        out[key] = _arg_value(key, value, known[key])
+    return out
+
+
+def _arg_value(key: str, value: str, kind):
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise ConfigError(f"lora.network_args: {key} must be one of {', '.join(kind)}, got {value!r}")
+        return value
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"lora.network_args: {key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number):
+        raise ConfigError(f"lora.network_args: {key} must be a finite {kind.__name__}, got {value!r}")
+    return number
+
+
+def _check_network(cfg: Config) -> None:
+    """The network's knobs, and the combinations no client or library can serve."""
+    lo, args = cfg.lora, cfg.network_args
+    if args.get("conv_rank", 0) < 0 or args.get("conv_alpha", 0) < 0:
+        raise ConfigError("lora.network_args: conv_rank and conv_alpha must be >= 0")
+    if not 0 <= args.get("rank_dropout", 0) < 1 or not 0 <= args.get("module_dropout", 0) < 1:
+        raise ConfigError("lora.network_args: rank_dropout and module_dropout must be in [0, 1)")
+    if args.get("factor", -1) == 0 or args.get("factor", -1) < -1:
+        raise ConfigError(f"lora.network_args: factor must be -1 (balanced) or > 0, got {args['factor']}")
+    if lo.network in ("loha", "lokr"):
+        if cfg.output.format == "diffusers":
+            raise ConfigError(f"output.format diffusers cannot hold {lo.network}: diffusers loads no LoHa/LoKr "
+                              "file; use --format kohya (A1111, ComfyUI)")
+        if lo.dropout:
+            raise ConfigError(f"lora.dropout is LoRA's input dropout, which peft's {lo.network} has not; use "
+                              "--network-args rank_dropout=... or module_dropout=...")
+        if cfg.model.quantize != "none":  # peft 0.21's LoHa/LoKr reshape their update to base_layer.weight.shape,
+            # which for a bitsandbytes Linear4bit is the packed 4-bit storage: the first forward fails (measured)
+            raise ConfigError(f"QLoRA (quantize {cfg.model.quantize}) with network {lo.network} is unsupported: "
+                              "peft's LoHa/LoKr layers cannot wrap a 4-bit layer; use lora or dora")
+    if lo.network == "dora" and args["dora_axis"] == "input" and cfg.output.format == "diffusers":
+        raise ConfigError("output.format diffusers needs dora_axis=output (peft's lora_magnitude_vector, the only "
+                          "DoRA diffusers loads): --network-args dora_axis=output, or --format kohya")
+
+
 def validate(cfg: Config, check_paths: bool = True) -> Config:
     """Fail fast, in one line, on anything that would otherwise fail (or silently misbehave) later."""
     checks = [
@@ -350,6 +438,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_network(cfg)
     for i, folder in enumerate(cfg.data):
         if not folder.path.strip():
             raise ConfigError(f"data[{i}].path is empty; give the folder of training images (--data DIR)")

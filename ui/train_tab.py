@@ -19,7 +19,7 @@ from .jobs import JobManager
 
 LORA, DREAMBOOTH, PIVOTAL = "LoRA", "DreamBooth (prior preservation)", "Pivotal tuning"
 PRIOR_KEYS = [("prior", "class_prompt"), ("prior", "num_class_images"), ("prior", "mode"), ("prior", "weight")]
-COMMON = [("lora", "rank"), ("optim", "lr"), ("train", "max_steps"), ("augment", "resolution"),
+COMMON = [("lora", "network"), ("lora", "rank"), ("optim", "lr"), ("train", "max_steps"), ("augment", "resolution"),
           ("lora", "train_text_encoder")]
 SET_BY_PAGE = {("model", "path"), ("output", "path"), ("prior", "class_data")}
 LATEST = 0  # job selector value: "whatever runs now, else the newest"

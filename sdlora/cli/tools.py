@@ -75,9 +75,11 @@ def register(sub) -> None:
     _output_flags(m, "merged model (folder, or file ending in .safetensors)")
     m.set_defaults(func=cmd_merge)
 
-    x = sub.add_parser("mix", help="Weighted sum of LoRAs: exact (ranks stacked) or SVD to --rank.")
+    x = sub.add_parser("mix", help="Weighted sum of LoRAs: exact (ranks stacked) or SVD to --rank; DoRA, LoHa and "
+                       "LoKr inputs become a plain LoRA by SVD.")
     x.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]")
     x.add_argument("--rank", type=int, default=None, help="Target rank (SVD; errors reported). Default: exact.")
+    x.add_argument("--model", default=None, help="Base model, for DoRA inputs (their update depends on its weights).")
     _output_flags(x, "mixed LoRA")
     x.set_defaults(func=cmd_mix)
 
@@ -87,6 +89,7 @@ def register(sub) -> None:
     size.add_argument("--rank", type=int, help="Target rank of every layer.")
     size.add_argument("--keep-energy", type=float, metavar="X", help="Per layer, the smallest rank keeping share "
                       "X (0-1] of the squared singular values.")
+    r.add_argument("--model", default=None, help="Base model, for a DoRA file (its update depends on its weights).")
     _output_flags(r, "resized LoRA")
     r.set_defaults(func=cmd_resize)
 
@@ -161,7 +164,8 @@ def cmd_merge(args) -> int:
 def cmd_mix(args) -> int:
     from ..loras.mix import mix_loras
 
-    report = mix_loras([parse_weighted(s) for s in args.loras], args.output, rank=args.rank, overwrite=args.overwrite)
+    report = mix_loras([parse_weighted(s) for s in args.loras], args.output, rank=args.rank, overwrite=args.overwrite,
+                       model=args.model)
     print(report.table())
     return 0
 
@@ -170,7 +174,7 @@ def cmd_resize(args) -> int:
     from ..loras.mix import resize_lora
 
     print(resize_lora(args.file, args.output, rank=args.rank, keep_energy=args.keep_energy,
-                      overwrite=args.overwrite).table())
+                      overwrite=args.overwrite, model=args.model).table())
     return 0
 
 

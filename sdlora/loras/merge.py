@@ -31,7 +31,8 @@ def model_layers(c: Components, aliases: bool = True) -> dict[str, torch.nn.Modu
 @torch.no_grad()
 def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], output: str | Path,
                      overwrite: bool = False, allow_pickle: bool = False) -> Path:
-    """Bake LoRAs (each at its weight) into the base weights: W += weight * alpha / rank * up @ down.
+    """Bake LoRAs (each at its weight) into the base weights: W += weight * delta, each file's exact update for its
+    type (LoRA: alpha / rank * up @ down; LoHa, LoKr, DoRA: see `modules`), all taken against the original weights.
 
     `output` ending in `.safetensors` is a single-file checkpoint in the original SD (LDM) key layout, as A1111 and
     ComfyUI load it (SD1, SD2, SDXL); anything else is a diffusers folder. Bundled embeddings go into the
@@ -49,10 +50,14 @@ def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], o
     loaded = [(path, w, *load_lora(path)[:2]) for path, w in loras]
     for path, _, mods, _ in loaded:
         check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
-    for _, weight, mods, _ in loaded:
+    updates: dict[str, torch.Tensor] = {}
+    for _, weight, mods, _ in loaded:  # every update against the original weight (DoRA reads it), as A1111 does
         for base, m in mods.items():
             w = layers[base].weight
-            w.copy_((w.float() + weight * m.delta()).to(w.dtype))
+            updates[base] = updates.get(base, 0) + weight * m.delta(w)
+    for base, update in updates.items():
+        w = layers[base].weight
+        w.copy_((w.float() + update).to(w.dtype))
     if output.suffix == ".safetensors":
         if any(emb for *_, emb in loaded):
             log.warning("bundled embeddings cannot go into a single-file checkpoint; load them separately")

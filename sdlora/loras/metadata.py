@@ -48,6 +48,31 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict:
             for folder, caps in captions_by_folder.items()}
 
 
+def network_labels(cfg) -> dict[str, str]:
+    """ss_network_module / ss_network_args as kohya's sd-scripts write them: networks.lora for a plain LoRA; for DoRA,
+    LoHa and LoKr what sd-scripts writes when LyCORIS makes the network (`lycoris.kohya`, its arguments as strings,
+    naming the algorithm, DoRA as dora_wd with the axis in wd_on_output); and sdlora's own record of both."""
+    lo, args = cfg.lora, cfg.network_args
+    own = {"sdlora_network": lo.network, "sdlora_network_args": json.dumps(args, sort_keys=True)}
+    conv = {"conv_dim": str(args["conv_rank"] or lo.rank),
+            "conv_alpha": f"{args['conv_alpha'] or cfg.lora_alpha * (args['conv_rank'] or lo.rank) / lo.rank:g}"}
+    if lo.network == "lora":
+        extra = conv if args["conv_rank"] or args["conv_alpha"] else {}
+        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps({"targets": lo.targets, **extra}),
+                **own}
+    lycoris = {"algo": lo.network, **conv}
+    if lo.network == "dora":
+        lycoris.update(algo="locon" if lo.targets == "all" else "lora", dora_wd="True",
+                       wd_on_output=str(args["dora_axis"] == "output"))
+    else:
+        lycoris.update(use_tucker=str(args["use_tucker"]), rank_dropout=f"{args['rank_dropout']:g}",
+                       module_dropout=f"{args['module_dropout']:g}")
+    if lo.network == "lokr":
+        lycoris.update(factor=str(args["factor"]), decompose_both=str(args["decompose_both"]))
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({**lycoris, "targets": lo.targets}),
+            **own}
+
+
 def dataset_dirs(cfg, captions_by_folder: dict) -> dict:
     """kohya's ss_dataset_dirs: per folder name, its repeats and image count."""
     return {Path(d.path).name: {"n_repeats": d.repeats, "img_count": len(captions_by_folder.get(d.path, []))}
@@ -62,10 +87,9 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
     name = cfg.output.name or Path(cfg.output.path).stem
     now = datetime.now(UTC)
     meta = {
-        "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(cfg.lora_alpha),
-        "ss_network_args": json.dumps({"targets": cfg.lora.targets}),
+        **network_labels(cfg),
         "ss_output_name": name,
         "ss_sd_model_name": model_name,
         "ss_sd_model_hash": model_hash[:10],

@@ -21,7 +21,7 @@ from ..errors import ConfigError, TrainingError, WriteError
 from ..hardware import pick_threads
 from ..io import atomic_write_text, check_writable, remove_stale_temps
 from . import checkpoint as ckpt
-from .adapters import zero_update_modules
+from .adapters import started_at_zero, zero_update_modules
 from .output import write_checkpoint, write_output, write_samples
 from .setup import check_bitsandbytes, make_accelerator, setup
 from .state import TrainState
@@ -257,7 +257,7 @@ def _check_update(state: TrainState, states: dict, step: int) -> None:
     if not states:
         return
     zero = [m for s in states.values() for m in zero_update_modules(s)]
-    total = sum(1 for s in states.values() for k in s if k.endswith(".lora_B.weight"))
+    total = sum(len(started_at_zero(s)) for s in states.values())
     if zero and len(zero) == total:
         raise TrainingError(f"the LoRA is still zero after {step} steps, so it would change nothing; "
                             "raise the learning rate or train more steps")

@@ -32,7 +32,7 @@ def write_output(state: TrainState, states: dict, step: int, path: Path) -> Path
     meta = training_metadata(cfg, c.family, c.prediction_type, model_name=c.name, model_hash=c.model_hash(),
                              steps=step, resolution=state.resolution, targets=state.adapters.targets,
                              started=state.started, captions_by_folder=state.captions_by_folder, extra=extra)
-    mods, names = peft_modules(states, cfg.lora_alpha, c.family, c.denoiser.config)
+    mods, names = peft_modules(states, cfg.lora_alpha, c.family, c.denoiser.config, adapted_ranks(state, states))
     if cfg.output.format == "kohya":
         tensors = kohya_tensors(mods, dtype)
         if concept is not None:  # diffusers' loader rejects bundled keys: kohya files only
@@ -41,6 +41,15 @@ def write_output(state: TrainState, states: dict, step: int, path: Path) -> Path
         tensors, adapter_meta = diffusers_tensors(mods, names, dtype)
         meta.update({**adapter_meta, "sdlora_format": "diffusers"})
     return write_lora(path, tensors, meta)
+
+
+def adapted_ranks(state: TrainState, states: dict) -> dict[str, dict[str, tuple[int, float]]]:
+    """{part: {module path: (rank, alpha)}} of the adapted layers, as peft holds them (conv_rank changes some)."""
+    from .adapters import layer_ranks
+
+    c = state.components
+    parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders), **{c.family.denoiser_attr: c.denoiser})
+    return {part: layer_ranks(parts[part]) for part in states}
 
 
 @dataclass(frozen=True)

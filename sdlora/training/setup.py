@@ -244,12 +244,14 @@ def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> A
 
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
     lo, fam = cfg.lora, c.family
-    targets = inject(c.denoiser, fam.targets[lo.targets], lo.rank, cfg.lora_alpha, lo.dropout) \
+    kind = dict(network=lo.network, args=cfg.network_args)
+    targets = inject(c.denoiser, fam.targets[lo.targets], lo.rank, cfg.lora_alpha, lo.dropout, **kind) \
         if cfg.train.max_steps > 0 else []
     lrs = text_encoder_lrs(cfg, len(c.text_encoders))
     for i, (encoder, lr) in enumerate(zip(c.text_encoders, lrs)):
         if lr:
-            targets += inject(encoder, fam.text_targets, lo.rank, cfg.lora_alpha, lo.dropout, f"text encoder {i + 1}")
+            targets += inject(encoder, fam.text_targets, lo.rank, cfg.lora_alpha, lo.dropout, f"text encoder {i + 1}",
+                              **kind)
     for param in concept.params if concept else []:  # peft froze every non-LoRA parameter
         param.requires_grad_(True)
     cast_training_params([c.denoiser, *c.text_encoders], dtype=torch.float32)
