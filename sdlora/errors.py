@@ -23,3 +23,7 @@ class TrainingError(SdloraError):
 
 class LoraFileError(SdloraError):
     """A LoRA file that is malformed or does not fit the model."""
+
+
+class WriteError(SdloraError):
+    """A file could not be written (full disk, no permission, a folder in the way)."""

@@ -1,8 +1,12 @@
-"""Atomic file writes: a temp file in the same folder, then a rename, so a crash never leaves half a file."""
+"""Atomic file writes: a temp file in the same folder, then a rename, so a crash never leaves half a file.
+
+Files get the permissions the user's umask gives new files (tempfile would make them private), a failed write is a
+one-line `WriteError`, and `remove_stale_temps` clears the temp files a killed process left behind."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,22 +14,56 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import SdloraError
+from .errors import SdloraError, WriteError
+
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_path names its temp files
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _reason(e: BaseException) -> str:
+    """One line saying why a write failed."""
+    return getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename. Any failure to write raises
+    WriteError naming the file, and the temp file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise WriteError(f"cannot write {path}: a folder of that name exists")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {_reason(e)}") from None
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        raise WriteError(f"cannot write {path}: {_reason(e)}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def make_private_dir_public(folder: str | Path) -> None:
+    """Give a folder made by tempfile.mkdtemp (mode 0700) the permissions the umask gives new folders."""
+    os.chmod(folder, 0o777 & ~umask())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -43,6 +81,38 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
 def torch_save(obj, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def remove_stale_temps(folder: str | Path, prefix: str = ".") -> list[Path]:
+    """Delete the temp files an interrupted write left in `folder` (those whose name starts with `prefix`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(prefix) and TEMP_NAME.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable(path: str | Path) -> Path:
+    """Make sure a file can be written at `path` before hours of work go into it: its folder exists (or can be made)
+    and takes new files, and `path` is not a folder. Raises WriteError saying what is in the way."""
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(f"cannot write {path}: a folder of that name exists; choose another output name")
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise WriteError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {_reason(e)}") from None
+    return path
 
 
 def check_output(path: str | Path, inputs: list[str | Path] = (), overwrite: bool = True) -> Path:

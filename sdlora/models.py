@@ -31,6 +31,16 @@ class Components:
         return self.noise_scheduler.config.prediction_type
 
     @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this: the VAE's down-sampling times the denoiser's."""
+        return self.vae_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+
+    @property
     def name(self) -> str:
         return Path(self.source.rstrip("/")).name or self.source
 

@@ -46,6 +46,11 @@ def quantize_nf4(model: nn.Module, device: torch.device, compute_dtype: torch.dt
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                 compute_dtype=compute_dtype, quant_type="nf4", device="meta")
         new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, quant_type="nf4")
+        # On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a layer's weight in place, for inference only, the
+        # first time it runs in eval mode without gradients (a sample render, text caching): the repacked layer has
+        # no backward, dequantize_4bit cannot read it, and the repack fails outright when in_features is below its
+        # 64-value block. Keep the one layout that trains.
+        new.support_avx512bf16_for_cpu = False
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data, requires_grad=False)
         new.to(device)  # Params4bit quantizes on its first move

@@ -209,7 +209,10 @@ def _asset(family: str, part: str) -> dict:
 
 def _configs(shapes: dict, meta: dict, family: str, path: Path) -> dict:
     """Shipped family config < the file's own sdlora metadata (or the head rules) < what the shapes say."""
-    own = json.loads(meta.get("sdlora.diffusers_configs", "{}"))
+    try:
+        own = json.loads(meta.get("sdlora.diffusers_configs", "{}"))
+    except json.JSONDecodeError:
+        raise ModelError(f"{path}: its sdlora.diffusers_configs header is not valid JSON") from None
     derived = {"unet": _unet_shape_config(shapes), "vae": _vae_shape_config(shapes)}
     derived.update({e.name: _text_shape_config(shapes, e) for e in ENCODERS[family]})
     if family == "sdxl":  # size/crop embedding = pooled text (projection width) + 6 time embeddings
@@ -227,6 +230,30 @@ def _configs(shapes: dict, meta: dict, family: str, path: Path) -> dict:
         fill = own.get(part) or (rules[part](base, cfg) if part in rules else {})
         out[part] = {**base, **fill, **cfg}
     return out
+
+
+_HOW = ("its configs are not in the file; load its diffusers folder instead, or write the file with "
+        "`python scripts/make_single_file.py FOLDER FILE`, which records them")
+
+
+def _check_standard(part: str, cfg: dict, family: str, path: Path) -> None:
+    """Sizes the shapes gave that no standard config of the family can build (a narrow CLIP, other GroupNorm
+    groups): a one-line error saying which, instead of a failure deep inside the model constructors."""
+    if part.startswith("text_encoder"):
+        heads = cfg["num_attention_heads"]
+        if heads < 1 or cfg["hidden_size"] % heads:
+            raise ModelError(f"{path}: its {part.replace('_', ' ')} is {cfg['hidden_size']} wide, which no standard "
+                             f"{family} attention-head width divides; {_HOW}")
+        return
+    groups = cfg.get("norm_num_groups", 32)
+    odd = [c for c in cfg["block_out_channels"] if c % groups]
+    if odd:
+        raise ModelError(f"{path}: its {part.upper()} has {odd[0]} channels, not divisible by the {groups} "
+                         f"normalisation groups of a standard {family} {part}; {_HOW}")
+    heads = cfg.get("attention_head_dim")
+    if part == "unet" and isinstance(heads, list) and any(h < 1 for h in heads):
+        raise ModelError(f"{path}: its UNet channels {cfg['block_out_channels']} are narrower than one standard "
+                         f"{family} attention head; {_HOW}")
 
 
 def _prediction(family: str, shapes: dict, meta: dict, path: Path) -> tuple[str, str]:
@@ -315,6 +342,8 @@ def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pick
 
     path = Path(path)
     info = detect_checkpoint(path, allow_pickle)
+    for part, part_cfg in info.configs.items():
+        _check_standard(part, part_cfg, info.family, path)
     state, cfg = _tensors(path, allow_pickle), info.configs
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(cfg["unet"])

@@ -56,6 +56,7 @@ def tiny_config(model, data, out, **train):
     cfg.augment.resolution = 32
     cfg.output.path = str(out)
     cfg.output.dtype = "fp32"
+    cfg.train.mixed_precision = "no"  # fp32 on every CPU (auto picks bf16 where it is native)
     cfg.optim.lr = 1e-3
     cfg.train.max_steps = 6
     for key, value in train.items():

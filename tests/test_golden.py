@@ -37,7 +37,7 @@ def fingerprint() -> dict:
 
 def demo_job(work: Path):
     cfg = load_toml(sample_data() / "demo.toml")
-    cfg.train.max_steps, cfg.sample.prompts = 20, []
+    cfg.train.max_steps, cfg.sample.prompts, cfg.train.mixed_precision = 20, [], "no"
     cfg.output.path = str(work / "demo.safetensors")
     return cfg
 

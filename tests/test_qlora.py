@@ -134,3 +134,20 @@ def test_qlora_without_a_usable_bitsandbytes_says_what_to_do(tiny_model, images,
         err = capsys.readouterr().err.strip().splitlines()  # one line, before any model loads
         assert rc != 0 and len(err) == 1 and said in err[0], err
         assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_qlora_on_a_cpu_with_avx512_bf16(tiny_model, tmp_path, monkeypatch):
+    """bitsandbytes repacks 4-bit layers for inference on AVX512-BF16 CPUs (as on the machine where a fresh clone
+    failed: "shape '[32, 0]' is invalid"); sdlora's layers must keep training there. The CPU feature is faked so that
+    every machine runs this path."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    data = draw_images(tmp_path / "imgs", n=2)
+    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=3, model__quantize="nf4")
+    cfg.lora.train_text_encoder, cfg.sample.prompts, cfg.sample.every, cfg.sample.steps = True, ["a sks"], 1, 2
+    cap = Capture()
+    train(cfg, cap)  # samples (eval, no grad) between steps, then more training
+    layers = [m for m in cap.state.components.text_encoders[0].modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight, "packing_format_for_cpu", False) for m in layers)
+    assert any(v.float().abs().max() > 0 for k, v in read_lora(cfg.output.path)[0].items() if "lora_up" in k)

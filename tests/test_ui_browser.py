@@ -51,7 +51,9 @@ def app(tiny_model, tmp_path_factory):
     from ui.app import serve
     from ui.jobs import JobManager
 
-    manager = JobManager(tmp_path_factory.mktemp("ui-output"), model=tiny_model)
+    # as `sdlora ui --data-root <pytest's temp folder>`: the tests' image folders may be typed into the page
+    manager = JobManager(tmp_path_factory.mktemp("ui-output"), model=tiny_model,
+                         data_roots=[tmp_path_factory.getbasetemp()])
     port = free_port()
     demo = serve(manager, port=port, block=False)
     yield f"http://127.0.0.1:{port}/", manager
@@ -181,6 +183,12 @@ def test_training_without_images_shows_the_error(page, app, shots, tmp_path):
     assert "Traceback" not in page.content()
     page.screenshot(path=shots / "error-no-images.png", full_page=True)
 
+    set_value(page, "opt-data-path", "/etc")  # outside the output folder and the data roots: refused in one line
+    set_value(page, "opt-augment-resolution", 32)
+    page.locator("#start").click()
+    page.locator("#job-status .job-error").filter(has_text="outside the folders this UI may use").wait_for()
+    assert "Traceback" not in page.content()
+
     (tmp_path / "empty").mkdir()  # an existing folder without images: the trainer's own error reaches the page
     set_value(page, "opt-data-path", tmp_path / "empty")
     set_value(page, "opt-augment-resolution", 32)
@@ -189,3 +197,45 @@ def test_training_without_images_shows_the_error(page, app, shots, tmp_path):
     job = manager.jobs()[-1]
     assert job.state == "failed" and job.error in page.locator("#job-status .job-error").inner_text()
     page.screenshot(path=shots / "error-empty-folder.png", full_page=True)
+
+
+def test_sample_now_and_save_now_on_a_running_job(page, app, shots, tmp_path):
+    """The buttons reach the running loop: a sample at a step no schedule asked for, and a checkpoint that a Resume
+    continues from."""
+    _, manager = app
+    images = draw_images(tmp_path / "now", n=2)
+    set_value(page, "lora-name", "now-lora")
+    set_value(page, "opt-data-path", images)
+    set_value(page, "opt-data-prompt", "a red sks")
+    set_value(page, "opt-train-max_steps", 4000)  # long enough to press the buttons while it runs
+    set_value(page, "opt-augment-resolution", 32)
+    set_value(page, "opt-sample-every", 0)  # samples at step 0 and at the end only, unless asked
+    page.get_by_text("Advanced", exact=True).click()
+    set_value(page, "opt-sample-steps", 2)
+    page.locator("#start").click()
+    page.locator("#job-status").filter(has_text="Training").wait_for()
+    job = manager.current()
+    page.wait_for_function("() => document.querySelectorAll('#samples img').length >= 1")  # the step-0 sample
+    page.locator("#sample-now").click()
+    page.wait_for_function("() => document.querySelectorAll('#samples img').length >= 2")
+    asked = [s for s, _ in job.samples if s > 0]
+    assert asked and all(s < 4000 for s in asked)
+    page.locator("#save-now").click()
+    ckpts = manager.output_dir / "now-lora" / "now-lora_checkpoints"
+    page.wait_for_function("() => document.querySelector('#job-status') !== null")
+    for _ in range(600):
+        if list(ckpts.glob("step_*.pt")):
+            break
+        page.wait_for_timeout(100)
+    saved = sorted(ckpts.glob("step_*.pt"))
+    assert saved, "Save now wrote no checkpoint"
+    saved_step = int(saved[0].stem.split("_")[1])
+    page.screenshot(path=shots / "sample-save-now.png", full_page=True)
+    page.locator("#stop").click()
+    page.locator("#job-status").filter(has_text="Stopped").wait_for()
+    set_value(page, "opt-train-max_steps", job.step + 3)  # resume, then finish soon
+    page.locator("#resume").click()
+    page.locator("#job-status").filter(has_text="Finished").wait_for()
+    resumed = manager.current()
+    assert resumed.id != job.id and resumed.start_step >= saved_step and resumed.state == "done"
+    assert any("resumed from" in m for m in resumed.messages)

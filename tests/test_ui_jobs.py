@@ -245,3 +245,73 @@ def test_cli_ui_safe_defaults_and_auth():
     assert parse_auth(None) is None
     with pytest.raises(SdloraError, match="USER:PASSWORD"):
         parse_auth("bob")
+
+
+def test_browser_paths_stay_inside_the_allowed_folders(tmp_path):
+    from sdlora.errors import SdloraError
+    from ui.files import Allowed
+
+    out, data, elsewhere = tmp_path / "out", tmp_path / "data", tmp_path / "elsewhere"
+    for d in (out, data, elsewhere):
+        d.mkdir()
+    (data / "escape").symlink_to(elsewhere)  # a link inside an allowed folder that points out of it
+    allowed = Allowed(out, [data], model="/models/given-at-start")
+    assert allowed.path(data / "sub") == (data / "sub").resolve()
+    assert allowed.path(out / "lora" / "images") == (out / "lora" / "images").resolve()
+    for bad in (elsewhere, data / "escape", data / ".." / "elsewhere", "/etc", "~"):
+        with pytest.raises(SdloraError, match="outside the folders this UI may use"):
+            allowed.path(bad)
+    with pytest.raises(SdloraError, match="not in the output folder"):
+        allowed.output(data / "x.safetensors")
+    assert allowed.model_path("") == "" and allowed.model_path("someone/some-model") == "someone/some-model"
+    assert allowed.model_path("/models/given-at-start") == "/models/given-at-start"
+    with pytest.raises(SdloraError, match="base model"):
+        allowed.model_path(str(elsewhere))
+
+
+def test_train_tab_refuses_folders_and_captions_outside(tmp_path, monkeypatch):
+    import gradio as gr
+    from PIL import Image
+
+    from ui.train_tab import TrainTab
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "secret.png")
+    warned = []
+    monkeypatch.setattr(gr, "Warning", lambda text: warned.append(text))
+    tab = TrainTab(JobManager(tmp_path / "out", data_roots=[tmp_path / "data"]))
+    assert tab.on_folder(str(outside)) == ([], [])  # no listing, no thumbnails
+    assert "outside the folders" in warned[-1]
+    with pytest.raises(gr.Error, match="outside the folders"):
+        tab.on_captions(str(outside), [["secret.png", "written"]])
+    with pytest.raises(gr.Error, match="outside the folders"):
+        tab.on_captions(str(outside), [["secret.png", ""]])  # an empty caption would delete a sidecar
+    assert [p.name for p in outside.iterdir()] == ["secret.png"]
+
+
+def test_share_needs_auth_and_empty_auth_is_an_error(capsys):
+    from sdlora.cli import main
+    from sdlora.errors import SdloraError
+    from ui.app import parse_auth, serve
+
+    assert main(["ui", "--share"]) == 2
+    assert "--share makes a public link" in capsys.readouterr().err
+    with pytest.raises(SdloraError, match="USER:PASSWORD"):
+        parse_auth("")
+    with pytest.raises(SdloraError, match="needs --auth"):
+        serve(JobManager("unused"), share=True, block=False)
+
+
+def test_logins_are_slowed_and_locked_after_repeated_failures():
+    from ui.auth import Login
+
+    now, slept = [0.0], []
+    login = Login("bob", "right", max_failures=5, window=60, delay=1.0, clock=lambda: now[0],
+                  sleep=lambda s: slept.append(s))
+    assert login("bob", "right")
+    results = [login("bob", f"guess{i}") for i in range(30)]
+    assert not any(results) and sum(slept) >= 30  # each failure costs a second
+    assert not login("bob", "right")  # locked: even the right password waits for the window to pass
+    now[0] = 61.0
+    assert login("bob", "right")

@@ -42,21 +42,29 @@ def build_app(manager: JobManager) -> gr.Blocks:
 
 def serve(manager: JobManager, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,
           share: bool = False, block: bool = True) -> gr.Blocks:
-    """Launch the UI: local-only unless `host` says otherwise, no public link unless `share`.
+    """Launch the UI: local-only unless `host` says otherwise, no public link unless `share` (which needs `auth`).
 
-    Only the output folder (LoRAs, samples, previews) is served to the browser besides Gradio's uploads.
+    Only the output folder (LoRAs, samples, previews) is served to the browser besides Gradio's uploads; logins are
+    checked by `ui.auth.Login` (failures slowed down, locked out after five a minute).
     """
+    from sdlora.errors import SdloraError
+
+    from .auth import Login
+
+    if share and not auth:
+        raise SdloraError("--share makes a public link: it needs --auth USER:PASSWORD")
     manager.output_dir.mkdir(parents=True, exist_ok=True)
     demo = build_app(manager)
     demo.queue(default_concurrency_limit=2)
-    demo.launch(server_name=host, server_port=port, auth=auth, share=share, allowed_paths=[str(manager.output_dir)],
+    login = Login(*auth) if auth else None
+    demo.launch(server_name=host, server_port=port, auth=login, share=share, allowed_paths=[str(manager.output_dir)],
                 prevent_thread_lock=not block, quiet=not block, css=CSS, footer_links=[])
     return demo
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
-    """'user:password' -> (user, password); None when not given."""
-    if not text:
+    """'user:password' -> (user, password); None when not given (an empty value is an error, not "no login")."""
+    if text is None:
         return None
     user, sep, password = text.partition(":")
     if not (user and sep and password):

@@ -1,7 +1,7 @@
 """Files the web UI touches: uploaded images (with safe names), caption sidecars, and the LoRAs in the output folder.
 
-Nothing here trusts a name that came from a browser: `safe_name` reduces it to one plain file name and
-`inside` refuses any path that would land outside its folder.
+Nothing here trusts a name that came from a browser: `safe_name` reduces it to one plain file name, `inside` refuses
+any path that would land outside its folder, and `Allowed` confines every typed path to the folders the user allowed.
 """
 
 from __future__ import annotations
@@ -37,6 +37,47 @@ def inside(folder: str | Path, name: str) -> Path:
     if path.parent != folder:
         raise SdloraError(f"refusing to write outside {folder}: {name!r}")
     return path
+
+
+class Allowed:
+    """The folders the UI may read and write: the output folder, and the data roots the user allowed when starting
+    it (`sdlora ui --data-root DIR`). Every path that comes from a browser is resolved (symlinks followed) and must
+    lie inside one of them."""
+
+    def __init__(self, output_dir: str | Path, data_roots: list[str | Path] = (), model: str = ""):
+        self.output_dir = Path(output_dir).resolve()
+        self.roots = [self.output_dir] + [Path(r).resolve() for r in data_roots]
+        self.model = model  # the base model given at start is always allowed
+
+    def _refuse(self, text: str, what: str):
+        roots = ", ".join(str(r) for r in self.roots)
+        raise SdloraError(f"{what} {text} is outside the folders this UI may use ({roots}); restart it with "
+                          "`sdlora ui --data-root DIR` to allow another folder")
+
+    def path(self, text: str | Path, what: str = "folder") -> Path:
+        """`text` resolved, if it lies inside an allowed folder."""
+        if not str(text).strip():
+            raise SdloraError(f"no {what} given")
+        path = Path(text).expanduser().resolve()
+        if not any(path == r or path.is_relative_to(r) for r in self.roots):
+            self._refuse(str(text), what)
+        return path
+
+    def output(self, text: str | Path, what: str = "LoRA") -> Path:
+        """`text` resolved, if it lies inside the output folder."""
+        path = Path(text).resolve()
+        if not path.is_relative_to(self.output_dir):
+            raise SdloraError(f"{what} {text} is not in the output folder {self.output_dir}")
+        return path
+
+    def model_path(self, text: str) -> str:
+        """A base model: empty (the built-in one), the one given at start, a hub id, or a folder or file inside an
+        allowed folder."""
+        text = (text or "").strip()
+        local = text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") != 1
+        if not text or text == self.model or not local:
+            return text
+        return str(self.path(text, "base model"))
 
 
 def import_uploads(files: list[str], folder: str | Path) -> list[Path]:

@@ -19,6 +19,8 @@ from pathlib import Path
 from sdlora.callbacks import Callbacks, Commands
 from sdlora.errors import SdloraError
 
+from .files import Allowed
+
 QUEUED, RUNNING, DONE, STOPPED, FAILED, CANCELLED = "queued", "running", "done", "stopped", "failed", "cancelled"
 FINISHED = (DONE, STOPPED, FAILED, CANCELLED)
 
@@ -105,9 +107,12 @@ class JobManager:
     The worker starts with the first job (nothing runs at import or construction).
     """
 
-    def __init__(self, output_dir: str | Path, train_fn: Callable | None = None, model: str = ""):
+    def __init__(self, output_dir: str | Path, train_fn: Callable | None = None, model: str = "",
+                 data_roots: list[str | Path] | None = None):
         self.output_dir = Path(output_dir)
         self.model = model  # the base model the pages pre-fill ("" = the built-in one)
+        # the folders browser-given paths must stay in: the output folder and these (default: the working folder)
+        self.allowed = Allowed(self.output_dir, [Path.cwd()] if data_roots is None else data_roots, model)
         self._train_fn = train_fn
         self._jobs: list[Job] = []
         self._queue: deque[Job] = deque()
@@ -141,6 +146,19 @@ class JobManager:
             elif job.state == RUNNING:
                 job.commands.stop = True
                 job.messages.append("stopping after this step…")
+            job.touch()
+            return job
+
+    def request(self, command: str) -> Job | None:
+        """Ask the running job for a sample (`sample_now`) or a resumable checkpoint (`save_now`) after its current
+        step; None when nothing runs."""
+        with self._lock:
+            job = self.running()
+            if job is None:
+                return None
+            setattr(job.commands, command, True)
+            job.messages.append({"sample_now": "a sample after this step…",
+                                 "save_now": "a checkpoint after this step…"}[command])
             job.touch()
             return job
 

@@ -65,7 +65,7 @@ class LibraryTab:
         from sdlora import inspect_lora
 
         try:
-            info = inspect_lora(path)
+            info = inspect_lora(self.manager.allowed.output(path))
         except SdloraError as e:
             return f"**Error:** {e}", path, samples_of(path)
         return f"```\n{info.summary()}\n```", path, samples_of(path)
@@ -75,6 +75,7 @@ class LibraryTab:
 
         if not path:
             raise gr.Error("Pick a LoRA first.")
+        path = self._lora(path)
         out = Path(path).with_name(safe_name(f"{Path(path).stem}_{to}.safetensors"))
         return self._run(lambda: convert_lora(path, to, out, overwrite=True), out, f"Converted to {to}")
 
@@ -83,11 +84,18 @@ class LibraryTab:
 
         if not path:
             raise gr.Error("Pick a LoRA first.")
+        path = self._lora(path)
         rank, energy = int(rank or 0) or None, float(energy or 0) or None
         tag = f"r{rank}" if rank else f"e{energy:g}"
         out = Path(path).with_name(safe_name(f"{Path(path).stem}_{tag}.safetensors"))
         return self._run(lambda: resize_lora(path, out, rank=rank, keep_energy=energy, overwrite=True), out,
                          "Resized")
+
+    def _lora(self, path) -> Path:
+        try:
+            return self.manager.allowed.output(path)
+        except SdloraError as e:
+            raise gr.Error(str(e)) from None
 
     def _run(self, action, out: Path, done: str):
         try:

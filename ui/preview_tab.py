@@ -71,6 +71,8 @@ class PreviewTab:
     def _render(self, model, prompt, negative, seed, steps, guidance, size, loras, **kw):
         from sdlora import generate
 
+        allowed = self.manager.allowed
+        model, loras = allowed.model_path(model), [(str(allowed.output(p)), s) for p, s in loras]
         size = int(size or 0) or None
         return generate(model or None, loras, prompt, negative_prompt=negative or "", seed=int(seed or 0), n=1,
                         steps=int(steps or 20), guidance=float(guidance), width=size, height=size,

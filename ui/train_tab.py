@@ -19,7 +19,7 @@ from .jobs import JobManager
 
 LORA, DREAMBOOTH, PIVOTAL = "LoRA", "DreamBooth (prior preservation)", "Pivotal tuning"
 PRIOR_KEYS = [("prior", "class_prompt"), ("prior", "num_class_images"), ("prior", "mode"), ("prior", "weight")]
-COMMON = [("lora", "rank"), ("optim", "lr"), ("train", "max_steps"), ("augment", "resolution"),
+COMMON = [("lora", "network"), ("lora", "rank"), ("optim", "lr"), ("train", "max_steps"), ("augment", "resolution"),
           ("lora", "train_text_encoder")]
 SET_BY_PAGE = {("model", "path"), ("output", "path"), ("prior", "class_data")}
 LATEST = 0  # job selector value: "whatever runs now, else the newest"
@@ -62,6 +62,12 @@ class TrainTab:
         self.captions = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], type="array",
                                      interactive=True, static_columns=[0], elem_id="captions",
                                      label="Captions (edit a cell: it is saved to the image's .txt file)")
+        with gr.Accordion("Caption images automatically", open=False, elem_id="captioning"), gr.Row():
+            self.captioner = gr.Textbox(label="Captioner", elem_id="captioner", scale=3,
+                                        info="A BLIP / Florence-2 / small vision-language model: a folder or a "
+                                             "hub id. Images that have a caption keep it.")
+            self.caption_prefix = gr.Textbox(label="Prefix", value="", placeholder="e.g. sks, ", scale=1)
+            self.caption_btn = gr.Button("Caption images", elem_id="caption-images", scale=1)
         gr.Markdown("### 2 · Method")
         self.method = gr.Radio([LORA, DREAMBOOTH, PIVOTAL], value=LORA, label="Method", elem_id="method")
         with gr.Group(visible=False) as self.prior_group, gr.Row():
@@ -97,6 +103,9 @@ class TrainTab:
             self.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
             self.resume_btn = gr.Button("Resume", elem_id="resume")
             self.job_pick = gr.Dropdown(choices=[("latest", LATEST)], value=LATEST, label="Show job", scale=1)
+        with gr.Row():
+            self.sample_now_btn = gr.Button("Sample now", size="sm", elem_id="sample-now")
+            self.save_now_btn = gr.Button("Save now (resumable checkpoint)", size="sm", elem_id="save-now")
         self.status = gr.HTML(progress.status_html(None), elem_id="status")
         with gr.Row(equal_height=False):
             self.loss_plot = gr.LinePlot(progress.loss_frame(None), x="step", y="loss", color="series", title="Loss",
@@ -120,6 +129,10 @@ class TrainTab:
         self.start_btn.click(self.on_start, run_inputs, [self.status, self.job_pick, self.seen])
         self.resume_btn.click(self.on_resume, run_inputs, [self.status, self.job_pick, self.seen])
         self.stop_btn.click(self.on_stop, [], [self.seen])
+        self.sample_now_btn.click(self.on_sample_now, [], [self.seen])
+        self.save_now_btn.click(self.on_save_now, [], [self.seen])
+        self.caption_btn.click(self.on_caption, [self.folder, self.captioner, self.caption_prefix],
+                               [self.captions, self.gallery])
         self.save_btn.click(self.on_save, run_inputs, [self.settings_file])
         self.load_btn.upload(self.on_load, [self.load_btn], [self.name, self.method] + values)
         watch = [self.status, self.loss_plot, self.samples, self.log, self.queue, self.job_pick, self.seen]
@@ -135,13 +148,21 @@ class TrainTab:
         return str(folder), rows, thumbnails(str(folder), rows)
 
     def on_folder(self, folder):
+        if not folder:
+            return [], []
+        try:
+            folder = str(self.manager.allowed.path(folder, "image folder"))
+        except SdloraError as e:
+            gr.Warning(str(e))
+            return [], []
         rows = dataset_rows(folder)
-        if folder and not rows:
+        if not rows:
             gr.Warning(f"No images found in {folder}")
         return rows, thumbnails(folder, rows)
 
     def on_captions(self, folder, rows):
         try:
+            folder = str(self.manager.allowed.path(folder, "image folder"))
             n = write_captions(folder, rows)
         except SdloraError as e:
             raise gr.Error(str(e)) from None
@@ -168,6 +189,31 @@ class TrainTab:
         if self.manager.stop() is None:
             gr.Warning("Nothing is training.")
         return None  # the timer's next tick redraws
+
+    def on_sample_now(self):
+        if self.manager.request("sample_now") is None:
+            gr.Warning("Nothing is training.")
+        return None
+
+    def on_save_now(self):
+        if self.manager.request("save_now") is None:
+            gr.Warning("Nothing is training.")
+        return None
+
+    def on_caption(self, folder, captioner, prefix, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+        from sdlora.captioning import caption_folder
+
+        if not (captioner or "").strip():
+            raise gr.Error("Give a captioner: a model folder or a hub id (e.g. a BLIP or Florence-2 model).")
+        try:
+            folder = str(self.manager.allowed.path(folder, "image folder"))
+            report = caption_folder(folder, self.manager.allowed.model_path(captioner), prefix or "",
+                                    progress=lambda done, total: progress((done, total), unit="images"))
+        except SdloraError as e:
+            raise gr.Error(str(e)) from None
+        gr.Info(report.summary())
+        rows = dataset_rows(folder)
+        return rows, thumbnails(folder, rows)
 
     def on_save(self, name, method, *values):
         try:
@@ -215,6 +261,10 @@ class TrainTab:
         elif dict(zip(self.form.keys, values)).get(("prior", "mode")) == "images":
             over[("prior", "class_data")] = str(out.parent / "class_images")
         cfg = self.form.to_config(list(values), over)
+        allowed = self.manager.allowed
+        cfg.model.path = allowed.model_path(cfg.model.path)
+        for folder in cfg.data:
+            folder.path = str(allowed.path(folder.path, "image folder")) if folder.path else folder.path
         if method != PIVOTAL:
             cfg.pivotal.token = ""  # pivotal tuning is on when it has a token
         if not cfg.sample.prompts and cfg.data and cfg.data[0].prompt:

@@ -10,19 +10,29 @@ import sys
 from ..errors import SdloraError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its mistakes in one line (what to fix, and where the help is) instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import tools, train, ui, world
 
-    parser = argparse.ArgumentParser(prog="sdlora", description="Train and use Stable Diffusion LoRAs.")
+    parser = Parser(prog="sdlora", description="Train and use Stable Diffusion LoRAs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Show library logs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for module in (train, tools, world, ui):
         module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return 130
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
@@ -31,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except SdloraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("\ninterrupted (a run stopped this way resumes from its last checkpoint with --resume)",
+              file=sys.stderr)
+        return 130
 
 
 def _quiet_libraries() -> None:

@@ -42,6 +42,18 @@ def register(sub) -> None:
     g.add_argument("--scales", type=_floats, default=None, help="Scale multipliers for --grid (default 0,0.5,1).")
     g.set_defaults(func=cmd_generate)
 
+    cap = sub.add_parser("caption", help="Write a caption beside every image that has none, with an image-to-text "
+                                         "model (BLIP, Florence-2, a small vision-language model).")
+    cap.add_argument("folder")
+    cap.add_argument("--captioner", required=True, metavar="MODEL",
+                     help="A local model folder or a hub id (the hub needs a network).")
+    cap.add_argument("--prefix", default="", help="Put in front of every caption, e.g. 'sks, '.")
+    cap.add_argument("--overwrite", action="store_true", help="Replace existing captions too.")
+    cap.add_argument("--batch-size", type=int, default=4)
+    cap.add_argument("--prompt", default=None, help="The instruction or task prompt (default: the model's own).")
+    cap.add_argument("--device", default="cpu", help="cpu or cuda.")
+    cap.set_defaults(func=cmd_caption)
+
     i = sub.add_parser("inspect", help="Show what a LoRA file holds and check it loads everywhere.")
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="Print JSON instead of text.")
@@ -49,7 +61,10 @@ def register(sub) -> None:
 
     c = sub.add_parser("convert", help="Rewrite a LoRA in the kohya or diffusers layout (numerically identical).")
     c.add_argument("file")
-    c.add_argument("--to", required=True, choices=("kohya", "diffusers"))
+    c.add_argument("--to", default=None, choices=("kohya", "diffusers"), help="Layout to write (default: keep it).")
+    c.add_argument("--metadata", default=None, choices=("public", "none"),
+                   help="Rewrite the header: public drops absolute paths and user names, none keeps only what loaders "
+                        "read. The tensors are not touched.")
     c.add_argument("--model", default=None, help="Map layer names through this model (default: SD1/SD2 naming).")
     _output_flags(c, "converted LoRA")
     c.set_defaults(func=cmd_convert)
@@ -60,9 +75,11 @@ def register(sub) -> None:
     _output_flags(m, "merged model (folder, or file ending in .safetensors)")
     m.set_defaults(func=cmd_merge)
 
-    x = sub.add_parser("mix", help="Weighted sum of LoRAs: exact (ranks stacked) or SVD to --rank.")
+    x = sub.add_parser("mix", help="Weighted sum of LoRAs: exact (ranks stacked) or SVD to --rank; DoRA, LoHa and "
+                       "LoKr inputs become a plain LoRA by SVD.")
     x.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]")
     x.add_argument("--rank", type=int, default=None, help="Target rank (SVD; errors reported). Default: exact.")
+    x.add_argument("--model", default=None, help="Base model, for DoRA inputs (their update depends on its weights).")
     _output_flags(x, "mixed LoRA")
     x.set_defaults(func=cmd_mix)
 
@@ -72,6 +89,7 @@ def register(sub) -> None:
     size.add_argument("--rank", type=int, help="Target rank of every layer.")
     size.add_argument("--keep-energy", type=float, metavar="X", help="Per layer, the smallest rank keeping share "
                       "X (0-1] of the squared singular values.")
+    r.add_argument("--model", default=None, help="Base model, for a DoRA file (its update depends on its weights).")
     _output_flags(r, "resized LoRA")
     r.set_defaults(func=cmd_resize)
 
@@ -98,6 +116,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_caption(args) -> int:
+    from tqdm import tqdm
+
+    from ..captioning import caption_folder
+
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        bar = bar or tqdm(total=total, unit="image", desc="captioning")
+        bar.update(done - bar.n)
+
+    report = caption_folder(args.folder, args.captioner, args.prefix, args.overwrite, args.batch_size, progress,
+                            args.device, args.prompt)
+    if bar:
+        bar.close()
+    print(report.summary())
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from ..loras.inspect import inspect_lora
 
@@ -109,7 +147,8 @@ def cmd_inspect(args) -> int:
 def cmd_convert(args) -> int:
     from ..loras.convert import convert_lora
 
-    print(convert_lora(args.file, args.to, args.output, overwrite=args.overwrite, model=args.model))
+    print(convert_lora(args.file, args.to, args.output, overwrite=args.overwrite, model=args.model,
+                       metadata=args.metadata))
     return 0
 
 
@@ -125,7 +164,8 @@ def cmd_merge(args) -> int:
 def cmd_mix(args) -> int:
     from ..loras.mix import mix_loras
 
-    report = mix_loras([parse_weighted(s) for s in args.loras], args.output, rank=args.rank, overwrite=args.overwrite)
+    report = mix_loras([parse_weighted(s) for s in args.loras], args.output, rank=args.rank, overwrite=args.overwrite,
+                       model=args.model)
     print(report.table())
     return 0
 
@@ -134,7 +174,7 @@ def cmd_resize(args) -> int:
     from ..loras.mix import resize_lora
 
     print(resize_lora(args.file, args.output, rank=args.rank, keep_energy=args.keep_energy,
-                      overwrite=args.overwrite).table())
+                      overwrite=args.overwrite, model=args.model).table())
     return 0
 
 

@@ -91,6 +91,7 @@ def cmd_train(args) -> int:
         for label, cfg in jobs:
             print(f"# {label}\n{cfg.to_toml()}")
         return 0
+    check_distinct_outputs(jobs)
     failures = 0
     for label, cfg in jobs:
         commands = Commands()
@@ -117,6 +118,17 @@ def cmd_train(args) -> int:
     if len(jobs) > 1:
         print(f"{len(jobs) - failures} of {len(jobs)} jobs succeeded")
     return 1 if failures else 0
+
+
+def check_distinct_outputs(jobs: list[tuple[str, object]]) -> None:
+    """Two jobs of one batch writing the same file would silently replace each other's work: refuse first."""
+    seen: dict[Path, str] = {}
+    for label, cfg in jobs:
+        out = Path(cfg.output.path).resolve()
+        if out in seen:
+            raise SdloraError(f"{seen[out]} and {label} both write {cfg.output.path}; give each job its own "
+                              "output.path")
+        seen[out] = label
 
 
 def _stop_handler(commands):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import SdloraError
+
 
 def register(sub) -> None:
     """Add `sdlora ui` to the `sdlora` subparsers."""
@@ -17,6 +19,9 @@ def register(sub) -> None:
                    help="Where trained LoRAs, samples and uploads go (default ./output).")
     p.add_argument("--model", default="", metavar="PATH_OR_ID",
                    help="Base model the pages start with (default: the built-in shapes-world model).")
+    p.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                   help="A folder the pages may read images and models from (repeatable; default: the folder it "
+                        "starts in). Paths typed in the browser outside these and the output folder are refused.")
     p.set_defaults(func=cmd_ui)
 
 
@@ -25,9 +30,15 @@ def cmd_ui(args) -> int:
     from ui.jobs import JobManager
 
     auth = parse_auth(args.auth)
+    if args.share and not auth:
+        raise SdloraError("--share makes a public link anyone can open: give --auth USER:PASSWORD too")
     if args.host not in ("127.0.0.1", "localhost") and not auth:
         print(f"warning: listening on {args.host} without --auth: anyone who can reach this port can use it")
-    manager = JobManager(Path(args.output_dir).resolve(), model=args.model)
+    roots = [Path(r) for r in args.data_root] if args.data_root else [Path.cwd()]
+    missing = [r for r in roots if not r.is_dir()]
+    if missing:
+        raise SdloraError(f"--data-root {missing[0]} is not a folder")
+    manager = JobManager(Path(args.output_dir).resolve(), model=args.model, data_roots=roots)
     try:
         serve(manager, host=args.host, port=args.port, auth=auth, share=args.share)
     finally:

@@ -1,15 +1,21 @@
-"""Apply LoRA files at run time: onto a diffusers pipeline (`load_lora_into`, several at once with `apply_loras`),
-and `sdlora generate` (text to image with LoRAs, or a labelled grid of LoRA scales)."""
+"""Apply LoRA files at run time: onto a diffusers pipeline (`load_lora_into`, several at once with `apply_loras`;
+plain LoRA through diffusers, every other type through sdlora's hooks), and `sdlora generate` (text to image with
+LoRAs, or a labelled grid of LoRA scales)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from ..errors import LoraFileError, SdloraError
 from ..families import Family, family_of_pipeline
-from .files import read_lora
-from .layout import detect_layout, split_embeddings
+from .checks import check_fits
+from .files import check_weights, load_lora, read_lora
+from .layout import model_layers, split_embeddings
+from .modules import is_plain
 
 
 def load_embeddings(pipe, family: Family, embeddings: dict[str, dict]) -> None:
@@ -26,27 +32,104 @@ def load_embeddings(pipe, family: Family, embeddings: dict[str, dict]) -> None:
                                         tokenizer=getattr(pipe, slot.tokenizer_attr))
 
 
-def load_lora_into(pipe, path: str | Path, scale: float = 1.0, adapter_name: str | None = None) -> str:
-    """Apply one LoRA file to a diffusers pipeline at `scale`: LoRA keys through `load_lora_weights`, bundled
-    embeddings (bundle_emb.*) through `load_textual_inversion`. Returns the adapter name."""
-    tensors, _ = read_lora(path)
-    lora, embeddings = split_embeddings(tensors)
-    name = adapter_name or Path(path).stem.replace(".", "_")
-    if detect_layout(lora) == "unknown":
-        raise LoraFileError(f"{path}: not a LoRA in the kohya or diffusers layout")
-    pipe.load_lora_weights(lora, adapter_name=name)
-    if scale != 1.0:
-        pipe.set_adapters([name], adapter_weights=[scale])
-    load_embeddings(pipe, family_of_pipeline(pipe), embeddings)
-    return name
+class ActiveLoras:
+    """LoRA files applied to a pipeline at run time, each at its own scale. Plain LoRA files go through diffusers'
+    adapters (load_lora_weights, set_adapters); DoRA, LoHa, LoKr and Tucker LoCon files, which diffusers cannot load
+    (LoHa/LoKr raise, kohya DoRA loses its dora_scale), through sdlora's forward hooks (`HookedLora`), which add each
+    layer's exact update times the scale, as A1111 and ComfyUI apply a strength."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.entries: list[tuple[str, HookedLora | None]] = []  # (diffusers adapter name, or hooks)
+
+    def add(self, path: str | Path, name: str) -> None:
+        """One more file, at scale 1. A file that does not fit the pipeline's model (another family or size) is an
+        error naming a layer."""
+        mods, embeddings, _ = load_lora(path)
+        family = family_of_pipeline(self.pipe)
+        layers = model_layers(family, getattr(self.pipe, family.denoiser_attr),
+                              [getattr(self.pipe, s.attr) for s in family.text_encoders])
+        check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
+        if all(is_plain(m) for m in mods.values()):
+            self.pipe.load_lora_weights(split_embeddings(read_lora(path)[0])[0], adapter_name=name)
+            self.entries.append((name, None))
+        else:
+            self.entries.append((name, HookedLora(layers, mods)))
+        load_embeddings(self.pipe, family, embeddings)
+
+    @property
+    def _adapters(self) -> list[str]:
+        return [name for name, hooks in self.entries if hooks is None]
+
+    def set_scales(self, scales: list[float]) -> None:
+        """One scale per file, in the order they were added."""
+        weights = [s for (_, hooks), s in zip(self.entries, scales) if hooks is None]
+        if self._adapters:
+            self.pipe.set_adapters(self._adapters, adapter_weights=weights)
+        for (_, hooks), s in zip(self.entries, scales):
+            if hooks is not None:
+                hooks.scale = s
+
+    def enable(self, on: bool = True) -> None:
+        """Switch every file on or off (the scales are kept)."""
+        if self._adapters:
+            self.pipe.enable_lora() if on else self.pipe.disable_lora()
+        for _, hooks in self.entries:
+            if hooks is not None:
+                hooks.on = on
+
+    def remove(self) -> None:
+        """Take every file off the pipeline."""
+        if self._adapters:
+            self.pipe.delete_adapters(self._adapters)
+        for _, hooks in self.entries:
+            if hooks is not None:
+                hooks.remove()
+        self.entries = []
 
 
-def apply_loras(pipe, loras: list[tuple[str, float]]) -> list[str]:
-    """Load several LoRAs, each at its own scale, active together."""
-    names = [load_lora_into(pipe, path, adapter_name=f"lora{i}") for i, (path, _) in enumerate(loras)]
-    if names:
-        pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
-    return names
+class HookedLora:
+    """One file's modules on the pipeline's layers as forward hooks: output += scale * (x through the layer's exact
+    update), the update computed from the layer's own weight at each call (DoRA needs it; nothing is cached)."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module], mods: dict):
+        self.scale, self.on = 1.0, True
+        self.handles = [layers[b].register_forward_hook(self._hook(m.map(lambda t, w=layers[b].weight: t.to(w.device))))
+                        for b, m in mods.items()]
+
+    def _hook(self, module):
+        def hook(layer, args, output):
+            if not self.on or self.scale == 0:
+                return output
+            x = args[0]
+            with torch.no_grad():
+                delta = module.delta(layer.weight).to(x.dtype)
+            extra = layer._conv_forward(x, delta, None) if isinstance(layer, torch.nn.Conv2d) else F.linear(x, delta)
+            return output + self.scale * extra
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def load_lora_into(pipe, path: str | Path, scale: float = 1.0, adapter_name: str | None = None) -> ActiveLoras:
+    """Apply one LoRA file (any type) to a diffusers pipeline at `scale`: plain LoRA keys through diffusers'
+    `load_lora_weights`, other types through hooks, bundled embeddings (bundle_emb.*) through
+    `load_textual_inversion`. Returns the handle that rescales, switches or removes it."""
+    return apply_loras(pipe, [(path, scale)], [adapter_name or Path(path).stem.replace(".", "_")])
+
+
+def apply_loras(pipe, loras: list[tuple[str, float]], names: list[str] | None = None) -> ActiveLoras:
+    """Load several LoRA files, each at its own scale, active together."""
+    check_weights(loras)
+    active = ActiveLoras(pipe)
+    for i, (path, _) in enumerate(loras):
+        active.add(path, names[i] if names else f"lora{i}")
+    if loras:
+        active.set_scales([s for _, s in loras])
+    return active
 
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
@@ -77,28 +160,46 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
     from ..models import load_model
     from ..sampling import render
 
+    scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
+    _check_generate(n, steps, guidance, width, height, seed, scales)
+    check_weights(loras)
     c = load_model(model, allow_pickle)
+    multiple = c.size_multiple
+    if any(v is not None and v % multiple for v in (width, height)):
+        raise SdloraError(f"--width/--height must be multiples of {multiple} for this model, got {width}x{height}")
     pipe = c.pipeline()
     pipe.set_progress_bar_config(disable=True)
     sched = set_scheduler(pipe, scheduler)
     size = c.denoiser.config.sample_size * pipe.vae_scale_factor
     width, height = width or size, height or size
-    names = apply_loras(pipe, loras)
+    active = apply_loras(pipe, loras)
     out_dir = Path(output_dir)
     params = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
               "scheduler": sched, "width": width, "height": height, "model": c.name,
-              "loras": [[str(p), w] for p, w in loras]}
+              "loras": [[Path(p).name, w] for p, w in loras]}  # names: shared images carry no local paths
     if not grid:
         images = render(pipe, [prompt] * n, seed, steps, guidance, width, height, negative_prompt)
         return [_save_image(img, out_dir, {**params, "seed": seed + i}) for i, img in enumerate(images)]
-    scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
     rows = []
     for s in scales:
-        if names:
-            pipe.set_adapters(names, adapter_weights=[s * w for _, w in loras])
+        active.set_scales([s * w for _, w in loras])
         rows.append(render(pipe, [prompt] * n, seed, steps, guidance, width, height, negative_prompt))
     sheet = contact_sheet(rows, [f"x{s:g}" for s in scales], [f"seed {seed + i}" for i in range(n)])
     return [_save_image(sheet, out_dir, {**params, "seed": seed, "n": n, "grid_scales": scales}, "grid")]
+
+
+def _check_generate(n, steps, guidance, width, height, seed, scales) -> None:
+    import math
+
+    checks = [(n >= 1, f"--n must be at least 1, not {n}"), (steps >= 1, f"--steps must be at least 1, not {steps}"),
+              (math.isfinite(guidance) and guidance >= 0, f"--guidance must be a number >= 0, not {guidance}"),
+              (all(v is None or v >= 8 for v in (width, height)), f"--width/--height must be at least 8 pixels, "
+                                                                  f"got {width}x{height}"),
+              (0 <= seed < 2**63, f"--seed must be between 0 and 2**63, not {seed}"),
+              (all(math.isfinite(s) for s in scales), f"--scales must be finite numbers, got {scales}")]
+    for ok, message in checks:
+        if not ok:
+            raise SdloraError(message)
 
 
 def _save_image(image, out_dir: Path, params: dict, stem: str = "img") -> Path:

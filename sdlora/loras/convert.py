@@ -7,18 +7,20 @@ from pathlib import Path
 from ..errors import LoraFileError, SdloraError
 from ..families import FAMILIES
 from ..io import check_output
-from .files import load_lora, save_kohya, write_embedding, write_lora
+from .files import load_lora, read_lora, save_kohya, write_embedding, write_lora
 from .layout import NameMap, diffusers_tensors, guess_family, name_map, reference_name_map
+from .metadata import apply_policy
 from .modules import LoraModule
 
 
-def names_for(mods: dict, meta: dict[str, str], model: str | None = None) -> NameMap:
-    """The NameMap to read a LoRA's layer names against: `model`'s own modules, else the standard architecture of the
-    family the file is for (its metadata, else its layer names and shapes; SD1/SD2 naming when nothing says)."""
+def names_for(mods: dict, meta: dict[str, str], model=None) -> NameMap:
+    """The NameMap to read a LoRA's layer names against: `model`'s own modules (a path, or loaded Components), else
+    the standard architecture of the family the file is for (its metadata, else its layer names and shapes; SD1/SD2
+    naming when nothing says)."""
     if model:
         from ..models import load_model
 
-        c = load_model(model)
+        c = load_model(model) if isinstance(model, (str, Path)) else model
         return name_map(c.family, c.denoiser, c.text_encoders)
     from_meta, from_shape = guess_family(mods, meta)
     return reference_name_map(FAMILIES[from_meta or from_shape or "sd1"])
@@ -31,18 +33,29 @@ def dtype_of(mods: dict):
     return next(iter(mods.values())).dtype if mods else torch.float16
 
 
-def convert_lora(path: str | Path, to: str, output: str | Path, overwrite: bool = False,
-                 model: str | None = None) -> Path:
-    """Rewrite a LoRA in the kohya or diffusers layout, metadata kept, numerically identical.
+def convert_lora(path: str | Path, to: str | None, output: str | Path, overwrite: bool = False,
+                 model: str | None = None, metadata: str | None = None) -> Path:
+    """Rewrite a LoRA in the kohya or diffusers layout, numerically identical; `to=None` keeps the layout and the
+    tensors byte for byte. `metadata` public or none rewrites the header too (see metadata.apply_policy): public
+    drops every absolute path and user name, none keeps only what loaders read.
 
     Layer names are mapped through the family's standard module naming (SGM names for SDXL), or through `model`'s
     live modules. kohya -> diffusers writes bundled embeddings beside it as `<name>_emb.safetensors` (for
     load_textual_inversion); diffusers -> kohya restores the file's `ss_network_alpha` when it has one and bundles
     that embedding file again, so a round trip is lossless."""
-    if to not in ("kohya", "diffusers"):
+    if to not in ("kohya", "diffusers", None):
         raise SdloraError(f"--to must be kohya or diffusers, not {to!r}")
+    if metadata not in ("public", "none", "full", None):
+        raise SdloraError(f"--metadata must be public or none, not {metadata!r}")
+    if to is None and metadata is None:
+        raise SdloraError("say what to change: --to kohya|diffusers and/or --metadata public|none")
     check_output(output, [path], overwrite)
+    if to is None:  # the header alone
+        load_lora(path)  # a file that is no usable LoRA is refused here too
+        tensors, meta = read_lora(path)
+        return write_lora(output, tensors, apply_policy(meta, metadata))
     mods, emb, meta = load_lora(path)
+    meta = apply_policy(meta, metadata or "full")
     if not mods:
         raise LoraFileError(f"{path}: holds no LoRA module to convert")
     names = names_for(mods, meta, model)

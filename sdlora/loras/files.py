@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -67,7 +68,29 @@ def load_lora(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
     embeddings = split_embeddings(tensors)[1]
     if not mods and not embeddings:
         raise LoraFileError(f"{path}: holds no LoRA module")
+    for problem in damage(mods, embeddings):
+        raise LoraFileError(f"{path}: {problem}")
     return mods, embeddings, meta
+
+
+def damage(mods: dict, embeddings: dict) -> list[str]:
+    """What makes a LoRA unusable: NaN or infinite values, or an update that is zero everywhere."""
+    problems = []
+    bad = [b for b, m in mods.items() if not m.is_finite()]
+    bad += [f"embedding {t}" for t, parts in embeddings.items()
+            if not all(torch.isfinite(v).all() for v in parts.values())]
+    if bad:
+        problems.append(f"{len(bad)} module(s) hold NaN or infinite values (e.g. {bad[0]}): the file is damaged")
+    if mods and all(m.is_zero() for m in mods.values()):
+        problems.append("every module's update is zero, so it changes nothing (an untrained LoRA?)")
+    return problems
+
+
+def check_weights(loras: list[tuple[str, float]]) -> None:
+    """Each (file, weight) pair's weight is a finite number (a NaN or 1e400 weight would poison a whole model)."""
+    for path, weight in loras:
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise LoraFileError(f"{path}: weight {weight!r} is not a finite number")
 
 
 def save_kohya(path, mods: dict, meta: dict, embeddings: dict | None = None, dtype=torch.float16) -> Path:
@@ -75,7 +98,7 @@ def save_kohya(path, mods: dict, meta: dict, embeddings: dict | None = None, dty
     ss_network_dim / ss_network_alpha."""
     from .layout import LORA_METADATA_KEY, bundle_tensors, common_alpha, kohya_tensors
 
-    ranks = sorted({m.rank for m in mods.values()})
+    ranks = sorted({m.rank for m in mods.values() if m.rank is not None})
     meta = {k: v for k, v in meta.items() if k not in (LORA_METADATA_KEY, "sdlora_format", "sshs_model_hash")}
     meta.update({"ss_network_module": meta.get("ss_network_module", "networks.lora"),
                  "ss_network_dim": str(ranks[-1] if ranks else 0), "ss_network_alpha": f"{common_alpha(mods):g}"})

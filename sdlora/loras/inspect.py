@@ -9,8 +9,10 @@ from pathlib import Path
 
 from ..errors import LoraFileError
 from .checks import validate_kohya
-from .files import read_lora
+from .files import damage, read_lora
 from .layout import LORA_METADATA_KEY, detect_layout, guess_family, parse_modules, split_embeddings
+from .metadata import private_paths
+from .modules import DoraModule, is_plain
 
 
 @dataclass
@@ -24,6 +26,8 @@ class LoraInfo:
     unet_modules: int
     te_modules: int
     kinds: dict[str, int]
+    types: dict[str, int]   # adapter type -> modules: lora, lora_tucker, dora, loha, lokr, loha+dora, ...
+    loads_in: str           # which clients load this file as it is meant
     ranks: list[int]
     alphas: list[float]
     embeddings: dict[str, dict[str, list[int]]]
@@ -38,6 +42,7 @@ class LoraInfo:
         lines = [f"{self.path} ({self.size_bytes / 1e6:.2f} MB)",
                  f"  layout: {self.layout}   family: {self.family}",
                  f"  modules: UNet {self.unet_modules}, text encoder {self.te_modules} ({kinds})",
+                 f"  type: {', '.join(f'{k} {n}' for k, n in self.types.items()) or '-'}; loads in: {self.loads_in}",
                  f"  rank: {_ranges(self.ranks)}   alpha: {_ranges(self.alphas)}"]
         for token, parts in self.embeddings.items():
             lines.append(f"  embedding <{token}>: " + ", ".join(f"{p} {s}" for p, s in parts.items()))
@@ -63,6 +68,25 @@ def module_kind(base: str) -> str:
     return "other"
 
 
+def clients(layout: str, mods: dict) -> str:
+    """Which clients load a file of this layout and these module types as it is meant (their loaders' code:
+    A1111 v1.10 extensions-builtin/Lora, ComfyUI comfy/weight_adapter, diffusers' lora_state_dict)."""
+    kinds = {m.kind for m in mods.values()}
+    axes = {m.axis for m in mods.values() if isinstance(m, DoraModule)}
+    if not mods:
+        return "-"
+    if layout == "diffusers":
+        return "diffusers" + (" (peft's DoRA)" if axes else "") + "; not A1111 or ComfyUI (sdlora convert --to kohya)"
+    if kinds & {"loha", "lokr", "lora_tucker", "loha+dora", "lokr+dora"}:
+        return "AUTOMATIC1111, ComfyUI, LyCORIS; not diffusers (it cannot load LoHa, LoKr or lora_mid)"
+    if axes == {"input"}:
+        return "AUTOMATIC1111 and ComfyUI (exact); diffusers drops dora_scale and loads a plain LoRA (wrong)"
+    if axes:
+        return ("LyCORIS >= 3.2 (exact), ComfyUI (approximate: it normalises by the base weight), AUTOMATIC1111 "
+                "v1.10 (wrong: it expects the input axis); diffusers drops dora_scale")
+    return "AUTOMATIC1111, ComfyUI, kohya, diffusers"
+
+
 def inspect_lora(path: str | Path) -> LoraInfo:
     """Read a LoRA file (ours, kohya's, A1111's or diffusers') and run the structural validator over it."""
     path = Path(path)
@@ -74,6 +98,9 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         mods = parse_modules(tensors, meta)
     except LoraFileError as e:
         mods, problems = {}, [str(e)]
+    if not mods and not emb and not problems:
+        problems.append("holds no LoRA module: no tool can use it")
+    problems += damage(mods, emb)
     from_meta, from_shape = guess_family(mods, meta)
     family = from_meta or from_shape or "unknown"
     if from_meta and from_shape and from_meta != from_shape:
@@ -85,16 +112,23 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         if missing:
             problems.append(f"metadata lacks {', '.join(missing)} (A1111 uses it to label and filter LoRAs)")
         te = [b for b in mods if b.startswith("lora_te")]
-        if any(re.search(r"_self_attn_[qkv]_proj$", b) for b in te) and not any(b.endswith("_out_proj") for b in te):
+        if any(re.search(r"_self_attn_[qkv]_proj$", b) for b in te) and not any(b.endswith("_out_proj") for b in te) \
+                and all(is_plain(m) for m in mods.values()):  # (diffusers loads no other type at all)
             problems.append("text-encoder attention without any out_proj: diffusers 0.42 drops its q/k/v layers")
     elif layout == "diffusers":
         problems.append("diffusers layout: A1111 and ComfyUI do not load it; `sdlora convert --to kohya` fixes that")
+    zero = [b for b, m in mods.items() if m.is_zero()]
+    if zero and len(zero) < len(mods):
+        problems.append(f"{len(zero)} of {len(mods)} modules change nothing (zero update), e.g. {zero[0]}")
+    problems += [f"privacy: {p}; `sdlora convert FILE --metadata public -o OUT` removes it"
+                 for p in private_paths(meta)]
     kinds = Counter(module_kind(b) for b in mods)
     return LoraInfo(
         path=str(path), size_bytes=path.stat().st_size, layout=layout, family=family,
         unet_modules=sum(not b.startswith("lora_te") for b in mods),
         te_modules=sum(b.startswith("lora_te") for b in mods),
-        kinds=dict(sorted(kinds.items())), ranks=sorted({m.rank for m in mods.values()}),
+        kinds=dict(sorted(kinds.items())), types=dict(sorted(Counter(m.kind for m in mods.values()).items())),
+        loads_in=clients(layout, mods), ranks=sorted({m.rank for m in mods.values() if m.rank is not None}),
         alphas=sorted({m.alpha for m in mods.values()}),
         embeddings={t: {p: list(v.shape) for p, v in parts.items()} for t, parts in emb.items()},
         metadata={k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec.", "sdlora_", "sshs_"))

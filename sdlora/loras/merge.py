@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError, SdloraError
-from ..io import check_output, save_safetensors
+from ..io import check_output, check_writable, make_private_dir_public, save_safetensors
 from ..models import Components, load_model
-from . import lowrank
+from . import layout, lowrank
 from .checks import check_fits
-from .files import DTYPES, load_lora, save_kohya
-from .layout import name_map
+from .files import DTYPES, check_weights, load_lora, save_kohya
 from .lowrank import ExtractReport
 from .metadata import family_labels
 
@@ -25,19 +24,15 @@ log = logging.getLogger("sdlora")
 
 
 def model_layers(c: Components, aliases: bool = True) -> dict[str, torch.nn.Module]:
-    """kohya base name -> Linear/Conv2d module of the denoiser and text encoder(s); with `aliases`, every spelling
-    other trainers use for the same layer too."""
-    names = name_map(c.family, c.denoiser, c.text_encoders)
-    parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders), **{c.family.denoiser_attr: c.denoiser})
-    keys = names.to_module if aliases else {b: m for m, b in names.to_base.items()}
-    return {b: parts[names.to_module[b][0]].get_submodule(names.to_module[b][1]) for b in keys} if aliases else \
-        {b: parts[part].get_submodule(path) for (part, path), b in names.to_base.items()}
+    """kohya base name -> Linear/Conv2d module of a loaded model (see layout.model_layers)."""
+    return layout.model_layers(c.family, c.denoiser, c.text_encoders, aliases)
 
 
 @torch.no_grad()
 def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], output: str | Path,
                      overwrite: bool = False, allow_pickle: bool = False) -> Path:
-    """Bake LoRAs (each at its weight) into the base weights: W += weight * alpha / rank * up @ down.
+    """Bake LoRAs (each at its weight) into the base weights: W += weight * delta, each file's exact update for its
+    type (LoRA: alpha / rank * up @ down; LoHa, LoKr, DoRA: see `modules`), all taken against the original weights.
 
     `output` ending in `.safetensors` is a single-file checkpoint in the original SD (LDM) key layout, as A1111 and
     ComfyUI load it (SD1, SD2, SDXL); anything else is a diffusers folder. Bundled embeddings go into the
@@ -46,23 +41,30 @@ def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], o
     from .apply import load_embeddings
 
     output = Path(output)
+    if not loras:
+        raise SdloraError("merge needs at least one --lora FILE[:WEIGHT]")
+    check_weights(loras)
     check_output(output, [p for p in (model, *[p for p, _ in loras]) if p], overwrite)
     c = load_model(model, allow_pickle)
     layers = model_layers(c)
     loaded = [(path, w, *load_lora(path)[:2]) for path, w in loras]
     for path, _, mods, _ in loaded:
         check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
-    for _, weight, mods, _ in loaded:
+    updates: dict[str, torch.Tensor] = {}
+    for _, weight, mods, _ in loaded:  # every update against the original weight (DoRA reads it), as A1111 does
         for base, m in mods.items():
             w = layers[base].weight
-            w.copy_((w.float() + weight * m.delta()).to(w.dtype))
+            updates[base] = updates.get(base, 0) + weight * m.delta(w)
+    for base, update in updates.items():
+        w = layers[base].weight
+        w.copy_((w.float() + update).to(w.dtype))
     if output.suffix == ".safetensors":
         if any(emb for *_, emb in loaded):
             log.warning("bundled embeddings cannot go into a single-file checkpoint; load them separately")
         from ..single_file import save_tokenizers
 
         state, header = ldm_file(c)
-        save_safetensors(state, output, {**header, "sdlora_merged": json.dumps([[str(p), w] for p, w in loras])})
+        save_safetensors(state, output, {**header, "sdlora_merged": json.dumps([[Path(p).name, w] for p, w in loras])})
         save_tokenizers(output, c.tokenizers, c.text_encoders)
         return output
     pipe = c.pipeline()
@@ -73,9 +75,10 @@ def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], o
 
 def _save_folder(pipe, output: Path) -> Path:
     """save_pretrained into a temp folder beside `output`, then swap it in (never half a model)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(output.with_name(output.name + ".probe"))  # its folder takes new files
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
+        make_private_dir_public(tmp)  # mkdtemp makes it 0700; what is inside follows the umask already
         pipe.save_pretrained(tmp, safe_serialization=True)
         if output.exists():
             old = output.with_name(f".{output.name}.old")

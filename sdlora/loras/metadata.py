@@ -4,6 +4,7 @@ display about a training run."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,17 +60,48 @@ def recipe_metadata(cfg) -> dict[str, str]:
             "ss_zero_terminal_snr": str(tr.zero_terminal_snr), "sdlora_timestep_sampling": tr.timestep_sampling}
 
 
+def network_labels(cfg) -> dict[str, str]:
+    """ss_network_module / ss_network_args as kohya's sd-scripts write them: networks.lora for a plain LoRA; for DoRA,
+    LoHa and LoKr what sd-scripts writes when LyCORIS makes the network (`lycoris.kohya`, its arguments as strings,
+    naming the algorithm, DoRA as dora_wd with the axis in wd_on_output); and sdlora's own record of both."""
+    lo, args = cfg.lora, cfg.network_args
+    own = {"sdlora_network": lo.network, "sdlora_network_args": json.dumps(args, sort_keys=True)}
+    conv = {"conv_dim": str(args["conv_rank"] or lo.rank),
+            "conv_alpha": f"{args['conv_alpha'] or cfg.lora_alpha * (args['conv_rank'] or lo.rank) / lo.rank:g}"}
+    if lo.network == "lora":
+        extra = conv if args["conv_rank"] or args["conv_alpha"] else {}
+        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps({"targets": lo.targets, **extra}),
+                **own}
+    lycoris = {"algo": lo.network, **conv}
+    if lo.network == "dora":
+        lycoris.update(algo="locon" if lo.targets == "all" else "lora", dora_wd="True",
+                       wd_on_output=str(args["dora_axis"] == "output"))
+    else:
+        lycoris.update(use_tucker=str(args["use_tucker"]), rank_dropout=f"{args['rank_dropout']:g}",
+                       module_dropout=f"{args['module_dropout']:g}")
+    if lo.network == "lokr":
+        lycoris.update(factor=str(args["factor"]), decompose_both=str(args["decompose_both"]))
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({**lycoris, "targets": lo.targets}),
+            **own}
+
+
+def dataset_dirs(cfg, captions_by_folder: dict) -> dict:
+    """kohya's ss_dataset_dirs: per folder name, its repeats and image count."""
+    return {Path(d.path).name: {"n_repeats": d.repeats, "img_count": len(captions_by_folder.get(d.path, []))}
+            for d in cfg.data}
+
+
 def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: str, model_hash: str, steps: int,
                       resolution: int, targets: list[str], started: float, captions_by_folder: dict,
                       extra: dict | None = None) -> dict[str, str]:
-    """The header of a trained LoRA: kohya's ss_* keys, ModelSpec, and sdlora's own."""
+    """The header of a trained LoRA: kohya's ss_* keys, ModelSpec, and sdlora's own, under the configured
+    `output.metadata` policy (public by default: folder names, never paths)."""
     name = cfg.output.name or Path(cfg.output.path).stem
     now = datetime.now(UTC)
     meta = {
-        "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(cfg.lora_alpha),
-        "ss_network_args": json.dumps({"targets": cfg.lora.targets}),
+        **network_labels(cfg),
         "ss_output_name": name,
         "ss_sd_model_name": model_name,
         "ss_sd_model_hash": model_hash[:10],
@@ -89,6 +121,8 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
         "ss_prior_loss_weight": str(cfg.prior.weight),
         **recipe_metadata(cfg),
         "ss_tag_frequency": json.dumps(tag_frequency(captions_by_folder)),
+        "ss_dataset_dirs": json.dumps(dataset_dirs(cfg, captions_by_folder)),
+        "ss_num_train_images": str(sum(len(v) for v in captions_by_folder.values())),
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(now.timestamp()),
         **family_labels(family, prediction_type),
@@ -99,7 +133,61 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
         "modelspec.trigger_phrase": trigger_words(cfg),
         "sdlora_version": __version__,
         "sdlora_targets": json.dumps(targets),
-        "sdlora_config": json.dumps(cfg.to_dict()),
+        "sdlora_config": json.dumps(cfg.to_dict() if cfg.output.metadata == "full" else public_config(cfg)),
     }
     meta.update(extra or {})
-    return meta
+    return apply_policy(meta, cfg.output.metadata)
+
+
+# ---------------------------------------------------------------- what a shared file may carry
+
+# what loaders read (family labels, network kind, dim and alpha, diffusers' adapter config, A1111's hash)
+LOADER_KEYS = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
+               "ss_v2", "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.prediction_type",
+               "lora_adapter_metadata", "sshs_model_hash", "sdlora_family", "sdlora_format"}
+_ABS_PATH = re.compile(r"""(?:(?<![\w.:/\\-])(?:~|/)[^\s"',;:*?<>|]+|\b[A-Za-z]:\\[^\s"',;*?<>|]+)""")
+_HOME = re.compile(r"(?:^|[/\\])(?:home|Users|users)[/\\]+([^/\\\s\"',]+)")
+
+
+def public_name(value: str) -> str:
+    """A path reduced to its last part (a hub id like 'org/model' stays as it is)."""
+    if not value or (value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()):
+        return value
+    return re.split(r"[/\\]+", value.rstrip("/\\"))[-1]
+
+
+def public_config(cfg) -> dict:
+    """The training config as a shared file may carry it: every folder, model and output path reduced to its name."""
+    d = cfg.to_dict()
+    d["model"]["path"] = public_name(d["model"]["path"])
+    d["prior"]["class_data"] = public_name(d["prior"]["class_data"])
+    d["output"]["path"] = public_name(d["output"]["path"])
+    for folder in d["data"]:
+        folder["path"] = public_name(folder["path"])
+    return d
+
+
+def private_paths(meta: dict[str, str]) -> list[str]:
+    """The absolute paths and home-folder (user) names found in a file's metadata: what would leak from the
+    machine that made it."""
+    found = []
+    for key, value in meta.items():
+        for path in _ABS_PATH.findall(str(value)):
+            users = _HOME.findall(path)
+            found.append(f"{key}: absolute path {path}" + (f" (user name {users[0]!r})" if users else ""))
+    return found
+
+
+def redact(meta: dict[str, str]) -> dict[str, str]:
+    """Every absolute path left in the values replaced by its last part."""
+    return {k: _ABS_PATH.sub(lambda m: public_name(m.group(0)), v) if isinstance(v, str) else v
+            for k, v in meta.items()}
+
+
+def apply_policy(meta: dict[str, str], mode: str) -> dict[str, str]:
+    """`full`: as it is; `public`: no absolute path or home-folder name anywhere; `none`: only what loaders read."""
+    if mode == "full":
+        return dict(meta)
+    if mode == "none":
+        return {k: v for k, v in meta.items() if k in LOADER_KEYS}
+    return redact(meta)

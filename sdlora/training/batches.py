@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import BatchPlan, Example, fit_to_bucket, load_image
+from .data import BatchPlan, Example, TagRule, fit_to_bucket, load_image, vary_tags
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Batches:
     conditioning: object          # the family's Conditioning (its micro-conditioning)
     random_flip: bool
     caption_dropout: float
+    tag_rules: list[TagRule] = field(default_factory=list)  # per data folder (Example.source)
 
     def fetch(self, k: int, rng: np.random.Generator) -> Batch:
         batch = self._batch(self.examples, self.plan(k), rng)
@@ -80,7 +81,9 @@ class Batches:
             drop = bool(self.caption_dropout and rng.random() < self.caption_dropout)
             lat, crop = self.latents(ex, flip, rng)
             lats.append(lat)
-            caps.append("" if drop else ex.caption)
+            rule = None if ex.is_prior or ex.source >= len(self.tag_rules) else self.tag_rules[ex.source]
+            caption = vary_tags(ex.caption, rule, rng) if rule is not None and rule.active else ex.caption
+            caps.append("" if drop else caption)
             micro.append(self.conditioning.micro(ex.size[::-1], crop, ex.bucket[::-1]))
         return Batch(torch.stack(lats), caps, None if micro[0] is None else torch.stack(micro))
 

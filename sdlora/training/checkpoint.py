@@ -6,15 +6,21 @@ from pathlib import Path
 
 import torch
 
+from ..config import Config
 from ..errors import TrainingError
 from ..io import torch_save
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: LoRA states keyed by model part (unet, text_encoder, ...)
 # Settings that must match for a resume to continue the same run.
 RESUME_KEYS = (("model", "path"), ("lora", "rank"), ("lora", "alpha"), ("lora", "targets"),
                ("lora", "train_text_encoder"), ("train", "seed"), ("train", "batch_size"), ("train", "grad_accum"),
-               ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"), ("optim", "optimizer"),
-               ("optim", "loraplus_ratio"), ("validation", "data"), ("validation", "split"))
+               ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"), ("lora", "network"),
+               ("lora", "network_args"), ("optim", "optimizer"), ("optim", "loraplus_ratio"), ("validation", "data"),
+               ("validation", "split"))
+
+
+class UnreadableCheckpoint(TrainingError):
+    """A checkpoint file that does not read back (torn, truncated or foreign)."""
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -34,10 +40,26 @@ def save_state(path: Path, step: int, lora: dict, optimizer, lr_scheduler, confi
     return path
 
 
-def latest_checkpoint(output: str | Path) -> Path | None:
+def checkpoints(output: str | Path) -> list[Path]:
+    """This output's checkpoints, oldest first."""
     folder = checkpoint_dir(output)
-    found = sorted(folder.glob("step_*.pt")) if folder.is_dir() else []
+    return sorted(folder.glob("step_*.pt")) if folder.is_dir() else []
+
+
+def latest_checkpoint(output: str | Path) -> Path | None:
+    found = checkpoints(output)
     return found[-1] if found else None
+
+
+def newest_readable(output: str | Path, config: dict, say=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint of this output that reads back whole, and its state; a torn or unreadable newer one
+    (a power cut mid-write) is skipped with a message. Settings that changed since are an error, as in load_state."""
+    for path in reversed(checkpoints(output)):
+        try:
+            return path, load_state(path, config)
+        except UnreadableCheckpoint as e:
+            say(f"skipping {path.name}: {e}")
+    return None
 
 
 def load_state(path: Path, config: dict) -> dict:
@@ -45,12 +67,16 @@ def load_state(path: Path, config: dict) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torn or foreign file
-        raise TrainingError(f"cannot read checkpoint {path}: {e}") from None
-    from ..config import Config
-
-    defaults = Config().to_dict()  # a checkpoint from before a setting existed had its default
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "version" not in state:
+        raise UnreadableCheckpoint(f"{path} is not an sdlora checkpoint")
+    if state["version"] != STATE_VERSION:
+        raise TrainingError(f"{path.name} was written by another sdlora version (checkpoint format "
+                            f"{state['version']}, this one reads {STATE_VERSION}); train into a new output")
     for section, key in RESUME_KEYS:
-        old, new = state["config"].get(section, {}).get(key, defaults[section][key]), config[section][key]
+        # a checkpoint written before a setting existed ran with its default
+        old = state["config"].get(section, {}).get(key, getattr(getattr(Config(), section), key))
+        new = config[section][key]
         if old != new:
             raise TrainingError(f"cannot resume from {path.name}: {section}.{key} was {old!r}, now {new!r}; "
                                 "restore the setting or train into a new output")

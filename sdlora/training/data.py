@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class Example:
     bucket: tuple[int, int]  # (width, height) in pixels
     is_prior: bool = False
     size: tuple[int, int] = (0, 0)  # original (width, height), EXIF rotation applied
+    source: int = 0  # which of the run's data folders it came from
 
 
 # ---------------------------------------------------------------- images
@@ -48,26 +50,74 @@ def load_image(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image that decodes completely (EXIF rotation applied); raises ValueError saying why
+    it cannot be used: not an image, truncated or corrupt data, or over PIL's decompression-bomb limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                size = im.size[::-1] if _has_rotation(im) else im.size
+                im.load()  # decode it all: verify() does not read JPEG data, so a truncated file would pass
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(f"over {Image.MAX_IMAGE_PIXELS // 10**6} MP, PIL's decompression-bomb limit; "
+                             "downscale it") from None
+        except UnidentifiedImageError:
+            raise ValueError("not an image") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ValueError(f"cannot be decoded: {str(e).splitlines()[0] or type(e).__name__}") from None
+    return size
+
+
 def scan_folder(folder: str | Path, prompt: str = "",
-                use_captions: bool = True) -> tuple[list[tuple[str, str]], list[str]]:
-    """(image path, caption) pairs of a folder, and the names of files that were skipped and why."""
+                use_captions: bool = True) -> tuple[list[tuple[str, str, tuple[int, int]]], list[str]]:
+    """(image path, caption, size) of every usable image of a folder, and the files skipped with the reason."""
     folder = Path(folder)
     items, skipped = [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         if path.suffix.lower() == ".txt" or path.name.startswith("."):
             continue
         try:
-            with Image.open(path) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            size = image_size(path)
+        except ValueError as e:
             skipped.append(f"{path.name} ({'not an image' if path.suffix.lower() not in IMAGE_EXTS else e})")
             continue
         caption = prompt
         side = path.with_suffix(".txt")
         if use_captions and side.is_file():
             caption = side.read_text(encoding="utf-8", errors="replace").strip()
-        items.append((str(path), caption))
+        items.append((str(path), caption, size))
     return items, skipped
+
+
+# ---------------------------------------------------------------- captions as tag lists
+
+@dataclass(frozen=True)
+class TagRule:
+    """How a folder's captions vary from step to step when they are tag lists."""
+
+    shuffle: bool = False
+    keep: int = 0
+    dropout: float = 0.0
+    separator: str = ","
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout > 0
+
+
+def vary_tags(caption: str, rule: TagRule, rng: np.random.Generator) -> str:
+    """This step's caption: the first `keep` tags in place, the others dropped with probability `dropout` and
+    shuffled; a function of the caption and the micro-batch's rng alone, so a resumed run sees the same captions."""
+    sep = rule.separator
+    tags = [t.strip() for t in caption.split(sep) if t.strip()]
+    kept, rest = tags[: rule.keep], tags[rule.keep:]
+    if rule.dropout:
+        draws = rng.random(len(rest))
+        rest = [t for t, d in zip(rest, draws) if d >= rule.dropout]
+    if rule.shuffle and len(rest) > 1:
+        rest = [rest[j] for j in rng.permutation(len(rest))]
+    return (", " if sep == "," else sep).join(kept + rest)
 
 
 # ---------------------------------------------------------------- buckets
@@ -113,19 +163,30 @@ def fit_to_bucket(im: Image.Image, bucket: tuple[int, int], crop: str, rng: np.r
 # ---------------------------------------------------------------- datasets
 
 def build_examples(folders, resolution: int, bucketing: bool, step: int | None = None,
-                   is_prior: bool = False) -> list[Example]:
-    """Examples from (folder, prompt, use_captions, repeats) tuples; unreadable files are logged by name."""
+                   is_prior: bool = False, say=None) -> list[Example]:
+    """Examples from (folder, prompt, use_captions, repeats) tuples. Unreadable files are skipped and named; images
+    far smaller than their bucket and images with no caption at all are reported (`say`, else the log)."""
+    say = say or log.warning
     buckets = make_buckets(resolution, step) if bucketing else [(resolution, resolution)]
     examples = []
-    for folder, prompt, use_captions, repeats in folders:
+    for source, (folder, prompt, use_captions, repeats) in enumerate(folders):
         items, skipped = scan_folder(folder, prompt, use_captions)
         for name in skipped:
-            log.warning("skipped %s in %s", name, folder)
-        for path, caption in items:
-            with Image.open(path) as im:
-                w, h = im.size[::-1] if _has_rotation(im) else im.size
+            say(f"skipped {name} in {folder}")
+        small, uncaptioned = [], []
+        for path, caption, (w, h) in items:
             bucket = pick_bucket((w, h), buckets)
-            examples.extend([Example(path, caption, bucket, is_prior, (w, h))] * repeats)
+            if min(w, h) * 4 < min(bucket):
+                small.append(f"{Path(path).name} ({w}x{h})")
+            if not caption:
+                uncaptioned.append(Path(path).name)
+            examples.extend([Example(path, caption, bucket, is_prior, (w, h), source)] * repeats)
+        if small:
+            say(f"{len(small)} image(s) in {folder} are upscaled more than 4x to their bucket (blurry), "
+                f"e.g. {small[0]}")
+        if uncaptioned and not is_prior:
+            say(f"{len(uncaptioned)} image(s) in {folder} have no caption and the folder no prompt: they train on "
+                f"an empty caption, e.g. {uncaptioned[0]}; add .txt captions or an instance prompt")
     if not examples:
         where = ", ".join(str(f[0]) for f in folders)
         raise DataError(f"no readable images in {where}; add .png/.jpg images to train on")

@@ -16,10 +16,12 @@ import torch
 
 from ..callbacks import Callbacks, Commands
 from ..config import Config, validate
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError, WriteError
+from ..hardware import pick_threads
+from ..io import check_writable, remove_stale_temps
 from . import checkpoint as ckpt
 from . import runlog
-from .adapters import zero_update_modules
+from .adapters import started_at_zero, zero_update_modules
 from .optimizers import check_packages
 from .output import best_path, write_best, write_checkpoint, write_output, write_samples
 from .setup import check_bitsandbytes, make_accelerator, setup
@@ -54,13 +56,17 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     validate(cfg)
     check_bitsandbytes(cfg)
     check_packages(cfg)
+    prepare_output(cfg)
     callbacks, commands = callbacks or Callbacks(), commands or Commands()
+    threads, why = pick_threads(cfg.speed.threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        callbacks.on_message(f"{threads} CPU thread(s) ({why})")
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     state = setup(cfg, acc, callbacks if main else Callbacks())
     runlog.start_trackers(acc, cfg)
     out = Path(cfg.output.path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state.start_step = step = resume_from_checkpoint(state, out, callbacks) if resume else 0
     result = TrainResult(output=str(out), steps=step, final_loss=float("nan"), seconds=0.0,
                          log=str(runlog.log_path(out)), is_main=main)
@@ -111,7 +117,7 @@ def _finish(state: TrainState, step: int, out: Path, result: TrainResult, callba
         return
     if state.cfg.sample.prompts:
         result.samples += _samples(state, step, callbacks, run_log)
-    write_output(state, states, step, out)
+    _write_final(state, states, step, out, callbacks)
     if state.optim.ema is not None and state.cfg.optim.save_ema == "both":
         write_output(state, raw, step, out.with_name(out.stem + "_raw.safetensors"))
 
@@ -174,13 +180,39 @@ def _clip(state: TrainState, params) -> None:
         state.acc.clip_grad_norm_(list(params), state.cfg.optim.max_grad_norm)
 
 
+def prepare_output(cfg: Config) -> None:
+    """Before any model loads: the output can be written, is not the base model, and what killed runs left behind
+    (hidden temp files) is cleared."""
+    out = Path(cfg.output.path)
+    if cfg.model.path and Path(cfg.model.path).is_file() and out.resolve() == Path(cfg.model.path).resolve():
+        raise ConfigError(f"output {out} is the base model; choose another --output")
+    check_writable(out)
+    remove_stale_temps(out.parent, prefix=f".{out.stem}")
+    for folder in (ckpt.checkpoint_dir(out), out.with_name(out.stem + "_samples")):
+        remove_stale_temps(folder)
+
+
+def _write_final(state: TrainState, states: dict, step: int, out: Path, callbacks: Callbacks) -> None:
+    """The final LoRA file; if it cannot be written (a full disk), the run is kept in a checkpoint and the error
+    says where, so `--resume` writes the file once there is room."""
+    try:
+        write_output(state, states, step, out)
+    except WriteError as e:
+        try:
+            kept = f"the run is kept in {write_checkpoint(state, step, callbacks)}"
+        except WriteError:
+            last = ckpt.latest_checkpoint(out)
+            kept = f"the last checkpoint is {last}" if last else "no checkpoint could be written either"
+        raise TrainingError(f"{e}; {kept}; make room, then run the same command with --resume") from None
+
+
 def resume_from_checkpoint(state: TrainState, out: Path, callbacks: Callbacks) -> int:
-    """Load the newest checkpoint of this output (LoRA, embeddings, optimizers, schedule); its step, or 0."""
-    path = ckpt.latest_checkpoint(out)
-    if path is None:
+    """Load the newest readable checkpoint of this output (LoRA, embeddings, optimizers, schedule); its step, or 0."""
+    found = ckpt.newest_readable(out, state.cfg.to_dict(), callbacks.on_message)
+    if found is None:
         callbacks.on_message(f"no checkpoint in {ckpt.checkpoint_dir(out)}; starting from step 0")
         return 0
-    saved = ckpt.load_state(path, state.cfg.to_dict())
+    path, saved = found
     state.load_lora_states(saved["lora"])
     if state.concept is not None:
         state.concept.load(saved["embeddings"])
@@ -284,7 +316,7 @@ def _check_update(state: TrainState, states: dict, step: int) -> None:
     if not states:
         return
     zero = [m for s in states.values() for m in zero_update_modules(s)]
-    total = sum(1 for s in states.values() for k in s if k.endswith(".lora_B.weight"))
+    total = sum(len(started_at_zero(s)) for s in states.values())
     if zero and len(zero) == total:
         raise TrainingError(f"the LoRA is still zero after {step} steps, so it would change nothing; "
                             "raise the learning rate or train more steps")

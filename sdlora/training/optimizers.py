@@ -80,7 +80,7 @@ def make_optimizer(cfg, groups: list[dict], device) -> torch.optim.Optimizer:
         from lion_pytorch import Lion
 
         return Lion(groups, lr=lr, weight_decay=wd)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda", weight_decay=wd)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda" and cfg.speed.fused_optimizer, weight_decay=wd)
 
 
 def scheduler_warmup(cfg) -> int:

@@ -4,9 +4,12 @@ resumable checkpoints."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..callbacks import Callbacks
+from ..errors import WriteError
 from ..loras.files import DTYPES, write_embedding, write_lora
 from ..loras.layout import bundle_tensors, diffusers_tensors, kohya_tensors, peft_modules
 from ..loras.metadata import training_metadata
@@ -31,7 +34,7 @@ def write_output(state: TrainState, states: dict, step: int, path: Path, extra_m
     meta = training_metadata(cfg, c.family, c.prediction_type, model_name=c.name, model_hash=c.model_hash(),
                              steps=step, resolution=state.resolution, targets=state.adapters.targets,
                              started=state.started, captions_by_folder=state.captions_by_folder, extra=extra)
-    mods, names = peft_modules(states, cfg.lora_alpha, c.family, c.denoiser.config)
+    mods, names = peft_modules(states, cfg.lora_alpha, c.family, c.denoiser.config, adapted_ranks(state, states))
     if cfg.output.format == "kohya":
         tensors = kohya_tensors(mods, dtype)
         if concept is not None:  # diffusers' loader rejects bundled keys: kohya files only
@@ -42,25 +45,87 @@ def write_output(state: TrainState, states: dict, step: int, path: Path, extra_m
     return write_lora(path, tensors, meta)
 
 
+def adapted_ranks(state: TrainState, states: dict) -> dict[str, dict[str, tuple[int, float]]]:
+    """{part: {module path: (rank, alpha)}} of the adapted layers, as peft holds them (conv_rank changes some)."""
+    from .adapters import layer_ranks
+
+    c = state.components
+    parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders), **{c.family.denoiser_attr: c.denoiser})
+    return {part: layer_ranks(parts[part]) for part in states}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One sample image's settings: a [[sample.prompts]] table, or a plain prompt with the [sample] defaults."""
+
+    text: str
+    negative: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    lora_scale: float
+
+
+def sample_prompts(cfg, resolution: int) -> list[SamplePrompt]:
+    """Every sample's settings with the defaults filled in (prompt i's seed: sample.seed + i)."""
+    out = []
+    for i, p in enumerate(cfg.sample.prompts):
+        t = {"text": p} if isinstance(p, str) else p
+        out.append(SamplePrompt(t["text"], t.get("negative", ""), t.get("seed", cfg.sample.seed + i),
+                                t.get("width") or resolution, t.get("height") or resolution,
+                                t.get("steps") or cfg.sample.steps, float(t.get("guidance", cfg.sample.guidance)),
+                                float(t.get("lora_scale", 1.0))))
+    return out
+
+
+@contextmanager
+def lora_scaled(models, scale: float):
+    """The LoRA of these models applied at `scale` (its layers' scaling multiplied) inside the block."""
+    layers = [m for model in models for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    saved = [dict(m.scaling) for m in layers]
+    for m in layers:
+        m.scaling = {k: v * scale for k, v in m.scaling.items()}
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, saved):
+            m.scaling = s
+
+
 def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[str]:
-    """The sample prompts rendered with the LoRA as it is at `step` (same seeds every time)."""
+    """The sample prompts rendered with the LoRA as it is at `step` (same seeds every time), each with its own
+    settings, saved with them in the PNG's text and listed in the run's log."""
     from ..sampling import render, save_png
 
     cfg, c = state.cfg, state.components
+    out = Path(cfg.output.path)
+    folder = out.with_name(out.stem + "_samples")
     c.denoiser.eval()
     pipe = c.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    with state.acc.autocast(), state.optim.evaluation():
-        images = render(pipe, [state.prompt(p) for p in cfg.sample.prompts], cfg.sample.seed, cfg.sample.steps,
-                        cfg.sample.guidance, state.resolution, state.resolution)
-    out = Path(cfg.output.path)
-    folder = out.with_name(out.stem + "_samples")
-    paths = [str(save_png(im, folder / f"step_{step:07d}_{i}.png",
-                          {"prompt": p, "step": step, "seed": cfg.sample.seed + i}))
-             for i, (im, p) in enumerate(zip(images, cfg.sample.prompts))]
+    paths, records = [], []
+    with state.optim.evaluation():  # the EMA's / schedule-free's averaged weights
+        for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
+            with state.acc.autocast(), lora_scaled([c.denoiser, *c.text_encoders], sp.lora_scale):
+                image = render(pipe, [state.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width, sp.height,
+                               sp.negative)[0]
+            settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
+            path = folder / f"step_{step:07d}_{i}.png"
+            paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))
+            records.append({"step": step, "sample": path.name, **settings})
     c.denoiser.train()
+    with open(out.with_name(out.stem + "_log.jsonl"), "a") as log:
+        log.write("".join(json.dumps(r) + "\n" for r in records))
     callbacks.on_sample(step, paths)
     return paths
+
+
+def _a1111_text(sp: SamplePrompt) -> str:
+    """AUTOMATIC1111's 'parameters' text, which image viewers and A1111's PNG Info read."""
+    return (f"{sp.text}\nNegative prompt: {sp.negative}\nSteps: {sp.steps}, CFG scale: {sp.guidance:g}, "
+            f"Seed: {sp.seed}, Size: {sp.width}x{sp.height}, LoRA scale: {sp.lora_scale:g}")
 
 
 def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
@@ -78,10 +143,15 @@ def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
         if state.validation is not None:
             extra["validation"] = state.validation.best.state_dict()
         states = state.lora_states()
-        ckpt.save_state(path, step, states, state.optim.main, state.optim.lr_scheduler, state.cfg.to_dict(),
-                        state.acc.scaler, extra)
-        with state.optim.evaluation():
-            write_output(state, state.lora_states(), step, path.with_suffix(".safetensors"))
+        last = ckpt.latest_checkpoint(state.cfg.output.path)
+        try:
+            ckpt.save_state(path, step, states, state.optim.main, state.optim.lr_scheduler, state.cfg.to_dict(),
+                            state.acc.scaler, extra)
+            with state.optim.evaluation():
+                write_output(state, state.lora_states(), step, path.with_suffix(".safetensors"))
+        except WriteError as e:
+            raise WriteError(f"{e}; " + (f"the last good checkpoint is {last}" if last else "no checkpoint yet")) \
+                from None
         callbacks.on_checkpoint(step, str(path))
     state.acc.wait_for_everyone()
     return str(path)

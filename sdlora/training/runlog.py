@@ -34,13 +34,22 @@ def start_trackers(acc, cfg) -> None:
 
 
 def trim(path: Path, step: int) -> None:
-    """Drop log lines past `step` (written before an interruption, and about to be trained again)."""
+    """Drop log lines past `step` (training and validation lines written before an interruption, and about to be
+    trained again), and a torn line (a power cut or a full disk mid-write)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+    lines = path.read_text(errors="replace").splitlines()
+    kept = [x for x in lines if (rec := _record(x)) is not None and rec.get("step", 0) <= step]
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+def _record(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 class RunLog:

@@ -12,13 +12,15 @@ import torch
 from ..callbacks import Callbacks
 from ..config import Config
 from ..errors import ConfigError, DataError, ModelError
+from ..hardware import cpu_has_native_bf16
 from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
 from .adapters import inject, lora_parameters
 from .batches import Batches, Latents
-from .data import BatchPlan, build_examples, scan_folder
+from .data import BatchPlan, TagRule, build_examples, scan_folder
 from .embeddings import ConceptTokens, add_concept
 from .optimizers import loraplus_groups, make_ema, make_optimizer, scheduler_warmup
+from .output import sample_prompts
 from .phases import plan_phases
 from .state import Adapters, Optimizers, TrainState
 from .step import Models
@@ -43,12 +45,51 @@ def make_accelerator(cfg: Config):
 
 
 def mixed_precision(cfg: Config) -> str:
+    """The precision `auto` means here: bf16 (fp16 where the GPU lacks bf16) on CUDA; on the CPU bf16 autocast
+    where bf16 is native, else fp32."""
     mp = cfg.train.mixed_precision
     if mp != "auto":
         return mp
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def apply_speed(cfg: Config, c: Components, device: torch.device) -> None:
+    """The [speed] switches that act on the denoiser (attention kernel, memory layout, TF32); compilation comes after
+    the adapters are in place (`compile_denoiser`)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    sp = cfg.speed
+    if sp.attention == "xformers":
+        try:
+            c.denoiser.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as e:
+            raise ConfigError(f"speed.attention xformers: {str(e).splitlines()[0]}; pip install 'sdlora[xformers]' "
+                              "or use sdpa") from None
+    elif hasattr(c.denoiser, "set_attn_processor"):
+        c.denoiser.set_attn_processor(AttnProcessor2_0() if sp.attention == "sdpa" else AttnProcessor())
+    if sp.channels_last:
+        c.denoiser.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = sp.tf32
+
+
+def compile_denoiser(cfg: Config, c: Components) -> None:
+    """torch.compile, in place: `regional` compiles each repeated transformer block once (fast to compile, reused by
+    every block of the same shape), `full` the whole denoiser."""
+    if cfg.speed.compile == "full":
+        c.denoiser.compile()
+    elif cfg.speed.compile == "regional":
+        blocks = [m for m in c.denoiser.modules() if type(m).__name__ in REPEATED_BLOCKS]
+        if not blocks:
+            raise ConfigError(f"speed.compile regional found no transformer block in {type(c.denoiser).__name__}; "
+                              "use full")
+        for block in blocks:
+            block.compile()
+
+
+REPEATED_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock")
 
 
 def check_bitsandbytes(cfg: Config) -> None:
@@ -64,9 +105,8 @@ def check_bitsandbytes(cfg: Config) -> None:
 
 def resolve_resolution(cfg: Config, c: Components) -> tuple[int, int]:
     """(resolution, bucket step) that fit the VAE and denoiser down-sampling of this model."""
-    vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
-    multiple = vae_factor * 2 ** (len(c.denoiser.config.block_out_channels) - 1)
-    res = cfg.augment.resolution or c.denoiser.config.sample_size * vae_factor
+    multiple = c.size_multiple
+    res = cfg.augment.resolution or c.denoiser.config.sample_size * c.vae_factor
     if res % multiple:
         raise ConfigError(f"resolution {res} must be a multiple of {multiple} for this model")
     return res, max(multiple, math.ceil(res / 64 / multiple) * multiple)
@@ -78,6 +118,10 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
 
     c = components or load_components(cfg.model_path, cfg.model.prediction_type)
     resolution, bucket_step = resolve_resolution(cfg, c)
+    odd = [p for p in sample_prompts(cfg, resolution) if p.width % c.size_multiple or p.height % c.size_multiple]
+    if odd:
+        raise ConfigError(f"sample size {odd[0].width}x{odd[0].height} is not a multiple of {c.size_multiple} for "
+                          "this model")
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         if acc.is_main_process:
             ensure_class_images(cfg, c, resolution, callbacks)
@@ -85,10 +129,12 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     concept = pivotal_tokens(cfg, c)
     prompt = (lambda text: concept.prompt(text, cfg.pivotal.trigger)) if concept else (lambda text: text)
     held_out = held_out_images(cfg)
-    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, held_out)
+    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message, held_out)
     use_zero_terminal_snr(cfg, c)
     weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
+    apply_speed(cfg, c, acc.device)
     adapters = add_adapters(cfg, c, concept)
+    compile_denoiser(cfg, c)
     phases = plan_phases(cfg, has_lora=cfg.train.max_steps > 0, text_lora=adapters.text_lora,
                          has_concept=concept is not None)
     batches.latents = Latents(c.vae, acc.device, weight_dtype, cached=cfg.train.cache_latents
@@ -96,8 +142,11 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if cfg.train.cache_latents and not batches.latents.cached:
         callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
     optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
+    varying = any(r.active for r in batches.tag_rules)
+    if cfg.train.cache_text and varying:
+        callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
     text = TextEncoding(c.family.conditioning, c.tokenizers, encoders, list(c.text_encoders),
-                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text)
+                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text and not varying)
     models = Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
     state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept,
                        concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
@@ -106,7 +155,7 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
         state.validation = Validation(examples, cfg.validation.timesteps, cfg.train.seed)
     state.enter_phase(0)
     batches.fill_cache()
-    if cfg.train.cache_text and not phases.main.text_trainable and concept is None:
+    if text.cache_allowed and not phases.main.text_trainable and concept is None:
         text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
     return state
 
@@ -145,30 +194,32 @@ def pivotal_tokens(cfg: Config, c: Components) -> ConceptTokens | None:
 
 
 def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, prompt,
-              held_out: frozenset | set = frozenset()) -> tuple[Batches, dict]:
+              say=None, held_out: frozenset | set = frozenset()) -> tuple[Batches, dict]:
     """The examples (bucketed, captions through `prompt`; the `held_out` validation images left out), the class
     images' examples, their batch plans, and the captions of each folder (for the file's tag frequencies). Latents
     are attached by `setup`."""
     import dataclasses
 
     folders = [(d.path, d.prompt, d.use_captions, d.repeats) for d in cfg.data]
-    examples = [dataclasses.replace(e, caption=prompt(e.caption))
-                for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step)
-                if e.path not in held_out]
+    raw = [e for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say)
+           if e.path not in held_out]
+    examples = [dataclasses.replace(e, caption=prompt(e.caption)) for e in raw]
     if cfg.pivotal.token and not any(cfg.pivotal.token in e.caption for e in examples):
         what = f"the trigger {cfg.pivotal.trigger!r}" if cfg.pivotal.trigger else f"the token {cfg.pivotal.token!r}"
         raise ConfigError(f"no caption or instance prompt contains {what}; put it in the captions "
                           "or set pivotal.trigger")
-    captions = {d.path: [cap for path, cap in scan_folder(d.path, d.prompt, d.use_captions)[0]
-                         if path not in held_out] for d in cfg.data}
+    captions = {d.path: list({e.path: e.caption for e in raw if e.source == i}.values())
+                for i, d in enumerate(cfg.data)}
     prior_examples, prior_plan = [], None
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], resolution,
-                                        cfg.augment.bucketing, bucket_step, is_prior=True)
+                                        cfg.augment.bucketing, bucket_step, is_prior=True, say=say)
         prior_plan = BatchPlan(prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
+    rules = [TagRule(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.tag_separator) for d in cfg.data]
     batches = Batches(examples, BatchPlan(examples, cfg.train.batch_size, cfg.train.seed), prior_examples,
                       prior_plan, latents=None, conditioning=c.family.conditioning,
-                      random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout)
+                      random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout,
+                      tag_rules=rules)
     return batches, captions
 
 
@@ -224,12 +275,14 @@ def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> A
 
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
     lo, fam = cfg.lora, c.family
-    targets = inject(c.denoiser, fam.targets[lo.targets], lo.rank, cfg.lora_alpha, lo.dropout) \
+    kind = dict(network=lo.network, args=cfg.network_args)
+    targets = inject(c.denoiser, fam.targets[lo.targets], lo.rank, cfg.lora_alpha, lo.dropout, **kind) \
         if cfg.train.max_steps > 0 else []
     lrs = text_encoder_lrs(cfg, len(c.text_encoders))
     for i, (encoder, lr) in enumerate(zip(c.text_encoders, lrs)):
         if lr:
-            targets += inject(encoder, fam.text_targets, lo.rank, cfg.lora_alpha, lo.dropout, f"text encoder {i + 1}")
+            targets += inject(encoder, fam.text_targets, lo.rank, cfg.lora_alpha, lo.dropout, f"text encoder {i + 1}",
+                              **kind)
     for param in concept.params if concept else []:  # peft froze every non-LoRA parameter
         param.requires_grad_(True)
     cast_training_params([c.denoiser, *c.text_encoders], dtype=torch.float32)

@@ -22,7 +22,7 @@ def held_out_images(cfg) -> set[str]:
     by the seed; at least one, and at least one left to train on."""
     if not cfg.validation.split:
         return set()
-    paths = sorted({p for d in cfg.data for p, _ in scan_folder(d.path, d.prompt, d.use_captions)[0]})
+    paths = sorted({item[0] for d in cfg.data for item in scan_folder(d.path, d.prompt, d.use_captions)[0]})
     if len(paths) < 2:
         raise DataError(f"validation.split needs at least 2 training images, found {len(paths)}")
     n = min(max(1, round(cfg.validation.split * len(paths))), len(paths) - 1)
