@@ -1,12 +1,17 @@
 """Training-step benchmark on a full-size SD 1.5- or SDXL-shaped model (random weights, nothing downloaded).
 
     python scripts/bench_train.py [--family sd1|sdxl] [--quantize] [--resolution 256] [--steps 5] [--warmup 2]
+    python scripts/bench_train.py --optimizers [--small] [--family sd1|sdxl] [--resolution 128]
 
 LoRA rank 4 on the UNet cross-attention, batch 1, through sdlora's own trainer (`setup` + optimizer steps),
 with latent/text caching on and off, and with `--quantize` also QLoRA (NF4 base, caching on). Each configuration
 runs in a fresh process so peak memory is its own. Prints a table of seconds per step, steps per second, the bytes of
 the UNet and text-encoder weights, and peak memory during the timed steps (CUDA: allocated; CPU: process RSS).
 Default resolution: 512 px on CUDA, 256 px on the CPU.
+
+`--optimizers` prints one row per optimizer instead (caching on): seconds per step and the bytes of the optimizer's
+state (its per-parameter tensors, as a checkpoint stores them); `--small` runs them on the small shapes-world-sized
+random model instead of the full-size one (the state's bytes scale with the LoRA's parameter count).
 """
 
 from __future__ import annotations
@@ -22,22 +27,29 @@ import threading
 import time
 from pathlib import Path
 
+OPTIMIZER_LR = {"prodigy": 1.0, "lion": 3e-5}  # each at a learning rate its users would pick
 
-def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quantize: str = "none") -> dict:
+
+def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quantize: str = "none",
+        optimizer: str = "adamw", small: bool = False) -> dict:
     import torch
     from PIL import Image
 
     from sdlora.callbacks import Callbacks
     from sdlora.config import Config, DataFolder
-    from sdlora.random_pipelines import full_size_components
+    from sdlora.models import load_components
+    from sdlora.random_pipelines import full_size_components, save_tiny_pipeline
     from sdlora.training.loop import optimizer_step
+    from sdlora.training.optimizers import state_bytes
     from sdlora.training.setup import make_accelerator, setup
 
     tmp = Path(tempfile.mkdtemp())
     for i in range(4):
         Image.new("RGB", (resolution, resolution), (40 * i, 90, 200)).save(tmp / f"{i}.png")
-    components = full_size_components(family, tmp / "tok")
+    components = load_components(str(save_tiny_pipeline(tmp / "tiny"))) if small else \
+        full_size_components(family, tmp / "tok")
     cfg = Config()
+    cfg.optim.optimizer, cfg.optim.lr = optimizer, OPTIMIZER_LR.get(optimizer, 1e-4)
     cfg.model.quantize = quantize
     cfg.data = [DataFolder(path=str(tmp), prompt="a photo of sks")]
     cfg.augment.resolution = resolution
@@ -66,7 +78,9 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quan
     sec = (time.perf_counter() - t0) / steps
     return {"cache": cache, "quantize": quantize, "device": acc.device.type, "precision": acc.mixed_precision,
             "resolution": resolution, "sec_per_step": sec, "steps_per_sec": 1 / sec, "peak_gib": peak,
-            "weights_gib": weights, "threads": torch.get_num_threads()}
+            "weights_gib": weights, "threads": torch.get_num_threads(), "optimizer": optimizer,
+            "state_mib": state_bytes(state.optim.main) / 2**20,
+            "lora_params": sum(p.numel() for p in state.optim.lora_params)}
 
 
 class RssPeak(threading.Thread):
@@ -99,14 +113,21 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--family", default="sd1", choices=("sd1", "sdxl"), help="sd1: SD 1.5 shapes; sdxl: SDXL base")
     p.add_argument("--quantize", action="store_true", help="Also run QLoRA (4-bit NF4 base; CUDA + bitsandbytes).")
+    p.add_argument("--optimizers", action="store_true", help="One row per optimizer (s/step, state bytes).")
+    p.add_argument("--small", action="store_true", help="With --optimizers: the small random model.")
     p.add_argument("--one", choices=("cached", "uncached", "nf4"), help=argparse.SUPPRESS)
+    p.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         import torch
 
-        res = args.resolution or (512 if torch.cuda.is_available() else 256)
+        res = args.resolution or (64 if args.small else 512 if torch.cuda.is_available() else 256)
         quantize = "nf4" if args.one == "nf4" else "none"
-        print(json.dumps(one(res, args.steps, args.warmup, args.one != "uncached", args.family, quantize)))
+        print(json.dumps(one(res, args.steps, args.warmup, args.one != "uncached", args.family, quantize,
+                             args.optimizer, args.small)))
+        return
+    if args.optimizers:
+        optimizers_table(args)
         return
     if args.quantize:
         from sdlora.errors import SdloraError
@@ -138,6 +159,29 @@ def main() -> None:
     print(f"speed-up from caching: {rows[1]['sec_per_step'] / rows[0]['sec_per_step']:.2f}x "
           f"({args.family}-shaped UNet/TE/VAE, random weights, LoRA rank 4 on attn2, batch 1, "
           f"{rows[0]['threads']} threads)")
+
+
+def optimizers_table(args) -> None:
+    from sdlora.config import OPTIMIZERS
+
+    rows = []
+    for name in OPTIMIZERS:
+        cmd = [sys.executable, __file__, "--one", "cached", "--optimizer", name, "--resolution", str(args.resolution),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--family", args.family]
+        out = subprocess.run(cmd + (["--small"] if args.small else []), capture_output=True, text=True)
+        if out.returncode:
+            print(f"{name}: failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    head = f"{'optimizer':<20}{'device':<8}{'px':>5}{'s/step':>9}{'state MiB':>11}{'bytes/param':>13}"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['optimizer']:<20}{r['device']:<8}{r['resolution']:>5}{r['sec_per_step']:>9.3f}"
+              f"{r['state_mib']:>11.2f}{r['state_mib'] * 2**20 / r['lora_params']:>13.2f}")
+    if rows:
+        model = "small random" if args.small else f"{args.family}-shaped"
+        print(f"({model} UNet, LoRA rank 4 on attn2 = {rows[0]['lora_params']:,} parameters, batch 1, "
+              f"{rows[0]['threads']} threads)")
 
 
 if __name__ == "__main__":

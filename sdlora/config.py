@@ -22,6 +22,7 @@ from .paths import default_model_path
 CONFIG_VERSION = 1
 
 TARGET_PRESETS = ("cross_attn", "attn", "attn_ff", "all")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw-schedulefree", "lion")
 NETWORKS = ("lora", "dora", "loha", "lokr")
 # each network's own knobs (`--network-args "factor=8,decompose_both=true"`): name -> type, or the allowed words
 _SHARED_ARGS = {"conv_rank": int, "conv_alpha": float}
@@ -133,9 +134,21 @@ class AugmentConfig:
 @dataclass
 class OptimConfig:
     lr: float = opt(1e-4, "Learning rate of the UNet LoRA.", gt=0)
-    optimizer: str = opt("adamw", "adamw, or adamw8bit (bitsandbytes: CUDA, or the CPU from 0.50).",
-                         choices=("adamw", "adamw8bit"))
-    weight_decay: float = opt(1e-2, "AdamW weight decay.", ge=0)
+    optimizer: str = opt("adamw", "adamw (torch); adamw8bit (bitsandbytes: CUDA, or the CPU from 0.50); prodigy "
+                         "(prodigyopt: estimates the step size itself, give lr = 1); adafactor (transformers, at the "
+                         "given lr and schedule: relative_step off); adamw-schedulefree (schedulefree: needs "
+                         "lr_scheduler constant, does its own warm-up); lion (lion-pytorch: lr 3-10x below AdamW's). "
+                         "All but adamw and adamw8bit come with pip install 'sdlora[optimizers]'.",
+                         choices=OPTIMIZERS)
+    weight_decay: float = opt(1e-2, "Weight decay (decoupled, as AdamW's).", ge=0)
+    loraplus_ratio: float = opt(0.0, "LoRA+: the B (up) matrices learn at lr x this ratio (16 is the paper's "
+                                "advice); 0 = off, A and B at the same lr.", flag="loraplus-ratio", ge=0)
+    ema_decay: float = opt(0.0, "EMA of the LoRA weights with this decay (e.g. 0.999); samples, validation and the "
+                           "saved files use the averaged weights. 0 = off.", ge=0, lt=1)
+    ema_warmup: bool = opt(False, "EMA decay warms up as 1-(1+n)^(-2/3) (diffusers' EMA warm-up) instead of "
+                           "(1+n)/(10+n); either way it is capped at ema_decay.")
+    save_ema: str = opt("ema", "With EMA: ema writes the averaged LoRA; both also writes the raw weights as "
+                        "NAME_raw.safetensors.", choices=("ema", "both"))
     lr_scheduler: str = opt("constant", "diffusers scheduler name (constant, linear, cosine, ...).",
                             choices=("constant", "constant_with_warmup", "linear", "cosine",
                                      "cosine_with_restarts", "polynomial"))
@@ -157,6 +170,48 @@ class TrainConfig:
     noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05) for darker/brighter images; 0 = off.", ge=0)
     cache_latents: bool = opt(True, "Encode images once; the VAE does no per-step work (off with random crop).")
     cache_text: bool = opt(True, "Encode captions once when the text encoder is frozen.")
+    # the objective's recipe (sdlora/training/objective.py): any family, whatever the model predicts
+    timestep_sampling: str = opt("uniform", "How training timesteps are drawn: uniform; logit-normal "
+                                 "(sigmoid(mean + scale z), favours the middle); sigmoid (kohya's name for "
+                                 "sigmoid(scale z)).", choices=("uniform", "logit-normal", "sigmoid"))
+    timestep_mean: float = opt(0.0, "logit-normal: the mean of the normal (> 0 favours noisier timesteps).")
+    timestep_scale: float = opt(1.0, "logit-normal and sigmoid: the spread of the normal.", gt=0)
+    min_timestep: int = opt(0, "Train only on timesteps >= this (0..999).", ge=0)
+    max_timestep: int = opt(1000, "Train only on timesteps < this (1..1000).", le=1000)
+    loss: str = opt("l2", "l2 (MSE); huber or smooth-l1 (the pseudo-Huber losses of kohya's scheduled Huber "
+                    "loss: robust to outliers in the data).", choices=("l2", "huber", "smooth-l1"))
+    huber_delta: float = opt(0.1, "huber / smooth-l1: the delta (kohya's huber_c) where the loss turns linear.",
+                              gt=0)
+    huber_schedule: str = opt("snr", "huber / smooth-l1: delta over the timesteps: constant, exponential (from 1 "
+                              "at t = 0 to delta at the end) or snr (from 1 at high SNR to delta at low SNR).",
+                              choices=("constant", "exponential", "snr"))
+    debiased_estimation: bool = opt(False, "Weight the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), the "
+                                    "debiased estimation of Yu et al. 2024.")
+    multires_noise_iterations: int = opt(0, "Multi-resolution (pyramid) noise levels added to the noise (6-10 is "
+                                         "typical); 0 = off.", ge=0)
+    multires_noise_discount: float = opt(0.3, "Multi-resolution noise: each coarser level's weight factor.",
+                                          gt=0, le=1)
+    ip_noise_gamma: float = opt(0.0, "Input perturbation (Ning et al. 2023): the noised input gets gamma x extra "
+                                "noise that the target does not (0.1 is typical); 0 = off.", ge=0)
+    zero_terminal_snr: bool = opt(False, "Rescale the noise schedule so the last timestep is pure noise (Lin et "
+                                  "al. 2023), as v-prediction fine-tunes like NoobAI-XL need; v-prediction only.")
+
+
+@dataclass
+class ValidationConfig:
+    data: str = opt("", "Folder of held-out validation images (captions as for training data; without one, the "
+                    "first data folder's prompt).", flag="validation-data")
+    split: float = opt(0.0, "Hold out this share of the training images (chosen per image by the seed, never "
+                       "trained on) as the validation set; 0 = off.", flag="validation-split", ge=0,
+                       lt=1)
+    every: int = opt(0, "Compute the validation loss every N steps (and at the end); 0 = only at the end.",
+                     flag="validate-every", ge=0)
+    timesteps: int = opt(5, "Timesteps per validation image, evenly spaced quantiles of the training "
+                         "distribution; noise is drawn once from the seed, so only the LoRA changes the loss.",
+                         flag="validation-timesteps", ge=1)
+    keep_best: bool = opt(False, "Write NAME_best.safetensors whenever the validation loss improves.")
+    early_stop_patience: int = opt(0, "Stop after this many validations without improvement (keeps the best "
+                                   "file and a resumable checkpoint); 0 = off.", ge=0)
 
 
 @dataclass
@@ -201,6 +256,9 @@ class OutputConfig:
     name: str = opt("", "Name shown in A1111 (ss_output_name); default: the file name.")
     trigger: str = opt("", "Trigger word(s) stored in the file's metadata; default: taken from the prompts.")
     dtype: str = opt("fp16", "Tensor dtype in the saved file.", flag="save-dtype", choices=("fp16", "bf16", "fp32"))
+    log_with: str = opt("none", "Also log loss, lr, validation loss and samples to tensorboard (folder "
+                        "NAME_logs) or wandb, through accelerate (pip install 'sdlora[tensorboard]' / "
+                        "'sdlora[wandb]').", choices=("none", "tensorboard", "wandb"))
     metadata: str = opt("public", "What the LoRA file tells about its training: public (settings, folder names, "
                         "image counts, tag frequencies; never a path or user name), full (also the local paths), "
                         "none (only what loaders need).", choices=("public", "full", "none"))
@@ -216,6 +274,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -335,6 +394,7 @@ def load_toml(path: str | Path) -> Config:
     for folder in cfg.data:
         folder.path = _rel(folder.path, base)
     cfg.prior.class_data = _rel(cfg.prior.class_data, base)
+    cfg.validation.data = _rel(cfg.validation.data, base)
     cfg.output.path = _rel(cfg.output.path, base)
     if cfg.model.path and (base / cfg.model.path).exists():
         cfg.model.path = str(base / cfg.model.path)
@@ -453,6 +513,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
                           "or use --prior-mode model")
     if pr.class_data and not pr.class_prompt:
         raise ConfigError("prior.class_data is set but prior.class_prompt is empty; give --class-prompt")
+    validate_training_options(cfg, check_paths)
     if check_paths and cfg.model.path and _looks_local(cfg.model.path) and not Path(cfg.model.path).exists():
         raise ConfigError(f"model not found: {cfg.model.path}")
     return cfg
@@ -498,3 +559,50 @@ def _check_sample_table(p: dict, where: str) -> None:
 
 def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.endswith((".safetensors", ".ckpt")) or path.count("/") != 1
+
+
+def _rule(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_training_options(cfg: Config, check_paths: bool = True) -> None:
+    """The optimizer, EMA, objective and validation options: ranges, and settings that would do nothing."""
+    op, tr, va = cfg.optim, cfg.train, cfg.validation
+    _rule(not op.loraplus_ratio or cfg.lora.network in ("lora", "dora"), "optim.loraplus_ratio needs LoRA's B "
+          f"matrices and lora.network {cfg.lora.network} has none: use lora or dora, or set the ratio to 0")
+    _rule(op.ema_decay > 0 or (not op.ema_warmup and op.save_ema == "ema"),
+          "optim.ema_warmup and save_ema = both need EMA: set optim.ema_decay (e.g. 0.999)")
+    if op.optimizer == "adamw-schedulefree":
+        _rule(op.lr_scheduler == "constant", "adamw-schedulefree replaces the learning-rate schedule: set "
+              f"optim.lr_scheduler constant (its warm-up is optim.warmup_steps), got {op.lr_scheduler!r}")
+        _rule(op.ema_decay == 0, "adamw-schedulefree averages the weights itself: set optim.ema_decay 0")
+    if op.optimizer == "prodigy":
+        lrs = {op.lr, cfg.lora.text_encoder_lr or op.lr, cfg.lora.text_encoder_2_lr or op.lr}
+        if cfg.pivotal.token and cfg.pivotal.continue_lr:
+            lrs.add(cfg.pivotal.continue_lr)
+        _rule(len(lrs) == 1 and not op.loraplus_ratio, "prodigy takes one learning rate for everything it "
+              "trains: leave lora.text_encoder_lr, text_encoder_2_lr, pivotal.continue_lr and optim.loraplus_ratio "
+              "at 0 (or equal to optim.lr)")
+    _rule(tr.min_timestep < tr.max_timestep, "train.min_timestep and max_timestep must satisfy "
+          f"0 <= min < max <= 1000, got {tr.min_timestep} and {tr.max_timestep}")
+    _rule(tr.timestep_sampling == "logit-normal" or tr.timestep_mean == 0,
+          "train.timestep_mean applies to timestep_sampling logit-normal only")
+    _rule(tr.timestep_sampling != "uniform" or tr.timestep_scale == 1,
+          "train.timestep_scale applies to timestep_sampling logit-normal or sigmoid only")
+    _rule(tr.loss != "l2" or (tr.huber_delta == 0.1 and tr.huber_schedule == "snr"),
+          "train.huber_delta and huber_schedule apply to loss huber or smooth-l1 only")
+    _rule(tr.multires_noise_iterations > 0 or tr.multires_noise_discount == 0.3,
+          "train.multires_noise_discount needs train.multires_noise_iterations > 0")
+    _rule(not (tr.zero_terminal_snr and cfg.model.prediction_type == "epsilon"),
+          "train.zero_terminal_snr needs v-prediction (an epsilon model cannot learn pure noise at the last "
+          "timestep): set model.prediction_type v_prediction")
+    _rule(not (va.split and va.data), "give validation.data or validation.split, not both")
+    has_validation = bool(va.split or va.data)
+    _rule(has_validation or not (va.every or va.keep_best or va.early_stop_patience),
+          "validate_every, keep_best and early_stop_patience need validation images: give --validation-data DIR "
+          "or --validation-split F")
+    _rule(not va.early_stop_patience or va.every > 0, "early_stop_patience needs validation during training: "
+          "set validation.every (--validate-every N)")
+    if check_paths and va.data:
+        _rule(Path(va.data).is_dir(), f"validation folder not found: {va.data}; pass an existing folder of images")

@@ -108,7 +108,7 @@ class TrainTab:
             self.save_now_btn = gr.Button("Save now (resumable checkpoint)", size="sm", elem_id="save-now")
         self.status = gr.HTML(progress.status_html(None), elem_id="status")
         with gr.Row(equal_height=False):
-            self.loss_plot = gr.LinePlot(progress.loss_frame(None), x="step", y="loss", title="Training loss",
+            self.loss_plot = gr.LinePlot(progress.loss_frame(None), x="step", y="loss", color="series", title="Loss",
                                          height=260, elem_id="loss-plot")
             self.samples = gr.Gallery(label="Samples (newest first)", columns=3, height=260, fit_columns=False,
                                       elem_id="samples")

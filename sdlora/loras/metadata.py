@@ -48,6 +48,18 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict:
             for folder, caps in captions_by_folder.items()}
 
 
+def recipe_metadata(cfg) -> dict[str, str]:
+    """kohya's keys for the optimizer and the objective's options."""
+    tr = cfg.train
+    return {"ss_optimizer": cfg.optim.optimizer, "ss_loss_type": tr.loss.replace("-", "_"),
+            "ss_huber_c": str(tr.huber_delta), "ss_huber_schedule": tr.huber_schedule,
+            "ss_min_timestep": str(tr.min_timestep), "ss_max_timestep": str(tr.max_timestep),
+            "ss_debiased_estimation": str(tr.debiased_estimation), "ss_ip_noise_gamma": str(tr.ip_noise_gamma),
+            "ss_multires_noise_iterations": str(tr.multires_noise_iterations),
+            "ss_multires_noise_discount": str(tr.multires_noise_discount),
+            "ss_zero_terminal_snr": str(tr.zero_terminal_snr), "sdlora_timestep_sampling": tr.timestep_sampling}
+
+
 def network_labels(cfg) -> dict[str, str]:
     """ss_network_module / ss_network_args as kohya's sd-scripts write them: networks.lora for a plain LoRA; for DoRA,
     LoHa and LoKr what sd-scripts writes when LyCORIS makes the network (`lycoris.kohya`, its arguments as strings,
@@ -107,6 +119,7 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
         "ss_min_snr_gamma": str(cfg.train.min_snr_gamma),
         "ss_noise_offset": str(cfg.train.noise_offset),
         "ss_prior_loss_weight": str(cfg.prior.weight),
+        **recipe_metadata(cfg),
         "ss_tag_frequency": json.dumps(tag_frequency(captions_by_folder)),
         "ss_dataset_dirs": json.dumps(dataset_dirs(cfg, captions_by_folder)),
         "ss_num_train_images": str(sum(len(v) for v in captions_by_folder.values())),

@@ -15,7 +15,8 @@ STATE_VERSION = 2  # 2: LoRA states keyed by model part (unet, text_encoder, ...
 RESUME_KEYS = (("model", "path"), ("lora", "rank"), ("lora", "alpha"), ("lora", "targets"),
                ("lora", "train_text_encoder"), ("train", "seed"), ("train", "batch_size"), ("train", "grad_accum"),
                ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"), ("lora", "network"),
-               ("lora", "network_args"))
+               ("lora", "network_args"), ("optim", "optimizer"), ("optim", "loraplus_ratio"), ("validation", "data"),
+               ("validation", "split"))
 
 
 class UnreadableCheckpoint(TrainingError):
@@ -74,7 +75,7 @@ def load_state(path: Path, config: dict) -> dict:
                             f"{state['version']}, this one reads {STATE_VERSION}); train into a new output")
     for section, key in RESUME_KEYS:
         # a checkpoint written before a setting existed ran with its default
-        old = state["config"][section].get(key, getattr(getattr(Config(), section), key))
+        old = state["config"].get(section, {}).get(key, getattr(getattr(Config(), section), key))
         new = config[section][key]
         if old != new:
             raise TrainingError(f"cannot resume from {path.name}: {section}.{key} was {old!r}, now {new!r}; "

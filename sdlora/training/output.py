@@ -17,12 +17,14 @@ from . import checkpoint as ckpt
 from .state import TrainState
 
 
-def write_output(state: TrainState, states: dict, step: int, path: Path) -> Path:
+def write_output(state: TrainState, states: dict, step: int, path: Path, extra_meta: dict | None = None) -> Path:
     """The LoRA file in the configured layout and, for pivotal tuning, the embedding file beside it (plain textual
     inversion: the embedding file is the output)."""
     cfg, c, concept = state.cfg, state.components, state.concept
     dtype = DTYPES[cfg.output.dtype]
-    extra = {"sdlora_processes": str(state.world)}
+    extra = {"sdlora_processes": str(state.world), **(extra_meta or {})}
+    if state.optim.ema is not None:
+        extra["sdlora_ema"] = json.dumps({"decay": cfg.optim.ema_decay, "updates": state.optim.ema.optimization_step})
     if concept is not None:
         extra.update({"modelspec.trigger_phrase": concept.token,
                       "sdlora_embeddings": json.dumps({concept.token: cfg.pivotal.num_vectors})})
@@ -104,14 +106,15 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
     pipe = c.pipeline()
     pipe.set_progress_bar_config(disable=True)
     paths, records = [], []
-    for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
-        with state.acc.autocast(), lora_scaled([c.denoiser, *c.text_encoders], sp.lora_scale):
-            image = render(pipe, [state.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width, sp.height,
-                           sp.negative)[0]
-        settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
-        path = folder / f"step_{step:07d}_{i}.png"
-        paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))
-        records.append({"step": step, "sample": path.name, **settings})
+    with state.optim.evaluation():  # the EMA's / schedule-free's averaged weights
+        for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
+            with state.acc.autocast(), lora_scaled([c.denoiser, *c.text_encoders], sp.lora_scale):
+                image = render(pipe, [state.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width, sp.height,
+                               sp.negative)[0]
+            settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
+            path = folder / f"step_{step:07d}_{i}.png"
+            paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))
+            records.append({"step": step, "sample": path.name, **settings})
     c.denoiser.train()
     with open(out.with_name(out.stem + "_log.jsonl"), "a") as log:
         log.write("".join(json.dumps(r) + "\n" for r in records))
@@ -126,7 +129,8 @@ def _a1111_text(sp: SamplePrompt) -> str:
 
 
 def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
-    """A resumable checkpoint (LoRA, embeddings, optimizers, schedule) and the LoRA file of this step."""
+    """A resumable checkpoint (LoRA, embeddings, optimizers, schedule, EMA, best validation) and the LoRA file of
+    this step (with EMA: the averaged weights; the checkpoint keeps the raw ones)."""
     path = ckpt.checkpoint_path(state.cfg.output.path, step)
     if state.acc.is_main_process:
         extra = {}
@@ -134,15 +138,32 @@ def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
             extra["embeddings"] = state.concept.vectors()
             if state.optim.embedding is not None:
                 extra["ti_optimizer"] = state.optim.embedding.state_dict()
+        if state.optim.ema is not None:
+            extra["ema"] = state.optim.ema.state_dict()
+        if state.validation is not None:
+            extra["validation"] = state.validation.best.state_dict()
         states = state.lora_states()
         last = ckpt.latest_checkpoint(state.cfg.output.path)
         try:
             ckpt.save_state(path, step, states, state.optim.main, state.optim.lr_scheduler, state.cfg.to_dict(),
                             state.acc.scaler, extra)
-            write_output(state, states, step, path.with_suffix(".safetensors"))
+            with state.optim.evaluation():
+                write_output(state, state.lora_states(), step, path.with_suffix(".safetensors"))
         except WriteError as e:
             raise WriteError(f"{e}; " + (f"the last good checkpoint is {last}" if last else "no checkpoint yet")) \
                 from None
         callbacks.on_checkpoint(step, str(path))
     state.acc.wait_for_everyone()
     return str(path)
+
+
+def best_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + "_best.safetensors")
+
+
+def write_best(state: TrainState, step: int, loss: float) -> Path:
+    """NAME_best.safetensors from the weights as they are now (call inside `state.optim.evaluation()`), with the
+    step and validation loss in its metadata; written atomically, replacing the previous best."""
+    return write_output(state, state.lora_states(), step, best_path(state.cfg.output.path),
+                        {"sdlora_best_step": str(step), "sdlora_best_val_loss": repr(loss)})

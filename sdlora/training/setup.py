@@ -19,16 +19,20 @@ from .adapters import inject, lora_parameters
 from .batches import Batches, Latents
 from .data import BatchPlan, TagRule, build_examples, scan_folder
 from .embeddings import ConceptTokens, add_concept
+from .optimizers import loraplus_groups, make_ema, make_optimizer, scheduler_warmup
 from .output import sample_prompts
 from .phases import plan_phases
 from .state import Adapters, Optimizers, TrainState
 from .step import Models
 from .text import TextEncoding
+from .validation import Validation, held_out_images, validation_examples
 
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+
+    from .runlog import tracker_kwargs
 
     # Several jobs run in one process (queue, UI): each gets a fresh precision setting; the process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -37,7 +41,7 @@ def make_accelerator(cfg: Config):
     if mp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
     # cpu=True lets accelerate run DDP over gloo when launched with several processes and no GPU
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), **tracker_kwargs(cfg))
 
 
 def mixed_precision(cfg: Config) -> str:
@@ -124,7 +128,9 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
         acc.wait_for_everyone()
     concept = pivotal_tokens(cfg, c)
     prompt = (lambda text: concept.prompt(text, cfg.pivotal.trigger)) if concept else (lambda text: text)
-    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message)
+    held_out = held_out_images(cfg)
+    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message, held_out)
+    use_zero_terminal_snr(cfg, c)
     weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
     apply_speed(cfg, c, acc.device)
     adapters = add_adapters(cfg, c, concept)
@@ -144,6 +150,9 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     models = Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
     state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept,
                        concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
+    examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
+    if examples:
+        state.validation = Validation(examples, cfg.validation.timesteps, cfg.train.seed)
     state.enter_phase(0)
     batches.fill_cache()
     if text.cache_allowed and not phases.main.text_trainable and concept is None:
@@ -185,13 +194,15 @@ def pivotal_tokens(cfg: Config, c: Components) -> ConceptTokens | None:
 
 
 def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, prompt,
-              say=None) -> tuple[Batches, dict]:
-    """The examples (bucketed, captions through `prompt`), the class images' examples, their batch plans, and
-    the captions of each folder (for the file's tag frequencies). Latents are attached by `setup`."""
+              say=None, held_out: frozenset | set = frozenset()) -> tuple[Batches, dict]:
+    """The examples (bucketed, captions through `prompt`; the `held_out` validation images left out), the class
+    images' examples, their batch plans, and the captions of each folder (for the file's tag frequencies). Latents
+    are attached by `setup`."""
     import dataclasses
 
     folders = [(d.path, d.prompt, d.use_captions, d.repeats) for d in cfg.data]
-    raw = build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say)
+    raw = [e for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say)
+           if e.path not in held_out]
     examples = [dataclasses.replace(e, caption=prompt(e.caption)) for e in raw]
     if cfg.pivotal.token and not any(cfg.pivotal.token in e.caption for e in examples):
         what = f"the trigger {cfg.pivotal.trigger!r}" if cfg.pivotal.trigger else f"the token {cfg.pivotal.token!r}"
@@ -210,6 +221,26 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, pro
                       random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout,
                       tag_rules=rules)
     return batches, captions
+
+
+def use_zero_terminal_snr(cfg: Config, c: Components) -> None:
+    """Zero terminal SNR (Lin et al. 2023): the training schedule's betas rescaled (diffusers'
+    rescale_betas_zero_snr) so the last timestep is pure noise; the sampler too, where it can, with trailing
+    timesteps. Needs v-prediction."""
+    import inspect
+
+    from diffusers import DDPMScheduler
+
+    if not cfg.train.zero_terminal_snr:
+        return
+    if c.prediction_type != "v_prediction":
+        raise ConfigError(f"train.zero_terminal_snr needs a v-prediction model and {c.name} predicts "
+                          f"{c.prediction_type}; set model.prediction_type v_prediction to train it as one")
+    c.noise_scheduler = DDPMScheduler.from_config(c.noise_scheduler.config, rescale_betas_zero_snr=True)
+    sampler = type(c.sample_scheduler)
+    if "rescale_betas_zero_snr" in inspect.signature(sampler.__init__).parameters:
+        c.sample_scheduler = sampler.from_config(c.sample_scheduler.config, rescale_betas_zero_snr=True,
+                                                 timestep_spacing="trailing")
 
 
 def place_models(cfg: Config, c: Components, device: torch.device, precision: str) -> torch.dtype:
@@ -275,22 +306,16 @@ def make_optimizers(cfg: Config, acc, c: Components, adapters: Adapters, concept
     lora_params = [p for g in groups for p in g["params"]]
     if emb and cfg.pivotal.continue_lr > 0:
         groups.append({"params": emb, "lr": cfg.pivotal.continue_lr, "weight_decay": 0.0})
-    main = _optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], acc.device)
-    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, main, num_warmup_steps=cfg.optim.warmup_steps,
+    if has_lora:
+        groups = loraplus_groups(groups, [c.denoiser, *c.text_encoders], cfg.optim.loraplus_ratio)
+    main = make_optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], acc.device)
+    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, main, num_warmup_steps=scheduler_warmup(cfg),
                                  num_training_steps=max(cfg.train.max_steps, 1))
     embedding = torch.optim.AdamW(emb, lr=cfg.pivotal.ti_lr, weight_decay=0.0) if cfg.ti_steps else None
     denoiser = acc.prepare(c.denoiser)
     encoders = [acc.prepare(e) if lr or emb else e for e, lr in zip(c.text_encoders, adapters.text_lrs)]
     main = acc.prepare(main)
     embedding = acc.prepare(embedding) if embedding is not None else None
-    optim = Optimizers(main, lr_scheduler, embedding, [p for g in groups for p in g["params"]], lora_params)
+    optim = Optimizers(main, lr_scheduler, embedding, [p for g in groups for p in g["params"]], lora_params,
+                       make_ema(cfg, lora_params))
     return optim, denoiser, encoders
-
-
-def _optimizer(cfg: Config, groups: list[dict], device) -> torch.optim.Optimizer:
-    kw = dict(weight_decay=cfg.optim.weight_decay)
-    if cfg.optim.optimizer == "adamw8bit":
-        import bitsandbytes as bnb  # present: train() checked before loading
-
-        return bnb.optim.AdamW8bit(groups, **kw)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda" and cfg.speed.fused_optimizer, **kw)

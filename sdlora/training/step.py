@@ -39,14 +39,26 @@ def seeded(seed: int, step: int, rank: int, micro: int = 0) -> tuple[torch.Gener
 
 def diffusion_loss(models: Models, batch: Batch, train_cfg, gen: torch.Generator):
     """Per-sample loss of the denoiser on this batch's noised latents, and (noisy latents, timesteps)."""
+    recipe = objective.Recipe.from_config(train_cfg)
     cond = models.text(batch.captions)
     latents, scheduler = batch.latents, models.scheduler
-    noise = objective.sample_noise(latents, gen, train_cfg.noise_offset)
-    t = objective.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, gen, latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    pred = models.denoiser(noisy, t, **models.conditioning.denoiser_kwargs(cond, batch.micro), return_dict=False)[0]
-    weights = objective.snr_weights(scheduler, t, train_cfg.min_snr_gamma) if train_cfg.min_snr_gamma else None
-    return objective.per_sample_loss(pred, objective.target(scheduler, latents, noise, t), weights), noisy, t
+    noise = recipe.noise(latents, gen)
+    t = recipe.timesteps.sample(latents.shape[0], scheduler.config.num_train_timesteps, gen, latents.device)
+    return denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, batch.micro)
+
+
+def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro):
+    """The recipe's per-sample loss at given noise (`inputs`: what noises the latents, `noise`: what the target is
+    made of) and timesteps; and (noisy latents, timesteps)."""
+    from diffusers.training_utils import compute_snr
+
+    scheduler = models.scheduler
+    noisy = scheduler.add_noise(latents, inputs, t)
+    pred = models.denoiser(noisy, t, **models.conditioning.denoiser_kwargs(cond, micro), return_dict=False)[0]
+    loss = recipe.per_sample(pred, objective.target(scheduler, latents, noise, t), t,
+                             scheduler.config.num_train_timesteps, lambda: compute_snr(scheduler, t),
+                             scheduler.config.prediction_type)
+    return loss, noisy, t
 
 
 def model_prior_loss(models: Models, noisy: torch.Tensor, t: torch.Tensor, micro, class_prompt: str) -> torch.Tensor:
