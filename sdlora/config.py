@@ -96,6 +96,11 @@ class DataFolder:
     keep_tags: int = opt(0, "The first N tags stay in place and are never dropped (e.g. the trigger word).", ge=0)
     tag_dropout: float = opt(0.0, "Drop each tag that is not kept with this probability, every step.", ge=0, lt=1)
     tag_separator: str = opt(",", "What separates the tags of a caption.")
+    masks: str = opt("", "Folder of masks, one per image with the same file stem: white = learn, black = ignore, grey "
+                     "= partly. Empty = no masks.")
+    alpha_mask: bool = opt(False, "Use each image's own alpha channel as its mask (transparent = ignore).")
+    unmasked_weight: float = opt(0.0, "Loss weight outside the mask (0: the masked-out area teaches nothing).",
+                                 ge=0, le=1)
 
 
 @dataclass
@@ -393,6 +398,7 @@ def load_toml(path: str | Path) -> Config:
     base = path.parent
     for folder in cfg.data:
         folder.path = _rel(folder.path, base)
+        folder.masks = _rel(folder.masks, base)
     cfg.prior.class_data = _rel(cfg.prior.class_data, base)
     cfg.validation.data = _rel(cfg.validation.data, base)
     cfg.output.path = _rel(cfg.output.path, base)

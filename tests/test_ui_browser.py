@@ -239,3 +239,25 @@ def test_sample_now_and_save_now_on_a_running_job(page, app, shots, tmp_path):
     resumed = manager.current()
     assert resumed.id != job.id and resumed.start_step >= saved_step and resumed.state == "done"
     assert any("resumed from" in m for m in resumed.messages)
+
+
+def test_masks_upload_beside_images_and_show_over_them(page, app, shots, tmp_path):
+    from PIL import Image
+
+    _, manager = app
+    images = draw_images(tmp_path / "mpick", n=2)
+    masks = tmp_path / "mpick_masks"
+    masks.mkdir()
+    for p in images.glob("*.png"):
+        m = Image.new("L", Image.open(p).size, 0)
+        m.paste(255, (0, 0, m.width // 2, m.height))
+        m.save(masks / p.name)
+    set_value(page, "lora-name", "masked-lora")
+    page.locator("#upload input[type=file]").set_input_files(sorted(str(p) for p in images.glob("*.png")))
+    page.wait_for_function("() => document.querySelectorAll('#dataset-gallery img').length >= 2")
+    page.locator("#mask-upload input[type=file]").set_input_files(sorted(str(p) for p in masks.glob("*.png")))
+    page.wait_for_function("() => document.querySelector('#dataset-gallery').innerText.includes('masked')")
+    folder = manager.output_dir / "masked-lora" / "masks"
+    assert field(page, "opt-data-masks").input_value() == str(folder)
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(p.name for p in masks.glob("*.png"))
+    page.screenshot(path=shots / "masks.png", full_page=True)

@@ -25,13 +25,29 @@ SET_BY_PAGE = {("model", "path"), ("output", "path"), ("prior", "class_data")}
 LATEST = 0  # job selector value: "whatever runs now, else the newest"
 
 
-def thumbnails(folder: str, rows: list[list[str]], size: int = 192) -> list[tuple[Image.Image, str]]:
+def thumbnails(folder: str, rows: list[list[str]], masks: str = "", size: int = 192) -> list[tuple[Image.Image, str]]:
+    """The images with their captions; with a mask folder, what the loss ignores is shown dimmed and tinted."""
     out = []
     for name, caption in rows[:60]:
         with Image.open(Path(folder) / name) as im:
-            im.thumbnail((size, size))
-            out.append((im.convert("RGB"), caption or "(no caption)"))
+            shown = im.convert("RGB")
+        mask = _mask_of(masks, name)
+        if mask is not None and mask.size == shown.size:
+            tint = Image.blend(shown, Image.new("RGB", shown.size, (40, 0, 60)), 0.7)
+            shown = Image.composite(shown, tint, mask)
+        shown.thumbnail((size, size))
+        out.append((shown, (caption or "(no caption)") + (" · masked" if mask is not None else "")))
     return out
+
+
+def _mask_of(masks: str, image_name: str) -> Image.Image | None:
+    if not masks or not Path(masks).is_dir():
+        return None
+    found = sorted(Path(masks).glob(Path(image_name).stem + ".*"))
+    if not found:
+        return None
+    with Image.open(found[0]) as m:
+        return m.convert("L")
 
 
 class TrainTab:
@@ -57,6 +73,11 @@ class TrainTab:
                 self.folder = f.add("data", "path", label="Image folder",
                                     info="Uploads are copied here; or type the path of a folder of images.")
                 self.prompt = f.add("data", "prompt", label="Instance prompt / trigger", value="a photo of sks")
+            with gr.Column(scale=1):
+                self.mask_upload = gr.File(label="Upload masks (named like their images)", file_count="multiple",
+                                           file_types=["image"], elem_id="mask-upload")
+                self.masks = f.add("data", "masks", label="Mask folder",
+                                   info="White = learn, black = ignore. Mask uploads are copied here.")
         self.gallery = gr.Gallery(label="Images", columns=8, height=200, fit_columns=False, object_fit="contain",
                                   elem_id="dataset-gallery")
         self.captions = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], type="array",
@@ -121,9 +142,13 @@ class TrainTab:
     # ------------------------------------------------------------ events
     def wire(self, demo: gr.Blocks) -> None:
         values = self.form.components
-        self.upload.upload(self.on_upload, [self.upload, self.name], [self.folder, self.captions, self.gallery])
-        self.folder.blur(self.on_folder, [self.folder], [self.captions, self.gallery])
-        self.captions.input(self.on_captions, [self.folder, self.captions], [self.gallery])
+        self.upload.upload(self.on_upload, [self.upload, self.name, self.masks],
+                           [self.folder, self.captions, self.gallery])
+        self.mask_upload.upload(self.on_mask_upload, [self.mask_upload, self.name, self.folder],
+                                [self.masks, self.gallery])
+        self.folder.blur(self.on_folder, [self.folder, self.masks], [self.captions, self.gallery])
+        self.masks.blur(self.on_folder, [self.folder, self.masks], [self.captions, self.gallery])
+        self.captions.input(self.on_captions, [self.folder, self.captions, self.masks], [self.gallery])
         self.method.change(self.on_method, [self.method], [self.prior_group, self.pivotal_group])
         run_inputs = [self.name, self.method] + values
         self.start_btn.click(self.on_start, run_inputs, [self.status, self.job_pick, self.seen])
@@ -139,15 +164,32 @@ class TrainTab:
         self.timer.tick(self.on_tick, [self.job_pick, self.seen], watch, show_progress="hidden")
         demo.load(self.on_tick, [self.job_pick, self.seen], watch, show_progress="hidden")
 
-    def on_upload(self, files, name):
+    def on_mask_upload(self, files, name, folder):
+        masks = self.manager.output_dir / safe_name(name, "lora") / "masks"
+        if not import_uploads(files or [], masks):
+            gr.Warning("No images in the mask upload.")
+        try:
+            folder = str(self.manager.allowed.path(folder, "image folder")) if folder else ""
+        except SdloraError:
+            folder = ""
+        return str(masks), thumbnails(folder, dataset_rows(folder), str(masks)) if folder else []
+
+    def on_upload(self, files, name, masks=""):
         folder = self.manager.output_dir / safe_name(name, "lora") / "images"
         copied = import_uploads(files or [], folder)
         if not copied:
             gr.Warning("No images in the upload (png, jpg, webp, bmp, gif, tif).")
         rows = dataset_rows(folder)
-        return str(folder), rows, thumbnails(str(folder), rows)
+        return str(folder), rows, thumbnails(str(folder), rows, self._masks(masks))
 
-    def on_folder(self, folder):
+    def _masks(self, masks: str) -> str:
+        """A mask folder the page may show, or "" (a folder outside the allowed ones is not read)."""
+        try:
+            return str(self.manager.allowed.path(masks, "mask folder")) if masks else ""
+        except SdloraError:
+            return ""
+
+    def on_folder(self, folder, masks=""):
         if not folder:
             return [], []
         try:
@@ -158,16 +200,16 @@ class TrainTab:
         rows = dataset_rows(folder)
         if not rows:
             gr.Warning(f"No images found in {folder}")
-        return rows, thumbnails(folder, rows)
+        return rows, thumbnails(folder, rows, self._masks(masks))
 
-    def on_captions(self, folder, rows):
+    def on_captions(self, folder, rows, masks=""):
         try:
             folder = str(self.manager.allowed.path(folder, "image folder"))
             n = write_captions(folder, rows)
         except SdloraError as e:
             raise gr.Error(str(e)) from None
         gr.Info(f"Saved {n} caption file(s)")
-        return thumbnails(folder, dataset_rows(folder))
+        return thumbnails(folder, dataset_rows(folder), self._masks(masks))
 
     def on_method(self, method):
         return gr.update(visible=method == DREAMBOOTH), gr.update(visible=method == PIVOTAL)
@@ -265,6 +307,7 @@ class TrainTab:
         cfg.model.path = allowed.model_path(cfg.model.path)
         for folder in cfg.data:
             folder.path = str(allowed.path(folder.path, "image folder")) if folder.path else folder.path
+            folder.masks = str(allowed.path(folder.masks, "mask folder")) if folder.masks else ""
         if method != PIVOTAL:
             cfg.pivotal.token = ""  # pivotal tuning is on when it has a token
         if not cfg.sample.prompts and cfg.data and cfg.data[0].prompt:

@@ -103,7 +103,7 @@ class Recipe:
         return w
 
     def per_sample(self, pred: torch.Tensor, tgt: torch.Tensor, t: torch.Tensor, total: int,
-                   snr_of=None, prediction_type: str = "epsilon") -> torch.Tensor:
+                   snr_of=None, prediction_type: str = "epsilon", mask: torch.Tensor | None = None) -> torch.Tensor:
         """The loss per sample (mean over C, H, W) with its weights; `snr_of()` gives the SNR of the samples (only
         called when a weight or the Huber schedule needs it)."""
         needs_snr = self.min_snr_gamma or self.debiased or (self.loss != "l2" and self.huber_schedule == "snr")
@@ -112,7 +112,7 @@ class Recipe:
         if self.loss != "l2":
             delta = huber_delta(self.huber_delta, self.huber_schedule, t, total, snr)
         return per_sample_loss(pred, tgt, self.weights(snr, prediction_type) if snr is not None else None,
-                               self.loss, delta)
+                               self.loss, delta, mask)
 
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
@@ -185,14 +185,21 @@ def huber_delta(delta: float, schedule: str, t: torch.Tensor, total: int, snr: t
 
 
 def per_sample_loss(pred: torch.Tensor, tgt: torch.Tensor, weights: torch.Tensor | None = None, kind: str = "l2",
-                    delta: torch.Tensor | None = None) -> torch.Tensor:
+                    delta: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The loss per sample (mean over C, H, W), optionally weighted: l2 is MSE; huber 2d(sqrt(e^2 + d^2) - d) and
-    smooth-l1 2(sqrt(e^2 + d^2) - d) are the pseudo-Huber losses, d per sample."""
+    smooth-l1 2(sqrt(e^2 + d^2) - d) are the pseudo-Huber losses, d per sample. With a `mask` ([B, 1, H, W] weights)
+    the mean is taken over the masked area (sum of mask-weighted errors over the mask's sum), so a small mask does
+    not mean a small gradient."""
     dims = list(range(1, pred.dim()))
     if kind == "l2":
-        loss = F.mse_loss(pred.float(), tgt.float(), reduction="none").mean(dim=dims)
+        err = F.mse_loss(pred.float(), tgt.float(), reduction="none")
     else:
         d = delta.float().view(-1, *[1] * len(dims)).to(pred.device)
         root = torch.sqrt((pred.float() - tgt.float()) ** 2 + d**2) - d
-        loss = (2 * d * root if kind == "huber" else 2 * root).mean(dim=dims)
+        err = 2 * d * root if kind == "huber" else 2 * root
+    if mask is None:
+        loss = err.mean(dim=dims)
+    else:
+        m = mask.to(err.device, err.dtype).expand_as(err)
+        loss = (err * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1e-8)
     return loss * weights.to(loss.device) if weights is not None else loss

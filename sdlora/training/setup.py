@@ -201,7 +201,8 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, pro
     import dataclasses
 
     folders = [(d.path, d.prompt, d.use_captions, d.repeats) for d in cfg.data]
-    raw = [e for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say)
+    masks = [(d.masks, d.alpha_mask) for d in cfg.data]
+    raw = [e for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say, masks=masks)
            if e.path not in held_out]
     examples = [dataclasses.replace(e, caption=prompt(e.caption)) for e in raw]
     if cfg.pivotal.token and not any(cfg.pivotal.token in e.caption for e in examples):
@@ -219,7 +220,7 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, pro
     batches = Batches(examples, BatchPlan(examples, cfg.train.batch_size, cfg.train.seed), prior_examples,
                       prior_plan, latents=None, conditioning=c.family.conditioning,
                       random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout,
-                      tag_rules=rules)
+                      tag_rules=rules, unmasked_weights=[d.unmasked_weight for d in cfg.data])
     return batches, captions
 
 

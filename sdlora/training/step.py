@@ -44,12 +44,12 @@ def diffusion_loss(models: Models, batch: Batch, train_cfg, gen: torch.Generator
     latents, scheduler = batch.latents, models.scheduler
     noise = recipe.noise(latents, gen)
     t = recipe.timesteps.sample(latents.shape[0], scheduler.config.num_train_timesteps, gen, latents.device)
-    return denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, batch.micro)
+    return denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, batch.micro, batch.mask)
 
 
-def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro):
+def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro, mask=None):
     """The recipe's per-sample loss at given noise (`inputs`: what noises the latents, `noise`: what the target is
-    made of) and timesteps; and (noisy latents, timesteps)."""
+    made of) and timesteps, weighted by the loss `mask` on the latent grid; and (noisy latents, timesteps)."""
     from diffusers.training_utils import compute_snr
 
     scheduler = models.scheduler
@@ -57,7 +57,7 @@ def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro)
     pred = models.denoiser(noisy, t, **models.conditioning.denoiser_kwargs(cond, micro), return_dict=False)[0]
     loss = recipe.per_sample(pred, objective.target(scheduler, latents, noise, t), t,
                              scheduler.config.num_train_timesteps, lambda: compute_snr(scheduler, t),
-                             scheduler.config.prediction_type)
+                             scheduler.config.prediction_type, mask)
     return loss, noisy, t
 
 

@@ -103,7 +103,11 @@ class Validation:
 
     def _one(self, state, models, recipe, i: int) -> float:
         ex, k = self.examples[i], self.timesteps
-        lat, crop = state.batches.latents(ex, False, None)
+        lat, crop, mask = state.batches.latents(ex, False, None)
+        if mask is not None:  # weighted as training weighs it
+            weights = state.batches.unmasked_weights
+            w = weights[ex.source] if ex.source < len(weights) else 0.0
+            mask = (w + (1 - w) * mask)[None].expand(k, *mask.shape)
         micro = models.conditioning.micro(ex.size[::-1], crop, ex.bucket[::-1])
         latents = lat[None].expand(k, *lat.shape)
         gen = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([self.seed, 77, i]).generate_state(1)[0]))
@@ -114,5 +118,5 @@ class Validation:
         cond = text.conditioning.encode(text.tokenizers, text.raw_encoders, [ex.caption] * k, state.device) \
             if text.trainable else text([ex.caption] * k)
         micro = None if micro is None else micro[None].expand(k, *micro.shape)
-        loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro)
+        loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro, mask)
         return loss.double().mean().item()
