@@ -327,7 +327,8 @@ def _build(model, state: dict, what: str, path: Path):
     return model.eval()
 
 
-def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pickle: bool = False) -> dict:
+def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pickle: bool = False, *,
+                     text_encoders: str = "", t5: bool = True) -> dict:
     """Build unet, vae, text_encoder(s), tokenizer(s) and scheduler from one checkpoint file, offline (fp32).
 
     `prediction_type` 'auto' follows `detect_checkpoint`; 'epsilon' or 'v_prediction' overrides it. Tokenizers:

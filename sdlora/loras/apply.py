@@ -14,7 +14,7 @@ from ..errors import LoraFileError, SdloraError
 from ..families import Family, family_of_pipeline
 from .checks import check_fits
 from .files import check_weights, load_lora, read_lora
-from .layout import model_layers, split_embeddings
+from .layout import diffusers_tensors, model_layers, name_map, split_embeddings
 from .modules import is_plain
 
 
@@ -51,11 +51,20 @@ class ActiveLoras:
                               [getattr(self.pipe, s.attr) for s in family.text_encoders])
         check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
         if all(is_plain(m) for m in mods.values()):
-            self.pipe.load_lora_weights(split_embeddings(read_lora(path)[0])[0], adapter_name=name)
+            self.pipe.load_lora_weights(self._diffusers_state(path, family, mods), adapter_name=name)
             self.entries.append((name, None))
         else:
             self.entries.append((name, HookedLora(layers, mods)))
         load_embeddings(self.pipe, family, embeddings)
+
+    def _diffusers_state(self, path, family: Family, mods: dict) -> dict:
+        """What diffusers' load_lora_weights is given: the file's own tensors where diffusers converts that
+        family's kohya layout itself, else (SD3) the modules in diffusers' layout (alpha folded into lora_B)."""
+        if family.diffusers_reads_kohya:
+            return split_embeddings(read_lora(path)[0])[0]
+        names = name_map(family, getattr(self.pipe, family.denoiser_attr),
+                         [getattr(self.pipe, s.attr) for s in family.text_encoders])
+        return diffusers_tensors(mods, names, torch.float32)[0]
 
     @property
     def _adapters(self) -> list[str]:

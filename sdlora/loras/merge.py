@@ -140,7 +140,7 @@ def extract_lora(base: str | Path | None, tuned: str | Path, rank: int, output: 
         report.add(name, mods[name].rank, err)
     if not mods:
         raise SdloraError("the two models have the same weights in every extractable layer: nothing to extract")
-    meta = {"ss_network_module": "networks.lora", **family_labels(a.family, a.prediction_type),
+    meta = {"ss_network_module": "networks.lora", **family_labels(a.family, a.prediction_type, a.denoiser.config),
             "ss_network_args": json.dumps({"conv_dim": str(conv_rank or 0)}),
             "sdlora_extract": json.dumps({"base": a.name, "tuned": b.name, "rank": rank, "conv_rank": conv_rank})}
     save_kohya(output, mods, meta, dtype=DTYPES[dtype])
