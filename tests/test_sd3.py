@@ -119,8 +119,8 @@ def test_sd3_lora_reproduces_the_trainer_in_diffusers(sd35m, sd3_no_t5, tmp_path
     if fmt == "kohya":
         bases = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
         assert {"lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_context_block_attn_qkv",
-                "lora_unet_joint_blocks_0_x_block_attn2_qkv", "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1",
-                "lora_unet_final_layer_adaLN_modulation_1", "lora_unet_x_embedder_proj"} <= bases
+                "lora_unet_joint_blocks_0_x_block_attn2_qkv", "lora_unet_final_layer_adaLN_modulation_1",
+                "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1", "lora_unet_x_embedder_proj"} <= bases
         assert tensors["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].shape == (96, 12)
         assert float(tensors["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"]) == 12.0  # 3 x alpha: alpha/rank kept
         assert float(tensors["lora_unet_joint_blocks_0_x_block_attn_proj.alpha"]) == 4.0
