@@ -138,3 +138,224 @@ def test_sd3_lora_reproduces_the_trainer_in_diffusers(sd35m, sd3_no_t5, tmp_path
     pipe.set_adapters(["t"], adapter_weights=[0.0])
     for g, b in zip(pipe_outputs(pipe), base):
         assert (g - b).abs().max() < 1e-6
+
+
+def _offline(monkeypatch):
+    import socket
+
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+
+
+def test_sd3_single_file_trains_offline_and_loads_in_diffusers(sd35m, tmp_path, caplog, monkeypatch):
+    """An all-in-one SD3.5-Medium-shaped single file (Stability's layout, T5 included) trains with networking off;
+    the file's diffusers twin reproduces the trainer in a pipeline loaded from the folder."""
+    from sdlora import convert_lora
+    from sdlora.single_file import save_single_file
+
+    single = save_single_file(sd35m, tmp_path / "sd35m.safetensors")
+    _offline(monkeypatch)
+    cfg, state = _train_sd3(str(single), tmp_path)
+    c = state.components
+    assert c.family.name == "sd3" and list(c.denoiser.config.dual_attention_layers) == [0]
+    monkeypatch.undo()
+    fresh = pipeline(sd35m)
+    want = sd3_outputs(c.denoiser.eval(), c.text_encoders, c.tokenizers, t5_of(fresh))
+    pipe = pipeline(sd35m)
+    load_checked(pipe, convert_lora(cfg.output.path, "diffusers", tmp_path / "d.safetensors"), caplog)
+    for g, w in zip(pipe_outputs(pipe), want):
+        assert (g - w).abs().max() < 1e-5
+
+
+def _strip_text_encoders(single, out):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(single), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith("text_encoders.")}, str(out),  # noqa: SIM118
+                  metadata=f.metadata())
+    return out
+
+
+def test_sd3_file_without_text_encoders_takes_them_from_a_folder(sd35m, tmp_path, monkeypatch):
+    """An MMDiT + VAE file gets its encoders from --text-encoders (a diffusers folder, or ComfyUI-style clip_l /
+    clip_g / t5xxl files with tokenizer folders); without them, or without T5's tokenizer, one line says what to
+    pass."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from sdlora.errors import ModelError
+    from sdlora.models import load_components
+    from sdlora.single_file import save_single_file
+
+    bare = _strip_text_encoders(save_single_file(sd35m, tmp_path / "full.safetensors"), tmp_path / "bare.safetensors")
+    _offline(monkeypatch)
+    with pytest.raises(ModelError, match=r"has no CLIP-L text encoder: pass --text-encoders FOLDER"):
+        load_components(str(bare))
+    fresh = pipeline(sd35m)
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    for part, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl_fp16")):
+        model = getattr(fresh, part)
+        sd = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+        save_file(sd, str(comfy / f"{name}.safetensors"),
+                  metadata={"sdlora.diffusers_configs": json.dumps({part: model.config.to_dict()})})
+    for tok in ("tokenizer", "tokenizer_2"):
+        getattr(fresh, tok).save_pretrained(comfy / tok)
+    with pytest.raises(ModelError, match=r"T5 needs its tokenizer.*--text-encoders FOLDER.*or --no-t5"):
+        load_components(str(bare), text_encoders=str(comfy))
+    fresh.tokenizer_3.save_pretrained(comfy / "tokenizer_3")
+    want = pipe_outputs(fresh)
+    for folder in (sd35m, comfy):
+        c = load_components(str(bare), text_encoders=str(folder))
+        got = sd3_outputs(c.denoiser, c.text_encoders, c.tokenizers, c.frozen_text[0])
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() < 1e-6
+    c = load_components(str(bare), text_encoders=str(sd35m), t5=False)
+    assert not c.frozen_text[0].present  # --no-t5: zero T5 embeddings
+
+
+@pytest.fixture(scope="module")
+def trained(sd35m, tmp_path_factory):
+    """One SD3.5-Medium-shaped LoRA on every layer kind (targets all: fused q/k/v, swapped adaLN, convolution) and
+    both CLIP encoders, with its diffusers twin."""
+    from sdlora import convert_lora
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg, _ = _train_sd3(sd35m, tmp, lora__targets="all")
+    twin = convert_lora(cfg.output.path, "diffusers", tmp / "twin.safetensors")
+    return cfg.output.path, str(twin)
+
+
+def _comfy_merged(pipe, path):
+    """The pipeline's weights patched as ComfyUI does it, then read back by diffusers' own converter: the LoRA's
+    kohya names mapped by ComfyUI's generic rule ('lora_unet_' + the original key with '.' as '_'; 'lora_te1_' /
+    'lora_te2_' + the CLIP key), W += alpha / lora_down.shape[0] * up @ down on the original (fused) weights."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from sdlora.single_file_sd3 import original_transformer
+
+    tensors, _ = read_lora(path)
+    parts = {"lora_unet_": {k[len("model.diffusion_model."):]: v.clone() for k, v in
+                            original_transformer(pipe.transformer.state_dict()).items()},
+             "lora_te1_": dict(pipe.text_encoder.state_dict()), "lora_te2_": dict(pipe.text_encoder_2.state_dict())}
+    key_map = {prefix + k[:-len(".weight")].replace(".", "_"): (prefix, k)
+               for prefix, sd in parts.items() for k in sd if k.endswith(".weight")}
+    bases = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")}
+    for base in bases:
+        prefix, key = key_map[base]  # every module of the file has its layer in ComfyUI's map
+        down, up = tensors[f"{base}.lora_down.weight"].float(), tensors[f"{base}.lora_up.weight"].float()
+        w = parts[prefix][key]
+        parts[prefix][key] = w + (float(tensors[f"{base}.alpha"]) / down.shape[0] * (up.flatten(1) @ down.flatten(1))
+                                  ).reshape(w.shape)
+    pipe.transformer.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(parts["lora_unet_"]))
+    pipe.text_encoder.load_state_dict(parts["lora_te1_"])
+    pipe.text_encoder_2.load_state_dict(parts["lora_te2_"])
+    return pipe
+
+
+def test_default_file_is_the_mmdit_layout_comfyui_maps(sd35m, trained, tmp_path, caplog):
+    """The kohya file's layers are keys of the original MMDiT as ComfyUI maps them, and patching the original
+    weights with it (ComfyUI's way) equals the runtime LoRA of its diffusers twin in diffusers."""
+    kohya, twin = trained
+    runtime = pipeline(sd35m)
+    load_checked(runtime, twin, caplog)
+    comfy = _comfy_merged(pipeline(sd35m), kohya)
+    for g, w in zip(pipe_outputs(comfy), pipe_outputs(runtime)):
+        assert (g - w).abs().max() < 1e-4
+
+
+def test_convert_round_trips_are_lossless(trained, tmp_path):
+    """kohya -> diffusers -> kohya and diffusers -> kohya -> diffusers give back the same tensors and keys."""
+    from sdlora import convert_lora
+
+    kohya, twin = trained
+    back = convert_lora(twin, "kohya", tmp_path / "back.safetensors")
+    again = convert_lora(back, "diffusers", tmp_path / "again.safetensors")
+    for x, y in ((kohya, back), (twin, again)):
+        a, b = read_lora(x)[0], read_lora(y)[0]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_a_kohya_trained_fused_lora_splits_and_fuses_back_exactly():
+    """sd-scripts trains one LoRA on the fused qkv (one down, three up thirds): read, it is three LoRAs sharing that
+    down; written, it is the same tensors again. A split_qkv (block-diagonal) file splits into its blocks."""
+    from sdlora.loras.layout import kohya_tensors, parse_modules
+    from sdlora.loras.mmdit import fuse
+    from sdlora.loras.modules import LoraModule
+
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, 32, generator=g), torch.randn(96, 4, generator=g)
+    file = {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": down,
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": up,
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha": torch.tensor(2.0)}
+    mods = parse_modules(file)
+    assert sorted(mods) == [f"lora_unet_transformer_blocks_0_attn_to_{x}" for x in "kqv"]
+    delta = torch.cat([mods[f"lora_unet_transformer_blocks_0_attn_to_{x}"].delta() for x in "qkv"])
+    torch.testing.assert_close(delta, 2.0 / 4 * up @ down)  # as ComfyUI applies it to the fused weight
+    back = kohya_tensors(mods, torch.float32)
+    assert back.keys() == file.keys() and all(torch.equal(back[k], file[k].float()) for k in file)
+
+    parts = {j: LoraModule(torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), 2.0) for j in range(3)}
+    fused = fuse(parts)
+    assert fused.rank == 6 and fused.alpha == 6.0
+    split = parse_modules({"lora_unet_joint_blocks_0_context_block_attn_qkv.lora_down.weight": fused.down,
+                           "lora_unet_joint_blocks_0_context_block_attn_qkv.lora_up.weight": fused.up,
+                           "lora_unet_joint_blocks_0_context_block_attn_qkv.alpha": torch.tensor(6.0)})
+    for j, x in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+        m = split[f"lora_unet_transformer_blocks_0_attn_{x}"]
+        assert m.rank == 2 and torch.equal(m.down, parts[j].down) and torch.equal(m.up, parts[j].up)
+
+
+def test_merge_mix_resize_extract_inspect_generate(sd35m, tiny_model, trained, tmp_path, caplog):
+    from sdlora import extract_lora, generate, inspect_lora, merge_into_model, mix_loras, resize_lora
+    from sdlora.errors import LoraFileError
+    from sdlora.loras.files import load_lora
+    from sdlora.models import load_model
+
+    kohya, twin = trained
+    runtime = pipeline(sd35m)
+    load_checked(runtime, twin, caplog)
+    runtime.set_adapters(["t"], adapter_weights=[0.7])
+    want = pipe_outputs(runtime)
+    merged = pipeline(merge_into_model(sd35m, [(kohya, 0.7)], tmp_path / "merged"))
+    for g, w in zip(pipe_outputs(merged), want):
+        assert (g - w).abs().max() < 1e-4
+    single = load_model(merge_into_model(sd35m, [(kohya, 0.7)], tmp_path / "merged.safetensors"))
+    assert single.family.name == "sd3"
+    for g, w in zip(sd3_outputs(single.denoiser, single.text_encoders, single.tokenizers, single.frozen_text[0]),
+                    want):
+        assert (g - w).abs().max() < 1e-4
+
+    mix_loras([(kohya, 0.5), (twin, 0.25)], tmp_path / "mix.safetensors")
+    mods, mixed = load_lora(kohya)[0], load_lora(tmp_path / "mix.safetensors")[0]
+    assert mixed.keys() == mods.keys()
+    for name, m in mods.items():  # exact: 0.75 x the LoRA, layer by layer
+        torch.testing.assert_close(mixed[name].delta(), 0.75 * m.delta(), rtol=1e-3, atol=1e-6)
+    assert resize_lora(kohya, tmp_path / "r.safetensors", rank=4).overall_error < 1e-6
+    full = merge_into_model(sd35m, [(kohya, 1.0)], tmp_path / "full")
+    report = extract_lora(sd35m, full, 4, tmp_path / "x.safetensors")
+    assert report.overall_error < 1e-3
+    assert read_lora(tmp_path / "x.safetensors")[1]["ss_base_model_version"] == "5-medium"
+
+    for path, layout, loads in ((kohya, "kohya", "ComfyUI, Forge"), (twin, "diffusers", "diffusers, ComfyUI")):
+        info = inspect_lora(path)
+        assert (info.family, info.layout, info.problems) == ("sd3", layout, [])
+        assert info.loads_in.startswith(loads)
+    images = generate(sd35m, [(kohya, 0.8)], "a red sks", steps=2, output_dir=tmp_path / "gen", width=32, height=32,
+                      grid=True, scales=[0, 1])
+    assert len(images) == 1
+
+    with pytest.raises(LoraFileError, match="match no layer of the model"):
+        merge_into_model(tiny_model, [(kohya, 1.0)], tmp_path / "sd1")  # an SD3 LoRA on SD1
+    sd1_lora = _sd1_lora(tiny_model, tmp_path)
+    with pytest.raises(LoraFileError, match="match no layer of the model"):
+        merge_into_model(sd35m, [(sd1_lora, 1.0)], tmp_path / "sd3")  # and the reverse
+
+
+def _sd1_lora(model, tmp_path):
+    cfg = tiny_config(model, draw_images(tmp_path / "sd1imgs", n=1), tmp_path / "sd1" / "l.safetensors",
+                      train__max_steps=1)
+    return train(cfg).output
