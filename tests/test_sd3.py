@@ -96,13 +96,17 @@ def test_sd3_lora_reproduces_the_trainer_in_diffusers(sd35m, sd3_no_t5, tmp_path
     from sdlora import convert_lora
 
     model = sd35m if which == "sd35m" else sd3_no_t5
-    cfg, state = _train_sd3(model, tmp_path, fmt, lora__targets=targets, model__t5=which == "sd35m")
+    extra = dict(sample__prompts=["a red sks"], sample__steps=2, validation__split=0.34) if which == "sd35m" else {}
+    cfg, state = _train_sd3(model, tmp_path, fmt, lora__targets=targets, model__t5=which == "sd35m", **extra)
     c = state.components
     assert c.family.name == "sd3" and c.prediction_type == "flow"
     assert list(state.lora_states()) == ["transformer", "text_encoder", "text_encoder_2"]
     assert [g["lr"] for g in state.optim.main.param_groups] == [1e-3, 1e-3, 5e-4]
     frozen = c.frozen_text[0]
     assert frozen.model is None and (frozen.released == (which == "sd35m"))  # T5 cached, then let go
+    if extra:  # samples (from the cached T5) and the validation loss after T5 was released
+        assert len(list((tmp_path / "o" / "sd3_samples").glob("*.png"))) == 2
+        assert state.validation is not None and state.validation.best.step == 3
     fresh = pipeline(model)
     t5 = t5_of(fresh)
     want = sd3_outputs(c.denoiser.eval(), [e.eval() for e in c.text_encoders], c.tokenizers, t5)
@@ -359,3 +363,107 @@ def _sd1_lora(model, tmp_path):
     cfg = tiny_config(model, draw_images(tmp_path / "sd1imgs", n=1), tmp_path / "sd1" / "l.safetensors",
                       train__max_steps=1)
     return train(cfg).output
+
+
+def test_stop_and_resume_is_bit_exact_and_the_loss_falls(sd3_no_t5, tmp_path):
+    import json
+
+    from test_train import StopAt
+
+    from sdlora.callbacks import Commands
+
+    data = draw_images(tmp_path / "imgs", n=3, sizes=((32, 32), (48, 32)))
+    kw = dict(train__max_steps=6, train__batch_size=2, lora__dropout=0.1, train__timestep_sampling="logit-normal",
+              train__flow_weighting="cosmap")
+    full = tiny_config(sd3_no_t5, data, tmp_path / "a" / "l.safetensors", **kw)
+    full.model.t5, full.lora.train_text_encoder, full.augment.caption_dropout = False, True, 0.3
+    train(full)
+    part = tiny_config(sd3_no_t5, data, tmp_path / "b" / "l.safetensors", **kw)
+    part.model, part.lora, part.augment = full.model, full.lora, full.augment
+    commands = Commands()
+    assert train(part, StopAt(commands, 3), commands).steps == 3
+    assert train(part, resume=True).steps == 6
+    a, b = read_lora(full.output.path)[0], read_lora(part.output.path)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # the loss falls: a few dozen steps on one image at a fixed caption
+    cfg = tiny_config(sd3_no_t5, draw_images(tmp_path / "one", n=1), tmp_path / "c" / "l.safetensors",
+                      train__max_steps=40, optim__lr=5e-3)
+    cfg.model.t5, cfg.lora.rank = False, 8
+    train(cfg)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "c" / "l_log.jsonl").read_text().splitlines()]
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"train__min_snr_gamma": 5.0}, "min_snr_gamma .min-SNR. is for noise .epsilon/v. prediction"),
+    ({"train__debiased_estimation": True}, "debiased_estimation is for noise"),
+    ({"lora__targets": "cross_attn"}, "cross_attn is not a preset of Stable Diffusion 3 / 3.5 .its text and image"),
+    ({"lora__network": "loha"}, "trains plain LoRA"),
+    ({"lora__blocks": "0,5"}, "block 5 does not exist; .* has blocks 0-2"),
+    ({"model__prediction_type": "v_prediction"}, "train by flow matching; leave it auto"),
+])
+def test_options_that_make_no_sense_for_sd3_are_one_line_errors(sd3_no_t5, images, tmp_path, options, message):
+    from sdlora.errors import ConfigError
+
+    cfg = tiny_config(sd3_no_t5, images, tmp_path / "o" / "l.safetensors", model__t5=False, **options)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def test_t5_missing_and_flow_weighting_on_ddpm_are_one_line_errors(sd3_no_t5, tiny_model, images, tmp_path):
+    from sdlora.errors import ConfigError, ModelError
+
+    with pytest.raises(ModelError, match=r"has no text_encoder_3/ \(T5\): pass --no-t5"):
+        train(tiny_config(sd3_no_t5, images, tmp_path / "o" / "l.safetensors"))
+    with pytest.raises(ConfigError, match="flow_weighting applies to flow matching"):
+        train(tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__flow_weighting="cosmap"))
+    with pytest.raises(ConfigError, match="lora.blocks selects transformer blocks"):
+        train(tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", lora__blocks="0-3"))
+
+
+def test_blocks_and_presets_choose_the_layers(sd35m, images, tmp_path):
+    """lora.blocks keeps the chosen blocks' layers; attn adds SD3.5 Medium's attn2 and never the last block's
+    context query (its output is discarded); the file's ss_network_args names the preset and the blocks."""
+    cfg = tiny_config(sd35m, images, tmp_path / "o" / "l.safetensors", train__max_steps=1, lora__blocks="0,2")
+    cap = Capture()
+    train(cfg, cap)
+    targets = cap.state.adapters.targets
+    assert {t.split(".")[1] for t in targets} == {"0", "2"}
+    assert "transformer_blocks.0.attn2.to_q" in targets and "transformer_blocks.2.attn.to_add_out" not in targets
+    assert "transformer_blocks.2.attn.add_q_proj" not in targets and "transformer_blocks.2.attn.add_k_proj" in targets
+    meta = read_lora(cfg.output.path)[1]
+    assert meta["ss_network_args"] == '{"targets": "attn", "train_block_indices": "0,2"}'
+    assert meta["ss_network_module"] == "networks.lora_sd3"
+
+
+def test_flow_objective_follows_diffusers_sd3_training():
+    """Noising, target, timestep shift, mode sampling and the loss weights are diffusers' SD3 script's
+    (training_utils and FlowMatchEulerDiscreteScheduler are the references)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    from sdlora.training.objective import Flow, Timesteps
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow = Flow(sched)
+    u = torch.arange(1, 1001, dtype=torch.float32) / 1000  # the scheduler's own grid
+    t = flow._timesteps(u, "cpu")
+    torch.testing.assert_close(t.flip(0), sched.timesteps)  # shifted exactly as its sigma table
+    torch.testing.assert_close(flow.sigmas(t).flip(0), sched.sigmas[:1000])
+    x, n = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    ts = t[[10, 300, 700, 999]]
+    s = flow.sigmas(ts, x)
+    torch.testing.assert_close(flow.noisy(x, n, ts), (1 - s) * x + s * n)
+    torch.testing.assert_close(flow.target(x, n, ts), n - x)
+    for scheme in ("sigma_sqrt", "cosmap"):
+        torch.testing.assert_close(flow.weights(ts, scheme), compute_loss_weighting_for_sd3(scheme, s).flatten())
+    assert flow.weights(ts, "none") is None
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    want = compute_density_for_timestep_sampling("mode", 5000, mode_scale=1.29, generator=g1)
+    torch.testing.assert_close(Timesteps("mode", mode_scale=1.29).fractions(5000, g2), want)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    want = compute_density_for_timestep_sampling("logit_normal", 5000, logit_mean=0.5, logit_std=1.2, generator=g1)
+    torch.testing.assert_close(Timesteps("logit-normal", 0.5, 1.2).fractions(5000, g2), want)
+    q = Timesteps("mode").fraction_quantiles(5)
+    assert q.tolist() == sorted(q.tolist()) and abs(q[2].item() - 0.5) < 1e-6  # symmetric about 1/2
