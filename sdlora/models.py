@@ -120,12 +120,13 @@ def _folder_family(source: str) -> Family:
     return detect_family(config, set(parts))
 
 
-def load_components(source: str, prediction_type: str = "auto", *, text_encoders: str = "", t5: bool = True,
-                    t5_length: int = 256) -> Components:
+def load_components(source: str, prediction_type: str = "auto", *, text_encoders: str = "",
+                    t5: bool | None = True, t5_length: int = 256) -> Components:
     """Tokenizers, text encoders, VAE, denoiser and schedulers of a diffusers folder, a hub id or a single file.
 
     SD3: `text_encoders` is where a single file's missing encoders come from; `t5` False leaves T5 out (zero T5
-    embeddings of `t5_length` tokens); a model without T5 needs it False."""
+    embeddings of `t5_length` tokens), True needs it (a model without T5 is an error saying --no-t5), None takes it
+    where the model has it (the tools)."""
     import diffusers
     import transformers
     from diffusers import AutoencoderKL
@@ -146,8 +147,10 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
             parts[slot.tokenizer_attr] = _from_pretrained(getattr(transformers, slot.tokenizer_class), source,
                                                           slot.tokenizer_attr)
             parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr)
-        for slot in family.frozen_encoders if t5 else ():
+        for slot in family.frozen_encoders if t5 is not False else ():
             if not (Path(source) / slot.attr).is_dir() and Path(source).is_dir():
+                if t5 is None:
+                    continue
                 raise ModelError(f"{source} has no {slot.attr}/ (T5): pass --no-t5 to train with zero T5 embeddings")
             parts[slot.tokenizer_attr] = _from_pretrained(transformers.AutoTokenizer, source, slot.tokenizer_attr)
             parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr)
@@ -210,9 +213,11 @@ def _load_scheduler(source: str):
         raise ModelError(f"{source}: cannot read scheduler config: {e}") from None
 
 
-def load_model(model: str | Path | None, allow_pickle: bool = False) -> Components:
+def load_model(model: str | Path | None, allow_pickle: bool = False, text_encoders: str = "",
+               t5: bool | None = None) -> Components:
     """Components of a base model for the tools: a diffusers folder (empty: the built-in model), a hub id, or a
-    single-file checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read with weights_only)."""
+    single-file checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read with weights_only).
+    SD3: `text_encoders` for a single file without them; T5 where the model has it unless `t5` is False."""
     import tempfile
 
     from .paths import default_model_path
@@ -225,7 +230,8 @@ def load_model(model: str | Path | None, allow_pickle: bool = False) -> Componen
             raise ModelError(f"{p} is a pickle checkpoint; pass --allow-pickle to read it (weights only) or "
                              "use a .safetensors file")
         with tempfile.TemporaryDirectory() as tmp:
-            c = load_components(str(ckpt_to_safetensors(p, Path(tmp) / f"{p.stem}.safetensors")))
+            c = load_components(str(ckpt_to_safetensors(p, Path(tmp) / f"{p.stem}.safetensors")),
+                                text_encoders=text_encoders, t5=t5)
             c.source = str(p)
             return c
-    return load_components(model)
+    return load_components(model, text_encoders=text_encoders, t5=t5)

@@ -129,9 +129,9 @@ def _build(cls, config: dict, state: dict, what: str, path):
     return build(model, state, what, Path(path))
 
 
-def load(path, info, state: dict, text_encoders: str = "", t5: bool = True) -> dict:
+def load(path, info, state: dict, text_encoders: str = "", t5: bool | None = True) -> dict:
     """transformer, vae, text encoders, tokenizers and scheduler of an SD3 single file (missing parts from
-    `text_encoders`); `t5` False leaves T5 out."""
+    `text_encoders`); `t5` False leaves T5 out, None takes it where the file or folder has it."""
     import diffusers
     from diffusers.loaders import single_file_utils as sfu
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
@@ -148,6 +148,8 @@ def load(path, info, state: dict, text_encoders: str = "", t5: bool = True) -> d
         parts["vae"] = _build(diffusers.AutoencoderKL, cfg["vae"], vae_sd, "VAE", path)
     else:
         parts["vae"] = extra.vae()
+    if t5 is None:
+        t5 = "text_encoder_3" in cfg or extra.has("text_encoder_3")
     for part in ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if t5 else ()):
         tok = part.replace("text_encoder", "tokenizer")
         if part in cfg:
@@ -175,6 +177,10 @@ class _TextEncoders:
         t5 = " or --no-t5" if "T5" in what else ""
         return ModelError(f"{self.path} has no {what}: pass {flag} (a diffusers SD3 folder, or a folder of "
                           f"clip_l / clip_g / t5xxl .safetensors files){t5}")
+
+    def has(self, part: str) -> bool:
+        return self.folder is not None and ((self.folder / part).is_dir() or any(
+            f.name.lower().startswith(FILE_NAMES[part]) for f in self.folder.glob("*.safetensors")))
 
     def vae(self):
         from diffusers import AutoencoderKL

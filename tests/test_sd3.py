@@ -418,7 +418,7 @@ def test_t5_missing_and_flow_weighting_on_ddpm_are_one_line_errors(sd3_no_t5, ti
         train(tiny_config(sd3_no_t5, images, tmp_path / "o" / "l.safetensors"))
     with pytest.raises(ConfigError, match="flow_weighting applies to flow matching"):
         train(tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__flow_weighting="cosmap"))
-    with pytest.raises(ConfigError, match="lora.blocks selects transformer blocks"):
+    with pytest.raises(ConfigError, match=r"lora\.blocks selects transformer blocks"):
         train(tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", lora__blocks="0-3"))
 
 

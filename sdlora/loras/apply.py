@@ -162,17 +162,19 @@ def set_scheduler(pipe, name: str | None) -> str:
 def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: str, *, negative_prompt: str = "",
              seed: int = 0, n: int = 1, steps: int = 20, guidance: float = 7.5, scheduler: str | None = None,
              width: int | None = None, height: int | None = None, output_dir: str | Path, grid: bool = False,
-             scales: list[float] | None = None, allow_pickle: bool = False) -> list[Path]:
+             scales: list[float] | None = None, allow_pickle: bool = False, text_encoders: str = "",
+             t5: bool | None = None) -> list[Path]:
     """Text to image with LoRAs active together, each at its own scale; image i uses seed + i. PNGs carry the
     parameters (A1111's 'parameters' text). `grid`: one contact sheet, rows = seeds, columns = LoRA scale
-    multipliers `scales` (default 0, 0.5, 1), each labelled."""
+    multipliers `scales` (default 0, 0.5, 1), each labelled. SD3: `text_encoders` for a single file without them,
+    `t5` False renders without T5 (zero T5 embeddings)."""
     from ..models import load_model
     from ..sampling import render
 
     scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
     _check_generate(n, steps, guidance, width, height, seed, scales)
     check_weights(loras)
-    c = load_model(model, allow_pickle)
+    c = load_model(model, allow_pickle, text_encoders, t5)
     multiple = c.size_multiple
     if any(v is not None and v % multiple for v in (width, height)):
         raise SdloraError(f"--width/--height must be multiples of {multiple} for this model, got {width}x{height}")
