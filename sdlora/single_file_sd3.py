@@ -102,7 +102,21 @@ def configs(shapes: dict, meta: dict, path) -> dict:
     for part, prefix in TEXT.items():
         if any(k.startswith(prefix) for k in shapes):
             out[part] = t5_config(shapes, prefix) if part == "text_encoder_3" else clip_config(shapes, prefix, part)
-    return {part: {**cfg, **own.get(part, {})} for part, cfg in out.items()}  # sdlora's own files: exact sizes
+    out = {part: {**cfg, **own.get(part, {})} for part, cfg in out.items()}  # sdlora's own files: exact sizes
+    _check_heads(out, path)
+    return out
+
+
+def _check_heads(cfgs: dict, path) -> None:
+    """Widths no standard head width divides (a tiny or custom model without sdlora's config header): one line."""
+    from .single_file import _HOW
+
+    for part, cfg in cfgs.items():
+        width, heads = {"transformer": ("caption_projection_dim", "num_attention_heads"),
+                        "text_encoder_3": ("d_model", "num_heads")}.get(part, ("hidden_size", "num_attention_heads"))
+        if part != "vae" and (cfg[heads] < 1 or cfg[width] % cfg[heads]):
+            raise ModelError(f"{path}: its {part.replace('_', ' ')} is {cfg[width]} wide, which no standard SD3 "
+                             f"attention-head width divides; {_HOW}")
 
 
 # ---------------------------------------------------------------- loading
