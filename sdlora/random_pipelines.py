@@ -163,17 +163,27 @@ def build_sdxl_components(spec: dict = SDXL_BASE, seed: int = 0) -> dict:
     return parts
 
 
-def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0):
-    """`Components` of a full-size SD 1.5- or SDXL-shaped model with random weights (for benchmarks), with a local
-    byte-level tokenizer written to `tokenizer_dir`."""
+def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, sd3_blocks: int = 24,
+                         t5_layers: int = 24):
+    """`Components` of a full-size SD 1.5-, SDXL- or SD3.5-Medium-shaped model with random weights (for benchmarks),
+    with local tokenizers written to `tokenizer_dir`. SD3: `sd3_blocks` of SD3.5 Medium's 24 blocks (the first 13
+    with dual attention, as there) and `t5_layers` of T5-XXL's 24, for machines that cannot hold all of them."""
     from diffusers import DDPMScheduler
-    from transformers import CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPTokenizer
 
     from .families import FAMILIES
-    from .models import Components, freeze
+    from .models import Components, freeze, frozen_text, training_scheduler
 
-    parts = build_sdxl_components(seed=seed) if family == "sdxl" else build_components(SD15, seed)
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tokenizer_dir, ("a", "photo", "of", "sks")))
+    if family == "sd3":
+        parts = build_sd3_components(seed=seed, full=True, t5_layers=t5_layers, blocks=sd3_blocks)
+        fam, t5_tok = FAMILIES["sd3"], AutoTokenizer.from_pretrained(
+            write_t5_tokenizer(Path(tokenizer_dir) / "t5", ("a", "photo", "of", "sks")))
+        noise, sample = training_scheduler(parts["scheduler"], "auto", fam)
+        return freeze(Components(fam, "random-sd3.5-medium", parts["transformer"], parts["vae"], [tokenizer] * 2,
+                                 [parts["text_encoder"], parts["text_encoder_2"]], noise, sample,
+                                 [frozen_text(fam, parts["text_encoder_3"], t5_tok, parts["transformer"], 256)]))
+    parts = build_sdxl_components(seed=seed) if family == "sdxl" else build_components(SD15, seed)
     encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if family == "sdxl" else [])
     return freeze(Components(FAMILIES[family], f"random-{family}", parts["unet"], parts["vae"],
                              [tokenizer] * len(encoders), encoders,
@@ -222,14 +232,15 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 
 
 def build_sd3_components(variant: str = "sd3", seed: int = 0, t5: bool = True, full: bool = False,
-                         t5_layers: int = 24) -> dict:
-    """Random-weight SD3 parts: tiny (by variant: sd3, sd35m, sd35l), or SD3.5 Medium at full size (`full`, with a
-    T5-XXL-wide encoder of `t5_layers` layers); text_encoder_3 None without `t5`."""
+                         t5_layers: int = 24, blocks: int = 24) -> dict:
+    """Random-weight SD3 parts: tiny (by variant: sd3, sd35m, sd35l), or SD3.5 Medium at full size (`full`: `blocks`
+    of its 24 blocks, and a T5-XXL-wide encoder of `t5_layers` layers); text_encoder_3 None without `t5`."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    parts = {"transformer": SD3Transformer2DModel(**(SD35_MEDIUM if full else {**TINY_SD3, **SD3_VARIANTS[variant]}))}
+    big = {**SD35_MEDIUM, "num_layers": blocks, "dual_attention_layers": tuple(range(min(13, blocks)))}
+    parts = {"transformer": SD3Transformer2DModel(**(big if full else {**TINY_SD3, **SD3_VARIANTS[variant]}))}
     vae = SD3_VAE if full else {**TINY["vae"], "shift_factor": 0.0609, "scaling_factor": 1.5305,
                                 "use_quant_conv": False, "use_post_quant_conv": False}
     parts["vae"] = AutoencoderKL(**vae)
