@@ -121,12 +121,13 @@ def _folder_family(source: str) -> Family:
 
 
 def load_components(source: str, prediction_type: str = "auto", *, text_encoders: str = "",
-                    t5: bool | None = True, t5_length: int = 256) -> Components:
+                    t5: bool | None = True, t5_length: int = 256, dtype: torch.dtype | None = None) -> Components:
     """Tokenizers, text encoders, VAE, denoiser and schedulers of a diffusers folder, a hub id or a single file.
 
     SD3: `text_encoders` is where a single file's missing encoders come from; `t5` False leaves T5 out (zero T5
     embeddings of `t5_length` tokens), True needs it (a model without T5 is an error saying --no-t5), None takes it
-    where the model has it (the tools)."""
+    where the model has it (the tools). `dtype` loads the denoiser and text encoders in the training precision (T5
+    only in bf16, as fp16 overflows it; the VAE stays fp32), so an 8B model does not pass through fp32 in memory."""
     import diffusers
     import transformers
     from diffusers import AutoencoderKL
@@ -135,25 +136,28 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
     if Path(source).is_file():  # one original-layout checkpoint (.safetensors), loaded offline
         from .single_file import detect_checkpoint, load_single_file
 
-        parts = load_single_file(source, prediction_type, text_encoders=text_encoders, t5=t5)
+        parts = load_single_file(source, prediction_type, text_encoders=text_encoders, t5=t5, dtype=dtype)
         family = FAMILIES[detect_checkpoint(source).family]
         sample_scheduler = parts["scheduler"]
     else:
         family = _folder_family(source)
+        as_dtype = {"torch_dtype": dtype} if dtype is not None else {}
         parts = {"vae": _from_pretrained(AutoencoderKL, source, "vae"),
                  family.denoiser_attr: _from_pretrained(getattr(diffusers, family.denoiser_class), source,
-                                                        family.denoiser_attr)}
+                                                        family.denoiser_attr, **as_dtype)}
         for slot in family.text_encoders:
             parts[slot.tokenizer_attr] = _from_pretrained(getattr(transformers, slot.tokenizer_class), source,
                                                           slot.tokenizer_attr)
-            parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr)
+            parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr,
+                                                **({"dtype": dtype} if dtype is not None else {}))
         for slot in family.frozen_encoders if t5 is not False else ():
             if not (Path(source) / slot.attr).is_dir() and Path(source).is_dir():
                 if t5 is None:
                     continue
                 raise ModelError(f"{source} has no {slot.attr}/ (T5): pass --no-t5 to train with zero T5 embeddings")
             parts[slot.tokenizer_attr] = _from_pretrained(transformers.AutoTokenizer, source, slot.tokenizer_attr)
-            parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr)
+            parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr,
+                                                **({"dtype": dtype} if dtype == torch.bfloat16 else {}))
         sample_scheduler = _load_scheduler(source)
     noise_scheduler, sample_scheduler = training_scheduler(sample_scheduler, prediction_type, family)
     denoiser = parts[family.denoiser_attr]

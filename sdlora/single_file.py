@@ -317,15 +317,16 @@ def _tokenizer(path: Path, family: str, name: str, vocab_size: int):
     return clip_tokenizer(cfg["pad_token"], cfg["model_max_length"])
 
 
-def _build(model, state: dict, what: str, path: Path):
-    """Load `state` into a model built on the meta device; every weight must be there with its shape."""
+def _build(model, state: dict, what: str, path: Path, dtype: torch.dtype = torch.float32):
+    """Load `state` into a model built on the meta device (in `dtype`); every weight must be there with its
+    shape."""
     want = model.state_dict()
     missing = [k for k in want if k not in state]
     if missing:
         raise ModelError(f"{path}: {what} weights are incomplete ({len(missing)} missing, e.g. '{missing[0]}'); "
                          "the file is truncated or not a standard checkpoint")
     try:
-        model.load_state_dict({k: state[k].to(torch.float32) for k in want}, assign=True)
+        model.load_state_dict({k: state[k].to(dtype) for k in want}, assign=True)
     except RuntimeError as e:
         raise ModelError(f"{path}: {what} weights do not fit the detected config: "
                          f"{str(e).splitlines()[-1].strip()}") from None
@@ -333,7 +334,7 @@ def _build(model, state: dict, what: str, path: Path):
 
 
 def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pickle: bool = False, *,
-                     text_encoders: str = "", t5: bool = True) -> dict:
+                     text_encoders: str = "", t5: bool | None = True, dtype: torch.dtype | None = None) -> dict:
     """Build unet, vae, text_encoder(s), tokenizer(s) and scheduler from one checkpoint file, offline (fp32).
 
     `prediction_type` 'auto' follows `detect_checkpoint`; 'epsilon' or 'v_prediction' overrides it. Tokenizers:
@@ -351,7 +352,7 @@ def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pick
     if info.family == "sd3":
         from . import single_file_sd3
 
-        return single_file_sd3.load(path, info, _tensors(path, allow_pickle), text_encoders, t5)
+        return single_file_sd3.load(path, info, _tensors(path, allow_pickle), text_encoders, t5, dtype)
     for part, part_cfg in info.configs.items():
         _check_standard(part, part_cfg, info.family, path)
     state, cfg = _tensors(path, allow_pickle), info.configs

@@ -130,8 +130,9 @@ def _clip_state(state: dict, prefix: str, projection: bool) -> dict:
     return sd
 
 
-def _build(cls, config: dict, state: dict, what: str, path):
-    """A diffusers or transformers model of `config` built on the meta device, `state` loaded into it."""
+def _build(cls, config: dict, state: dict, what: str, path, dtype: torch.dtype | None = None):
+    """A diffusers or transformers model of `config` built on the meta device, `state` loaded into it (in `dtype`,
+    fp32 by default)."""
     from accelerate import init_empty_weights
 
     from .single_file import _build as build
@@ -140,12 +141,14 @@ def _build(cls, config: dict, state: dict, what: str, path):
         model = cls(cls.config_class.from_dict(config)) if hasattr(cls, "config_class") else cls.from_config(config)
     if "shared.weight" in state:  # T5's token embedding, tied to the encoder's
         state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
-    return build(model, state, what, Path(path))
+    return build(model, state, what, Path(path), dtype or torch.float32)
 
 
-def load(path, info, state: dict, text_encoders: str = "", t5: bool | None = True) -> dict:
+def load(path, info, state: dict, text_encoders: str = "", t5: bool | None = True,
+         dtype: torch.dtype | None = None) -> dict:
     """transformer, vae, text encoders, tokenizers and scheduler of an SD3 single file (missing parts from
-    `text_encoders`); `t5` False leaves T5 out, None takes it where the file or folder has it."""
+    `text_encoders`); `t5` False leaves T5 out, None takes it where the file or folder has it. `dtype`: the
+    transformer's and CLIPs' (T5 only in bf16; the VAE fp32)."""
     import diffusers
     from diffusers.loaders import single_file_utils as sfu
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
@@ -154,7 +157,8 @@ def load(path, info, state: dict, text_encoders: str = "", t5: bool | None = Tru
     original = {k[len(p):]: v for k, v in state.items()
                 if k.startswith(p) and (p or not k.startswith((VAE, "text_encoders.")))}
     parts = {"transformer": _build(diffusers.SD3Transformer2DModel, cfg["transformer"],
-                                   sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(original)), "MMDiT", path)}
+                                   sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(original)), "MMDiT", path,
+                                   dtype)}
     extra = _TextEncoders(text_encoders, path)
     if "vae" in cfg:
         vae_state = {k: v for k, v in state.items() if k.startswith(VAE)}
@@ -169,10 +173,11 @@ def load(path, info, state: dict, text_encoders: str = "", t5: bool | None = Tru
         if part in cfg:
             if part == "text_encoder_3":
                 sd = {k[len(TEXT[part]):]: v for k, v in state.items() if k.startswith(TEXT[part])}
-                parts[part] = _build(T5EncoderModel, cfg[part], sd, "T5", path)
+                parts[part] = _build(T5EncoderModel, cfg[part], sd, "T5", path,
+                                     dtype if dtype == torch.bfloat16 else None)
             else:
                 sd = _clip_state(state, TEXT[part], projection=True)
-                parts[part] = _build(CLIPTextModelWithProjection, cfg[part], sd, part.replace("_", " "), path)
+                parts[part] = _build(CLIPTextModelWithProjection, cfg[part], sd, part.replace("_", " "), path, dtype)
         else:
             parts[part] = extra.encoder(part)
         parts[tok] = _tokenizer(Path(path), part, tok, parts[part], extra)

@@ -122,7 +122,8 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     from ..models import load_components
 
     c = components or load_components(cfg.model_path, cfg.model.prediction_type, text_encoders=cfg.model.text_encoders,
-                                      t5=cfg.model.t5, t5_length=cfg.model.t5_max_length)
+                                      t5=cfg.model.t5, t5_length=cfg.model.t5_max_length,
+                                      dtype=load_dtype(acc.device, acc.mixed_precision))
     check_family_options(cfg, c)
     resolution, bucket_step = resolve_resolution(cfg, c)
     odd = [p for p in sample_prompts(cfg, resolution) if p.width % c.size_multiple or p.height % c.size_multiple]
@@ -307,6 +308,12 @@ def use_zero_terminal_snr(cfg: Config, c: Components) -> None:
     if "rescale_betas_zero_snr" in inspect.signature(sampler.__init__).parameters:
         c.sample_scheduler = sampler.from_config(c.sample_scheduler.config, rescale_betas_zero_snr=True,
                                                  timestep_spacing="trailing")
+
+
+def load_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype weights are loaded in: the training precision's on CUDA (what place_models casts them to anyway),
+    None (as stored, then fp32) on the CPU."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if device.type == "cuda" else None
 
 
 def place_models(cfg: Config, c: Components, device: torch.device, precision: str) -> torch.dtype:
