@@ -5,7 +5,9 @@ tests).
 
 Inside sdlora a LoRA is `{kohya base name: module}`. A base name is what kohya's layout calls a layer
 (`lora_unet_down_blocks_0_..._to_k`, `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`); files in other
-layouts are read into the same form, and a `NameMap` ties base names to the modules of a model.
+layouts are read into the same form, and a `NameMap` ties base names to the modules of a model. SD3 is keyed by
+diffusers module (`lora_unet_transformer_blocks_0_attn_to_q`), one per Linear; its kohya files' fused q/k/v layers
+are split on reading and fused on writing (`mmdit`).
 """
 
 from __future__ import annotations
@@ -464,8 +466,8 @@ def guess_family(mods: dict, meta: dict[str, str]) -> tuple[str, str]:
     from_meta = next((f for p, f in _LABELS if version.startswith(p)), "")
     if mmdit.is_internal(mods):
         return from_meta, "sd3"
-    if any(b.startswith(("lora_te1_", "lora_te2_")) for b in mods):
-        return from_meta, "sdxl"
+    if any(b.startswith(("lora_te1_", "lora_te2_")) for b in mods):  # CLIP-L + CLIP-G: SDXL's, or SD3's
+        return from_meta, from_meta if from_meta in ("sdxl", "sd3") else "sdxl"
     widths = {m.weight_shape[1] for b, m in mods.items() if b.endswith("attn2_to_k")}
     widths |= {m.weight_shape[1] for b, m in mods.items() if b.startswith("lora_te") and b.endswith("q_proj")}
     from_shape = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(next(iter(widths), 0), "") if len(widths) == 1 else ""
