@@ -1,6 +1,8 @@
-"""Training-step benchmark on a full-size SD 1.5- or SDXL-shaped model (random weights, nothing downloaded).
+"""Training-step benchmark on a full-size SD 1.5-, SDXL- or SD3.5-Medium-shaped model (random weights, nothing
+downloaded).
 
-    python scripts/bench_train.py [--family sd1|sdxl] [--quantize] [--resolution 256] [--steps 5] [--warmup 2]
+    python scripts/bench_train.py [--family sd1|sdxl|sd3] [--quantize] [--resolution 256] [--steps 5] [--warmup 2]
+    python scripts/bench_train.py --family sd3 [--sd3-blocks 24] [--t5-layers 24]
     python scripts/bench_train.py --optimizers [--small] [--family sd1|sdxl] [--resolution 128]
 
 LoRA rank 4 on the UNet cross-attention, batch 1, through sdlora's own trainer (`setup` + optimizer steps),
@@ -8,6 +10,10 @@ with latent/text caching on and off, and with `--quantize` also QLoRA (NF4 base,
 runs in a fresh process so peak memory is its own. Prints a table of seconds per step, steps per second, the bytes of
 the UNet and text-encoder weights, and peak memory during the timed steps (CUDA: allocated; CPU: process RSS).
 Default resolution: 512 px on CUDA, 256 px on the CPU.
+
+SD3 (`--family sd3`): the rows are T5 cached and freed (the default: every caption encoded once, then T5 released)
+and T5 kept (captions whose tags shuffle every step keep T5 in memory, encoding as they come), and with `--quantize`
+QLoRA; `--sd3-blocks` / `--t5-layers` take fewer of SD3.5 Medium's blocks / T5-XXL's layers where memory is short.
 
 `--optimizers` prints one row per optimizer instead (caching on): seconds per step and the bytes of the optimizer's
 state (its per-parameter tensors, as a checkpoint stores them); `--small` runs them on the small shapes-world-sized
@@ -31,7 +37,7 @@ OPTIMIZER_LR = {"prodigy": 1.0, "lion": 3e-5}  # each at a learning rate its use
 
 
 def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quantize: str = "none",
-        optimizer: str = "adamw", small: bool = False) -> dict:
+        optimizer: str = "adamw", small: bool = False, sizes: dict | None = None, t5_kept: bool = False) -> dict:
     import torch
     from PIL import Image
 
@@ -47,18 +53,19 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quan
     for i in range(4):
         Image.new("RGB", (resolution, resolution), (40 * i, 90, 200)).save(tmp / f"{i}.png")
     components = load_components(str(save_tiny_pipeline(tmp / "tiny"))) if small else \
-        full_size_components(family, tmp / "tok")
+        full_size_components(family, tmp / "tok", **(sizes or {}))
     cfg = Config()
     cfg.optim.optimizer, cfg.optim.lr = optimizer, OPTIMIZER_LR.get(optimizer, 1e-4)
     cfg.model.quantize = quantize
-    cfg.data = [DataFolder(path=str(tmp), prompt="a photo of sks")]
+    cfg.data = [DataFolder(path=str(tmp), prompt="a photo, of, sks", shuffle_tags=t5_kept)]  # shuffled: T5 stays
     cfg.augment.resolution = resolution
     cfg.train.cache_latents = cfg.train.cache_text = cache
     cfg.output.path = str(tmp / "out.safetensors")
     acc = make_accelerator(cfg)
     state = setup(cfg, acc, Callbacks(), components=components)
     # parameter bytes, 4-bit weights at their packed size
-    weights = sum(p.numel() * p.element_size() for m in (components.denoiser, *components.text_encoders)
+    held = [f.model for f in components.frozen_text if f.model is not None]  # SD3's T5 while it is kept
+    weights = sum(p.numel() * p.element_size() for m in (components.denoiser, *components.text_encoders, *held)
                   for p in m.parameters()) / 2**30
     for s in range(warmup):
         optimizer_step(state, s)
@@ -76,7 +83,9 @@ def one(resolution: int, steps: int, warmup: int, cache: bool, family: str, quan
     else:
         peak = rss.peak / 2**30
     sec = (time.perf_counter() - t0) / steps
-    return {"cache": cache, "quantize": quantize, "device": acc.device.type, "precision": acc.mixed_precision,
+    return {"cache": cache, "quantize": quantize,
+            "t5": "kept" if t5_kept else "freed" if family == "sd3" else "-", "device": acc.device.type,
+            "precision": acc.mixed_precision,
             "resolution": resolution, "sec_per_step": sec, "steps_per_sec": 1 / sec, "peak_gib": peak,
             "weights_gib": weights, "threads": torch.get_num_threads(), "optimizer": optimizer,
             "state_mib": state_bytes(state.optim.main) / 2**20,
@@ -111,11 +120,14 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=0)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--family", default="sd1", choices=("sd1", "sdxl"), help="sd1: SD 1.5 shapes; sdxl: SDXL base")
+    p.add_argument("--family", default="sd1", choices=("sd1", "sdxl", "sd3"),
+                   help="sd1: SD 1.5 shapes; sdxl: SDXL base; sd3: SD3.5 Medium")
+    p.add_argument("--sd3-blocks", type=int, default=24, help="sd3: how many of SD3.5 Medium's 24 blocks.")
+    p.add_argument("--t5-layers", type=int, default=24, help="sd3: how many of T5-XXL's 24 layers.")
     p.add_argument("--quantize", action="store_true", help="Also run QLoRA (4-bit NF4 base; CUDA + bitsandbytes).")
     p.add_argument("--optimizers", action="store_true", help="One row per optimizer (s/step, state bytes).")
     p.add_argument("--small", action="store_true", help="With --optimizers: the small random model.")
-    p.add_argument("--one", choices=("cached", "uncached", "nf4"), help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=("cached", "uncached", "nf4", "t5-kept"), help=argparse.SUPPRESS)
     p.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -123,8 +135,9 @@ def main() -> None:
 
         res = args.resolution or (64 if args.small else 512 if torch.cuda.is_available() else 256)
         quantize = "nf4" if args.one == "nf4" else "none"
+        sizes = {"sd3_blocks": args.sd3_blocks, "t5_layers": args.t5_layers} if args.family == "sd3" else None
         print(json.dumps(one(res, args.steps, args.warmup, args.one != "uncached", args.family, quantize,
-                             args.optimizer, args.small)))
+                             args.optimizer, args.small, sizes, args.one == "t5-kept")))
         return
     if args.optimizers:
         optimizers_table(args)
@@ -138,16 +151,19 @@ def main() -> None:
         except SdloraError as e:
             sys.exit(f"error: {e}")
     rows = []
-    for mode in ("cached", "uncached") + (("nf4",) if args.quantize else ()):
+    second = "t5-kept" if args.family == "sd3" else "uncached"
+    for mode in ("cached", second) + (("nf4",) if args.quantize else ()):
         out = subprocess.run([sys.executable, __file__, "--one", mode, "--resolution", str(args.resolution),
-                              "--steps", str(args.steps), "--warmup", str(args.warmup), "--family", args.family],
+                              "--steps", str(args.steps), "--warmup", str(args.warmup), "--family", args.family,
+                              "--sd3-blocks", str(args.sd3_blocks), "--t5-layers", str(args.t5_layers)],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    head = (f"{'caching':<10}{'base':<6}{'device':<8}{'precision':<10}{'px':>5}{'s/step':>9}{'steps/s':>9}"
+    head = (f"{'caching':<10}{'T5':<7}{'base':<6}{'device':<8}{'precision':<10}{'px':>5}{'s/step':>9}{'steps/s':>9}"
             f"{'weights GiB':>13}{'peak GiB':>10}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{'on' if r['cache'] else 'off':<10}{'nf4' if r['quantize'] != 'none' else 'full':<6}{r['device']:<8}"
+        print(f"{'on' if r['cache'] else 'off':<10}{r['t5']:<7}{'nf4' if r['quantize'] != 'none' else 'full':<6}"
+              f"{r['device']:<8}"
               f"{r['precision']:<10}{r['resolution']:>5}{r['sec_per_step']:>9.3f}{r['steps_per_sec']:>9.3f}"
               f"{r['weights_gib']:>13.2f}{r['peak_gib']:>10.2f}")
     if args.quantize:
@@ -156,8 +172,10 @@ def main() -> None:
               f"peak memory in a step {nf4['peak_gib']:.2f} GiB vs {full['peak_gib']:.2f} GiB "
               f"({1 - nf4['peak_gib'] / full['peak_gib']:.0%} less), {nf4['sec_per_step'] / full['sec_per_step']:.2f}x "
               "the time per step")
-    print(f"speed-up from caching: {rows[1]['sec_per_step'] / rows[0]['sec_per_step']:.2f}x "
-          f"({args.family}-shaped UNet/TE/VAE, random weights, LoRA rank 4 on attn2, batch 1, "
+    what = "T5 kept instead of cached and freed" if args.family == "sd3" else "speed-up from caching"
+    print(f"{what}: {rows[1]['sec_per_step'] / rows[0]['sec_per_step']:.2f}x the time per step, "
+          f"{rows[1]['peak_gib'] - rows[0]['peak_gib']:+.2f} GiB peak "
+          f"({args.family}-shaped denoiser/TE/VAE, random weights, LoRA rank 4 on the default targets, batch 1, "
           f"{rows[0]['threads']} threads)")
 
 

@@ -21,7 +21,7 @@ from .paths import default_model_path
 
 CONFIG_VERSION = 1
 
-TARGET_PRESETS = ("cross_attn", "attn", "attn_ff", "all")
+TARGET_PRESETS = ("auto", "cross_attn", "attn", "attn_ff", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw-schedulefree", "lion")
 NETWORKS = ("lora", "dora", "loha", "lokr")
 # each network's own knobs (`--network-args "factor=8,decompose_both=true"`): name -> type, or the allowed words
@@ -53,10 +53,17 @@ def opt(default, help: str, flag: str | None = None, choices: tuple | None = Non
 
 @dataclass
 class ModelConfig:
-    path: str = opt("", "Base model: a diffusers folder, a hub id, or empty for the built-in shapes-world model.",
-                    flag="model")
-    prediction_type: str = opt("auto", "Training target; 'auto' reads it from the model's scheduler.",
-                               choices=("auto", "epsilon", "v_prediction"))
+    path: str = opt("", "Base model: a diffusers folder, a hub id, a single .safetensors file, or empty for the "
+                    "built-in shapes-world model.", flag="model")
+    prediction_type: str = opt("auto", "Training target; 'auto' reads it from the model's scheduler (SD3 models "
+                               "always train by flow matching).", choices=("auto", "epsilon", "v_prediction"))
+    text_encoders: str = opt("", "SD3 single files without text encoders: a diffusers SD3 folder (text_encoder, "
+                             "text_encoder_2, text_encoder_3 and their tokenizers) or a folder of ComfyUI-style "
+                             "clip_l / clip_g / t5xxl .safetensors files to take them from.", flag="text-encoders")
+    t5: bool = opt(True, "SD3: use the T5-XXL text encoder; --no-t5 trains (and samples) with zero T5 embeddings, "
+                   "as diffusers does without text_encoder_3 (recorded in the LoRA's metadata).")
+    t5_max_length: int = opt(256, "SD3: T5 tokens per caption (diffusers' pipeline default 256; 77 is shorter and "
+                             "cheaper).", ge=1, le=512)
     quantize: str = opt("none", "QLoRA: nf4 holds the frozen UNet and text encoders' Linear layers in 4-bit NF4 "
                         "through bitsandbytes (CUDA, or the CPU with bitsandbytes >= 0.47); the LoRA trains in "
                         "16/32-bit and loads into the full base.",
@@ -68,13 +75,18 @@ class LoraConfig:
     rank: int = opt(4, "LoRA rank r: bigger learns more and makes a bigger file.", gt=0)
     alpha: float = opt(0.0, "LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank.", ge=0)
     dropout: float = opt(0.0, "Dropout on the LoRA input during training.", flag="lora-dropout", ge=0, lt=1)
-    targets: str = opt("cross_attn", "Which UNet layers get LoRA: cross_attn (attn2 q/k/v/out), attn (all "
-                       "attention), attn_ff (attention + feed-forward), all (also proj and conv layers).",
-                       choices=TARGET_PRESETS)
+    targets: str = opt("auto", "Which denoiser layers get LoRA: auto (the family's default: cross_attn on SD1/2/XL, "
+                       "attn on SD3); UNets: cross_attn (attn2 q/k/v/out), attn (all attention), attn_ff (attention + "
+                       "feed-forward), all (also proj and conv layers); SD3: attn (the joint attention of every block, "
+                       "both streams, and SD3.5 Medium's attn2), attn_ff (+ feed-forward), all (+ adaLN, embedders and "
+                       "final layer).", choices=TARGET_PRESETS)
+    blocks: str = opt("", "SD3: only these transformer blocks get LoRA, e.g. '0-11' or '12-23,30' (layers outside "
+                      "the blocks, from targets all, stay); empty = every block.")
     train_text_encoder: bool = opt(False, "Also put LoRA on the CLIP text encoder (q/k/v/out and MLP).")
     text_encoder_lr: float = opt(0.0, "Learning rate of the text-encoder LoRA; 0 means the UNet's lr.", ge=0)
-    train_text_encoder_2: bool = opt(True, "SDXL: with train_text_encoder, also the second (OpenCLIP-G) encoder.")
-    text_encoder_2_lr: float = opt(0.0, "SDXL: learning rate of the second encoder's LoRA; 0 = text_encoder_lr.", ge=0)
+    train_text_encoder_2: bool = opt(True, "SDXL/SD3: with train_text_encoder, also the second (OpenCLIP-G) encoder.")
+    text_encoder_2_lr: float = opt(0.0, "SDXL/SD3: learning rate of the second encoder's LoRA; 0 = text_encoder_lr.",
+                                   ge=0)
     network: str = opt("lora", "Adapter type: lora; dora (weight-decomposed LoRA); loha (Hadamard product of two "
                        "low-rank pairs) or lokr (Kronecker product), as LyCORIS makes them. A1111 and ComfyUI load "
                        "all four; diffusers loads lora and dora (dora_axis=output), not loha or lokr.",
@@ -177,10 +189,17 @@ class TrainConfig:
     cache_text: bool = opt(True, "Encode captions once when the text encoder is frozen.")
     # the objective's recipe (sdlora/training/objective.py): any family, whatever the model predicts
     timestep_sampling: str = opt("uniform", "How training timesteps are drawn: uniform; logit-normal "
-                                 "(sigmoid(mean + scale z), favours the middle); sigmoid (kohya's name for "
-                                 "sigmoid(scale z)).", choices=("uniform", "logit-normal", "sigmoid"))
+                                 "(sigmoid(mean + scale z), favours the middle; diffusers' SD3 default); sigmoid "
+                                 "(kohya's name for sigmoid(scale z)); mode (SD3's mode sampling, see mode_scale). On "
+                                 "SD3 the draw is then shifted by the model's shift (3.0).",
+                                 choices=("uniform", "logit-normal", "sigmoid", "mode"))
     timestep_mean: float = opt(0.0, "logit-normal: the mean of the normal (> 0 favours noisier timesteps).")
     timestep_scale: float = opt(1.0, "logit-normal and sigmoid: the spread of the normal.", gt=0)
+    mode_scale: float = opt(1.29, "mode sampling: how far the draw leans to the middle (SD3's paper and diffusers "
+                            "use 1.29; 0 is uniform).", ge=0, le=1.5)
+    flow_weighting: str = opt("none", "SD3 (flow matching): loss weights of diffusers' SD3 script: none, sigma_sqrt "
+                              "(1/sigma^2) or cosmap (2/(pi(1 - 2 sigma + 2 sigma^2))).",
+                              choices=("none", "sigma_sqrt", "cosmap"))
     min_timestep: int = opt(0, "Train only on timesteps >= this (0..999).", ge=0)
     max_timestep: int = opt(1000, "Train only on timesteps < this (1..1000).", le=1000)
     loss: str = opt("l2", "l2 (MSE); huber or smooth-l1 (the pseudo-Huber losses of kohya's scheduled Huber "
@@ -563,6 +582,23 @@ def _check_sample_table(p: dict, where: str) -> None:
             raise ConfigError(f"{where}.{key} must be {rules[key][1]}, got {value!r}")
 
 
+def block_indices(text: str) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7]; a bad item is a one-line ConfigError."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        lo, sep, hi = item.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            first = last = -1
+        if first < 0 or last < first:
+            raise ConfigError(f"lora.blocks: {item!r} is not a block number or range like 0-11")
+        out.extend(range(first, last + 1))
+    return sorted(set(out))
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.endswith((".safetensors", ".ckpt")) or path.count("/") != 1
 
@@ -594,8 +630,11 @@ def validate_training_options(cfg: Config, check_paths: bool = True) -> None:
           f"0 <= min < max <= 1000, got {tr.min_timestep} and {tr.max_timestep}")
     _rule(tr.timestep_sampling == "logit-normal" or tr.timestep_mean == 0,
           "train.timestep_mean applies to timestep_sampling logit-normal only")
-    _rule(tr.timestep_sampling != "uniform" or tr.timestep_scale == 1,
+    _rule(tr.timestep_sampling not in ("uniform", "mode") or tr.timestep_scale == 1,
           "train.timestep_scale applies to timestep_sampling logit-normal or sigmoid only")
+    _rule(tr.timestep_sampling == "mode" or tr.mode_scale == 1.29, "train.mode_scale applies to timestep_sampling "
+          "mode only")
+    _rule(not cfg.lora.blocks.strip() or bool(block_indices(cfg.lora.blocks)), "lora.blocks names no block")
     _rule(tr.loss != "l2" or (tr.huber_delta == 0.1 and tr.huber_schedule == "snr"),
           "train.huber_delta and huber_schedule apply to loss huber or smooth-l1 only")
     _rule(tr.multires_noise_iterations > 0 or tr.multires_noise_discount == 0.3,

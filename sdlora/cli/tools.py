@@ -21,6 +21,9 @@ def _model_flags(p, flag: str = "--model", required: bool = False) -> None:
     p.add_argument(flag, required=required, default=None,
                    help="Base model: a diffusers folder (default: the built-in model) or a single-file checkpoint.")
     p.add_argument("--allow-pickle", action="store_true", help="Allow .ckpt checkpoints (read weights only).")
+    p.add_argument("--text-encoders", default="", metavar="FOLDER",
+                   help="SD3 single files without text encoders: a diffusers SD3 folder, or a folder of ComfyUI-style "
+                        "clip_l / clip_g / t5xxl .safetensors files (with tokenizer folders).")
 
 
 def register(sub) -> None:
@@ -40,6 +43,7 @@ def register(sub) -> None:
     g.add_argument("--output", "-o", default="outputs", help="Folder for the PNGs.")
     g.add_argument("--grid", action="store_true", help="One labelled sheet: LoRA scales across, seeds down.")
     g.add_argument("--scales", type=_floats, default=None, help="Scale multipliers for --grid (default 0,0.5,1).")
+    g.add_argument("--no-t5", action="store_true", help="SD3: render without T5 (zero T5 embeddings).")
     g.set_defaults(func=cmd_generate)
 
     cap = sub.add_parser("caption", help="Write a caption beside every image that has none, with an image-to-text "
@@ -110,7 +114,8 @@ def cmd_generate(args) -> int:
                      negative_prompt=args.negative_prompt,
                      seed=args.seed, n=args.n, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                      width=args.width, height=args.height, output_dir=args.output, grid=args.grid,
-                     scales=args.scales, allow_pickle=args.allow_pickle)
+                     scales=args.scales, allow_pickle=args.allow_pickle, text_encoders=args.text_encoders,
+                     t5=False if args.no_t5 else None)
     for p in paths:
         print(p)
     return 0
@@ -156,7 +161,7 @@ def cmd_merge(args) -> int:
     from ..loras.merge import merge_into_model
 
     out = merge_into_model(args.model, [parse_weighted(s) for s in args.lora], args.output, overwrite=args.overwrite,
-                           allow_pickle=args.allow_pickle)
+                           allow_pickle=args.allow_pickle, text_encoders=args.text_encoders)
     print(out)
     return 0
 
@@ -183,7 +188,7 @@ def cmd_extract(args) -> int:
 
     report = extract_lora(args.base, args.tuned, args.rank, args.output, overwrite=args.overwrite,
                           conv_rank=args.conv_rank, text_encoder=not args.no_text_encoder,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, text_encoders=args.text_encoders)
     print(report.table())
     if report.skipped:
         print(f"skipped {len(report.skipped)} layers whose difference is ~0")

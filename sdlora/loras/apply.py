@@ -14,7 +14,7 @@ from ..errors import LoraFileError, SdloraError
 from ..families import Family, family_of_pipeline
 from .checks import check_fits
 from .files import check_weights, load_lora, read_lora
-from .layout import model_layers, split_embeddings
+from .layout import diffusers_tensors, model_layers, name_map, split_embeddings
 from .modules import is_plain
 
 
@@ -51,11 +51,20 @@ class ActiveLoras:
                               [getattr(self.pipe, s.attr) for s in family.text_encoders])
         check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
         if all(is_plain(m) for m in mods.values()):
-            self.pipe.load_lora_weights(split_embeddings(read_lora(path)[0])[0], adapter_name=name)
+            self.pipe.load_lora_weights(self._diffusers_state(path, family, mods), adapter_name=name)
             self.entries.append((name, None))
         else:
             self.entries.append((name, HookedLora(layers, mods)))
         load_embeddings(self.pipe, family, embeddings)
+
+    def _diffusers_state(self, path, family: Family, mods: dict) -> dict:
+        """What diffusers' load_lora_weights is given: the file's own tensors where diffusers converts that
+        family's kohya layout itself, else (SD3) the modules in diffusers' layout (alpha folded into lora_B)."""
+        if family.diffusers_reads_kohya:
+            return split_embeddings(read_lora(path)[0])[0]
+        names = name_map(family, getattr(self.pipe, family.denoiser_attr),
+                         [getattr(self.pipe, s.attr) for s in family.text_encoders])
+        return diffusers_tensors(mods, names, torch.float32)[0]
 
     @property
     def _adapters(self) -> list[str]:
@@ -153,17 +162,19 @@ def set_scheduler(pipe, name: str | None) -> str:
 def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: str, *, negative_prompt: str = "",
              seed: int = 0, n: int = 1, steps: int = 20, guidance: float = 7.5, scheduler: str | None = None,
              width: int | None = None, height: int | None = None, output_dir: str | Path, grid: bool = False,
-             scales: list[float] | None = None, allow_pickle: bool = False) -> list[Path]:
+             scales: list[float] | None = None, allow_pickle: bool = False, text_encoders: str = "",
+             t5: bool | None = None) -> list[Path]:
     """Text to image with LoRAs active together, each at its own scale; image i uses seed + i. PNGs carry the
     parameters (A1111's 'parameters' text). `grid`: one contact sheet, rows = seeds, columns = LoRA scale
-    multipliers `scales` (default 0, 0.5, 1), each labelled."""
+    multipliers `scales` (default 0, 0.5, 1), each labelled. SD3: `text_encoders` for a single file without them,
+    `t5` False renders without T5 (zero T5 embeddings)."""
     from ..models import load_model
     from ..sampling import render
 
     scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
     _check_generate(n, steps, guidance, width, height, seed, scales)
     check_weights(loras)
-    c = load_model(model, allow_pickle)
+    c = load_model(model, allow_pickle, text_encoders, t5)
     multiple = c.size_multiple
     if any(v is not None and v % multiple for v in (width, height)):
         raise SdloraError(f"--width/--height must be multiples of {multiple} for this model, got {width}x{height}")

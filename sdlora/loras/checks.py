@@ -9,10 +9,10 @@ import torch
 
 from ..errors import LoraFileError
 from ..families import FAMILIES
-from .layout import BUNDLE, parse_modules
+from .layout import BUNDLE, _split_key, parse_modules
 from .modules import DoraModule, LohaModule, LokrModule, LoraModule, fits
 
-KOHYA_KEY = re.compile(r"^(lora_unet|lora_te[12]?)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|"
+KOHYA_KEY = re.compile(r"^(lora_unet|lora_te[123]?)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|"
                        r"alpha|dora_scale|hada_w[12]_[ab]|hada_t[12]|lokr_w[12]|lokr_w[12]_[ab]|lokr_t2)$")
 
 
@@ -27,11 +27,13 @@ def validate_kohya(tensors: dict[str, torch.Tensor], family: str = "sd1") -> lis
     if not mods:
         problems.append("no LoRA modules")
     alphas = sorted({m.alpha for m in mods.values()})
-    if len(alphas) > 1:
+    if len(alphas) > 1 and (family not in FAMILIES or FAMILIES[family].diffusers_reads_kohya):
         problems.append(f"alpha differs between modules ({alphas}); diffusers mis-scales such files")
+    stems = {_split_key(k)[0] for k in tensors if not k.startswith(BUNDLE)}  # the file's own modules
+    for stem in sorted(stems):
+        if f"{stem}.alpha" not in tensors:
+            problems.append(f"{stem} has no .alpha (A1111 would use scale 1.0, diffusers alpha = rank)")
     for base, m in mods.items():
-        if f"{base}.alpha" not in tensors:
-            problems.append(f"{base} has no .alpha (A1111 would use scale 1.0, diffusers alpha = rank)")
         if base.startswith("lora_te") and "_text_model_encoder_layers_" not in base:
             problems.append(f"{base}: text-encoder name lacks 'text_model_' (A1111 and ComfyUI ignore it)")
         prefix = base.split("_text_model_")[0] if base.startswith("lora_te") else ""

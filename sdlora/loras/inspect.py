@@ -58,23 +58,30 @@ def _ranges(values) -> str:
 
 
 def module_kind(base: str) -> str:
-    """attn1 / attn2 / ff / proj / conv / te / other, from a kohya base name."""
+    """attn1 / attn2 / attn (SD3's joint attention) / ff / adaln / proj / conv / te / other, from a base name."""
     if base.startswith("lora_te"):
         return "te"
-    for kind, rx in (("attn1", r"_attn1_"), ("attn2", r"_attn2_"), ("ff", r"_ff_net_"), ("proj", r"_proj_(in|out)$"),
-                     ("conv", r"(conv\d?|conv_shortcut|conv_in|conv_out|_op)$")):
+    for kind, rx in (("attn1", r"_attn1_"), ("attn2", r"_attn2_"), ("attn", r"_attn_(to_|add_)"),
+                     ("ff", r"_ff(_context)?_net_"), ("adaln", r"(norm1(_context)?|norm_out)_linear$"),
+                     ("proj", r"_proj_(in|out)$"), ("conv", r"(conv\d?|conv_shortcut|conv_in|conv_out|_op)$")):
         if re.search(rx, base):
             return kind
     return "other"
 
 
-def clients(layout: str, mods: dict) -> str:
+def clients(layout: str, mods: dict, family: str = "") -> str:
     """Which clients load a file of this layout and these module types as it is meant (their loaders' code:
-    A1111 v1.10 extensions-builtin/Lora, ComfyUI comfy/weight_adapter, diffusers' lora_state_dict)."""
+    A1111 v1.10 extensions-builtin/Lora, ComfyUI comfy/weight_adapter and comfy/lora.py, diffusers'
+    lora_state_dict; SD3: ComfyUI's MMDiT key map, diffusers' SD3LoraLoaderMixin, which converts no other layout)."""
     kinds = {m.kind for m in mods.values()}
     axes = {m.axis for m in mods.values() if isinstance(m, DoraModule)}
     if not mods:
         return "-"
+    if family == "sd3":
+        if layout == "diffusers":
+            return "diffusers, ComfyUI; not Forge (sdlora convert --to kohya)"
+        return "ComfyUI, Forge, kohya sd-scripts; not diffusers, which loads no kohya SD3 file (sdlora convert --to " \
+               "diffusers)"
     if layout == "diffusers":
         return "diffusers" + (" (peft's DoRA)" if axes else "") + "; not A1111 or ComfyUI (sdlora convert --to kohya)"
     if kinds & {"loha", "lokr", "lora_tucker", "loha+dora", "lokr+dora"}:
@@ -115,7 +122,7 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         if any(re.search(r"_self_attn_[qkv]_proj$", b) for b in te) and not any(b.endswith("_out_proj") for b in te) \
                 and all(is_plain(m) for m in mods.values()):  # (diffusers loads no other type at all)
             problems.append("text-encoder attention without any out_proj: diffusers 0.42 drops its q/k/v layers")
-    elif layout == "diffusers":
+    elif layout == "diffusers" and family != "sd3":  # (ComfyUI maps SD3's diffusers keys)
         problems.append("diffusers layout: A1111 and ComfyUI do not load it; `sdlora convert --to kohya` fixes that")
     zero = [b for b, m in mods.items() if m.is_zero()]
     if zero and len(zero) < len(mods):
@@ -128,7 +135,7 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         unet_modules=sum(not b.startswith("lora_te") for b in mods),
         te_modules=sum(b.startswith("lora_te") for b in mods),
         kinds=dict(sorted(kinds.items())), types=dict(sorted(Counter(m.kind for m in mods.values()).items())),
-        loads_in=clients(layout, mods), ranks=sorted({m.rank for m in mods.values() if m.rank is not None}),
+        loads_in=clients(layout, mods, family), ranks=sorted({m.rank for m in mods.values() if m.rank is not None}),
         alphas=sorted({m.alpha for m in mods.values()}),
         embeddings={t: {p: list(v.shape) for p, v in parts.items()} for t, parts in emb.items()},
         metadata={k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec.", "sdlora_", "sshs_"))

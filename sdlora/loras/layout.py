@@ -5,7 +5,9 @@ tests).
 
 Inside sdlora a LoRA is `{kohya base name: module}`. A base name is what kohya's layout calls a layer
 (`lora_unet_down_blocks_0_..._to_k`, `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`); files in other
-layouts are read into the same form, and a `NameMap` ties base names to the modules of a model.
+layouts are read into the same form, and a `NameMap` ties base names to the modules of a model. SD3 is keyed by
+diffusers module (`lora_unet_transformer_blocks_0_attn_to_q`), one per Linear; its kohya files' fused q/k/v layers
+are split on reading and fused on writing (`mmdit`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from ..errors import LoraFileError
 from ..families import Family
 from ..families.naming import sgm_namer
+from . import mmdit
 from .modules import AXES, DoraModule, LohaModule, LokrModule, LoraModule, magnitude_shape
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the adapter config
@@ -184,7 +187,9 @@ SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weigh
 PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PROCESSOR_NAMES = {"unet": {"to_out": "to_out.0"},
                     "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
-FILE_PREFIXES = {"unet": DENOISER_PREFIX, "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+FILE_PREFIXES = {"unet": DENOISER_PREFIX, "transformer": DENOISER_PREFIX, "text_encoder": "lora_te",
+                 "text_encoder_2": "lora_te2"}
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 UNPREFIXED_UNET = ("down_blocks.", "mid_block.", "up_blocks.")  # diffusers' oldest UNet-only files
 REFUSED = {".lokr_t1": "LoKr lokr_t1 (no client reads it)", ".oft_": "OFT", ".diff": "LyCORIS full-weight (diff)",
            ".w_norm": "LyCORIS norm layers", ".b_norm": "LyCORIS norm layers", ".a1.weight": "GLoRA",
@@ -208,14 +213,16 @@ def _split_key(key: str) -> tuple[str, str]:
 
 def _base_of(stem: str, key: str) -> tuple[str, str, str]:
     """(kohya base, file part, module path) of a module stem in any layout."""
-    if stem.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
+    if stem.startswith(KOHYA_PREFIXES):
         return stem, "", ""
+    if stem.startswith("lora_transformer_"):  # OneTrainer's SD3 names: diffusers paths (what sdlora keys SD3 by)
+        return DENOISER_PREFIX + stem[len("lora_transformer"):], "", ""
     part, _, path = stem.partition(".")
     if stem.startswith(UNPREFIXED_UNET):
         part, path = "unet", stem
     if part not in FILE_PREFIXES or not path:
         raise LoraFileError(f"key {key}: expected a kohya name (lora_unet_..., lora_te_...) or a diffusers one "
-                            "starting with unet., text_encoder. or text_encoder_2.")
+                            "starting with unet., transformer., text_encoder. or text_encoder_2.")
     return kohya_base(FILE_PREFIXES[part], path), part, path
 
 
@@ -255,7 +262,8 @@ def parse_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None 
 
     Alpha: kohya's `.alpha` tensors (none: scale 1, as A1111 and ComfyUI read it); for PEFT files
     `lora_adapter_metadata` (alpha_pattern included), else alpha = rank. Any key no layout explains is an error
-    naming it: never a partial read."""
+    naming it: never a partial read. SD3 files in the original MMDiT layout come out keyed by diffusers module
+    (q/k/v split, see `mmdit`)."""
     cfg = _adapter_config(meta or {})
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     keys: dict[str, dict[str, str]] = defaultdict(dict)
@@ -274,7 +282,7 @@ def parse_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None 
         if part and f"{part}.lora_alpha" in cfg and "down" in g:
             alpha = float(_pattern_value(cfg.get(f"{part}.alpha_pattern"), path, cfg[f"{part}.lora_alpha"]))
         mods[base] = assemble(base, g, alpha, keys[base])
-    return mods
+    return mmdit.from_file(mods) if mmdit.is_file_layout(mods) else mods
 
 
 _TYPES = ((("hada_",), LohaModule, {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
@@ -354,12 +362,17 @@ def common_alpha(mods: dict) -> float:
 def kohya_tensors(mods: dict, dtype=torch.float16) -> dict[str, torch.Tensor]:
     """kohya tensors with one alpha value for the whole file (exact in every client): a module trained with another
     alpha/rank ratio keeps its update, its `up` (LoHa: w1_a, LoKr: w1) multiplied by alpha_m / A. DoRA's dora_scale
-    stays fp32, as LyCORIS saves it: it scales the whole base weight, so fp16 rounding would move every output."""
+    stays fp32, as LyCORIS saves it: it scales the whole base weight, so fp16 rounding would move every output.
+    SD3 layers are written in the original MMDiT layout (`mmdit.to_file`): a fused q/k/v layer's alpha is then the
+    sum of its parts' (3 A), so alpha / rank stays A / rank everywhere."""
     common, out = common_alpha(mods), {}
+    mods = {b: m.with_alpha(common) for b, m in mods.items()}
+    if mmdit.is_internal(mods):
+        mods = mmdit.to_file(mods)
     for base, m in mods.items():
-        for suffix, t in m.with_alpha(common).tensors().items():
+        for suffix, t in m.tensors().items():
             out[f"{base}.{suffix}"] = t.float() if suffix == "dora_scale" else t.to(dtype)
-        out[f"{base}.alpha"] = torch.tensor(common, dtype=dtype)
+        out[f"{base}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
     return out
 
 
@@ -443,15 +456,18 @@ def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, famil
 
 # ---------------------------------------------------------------- which family a file is for
 
-_LABELS = (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd1", "sd1"), ("sd_v2", "sd2"), ("sd2", "sd2"))
+_LABELS = (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd1", "sd1"), ("sd_v2", "sd2"), ("sd2", "sd2"), ("sd3", "sd3"),
+           ("medium", "sd3"), ("5-medium", "sd3"), ("5-large", "sd3"), ("stable-diffusion-3", "sd3"))
 
 
 def guess_family(mods: dict, meta: dict[str, str]) -> tuple[str, str]:
     """(family named by the metadata, family the layer names and shapes say); '' where unknown."""
     version = meta.get("sdlora_family") or meta.get("ss_base_model_version", "")
     from_meta = next((f for p, f in _LABELS if version.startswith(p)), "")
-    if any(b.startswith(("lora_te1_", "lora_te2_")) for b in mods):
-        return from_meta, "sdxl"
+    if mmdit.is_internal(mods):
+        return from_meta, "sd3"
+    if any(b.startswith(("lora_te1_", "lora_te2_")) for b in mods):  # CLIP-L + CLIP-G: SDXL's, or SD3's
+        return from_meta, from_meta if from_meta in ("sdxl", "sd3") else "sdxl"
     widths = {m.weight_shape[1] for b, m in mods.items() if b.endswith("attn2_to_k")}
     widths |= {m.weight_shape[1] for b, m in mods.items() if b.startswith("lora_te") and b.endswith("q_proj")}
     from_shape = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(next(iter(widths), 0), "") if len(widths) == 1 else ""

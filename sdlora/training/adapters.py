@@ -11,19 +11,20 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from ..errors import TrainingError
 
 
-def target_modules(model: torch.nn.Module, patterns) -> list[str]:
-    """Full names of the Linear/Conv2d modules whose name ends with one of the patterns."""
+def target_modules(model: torch.nn.Module, patterns, keep=None) -> list[str]:
+    """Full names of the Linear/Conv2d modules whose name ends with one of the patterns (and that `keep(name)`
+    accepts, when given)."""
     rx = re.compile(r"(^|\.)(" + "|".join(patterns) + r")$")
     return [name for name, m in model.named_modules()
-            if rx.search(name) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+            if rx.search(name) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and (keep is None or keep(name))]
 
 
 def inject(model: torch.nn.Module, patterns, rank: int, alpha: float, dropout: float = 0.0,
-           what: str = "UNet", network: str = "lora", args: dict | None = None) -> list[str]:
+           what: str = "denoiser", network: str = "lora", args: dict | None = None, keep=None) -> list[str]:
     """Add a trainable adapter that leaves the model unchanged at the start (LoRA's and DoRA's B = 0, LoHa's w2_b = 0,
     LoKr's w2 = 0) to the matched layers, through peft: LoraConfig (DoRA on the output axis: use_dora), LoHaConfig,
     LoKrConfig; input-axis DoRA is peft's LoRA with sdlora's magnitude on top (`dora.py`)."""
-    names = target_modules(model, patterns)
+    names = target_modules(model, patterns, keep)
     if not names:
         raise TrainingError(f"LoRA targets {list(patterns)} matched no layer of the {what}; choose other targets")
     model.add_adapter(adapter_config(model, names, rank, alpha, dropout, network, args or {}))

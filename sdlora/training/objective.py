@@ -2,7 +2,9 @@
 
 The recipe (`Recipe.from_config(cfg.train)`) is written once for every family and every target: timestep sampling
 gives fractions of the schedule as well as DDPM's integer timesteps, and the loss and weights take the SNR of each
-sample, so a flow-matching objective reuses them with its own target and its own SNR.
+sample. What differs between noise schedules is a `Schedule` (`schedule_of(scheduler)`): `DDPM` (epsilon or
+v-prediction on the scheduler's alphas: SD1/SD2/SDXL) or `Flow` (rectified flow on the FlowMatch scheduler's shifted
+sigmas: SD3), each with its own noising, target and SNR.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Timesteps:
-    """Which timesteps train: `kind` uniform, logit-normal (sigmoid(mean + scale z)) or sigmoid (sigmoid(scale z),
-    kohya's name), restricted to [low, high) of a schedule of `total` steps."""
+    """Which timesteps train: `kind` uniform, logit-normal (sigmoid(mean + scale z)), sigmoid (sigmoid(scale z),
+    kohya's name) or mode (SD3's mode sampling, 1 - u - mode_scale (cos^2(pi u / 2) - 1 + u), as diffusers'
+    compute_density_for_timestep_sampling), restricted to [low, high) of a schedule of `total` steps."""
 
     kind: str = "uniform"
     mean: float = 0.0
     scale: float = 1.0
     low: int = 0
     high: int = 1000
+    mode_scale: float = 1.29
 
     def _window(self, total: int) -> tuple[int, int]:
         return self.low, min(self.high, total)
@@ -32,25 +36,47 @@ class Timesteps:
         """A standard normal sample -> a fraction in (0, 1) by this distribution."""
         return torch.sigmoid((self.mean if self.kind == "logit-normal" else 0.0) + self.scale * z)
 
+    def _from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """A uniform sample -> a fraction by SD3's mode density (symmetric about 1/2)."""
+        return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+
+    def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n fractions in (0, 1) of a non-uniform kind."""
+        if self.kind == "mode":
+            return self._from_uniform(torch.rand(n, generator=generator))
+        return self._from_normal(torch.randn(n, generator=generator))
+
+    def _quantile(self, q: torch.Tensor) -> torch.Tensor:
+        """The distribution's quantile function on [0, 1] (fractions, float64)."""
+        if self.kind == "uniform":
+            return q
+        if self.kind == "mode":  # the map decreases from 1 to 0: the q-quantile is the map of 1 - q
+            return self._from_uniform(1 - q).double()
+        return self._from_normal(math.sqrt(2) * torch.erfinv(2 * q - 1)).double()
+
     def fractions(self, n: int, generator: torch.Generator, total: int = 1000) -> torch.Tensor:
         """n continuous times in [low/total, high/total) (flow matching's sigmas), float32 on the CPU."""
         low, high = self._window(total)
-        u = torch.rand(n, generator=generator) if self.kind == "uniform" else \
-            self._from_normal(torch.randn(n, generator=generator))
+        u = torch.rand(n, generator=generator) if self.kind == "uniform" else self._draw(n, generator)
         return (low + u * (high - low)) / total
+
+    def fraction_quantiles(self, k: int, total: int = 1000) -> torch.Tensor:
+        """k fixed continuous times, the quantiles at (i + 0.5) / k within the window (float32)."""
+        low, high = self._window(total)
+        u = self._quantile((torch.arange(k, dtype=torch.float64) + 0.5) / k)
+        return ((low + u * (high - low)) / total).float()
 
     def sample(self, n: int, total: int, generator: torch.Generator, device) -> torch.Tensor:
         """n integer timesteps in [low, high); uniform draws exactly as torch.randint(low, high) does."""
         low, high = self._window(total)
         if self.kind == "uniform":
             return torch.randint(low, high, (n,), generator=generator).to(device)
-        return self._to_steps(self._from_normal(torch.randn(n, generator=generator)), low, high).to(device)
+        return self._to_steps(self._draw(n, generator), low, high).to(device)
 
     def quantiles(self, k: int, total: int, device=None) -> torch.Tensor:
         """k fixed integer timesteps, the distribution's quantiles at (i + 0.5) / k: a stratified spread."""
         low, high = self._window(total)
-        q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-        u = q if self.kind == "uniform" else self._from_normal(math.sqrt(2) * torch.erfinv(2 * q - 1)).double()
+        u = self._quantile((torch.arange(k, dtype=torch.float64) + 0.5) / k)
         return self._to_steps(u, low, high).to(device)
 
     @staticmethod
@@ -72,13 +98,14 @@ class Recipe:
     huber_schedule: str = "snr"
     min_snr_gamma: float = 0.0
     debiased: bool = False
+    flow_weighting: str = "none"
 
     @classmethod
     def from_config(cls, tr) -> Recipe:
         return cls(Timesteps(tr.timestep_sampling, tr.timestep_mean, tr.timestep_scale, tr.min_timestep,
-                             tr.max_timestep), tr.noise_offset, tr.multires_noise_iterations,
+                             tr.max_timestep, tr.mode_scale), tr.noise_offset, tr.multires_noise_iterations,
                    tr.multires_noise_discount, tr.ip_noise_gamma, tr.loss, tr.huber_delta, tr.huber_schedule,
-                   tr.min_snr_gamma, tr.debiased_estimation)
+                   tr.min_snr_gamma, tr.debiased_estimation, tr.flow_weighting)
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The noise the model learns to remove: Gaussian, with noise offset and multi-resolution noise."""
@@ -148,6 +175,97 @@ def target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: tor
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+class DDPM:
+    """DDPM-style schedules (SD1, SD2, SDXL): integer timesteps, the scheduler's alphas noise the latents, the model
+    predicts the noise (epsilon) or the velocity (v-prediction)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def total(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def sample(self, timesteps: Timesteps, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        return timesteps.sample(n, self.total, generator, device)
+
+    def quantiles(self, timesteps: Timesteps, k: int, device) -> torch.Tensor:
+        return timesteps.quantiles(k, self.total, device)
+
+    def noisy(self, latents: torch.Tensor, inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, inputs, t)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return target(self.scheduler, latents, noise, t)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        from diffusers.training_utils import compute_snr
+
+        return compute_snr(self.scheduler, t)
+
+    def weights(self, t: torch.Tensor, scheme: str) -> torch.Tensor | None:
+        return None
+
+
+class Flow:
+    """Rectified flow (SD3, SD3.5): a time u from the recipe's sampling becomes sigma = shift u / (1 + (shift - 1) u)
+    with the FlowMatch scheduler's shift (its sigma table's formula); the latents are noised as (1 - sigma) x +
+    sigma n, the model gets timestep sigma * 1000 and predicts the velocity n - x (diffusers' SD3 training)."""
+
+    prediction_type = "flow"
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.shift = float(scheduler.config.shift)
+        self.total = scheduler.config.num_train_timesteps
+
+    def _timesteps(self, u: torch.Tensor, device) -> torch.Tensor:
+        sigma = self.shift * u / (1 + (self.shift - 1) * u)
+        return (sigma * self.total).to(device)
+
+    def sample(self, timesteps: Timesteps, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        return self._timesteps(timesteps.fractions(n, generator, self.total), device)
+
+    def quantiles(self, timesteps: Timesteps, k: int, device) -> torch.Tensor:
+        return self._timesteps(timesteps.fraction_quantiles(k, self.total), device)
+
+    def sigmas(self, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """sigma of each timestep (float32), shaped to broadcast over `like`."""
+        s = t.float() / self.total
+        return s if like is None else s.to(like.device).view(-1, *[1] * (like.dim() - 1))
+
+    def noisy(self, latents: torch.Tensor, inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self.sigmas(t, latents)
+        return ((1 - s) * latents.float() + s * inputs.float()).to(latents.dtype)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ((1 - sigma) / sigma)^2 (for the Huber schedule)."""
+        s = self.sigmas(t).clamp_min(1e-6)
+        return ((1 - s) / s) ** 2
+
+    def weights(self, t: torch.Tensor, scheme: str) -> torch.Tensor | None:
+        """diffusers' compute_loss_weighting_for_sd3: sigma_sqrt sigma^-2 (sigma at least 1/total), cosmap
+        2 / (pi (1 - 2 sigma + 2 sigma^2)); none: unweighted."""
+        s = self.sigmas(t)
+        if scheme == "sigma_sqrt":
+            return s.clamp_min(1 / self.total) ** -2.0
+        if scheme == "cosmap":
+            return 2 / (math.pi * (1 - 2 * s + 2 * s**2))
+        return None
+
+
+def schedule_of(scheduler) -> DDPM | Flow:
+    """The objective of a training scheduler: Flow for a FlowMatch scheduler, DDPM for every other."""
+    return Flow(scheduler) if type(scheduler).__name__.startswith("FlowMatch") else DDPM(scheduler)
 
 
 def snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

@@ -31,9 +31,12 @@ def write_output(state: TrainState, states: dict, step: int, path: Path, extra_m
         if not states:
             return write_embedding(path, concept.token, concept.tensors(dtype))
         write_embedding(path.with_name(path.stem + "_emb.safetensors"), concept.token, concept.tensors(dtype))
+    for f in c.frozen_text:  # SD3: whether T5 took part (--no-t5: zero T5 embeddings), and its length
+        extra["sdlora_t5"] = json.dumps({"used": f.present, "max_length": f.length})
     meta = training_metadata(cfg, c.family, c.prediction_type, model_name=c.name, model_hash=c.model_hash(),
                              steps=step, resolution=state.resolution, targets=state.adapters.targets,
-                             started=state.started, captions_by_folder=state.captions_by_folder, extra=extra)
+                             started=state.started, captions_by_folder=state.captions_by_folder, extra=extra,
+                             denoiser_config=c.denoiser.config)
     mods, names = peft_modules(states, cfg.lora_alpha, c.family, c.denoiser.config, adapted_ranks(state, states))
     if cfg.output.format == "kohya":
         tensors = kohya_tensors(mods, dtype)
@@ -110,7 +113,7 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
         for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
             with state.acc.autocast(), lora_scaled([c.denoiser, *c.text_encoders], sp.lora_scale):
                 image = render(pipe, [state.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width, sp.height,
-                               sp.negative)[0]
+                               sp.negative, embeds=sample_embeds(state))[0]
             settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
             path = folder / f"step_{step:07d}_{i}.png"
             paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))
@@ -120,6 +123,20 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
         log.write("".join(json.dumps(r) + "\n" for r in records))
     callbacks.on_sample(step, paths)
     return paths
+
+
+def sample_embeds(state: TrainState):
+    """For families whose samples come from the training text path (SD3: its T5 is cached and released), the
+    function giving the pipeline's embedding arguments for prompts and negative prompts; None for the others."""
+    conditioning, text = state.components.family.conditioning, state.models.text
+    if not conditioning.samples_from_embeddings:
+        return None
+
+    def embeds(prompts: list[str], negatives: list[str]) -> dict:
+        def encode(texts):
+            return conditioning.encode(text.tokenizers, text.raw_encoders, texts, text.device)
+        return conditioning.pipeline_embeds(encode(prompts), encode(negatives))
+    return embeds
 
 
 def _a1111_text(sp: SamplePrompt) -> str:

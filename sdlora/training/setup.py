@@ -68,7 +68,12 @@ def apply_speed(cfg: Config, c: Components, device: torch.device) -> None:
             raise ConfigError(f"speed.attention xformers: {str(e).splitlines()[0]}; pip install 'sdlora[xformers]' "
                               "or use sdpa") from None
     elif hasattr(c.denoiser, "set_attn_processor"):
-        c.denoiser.set_attn_processor(AttnProcessor2_0() if sp.attention == "sdpa" else AttnProcessor())
+        kinds = {type(p).__name__ for p in c.denoiser.attn_processors.values()}
+        if kinds <= {"AttnProcessor", "AttnProcessor2_0"}:  # plain attention: either kernel fits
+            c.denoiser.set_attn_processor(AttnProcessor2_0() if sp.attention == "sdpa" else AttnProcessor())
+        elif sp.attention == "math":  # SD3's joint attention has its own (SDPA) processors
+            raise ConfigError(f"speed.attention math has no kernel for the {', '.join(sorted(kinds))} of "
+                              f"{type(c.denoiser).__name__}; use sdpa")
     if sp.channels_last:
         c.denoiser.to(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -116,7 +121,10 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     """Load the model (unless `components` are given), data and LoRA; build caches, optimizer and schedule."""
     from ..models import load_components
 
-    c = components or load_components(cfg.model_path, cfg.model.prediction_type)
+    c = components or load_components(cfg.model_path, cfg.model.prediction_type, text_encoders=cfg.model.text_encoders,
+                                      t5=cfg.model.t5, t5_length=cfg.model.t5_max_length,
+                                      dtype=load_dtype(acc.device, acc.mixed_precision))
+    check_family_options(cfg, c)
     resolution, bucket_step = resolve_resolution(cfg, c)
     odd = [p for p in sample_prompts(cfg, resolution) if p.width % c.size_multiple or p.height % c.size_multiple]
     if odd:
@@ -130,7 +138,11 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     prompt = (lambda text: concept.prompt(text, cfg.pivotal.trigger)) if concept else (lambda text: text)
     held_out = held_out_images(cfg)
     batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message, held_out)
+    examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
     use_zero_terminal_snr(cfg, c)
+    varying = any(r.active for r in batches.tag_rules)
+    cache_frozen_text(cfg, c, acc.device, acc.mixed_precision, varying, callbacks.on_message,
+                      batches.captions() + [e.caption for e in examples])
     weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
     apply_speed(cfg, c, acc.device)
     adapters = add_adapters(cfg, c, concept)
@@ -142,15 +154,13 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if cfg.train.cache_latents and not batches.latents.cached:
         callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
     optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
-    varying = any(r.active for r in batches.tag_rules)
     if cfg.train.cache_text and varying:
         callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
-    text = TextEncoding(c.family.conditioning, c.tokenizers, encoders, list(c.text_encoders),
+    text = TextEncoding(c.family.conditioning, c.tokenizers, encoders + c.frozen_text, c.conditioning_encoders,
                         [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text and not varying)
     models = Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
     state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept,
                        concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
-    examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
     if examples:
         state.validation = Validation(examples, cfg.validation.timesteps, cfg.train.seed)
     state.enter_phase(0)
@@ -158,6 +168,62 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if text.cache_allowed and not phases.main.text_trainable and concept is None:
         text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
     return state
+
+
+def check_family_options(cfg: Config, c: Components) -> None:
+    """Options the loaded model's family or objective cannot serve, as one-line errors: the SNR-based weights and
+    zero terminal SNR on flow matching (SD3), SD3's loss weights on DDPM, lora.blocks where the denoiser has no
+    numbered blocks, and (SD3) networks other than LoRA or pivotal tuning."""
+    tr, fam, flow = cfg.train, c.family, c.prediction_type == "flow"
+    if flow:
+        for on, what in ((tr.min_snr_gamma, "train.min_snr_gamma (min-SNR)"),
+                         (tr.debiased_estimation, "train.debiased_estimation"),
+                         (tr.zero_terminal_snr, "train.zero_terminal_snr")):
+            if on:
+                raise ConfigError(f"{what} is for noise (epsilon/v) prediction; {fam.title} trains by flow matching: "
+                                  "use train.flow_weighting or timestep_sampling instead")
+        if cfg.lora.network != "lora":
+            raise ConfigError(f"lora.network {cfg.lora.network}: {fam.title} trains plain LoRA (its q/k/v are one "
+                              "fused layer in the files ComfyUI and Forge load)")
+        if cfg.pivotal.token:
+            raise ConfigError(f"pivotal tuning is not supported for {fam.title} (T5 has no token to add); train a "
+                              "LoRA with a trigger word")
+    elif tr.flow_weighting != "none":
+        raise ConfigError(f"train.flow_weighting applies to flow matching (SD3); {c.name} predicts "
+                          f"{c.prediction_type}: use min_snr_gamma or debiased_estimation")
+    if cfg.lora.blocks.strip() and not fam.block_prefix:
+        raise ConfigError(f"lora.blocks selects transformer blocks (SD3); {fam.title} has none: leave it empty")
+    if c.frozen_text and not cfg.model.t5 and any(f.present for f in c.frozen_text):
+        raise ConfigError("model.t5 is off but the model came with a T5: load it with --no-t5")
+
+
+def cache_frozen_text(cfg: Config, c: Components, device: torch.device, precision: str, varying: bool, say,
+                      captions: list[str]) -> None:
+    """SD3's T5 (the family's frozen text part) encodes every caption, the empty one, the class prompt and the sample
+    prompts now, on the device, and is then released, so it never shares memory with the transformer; with
+    captions that change every step (shuffled or dropped tags) it stays and encodes as they come."""
+    from .output import sample_prompts
+
+    held = [f for f in c.frozen_text if f.model is not None]
+    if not held:
+        return
+    dtype = {"bf16": torch.bfloat16}.get(precision, torch.float32) if device.type == "cuda" else torch.float32
+    for f in held:
+        f.model.to(device, dtype=dtype)
+    if varying:
+        say("T5 stays in memory: shuffled or dropped tags make a new caption every step")
+        return
+    texts = {*captions, "", cfg.prior.class_prompt}
+    for sp in sample_prompts(cfg, 0):
+        texts |= {sp.text, sp.negative}
+    for f in held:
+        ordered = sorted(texts)
+        for start in range(0, len(ordered), 16):
+            f(ordered[start:start + 16], device)
+        f.release()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    say(f"T5 encoded {len(texts)} captions and prompts and was released from memory")
 
 
 def ensure_class_images(cfg: Config, c: Components, resolution: int, callbacks: Callbacks) -> None:
@@ -244,6 +310,12 @@ def use_zero_terminal_snr(cfg: Config, c: Components) -> None:
                                                  timestep_spacing="trailing")
 
 
+def load_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype weights are loaded in: the training precision's on CUDA (what place_models casts them to anyway),
+    None (as stored, then fp32) on the CPU."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if device.type == "cuda" else None
+
+
 def place_models(cfg: Config, c: Components, device: torch.device, precision: str) -> torch.dtype:
     """Frozen denoiser and text encoders in the training precision (NF4 with QLoRA), everything on the device.
     The VAE stays fp32: fp16 VAEs overflow to NaN. Returns the weights' dtype."""
@@ -277,8 +349,8 @@ def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> A
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
     lo, fam = cfg.lora, c.family
     kind = dict(network=lo.network, args=cfg.network_args)
-    targets = inject(c.denoiser, fam.targets[lo.targets], lo.rank, cfg.lora_alpha, lo.dropout, **kind) \
-        if cfg.train.max_steps > 0 else []
+    targets = inject(c.denoiser, fam.target_patterns(lo.targets), lo.rank, cfg.lora_alpha, lo.dropout,
+                     keep=layer_filter(cfg, c), **kind) if cfg.train.max_steps > 0 else []
     lrs = text_encoder_lrs(cfg, len(c.text_encoders))
     for i, (encoder, lr) in enumerate(zip(c.text_encoders, lrs)):
         if lr:
@@ -293,6 +365,30 @@ def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> A
             if lr:
                 encoder.gradient_checkpointing_enable()
     return Adapters(targets, lrs)
+
+
+def layer_filter(cfg: Config, c: Components):
+    """Which matched denoiser layers get LoRA: not the ones whose output the model discards (the family's
+    unused_layers: SD3's last context query), and with lora.blocks only the chosen blocks' (layers outside every
+    block stay); None when every matched layer does."""
+    from ..config import block_indices
+
+    fam = c.family
+    unused = fam.unused_layers(c.denoiser.config) if fam.unused_layers else set()
+    wanted = set(block_indices(cfg.lora.blocks)) if cfg.lora.blocks.strip() else None
+    if wanted:
+        depth = c.denoiser.config.num_layers
+        if max(wanted) >= depth:
+            raise ConfigError(f"lora.blocks: block {max(wanted)} does not exist; {c.name} has blocks 0-{depth - 1}")
+    prefix = fam.block_prefix + "."
+    if not unused and wanted is None:
+        return None
+
+    def keep(name: str) -> bool:
+        if name in unused:
+            return False
+        return wanted is None or not name.startswith(prefix) or int(name[len(prefix):].split(".")[0]) in wanted
+    return keep
 
 
 def make_optimizers(cfg: Config, acc, c: Components, adapters: Adapters, concept: ConceptTokens | None):

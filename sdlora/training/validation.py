@@ -112,8 +112,7 @@ class Validation:
         latents = lat[None].expand(k, *lat.shape)
         gen = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([self.seed, 77, i]).generate_state(1)[0]))
         noise = recipe.noise(latents, gen)
-        scheduler = models.scheduler
-        t = recipe.timesteps.quantiles(k, scheduler.config.num_train_timesteps, latents.device)
+        t = models.schedule.quantiles(recipe.timesteps, k, latents.device)
         text = models.text  # a text path that trains is encoded afresh, never cached
         cond = text.conditioning.encode(text.tokenizers, text.raw_encoders, [ex.caption] * k, state.device) \
             if text.trainable else text([ex.caption] * k)
