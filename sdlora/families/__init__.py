@@ -76,6 +76,8 @@ class Family:
     # (denoiser config) -> (ss_base_model_version, modelspec.architecture) where they depend on the model's variant
     variant: Callable[[dict], tuple[str, str]] | None = None
     diffusers_reads_kohya: bool = True   # diffusers' load_lora_weights converts this family's kohya files
+    # which clients load this family's plain-LoRA files, per layout, where it is not the SD1/SDXL story (inspect)
+    clients: Mapping[str, str] = field(default_factory=dict)
     # (denoiser config) -> layers a preset may match whose output the model discards (SD3: the last block's context
     # query, as that block keeps no context output): they never learn, so they get no LoRA
     unused_layers: Callable[[dict], set[str]] | None = None
@@ -123,6 +125,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            matches=lambda cfg, parts: cfg.get("_class_name") == "SD3Transformer2DModel" or "joint_attention_dim" in cfg,
            denoiser_attr="transformer", kohya_naming="mmdit", targets=MMDIT_TARGETS, default_targets="attn",
            block_prefix="transformer_blocks", variant=mmdit.variant, diffusers_reads_kohya=False,
+           clients={"diffusers": "diffusers, ComfyUI; not Forge (sdlora convert --to kohya)",
+                    "kohya": "ComfyUI, Forge, kohya sd-scripts; not diffusers, which loads no kohya SD3 file "
+                             "(sdlora convert --to diffusers)"},
            unused_layers=mmdit.unused_layers,
            frozen_encoders=(TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5EncoderModel", "lora_te3", "t5",
                                             "T5TokenizerFast"),),

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import LoraFileError
+from ..families import FAMILIES
 from .checks import validate_kohya
 from .files import damage, read_lora
 from .layout import LORA_METADATA_KEY, detect_layout, guess_family, parse_modules, split_embeddings
@@ -77,11 +78,9 @@ def clients(layout: str, mods: dict, family: str = "") -> str:
     axes = {m.axis for m in mods.values() if isinstance(m, DoraModule)}
     if not mods:
         return "-"
-    if family == "sd3":
-        if layout == "diffusers":
-            return "diffusers, ComfyUI; not Forge (sdlora convert --to kohya)"
-        return "ComfyUI, Forge, kohya sd-scripts; not diffusers, which loads no kohya SD3 file (sdlora convert --to " \
-               "diffusers)"
+    said = FAMILIES[family].clients.get(layout) if family in FAMILIES else None
+    if said:
+        return said
     if layout == "diffusers":
         return "diffusers" + (" (peft's DoRA)" if axes else "") + "; not A1111 or ComfyUI (sdlora convert --to kohya)"
     if kinds & {"loha", "lokr", "lora_tucker", "loha+dora", "lokr+dora"}:
@@ -122,7 +121,7 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         if any(re.search(r"_self_attn_[qkv]_proj$", b) for b in te) and not any(b.endswith("_out_proj") for b in te) \
                 and all(is_plain(m) for m in mods.values()):  # (diffusers loads no other type at all)
             problems.append("text-encoder attention without any out_proj: diffusers 0.42 drops its q/k/v layers")
-    elif layout == "diffusers" and family != "sd3":  # (ComfyUI maps SD3's diffusers keys)
+    elif layout == "diffusers" and "ComfyUI" not in clients(layout, mods, family):
         problems.append("diffusers layout: A1111 and ComfyUI do not load it; `sdlora convert --to kohya` fixes that")
     zero = [b for b, m in mods.items() if m.is_zero()]
     if zero and len(zero) < len(mods):
