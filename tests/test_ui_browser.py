@@ -97,6 +97,15 @@ def set_value(page, elem_id: str, value) -> None:
     expect(box).to_have_value(str(value))
 
 
+def wait_until(page, condition, what: str, seconds: float = 300) -> None:
+    """Poll a condition on the server's side (the job's own state) while the page keeps running."""
+    for _ in range(int(seconds * 10)):
+        if condition():
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
@@ -215,11 +224,13 @@ def test_sample_now_and_save_now_on_a_running_job(page, app, shots, tmp_path):
     page.locator("#start").click()
     page.locator("#job-status").filter(has_text="Training").wait_for()
     job = manager.current()
-    page.wait_for_function("() => document.querySelectorAll('#samples img').length >= 1")  # the step-0 sample
+    # The gallery may still show an earlier job's samples, so wait on this job's own list, then on the page.
+    wait_until(page, lambda: job.samples, "the step-0 sample")
     page.locator("#sample-now").click()
-    page.wait_for_function("() => document.querySelectorAll('#samples img').length >= 2")
+    wait_until(page, lambda: [s for s, _ in job.samples if s > 0], "the asked-for sample")
     asked = [s for s, _ in job.samples if s > 0]
     assert asked and all(s < 4000 for s in asked)
+    page.locator("#samples").get_by_text(f"step {asked[0]}").first.wait_for(state="attached")
     page.locator("#save-now").click()
     ckpts = manager.output_dir / "now-lora" / "now-lora_checkpoints"
     page.wait_for_function("() => document.querySelector('#job-status') !== null")
