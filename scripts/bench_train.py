@@ -1,7 +1,10 @@
-"""Training-step benchmark on full-size SD 1.5- and SDXL-shaped models (random weights, nothing downloaded).
+"""Training-step benchmark on full-size SD 1.5-, SDXL- and SD3.5-Medium-shaped models (random weights, nothing
+downloaded).
 
-    python scripts/bench_train.py [--family sd1 sdxl] [--resolution PX] [--batch 1 4] [--modes cached uncached nf4]
-                                  [--precision auto] [--switches] [--profile] [--steps N] [--warmup N] [--tiny]
+    python scripts/bench_train.py [--family sd1 sdxl sd3] [--resolution PX] [--batch 1 4]
+                                  [--modes cached uncached nf4 t5-kept] [--precision auto] [--switches] [--profile]
+                                  [--optimizers] [--steps N] [--warmup N] [--tiny]
+    python scripts/bench_train.py --family sd3 --modes cached t5-kept nf4 [--sd3-blocks 24] [--t5-layers 24]
 
 sdlora's own trainer (`setup`, then `optimizer_step` with the loss left on the device) with LoRA rank 4 on the UNet
 cross-attention, for each family x batch x mode (cached latents and text / uncached / NF4 base, cached). `--switches`
@@ -12,7 +15,12 @@ fused vs foreach AdamW, and the loss read every step vs every 10. `--profile` wr
 quantize, device, images_per_s, s_per_step, peak_allocated_gb, peak_reserved_gb, ...; GB are GiB) and a markdown
 table. On the CPU each row runs in its own process, so its peak RSS is its own; on CUDA (and with --tiny) the rows
 share one process and the peak counters are reset between them. `--tiny` runs the same rows on the test suite's tiny
-models (a dry run). Default resolution: 512 px (SDXL 1024) on CUDA, 256 px on the CPU.
+models (a dry run). Default resolution: 512 px (SDXL and SD3 1024) on CUDA, 256 px on the CPU.
+
+SD3: `t5-kept` is T5 kept in memory and encoding every step (captions whose tags shuffle), against the default of
+every caption encoded once and T5 released; `--sd3-blocks` / `--t5-layers` take fewer of SD3.5 Medium's blocks /
+T5-XXL's layers where memory is short. `--optimizers` adds one row per optimizer (cached, the first family and
+batch) with the bytes of its state as a checkpoint stores it.
 """
 
 from __future__ import annotations
@@ -44,23 +52,26 @@ SWITCHES = [  # (label, config overrides of the "on" row, of the "off" row)
      {"train.gradient_checkpointing": False}),
 ]
 CPU_SWITCHES = ("attention sdpa vs math", "channels_last on vs off", "gradient checkpointing on vs off")
+OPTIMIZER_LR = {"prodigy": 1.0, "lion": 3e-5}  # each at a learning rate its users would pick
 
 
-def components(family: str, tmp: Path, device: str, tiny: bool):
+def components(spec: dict, tmp: Path, device: str):
     from sdlora.random_pipelines import full_size_components
 
-    if tiny:
+    family = spec["family"]
+    if spec.get("tiny"):
         from sdlora.models import load_components
-        from sdlora.random_pipelines import save_tiny_pipeline, save_tiny_sdxl_pipeline
+        from sdlora.random_pipelines import save_tiny_pipeline, save_tiny_sd3_pipeline, save_tiny_sdxl_pipeline
 
-        save = save_tiny_sdxl_pipeline if family == "sdxl" else save_tiny_pipeline
+        save = {"sdxl": save_tiny_sdxl_pipeline, "sd3": save_tiny_sd3_pipeline}.get(family, save_tiny_pipeline)
         return load_components(str(save(tmp / "model")))
+    sizes = {k: spec[k] for k in ("sd3_blocks", "t5_layers") if family == "sd3" and k in spec}
     if device == "cuda":
         try:
-            return full_size_components(family, tmp / "tok", device="cuda")
+            return full_size_components(family, tmp / "tok", device="cuda", **sizes)
         except Exception as e:  # noqa: BLE001 - fall back to the CPU build, and say so
             print(f"building on the GPU failed ({str(e).splitlines()[0]}); building on the CPU", file=sys.stderr)
-    return full_size_components(family, tmp / "tok")
+    return full_size_components(family, tmp / "tok", **sizes)
 
 
 def one(spec: dict) -> dict:
@@ -72,6 +83,7 @@ def one(spec: dict) -> dict:
     from sdlora.callbacks import Callbacks
     from sdlora.config import Config, DataFolder
     from sdlora.training.loop import optimizer_step
+    from sdlora.training.optimizers import state_bytes
     from sdlora.training.setup import make_accelerator, setup
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,9 +92,10 @@ def one(spec: dict) -> dict:
     (tmp / "data").mkdir()
     for i in range(max(4, 2 * batch)):
         Image.new("RGB", (res, res), (40 * i % 255, 90, 200)).save(tmp / "data" / f"{i}.png")
-    c = components(spec["family"], tmp, device, spec.get("tiny", False))
+    c = components(spec, tmp, device)
     cfg = Config()
-    cfg.data = [DataFolder(path=str(tmp / "data"), prompt="a photo of sks")]
+    t5_kept = spec.get("t5_kept", False)  # shuffled tags: the text changes every step, so SD3's T5 stays
+    cfg.data = [DataFolder(path=str(tmp / "data"), prompt="a photo, of, sks", shuffle_tags=t5_kept)]
     cfg.augment.resolution, cfg.train.batch_size = res, batch
     cfg.train.mixed_precision, cfg.model.quantize = spec["precision"], spec["quantize"]
     cfg.train.cache_latents = cfg.train.cache_text = spec["cached"]
@@ -93,7 +106,8 @@ def one(spec: dict) -> dict:
         setattr(getattr(cfg, section), name, value)
     acc = make_accelerator(cfg)
     state = setup(cfg, acc, Callbacks(), components=c)
-    weights = sum(p.numel() * p.element_size() for m in (c.denoiser, *c.text_encoders) for p in m.parameters())
+    held = [f.model for f in c.frozen_text if f.model is not None]  # SD3's T5 while it is kept
+    weights = sum(p.numel() * p.element_size() for m in (c.denoiser, *c.text_encoders, *held) for p in m.parameters())
     read = cfg.speed.log_every == 1
     t0 = time.perf_counter()
     for s in range(spec["warmup"]):
@@ -111,6 +125,9 @@ def one(spec: dict) -> dict:
     sec = (time.perf_counter() - t0) / spec["steps"]
     cpu_sec = (time.process_time() - cpu0) / spec["steps"]  # on a shared CPU: the step's own compute time
     row = {k: spec[k] for k in ("family", "resolution", "batch", "cached", "quantize")}
+    if spec["family"] == "sd3":
+        row.update(t5="kept" if t5_kept else "freed", sd3_blocks=spec.get("sd3_blocks", 24),
+                   t5_layers=spec.get("t5_layers", 24))
     row.update(precision=acc.mixed_precision, device=device, images_per_s=batch / sec, s_per_step=sec,
                cpu_s_per_step=cpu_sec,
                peak_allocated_gb=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
@@ -120,7 +137,9 @@ def one(spec: dict) -> dict:
                rank=cfg.lora.rank, optimizer=cfg.optim.optimizer, attention=cfg.speed.attention,
                gradient_checkpointing=cfg.train.gradient_checkpointing, images=len(list((tmp / "data").iterdir())),
                steps=spec["steps"], warmup=spec["warmup"], warmup_s=warmup_s, threads=torch.get_num_threads(),
-               tiny=spec.get("tiny", False), final_loss=float(loss))
+               tiny=spec.get("tiny", False), final_loss=float(loss),
+               state_mib=state_bytes(state.optim.main) / 2**20,
+               lora_params=sum(p.numel() for p in state.optim.lora_params))
     if spec.get("profile"):
         row["profile"] = profile(state, spec["warmup"] + spec["steps"], device)
     del state, c
@@ -181,14 +200,19 @@ def plan(args, cuda: bool) -> list[dict]:
     batch (cached)."""
     specs = []
     for family in args.family:
-        res = args.resolution or (32 if args.tiny else 512 if not cuda else 1024 if family == "sdxl" else 512)
+        res = args.resolution or (32 if args.tiny else 512 if not cuda else 1024 if family != "sd1" else 512)
         if not cuda and not args.resolution and not args.tiny:
             res = 256
         for batch in args.batch:
             for mode in args.modes:
-                specs.append(dict(family=family, resolution=res, batch=batch, precision=args.precision,
-                                  cached=mode != "uncached", quantize="nf4" if mode == "nf4" else "none",
-                                  steps=args.steps, warmup=args.warmup, tiny=args.tiny))
+                if mode == "t5-kept" and family != "sd3":
+                    continue
+                spec = dict(family=family, resolution=res, batch=batch, precision=args.precision,
+                            cached=mode != "uncached", quantize="nf4" if mode == "nf4" else "none",
+                            steps=args.steps, warmup=args.warmup, tiny=args.tiny)
+                if family == "sd3":
+                    spec.update(sd3_blocks=args.sd3_blocks, t5_layers=args.t5_layers, t5_kept=mode == "t5-kept")
+                specs.append(spec)
     core, specs = specs, [] if args.only_switches else specs
     if args.switches or args.only_switches:
         base = dict(core[0], cached=True, quantize="none")
@@ -199,6 +223,12 @@ def plan(args, cuda: bool) -> list[dict]:
             warm = max(args.warmup, 3) if "compile" in label else args.warmup
             for side, over in (("on", on), ("off", off)):
                 specs.append(dict(base, switch=f"{label}: {side}", overrides=over, warmup=warm))
+    if args.optimizers:
+        from sdlora.config import OPTIMIZERS
+
+        for name in OPTIMIZERS:
+            specs.append(dict(core[0], cached=True, quantize="none", t5_kept=False, switch=f"optimizer {name}",
+                              overrides={"optim.optimizer": name, "optim.lr": OPTIMIZER_LR.get(name, 1e-4)}))
     if args.profile:
         specs.append(dict(core[0], cached=True, quantize="none", batch=max(args.batch), profile=True,
                           switch="profile"))
@@ -268,7 +298,7 @@ def own(r: dict) -> str:
 
 def markdown(env: dict, rows: list[dict]) -> str:
     """The README's table, and one line per speed switch."""
-    names = {"sd1": "SD 1.5", "sdxl": "SDXL"}
+    names = {"sd1": "SD 1.5", "sdxl": "SDXL", "sd3": "SD3.5 Medium"}
     out = ["| model | px | batch | precision | caching | base | s/step (wall) | images/s | peak GiB |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -276,8 +306,12 @@ def markdown(env: dict, rows: list[dict]) -> str:
             continue
         peak = f"{r['peak_allocated_gb']:.2f} alloc / {r['peak_reserved_gb']:.2f} reserved" \
             if r["device"] == "cuda" else f"{r['peak_rss_gb']:.2f} RSS"
-        out.append(f"| {names.get(r['family'], r['family'])}{' (tiny)' if r.get('tiny') else ''} | "
-                   f"{r['resolution']} | {r['batch']} | {r['precision']} | {'on' if r['cached'] else 'off'} | "
+        model = names.get(r["family"], r["family"]) + (" (tiny)" if r.get("tiny") else "")
+        if r["family"] == "sd3" and not r.get("tiny") and (r["sd3_blocks"], r["t5_layers"]) != (24, 24):
+            model += f" ({r['sd3_blocks']} of 24 blocks, T5 {r['t5_layers']} of 24 layers)"
+        caching = ("on" if r["cached"] else "off") + (f", T5 {r['t5']}" if r.get("t5") else "")
+        out.append(f"| {model} | "
+                   f"{r['resolution']} | {r['batch']} | {r['precision']} | {caching} | "
                    f"{'NF4' if r['quantize'] == 'nf4' else 'full'} | {r['s_per_step']:.3f}{own(r)} | "
                    f"{r['images_per_s']:.2f} | {peak} |")
     pairs = {}
@@ -290,6 +324,11 @@ def markdown(env: dict, rows: list[dict]) -> str:
             a, b = step_time(p["on"]), step_time(p["off"])
             what = "s/step of CPU time" if p["on"].get("cpu_s_per_step") and p["on"]["device"] == "cpu" else "s/step"
             out.append(f"- {label}: {a:.3f} vs {b:.3f} {what} ({b / a:.2f}x)")
+    for r in rows:
+        if r.get("switch", "").startswith("optimizer ") and "error" not in r:
+            out.append(f"- {r['switch']}: {step_time(r):.3f} s/step, state {r['state_mib']:.2f} MiB "
+                       f"({r['state_mib'] * 2**20 / r['lora_params']:.2f} bytes per LoRA parameter, "
+                       f"{r['lora_params']:,} parameters)")
     failed = [r for r in rows if "error" in r]
     out += [f"- failed: {r['family']} {r.get('switch') or ''} {r['error']}" for r in failed]
     where = env["gpu"] or env["cpu"]
@@ -301,7 +340,7 @@ def merged(old: list[dict], rows: list[dict]) -> list[dict]:
     """The rows of an earlier run of the same day and device, with this run's replacing the same configurations."""
     def key(r):
         return tuple(str(r.get(k)) for k in ("family", "resolution", "batch", "precision", "cached", "quantize",
-                                             "switch", "tiny", "device"))
+                                             "switch", "tiny", "device", "t5", "sd3_blocks", "t5_layers"))
 
     new = {key(r) for r in rows}
     return [r for r in old if key(r) not in new] + rows
@@ -309,16 +348,20 @@ def merged(old: list[dict], rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", nargs="+", default=["sd1"], choices=("sd1", "sdxl"))
+    p.add_argument("--family", nargs="+", default=["sd1"], choices=("sd1", "sdxl", "sd3"))
+    p.add_argument("--sd3-blocks", type=int, default=24, help="sd3: how many of SD3.5 Medium's 24 blocks.")
+    p.add_argument("--t5-layers", type=int, default=24, help="sd3: how many of T5-XXL's 24 layers.")
     p.add_argument("--resolution", type=int, default=0)
     p.add_argument("--batch", nargs="+", type=int, default=[1])
-    p.add_argument("--modes", nargs="+", default=["cached", "uncached"], choices=("cached", "uncached", "nf4"))
+    p.add_argument("--modes", nargs="+", default=["cached", "uncached"],
+                   choices=("cached", "uncached", "nf4", "t5-kept"), help="t5-kept: SD3 only.")
     p.add_argument("--precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--switches", action="store_true", help="Add the speed-switch pairs.")
     p.add_argument("--only-switches", action="store_true", help="Only the speed-switch pairs.")
     p.add_argument("--profile", action="store_true", help="Add a profiled row (top kernels).")
+    p.add_argument("--optimizers", action="store_true", help="Add one row per optimizer (s/step, state bytes).")
     p.add_argument("--tiny", action="store_true", help="The test suite's tiny models (a dry run).")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="Folder for the JSON and markdown.")
     p.add_argument("--note", default="", help="A remark stored with the results (e.g. other load on the machine).")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .families import FAMILIES, Family, detect_family
 
 
@@ -19,16 +19,24 @@ class Components:
 
     family: Family
     source: str                  # folder, hub id or file it came from
-    denoiser: torch.nn.Module    # the UNet
+    denoiser: torch.nn.Module    # the UNet (SD1/SD2/SDXL) or the transformer (SD3)
     vae: torch.nn.Module
     tokenizers: list             # one per text encoder, in the family's order
     text_encoders: list[torch.nn.Module]
-    noise_scheduler: object      # training's DDPM-style scheduler
+    noise_scheduler: object      # training's scheduler: DDPM-style, or FlowMatch (SD3)
     sample_scheduler: object     # the model's own scheduler, for sampling
+    frozen_text: list = field(default_factory=list)  # the family's frozen_encoders as the conditioning takes them
+    # (SD3: a T5Text, its model possibly None: --no-t5, or released once every caption is cached)
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        """epsilon, v_prediction, or flow (SD3's flow matching)."""
+        return self.noise_scheduler.config.get("prediction_type") or "flow"
+
+    @property
+    def conditioning_encoders(self) -> list:
+        """What the family's Conditioning.encode takes: the text encoders, then the frozen parts."""
+        return [*self.text_encoders, *self.frozen_text]
 
     @property
     def vae_factor(self) -> int:
@@ -37,8 +45,11 @@ class Components:
 
     @property
     def size_multiple(self) -> int:
-        """Image sizes must be multiples of this: the VAE's down-sampling times the denoiser's."""
-        return self.vae_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+        """Image sizes must be multiples of this: the VAE's down-sampling times the denoiser's (a UNet's levels, a
+        transformer's patch)."""
+        cfg = self.denoiser.config
+        down = 2 ** (len(cfg.block_out_channels) - 1) if "block_out_channels" in cfg else cfg.patch_size
+        return self.vae_factor * down
 
     @property
     def name(self) -> str:
@@ -54,6 +65,8 @@ class Components:
                  **fam.pipeline_extra}
         for slot, tok, enc in zip(fam.text_encoders, self.tokenizers, text_encoders or self.text_encoders):
             parts[slot.attr], parts[slot.tokenizer_attr] = enc, tok
+        for slot, frozen in zip(fam.frozen_encoders, self.frozen_text):
+            parts[slot.attr], parts[slot.tokenizer_attr] = frozen.model, frozen.tokenizer if frozen.model else None
         return getattr(diffusers, fam.pipeline_class)(**parts)
 
     def model_hash(self) -> str:
@@ -82,55 +95,106 @@ def _from_pretrained(cls, source: str, subfolder: str, **kw):
 
 def _folder_family(source: str) -> Family:
     """The family of a diffusers folder or hub id, from its model_index.json and denoiser config."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import DiffusionPipeline
 
-    if Path(source).is_dir() and not (Path(source) / "unet").is_dir():
-        raise ModelError(f"{source} is not a diffusers model folder (it has no unet/ subfolder)")
     try:
         index = DiffusionPipeline.load_config(source)
-        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
     except (OSError, ValueError) as e:
         if Path(source).exists():
             raise ModelError(f"{source} is not a diffusers model folder: {str(e).splitlines()[0]}") from None
         raise ModelError(f"could not load '{source}': not a local folder, and the hub is not reachable or has "
                          "no such model; pass a local diffusers folder") from None
-    return detect_family(unet, {k for k, v in index.items() if isinstance(v, (list, tuple)) and v[0]})
+    parts = {k: v for k, v in index.items() if isinstance(v, (list, tuple)) and v[0]}
+    sub = "transformer" if "transformer" in parts else "unet"
+    cls = parts.get(sub, [None, "UNet2DConditionModel"])[1]
+    if sub not in parts or cls not in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+        what = f"a {cls} ({index.get('_class_name', 'unknown pipeline')})" if sub in parts else \
+            "no unet/ or transformer/"
+        raise ModelError(f"{source} has {what}: not supported; sdlora trains SD 1.x/2.x, SDXL and SD3/3.5 models")
+    try:
+        config = getattr(diffusers, cls).load_config(source, subfolder=sub)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{source} is not a diffusers model folder (no usable '{sub}/'): "
+                         f"{str(e).splitlines()[0]}") from None
+    return detect_family(config, set(parts))
 
 
-def load_components(source: str, prediction_type: str = "auto") -> Components:
-    """Tokenizers, text encoders, VAE, denoiser and schedulers of a diffusers folder, a hub id or a single file."""
+def load_components(source: str, prediction_type: str = "auto", *, text_encoders: str = "",
+                    t5: bool | None = True, t5_length: int = 256, dtype: torch.dtype | None = None) -> Components:
+    """Tokenizers, text encoders, VAE, denoiser and schedulers of a diffusers folder, a hub id or a single file.
+
+    SD3: `text_encoders` is where a single file's missing encoders come from; `t5` False leaves T5 out (zero T5
+    embeddings of `t5_length` tokens), True needs it (a model without T5 is an error saying --no-t5), None takes it
+    where the model has it (the tools). `dtype` loads the denoiser and text encoders in the training precision (T5
+    only in bf16, as fp16 overflows it; the VAE stays fp32), so an 8B model does not pass through fp32 in memory."""
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
 
     source = str(source)
     if Path(source).is_file():  # one original-layout checkpoint (.safetensors), loaded offline
         from .single_file import detect_checkpoint, load_single_file
 
-        parts = load_single_file(source, prediction_type)
+        parts = load_single_file(source, prediction_type, text_encoders=text_encoders, t5=t5, dtype=dtype)
         family = FAMILIES[detect_checkpoint(source).family]
         sample_scheduler = parts["scheduler"]
     else:
         family = _folder_family(source)
+        as_dtype = {"torch_dtype": dtype} if dtype is not None else {}
         parts = {"vae": _from_pretrained(AutoencoderKL, source, "vae"),
                  family.denoiser_attr: _from_pretrained(getattr(diffusers, family.denoiser_class), source,
-                                                        family.denoiser_attr)}
+                                                        family.denoiser_attr, **as_dtype)}
         for slot in family.text_encoders:
-            parts[slot.tokenizer_attr] = _from_pretrained(transformers.CLIPTokenizer, source, slot.tokenizer_attr)
-            parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr)
+            parts[slot.tokenizer_attr] = _from_pretrained(getattr(transformers, slot.tokenizer_class), source,
+                                                          slot.tokenizer_attr)
+            parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr,
+                                                **({"dtype": dtype} if dtype is not None else {}))
+        for slot in family.frozen_encoders if t5 is not False else ():
+            if not (Path(source) / slot.attr).is_dir() and Path(source).is_dir():
+                if t5 is None:
+                    continue
+                raise ModelError(f"{source} has no {slot.attr}/ (T5): pass --no-t5 to train with zero T5 embeddings")
+            parts[slot.tokenizer_attr] = _from_pretrained(transformers.AutoTokenizer, source, slot.tokenizer_attr)
+            parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr,
+                                                **({"dtype": dtype} if dtype == torch.bfloat16 else {}))
         sample_scheduler = _load_scheduler(source)
-        if prediction_type != "auto":
-            sample_scheduler = type(sample_scheduler).from_config(sample_scheduler.config,
-                                                                  prediction_type=prediction_type)
-    noise_scheduler = DDPMScheduler.from_config(sample_scheduler.config)
-    return freeze(Components(family, source, parts[family.denoiser_attr], parts["vae"],
+    noise_scheduler, sample_scheduler = training_scheduler(sample_scheduler, prediction_type, family)
+    denoiser = parts[family.denoiser_attr]
+    frozen = [frozen_text(family, parts.get(s.attr), parts.get(s.tokenizer_attr), denoiser, t5_length)
+              for s in family.frozen_encoders]
+    return freeze(Components(family, source, denoiser, parts["vae"],
                              [parts[s.tokenizer_attr] for s in family.text_encoders],
-                             [parts[s.attr] for s in family.text_encoders], noise_scheduler, sample_scheduler))
+                             [parts[s.attr] for s in family.text_encoders], noise_scheduler, sample_scheduler, frozen))
+
+
+def frozen_text(family: Family, model, tokenizer, denoiser, length: int):
+    """The conditioning's frozen text part (SD3: a T5Text of `length` tokens at the transformer's joint width)."""
+    from .families.sd3 import T5Text
+
+    return T5Text(tokenizer, model, length, denoiser.config.joint_attention_dim)
+
+
+def training_scheduler(sample_scheduler, prediction_type: str, family: Family):
+    """(training scheduler, sampling scheduler): a FlowMatch model trains on a copy of its own scheduler (flow
+    matching, nothing to override); every other on a DDPMScheduler of the same betas, with `prediction_type`
+    ('auto': the model's) applied to both."""
+    from diffusers import DDPMScheduler
+
+    if type(sample_scheduler).__name__.startswith("FlowMatch"):
+        if prediction_type not in ("auto", "flow"):
+            raise ConfigError(f"model.prediction_type {prediction_type}: {family.title} models train by flow "
+                              "matching; leave it auto")
+        return type(sample_scheduler).from_config(sample_scheduler.config), sample_scheduler
+    if prediction_type != "auto":
+        sample_scheduler = type(sample_scheduler).from_config(sample_scheduler.config, prediction_type=prediction_type)
+    return DDPMScheduler.from_config(sample_scheduler.config), sample_scheduler
 
 
 def freeze(c: Components) -> Components:
     """Base weights never train: no gradients, eval mode."""
-    for module in (*c.text_encoders, c.vae, c.denoiser):
+    frozen = [f.model for f in c.frozen_text if f.model is not None]
+    for module in (*c.text_encoders, *frozen, c.vae, c.denoiser):
         module.requires_grad_(False)
         module.eval()
     return c
@@ -153,9 +217,11 @@ def _load_scheduler(source: str):
         raise ModelError(f"{source}: cannot read scheduler config: {e}") from None
 
 
-def load_model(model: str | Path | None, allow_pickle: bool = False) -> Components:
+def load_model(model: str | Path | None, allow_pickle: bool = False, text_encoders: str = "",
+               t5: bool | None = None) -> Components:
     """Components of a base model for the tools: a diffusers folder (empty: the built-in model), a hub id, or a
-    single-file checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read with weights_only)."""
+    single-file checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read with weights_only).
+    SD3: `text_encoders` for a single file without them; T5 where the model has it unless `t5` is False."""
     import tempfile
 
     from .paths import default_model_path
@@ -168,7 +234,8 @@ def load_model(model: str | Path | None, allow_pickle: bool = False) -> Componen
             raise ModelError(f"{p} is a pickle checkpoint; pass --allow-pickle to read it (weights only) or "
                              "use a .safetensors file")
         with tempfile.TemporaryDirectory() as tmp:
-            c = load_components(str(ckpt_to_safetensors(p, Path(tmp) / f"{p.stem}.safetensors")))
+            c = load_components(str(ckpt_to_safetensors(p, Path(tmp) / f"{p.stem}.safetensors")),
+                                text_encoders=text_encoders, t5=t5)
             c.source = str(p)
             return c
-    return load_components(model)
+    return load_components(model, text_encoders=text_encoders, t5=t5)

@@ -182,23 +182,123 @@ def full_size_configs(family: str) -> dict:
     return out
 
 
-def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, device: str | None = None):
-    """`Components` of a full-size SD 1.5- or SDXL-shaped model with random weights (for benchmarks), with a local
-    byte-level tokenizer written to `tokenizer_dir`. With `device` (e.g. 'cuda') the weights are made and initialised
-    there: seconds on a GPU instead of a minute of CPU initialisation; the schedulers stay on the CPU."""
+def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, device: str | None = None,
+                         sd3_blocks: int = 24, t5_layers: int = 24):
+    """`Components` of a full-size SD 1.5-, SDXL- or SD3.5-Medium-shaped model with random weights (for benchmarks),
+    with local tokenizers written to `tokenizer_dir`. With `device` (e.g. 'cuda') the weights are made and
+    initialised there: seconds on a GPU instead of a minute of CPU initialisation; the schedulers stay on the CPU.
+    SD3: `sd3_blocks` of SD3.5 Medium's 24 blocks (the first 13 with dual attention, as there) and `t5_layers` of
+    T5-XXL's 24, for machines that cannot hold all of them."""
     import contextlib
 
     from diffusers import DDPMScheduler
-    from transformers import CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPTokenizer
 
     from .families import FAMILIES
-    from .models import Components, freeze
+    from .models import Components, freeze, frozen_text, training_scheduler
 
-    with torch.device(device) if device else contextlib.nullcontext():
-        parts = build_sdxl_components(seed=seed) if family == "sdxl" else build_components(SD15, seed)
-    parts["scheduler"] = type(parts["scheduler"]).from_config(parts["scheduler"].config)
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tokenizer_dir, ("a", "photo", "of", "sks")))
+    with torch.device(device) if device else contextlib.nullcontext():
+        parts = build_sd3_components(seed=seed, full=True, t5_layers=t5_layers, blocks=sd3_blocks) \
+            if family == "sd3" else build_sdxl_components(seed=seed) if family == "sdxl" else \
+            build_components(SD15, seed)
+    parts["scheduler"] = type(parts["scheduler"]).from_config(parts["scheduler"].config)  # made on the CPU
+    if family == "sd3":
+        fam, t5_tok = FAMILIES["sd3"], AutoTokenizer.from_pretrained(
+            write_t5_tokenizer(Path(tokenizer_dir) / "t5", ("a", "photo", "of", "sks")))
+        noise, sample = training_scheduler(parts["scheduler"], "auto", fam)
+        return freeze(Components(fam, "random-sd3.5-medium", parts["transformer"], parts["vae"], [tokenizer] * 2,
+                                 [parts["text_encoder"], parts["text_encoder_2"]], noise, sample,
+                                 [frozen_text(fam, parts["text_encoder_3"], t5_tok, parts["transformer"], 256)]))
     encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if family == "sdxl" else [])
     return freeze(Components(FAMILIES[family], f"random-{family}", parts["unet"], parts["vae"],
                              [tokenizer] * len(encoders), encoders,
                              DDPMScheduler.from_config(parts["scheduler"].config), parts["scheduler"]))
+
+
+def write_t5_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_length: int = 256) -> Path:
+    """A T5 tokenizer folder (tokenizer.json, a Unigram model as T5's): every printable ASCII character is a piece,
+    plus whole-word pieces for `words`; pad 0, </s> 1, <unk> 2 as in T5."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in "▁" + string.ascii_letters + string.digits + string.punctuation]
+    tk = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = T5TokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                          model_max_length=max_length)
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
+# tiny SD3 transformers: SD3 Medium's structure (no qk-norm), SD3.5 Medium's (qk-norm, dual attention in block 0) and
+# SD3.5 Large's (qk-norm); joint width 64 = CLIP-L 32 + CLIP-G 32 = T5's width, pooled 64 = 32 + 32
+TINY_SD3 = dict(sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+                num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                pos_embed_max_size=32)
+SD3_VARIANTS = {"sd3": {}, "sd35m": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+                "sd35l": {"qk_norm": "rms_norm"}}
+SD3_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+               sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False, force_upcast=True, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, in_channels=3, out_channels=3)
+# SD3.5 Medium as diffusers configures it; T5 at T5-XXL's width with `t5_layers` of its 24 layers
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13)))
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+              is_gated_act=True)
+
+
+def build_sd3_components(variant: str = "sd3", seed: int = 0, t5: bool = True, full: bool = False,
+                         t5_layers: int = 24, blocks: int = 24) -> dict:
+    """Random-weight SD3 parts: tiny (by variant: sd3, sd35m, sd35l), or SD3.5 Medium at full size (`full`: `blocks`
+    of its 24 blocks, and a T5-XXL-wide encoder of `t5_layers` layers); text_encoder_3 None without `t5`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    big = {**SD35_MEDIUM, "num_layers": blocks, "dual_attention_layers": tuple(range(min(13, blocks)))}
+    parts = {"transformer": SD3Transformer2DModel(**(big if full else {**TINY_SD3, **SD3_VARIANTS[variant]}))}
+    vae = SD3_VAE if full else {**TINY["vae"], "shift_factor": 0.0609, "scaling_factor": 1.5305,
+                                "use_quant_conv": False, "use_post_quant_conv": False}
+    parts["vae"] = AutoencoderKL(**vae)
+    ids = dict(vocab_size=49408 if full else 600, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    texts = (SDXL_BASE["text"], SDXL_BASE["text_2"]) if full else (TINY_XL["text"],) * 2
+    for name, text in zip(("text_encoder", "text_encoder_2"), texts):
+        parts[name] = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **text))
+    t5_cfg = {**T5_XXL, "num_layers": t5_layers} if full else \
+        dict(vocab_size=120, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+             feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True)
+    parts["text_encoder_3"] = T5EncoderModel(T5Config(**t5_cfg)) if t5 else None
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return parts
+
+
+def save_tiny_sd3_pipeline(folder: str | Path, variant: str = "sd3", seed: int = 0, t5: bool = True,
+                           words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue")) -> Path:
+    """Save a tiny SD3-shaped StableDiffusion3Pipeline (random weights) as a diffusers folder, loadable offline:
+    `variant` sd3 (SD3 Medium's structure), sd35m (dual attention, qk-norm) or sd35l (qk-norm); `t5` False saves it
+    without text_encoder_3."""
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    folder = Path(folder)
+    parts = build_sd3_components(variant, seed, t5)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "_tok", words))
+    t5_tok = AutoTokenizer.from_pretrained(write_t5_tokenizer(folder / "_tok3", words)) if t5 else None
+    pipe = StableDiffusion3Pipeline(tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=t5_tok, **parts)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "_tok")
+    if t5:
+        shutil.rmtree(folder / "_tok3")
+    return folder

@@ -12,14 +12,17 @@ from PIL.PngImagePlugin import PngInfo
 
 @torch.no_grad()
 def render(pipe, prompts: list[str], seed: int, steps: int, guidance: float, width: int, height: int,
-           negative_prompt: str = "", batch: int = 8) -> list[Image.Image]:
-    """One image per prompt, image i seeded with seed + i (so samples at different steps are comparable)."""
+           negative_prompt: str = "", batch: int = 8, embeds=None) -> list[Image.Image]:
+    """One image per prompt, image i seeded with seed + i (so samples at different steps are comparable).
+    `embeds(prompts, negative_prompts)`, when given, makes the pipeline's prompt-embedding arguments instead of
+    letting the pipeline encode the text (SD3 during training: its T5 is cached and released)."""
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         gens = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe(chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                   num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+        text = embeds(chunk, [negative_prompt] * len(chunk)) if embeds is not None else \
+            {"prompt": chunk, "negative_prompt": [negative_prompt] * len(chunk) if negative_prompt else None}
+        out = pipe(**text, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                    generator=gens, output_type="pil")
         images.extend(out.images)
     return images

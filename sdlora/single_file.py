@@ -120,8 +120,8 @@ def _family(shapes: dict, path: Path) -> str:
                          "(expected 'model.diffusion_model.*')")
     if UNET + "input_blocks.0.0.weight" not in shapes:
         first = next(k for k in shapes if k.startswith(UNET))
-        raise ModelError(f"{path}: its diffusion model has no input_blocks (found '{first}') — not a Stable "
-                         "Diffusion 1/2/XL UNet (SD3, Flux and other transformers are not supported)")
+        raise ModelError(f"{path}: its diffusion model has no input_blocks or joint_blocks (found '{first}') — not a "
+                         "Stable Diffusion 1/2/XL UNet or SD3 MMDiT (Flux and other transformers are not supported)")
     family = next((f for f, encoders in ENCODERS.items() if all(has(e.prefix) for e in encoders)), None)
     if family is None:
         found = sorted({".".join(k.split(".")[:3]) for k in shapes if k.startswith(("cond", "conditioner"))})
@@ -229,7 +229,6 @@ def _configs(shapes: dict, meta: dict, family: str, path: Path) -> dict:
         base = _asset(family, part)
         fill = own.get(part) or (rules[part](base, cfg) if part in rules else {})
         out[part] = {**base, **fill, **cfg}
-        _check_standard(part, out[part], family, path)
     return out
 
 
@@ -287,10 +286,15 @@ def detect_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoin
     `torch.load(weights_only=True)`). Raises ModelError naming what was found when the file is not an SD1/SD2/SDXL
     checkpoint.
     """
+    from . import single_file_sd3 as sd3
+
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path}")
     shapes, meta = _header(path, allow_pickle)
+    if sd3.mmdit_prefix(shapes) is not None:
+        return CheckpointInfo(str(path), "sd3", "flow", "SD3 models train by flow matching",
+                              sd3.configs(shapes, meta, path))
     family = _family(shapes, path)
     prediction, reason = _prediction(family, shapes, meta, path)
     return CheckpointInfo(str(path), family, prediction, reason, _configs(shapes, meta, family, path))
@@ -313,22 +317,24 @@ def _tokenizer(path: Path, family: str, name: str, vocab_size: int):
     return clip_tokenizer(cfg["pad_token"], cfg["model_max_length"])
 
 
-def _build(model, state: dict, what: str, path: Path):
-    """Load `state` into a model built on the meta device; every weight must be there with its shape."""
+def _build(model, state: dict, what: str, path: Path, dtype: torch.dtype = torch.float32):
+    """Load `state` into a model built on the meta device (in `dtype`); every weight must be there with its
+    shape."""
     want = model.state_dict()
     missing = [k for k in want if k not in state]
     if missing:
         raise ModelError(f"{path}: {what} weights are incomplete ({len(missing)} missing, e.g. '{missing[0]}'); "
                          "the file is truncated or not a standard checkpoint")
     try:
-        model.load_state_dict({k: state[k].to(torch.float32) for k in want}, assign=True)
+        model.load_state_dict({k: state[k].to(dtype) for k in want}, assign=True)
     except RuntimeError as e:
         raise ModelError(f"{path}: {what} weights do not fit the detected config: "
                          f"{str(e).splitlines()[-1].strip()}") from None
     return model.eval()
 
 
-def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pickle: bool = False) -> dict:
+def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pickle: bool = False, *,
+                     text_encoders: str = "", t5: bool | None = True, dtype: torch.dtype | None = None) -> dict:
     """Build unet, vae, text_encoder(s), tokenizer(s) and scheduler from one checkpoint file, offline (fp32).
 
     `prediction_type` 'auto' follows `detect_checkpoint`; 'epsilon' or 'v_prediction' overrides it. Tokenizers:
@@ -343,6 +349,12 @@ def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pick
 
     path = Path(path)
     info = detect_checkpoint(path, allow_pickle)
+    if info.family == "sd3":
+        from . import single_file_sd3
+
+        return single_file_sd3.load(path, info, _tensors(path, allow_pickle), text_encoders, t5, dtype)
+    for part, part_cfg in info.configs.items():
+        _check_standard(part, part_cfg, info.family, path)
     state, cfg = _tensors(path, allow_pickle), info.configs
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(cfg["unet"])
@@ -457,11 +469,18 @@ def to_ldm(family: str, parts: dict) -> dict:
 
 
 def ldm_contents(family: str, models: dict, prediction: str) -> tuple[dict, dict[str, str]]:
-    """(state dict, header) of a single file for diffusers models {'unet', 'vae', 'text_encoder'(, '_2')}.
+    """(state dict, header) of a single file for diffusers models {'unet', 'vae', 'text_encoder'(, '_2')} (SD3:
+    {'transformer', 'vae', 'text_encoder', 'text_encoder_2'(, 'text_encoder_3')}).
 
     A v-prediction model gets an empty `v_pred` key; the header records the diffusers configs
     (`sdlora.diffusers_configs`) so that non-standard sizes reload exactly."""
-    state = to_ldm(family, {k: m.state_dict() for k, m in models.items()})
+    if family == "sd3":  # Stability's SD3 layout (single_file_sd3)
+        from .single_file_sd3 import original_state
+
+        models = {k: m for k, m in models.items() if m is not None}
+        state = original_state(models)
+    else:
+        state = to_ldm(family, {k: m.state_dict() for k, m in models.items()})
     if prediction == "v_prediction":
         state["v_pred"] = torch.zeros(0)
     configs = {k: {n: v for n, v in (m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config)).items()
@@ -483,6 +502,8 @@ def save_single_file(pipeline_folder: str | Path, out_path: str | Path) -> Path:
     from .families import detect_family
 
     folder, out = Path(pipeline_folder), Path(out_path)
+    if (folder / "transformer").is_dir():
+        return _save_sd3_file(folder, out)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     family = detect_family(dict(unet.config), {p.name for p in folder.iterdir() if p.is_dir()}).name
     models = {"unet": unet, "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae")}
@@ -501,12 +522,32 @@ def save_single_file(pipeline_folder: str | Path, out_path: str | Path) -> Path:
     return out
 
 
-def save_tokenizers(out_path: str | Path, tokenizers: list, encoders: list) -> None:
-    """Beside a single file, the tokenizers that are not CLIP's (`<stem>.tokenizer/`, `.tokenizer_2/`), where
-    `load_single_file` looks for them."""
+def _save_sd3_file(folder: Path, out: Path) -> Path:
+    """An SD3 diffusers folder as one file in Stability's layout (T5 included when the folder has it), with the
+    tokenizers that cannot be rebuilt (not CLIP's, and T5's) beside it."""
+    from safetensors.torch import save_file
+
+    from .models import load_components
+
+    c = load_components(str(folder), t5=(folder / "text_encoder_3").is_dir())
+    models = {"transformer": c.denoiser, "vae": c.vae, "text_encoder": c.text_encoders[0],
+              "text_encoder_2": c.text_encoders[1], "text_encoder_3": c.frozen_text[0].model}
+    state, meta = ldm_contents("sd3", models, "flow")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
+    save_tokenizers(out, c.tokenizers, c.text_encoders, c.frozen_text)
+    return out
+
+
+def save_tokenizers(out_path: str | Path, tokenizers: list, encoders: list, frozen: list = ()) -> None:
+    """Beside a single file, the tokenizers that are not CLIP's (`<stem>.tokenizer/`, `.tokenizer_2/`) and a frozen
+    encoder's (SD3's T5: `.tokenizer_3/`), where `load_single_file` looks for them."""
     for name, tok, enc in zip(("tokenizer", "tokenizer_2"), tokenizers, encoders):
         if enc.config.vocab_size != CLIP_VOCAB:
             tok.save_pretrained(Path(out_path).with_suffix(f".{name}"))
+    for f in frozen:
+        if f.tokenizer is not None and f.present:
+            f.tokenizer.save_pretrained(Path(out_path).with_suffix(".tokenizer_3"))
 
 
 def ckpt_to_safetensors(ckpt: str | Path, out_path: str | Path) -> Path:

@@ -106,6 +106,12 @@ JOB_FILES = [
          {"job": job("prior", "class_data", '"{tmp}"')}),
     Case("resolution not multiple of 8", ["train", "{job}"], "multiple of 8",
          {"job": job("augment", "resolution", "100")}),
+    Case("blocks not a range", ["train", "{job}"], "'a-b' is not a block number or range",
+         {"job": job("lora", "blocks", '"a-b"')}),
+    Case("blocks backwards", ["train", "{job}"], "'5-2' is not a block number or range",
+         {"job": job("lora", "blocks", '"5-2"')}),
+    Case("mode_scale without mode", ["train", "{job}"], "mode_scale applies to timestep_sampling mode only",
+         {"job": job("train", "mode_scale", "1.0")}),
 ]
 
 FLAGS = [Case(f"flag {flag} {value}", ["train", "--model", "{model}", "--data", "{images}", "--output",
@@ -155,11 +161,32 @@ DATA = [
     Case("pivotal trigger in no caption", TRAIN + ["--data", "{images}", "--pivotal-token", "<s9>",
                                                    "--pivotal-trigger", "zzz"], "contains the trigger 'zzz'"),
 ]
+SD3 = ["train", "--model", "{sd3}", "--resolution", "32", "--max-steps", "1", "--output", "{out}/s.safetensors",
+       "--data", "{images}"]
+DATA += [
+    Case("sd3 without T5 and without --no-t5", SD3, "has no text_encoder_3/ (T5): pass --no-t5"),
+    Case("sd3 min-snr", SD3 + ["--no-t5", "--min-snr-gamma", "5"], "is for noise (epsilon/v) prediction"),
+    Case("sd3 cross_attn", SD3 + ["--no-t5", "--targets", "cross_attn"], "is not a preset of Stable Diffusion 3"),
+    Case("sd3 block out of range", SD3 + ["--no-t5", "--blocks", "0-9"], "block 9 does not exist"),
+    Case("sd3 loha", SD3 + ["--no-t5", "--network", "loha"], "trains plain LoRA"),
+    Case("sd3 zero terminal snr", SD3 + ["--no-t5", "--zero-terminal-snr"], "train.zero_terminal_snr is for noise"),
+    Case("sd1 with sd3 loss weights", TRAIN + ["--data", "{images}", "--flow-weighting", "cosmap"],
+         "flow_weighting applies to flow matching"),
+    Case("sd3 single file without text encoders", ["train", "--model", "{sd3_bare}", "--data", "{images}",
+                                                   "--output", "{out}/m.safetensors"],
+         "has no CLIP-L text encoder: pass --text-encoders FOLDER"),
+    Case("sd3 single file of a custom size", ["train", "--model", "{sd3_headerless}", "--data", "{images}", "--output",
+                                              "{out}/m.safetensors"], "which no standard SD3 attention-head width"),
+    Case("flux single file", ["train", "--model", "{flux}", "--data", "{images}", "--output", "{out}/m.safetensors"],
+         "Flux and other transformers are not supported"),
+    Case("flux folder", ["train", "--model", "{flux_folder}", "--data", "{images}", "--output",
+                         "{out}/m.safetensors"], "FluxTransformer2DModel (FluxPipeline): not supported"),
+]
 
 # ---------------------------------------------------------------- LoRA files and tools
 
 LORAS = ["nan", "inf", "zero", "junk_lora", "empty_file", "no_tensors", "unknown_key", "no_up", "tucker",
-         "bad_adapter_meta", "pickle_lora", "xl"]
+         "bad_adapter_meta", "pickle_lora", "xl", "sd3_lora"]
 TOOL_ON = {  # argv builders for a LoRA file
     "inspect": lambda f: ["inspect", f],
     "convert": lambda f: ["convert", f, "--to", "diffusers", "-o", "{out}/c.safetensors"],
@@ -173,7 +200,7 @@ SAYS = {"nan": "NaN or infinite", "inf": "NaN or infinite", "zero": "changes not
         "junk_lora": "not a readable safetensors", "empty_file": "not a readable safetensors",
         "no_tensors": "holds no LoRA module", "unknown_key": "in no LoRA layout", "no_up": "lacks its up",
         "tucker": "Tucker", "bad_adapter_meta": "not valid JSON", "pickle_lora": "only .safetensors",
-        "xl": "match no layer of the model"}
+        "xl": "match no layer of the model", "sd3_lora": "match no layer of the model"}
 
 
 def tool_cases() -> list[Case]:
@@ -182,7 +209,7 @@ def tool_cases() -> list[Case]:
         for tool, argv in TOOL_ON.items():
             if tool == "inspect" and lora not in ("junk_lora", "empty_file", "pickle_lora"):
                 continue  # inspect reports these as problems instead (test_reliability, test_layouts)
-            if lora == "xl" and tool not in ("merge", "generate"):
+            if lora in ("xl", "sd3_lora") and tool not in ("merge", "generate"):
                 continue  # a valid file, just for another model
             cases.append(Case(f"{tool} {lora}", argv("{" + lora + "}"), SAYS[lora]))
     cases.append(Case("missing lora file", ["inspect", "{tmp}/nope.safetensors"], "LoRA file not found"))
@@ -198,6 +225,9 @@ TOOLS = tool_cases() + [
     Case("mix rank 0", ["mix", "{lora}", "--rank", "0", "-o", "{out}/m.safetensors"], "at least 1"),
     Case("mix rank -3", ["mix", "{lora}", "--rank", "-3", "-o", "{out}/m.safetensors"], "at least 1"),
     Case("mix sd1 and sdxl", ["mix", "{lora}", "{xl}", "-o", "{out}/m.safetensors"], "different model families"),
+    Case("mix sd1 and sd3", ["mix", "{lora}", "{sd3_lora}", "-o", "{out}/m.safetensors"], "different model families"),
+    Case("sd1 lora into sd3", ["merge", "--model", "{sd3}", "--lora", "{lora}", "-o", "{out}/m"],
+         "match no layer of the model"),
     Case("resize above rank", ["resize", "{lora}", "--rank", "64", "-o", "{out}/r.safetensors"], "above the LoRA"),
     Case("resize rank 0", ["resize", "{lora}", "--rank", "0", "-o", "{out}/r.safetensors"], "at least 1"),
     Case("resize energy 0", ["resize", "{lora}", "--keep-energy", "0", "-o", "{out}/r.safetensors"], "(0, 1]"),
@@ -298,7 +328,41 @@ def prepared(tiny_model, tmp_path_factory):
     full = save_single_file(tiny_model, d / "full.safetensors")
     save_file(load_file(str(full)), str(d / "nonstandard.safetensors"))  # without the configs header
     p["nonstandard"] = str(d / "nonstandard.safetensors")
+    _prepare_sd3(d, p)
     return p
+
+
+def _prepare_sd3(d: Path, p: dict) -> None:
+    """A tiny SD3 folder (no T5), an SD3 single file without its text encoders, an SD3 LoRA, and a Flux-shaped
+    file and folder."""
+    from safetensors.torch import load_file, save_file
+
+    from sdlora.loras.files import write_lora
+    from sdlora.random_pipelines import save_tiny_sd3_pipeline
+    from sdlora.single_file import save_single_file
+
+    p["sd3"] = str(save_tiny_sd3_pipeline(d / "sd3", "sd3", t5=False))
+    from safetensors import safe_open
+
+    single = save_single_file(p["sd3"], d / "sd3_full.safetensors")
+    with safe_open(str(single), "pt") as f:
+        header = f.metadata()
+    save_file({k: v for k, v in load_file(str(single)).items() if not k.startswith("text_encoders.")},
+              str(d / "sd3_bare.safetensors"), header)
+    p["sd3_bare"] = str(d / "sd3_bare.safetensors")
+    save_file(load_file(str(single)), str(d / "sd3_headerless.safetensors"))
+    p["sd3_headerless"] = str(d / "sd3_headerless.safetensors")
+    qkv = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    p["sd3_lora"] = str(write_lora(d / "sd3_lora.safetensors", {
+        f"{qkv}.lora_down.weight": torch.randn(2, 32), f"{qkv}.lora_up.weight": torch.randn(96, 2),
+        f"{qkv}.alpha": torch.tensor(2.0)}, {"ss_base_model_version": "medium", "sdlora_family": "sd3"}))
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)},
+              str(d / "flux.safetensors"))
+    p["flux"] = str(d / "flux.safetensors")
+    (d / "flux_folder" / "transformer").mkdir(parents=True)
+    (d / "flux_folder" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    p["flux_folder"] = str(d / "flux_folder")
 
 
 def fill(text: str, paths: dict) -> str:

@@ -22,7 +22,8 @@ def test_two_process_training_saves_a_synchronised_lora(tiny_model, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdlora", "train",
            "--model", tiny_model, "--data", str(data), "--instance-prompt", "a sks", "--resolution", "32",
-           "--max-steps", "4", "--lr", "1e-3", "--output", str(out), "--save-dtype", "fp32"]
+           "--max-steps", "4", "--lr", "1e-3", "--output", str(out), "--save-dtype", "fp32",
+           "--validation-split", "0.25", "--validate-every", "2", "--keep-best", "--ema-decay", "0.9"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,7 +33,9 @@ def test_two_process_training_saves_a_synchronised_lora(tiny_model, tmp_path):
     assert meta["sdlora_processes"] == "2"
     assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_up" in k)
     log = [json.loads(x) for x in out.with_name("ddp_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "val_loss" in r] == [2, 4]  # every rank validated its share, one line each
+    assert out.with_name("ddp_best.safetensors").is_file() and proc.stdout.count("best validation loss") == 1
 
     from diffusers import StableDiffusionPipeline
 

@@ -100,8 +100,11 @@ def test_cli_run_loss_falls_and_writes_everything(tiny_model, tmp_path):
                "--output", str(out), "--sample-prompt", "a red sks", "--sample-every", "30", "--sample-steps", "2",
                "--save-every", "30", "--seed", "3"])
     assert rc == 0
-    log = [json.loads(line) for line in out.with_name("demo_log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in out.with_name("demo_log.jsonl").read_text().splitlines()]
+    log = [r for r in records if "loss" in r]
     assert [r["step"] for r in log] == list(range(1, 61))
+    assert [(r["step"], r["sample"]) for r in records if "sample" in r] == \
+        [(0, "step_0000000_0.png"), (30, "step_0000030_0.png"), (60, "step_0000060_0.png")]
     first, last = sum(r["loss"] for r in log[:15]) / 15, sum(r["loss"] for r in log[-15:]) / 15
     assert last < first * 0.9, (first, last)
     samples = sorted(p.name for p in out.with_name("demo_samples").iterdir())

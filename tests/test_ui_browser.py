@@ -97,6 +97,15 @@ def set_value(page, elem_id: str, value) -> None:
     expect(box).to_have_value(str(value))
 
 
+def wait_until(page, condition, what: str, seconds: float = 300) -> None:
+    """Poll a condition on the server's side (the job's own state) while the page keeps running."""
+    for _ in range(int(seconds * 10)):
+        if condition():
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
@@ -197,3 +206,69 @@ def test_training_without_images_shows_the_error(page, app, shots, tmp_path):
     job = manager.jobs()[-1]
     assert job.state == "failed" and job.error in page.locator("#job-status .job-error").inner_text()
     page.screenshot(path=shots / "error-empty-folder.png", full_page=True)
+
+
+def test_sample_now_and_save_now_on_a_running_job(page, app, shots, tmp_path):
+    """The buttons reach the running loop: a sample at a step no schedule asked for, and a checkpoint that a Resume
+    continues from."""
+    _, manager = app
+    images = draw_images(tmp_path / "now", n=2)
+    set_value(page, "lora-name", "now-lora")
+    set_value(page, "opt-data-path", images)
+    set_value(page, "opt-data-prompt", "a red sks")
+    set_value(page, "opt-train-max_steps", 4000)  # long enough to press the buttons while it runs
+    set_value(page, "opt-augment-resolution", 32)
+    set_value(page, "opt-sample-every", 0)  # samples at step 0 and at the end only, unless asked
+    page.get_by_text("Advanced", exact=True).click()
+    set_value(page, "opt-sample-steps", 2)
+    page.locator("#start").click()
+    page.locator("#job-status").filter(has_text="Training").wait_for()
+    job = manager.current()
+    # The gallery may still show an earlier job's samples, so wait on this job's own list, then on the page.
+    wait_until(page, lambda: job.samples, "the step-0 sample")
+    page.locator("#sample-now").click()
+    wait_until(page, lambda: [s for s, _ in job.samples if s > 0], "the asked-for sample")
+    asked = [s for s, _ in job.samples if s > 0]
+    assert asked and all(s < 4000 for s in asked)
+    page.locator("#samples").get_by_text(f"step {asked[0]}").first.wait_for(state="attached")
+    page.locator("#save-now").click()
+    ckpts = manager.output_dir / "now-lora" / "now-lora_checkpoints"
+    page.wait_for_function("() => document.querySelector('#job-status') !== null")
+    for _ in range(600):
+        if list(ckpts.glob("step_*.pt")):
+            break
+        page.wait_for_timeout(100)
+    saved = sorted(ckpts.glob("step_*.pt"))
+    assert saved, "Save now wrote no checkpoint"
+    saved_step = int(saved[0].stem.split("_")[1])
+    page.screenshot(path=shots / "sample-save-now.png", full_page=True)
+    page.locator("#stop").click()
+    page.locator("#job-status").filter(has_text="Stopped").wait_for()
+    set_value(page, "opt-train-max_steps", job.step + 3)  # resume, then finish soon
+    page.locator("#resume").click()
+    page.locator("#job-status").filter(has_text="Finished").wait_for()
+    resumed = manager.current()
+    assert resumed.id != job.id and resumed.start_step >= saved_step and resumed.state == "done"
+    assert any("resumed from" in m for m in resumed.messages)
+
+
+def test_masks_upload_beside_images_and_show_over_them(page, app, shots, tmp_path):
+    from PIL import Image
+
+    _, manager = app
+    images = draw_images(tmp_path / "mpick", n=2)
+    masks = tmp_path / "mpick_masks"
+    masks.mkdir()
+    for p in images.glob("*.png"):
+        m = Image.new("L", Image.open(p).size, 0)
+        m.paste(255, (0, 0, m.width // 2, m.height))
+        m.save(masks / p.name)
+    set_value(page, "lora-name", "masked-lora")
+    page.locator("#upload input[type=file]").set_input_files(sorted(str(p) for p in images.glob("*.png")))
+    page.wait_for_function("() => document.querySelectorAll('#dataset-gallery img').length >= 2")
+    page.locator("#mask-upload input[type=file]").set_input_files(sorted(str(p) for p in masks.glob("*.png")))
+    page.wait_for_function("() => document.querySelector('#dataset-gallery').innerText.includes('masked')")
+    folder = manager.output_dir / "masked-lora" / "masks"
+    assert field(page, "opt-data-masks").input_value() == str(folder)
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(p.name for p in masks.glob("*.png"))
+    page.screenshot(path=shots / "masks.png", full_page=True)

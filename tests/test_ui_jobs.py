@@ -121,14 +121,19 @@ def test_real_training_error_from_an_empty_folder(tmp_path, tiny_model):
 
 
 def test_real_training_records_progress(tmp_path, tiny_model):
-    data = draw_images(tmp_path / "imgs", n=2)
-    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=3)
+    data = draw_images(tmp_path / "imgs", n=3)
+    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=3,
+                      validation__split=0.3, validation__every=2)
     cfg.sample.prompts, cfg.sample.steps = ["a red sks"], 2
     m = JobManager(tmp_path)
     job = m.wait(m.submit(cfg, "l"), 120)
     assert job.state == DONE, job.error
     assert [s for s, _ in job.losses] == [1, 2, 3] and job.total == 3 and job.rate > 0
     assert [s for s, _ in job.samples] == [0, 3]
+    frame = progress.loss_frame(job)  # the plot's two curves, told apart by `series`
+    assert frame[frame.series == "training"]["step"].tolist() == [1, 2, 3]
+    assert frame[frame.series == "validation"]["step"].tolist() == [2, 3]
+    assert "validation" in progress.status_html(job)
     assert job.output == str(cfg.output.path)
     m.close()
 

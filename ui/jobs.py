@@ -40,6 +40,7 @@ class Job:
     started: float = 0.0
     ended: float = 0.0
     losses: list = field(default_factory=list)  # [(step, loss)]
+    val_losses: list = field(default_factory=list)  # [(step, validation loss)]
     samples: list = field(default_factory=list)  # [(step, path)]
     messages: list = field(default_factory=list)
     error: str = ""
@@ -77,6 +78,10 @@ class JobCallbacks(Callbacks):
     def on_step(self, step, stats):
         self.job.step = step
         self.job.losses.append((step, float(stats["loss"])))
+        self.job.touch()
+
+    def on_validation(self, step, stats):
+        self.job.val_losses.append((step, float(stats["val_loss"])))
         self.job.touch()
 
     def on_sample(self, step, paths):
@@ -144,6 +149,19 @@ class JobManager:
             job.touch()
             return job
 
+    def request(self, command: str) -> Job | None:
+        """Ask the running job for a sample (`sample_now`) or a resumable checkpoint (`save_now`) after its current
+        step; None when nothing runs."""
+        with self._lock:
+            job = self.running()
+            if job is None:
+                return None
+            setattr(job.commands, command, True)
+            job.messages.append({"sample_now": "a sample after this step…",
+                                 "save_now": "a checkpoint after this step…"}[command])
+            job.touch()
+            return job
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the running job, drop the queue and end the worker."""
         with self._lock:
@@ -208,7 +226,8 @@ class JobManager:
         try:
             result = train(job.cfg, JobCallbacks(job), job.commands, resume=job.resume)
             job.output = str(result.output)
-            job.state = STOPPED if result.stopped else DONE
+            early = getattr(result, "early_stopped", False)  # finished by its own rule: the output is the best file
+            job.state = STOPPED if result.stopped and not early else DONE
         except SdloraError as e:
             job.error, job.state = str(e), FAILED
         except Exception as e:  # noqa: BLE001 - an unexpected bug: one line in the page, the traceback in the log

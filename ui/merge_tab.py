@@ -33,8 +33,8 @@ class MergeTab:
         with gr.Row():
             self.name = gr.Textbox(value="merged", label="Output name", elem_id="merge-name")
             self.rank = gr.Number(value=0, precision=0, label="Rank of the mix (0: exact, ranks stacked)")
-            self.model = gr.Textbox(value=self.manager.model, label="Base model (for a checkpoint)",
-                                    placeholder="empty: the built-in shapes-world model", visible=False)
+            self.model = gr.Textbox(value=self.manager.model, label="Base model (a checkpoint's; a DoRA mix's)",
+                                    placeholder="empty: the built-in shapes-world model (no model for a mix)")
         self.go = gr.Button("Combine", variant="primary", elem_id="merge-go")
         self.status = gr.Markdown(elem_id="merge-status")
         self.result = gr.File(label="Download", elem_id="merge-download", height=80)
@@ -42,8 +42,7 @@ class MergeTab:
     def wire(self, demo: gr.Blocks, tab: gr.Tab) -> None:
         for trigger in (self.refresh.click, tab.select):
             trigger(self.on_refresh, self.picks, self.picks)
-        self.mode.change(lambda m: (gr.update(visible=m == MIX), gr.update(visible=m == MERGE)),
-                         [self.mode], [self.rank, self.model])
+        self.mode.change(lambda m: gr.update(visible=m == MIX), [self.mode], [self.rank])
         self.go.click(self.on_combine, [self.mode, self.name, self.rank, self.model] + self.picks + self.weights,
                       [self.status, self.result])
 
@@ -69,7 +68,7 @@ class MergeTab:
             if mode == MIX:
                 from sdlora import mix_loras
 
-                report = mix_loras(loras, out, rank=int(rank or 0) or None, overwrite=True)
+                report = mix_loras(loras, out, rank=int(rank or 0) or None, overwrite=True, model=model or None)
                 text = f"```\n{report.table(limit=12)}\n```"
             else:
                 from sdlora import merge_into_model

@@ -38,6 +38,9 @@ def status_html(job: Job | None, queued: int = 0) -> str:
         parts.append(f"took {duration(job.ended - job.started)}")
     if job.losses:
         parts.append(f"loss {job.losses[-1][1]:.4f}")
+    if job.val_losses:
+        step, best = min(job.val_losses, key=lambda x: x[1])
+        parts.append(f"validation {job.val_losses[-1][1]:.4f} (best {best:.4f} at step {step})")
     if queued:
         parts.append(f"{queued} more queued")
     body = " · ".join(parts)
@@ -52,8 +55,11 @@ def status_html(job: Job | None, queued: int = 0) -> str:
 
 
 def loss_frame(job: Job | None) -> pd.DataFrame:
-    rows = job.losses if job else []
-    return pd.DataFrame(rows or [], columns=["step", "loss"]).astype({"step": int, "loss": float})
+    """The loss curves: training loss per step and, with validation, the validation loss (column `series`)."""
+    rows = [(s, v, "training") for s, v in job.losses] + [(s, v, "validation") for s, v in job.val_losses] \
+        if job else []
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": int, "loss": float,
+                                                                          "series": str})
 
 
 def sample_items(job: Job | None) -> list[tuple[str, str]]:

@@ -19,19 +19,35 @@ from .jobs import JobManager
 
 LORA, DREAMBOOTH, PIVOTAL = "LoRA", "DreamBooth (prior preservation)", "Pivotal tuning"
 PRIOR_KEYS = [("prior", "class_prompt"), ("prior", "num_class_images"), ("prior", "mode"), ("prior", "weight")]
-COMMON = [("lora", "rank"), ("optim", "lr"), ("train", "max_steps"), ("augment", "resolution"),
+COMMON = [("lora", "network"), ("lora", "rank"), ("optim", "lr"), ("train", "max_steps"), ("augment", "resolution"),
           ("lora", "train_text_encoder")]
 SET_BY_PAGE = {("model", "path"), ("output", "path"), ("prior", "class_data")}
 LATEST = 0  # job selector value: "whatever runs now, else the newest"
 
 
-def thumbnails(folder: str, rows: list[list[str]], size: int = 192) -> list[tuple[Image.Image, str]]:
+def thumbnails(folder: str, rows: list[list[str]], masks: str = "", size: int = 192) -> list[tuple[Image.Image, str]]:
+    """The images with their captions; with a mask folder, what the loss ignores is shown dimmed and tinted."""
     out = []
     for name, caption in rows[:60]:
         with Image.open(Path(folder) / name) as im:
-            im.thumbnail((size, size))
-            out.append((im.convert("RGB"), caption or "(no caption)"))
+            shown = im.convert("RGB")
+        mask = _mask_of(masks, name)
+        if mask is not None and mask.size == shown.size:
+            tint = Image.blend(shown, Image.new("RGB", shown.size, (40, 0, 60)), 0.7)
+            shown = Image.composite(shown, tint, mask)
+        shown.thumbnail((size, size))
+        out.append((shown, (caption or "(no caption)") + (" · masked" if mask is not None else "")))
     return out
+
+
+def _mask_of(masks: str, image_name: str) -> Image.Image | None:
+    if not masks or not Path(masks).is_dir():
+        return None
+    found = sorted(Path(masks).glob(Path(image_name).stem + ".*"))
+    if not found:
+        return None
+    with Image.open(found[0]) as m:
+        return m.convert("L")
 
 
 class TrainTab:
@@ -57,11 +73,22 @@ class TrainTab:
                 self.folder = f.add("data", "path", label="Image folder",
                                     info="Uploads are copied here; or type the path of a folder of images.")
                 self.prompt = f.add("data", "prompt", label="Instance prompt / trigger", value="a photo of sks")
+            with gr.Column(scale=1):
+                self.mask_upload = gr.File(label="Upload masks (named like their images)", file_count="multiple",
+                                           file_types=["image"], elem_id="mask-upload")
+                self.masks = f.add("data", "masks", label="Mask folder",
+                                   info="White = learn, black = ignore. Mask uploads are copied here.")
         self.gallery = gr.Gallery(label="Images", columns=8, height=200, fit_columns=False, object_fit="contain",
                                   elem_id="dataset-gallery")
         self.captions = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], type="array",
                                      interactive=True, static_columns=[0], elem_id="captions",
                                      label="Captions (edit a cell: it is saved to the image's .txt file)")
+        with gr.Accordion("Caption images automatically", open=False, elem_id="captioning"), gr.Row():
+            self.captioner = gr.Textbox(label="Captioner", elem_id="captioner", scale=3,
+                                        info="A BLIP / Florence-2 / small vision-language model: a folder or a "
+                                             "hub id. Images that have a caption keep it.")
+            self.caption_prefix = gr.Textbox(label="Prefix", value="", placeholder="e.g. sks, ", scale=1)
+            self.caption_btn = gr.Button("Caption images", elem_id="caption-images", scale=1)
         gr.Markdown("### 2 · Method")
         self.method = gr.Radio([LORA, DREAMBOOTH, PIVOTAL], value=LORA, label="Method", elem_id="method")
         with gr.Group(visible=False) as self.prior_group, gr.Row():
@@ -97,9 +124,12 @@ class TrainTab:
             self.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
             self.resume_btn = gr.Button("Resume", elem_id="resume")
             self.job_pick = gr.Dropdown(choices=[("latest", LATEST)], value=LATEST, label="Show job", scale=1)
+        with gr.Row():
+            self.sample_now_btn = gr.Button("Sample now", size="sm", elem_id="sample-now")
+            self.save_now_btn = gr.Button("Save now (resumable checkpoint)", size="sm", elem_id="save-now")
         self.status = gr.HTML(progress.status_html(None), elem_id="status")
         with gr.Row(equal_height=False):
-            self.loss_plot = gr.LinePlot(progress.loss_frame(None), x="step", y="loss", title="Training loss",
+            self.loss_plot = gr.LinePlot(progress.loss_frame(None), x="step", y="loss", color="series", title="Loss",
                                          height=260, elem_id="loss-plot")
             self.samples = gr.Gallery(label="Samples (newest first)", columns=3, height=260, fit_columns=False,
                                       elem_id="samples")
@@ -112,29 +142,54 @@ class TrainTab:
     # ------------------------------------------------------------ events
     def wire(self, demo: gr.Blocks) -> None:
         values = self.form.components
-        self.upload.upload(self.on_upload, [self.upload, self.name], [self.folder, self.captions, self.gallery])
-        self.folder.blur(self.on_folder, [self.folder], [self.captions, self.gallery])
-        self.captions.input(self.on_captions, [self.folder, self.captions], [self.gallery])
+        self.upload.upload(self.on_upload, [self.upload, self.name, self.masks],
+                           [self.folder, self.captions, self.gallery])
+        self.mask_upload.upload(self.on_mask_upload, [self.mask_upload, self.name, self.folder],
+                                [self.masks, self.gallery])
+        self.folder.blur(self.on_folder, [self.folder, self.masks], [self.captions, self.gallery])
+        self.masks.blur(self.on_folder, [self.folder, self.masks], [self.captions, self.gallery])
+        self.captions.input(self.on_captions, [self.folder, self.captions, self.masks], [self.gallery])
         self.method.change(self.on_method, [self.method], [self.prior_group, self.pivotal_group])
         run_inputs = [self.name, self.method] + values
         self.start_btn.click(self.on_start, run_inputs, [self.status, self.job_pick, self.seen])
         self.resume_btn.click(self.on_resume, run_inputs, [self.status, self.job_pick, self.seen])
         self.stop_btn.click(self.on_stop, [], [self.seen])
+        self.sample_now_btn.click(self.on_sample_now, [], [self.seen])
+        self.save_now_btn.click(self.on_save_now, [], [self.seen])
+        self.caption_btn.click(self.on_caption, [self.folder, self.captioner, self.caption_prefix],
+                               [self.captions, self.gallery])
         self.save_btn.click(self.on_save, run_inputs, [self.settings_file])
         self.load_btn.upload(self.on_load, [self.load_btn], [self.name, self.method] + values)
         watch = [self.status, self.loss_plot, self.samples, self.log, self.queue, self.job_pick, self.seen]
         self.timer.tick(self.on_tick, [self.job_pick, self.seen], watch, show_progress="hidden")
         demo.load(self.on_tick, [self.job_pick, self.seen], watch, show_progress="hidden")
 
-    def on_upload(self, files, name):
+    def on_mask_upload(self, files, name, folder):
+        masks = self.manager.output_dir / safe_name(name, "lora") / "masks"
+        if not import_uploads(files or [], masks):
+            gr.Warning("No images in the mask upload.")
+        try:
+            folder = str(self.manager.allowed.path(folder, "image folder")) if folder else ""
+        except SdloraError:
+            folder = ""
+        return str(masks), thumbnails(folder, dataset_rows(folder), str(masks)) if folder else []
+
+    def on_upload(self, files, name, masks=""):
         folder = self.manager.output_dir / safe_name(name, "lora") / "images"
         copied = import_uploads(files or [], folder)
         if not copied:
             gr.Warning("No images in the upload (png, jpg, webp, bmp, gif, tif).")
         rows = dataset_rows(folder)
-        return str(folder), rows, thumbnails(str(folder), rows)
+        return str(folder), rows, thumbnails(str(folder), rows, self._masks(masks))
 
-    def on_folder(self, folder):
+    def _masks(self, masks: str) -> str:
+        """A mask folder the page may show, or "" (a folder outside the allowed ones is not read)."""
+        try:
+            return str(self.manager.allowed.path(masks, "mask folder")) if masks else ""
+        except SdloraError:
+            return ""
+
+    def on_folder(self, folder, masks=""):
         if not folder:
             return [], []
         try:
@@ -145,16 +200,16 @@ class TrainTab:
         rows = dataset_rows(folder)
         if not rows:
             gr.Warning(f"No images found in {folder}")
-        return rows, thumbnails(folder, rows)
+        return rows, thumbnails(folder, rows, self._masks(masks))
 
-    def on_captions(self, folder, rows):
+    def on_captions(self, folder, rows, masks=""):
         try:
             folder = str(self.manager.allowed.path(folder, "image folder"))
             n = write_captions(folder, rows)
         except SdloraError as e:
             raise gr.Error(str(e)) from None
         gr.Info(f"Saved {n} caption file(s)")
-        return thumbnails(folder, dataset_rows(folder))
+        return thumbnails(folder, dataset_rows(folder), self._masks(masks))
 
     def on_method(self, method):
         return gr.update(visible=method == DREAMBOOTH), gr.update(visible=method == PIVOTAL)
@@ -176,6 +231,31 @@ class TrainTab:
         if self.manager.stop() is None:
             gr.Warning("Nothing is training.")
         return None  # the timer's next tick redraws
+
+    def on_sample_now(self):
+        if self.manager.request("sample_now") is None:
+            gr.Warning("Nothing is training.")
+        return None
+
+    def on_save_now(self):
+        if self.manager.request("save_now") is None:
+            gr.Warning("Nothing is training.")
+        return None
+
+    def on_caption(self, folder, captioner, prefix, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+        from sdlora.captioning import caption_folder
+
+        if not (captioner or "").strip():
+            raise gr.Error("Give a captioner: a model folder or a hub id (e.g. a BLIP or Florence-2 model).")
+        try:
+            folder = str(self.manager.allowed.path(folder, "image folder"))
+            report = caption_folder(folder, self.manager.allowed.model_path(captioner), prefix or "",
+                                    progress=lambda done, total: progress((done, total), unit="images"))
+        except SdloraError as e:
+            raise gr.Error(str(e)) from None
+        gr.Info(report.summary())
+        rows = dataset_rows(folder)
+        return rows, thumbnails(folder, rows)
 
     def on_save(self, name, method, *values):
         try:
@@ -227,6 +307,7 @@ class TrainTab:
         cfg.model.path = allowed.model_path(cfg.model.path)
         for folder in cfg.data:
             folder.path = str(allowed.path(folder.path, "image folder")) if folder.path else folder.path
+            folder.masks = str(allowed.path(folder.masks, "mask folder")) if folder.masks else ""
         if method != PIVOTAL:
             cfg.pivotal.token = ""  # pivotal tuning is on when it has a token
         if not cfg.sample.prompts and cfg.data and cfg.data[0].prompt:

@@ -24,7 +24,7 @@ class ProgressBar(Callbacks):
     """tqdm bar with loss, step rate and ETA; messages printed above it."""
 
     def __init__(self, label: str):
-        self.label, self.bar = label, None
+        self.label, self.bar, self.val = label, None, None
 
     def on_start(self, run):
         from tqdm import tqdm
@@ -34,7 +34,13 @@ class ProgressBar(Callbacks):
 
     def on_step(self, step, stats):
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+        extra = {"val": f"{self.val:.4f}"} if self.val is not None else {}
+        self.bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", **extra)
+
+    def on_validation(self, step, stats):
+        self.val = stats["val_loss"]
+        if stats["best_step"] == step:
+            self._say(f"step {step}: validation loss {self.val:.6g} (best so far)")
 
     def on_sample(self, step, paths):
         self._say(f"samples at step {step}: {Path(paths[0]).parent}")

@@ -21,6 +21,9 @@ def _model_flags(p, flag: str = "--model", required: bool = False) -> None:
     p.add_argument(flag, required=required, default=None,
                    help="Base model: a diffusers folder (default: the built-in model) or a single-file checkpoint.")
     p.add_argument("--allow-pickle", action="store_true", help="Allow .ckpt checkpoints (read weights only).")
+    p.add_argument("--text-encoders", default="", metavar="FOLDER",
+                   help="SD3 single files without text encoders: a diffusers SD3 folder, or a folder of ComfyUI-style "
+                        "clip_l / clip_g / t5xxl .safetensors files (with tokenizer folders).")
 
 
 def register(sub) -> None:
@@ -40,7 +43,20 @@ def register(sub) -> None:
     g.add_argument("--output", "-o", default="outputs", help="Folder for the PNGs.")
     g.add_argument("--grid", action="store_true", help="One labelled sheet: LoRA scales across, seeds down.")
     g.add_argument("--scales", type=_floats, default=None, help="Scale multipliers for --grid (default 0,0.5,1).")
+    g.add_argument("--no-t5", action="store_true", help="SD3: render without T5 (zero T5 embeddings).")
     g.set_defaults(func=cmd_generate)
+
+    cap = sub.add_parser("caption", help="Write a caption beside every image that has none, with an image-to-text "
+                                         "model (BLIP, Florence-2, a small vision-language model).")
+    cap.add_argument("folder")
+    cap.add_argument("--captioner", required=True, metavar="MODEL",
+                     help="A local model folder or a hub id (the hub needs a network).")
+    cap.add_argument("--prefix", default="", help="Put in front of every caption, e.g. 'sks, '.")
+    cap.add_argument("--overwrite", action="store_true", help="Replace existing captions too.")
+    cap.add_argument("--batch-size", type=int, default=4)
+    cap.add_argument("--prompt", default=None, help="The instruction or task prompt (default: the model's own).")
+    cap.add_argument("--device", default="cpu", help="cpu or cuda.")
+    cap.set_defaults(func=cmd_caption)
 
     i = sub.add_parser("inspect", help="Show what a LoRA file holds and check it loads everywhere.")
     i.add_argument("file")
@@ -63,9 +79,11 @@ def register(sub) -> None:
     _output_flags(m, "merged model (folder, or file ending in .safetensors)")
     m.set_defaults(func=cmd_merge)
 
-    x = sub.add_parser("mix", help="Weighted sum of LoRAs: exact (ranks stacked) or SVD to --rank.")
+    x = sub.add_parser("mix", help="Weighted sum of LoRAs: exact (ranks stacked) or SVD to --rank; DoRA, LoHa and "
+                       "LoKr inputs become a plain LoRA by SVD.")
     x.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]")
     x.add_argument("--rank", type=int, default=None, help="Target rank (SVD; errors reported). Default: exact.")
+    x.add_argument("--model", default=None, help="Base model, for DoRA inputs (their update depends on its weights).")
     _output_flags(x, "mixed LoRA")
     x.set_defaults(func=cmd_mix)
 
@@ -75,6 +93,7 @@ def register(sub) -> None:
     size.add_argument("--rank", type=int, help="Target rank of every layer.")
     size.add_argument("--keep-energy", type=float, metavar="X", help="Per layer, the smallest rank keeping share "
                       "X (0-1] of the squared singular values.")
+    r.add_argument("--model", default=None, help="Base model, for a DoRA file (its update depends on its weights).")
     _output_flags(r, "resized LoRA")
     r.set_defaults(func=cmd_resize)
 
@@ -95,9 +114,30 @@ def cmd_generate(args) -> int:
                      negative_prompt=args.negative_prompt,
                      seed=args.seed, n=args.n, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                      width=args.width, height=args.height, output_dir=args.output, grid=args.grid,
-                     scales=args.scales, allow_pickle=args.allow_pickle)
+                     scales=args.scales, allow_pickle=args.allow_pickle, text_encoders=args.text_encoders,
+                     t5=False if args.no_t5 else None)
     for p in paths:
         print(p)
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from tqdm import tqdm
+
+    from ..captioning import caption_folder
+
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        bar = bar or tqdm(total=total, unit="image", desc="captioning")
+        bar.update(done - bar.n)
+
+    report = caption_folder(args.folder, args.captioner, args.prefix, args.overwrite, args.batch_size, progress,
+                            args.device, args.prompt)
+    if bar:
+        bar.close()
+    print(report.summary())
     return 0
 
 
@@ -121,7 +161,7 @@ def cmd_merge(args) -> int:
     from ..loras.merge import merge_into_model
 
     out = merge_into_model(args.model, [parse_weighted(s) for s in args.lora], args.output, overwrite=args.overwrite,
-                           allow_pickle=args.allow_pickle)
+                           allow_pickle=args.allow_pickle, text_encoders=args.text_encoders)
     print(out)
     return 0
 
@@ -129,7 +169,8 @@ def cmd_merge(args) -> int:
 def cmd_mix(args) -> int:
     from ..loras.mix import mix_loras
 
-    report = mix_loras([parse_weighted(s) for s in args.loras], args.output, rank=args.rank, overwrite=args.overwrite)
+    report = mix_loras([parse_weighted(s) for s in args.loras], args.output, rank=args.rank, overwrite=args.overwrite,
+                       model=args.model)
     print(report.table())
     return 0
 
@@ -138,7 +179,7 @@ def cmd_resize(args) -> int:
     from ..loras.mix import resize_lora
 
     print(resize_lora(args.file, args.output, rank=args.rank, keep_energy=args.keep_energy,
-                      overwrite=args.overwrite).table())
+                      overwrite=args.overwrite, model=args.model).table())
     return 0
 
 
@@ -147,7 +188,7 @@ def cmd_extract(args) -> int:
 
     report = extract_lora(args.base, args.tuned, args.rank, args.output, overwrite=args.overwrite,
                           conv_rank=args.conv_rank, text_encoder=not args.no_text_encoder,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, text_encoders=args.text_encoders)
     print(report.table())
     if report.skipped:
         print(f"skipped {len(report.skipped)} layers whose difference is ~0")

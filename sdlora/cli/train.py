@@ -101,9 +101,13 @@ def cmd_train(args) -> int:
             result = train(cfg, ProgressBar(label), commands, resume=args.resume)
             if not result.is_main:
                 continue
-            state = "stopped (resume with --resume)" if result.stopped else "done"
+            state = "early stopped" if result.early_stopped else \
+                "stopped (resume with --resume)" if result.stopped else "done"
             print(f"{label}: {state}: {result.output} ({result.steps} steps, loss {result.final_loss:.4f}, "
                   f"{result.seconds:.1f}s)")
+            if result.best:
+                print(f"{label}: best validation loss {result.best_val_loss:.6g} at step {result.best_step}: "
+                      f"{result.best}")
         except SdloraError as e:
             failures += 1
             print(f"{label}: error: {e}", file=sys.stderr)

@@ -3,7 +3,8 @@
 A family row says which diffusers pipeline and denoiser it uses, its text encoders (with the key prefixes LoRA files
 give them and the names their token embeddings travel under), how kohya names its denoiser's layers, the LoRA target
 presets, the kohya/ModelSpec labels of its files, and how a diffusers folder is recognised. What a family computes
-differently (its text conditioning) lives in the family's own module (`sd`, `sdxl`).
+differently (its text conditioning and how its denoiser is called) lives in the family's own module (`sd`, `sdxl`,
+`sd3`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from . import sd, sdxl
+from ..errors import ConfigError
+from . import mmdit, sd, sd3, sdxl
 from .sd import Conditioning
 
 
@@ -22,8 +24,9 @@ class TextEncoderSlot:
     attr: str             # pipeline attribute: text_encoder, text_encoder_2
     tokenizer_attr: str   # tokenizer, tokenizer_2
     model_class: str      # transformers class
-    kohya_prefix: str     # lora_te (SD1/SD2), lora_te1 / lora_te2 (SDXL)
+    kohya_prefix: str     # lora_te (SD1/SD2), lora_te1 / lora_te2 (SDXL, SD3), lora_te3 (SD3's T5)
     embedding_key: str    # what its token embeddings are called in embedding files: clip_l, clip_g
+    tokenizer_class: str = "CLIPTokenizer"
 
 
 _ATTN = r"attn{n}\.(to_q|to_k|to_v|to_out\.0)"
@@ -35,6 +38,15 @@ UNET_TARGETS = {
             r"resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)", r"(down|up)samplers\.0\.conv"),
 }
 CLIP_TARGETS = (r"self_attn\.(q|k|v|out)_proj", r"mlp\.fc[12]")
+_JOINT = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_DUAL = r"attn2\.(to_q|to_k|to_v|to_out\.0)"  # SD3.5 Medium's second (image-only) attention
+_FF = r"ff(_context)?\.net\.(0\.proj|2)"
+MMDIT_TARGETS = {
+    "attn": (_JOINT, _DUAL),
+    "attn_ff": (_JOINT, _DUAL, _FF),
+    "all": (_JOINT, _DUAL, _FF, r"norm1(_context)?\.linear", r"context_embedder", r"pos_embed\.proj", r"proj_out",
+            r"time_text_embed\.(timestep|text)_embedder\.linear_[12]", r"norm_out\.linear"),
+}
 
 
 @dataclass(frozen=True)
@@ -52,21 +64,52 @@ class Family:
     v_architecture: str = ""         # modelspec.architecture for v-prediction, where it differs
     is_v2: bool = False              # kohya's ss_v2
     denoiser_attr: str = "unet"      # pipeline attribute and subfolder of the denoiser
-    kohya_naming: str = "diffusers"  # how kohya names denoiser layers: diffusers paths, or sgm (original names)
+    # how kohya names denoiser layers: diffusers paths, sgm (original names), or mmdit (SD3's original names with
+    # q/k/v fused: a view of the file only, sdlora keys the layers by their diffusers paths)
+    kohya_naming: str = "diffusers"
     targets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: UNET_TARGETS)
+    default_targets: str = "cross_attn"  # what lora.targets = auto means
+    block_prefix: str = ""               # numbered blocks lora.blocks selects from (SD3: transformer_blocks)
     text_targets: tuple[str, ...] = CLIP_TARGETS
+    # text encoders that never train and whose output is cached (SD3's T5), in pipeline order after text_encoders
+    frozen_encoders: tuple[TextEncoderSlot, ...] = ()
+    # (denoiser config) -> (ss_base_model_version, modelspec.architecture) where they depend on the model's variant
+    variant: Callable[[dict], tuple[str, str]] | None = None
+    diffusers_reads_kohya: bool = True   # diffusers' load_lora_weights converts this family's kohya files
+    # which clients load this family's plain-LoRA files, per layout, where it is not the SD1/SDXL story (inspect)
+    clients: Mapping[str, str] = field(default_factory=dict)
+    # (denoiser config) -> layers a preset may match whose output the model discards (SD3: the last block's context
+    # query, as that block keeps no context output): they never learn, so they get no LoRA
+    unused_layers: Callable[[dict], set[str]] | None = None
     pipeline_extra: Mapping[str, object] = field(default_factory=dict)  # constructor arguments of the pipeline
     # the denoiser config that names every layer a LoRA for this family may have: a shipped config (assets/<name>)
     # with these overrides (SD1/SD2: 3 layers per block, a superset of their block names)
     reference_overrides: Mapping[str, object] = field(default_factory=dict)
 
-    def ss_base_model_version(self, prediction_type: str) -> str:
-        """kohya's label; SD1/SD2 v-prediction models add '_v'."""
+    def ss_base_model_version(self, prediction_type: str, config=None) -> str:
+        """kohya's label; SD1/SD2 v-prediction models add '_v'; SD3 names its variant (medium, 5-medium, 5-large)."""
+        if self.variant is not None and config is not None:
+            return self.variant(config)[0]
         return self.ss_version + ("_v" if prediction_type == "v_prediction" and self.name in ("sd1", "sd2") else "")
 
-    def modelspec_architecture(self, prediction_type: str) -> str:
+    def modelspec_architecture(self, prediction_type: str, config=None) -> str:
+        if self.variant is not None and config is not None:
+            return self.variant(config)[1]
         return self.v_architecture if prediction_type == "v_prediction" and self.v_architecture else \
             self.architecture
+
+    def target_patterns(self, name: str) -> tuple[str, ...]:
+        """The layer patterns of a target preset (auto: the family's default); a preset the family has not is a
+        one-line ConfigError."""
+        name = self.default_targets if name == "auto" else name
+        if name not in self.targets:
+            why = " (its text and image meet in the joint attention: attn)" if name == "cross_attn" else ""
+            raise ConfigError(f"lora.targets {name} is not a preset of {self.title}{why}; choose auto, "
+                              f"{', '.join(self.targets)}")
+        return self.targets[name]
+
+    def resolved_targets(self, name: str) -> str:
+        return self.default_targets if name == "auto" else name
 
 
 def _clip(attr: str, tokenizer: str, prefix: str, key: str, cls: str = "CLIPTextModel") -> TextEncoderSlot:
@@ -75,6 +118,22 @@ def _clip(attr: str, tokenizer: str, prefix: str, key: str, cls: str = "CLIPText
 
 _SD_EXTRA = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("sd3", "Stable Diffusion 3 / 3.5", "StableDiffusion3Pipeline", "SD3Transformer2DModel",
+           (_clip("text_encoder", "tokenizer", "lora_te1", "clip_l", "CLIPTextModelWithProjection"),
+            _clip("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", "CLIPTextModelWithProjection")),
+           1024, "medium", "stable-diffusion-3-medium/lora", sd3.CONDITIONING,
+           matches=lambda cfg, parts: cfg.get("_class_name") == "SD3Transformer2DModel" or "joint_attention_dim" in cfg,
+           denoiser_attr="transformer", kohya_naming="mmdit", targets=MMDIT_TARGETS, default_targets="attn",
+           block_prefix="transformer_blocks", variant=mmdit.variant, diffusers_reads_kohya=False,
+           clients={"diffusers": "diffusers, ComfyUI; not Forge (sdlora convert --to kohya)",
+                    "kohya": "ComfyUI, Forge, kohya sd-scripts; not diffusers, which loads no kohya SD3 file "
+                             "(sdlora convert --to diffusers)"},
+           unused_layers=mmdit.unused_layers,
+           frozen_encoders=(TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5EncoderModel", "lora_te3", "t5",
+                                            "T5TokenizerFast"),),
+           # every layer any SD3 variant has: 38 blocks (3.5 Large), attn2 in each (3.5 Medium has it in 0-12)
+           reference_overrides={"num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+                                "dual_attention_layers": list(range(38)), "qk_norm": "rms_norm"}),
     Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te1", "clip_l"),
             _clip("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", "CLIPTextModelWithProjection")),

@@ -13,6 +13,8 @@ def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
 class Conditioning:
     """How text becomes the denoiser's keyword arguments (the SD 1/2 case; other families override parts)."""
 
+    samples_from_embeddings = False  # training samples from the pipeline's own prompt encoding
+
     def encode(self, tokenizers: list, encoders: list, captions: list[str], device) -> dict[str, torch.Tensor]:
         """{'hidden': [B, S, D]}: the text encoder's last hidden states."""
         return {"hidden": encoders[0](tokenize(tokenizers[0], captions, device), return_dict=False)[0]}
@@ -25,6 +27,11 @@ class Conditioning:
     def denoiser_kwargs(self, cond: dict[str, torch.Tensor], micro: torch.Tensor | None = None) -> dict:
         """Keyword arguments of the denoiser's forward for a conditioning dict (and the batch's micro-conditioning)."""
         return {"encoder_hidden_states": cond["hidden"]}
+
+    def predict(self, denoiser, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                micro: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser's prediction for noisy latents at timesteps `t` under this conditioning."""
+        return denoiser(noisy, t, **self.denoiser_kwargs(cond, micro), return_dict=False)[0]
 
 
 CONDITIONING = Conditioning()

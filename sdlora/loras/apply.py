@@ -1,16 +1,21 @@
-"""Apply LoRA files at run time: onto a diffusers pipeline (`load_lora_into`, several at once with `apply_loras`),
-and `sdlora generate` (text to image with LoRAs, or a labelled grid of LoRA scales)."""
+"""Apply LoRA files at run time: onto a diffusers pipeline (`load_lora_into`, several at once with `apply_loras`;
+plain LoRA through diffusers, every other type through sdlora's hooks), and `sdlora generate` (text to image with
+LoRAs, or a labelled grid of LoRA scales)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from ..errors import LoraFileError, SdloraError
 from ..families import Family, family_of_pipeline
 from .checks import check_fits
 from .files import check_weights, load_lora, read_lora
-from .layout import model_layers, split_embeddings
+from .layout import diffusers_tensors, model_layers, name_map, split_embeddings
+from .modules import is_plain
 
 
 def load_embeddings(pipe, family: Family, embeddings: dict[str, dict]) -> None:
@@ -27,32 +32,113 @@ def load_embeddings(pipe, family: Family, embeddings: dict[str, dict]) -> None:
                                         tokenizer=getattr(pipe, slot.tokenizer_attr))
 
 
-def load_lora_into(pipe, path: str | Path, scale: float = 1.0, adapter_name: str | None = None) -> str:
-    """Apply one LoRA file to a diffusers pipeline at `scale`: LoRA keys through `load_lora_weights`, bundled
-    embeddings (bundle_emb.*) through `load_textual_inversion`. A file that does not fit the pipeline's model (another
-    family or size) is an error naming a layer. Returns the adapter name."""
-    check_weights([(path, scale)])
-    mods, embeddings, _ = load_lora(path)
-    family = family_of_pipeline(pipe)
-    layers = model_layers(family, getattr(pipe, family.denoiser_attr),
-                          [getattr(pipe, s.attr) for s in family.text_encoders])
-    check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
-    lora = split_embeddings(read_lora(path)[0])[0]
-    name = adapter_name or Path(path).stem.replace(".", "_")
-    pipe.load_lora_weights(lora, adapter_name=name)
-    if scale != 1.0:
-        pipe.set_adapters([name], adapter_weights=[scale])
-    load_embeddings(pipe, family_of_pipeline(pipe), embeddings)
-    return name
+class ActiveLoras:
+    """LoRA files applied to a pipeline at run time, each at its own scale. Plain LoRA files go through diffusers'
+    adapters (load_lora_weights, set_adapters); DoRA, LoHa, LoKr and Tucker LoCon files, which diffusers cannot load
+    (LoHa/LoKr raise, kohya DoRA loses its dora_scale), through sdlora's forward hooks (`HookedLora`), which add each
+    layer's exact update times the scale, as A1111 and ComfyUI apply a strength."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.entries: list[tuple[str, HookedLora | None]] = []  # (diffusers adapter name, or hooks)
+
+    def add(self, path: str | Path, name: str) -> None:
+        """One more file, at scale 1. A file that does not fit the pipeline's model (another family or size) is an
+        error naming a layer."""
+        mods, embeddings, _ = load_lora(path)
+        family = family_of_pipeline(self.pipe)
+        layers = model_layers(family, getattr(self.pipe, family.denoiser_attr),
+                              [getattr(self.pipe, s.attr) for s in family.text_encoders])
+        check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
+        if all(is_plain(m) for m in mods.values()):
+            self.pipe.load_lora_weights(self._diffusers_state(path, family, mods), adapter_name=name)
+            self.entries.append((name, None))
+        else:
+            self.entries.append((name, HookedLora(layers, mods)))
+        load_embeddings(self.pipe, family, embeddings)
+
+    def _diffusers_state(self, path, family: Family, mods: dict) -> dict:
+        """What diffusers' load_lora_weights is given: the file's own tensors where diffusers converts that
+        family's kohya layout itself, else (SD3) the modules in diffusers' layout (alpha folded into lora_B)."""
+        if family.diffusers_reads_kohya:
+            return split_embeddings(read_lora(path)[0])[0]
+        names = name_map(family, getattr(self.pipe, family.denoiser_attr),
+                         [getattr(self.pipe, s.attr) for s in family.text_encoders])
+        return diffusers_tensors(mods, names, torch.float32)[0]
+
+    @property
+    def _adapters(self) -> list[str]:
+        return [name for name, hooks in self.entries if hooks is None]
+
+    def set_scales(self, scales: list[float]) -> None:
+        """One scale per file, in the order they were added."""
+        weights = [s for (_, hooks), s in zip(self.entries, scales) if hooks is None]
+        if self._adapters:
+            self.pipe.set_adapters(self._adapters, adapter_weights=weights)
+        for (_, hooks), s in zip(self.entries, scales):
+            if hooks is not None:
+                hooks.scale = s
+
+    def enable(self, on: bool = True) -> None:
+        """Switch every file on or off (the scales are kept)."""
+        if self._adapters:
+            self.pipe.enable_lora() if on else self.pipe.disable_lora()
+        for _, hooks in self.entries:
+            if hooks is not None:
+                hooks.on = on
+
+    def remove(self) -> None:
+        """Take every file off the pipeline."""
+        if self._adapters:
+            self.pipe.delete_adapters(self._adapters)
+        for _, hooks in self.entries:
+            if hooks is not None:
+                hooks.remove()
+        self.entries = []
 
 
-def apply_loras(pipe, loras: list[tuple[str, float]]) -> list[str]:
-    """Load several LoRAs, each at its own scale, active together."""
+class HookedLora:
+    """One file's modules on the pipeline's layers as forward hooks: output += scale * (x through the layer's exact
+    update), the update computed from the layer's own weight at each call (DoRA needs it; nothing is cached)."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module], mods: dict):
+        self.scale, self.on = 1.0, True
+        self.handles = [layers[b].register_forward_hook(self._hook(m.map(lambda t, w=layers[b].weight: t.to(w.device))))
+                        for b, m in mods.items()]
+
+    def _hook(self, module):
+        def hook(layer, args, output):
+            if not self.on or self.scale == 0:
+                return output
+            x = args[0]
+            with torch.no_grad():
+                delta = module.delta(layer.weight).to(x.dtype)
+            extra = layer._conv_forward(x, delta, None) if isinstance(layer, torch.nn.Conv2d) else F.linear(x, delta)
+            return output + self.scale * extra
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def load_lora_into(pipe, path: str | Path, scale: float = 1.0, adapter_name: str | None = None) -> ActiveLoras:
+    """Apply one LoRA file (any type) to a diffusers pipeline at `scale`: plain LoRA keys through diffusers'
+    `load_lora_weights`, other types through hooks, bundled embeddings (bundle_emb.*) through
+    `load_textual_inversion`. Returns the handle that rescales, switches or removes it."""
+    return apply_loras(pipe, [(path, scale)], [adapter_name or Path(path).stem.replace(".", "_")])
+
+
+def apply_loras(pipe, loras: list[tuple[str, float]], names: list[str] | None = None) -> ActiveLoras:
+    """Load several LoRA files, each at its own scale, active together."""
     check_weights(loras)
-    names = [load_lora_into(pipe, path, adapter_name=f"lora{i}") for i, (path, _) in enumerate(loras)]
-    if names:
-        pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
-    return names
+    active = ActiveLoras(pipe)
+    for i, (path, _) in enumerate(loras):
+        active.add(path, names[i] if names else f"lora{i}")
+    if loras:
+        active.set_scales([s for _, s in loras])
+    return active
 
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
@@ -76,17 +162,19 @@ def set_scheduler(pipe, name: str | None) -> str:
 def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: str, *, negative_prompt: str = "",
              seed: int = 0, n: int = 1, steps: int = 20, guidance: float = 7.5, scheduler: str | None = None,
              width: int | None = None, height: int | None = None, output_dir: str | Path, grid: bool = False,
-             scales: list[float] | None = None, allow_pickle: bool = False) -> list[Path]:
+             scales: list[float] | None = None, allow_pickle: bool = False, text_encoders: str = "",
+             t5: bool | None = None) -> list[Path]:
     """Text to image with LoRAs active together, each at its own scale; image i uses seed + i. PNGs carry the
     parameters (A1111's 'parameters' text). `grid`: one contact sheet, rows = seeds, columns = LoRA scale
-    multipliers `scales` (default 0, 0.5, 1), each labelled."""
+    multipliers `scales` (default 0, 0.5, 1), each labelled. SD3: `text_encoders` for a single file without them,
+    `t5` False renders without T5 (zero T5 embeddings)."""
     from ..models import load_model
     from ..sampling import render
 
     scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
     _check_generate(n, steps, guidance, width, height, seed, scales)
     check_weights(loras)
-    c = load_model(model, allow_pickle)
+    c = load_model(model, allow_pickle, text_encoders, t5)
     multiple = c.size_multiple
     if any(v is not None and v % multiple for v in (width, height)):
         raise SdloraError(f"--width/--height must be multiples of {multiple} for this model, got {width}x{height}")
@@ -95,7 +183,7 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
     sched = set_scheduler(pipe, scheduler)
     size = c.denoiser.config.sample_size * pipe.vae_scale_factor
     width, height = width or size, height or size
-    names = apply_loras(pipe, loras)
+    active = apply_loras(pipe, loras)
     out_dir = Path(output_dir)
     params = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
               "scheduler": sched, "width": width, "height": height, "model": c.name,
@@ -105,8 +193,7 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
         return [_save_image(img, out_dir, {**params, "seed": seed + i}) for i, img in enumerate(images)]
     rows = []
     for s in scales:
-        if names:
-            pipe.set_adapters(names, adapter_weights=[s * w for _, w in loras])
+        active.set_scales([s * w for _, w in loras])
         rows.append(render(pipe, [prompt] * n, seed, steps, guidance, width, height, negative_prompt))
     sheet = contact_sheet(rows, [f"x{s:g}" for s in scales], [f"seed {seed + i}" for i in range(n)])
     return [_save_image(sheet, out_dir, {**params, "seed": seed, "n": n, "grid_scales": scales}, "grid")]

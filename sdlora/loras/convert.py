@@ -13,13 +13,14 @@ from .metadata import apply_policy
 from .modules import LoraModule
 
 
-def names_for(mods: dict, meta: dict[str, str], model: str | None = None) -> NameMap:
-    """The NameMap to read a LoRA's layer names against: `model`'s own modules, else the standard architecture of the
-    family the file is for (its metadata, else its layer names and shapes; SD1/SD2 naming when nothing says)."""
+def names_for(mods: dict, meta: dict[str, str], model=None) -> NameMap:
+    """The NameMap to read a LoRA's layer names against: `model`'s own modules (a path, or loaded Components), else
+    the standard architecture of the family the file is for (its metadata, else its layer names and shapes; SD1/SD2
+    naming when nothing says)."""
     if model:
         from ..models import load_model
 
-        c = load_model(model)
+        c = load_model(model) if isinstance(model, (str, Path)) else model
         return name_map(c.family, c.denoiser, c.text_encoders)
     from_meta, from_shape = guess_family(mods, meta)
     return reference_name_map(FAMILIES[from_meta or from_shape or "sd1"])

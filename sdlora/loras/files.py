@@ -98,7 +98,7 @@ def save_kohya(path, mods: dict, meta: dict, embeddings: dict | None = None, dty
     ss_network_dim / ss_network_alpha."""
     from .layout import LORA_METADATA_KEY, bundle_tensors, common_alpha, kohya_tensors
 
-    ranks = sorted({m.rank for m in mods.values()})
+    ranks = sorted({m.rank for m in mods.values() if m.rank is not None})
     meta = {k: v for k, v in meta.items() if k not in (LORA_METADATA_KEY, "sdlora_format", "sshs_model_hash")}
     meta.update({"ss_network_module": meta.get("ss_network_module", "networks.lora"),
                  "ss_network_dim": str(ranks[-1] if ranks else 0), "ss_network_alpha": f"{common_alpha(mods):g}"})

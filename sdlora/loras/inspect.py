@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import LoraFileError
+from ..families import FAMILIES
 from .checks import validate_kohya
 from .files import damage, read_lora
 from .layout import LORA_METADATA_KEY, detect_layout, guess_family, parse_modules, split_embeddings
 from .metadata import private_paths
+from .modules import DoraModule, is_plain
 
 
 @dataclass
@@ -25,6 +27,8 @@ class LoraInfo:
     unet_modules: int
     te_modules: int
     kinds: dict[str, int]
+    types: dict[str, int]   # adapter type -> modules: lora, lora_tucker, dora, loha, lokr, loha+dora, ...
+    loads_in: str           # which clients load this file as it is meant
     ranks: list[int]
     alphas: list[float]
     embeddings: dict[str, dict[str, list[int]]]
@@ -39,6 +43,7 @@ class LoraInfo:
         lines = [f"{self.path} ({self.size_bytes / 1e6:.2f} MB)",
                  f"  layout: {self.layout}   family: {self.family}",
                  f"  modules: UNet {self.unet_modules}, text encoder {self.te_modules} ({kinds})",
+                 f"  type: {', '.join(f'{k} {n}' for k, n in self.types.items()) or '-'}; loads in: {self.loads_in}",
                  f"  rank: {_ranges(self.ranks)}   alpha: {_ranges(self.alphas)}"]
         for token, parts in self.embeddings.items():
             lines.append(f"  embedding <{token}>: " + ", ".join(f"{p} {s}" for p, s in parts.items()))
@@ -54,14 +59,38 @@ def _ranges(values) -> str:
 
 
 def module_kind(base: str) -> str:
-    """attn1 / attn2 / ff / proj / conv / te / other, from a kohya base name."""
+    """attn1 / attn2 / attn (SD3's joint attention) / ff / adaln / proj / conv / te / other, from a base name."""
     if base.startswith("lora_te"):
         return "te"
-    for kind, rx in (("attn1", r"_attn1_"), ("attn2", r"_attn2_"), ("ff", r"_ff_net_"), ("proj", r"_proj_(in|out)$"),
-                     ("conv", r"(conv\d?|conv_shortcut|conv_in|conv_out|_op)$")):
+    for kind, rx in (("attn1", r"_attn1_"), ("attn2", r"_attn2_"), ("attn", r"_attn_(to_|add_)"),
+                     ("ff", r"_ff(_context)?_net_"), ("adaln", r"(norm1(_context)?|norm_out)_linear$"),
+                     ("proj", r"_proj_(in|out)$"), ("conv", r"(conv\d?|conv_shortcut|conv_in|conv_out|_op)$")):
         if re.search(rx, base):
             return kind
     return "other"
+
+
+def clients(layout: str, mods: dict, family: str = "") -> str:
+    """Which clients load a file of this layout and these module types as it is meant (their loaders' code:
+    A1111 v1.10 extensions-builtin/Lora, ComfyUI comfy/weight_adapter and comfy/lora.py, diffusers'
+    lora_state_dict; SD3: ComfyUI's MMDiT key map, diffusers' SD3LoraLoaderMixin, which converts no other layout)."""
+    kinds = {m.kind for m in mods.values()}
+    axes = {m.axis for m in mods.values() if isinstance(m, DoraModule)}
+    if not mods:
+        return "-"
+    said = FAMILIES[family].clients.get(layout) if family in FAMILIES else None
+    if said:
+        return said
+    if layout == "diffusers":
+        return "diffusers" + (" (peft's DoRA)" if axes else "") + "; not A1111 or ComfyUI (sdlora convert --to kohya)"
+    if kinds & {"loha", "lokr", "lora_tucker", "loha+dora", "lokr+dora"}:
+        return "AUTOMATIC1111, ComfyUI, LyCORIS; not diffusers (it cannot load LoHa, LoKr or lora_mid)"
+    if axes == {"input"}:
+        return "AUTOMATIC1111 and ComfyUI (exact); diffusers drops dora_scale and loads a plain LoRA (wrong)"
+    if axes:
+        return ("LyCORIS >= 3.2 (exact), ComfyUI (approximate: it normalises by the base weight), AUTOMATIC1111 "
+                "v1.10 (wrong: it expects the input axis); diffusers drops dora_scale")
+    return "AUTOMATIC1111, ComfyUI, kohya, diffusers"
 
 
 def inspect_lora(path: str | Path) -> LoraInfo:
@@ -89,9 +118,10 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         if missing:
             problems.append(f"metadata lacks {', '.join(missing)} (A1111 uses it to label and filter LoRAs)")
         te = [b for b in mods if b.startswith("lora_te")]
-        if any(re.search(r"_self_attn_[qkv]_proj$", b) for b in te) and not any(b.endswith("_out_proj") for b in te):
+        if any(re.search(r"_self_attn_[qkv]_proj$", b) for b in te) and not any(b.endswith("_out_proj") for b in te) \
+                and all(is_plain(m) for m in mods.values()):  # (diffusers loads no other type at all)
             problems.append("text-encoder attention without any out_proj: diffusers 0.42 drops its q/k/v layers")
-    elif layout == "diffusers":
+    elif layout == "diffusers" and "ComfyUI" not in clients(layout, mods, family):
         problems.append("diffusers layout: A1111 and ComfyUI do not load it; `sdlora convert --to kohya` fixes that")
     zero = [b for b, m in mods.items() if m.is_zero()]
     if zero and len(zero) < len(mods):
@@ -103,7 +133,8 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         path=str(path), size_bytes=path.stat().st_size, layout=layout, family=family,
         unet_modules=sum(not b.startswith("lora_te") for b in mods),
         te_modules=sum(b.startswith("lora_te") for b in mods),
-        kinds=dict(sorted(kinds.items())), ranks=sorted({m.rank for m in mods.values()}),
+        kinds=dict(sorted(kinds.items())), types=dict(sorted(Counter(m.kind for m in mods.values()).items())),
+        loads_in=clients(layout, mods, family), ranks=sorted({m.rank for m in mods.values() if m.rank is not None}),
         alphas=sorted({m.alpha for m in mods.values()}),
         embeddings={t: {p: list(v.shape) for p, v in parts.items()} for t, parts in emb.items()},
         metadata={k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec.", "sdlora_", "sshs_"))

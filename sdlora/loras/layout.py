@@ -5,12 +5,16 @@ tests).
 
 Inside sdlora a LoRA is `{kohya base name: module}`. A base name is what kohya's layout calls a layer
 (`lora_unet_down_blocks_0_..._to_k`, `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`); files in other
-layouts are read into the same form, and a `NameMap` ties base names to the modules of a model.
+layouts are read into the same form, and a `NameMap` ties base names to the modules of a model. SD3 is keyed by
+diffusers module (`lora_unet_transformer_blocks_0_attn_to_q`), one per Linear; its kohya files' fused q/k/v layers
+are split on reading and fused on writing (`mmdit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -21,7 +25,8 @@ import torch
 from ..errors import LoraFileError
 from ..families import Family
 from ..families.naming import sgm_namer
-from .modules import LoraModule
+from . import mmdit
+from .modules import AXES, DoraModule, LohaModule, LokrModule, LoraModule, magnitude_shape
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the adapter config
 BUNDLE = "bundle_emb."                       # A1111's embeddings inside a LoRA file
@@ -109,9 +114,9 @@ def model_layers(family: Family, denoiser: torch.nn.Module, text_encoders: list,
     return {b: base_layer(parts[part].get_submodule(path)) for (part, path), b in names.to_base.items()}
 
 
-def reference_name_map(family: Family) -> NameMap:
-    """The NameMap of the family's standard architecture (its shipped denoiser config with the family's reference
-    overrides), from meta-device models: no weights, no download."""
+def _reference_model(family: Family):
+    """The family's standard denoiser (its shipped config with the family's reference overrides) and text encoders
+    (named right, sized at CLIP's defaults), as meta-device models: no weights, no download."""
     from pathlib import Path
 
     import diffusers
@@ -123,7 +128,20 @@ def reference_name_map(family: Family) -> NameMap:
             {**json.loads(config.read_text()), **family.reference_overrides})
         encoders = [getattr(transformers, s.model_class)(transformers.CLIPTextConfig(num_hidden_layers=32))
                     for s in family.text_encoders]
-    return name_map(family, denoiser, encoders)
+    return denoiser, encoders
+
+
+def reference_name_map(family: Family) -> NameMap:
+    """The NameMap of the family's standard architecture."""
+    return name_map(family, *_reference_model(family))
+
+
+def reference_weights(family: Family) -> dict[str, torch.Tensor]:
+    """kohya base name -> meta-device weight of each denoiser layer of the family's standard architecture: the
+    shapes that tell a flattened LoHa/LoKr conv update its kernel."""
+    denoiser = _reference_model(family)[0]
+    names = name_map(family, denoiser, [])
+    return {b: denoiser.get_submodule(path).weight for b, (_, path) in names.to_module.items()}
 
 
 # ---------------------------------------------------------------- bundled embeddings
@@ -154,20 +172,28 @@ def split_embeddings(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, 
 
 # ---------------------------------------------------------------- reading any layout
 
-# tensor-name suffix -> role, for every LoRA layout diffusers, ComfyUI or A1111 load
+# tensor-name suffix -> role, for every layout diffusers, ComfyUI or A1111 load (LyCORIS's LoHa/LoKr/DoRA keys
+# as A1111's network_hada/network_lokr/network.py and ComfyUI's comfy/weight_adapter read them)
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
             ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
-            ".lora_linear_layer.up.weight": "up", ".alpha": "alpha"}
+            ".lora_linear_layer.up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
+            ".dora_scale": "dora_scale", ".lora_magnitude_vector": "magnitude",
+            ".lora_magnitude_vector.weight": "magnitude",
+            **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                    "lokr_t2")}}
 # older diffusers attention processors: <attention>.processor.to_q_lora.down.weight -> <attention>.to_q (UNet),
 # text_encoder.<attention>.to_q_lora.down.weight -> <attention>.q_proj (text encoder)
 PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PROCESSOR_NAMES = {"unet": {"to_out": "to_out.0"},
                     "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
-FILE_PREFIXES = {"unet": DENOISER_PREFIX, "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+FILE_PREFIXES = {"unet": DENOISER_PREFIX, "transformer": DENOISER_PREFIX, "text_encoder": "lora_te",
+                 "text_encoder_2": "lora_te2"}
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 UNPREFIXED_UNET = ("down_blocks.", "mid_block.", "up_blocks.")  # diffusers' oldest UNet-only files
-REFUSED = {".lora_mid.weight": "Tucker-decomposed conv LoRA (lora_mid)", ".dora_scale": "DoRA (dora_scale)",
-           ".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".lokr_w2": "LoKr",
-           ".lora_magnitude_vector": "DoRA (lora_magnitude_vector)"}
+REFUSED = {".lokr_t1": "LoKr lokr_t1 (no client reads it)", ".oft_": "OFT", ".diff": "LyCORIS full-weight (diff)",
+           ".w_norm": "LyCORIS norm layers", ".b_norm": "LyCORIS norm layers", ".a1.weight": "GLoRA",
+           ".on_input": "(IA)^3"}
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -181,20 +207,22 @@ def _split_key(key: str) -> tuple[str, str]:
     for marker, what in REFUSED.items():
         if marker in key:
             raise LoraFileError(f"key {key}: {what} is not supported by this sdlora")
-    raise LoraFileError(f"key {key} is in no LoRA layout sdlora reads (kohya lora_down/lora_up, PEFT "
-                        "lora_A/lora_B, diffusers lora.down/lora.up or processor keys)")
+    raise LoraFileError(f"key {key} is in no LoRA layout sdlora reads (kohya lora_down/lora_up, LyCORIS "
+                        "hada_*/lokr_*/dora_scale, PEFT lora_A/lora_B, diffusers lora.down/lora.up or processor keys)")
 
 
 def _base_of(stem: str, key: str) -> tuple[str, str, str]:
     """(kohya base, file part, module path) of a module stem in any layout."""
-    if stem.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
+    if stem.startswith(KOHYA_PREFIXES):
         return stem, "", ""
+    if stem.startswith("lora_transformer_"):  # OneTrainer's SD3 names: diffusers paths (what sdlora keys SD3 by)
+        return DENOISER_PREFIX + stem[len("lora_transformer"):], "", ""
     part, _, path = stem.partition(".")
     if stem.startswith(UNPREFIXED_UNET):
         part, path = "unet", stem
     if part not in FILE_PREFIXES or not path:
         raise LoraFileError(f"key {key}: expected a kohya name (lora_unet_..., lora_te_...) or a diffusers one "
-                            "starting with unet., text_encoder. or text_encoder_2.")
+                            "starting with unet., transformer., text_encoder. or text_encoder_2.")
     return kohya_base(FILE_PREFIXES[part], path), part, path
 
 
@@ -228,65 +256,152 @@ def detect_layout(keys) -> str:
     return "unknown"
 
 
-def parse_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> dict[str, LoraModule]:
-    """The LoRA modules of a file in any layout, keyed by kohya base name (embeddings left out).
+def parse_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> dict:
+    """The adapted layers of a file in any layout, keyed by kohya base name (embeddings left out): LoRA, LoHa, LoKr,
+    each with DoRA's magnitude when it has one (`modules`).
 
-    Alpha: kohya's `.alpha` tensors; for PEFT files `lora_adapter_metadata` (alpha_pattern included), else
-    alpha = rank. Any key no layout explains is an error naming it: never a partial read."""
+    Alpha: kohya's `.alpha` tensors (none: scale 1, as A1111 and ComfyUI read it); for PEFT files
+    `lora_adapter_metadata` (alpha_pattern included), else alpha = rank. Any key no layout explains is an error
+    naming it: never a partial read. SD3 files in the original MMDiT layout come out keyed by diffusers module
+    (q/k/v split, see `mmdit`)."""
     cfg = _adapter_config(meta or {})
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    keys: dict[str, dict[str, str]] = defaultdict(dict)
     where: dict[str, tuple[str, str]] = {}
     for key, value in split_embeddings(tensors)[0].items():
         stem, role = _split_key(key)
         base, part, path = _base_of(stem, key)
         if role in groups[base]:
             raise LoraFileError(f"key {key}: module {base} has two '{role}' tensors (mixed layouts)")
-        groups[base][role] = value
+        groups[base][role], keys[base][role] = value, key
         where[base] = (part, path)
     mods = {}
     for base, g in groups.items():
-        if "down" not in g or "up" not in g:
-            raise LoraFileError(f"module {base} lacks its {'down' if 'down' not in g else 'up'} tensor")
-        alpha = float(g["alpha"].item()) if "alpha" in g else float(g["down"].shape[0])
+        alpha = float(g.pop("alpha").item()) if "alpha" in g else None
         part, path = where[base]
-        if part and f"{part}.lora_alpha" in cfg:
+        if part and f"{part}.lora_alpha" in cfg and "down" in g:
             alpha = float(_pattern_value(cfg.get(f"{part}.alpha_pattern"), path, cfg[f"{part}.lora_alpha"]))
-        mods[base] = LoraModule(g["down"], g["up"], alpha)
-    return mods
+        mods[base] = assemble(base, g, alpha, keys[base])
+    return mmdit.from_file(mods) if mmdit.is_file_layout(mods) else mods
+
+
+_TYPES = ((("hada_",), LohaModule, {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
+                                    "hada_t1": "t1", "hada_t2": "t2"}),
+          (("lokr_",), LokrModule, {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2",
+                                    "lokr_w2_a": "w2a", "lokr_w2_b": "w2b", "lokr_t2": "t2"}),
+          (("down", "up", "mid"), LoraModule, {"down": "down", "up": "up", "mid": "mid"}))
+# tensors that come together (either one alone is a broken module), and what each type cannot lack
+_PAIRS = (("down", "up"), ("w1a", "w1b"), ("w2a", "w2b"), ("t1", "t2"))
+_NEEDED = {LohaModule: ("w1a", "w2a"), LokrModule: ("w1", "w2"), LoraModule: ("down", "up")}
+
+
+def assemble(base: str, g: dict[str, torch.Tensor], alpha: float | None, keys: dict[str, str] | None = None):
+    """One module from its tensors by role (`SUFFIXES`' roles); alpha None means scale 1 (alpha = rank), as A1111 and
+    ComfyUI read a module without one. A tensor that does not belong with the others, or a missing one, is an error
+    naming a key of the module (`keys`: role -> tensor name)."""
+    g = dict(g)
+    key = {r: (keys or {}).get(r, f"{base}.{r}") for r in g}
+    magnitude = {r: g.pop(r) for r in ("dora_scale", "magnitude", "input_magnitude") if r in g}
+    cls, names = next(((c, n) for t, c, n in _TYPES if any(r.startswith(t) for r in g)), (None, None))
+    if cls is None:
+        raise LoraFileError(f"key {next(iter(key.values()))}: module {base} has no LoRA, LoHa or LoKr tensors")
+    stray = [r for r in g if r not in names] + list(magnitude)[1:]
+    if stray:
+        raise LoraFileError(f"key {key[stray[0]]} does not go with the other tensors of {base} (mixed layouts)")
+    kw = {names[r]: v for r, v in g.items()}
+    some = key[next(iter(g))]
+    if "mid" in kw and not ("down" in kw and "up" in kw):
+        raise LoraFileError(f"key {key['mid']}: a Tucker lora_mid needs its module's lora_down and lora_up")
+    for a, b in _PAIRS[: None if cls is LohaModule else -1]:  # LoKr has a Tucker core on its w2 side only
+        if (a in kw) != (b in kw):
+            raise LoraFileError(f"key {some}: module {base} lacks its {a if b in kw else b} tensor")
+    for need in _NEEDED[cls]:
+        if need not in kw and need + "a" not in kw:
+            raise LoraFileError(f"key {some}: module {base} lacks its {need} tensor")
+    if "mid" in kw and kw["down"].shape[2:] != (1, 1):
+        raise LoraFileError(f"key {key['mid']}: a Tucker lora_mid needs a 1x1 lora_down")
+    if "t2" in kw and cls is LokrModule and "w2a" not in kw:
+        raise LoraFileError(f"key {key['lokr_t2']}: lokr_t2 needs lokr_w2_a and lokr_w2_b")
+    module = cls(alpha=1.0, **kw)
+    module = dataclasses.replace(module, alpha=float(alpha if alpha is not None else module.rank or 1.0))
+    return _with_magnitude(key, module, magnitude)
+
+
+def _with_magnitude(key: dict[str, str], module, magnitude: dict[str, torch.Tensor]):
+    """DoRA around `module` when the file has a magnitude: kohya's dora_scale (its axis read from its shape, as
+    ComfyUI does: first dim = out means the output axis), PEFT's lora_magnitude_vector (output axis, [out] or
+    [1, out, 1, 1]) or sdlora's trainer's input-axis vector [in]."""
+    if not magnitude:
+        return module
+    ((role, m),) = magnitude.items()
+    out = module.weight_shape[0]
+    if role in ("magnitude", "input_magnitude"):
+        axis = "output" if role == "magnitude" else "input"
+        shape = magnitude_shape(axis, module.weight_shape)
+        if m.numel() != math.prod(shape):
+            raise LoraFileError(f"key {key[role]}: a magnitude of {m.numel()} values for a layer of shape "
+                                f"{tuple(module.weight_shape)} ({axis} axis)")
+        return DoraModule(module, m.reshape(shape), axis)
+    if m.dim() < 2:
+        raise LoraFileError(f"key {key[role]}: dora_scale is 1-D {tuple(m.shape)}, which no client reads one way "
+                            "(ComfyUI broadcasts it wrongly); expected [1, in] or [out, 1]")
+    if m.shape[0] == out and m.numel() == out:
+        return DoraModule(module, m, AXES[1])
+    if m.shape[0] == 1 and m.numel() == m.shape[1]:
+        return DoraModule(module, m, AXES[0])
+    raise LoraFileError(f"key {key[role]}: dora_scale {tuple(m.shape)} fits neither axis of a layer with {out} "
+                        "outputs")
 
 
 # ---------------------------------------------------------------- writing
 
-def common_alpha(mods: dict[str, LoraModule]) -> float:
+def common_alpha(mods: dict) -> float:
     return next(iter(mods.values())).alpha if mods else 0.0
 
 
-def kohya_tensors(mods: dict[str, LoraModule], dtype=torch.float16) -> dict[str, torch.Tensor]:
+def kohya_tensors(mods: dict, dtype=torch.float16) -> dict[str, torch.Tensor]:
     """kohya tensors with one alpha value for the whole file (exact in every client): a module trained with another
-    alpha/rank ratio keeps its update, its `up` multiplied by alpha_m / A."""
+    alpha/rank ratio keeps its update, its `up` (LoHa: w1_a, LoKr: w1) multiplied by alpha_m / A. DoRA's dora_scale
+    stays fp32, as LyCORIS saves it: it scales the whole base weight, so fp16 rounding would move every output.
+    SD3 layers are written in the original MMDiT layout (`mmdit.to_file`): a fused q/k/v layer's alpha is then the
+    sum of its parts' (3 A), so alpha / rank stays A / rank everywhere."""
     common, out = common_alpha(mods), {}
+    mods = {b: m.with_alpha(common) for b, m in mods.items()}
+    if mmdit.is_internal(mods):
+        mods = mmdit.to_file(mods)
     for base, m in mods.items():
-        for suffix, t in m.with_alpha(common).tensors().items():
-            out[f"{base}.{suffix}"] = t.to(dtype)
-        out[f"{base}.alpha"] = torch.tensor(common, dtype=dtype)
+        for suffix, t in m.tensors().items():
+            out[f"{base}.{suffix}"] = t.float() if suffix == "dora_scale" else t.to(dtype)
+        out[f"{base}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
     return out
 
 
-def diffusers_tensors(mods: dict[str, LoraModule], names: NameMap,
-                      dtype=torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def diffusers_tensors(mods: dict, names: NameMap, dtype=torch.float16) -> tuple[dict[str, torch.Tensor],
+                                                                                dict[str, str]]:
     """diffusers/PEFT layout: each module's alpha/rank folded into lora_B (scale 1), ranks that differ from the most
-    common one listed in rank_pattern/alpha_pattern of `lora_adapter_metadata` (what diffusers reads)."""
+    common one listed in rank_pattern/alpha_pattern of `lora_adapter_metadata` (what diffusers reads). DoRA on the
+    output axis travels as PEFT's `lora_magnitude_vector` (with use_dora in the metadata); diffusers loads no other
+    type (LoHa, LoKr, input-axis DoRA, Tucker mid): that is an error naming the layer."""
     unknown = [b for b in mods if b not in names.to_module]
     if unknown:
         raise LoraFileError(f"{len(unknown)} LoRA layers map to no module of the model (first: {unknown[0]}); "
                             "pass --model with the base model to map them")
-    out, by_part = {}, {}
+    out, by_part, dora = {}, {}, {}
     for base, m in mods.items():
+        lora = m.inner if isinstance(m, DoraModule) and m.axis == "output" else m
+        if not (isinstance(lora, LoraModule) and lora.mid is None):
+            raise LoraFileError(f"layer {base} is {m.kind}{' on the input axis' if isinstance(m, DoraModule) else ''}"
+                                ", which diffusers cannot load: keep the kohya layout (A1111, ComfyUI)")
         part, path = names.to_module[base]
         key = f"{part}.{te_path(path) if part.startswith('text_encoder') else path}"
-        out[f"{key}.lora_A.weight"] = m.down.to(dtype)
-        out[f"{key}.lora_B.weight"] = (m.up.float() * m.scale).to(dtype)
-        by_part.setdefault(part, {})[path.removeprefix("text_model.")] = m.rank
+        out[f"{key}.lora_A.weight"] = lora.down.to(dtype)
+        out[f"{key}.lora_B.weight"] = (lora.up.float() * lora.scale).to(dtype)
+        if m is not lora:  # PEFT's shape: [out] for a Linear, [1, out, 1, 1] for a conv. With ".weight": without
+            # it transformers 5 does not load a text encoder's magnitude (measured); the UNet loads either spelling
+            shape = (m.weight_shape[0],) if len(m.weight_shape) == 2 else (1, m.weight_shape[0], 1, 1)
+            out[f"{key}.lora_magnitude_vector.weight"] = m.magnitude.float().reshape(shape)
+        dora.setdefault(part, set()).add(m is not lora)
+        by_part.setdefault(part, {})[path.removeprefix("text_model.")] = lora.rank
     cfg = {}
     for part, ranks in by_part.items():
         r = Counter(ranks.values()).most_common(1)[0][0]
@@ -294,40 +409,67 @@ def diffusers_tensors(mods: dict[str, LoraModule], names: NameMap,
         cfg.update({f"{part}.r": r, f"{part}.lora_alpha": r, f"{part}.target_modules": sorted(ranks)})
         if pattern:
             cfg.update({f"{part}.rank_pattern": pattern, f"{part}.alpha_pattern": pattern})
+        if len(dora[part]) > 1:
+            raise LoraFileError(f"the {part} layers are partly DoRA, partly LoRA: diffusers loads one kind per model")
+        if True in dora[part]:
+            cfg[f"{part}.use_dora"] = True
     return out, {LORA_METADATA_KEY: json.dumps(cfg, sort_keys=True)} if cfg else {}
 
 
-def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, family: Family,
-                 denoiser_config) -> tuple[dict[str, LoraModule], NameMap]:
+# state-dict suffixes of peft's adapters (and of sdlora's input-axis DoRA magnitude) -> the roles `assemble` reads
+PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_magnitude_vector": "magnitude",
+                 ".lora_input_magnitude": "input_magnitude",
+                 **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                         "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                         "lokr_t2")}}
+
+
+def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, family: Family, denoiser_config,
+                 ranks: dict[str, dict[str, tuple[int, float]]] | None = None) -> tuple[dict, NameMap]:
     """peft state dicts keyed by model part ('unet', 'text_encoder', ...) -> modules keyed by kohya base name, and
-    the NameMap of those modules."""
+    the NameMap of those modules. `ranks`: {part: {path: (r, alpha)}} where a layer's differ from `alpha`.
+
+    peft scales LoKr by alpha/r even when both its factors are full matrices, where A1111 and ComfyUI use 1: that
+    scale is baked into lokr_w1 then."""
     prefixes = {s.attr: s.kohya_prefix for s in family.text_encoders}
     namer = denoiser_namer(family, denoiser_config)
     mods, names = {}, NameMap()
     for part, state in states.items():
-        for key, a in state.items():
-            if key.endswith(".lora_A.weight"):
-                path = key[: -len(".lora_A.weight")]
-                base = kohya_base(prefixes[part], path) if part in prefixes else \
-                    kohya_base(DENOISER_PREFIX, namer(path))
-                names.add(part, path, base)
-                mods[base] = LoraModule(a, state[f"{path}.lora_B.weight"], alpha)
+        groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        for key, value in state.items():
+            suffix = next((s for s in PEFT_SUFFIXES if key.endswith(s)), None)
+            if suffix is None:
+                raise LoraFileError(f"adapter weight {key} of the {part} is of no type sdlora writes")
+            groups[key[: -len(suffix)]][PEFT_SUFFIXES[suffix]] = value
+        for path, g in groups.items():
+            base = kohya_base(prefixes[part], path) if part in prefixes else kohya_base(DENOISER_PREFIX, namer(path))
+            names.add(part, path, base)
+            r, a = (ranks or {}).get(part, {}).get(path, (None, alpha))
+            m = assemble(base, g, a)
+            inner = m.inner if isinstance(m, DoraModule) else m
+            if isinstance(inner, LokrModule) and inner.rank is None:
+                inner = dataclasses.replace(inner, w1=inner.w1.float() * (a / (r or alpha)))
+                m = dataclasses.replace(m, inner=inner) if isinstance(m, DoraModule) else inner
+            mods[base] = m
     return mods, names
 
 
 # ---------------------------------------------------------------- which family a file is for
 
-_LABELS = (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd1", "sd1"), ("sd_v2", "sd2"), ("sd2", "sd2"))
+_LABELS = (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd1", "sd1"), ("sd_v2", "sd2"), ("sd2", "sd2"), ("sd3", "sd3"),
+           ("medium", "sd3"), ("5-medium", "sd3"), ("5-large", "sd3"), ("stable-diffusion-3", "sd3"))
 
 
-def guess_family(mods: dict[str, LoraModule], meta: dict[str, str]) -> tuple[str, str]:
+def guess_family(mods: dict, meta: dict[str, str]) -> tuple[str, str]:
     """(family named by the metadata, family the layer names and shapes say); '' where unknown."""
     version = meta.get("sdlora_family") or meta.get("ss_base_model_version", "")
     from_meta = next((f for p, f in _LABELS if version.startswith(p)), "")
-    if any(b.startswith(("lora_te1_", "lora_te2_")) for b in mods):
-        return from_meta, "sdxl"
-    widths = {m.down.shape[1] for b, m in mods.items() if b.endswith("attn2_to_k")}
-    widths |= {m.down.shape[1] for b, m in mods.items() if b.startswith("lora_te") and b.endswith("q_proj")}
+    if mmdit.is_internal(mods):
+        return from_meta, "sd3"
+    if any(b.startswith(("lora_te1_", "lora_te2_")) for b in mods):  # CLIP-L + CLIP-G: SDXL's, or SD3's
+        return from_meta, from_meta if from_meta in ("sdxl", "sd3") else "sdxl"
+    widths = {m.weight_shape[1] for b, m in mods.items() if b.endswith("attn2_to_k")}
+    widths |= {m.weight_shape[1] for b, m in mods.items() if b.startswith("lora_te") and b.endswith("q_proj")}
     from_shape = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(next(iter(widths), 0), "") if len(widths) == 1 else ""
     if not from_shape and any(b.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for b in mods):
         from_shape = "sdxl"  # the original SGM names: what kohya writes for SDXL UNets

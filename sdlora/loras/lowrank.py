@@ -1,6 +1,8 @@
 """LoRA math as plain functions: weighted concatenation (exact mix), low-rank SVD (resize, lossy mix, extract)
-and relative errors. Every function works on `modules.LoraModule` (delta W = alpha / rank * up @ down) or on
-full deltas; conv layers are handled on the flattened delta [out, in * kh * kw]."""
+and relative errors. Concatenation works on plain `modules.LoraModule`s (delta W = alpha / rank * up @ down); every
+other type (DoRA, LoHa, LoKr, Tucker LoCon) becomes a plain LoRA by SVD of its full delta, with the error reported.
+Conv layers are handled on the flattened delta [out, in * kh * kw]. `bases` maps a layer to its base weight: DoRA
+reads its values, a flattened LoHa/LoKr conv update its shape (a meta tensor will do)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import LoraFileError
-from .modules import LoraModule
+from .modules import DoraModule, LoraModule, is_plain
 
 
 def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
@@ -63,46 +65,55 @@ def low_rank(delta: torch.Tensor, rank: int | None = None,
     return module, relative_error(delta, module.delta())
 
 
-def resize(module: LoraModule, rank: int | None = None, keep_energy: float | None = None) -> tuple[LoraModule, float]:
-    """A LoRA module brought to another rank (or to the rank keeping `keep_energy`), with its relative error."""
-    return low_rank(module.delta(), rank, keep_energy)
+def resize(module, rank: int | None = None, keep_energy: float | None = None,
+           base: torch.Tensor | None = None) -> tuple[LoraModule, float]:
+    """A module brought to a plain LoRA of another rank (or of the rank keeping `keep_energy`), with its relative
+    error."""
+    return low_rank(module.delta(base), rank, keep_energy)
 
 
-def weighted_delta(parts: list[tuple[LoraModule, float]]) -> torch.Tensor:
+def weighted_delta(parts: list[tuple[object, float]], base: torch.Tensor | None = None) -> torch.Tensor:
     """sum_i w_i * delta_i (the target of a mix)."""
-    return sum(w * m.delta() for m, w in parts)
+    return sum(w * m.delta(base) for m, w in parts)
 
 
-def mix_modules(inputs: list[tuple[dict[str, LoraModule], float]], rank: int | None,
-                report: LayerReport) -> dict[str, LoraModule]:
-    """Weighted sum of LoRAs, layer by layer: exact by concatenation (rank None) or truncated SVD to `rank`.
-    A layer missing from an input counts as zero there. Fills `report` with each layer's error."""
+def mix_modules(inputs: list[tuple[dict, float]], rank: int | None, report: LayerReport,
+                bases: dict[str, torch.Tensor] | None = None) -> dict[str, LoraModule]:
+    """Weighted sum of LoRAs, layer by layer: exact by concatenation (rank None, plain LoRAs) or truncated SVD to
+    `rank`. Other types with rank None: SVD at the rank that holds their sum exactly (LoHa: r1*r2, LoKr:
+    rank(w1)*rank(w2)); DoRA's update is full-rank, so it needs a `rank`. A layer missing from an input counts as zero
+    there. Fills `report` with each layer's error."""
     out, norms = {}, {}
-    for base in dict.fromkeys(b for mods, _ in inputs for b in mods):
-        parts = [(mods[base], w) for mods, w in inputs if base in mods]
+    for name in dict.fromkeys(b for mods, _ in inputs for b in mods):
+        parts = [(mods[name], w) for mods, w in inputs if name in mods]
         shapes = {m.weight_shape for m, _ in parts}
         if len(shapes) > 1:
-            raise LoraFileError(f"layer {base} has different shapes in the inputs ({sorted(shapes)}): "
+            raise LoraFileError(f"layer {name} has different shapes in the inputs ({sorted(shapes)}): "
                                 "LoRAs for different model families cannot be mixed")
-        if rank is None:
-            out[base], err = concat(parts), 0.0
+        if rank is None and all(is_plain(m) for m, _ in parts):
+            out[name], err = concat(parts), 0.0
         else:
-            target = weighted_delta(parts)
-            out[base], err = low_rank(target, rank)
-            norms[base] = float(target.norm())
-        report.add(base, out[base].rank, err)
+            if rank is None and any(isinstance(m, DoraModule) for m, _ in parts):
+                raise LoraFileError(f"layer {name} is DoRA, whose update rescales the whole base weight (full "
+                                    "rank): give --rank to mix it as a plain LoRA by SVD")
+            target = weighted_delta(parts, (bases or {}).get(name))
+            out[name], err = low_rank(target, rank or sum(m.lora_rank for m, _ in parts))
+            norms[name] = float(target.norm())
+        report.add(name, out[name].rank, err)
     report.finish(norms)
     return out
 
 
-def resize_modules(mods: dict[str, LoraModule], rank: int | None, keep_energy: float | None,
-                   report: LayerReport) -> dict[str, LoraModule]:
-    """Every layer at `rank` (never above its own) or at the rank keeping `keep_energy`; errors into `report`."""
+def resize_modules(mods: dict, rank: int | None, keep_energy: float | None, report: LayerReport,
+                   bases: dict[str, torch.Tensor] | None = None) -> dict[str, LoraModule]:
+    """Every layer as a plain LoRA at `rank` (never above the rank that holds it exactly) or at the rank keeping
+    `keep_energy`; errors into `report`."""
     out, norms = {}, {}
-    for base, m in mods.items():
-        out[base], err = resize(m, min(rank, m.rank) if rank else None, keep_energy)
-        norms[base] = float(m.delta().norm())
-        report.add(base, out[base].rank, err)
+    for name, m in mods.items():
+        base = (bases or {}).get(name)
+        out[name], err = resize(m, min(rank, m.lora_rank) if rank else None, keep_energy, base)
+        norms[name] = float(m.delta(base).norm())
+        report.add(name, out[name].rank, err)
     report.finish(norms)
     return out
 

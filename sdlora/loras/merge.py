@@ -30,12 +30,14 @@ def model_layers(c: Components, aliases: bool = True) -> dict[str, torch.nn.Modu
 
 @torch.no_grad()
 def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], output: str | Path,
-                     overwrite: bool = False, allow_pickle: bool = False) -> Path:
-    """Bake LoRAs (each at its weight) into the base weights: W += weight * alpha / rank * up @ down.
+                     overwrite: bool = False, allow_pickle: bool = False, text_encoders: str = "") -> Path:
+    """Bake LoRAs (each at its weight) into the base weights: W += weight * delta, each file's exact update for its
+    type (LoRA: alpha / rank * up @ down; LoHa, LoKr, DoRA: see `modules`), all taken against the original weights.
 
     `output` ending in `.safetensors` is a single-file checkpoint in the original SD (LDM) key layout, as A1111 and
     ComfyUI load it (SD1, SD2, SDXL); anything else is a diffusers folder. Bundled embeddings go into the
-    tokenizers and text encoders of a folder output (every encoder they have vectors for).
+    tokenizers and text encoders of a folder output (every encoder they have vectors for). SD3: `text_encoders`
+    for a single file without them; the output is written in Stability's SD3 layout with T5 where the model has it.
     """
     from .apply import load_embeddings
 
@@ -44,15 +46,19 @@ def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], o
         raise SdloraError("merge needs at least one --lora FILE[:WEIGHT]")
     check_weights(loras)
     check_output(output, [p for p in (model, *[p for p, _ in loras]) if p], overwrite)
-    c = load_model(model, allow_pickle)
+    c = load_model(model, allow_pickle, text_encoders)
     layers = model_layers(c)
     loaded = [(path, w, *load_lora(path)[:2]) for path, w in loras]
     for path, _, mods, _ in loaded:
         check_fits(mods, {b: tuple(m.weight.shape) for b, m in layers.items()}, str(path))
-    for _, weight, mods, _ in loaded:
+    updates: dict[str, torch.Tensor] = {}
+    for _, weight, mods, _ in loaded:  # every update against the original weight (DoRA reads it), as A1111 does
         for base, m in mods.items():
             w = layers[base].weight
-            w.copy_((w.float() + weight * m.delta()).to(w.dtype))
+            updates[base] = updates.get(base, 0) + weight * m.delta(w)
+    for base, update in updates.items():
+        w = layers[base].weight
+        w.copy_((w.float() + update).to(w.dtype))
     if output.suffix == ".safetensors":
         if any(emb for *_, emb in loaded):
             log.warning("bundled embeddings cannot go into a single-file checkpoint; load them separately")
@@ -60,7 +66,7 @@ def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], o
 
         state, header = ldm_file(c)
         save_safetensors(state, output, {**header, "sdlora_merged": json.dumps([[Path(p).name, w] for p, w in loras])})
-        save_tokenizers(output, c.tokenizers, c.text_encoders)
+        save_tokenizers(output, c.tokenizers, c.text_encoders, c.frozen_text)
         return output
     pipe = c.pipeline()
     for _, _, _, emb in loaded:
@@ -93,8 +99,9 @@ def ldm_file(c: Components) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     cond_stage_model.* / conditioner.*), which A1111, ComfyUI and diffusers' from_single_file read."""
     from ..single_file import ldm_contents
 
-    models = {"unet": c.denoiser, "vae": c.vae}
+    models = {c.family.denoiser_attr: c.denoiser, "vae": c.vae}
     models.update({s.attr: m for s, m in zip(c.family.text_encoders, c.text_encoders)})
+    models.update({s.attr: f.model for s, f in zip(c.family.frozen_encoders, c.frozen_text)})
     return ldm_contents(c.family.name, models, c.prediction_type)
 
 
@@ -109,14 +116,14 @@ def _extractable(module: torch.nn.Module, conv_rank: int | None) -> bool:
 @torch.no_grad()
 def extract_lora(base: str | Path | None, tuned: str | Path, rank: int, output: str | Path, overwrite: bool = False,
                  conv_rank: int | None = None, text_encoder: bool = True, min_diff: float = 1e-6,
-                 allow_pickle: bool = False, dtype: str = "fp16") -> ExtractReport:
+                 allow_pickle: bool = False, dtype: str = "fp16", text_encoders: str = "") -> ExtractReport:
     """A LoRA of rank `rank` from the difference of two models: every denoiser Linear and 1x1 conv layer (3x3 convs
     too at `conv_rank`) and the text encoders', by truncated SVD of tuned - base. Layers whose difference is below
     `min_diff` of the base weight's norm are skipped. `dtype`: fp16 (default), bf16 or fp32 tensors."""
     if rank < 1:
         raise SdloraError(f"--rank must be at least 1, not {rank}")
     check_output(output, [p for p in (base, tuned) if p], overwrite)
-    a, b = load_model(base, allow_pickle), load_model(tuned, allow_pickle)
+    a, b = load_model(base, allow_pickle, text_encoders), load_model(tuned, allow_pickle, text_encoders)
     layers_a, layers_b = model_layers(a, aliases=False), model_layers(b, aliases=False)
     report, mods, norms = ExtractReport(str(output)), {}, {}
     for name, ma in layers_a.items():
@@ -135,7 +142,7 @@ def extract_lora(base: str | Path | None, tuned: str | Path, rank: int, output: 
         report.add(name, mods[name].rank, err)
     if not mods:
         raise SdloraError("the two models have the same weights in every extractable layer: nothing to extract")
-    meta = {"ss_network_module": "networks.lora", **family_labels(a.family, a.prediction_type),
+    meta = {"ss_network_module": "networks.lora", **family_labels(a.family, a.prediction_type, a.denoiser.config),
             "ss_network_args": json.dumps({"conv_dim": str(conv_rank or 0)}),
             "sdlora_extract": json.dumps({"base": a.name, "tuned": b.name, "rank": rank, "conv_rank": conv_rank})}
     save_kohya(output, mods, meta, dtype=DTYPES[dtype])

@@ -17,11 +17,12 @@ FAMILY_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.sai_model_spec", "mo
                "modelspec.prediction_type", "modelspec.resolution", "modelspec.trigger_phrase", "sdlora_family")
 
 
-def family_labels(family: Family, prediction_type: str) -> dict[str, str]:
-    """kohya's and ModelSpec's labels of a LoRA for this family and prediction type (A1111 filters LoRAs by them)."""
-    return {"ss_base_model_version": family.ss_base_model_version(prediction_type), "ss_v2": str(family.is_v2),
-            "modelspec.sai_model_spec": "1.0.1",
-            "modelspec.architecture": family.modelspec_architecture(prediction_type),
+def family_labels(family: Family, prediction_type: str, denoiser_config=None) -> dict[str, str]:
+    """kohya's and ModelSpec's labels of a LoRA for this family and prediction type (A1111 filters LoRAs by them);
+    SD3's depend on the variant its denoiser config describes (sd-scripts' medium, 5-medium, 5-large)."""
+    return {"ss_base_model_version": family.ss_base_model_version(prediction_type, denoiser_config),
+            "ss_v2": str(family.is_v2), "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": family.modelspec_architecture(prediction_type, denoiser_config),
             "modelspec.prediction_type": prediction_type, "sdlora_family": family.name}
 
 
@@ -48,6 +49,53 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict:
             for folder, caps in captions_by_folder.items()}
 
 
+def recipe_metadata(cfg, flow: bool = False) -> dict[str, str]:
+    """kohya's keys for the optimizer and the objective's options (flow matching: sd-scripts' SD3 keys too)."""
+    tr = cfg.train
+    sd3 = {"ss_weighting_scheme": {"uniform": "uniform", "mode": "mode"}.get(tr.timestep_sampling, "logit_normal"),
+           "ss_logit_mean": str(tr.timestep_mean), "ss_logit_std": str(tr.timestep_scale),
+           "ss_mode_scale": str(tr.mode_scale), "sdlora_flow_weighting": tr.flow_weighting} if flow else {}
+    return {**sd3, "ss_optimizer": cfg.optim.optimizer, "ss_loss_type": tr.loss.replace("-", "_"),
+            "ss_huber_c": str(tr.huber_delta), "ss_huber_schedule": tr.huber_schedule,
+            "ss_min_timestep": str(tr.min_timestep), "ss_max_timestep": str(tr.max_timestep),
+            "ss_debiased_estimation": str(tr.debiased_estimation), "ss_ip_noise_gamma": str(tr.ip_noise_gamma),
+            "ss_multires_noise_iterations": str(tr.multires_noise_iterations),
+            "ss_multires_noise_discount": str(tr.multires_noise_discount),
+            "ss_zero_terminal_snr": str(tr.zero_terminal_snr), "sdlora_timestep_sampling": tr.timestep_sampling}
+
+
+def network_labels(cfg, family: Family | None = None) -> dict[str, str]:
+    """ss_network_module / ss_network_args as kohya's sd-scripts write them: networks.lora for a plain LoRA
+    (networks.lora_sd3 on SD3); for DoRA, LoHa and LoKr what sd-scripts writes when LyCORIS makes the network
+    (`lycoris.kohya`, its arguments as strings, naming the algorithm, DoRA as dora_wd with the axis in wd_on_output);
+    and sdlora's own record of both. `targets` is the preset `auto` resolves to for `family`."""
+    import dataclasses
+
+    lo, args = cfg.lora, cfg.network_args
+    if family is not None:
+        lo = dataclasses.replace(lo, targets=family.resolved_targets(lo.targets))
+    own = {"sdlora_network": lo.network, "sdlora_network_args": json.dumps(args, sort_keys=True)}
+    conv = {"conv_dim": str(args["conv_rank"] or lo.rank),
+            "conv_alpha": f"{args['conv_alpha'] or cfg.lora_alpha * (args['conv_rank'] or lo.rank) / lo.rank:g}"}
+    if lo.network == "lora":
+        extra = conv if args["conv_rank"] or args["conv_alpha"] else {}
+        module = "networks.lora_sd3" if family is not None and family.kohya_naming == "mmdit" else "networks.lora"
+        blocks = {"train_block_indices": lo.blocks} if lo.blocks.strip() else {}
+        return {"ss_network_module": module, "ss_network_args": json.dumps({"targets": lo.targets, **blocks, **extra}),
+                **own}
+    lycoris = {"algo": lo.network, **conv}
+    if lo.network == "dora":
+        lycoris.update(algo="locon" if lo.targets == "all" else "lora", dora_wd="True",
+                       wd_on_output=str(args["dora_axis"] == "output"))
+    else:
+        lycoris.update(use_tucker=str(args["use_tucker"]), rank_dropout=f"{args['rank_dropout']:g}",
+                       module_dropout=f"{args['module_dropout']:g}")
+    if lo.network == "lokr":
+        lycoris.update(factor=str(args["factor"]), decompose_both=str(args["decompose_both"]))
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({**lycoris, "targets": lo.targets}),
+            **own}
+
+
 def dataset_dirs(cfg, captions_by_folder: dict) -> dict:
     """kohya's ss_dataset_dirs: per folder name, its repeats and image count."""
     return {Path(d.path).name: {"n_repeats": d.repeats, "img_count": len(captions_by_folder.get(d.path, []))}
@@ -56,16 +104,15 @@ def dataset_dirs(cfg, captions_by_folder: dict) -> dict:
 
 def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: str, model_hash: str, steps: int,
                       resolution: int, targets: list[str], started: float, captions_by_folder: dict,
-                      extra: dict | None = None) -> dict[str, str]:
+                      extra: dict | None = None, denoiser_config=None) -> dict[str, str]:
     """The header of a trained LoRA: kohya's ss_* keys, ModelSpec, and sdlora's own, under the configured
     `output.metadata` policy (public by default: folder names, never paths)."""
     name = cfg.output.name or Path(cfg.output.path).stem
     now = datetime.now(UTC)
     meta = {
-        "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(cfg.lora_alpha),
-        "ss_network_args": json.dumps({"targets": cfg.lora.targets}),
+        **network_labels(cfg, family),
         "ss_output_name": name,
         "ss_sd_model_name": model_name,
         "ss_sd_model_hash": model_hash[:10],
@@ -83,12 +130,13 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
         "ss_min_snr_gamma": str(cfg.train.min_snr_gamma),
         "ss_noise_offset": str(cfg.train.noise_offset),
         "ss_prior_loss_weight": str(cfg.prior.weight),
+        **recipe_metadata(cfg, prediction_type == "flow"),
         "ss_tag_frequency": json.dumps(tag_frequency(captions_by_folder)),
         "ss_dataset_dirs": json.dumps(dataset_dirs(cfg, captions_by_folder)),
         "ss_num_train_images": str(sum(len(v) for v in captions_by_folder.values())),
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(now.timestamp()),
-        **family_labels(family, prediction_type),
+        **family_labels(family, prediction_type, denoiser_config),
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",

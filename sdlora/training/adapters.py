@@ -11,27 +11,75 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from ..errors import TrainingError
 
 
-def target_modules(model: torch.nn.Module, patterns) -> list[str]:
-    """Full names of the Linear/Conv2d modules whose name ends with one of the patterns."""
+def target_modules(model: torch.nn.Module, patterns, keep=None) -> list[str]:
+    """Full names of the Linear/Conv2d modules whose name ends with one of the patterns (and that `keep(name)`
+    accepts, when given)."""
     rx = re.compile(r"(^|\.)(" + "|".join(patterns) + r")$")
     return [name for name, m in model.named_modules()
-            if rx.search(name) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+            if rx.search(name) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and (keep is None or keep(name))]
 
 
 def inject(model: torch.nn.Module, patterns, rank: int, alpha: float, dropout: float = 0.0,
-           what: str = "UNet") -> list[str]:
-    """Add a trainable LoRA adapter (B = 0, so the model is unchanged) to the matched layers."""
-    names = target_modules(model, patterns)
+           what: str = "denoiser", network: str = "lora", args: dict | None = None, keep=None) -> list[str]:
+    """Add a trainable adapter that leaves the model unchanged at the start (LoRA's and DoRA's B = 0, LoHa's w2_b = 0,
+    LoKr's w2 = 0) to the matched layers, through peft: LoraConfig (DoRA on the output axis: use_dora), LoHaConfig,
+    LoKrConfig; input-axis DoRA is peft's LoRA with sdlora's magnitude on top (`dora.py`)."""
+    names = target_modules(model, patterns, keep)
     if not names:
         raise TrainingError(f"LoRA targets {list(patterns)} matched no layer of the {what}; choose other targets")
-    model.add_adapter(PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                                     init_lora_weights=True))
+    model.add_adapter(adapter_config(model, names, rank, alpha, dropout, network, args or {}))
+    if network == "dora" and (args or {}).get("dora_axis", "input") == "input":
+        from .dora import add_input_dora
+
+        add_input_dora(model)
     return names
 
 
+def adapter_config(model, names: list[str], rank: int, alpha: float, dropout: float, network: str, args: dict):
+    """The peft config of one model's adapter; 3x3 (k x k) convs get conv_rank / conv_alpha (LyCORIS's conv_dim /
+    conv_alpha) through rank_pattern / alpha_pattern, keyed by their exact module names."""
+    patterns = {}
+    if args.get("conv_rank") or args.get("conv_alpha"):
+        convs = [n for n in names if getattr(model.get_submodule(n), "kernel_size", (1, 1)) != (1, 1)]
+        conv_rank = args.get("conv_rank") or rank
+        conv_alpha = args.get("conv_alpha") or alpha * conv_rank / rank  # 0: the other layers' alpha/rank ratio
+        patterns = {"rank_pattern": {re.escape(n): conv_rank for n in convs},
+                    "alpha_pattern": {re.escape(n): conv_alpha for n in convs}}
+    if network in ("lora", "dora"):
+        extra = {"use_dora": True} if network == "dora" and args.get("dora_axis") == "output" else {}
+        return PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                              init_lora_weights=True, **extra, **patterns)
+    from peft import LoHaConfig, LoKrConfig
+
+    common = dict(r=rank, alpha=alpha, rank_dropout=args.get("rank_dropout", 0.0), target_modules=names,
+                  module_dropout=args.get("module_dropout", 0.0), use_effective_conv2d=args.get("use_tucker", False),
+                  **patterns)
+    if network == "loha":
+        return LoHaConfig(init_weights=True, **common)
+    # LyCORIS's start (w1 random, w2 = 0), which peft offers as init_weights="lycoris"
+    return LoKrConfig(decompose_both=args.get("decompose_both", False), decompose_factor=args.get("factor", -1),
+                      init_weights="lycoris", **common)
+
+
+ADAPTER_PREFIXES = ("lora_", "hada_", "lokr_")  # peft's parameter names of LoRA/DoRA, LoHa and LoKr
+# the tensor of each type that starts at zero: while it is zero, the module changes nothing
+ZERO_START = (".lora_B.weight", ".hada_w2_b", ".lokr_w2", ".lokr_w2_b")
+
+
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The trainable LoRA parameters (everything else stays frozen)."""
-    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    """The trainable adapter parameters (everything else stays frozen)."""
+    return [p for n, p in model.named_parameters() if any(x in n for x in ADAPTER_PREFIXES) and p.requires_grad]
+
+
+def layer_ranks(model: torch.nn.Module) -> dict[str, tuple[int, float]]:
+    """{module path: (rank, alpha)} of every adapted layer (they differ from the config's with conv_rank)."""
+    out = {}
+    for path, m in model.named_modules():
+        r = getattr(m, "r", None)
+        if isinstance(r, dict) and "default" in r:
+            alpha = getattr(m, "lora_alpha", None) or getattr(m, "alpha", {})
+            out[path] = (r["default"], float(alpha["default"]))
+    return out
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,7 +94,12 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
         raise TrainingError(f"checkpoint has LoRA weights for unknown layers, e.g. {unexpected[0]}")
 
 
+def started_at_zero(state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of the tensors that start at zero, one per adapted module (see ZERO_START)."""
+    return [k for k in state if k.endswith(ZERO_START)]
+
+
 def zero_update_modules(state: dict[str, torch.Tensor]) -> list[str]:
-    """Modules whose B matrix is still all zeros (their LoRA changes nothing)."""
-    return [k[: -len(".lora_B.weight")] for k, v in state.items()
-            if k.endswith(".lora_B.weight") and not torch.any(v != 0)]
+    """Modules whose zero-started tensor (LoRA's B, LoHa's w2_b, LoKr's w2) is still all zeros: they change nothing."""
+    return [k.rpartition(".lora_B")[0] if ".lora_B" in k else k.rpartition(".")[0]
+            for k in started_at_zero(state) if not torch.any(state[k] != 0)]

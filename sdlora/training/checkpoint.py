@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import Config
 from ..errors import TrainingError
 from ..io import torch_save
 
@@ -13,7 +14,9 @@ STATE_VERSION = 2  # 2: LoRA states keyed by model part (unet, text_encoder, ...
 # Settings that must match for a resume to continue the same run.
 RESUME_KEYS = (("model", "path"), ("lora", "rank"), ("lora", "alpha"), ("lora", "targets"),
                ("lora", "train_text_encoder"), ("train", "seed"), ("train", "batch_size"), ("train", "grad_accum"),
-               ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"))
+               ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"), ("lora", "network"),
+               ("lora", "network_args"), ("optim", "optimizer"), ("optim", "loraplus_ratio"), ("validation", "data"),
+               ("validation", "split"))
 
 
 class UnreadableCheckpoint(TrainingError):
@@ -71,7 +74,9 @@ def load_state(path: Path, config: dict) -> dict:
         raise TrainingError(f"{path.name} was written by another sdlora version (checkpoint format "
                             f"{state['version']}, this one reads {STATE_VERSION}); train into a new output")
     for section, key in RESUME_KEYS:
-        old, new = state["config"][section][key], config[section][key]
+        # a checkpoint written before a setting existed ran with its default
+        old = state["config"].get(section, {}).get(key, getattr(getattr(Config(), section), key))
+        new = config[section][key]
         if old != new:
             raise TrainingError(f"cannot resume from {path.name}: {section}.{key} was {old!r}, now {new!r}; "
                                 "restore the setting or train into a new output")

@@ -27,7 +27,10 @@ class Example:
     is_prior: bool = False
     size: tuple[int, int] = (0, 0)  # original (width, height), EXIF rotation applied
     source: int = 0  # which of the run's data folders it came from
+    mask: str = ""  # its mask: a file, ALPHA (the image's own alpha channel), or "" (none)
 
+
+ALPHA = "<alpha>"
 
 # ---------------------------------------------------------------- images
 
@@ -90,6 +93,36 @@ def scan_folder(folder: str | Path, prompt: str = "",
     return items, skipped
 
 
+# ---------------------------------------------------------------- captions as tag lists
+
+@dataclass(frozen=True)
+class TagRule:
+    """How a folder's captions vary from step to step when they are tag lists."""
+
+    shuffle: bool = False
+    keep: int = 0
+    dropout: float = 0.0
+    separator: str = ","
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout > 0
+
+
+def vary_tags(caption: str, rule: TagRule, rng: np.random.Generator) -> str:
+    """This step's caption: the first `keep` tags in place, the others dropped with probability `dropout` and
+    shuffled; a function of the caption and the micro-batch's rng alone, so a resumed run sees the same captions."""
+    sep = rule.separator
+    tags = [t.strip() for t in caption.split(sep) if t.strip()]
+    kept, rest = tags[: rule.keep], tags[rule.keep:]
+    if rule.dropout:
+        draws = rng.random(len(rest))
+        rest = [t for t, d in zip(rest, draws) if d >= rule.dropout]
+    if rule.shuffle and len(rest) > 1:
+        rest = [rest[j] for j in rng.permutation(len(rest))]
+    return (", " if sep == "," else sep).join(kept + rest)
+
+
 # ---------------------------------------------------------------- buckets
 
 def make_buckets(resolution: int, step: int | None = None, max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -111,31 +144,78 @@ def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[
 
 
 def fit_to_bucket(im: Image.Image, bucket: tuple[int, int], crop: str, rng: np.random.Generator | None,
-                  flip: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+                  flip: bool = False, mask: Image.Image | None = None):
     """Resize to cover the bucket, crop (center or random), optionally mirror.
 
-    Returns pixels [3, h, w] in [-1, 1] and the crop's (top, left) in resized pixels (SDXL conditions on it)."""
+    Returns pixels [3, h, w] in [-1, 1] and the crop's (top, left) in resized pixels (SDXL conditions on it); with a
+    `mask` (mode L, the image's size), also the mask put through the same resize, crop and mirror, [1, h, w] in
+    [0, 1]."""
     bw, bh = bucket
     scale = max(bw / im.width, bh / im.height)
     nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
-    im = im.resize((nw, nh), Image.Resampling.LANCZOS)
     if crop == "random" and rng is not None:
         left, top = int(rng.integers(0, nw - bw + 1)), int(rng.integers(0, nh - bh + 1))
     else:
         left, top = (nw - bw) // 2, (nh - bh) // 2
-    im = im.crop((left, top, left + bw, top + bh))
-    if flip:
-        im = ImageOps.mirror(im)
-    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1.0, (top, left)
+
+    def place(img: Image.Image, resample) -> np.ndarray:
+        img = img.resize((nw, nh), resample).crop((left, top, left + bw, top + bh))
+        return np.asarray(ImageOps.mirror(img) if flip else img, dtype=np.float32).copy()
+
+    pixels = torch.from_numpy(place(im, Image.Resampling.LANCZOS)).permute(2, 0, 1) / 127.5 - 1.0
+    if mask is None:
+        return pixels, (top, left)
+    return pixels, (top, left), torch.from_numpy(place(mask, Image.Resampling.BILINEAR))[None] / 255.0
+
+
+def load_mask(ex: Example) -> Image.Image | None:
+    """An example's mask as an 8-bit grayscale image in the image's orientation; None when it has none."""
+    if not ex.mask:
+        return None
+    with Image.open(ex.path if ex.mask == ALPHA else ex.mask) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if ex.mask == ALPHA:
+            return im.convert("RGBA").getchannel("A")
+        return im.getchannel("A") if im.mode in ("LA", "RGBA") and not _is_opaque(im) else im.convert("L")
+
+
+def _is_opaque(im: Image.Image) -> bool:
+    return im.getchannel("A").getextrema() == (255, 255)
+
+
+def find_mask(image: str, folder: str | Path | None, alpha: bool) -> str:
+    """The mask an image trains with: its file in the mask folder (same stem), its alpha channel, or none. A missing,
+    mis-sized or all-black mask is a DataError naming the file; an all-white one (or an opaque alpha) is no mask."""
+    if folder:
+        found = sorted(p for p in Path(folder).glob(Path(image).stem + ".*")
+                       if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+        if not found:
+            raise DataError(f"no mask for {Path(image).name} in {folder} (it needs a mask image named "
+                            f"{Path(image).stem}.png or similar)")
+        spec = str(found[0])
+    elif alpha:
+        spec = ALPHA
+    else:
+        return ""
+    mask = load_mask(Example(image, "", (0, 0), mask=spec))
+    size = image_size(image)
+    where = Path(image).name + " (its alpha)" if spec == ALPHA else spec
+    if mask.size != size:
+        raise DataError(f"mask {where} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}")
+    low, high = mask.getextrema()
+    if high == 0:
+        raise DataError(f"mask {where} is black everywhere: nothing of {Path(image).name} would be learned")
+    return "" if low == 255 else spec
 
 
 # ---------------------------------------------------------------- datasets
 
 def build_examples(folders, resolution: int, bucketing: bool, step: int | None = None,
-                   is_prior: bool = False, say=None) -> list[Example]:
-    """Examples from (folder, prompt, use_captions, repeats) tuples. Unreadable files are skipped and named; images
-    far smaller than their bucket and images with no caption at all are reported (`say`, else the log)."""
+                   is_prior: bool = False, say=None, masks=None) -> list[Example]:
+    """Examples from (folder, prompt, use_captions, repeats) tuples, with `masks` per folder ((mask folder, use the
+    alpha channel) pairs; none for class images). Unreadable files are skipped and named; images far smaller than
+    their bucket and images with no caption at all are reported (`say`, else the log)."""
     say = say or log.warning
     buckets = make_buckets(resolution, step) if bucketing else [(resolution, resolution)]
     examples = []
@@ -144,13 +224,15 @@ def build_examples(folders, resolution: int, bucketing: bool, step: int | None =
         for name in skipped:
             say(f"skipped {name} in {folder}")
         small, uncaptioned = [], []
+        mask_folder, alpha = masks[source] if masks else ("", False)
         for path, caption, (w, h) in items:
             bucket = pick_bucket((w, h), buckets)
+            mask = find_mask(path, mask_folder, alpha)
             if min(w, h) * 4 < min(bucket):
                 small.append(f"{Path(path).name} ({w}x{h})")
             if not caption:
                 uncaptioned.append(Path(path).name)
-            examples.extend([Example(path, caption, bucket, is_prior, (w, h), source)] * repeats)
+            examples.extend([Example(path, caption, bucket, is_prior, (w, h), source, mask)] * repeats)
         if small:
             say(f"{len(small)} image(s) in {folder} are upscaled more than 4x to their bucket (blurry), "
                 f"e.g. {small[0]}")

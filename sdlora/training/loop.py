@@ -7,7 +7,6 @@ loop polls after every step. The CLI and the UI differ only in what they registe
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -20,11 +19,13 @@ from ..callbacks import Callbacks, Commands
 from ..config import Config, validate
 from ..errors import ConfigError, TrainingError, WriteError
 from ..hardware import pick_threads
-from ..io import atomic_write_text, check_writable, remove_stale_temps
+from ..io import check_writable, remove_stale_temps
 from . import checkpoint as ckpt
-from .adapters import zero_update_modules
+from . import runlog
+from .adapters import started_at_zero, zero_update_modules
 from .fit import warn_if_too_big
-from .output import write_checkpoint, write_output, write_samples
+from .optimizers import check_packages
+from .output import best_path, write_best, write_checkpoint, write_output, write_samples
 from .setup import check_bitsandbytes, make_accelerator, setup
 from .state import TrainState
 from .step import seeded, training_step
@@ -44,6 +45,11 @@ class TrainResult:
     log: str = ""
     trigger: str = ""
     is_main: bool = True  # False on the other processes of a multi-process run
+    early_stopped: bool = False  # stopped by --early-stop-patience (then `message` says why)
+    message: str = ""
+    best: str = ""  # NAME_best.safetensors, when keep_best or early stopping wrote one
+    best_step: int = 0
+    best_val_loss: float = float("nan")
 
 
 def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | None = None,
@@ -51,6 +57,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     """Train one LoRA as configured; returns where it went and how it went. Raises SdloraError on bad input."""
     validate(cfg)
     check_bitsandbytes(cfg)
+    check_packages(cfg)
     prepare_output(cfg)
     callbacks, commands = callbacks or Callbacks(), commands or Commands()
     threads, why = pick_threads(cfg.speed.threads)
@@ -62,38 +69,40 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     if main:
         warn_if_too_big(cfg, acc.device, callbacks.on_message)
     state = setup(cfg, acc, callbacks if main else Callbacks())
+    runlog.start_trackers(acc, cfg)
     out = Path(cfg.output.path)
     state.start_step = step = resume_from_checkpoint(state, out, callbacks) if resume else 0
     result = TrainResult(output=str(out), steps=step, final_loss=float("nan"), seconds=0.0,
-                         log=str(out.with_name(out.stem + "_log.jsonl")), is_main=main)
+                         log=str(runlog.log_path(out)), is_main=main)
+    _note_best(state, result)
     if main:
-        _trim_log(Path(result.log), step)
+        runlog.trim(Path(result.log), step)
         callbacks.on_start(state)
-        if step == 0 and cfg.sample.prompts:
-            result.samples += write_samples(state, 0, callbacks)
+    run_log = runlog.RunLog(acc, Path(result.log), main)
+    if main and step == 0 and cfg.sample.prompts:
+        result.samples += _samples(state, 0, callbacks, run_log)
     t0 = time.time()
     every = cfg.speed.log_every
-    with open(result.log, "a") if main else contextlib.nullcontext() as log_file:
-        steps = StepLog(state, log_file, callbacks, result)
+    steps = StepLog(state, run_log, callbacks, result)
+    try:
         while step < cfg.total_steps and not result.stopped:
-            loss, stats = optimizer_step(state, step) if every == 1 else optimizer_step(state, step, read=False)
+            loss, stats = optimizer_step(state, step, read=every == 1)
             step += 1
             stats.update(loss=loss, lr=state.optim.lr_scheduler.get_last_lr()[0], step=step)
             steps.add(stats)
             if step % every == 0 or step == cfg.total_steps:
                 steps.flush()
-            _periodic(state, step, result, commands, callbacks, steps.flush)
-    result.steps, result.seconds = step, time.time() - t0
-    _check_in_sync(state)
-    if result.stopped:  # the checkpoint holds everything; the final file is written when the run completes
-        result.output = str(Path(result.checkpoints[-1]).with_suffix(".safetensors"))
-    else:
-        states = state.lora_states()
-        _check_update(state, states, step)
-        if main:
-            if cfg.sample.prompts:
-                result.samples += write_samples(state, step, callbacks)
-            _write_final(state, states, step, out, callbacks)
+            _periodic(state, step, result, commands, callbacks, run_log, steps.flush)
+        steps.flush()
+        result.steps, result.seconds = step, time.time() - t0
+        _check_in_sync(state)
+        if result.stopped:  # the checkpoint holds everything; the final file is written when the run completes
+            result.output = result.best if result.early_stopped and result.best else \
+                str(Path(result.checkpoints[-1]).with_suffix(".safetensors"))
+        else:
+            _finish(state, step, out, result, callbacks, run_log)
+    finally:
+        run_log.close()
     if main:
         from ..loras.metadata import trigger_words
 
@@ -102,6 +111,27 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def _finish(state: TrainState, step: int, out: Path, result: TrainResult, callbacks, run_log) -> None:
+    """The final LoRA file (the EMA's weights with EMA on; `save_ema both` adds the raw ones) and samples."""
+    raw = state.lora_states()
+    with state.optim.evaluation():
+        states = state.lora_states()
+    _check_update(state, states, step)
+    if not state.acc.is_main_process:
+        return
+    if state.cfg.sample.prompts:
+        result.samples += _samples(state, step, callbacks, run_log)
+    _write_final(state, states, step, out, callbacks)
+    if state.optim.ema is not None and state.cfg.optim.save_ema == "both":
+        write_output(state, raw, step, out.with_name(out.stem + "_raw.safetensors"))
+
+
+def _samples(state: TrainState, step: int, callbacks: Callbacks, run_log) -> list[str]:
+    paths = write_samples(state, step, callbacks)
+    run_log.images(step, paths)
+    return paths
 
 
 def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[float, dict]:
@@ -139,6 +169,8 @@ def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[flo
         optim.main.step()
         optim.lr_scheduler.step()
         optim.main.zero_grad(set_to_none=True)
+        if optim.ema is not None and phase.trains_lora:
+            optim.ema.step(optim.lora_params)
     if state.world > 1:  # log the loss of the whole batch, not of this rank's share
         stats["loss"] = total.float().to(acc.device)
         stats = {k: acc.reduce(v.detach().reshape(1).float(), "mean")[0] for k, v in stats.items()}
@@ -158,12 +190,12 @@ def _non_finite(state: TrainState, value: float, step: int) -> TrainingError:
 
 
 class StepLog:
-    """Each step's loss and stats into the log file and `on_step`, read from the device in one transfer per flush
-    (every speed.log_every steps, at the end, and before a checkpoint): a non-finite loss raises then, before
-    anything is written from the weights it touched."""
+    """Each step's loss and stats into the run's log and `on_step`, read from the device in one transfer per flush
+    (every speed.log_every steps, at the end, and before a validation or a checkpoint): a non-finite loss raises
+    then, before anything is written from the weights it touched."""
 
-    def __init__(self, state: TrainState, log_file, callbacks: Callbacks, result: TrainResult):
-        self.state, self.log_file, self.callbacks, self.result, self.pending = state, log_file, callbacks, result, []
+    def __init__(self, state: TrainState, run_log, callbacks: Callbacks, result: TrainResult):
+        self.state, self.run_log, self.callbacks, self.result, self.pending = state, run_log, callbacks, result, []
 
     def add(self, stats: dict) -> None:
         self.pending.append(stats)
@@ -182,9 +214,8 @@ class StepLog:
             raise _non_finite(self.state, bad["loss"], bad["step"])
         for row in rows:
             self.result.final_loss = row["loss"]
+            self.run_log.write(row)
             if self.state.acc.is_main_process:
-                self.log_file.write(json.dumps({k: round(float(v), 8) for k, v in row.items()}) + "\n")
-                self.log_file.flush()
                 self.callbacks.on_step(row["step"], row)
 
 
@@ -235,44 +266,72 @@ def resume_from_checkpoint(state: TrainState, out: Path, callbacks: Callbacks) -
     state.optim.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if saved.get("scaler") and state.acc.scaler is not None:
         state.acc.scaler.load_state_dict(saved["scaler"])
+    if state.optim.ema is not None:
+        if "ema" not in saved:
+            raise TrainingError(f"cannot resume from {path.name} with EMA: it was trained without; set "
+                                "optim.ema_decay 0 or train into a new output")
+        state.optim.ema.load_state_dict(saved["ema"])
+        state.optim.ema.to(state.device)
+    if state.validation is not None and "validation" in saved:
+        state.validation.best.load_state_dict(saved["validation"])
     callbacks.on_message(f"resumed from {path} at step {saved['step']}")
     return saved["step"]
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past `step` (written before an interruption, and about to be trained again), and a torn line
-    (a power cut or a full disk mid-write)."""
-    if not path.is_file():
-        return
-    lines = path.read_text(errors="replace").splitlines()
-    kept = [x for x in lines if (rec := _record(x)) is not None and rec.get("step", 0) <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(x + "\n" for x in kept))
-
-
-def _record(line: str) -> dict | None:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
 def _periodic(state: TrainState, step: int, result: TrainResult, commands: Commands, callbacks: Callbacks,
-              flush=lambda: None) -> None:
-    """Samples and checkpoints when due or asked for; a stop request ends the run after a checkpoint (`flush` reads
-    and checks the unread losses before it is written)."""
+              run_log, flush=lambda: None) -> None:
+    """Samples, validation and checkpoints when due or asked for; a stop request (or early stopping) ends the run
+    after a checkpoint (`flush` reads and checks the unread losses before a validation or a checkpoint)."""
     cfg = state.cfg
     done = step == cfg.total_steps
     stop, save_now, sample_now = _synced(state, commands.stop, commands.save_now, commands.sample_now)
     if cfg.sample.prompts and state.acc.is_main_process and (
             (cfg.sample.every and step % cfg.sample.every == 0 and not done) or sample_now):
-        result.samples += write_samples(state, step, callbacks)
+        result.samples += _samples(state, step, callbacks, run_log)
+    every = cfg.validation.every
+    if state.validation is not None and ((every and step % every == 0) or done):
+        flush()
+        stop = _validate(state, step, result, callbacks, run_log, done) or stop
     if (cfg.output.save_every and step % cfg.output.save_every == 0 and not done) or save_now or stop:
         flush()
         result.checkpoints.append(write_checkpoint(state, step, callbacks))
     commands.sample_now = commands.save_now = False
     result.stopped = stop
+
+
+def _validate(state: TrainState, step: int, result: TrainResult, callbacks, run_log, done: bool) -> bool:
+    """The validation loss (logged as a `val_loss` line), the best file when it improved; True when early stopping
+    says stop (every process decides alike: the loss was averaged over them)."""
+    cfg, v = state.cfg, state.validation
+    keep = cfg.validation.keep_best or cfg.validation.early_stop_patience > 0
+    with state.optim.evaluation():
+        loss = v.loss(state)
+        if v.best.update(step, loss) and keep and state.acc.is_main_process:
+            write_best(state, step, loss)
+    _note_best(state, result)
+    run_log.write({"step": step, "val_loss": loss})
+    if state.acc.is_main_process:
+        callbacks.on_validation(step, {"val_loss": loss, "best_val_loss": v.best.loss, "best_step": v.best.step})
+    patience = cfg.validation.early_stop_patience
+    if not patience or v.best.waited < patience or done:
+        return False
+    result.early_stopped = True
+    result.message = (f"early stop at step {step}: the validation loss has not improved in {patience} "
+                      f"validations (best {v.best.loss:.6g} at step {v.best.step}: {result.best}); "
+                      "--resume with a larger --early-stop-patience goes on")
+    if state.acc.is_main_process:
+        callbacks.on_message(result.message)
+    return True
+
+
+def _note_best(state: TrainState, result: TrainResult) -> None:
+    """The best validation so far into the result (and the best file's path once one is written)."""
+    v = state.validation
+    if v is None or not v.best.step:
+        return
+    result.best_step, result.best_val_loss = v.best.step, v.best.loss
+    if state.cfg.validation.keep_best or state.cfg.validation.early_stop_patience:
+        result.best = str(best_path(state.cfg.output.path))
 
 
 def _synced(state: TrainState, *flags: bool) -> list[bool]:
@@ -303,7 +362,7 @@ def _check_update(state: TrainState, states: dict, step: int) -> None:
     if not states:
         return
     zero = [m for s in states.values() for m in zero_update_modules(s)]
-    total = sum(1 for s in states.values() for k in s if k.endswith(".lora_B.weight"))
+    total = sum(len(started_at_zero(s)) for s in states.values())
     if zero and len(zero) == total:
         raise TrainingError(f"the LoRA is still zero after {step} steps, so it would change nothing; "
                             "raise the learning rate or train more steps")

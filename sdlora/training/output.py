@@ -4,6 +4,8 @@ resumable checkpoints."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..callbacks import Callbacks
@@ -15,22 +17,27 @@ from . import checkpoint as ckpt
 from .state import TrainState
 
 
-def write_output(state: TrainState, states: dict, step: int, path: Path) -> Path:
+def write_output(state: TrainState, states: dict, step: int, path: Path, extra_meta: dict | None = None) -> Path:
     """The LoRA file in the configured layout and, for pivotal tuning, the embedding file beside it (plain textual
     inversion: the embedding file is the output)."""
     cfg, c, concept = state.cfg, state.components, state.concept
     dtype = DTYPES[cfg.output.dtype]
-    extra = {"sdlora_processes": str(state.world)}
+    extra = {"sdlora_processes": str(state.world), **(extra_meta or {})}
+    if state.optim.ema is not None:
+        extra["sdlora_ema"] = json.dumps({"decay": cfg.optim.ema_decay, "updates": state.optim.ema.optimization_step})
     if concept is not None:
         extra.update({"modelspec.trigger_phrase": concept.token,
                       "sdlora_embeddings": json.dumps({concept.token: cfg.pivotal.num_vectors})})
         if not states:
             return write_embedding(path, concept.token, concept.tensors(dtype))
         write_embedding(path.with_name(path.stem + "_emb.safetensors"), concept.token, concept.tensors(dtype))
+    for f in c.frozen_text:  # SD3: whether T5 took part (--no-t5: zero T5 embeddings), and its length
+        extra["sdlora_t5"] = json.dumps({"used": f.present, "max_length": f.length})
     meta = training_metadata(cfg, c.family, c.prediction_type, model_name=c.name, model_hash=c.model_hash(),
                              steps=step, resolution=state.resolution, targets=state.adapters.targets,
-                             started=state.started, captions_by_folder=state.captions_by_folder, extra=extra)
-    mods, names = peft_modules(states, cfg.lora_alpha, c.family, c.denoiser.config)
+                             started=state.started, captions_by_folder=state.captions_by_folder, extra=extra,
+                             denoiser_config=c.denoiser.config)
+    mods, names = peft_modules(states, cfg.lora_alpha, c.family, c.denoiser.config, adapted_ranks(state, states))
     if cfg.output.format == "kohya":
         tensors = kohya_tensors(mods, dtype)
         if concept is not None:  # diffusers' loader rejects bundled keys: kohya files only
@@ -41,29 +48,106 @@ def write_output(state: TrainState, states: dict, step: int, path: Path) -> Path
     return write_lora(path, tensors, meta)
 
 
+def adapted_ranks(state: TrainState, states: dict) -> dict[str, dict[str, tuple[int, float]]]:
+    """{part: {module path: (rank, alpha)}} of the adapted layers, as peft holds them (conv_rank changes some)."""
+    from .adapters import layer_ranks
+
+    c = state.components
+    parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders), **{c.family.denoiser_attr: c.denoiser})
+    return {part: layer_ranks(parts[part]) for part in states}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One sample image's settings: a [[sample.prompts]] table, or a plain prompt with the [sample] defaults."""
+
+    text: str
+    negative: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    lora_scale: float
+
+
+def sample_prompts(cfg, resolution: int) -> list[SamplePrompt]:
+    """Every sample's settings with the defaults filled in (prompt i's seed: sample.seed + i)."""
+    out = []
+    for i, p in enumerate(cfg.sample.prompts):
+        t = {"text": p} if isinstance(p, str) else p
+        out.append(SamplePrompt(t["text"], t.get("negative", ""), t.get("seed", cfg.sample.seed + i),
+                                t.get("width") or resolution, t.get("height") or resolution,
+                                t.get("steps") or cfg.sample.steps, float(t.get("guidance", cfg.sample.guidance)),
+                                float(t.get("lora_scale", 1.0))))
+    return out
+
+
+@contextmanager
+def lora_scaled(models, scale: float):
+    """The LoRA of these models applied at `scale` (its layers' scaling multiplied) inside the block."""
+    layers = [m for model in models for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    saved = [dict(m.scaling) for m in layers]
+    for m in layers:
+        m.scaling = {k: v * scale for k, v in m.scaling.items()}
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, saved):
+            m.scaling = s
+
+
 def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[str]:
-    """The sample prompts rendered with the LoRA as it is at `step` (same seeds every time)."""
+    """The sample prompts rendered with the LoRA as it is at `step` (same seeds every time), each with its own
+    settings, saved with them in the PNG's text and listed in the run's log."""
     from ..sampling import render, save_png
 
     cfg, c = state.cfg, state.components
+    out = Path(cfg.output.path)
+    folder = out.with_name(out.stem + "_samples")
     c.denoiser.eval()
     pipe = c.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    with state.acc.autocast():
-        images = render(pipe, [state.prompt(p) for p in cfg.sample.prompts], cfg.sample.seed, cfg.sample.steps,
-                        cfg.sample.guidance, state.resolution, state.resolution)
-    out = Path(cfg.output.path)
-    folder = out.with_name(out.stem + "_samples")
-    paths = [str(save_png(im, folder / f"step_{step:07d}_{i}.png",
-                          {"prompt": p, "step": step, "seed": cfg.sample.seed + i}))
-             for i, (im, p) in enumerate(zip(images, cfg.sample.prompts))]
+    paths, records = [], []
+    with state.optim.evaluation():  # the EMA's / schedule-free's averaged weights
+        for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
+            with state.acc.autocast(), lora_scaled([c.denoiser, *c.text_encoders], sp.lora_scale):
+                image = render(pipe, [state.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width, sp.height,
+                               sp.negative, embeds=sample_embeds(state))[0]
+            settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
+            path = folder / f"step_{step:07d}_{i}.png"
+            paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))
+            records.append({"step": step, "sample": path.name, **settings})
     c.denoiser.train()
+    with open(out.with_name(out.stem + "_log.jsonl"), "a") as log:
+        log.write("".join(json.dumps(r) + "\n" for r in records))
     callbacks.on_sample(step, paths)
     return paths
 
 
+def sample_embeds(state: TrainState):
+    """For families whose samples come from the training text path (SD3: its T5 is cached and released), the
+    function giving the pipeline's embedding arguments for prompts and negative prompts; None for the others."""
+    conditioning, text = state.components.family.conditioning, state.models.text
+    if not conditioning.samples_from_embeddings:
+        return None
+
+    def embeds(prompts: list[str], negatives: list[str]) -> dict:
+        def encode(texts):
+            return conditioning.encode(text.tokenizers, text.raw_encoders, texts, text.device)
+        return conditioning.pipeline_embeds(encode(prompts), encode(negatives))
+    return embeds
+
+
+def _a1111_text(sp: SamplePrompt) -> str:
+    """AUTOMATIC1111's 'parameters' text, which image viewers and A1111's PNG Info read."""
+    return (f"{sp.text}\nNegative prompt: {sp.negative}\nSteps: {sp.steps}, CFG scale: {sp.guidance:g}, "
+            f"Seed: {sp.seed}, Size: {sp.width}x{sp.height}, LoRA scale: {sp.lora_scale:g}")
+
+
 def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
-    """A resumable checkpoint (LoRA, embeddings, optimizers, schedule) and the LoRA file of this step."""
+    """A resumable checkpoint (LoRA, embeddings, optimizers, schedule, EMA, best validation) and the LoRA file of
+    this step (with EMA: the averaged weights; the checkpoint keeps the raw ones)."""
     path = ckpt.checkpoint_path(state.cfg.output.path, step)
     if state.acc.is_main_process:
         extra = {}
@@ -71,15 +155,32 @@ def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
             extra["embeddings"] = state.concept.vectors()
             if state.optim.embedding is not None:
                 extra["ti_optimizer"] = state.optim.embedding.state_dict()
+        if state.optim.ema is not None:
+            extra["ema"] = state.optim.ema.state_dict()
+        if state.validation is not None:
+            extra["validation"] = state.validation.best.state_dict()
         states = state.lora_states()
         last = ckpt.latest_checkpoint(state.cfg.output.path)
         try:
             ckpt.save_state(path, step, states, state.optim.main, state.optim.lr_scheduler, state.cfg.to_dict(),
                             state.acc.scaler, extra)
-            write_output(state, states, step, path.with_suffix(".safetensors"))
+            with state.optim.evaluation():
+                write_output(state, state.lora_states(), step, path.with_suffix(".safetensors"))
         except WriteError as e:
             raise WriteError(f"{e}; " + (f"the last good checkpoint is {last}" if last else "no checkpoint yet")) \
                 from None
         callbacks.on_checkpoint(step, str(path))
     state.acc.wait_for_everyone()
     return str(path)
+
+
+def best_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + "_best.safetensors")
+
+
+def write_best(state: TrainState, step: int, loss: float) -> Path:
+    """NAME_best.safetensors from the weights as they are now (call inside `state.optim.evaluation()`), with the
+    step and validation loss in its metadata; written atomically, replacing the previous best."""
+    return write_output(state, state.lora_states(), step, best_path(state.cfg.output.path),
+                        {"sdlora_best_step": str(step), "sdlora_best_val_loss": repr(loss)})

@@ -17,17 +17,22 @@ from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
 from .adapters import inject, lora_parameters
 from .batches import Batches, Latents
-from .data import BatchPlan, build_examples, scan_folder
+from .data import BatchPlan, TagRule, build_examples, scan_folder
 from .embeddings import ConceptTokens, add_concept
+from .optimizers import loraplus_groups, make_ema, make_optimizer, scheduler_warmup
+from .output import sample_prompts
 from .phases import plan_phases
 from .state import Adapters, Optimizers, TrainState
 from .step import Models
 from .text import TextEncoding
+from .validation import Validation, held_out_images, validation_examples
 
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+
+    from .runlog import tracker_kwargs
 
     # Several jobs run in one process (queue, UI): each gets a fresh precision setting; the process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -36,7 +41,7 @@ def make_accelerator(cfg: Config):
     if mp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
     # cpu=True lets accelerate run DDP over gloo when launched with several processes and no GPU
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), **tracker_kwargs(cfg))
 
 
 def mixed_precision(cfg: Config) -> str:
@@ -63,7 +68,12 @@ def apply_speed(cfg: Config, c: Components, device: torch.device) -> None:
             raise ConfigError(f"speed.attention xformers: {str(e).splitlines()[0]}; pip install 'sdlora[xformers]' "
                               "or use sdpa") from None
     elif hasattr(c.denoiser, "set_attn_processor"):
-        c.denoiser.set_attn_processor(AttnProcessor2_0() if sp.attention == "sdpa" else AttnProcessor())
+        kinds = {type(p).__name__ for p in c.denoiser.attn_processors.values()}
+        if kinds <= {"AttnProcessor", "AttnProcessor2_0"}:  # plain attention: either kernel fits
+            c.denoiser.set_attn_processor(AttnProcessor2_0() if sp.attention == "sdpa" else AttnProcessor())
+        elif sp.attention == "math":  # SD3's joint attention has its own (SDPA) processors
+            raise ConfigError(f"speed.attention math has no kernel for the {', '.join(sorted(kinds))} of "
+                              f"{type(c.denoiser).__name__}; use sdpa")
     if sp.channels_last:
         c.denoiser.to(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -111,15 +121,28 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     """Load the model (unless `components` are given), data and LoRA; build caches, optimizer and schedule."""
     from ..models import load_components
 
-    c = components or load_components(cfg.model_path, cfg.model.prediction_type)
+    c = components or load_components(cfg.model_path, cfg.model.prediction_type, text_encoders=cfg.model.text_encoders,
+                                      t5=cfg.model.t5, t5_length=cfg.model.t5_max_length,
+                                      dtype=load_dtype(acc.device, acc.mixed_precision))
+    check_family_options(cfg, c)
     resolution, bucket_step = resolve_resolution(cfg, c)
+    odd = [p for p in sample_prompts(cfg, resolution) if p.width % c.size_multiple or p.height % c.size_multiple]
+    if odd:
+        raise ConfigError(f"sample size {odd[0].width}x{odd[0].height} is not a multiple of {c.size_multiple} for "
+                          "this model")
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         if acc.is_main_process:
             ensure_class_images(cfg, c, resolution, callbacks)
         acc.wait_for_everyone()
     concept = pivotal_tokens(cfg, c)
     prompt = (lambda text: concept.prompt(text, cfg.pivotal.trigger)) if concept else (lambda text: text)
-    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message)
+    held_out = held_out_images(cfg)
+    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message, held_out)
+    examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
+    use_zero_terminal_snr(cfg, c)
+    varying = any(r.active for r in batches.tag_rules)
+    cache_frozen_text(cfg, c, acc.device, acc.mixed_precision, varying, callbacks.on_message,
+                      batches.captions() + [e.caption for e in examples])
     weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
     apply_speed(cfg, c, acc.device)
     adapters = add_adapters(cfg, c, concept)
@@ -131,16 +154,76 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if cfg.train.cache_latents and not batches.latents.cached:
         callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
     optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
-    text = TextEncoding(c.family.conditioning, c.tokenizers, encoders, list(c.text_encoders),
-                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text)
+    if cfg.train.cache_text and varying:
+        callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
+    text = TextEncoding(c.family.conditioning, c.tokenizers, encoders + c.frozen_text, c.conditioning_encoders,
+                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text and not varying)
     models = Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
     state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept,
                        concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
+    if examples:
+        state.validation = Validation(examples, cfg.validation.timesteps, cfg.train.seed)
     state.enter_phase(0)
     batches.fill_cache()
-    if cfg.train.cache_text and not phases.main.text_trainable and concept is None:
+    if text.cache_allowed and not phases.main.text_trainable and concept is None:
         text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
     return state
+
+
+def check_family_options(cfg: Config, c: Components) -> None:
+    """Options the loaded model's family or objective cannot serve, as one-line errors: the SNR-based weights and
+    zero terminal SNR on flow matching (SD3), SD3's loss weights on DDPM, lora.blocks where the denoiser has no
+    numbered blocks, and (SD3) networks other than LoRA or pivotal tuning."""
+    tr, fam, flow = cfg.train, c.family, c.prediction_type == "flow"
+    if flow:
+        for on, what in ((tr.min_snr_gamma, "train.min_snr_gamma (min-SNR)"),
+                         (tr.debiased_estimation, "train.debiased_estimation"),
+                         (tr.zero_terminal_snr, "train.zero_terminal_snr")):
+            if on:
+                raise ConfigError(f"{what} is for noise (epsilon/v) prediction; {fam.title} trains by flow matching: "
+                                  "use train.flow_weighting or timestep_sampling instead")
+        if cfg.lora.network != "lora":
+            raise ConfigError(f"lora.network {cfg.lora.network}: {fam.title} trains plain LoRA (its q/k/v are one "
+                              "fused layer in the files ComfyUI and Forge load)")
+        if cfg.pivotal.token:
+            raise ConfigError(f"pivotal tuning is not supported for {fam.title} (T5 has no token to add); train a "
+                              "LoRA with a trigger word")
+    elif tr.flow_weighting != "none":
+        raise ConfigError(f"train.flow_weighting applies to flow matching (SD3); {c.name} predicts "
+                          f"{c.prediction_type}: use min_snr_gamma or debiased_estimation")
+    if cfg.lora.blocks.strip() and not fam.block_prefix:
+        raise ConfigError(f"lora.blocks selects transformer blocks (SD3); {fam.title} has none: leave it empty")
+    if c.frozen_text and not cfg.model.t5 and any(f.present for f in c.frozen_text):
+        raise ConfigError("model.t5 is off but the model came with a T5: load it with --no-t5")
+
+
+def cache_frozen_text(cfg: Config, c: Components, device: torch.device, precision: str, varying: bool, say,
+                      captions: list[str]) -> None:
+    """SD3's T5 (the family's frozen text part) encodes every caption, the empty one, the class prompt and the sample
+    prompts now, on the device, and is then released, so it never shares memory with the transformer; with
+    captions that change every step (shuffled or dropped tags) it stays and encodes as they come."""
+    from .output import sample_prompts
+
+    held = [f for f in c.frozen_text if f.model is not None]
+    if not held:
+        return
+    dtype = {"bf16": torch.bfloat16}.get(precision, torch.float32) if device.type == "cuda" else torch.float32
+    for f in held:
+        f.model.to(device, dtype=dtype)
+    if varying:
+        say("T5 stays in memory: shuffled or dropped tags make a new caption every step")
+        return
+    texts = {*captions, "", cfg.prior.class_prompt}
+    for sp in sample_prompts(cfg, 0):
+        texts |= {sp.text, sp.negative}
+    for f in held:
+        ordered = sorted(texts)
+        for start in range(0, len(ordered), 16):
+            f(ordered[start:start + 16], device)
+        f.release()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    say(f"T5 encoded {len(texts)} captions and prompts and was released from memory")
 
 
 def ensure_class_images(cfg: Config, c: Components, resolution: int, callbacks: Callbacks) -> None:
@@ -177,13 +260,16 @@ def pivotal_tokens(cfg: Config, c: Components) -> ConceptTokens | None:
 
 
 def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, prompt,
-              say=None) -> tuple[Batches, dict]:
-    """The examples (bucketed, captions through `prompt`), the class images' examples, their batch plans, and
-    the captions of each folder (for the file's tag frequencies). Latents are attached by `setup`."""
+              say=None, held_out: frozenset | set = frozenset()) -> tuple[Batches, dict]:
+    """The examples (bucketed, captions through `prompt`; the `held_out` validation images left out), the class
+    images' examples, their batch plans, and the captions of each folder (for the file's tag frequencies). Latents
+    are attached by `setup`."""
     import dataclasses
 
     folders = [(d.path, d.prompt, d.use_captions, d.repeats) for d in cfg.data]
-    raw = build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say)
+    masks = [(d.masks, d.alpha_mask) for d in cfg.data]
+    raw = [e for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say, masks=masks)
+           if e.path not in held_out]
     examples = [dataclasses.replace(e, caption=prompt(e.caption)) for e in raw]
     if cfg.pivotal.token and not any(cfg.pivotal.token in e.caption for e in examples):
         what = f"the trigger {cfg.pivotal.trigger!r}" if cfg.pivotal.trigger else f"the token {cfg.pivotal.token!r}"
@@ -196,10 +282,38 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, pro
         prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], resolution,
                                         cfg.augment.bucketing, bucket_step, is_prior=True, say=say)
         prior_plan = BatchPlan(prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
+    rules = [TagRule(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.tag_separator) for d in cfg.data]
     batches = Batches(examples, BatchPlan(examples, cfg.train.batch_size, cfg.train.seed), prior_examples,
                       prior_plan, latents=None, conditioning=c.family.conditioning,
-                      random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout)
+                      random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout,
+                      tag_rules=rules, unmasked_weights=[d.unmasked_weight for d in cfg.data])
     return batches, captions
+
+
+def use_zero_terminal_snr(cfg: Config, c: Components) -> None:
+    """Zero terminal SNR (Lin et al. 2023): the training schedule's betas rescaled (diffusers'
+    rescale_betas_zero_snr) so the last timestep is pure noise; the sampler too, where it can, with trailing
+    timesteps. Needs v-prediction."""
+    import inspect
+
+    from diffusers import DDPMScheduler
+
+    if not cfg.train.zero_terminal_snr:
+        return
+    if c.prediction_type != "v_prediction":
+        raise ConfigError(f"train.zero_terminal_snr needs a v-prediction model and {c.name} predicts "
+                          f"{c.prediction_type}; set model.prediction_type v_prediction to train it as one")
+    c.noise_scheduler = DDPMScheduler.from_config(c.noise_scheduler.config, rescale_betas_zero_snr=True)
+    sampler = type(c.sample_scheduler)
+    if "rescale_betas_zero_snr" in inspect.signature(sampler.__init__).parameters:
+        c.sample_scheduler = sampler.from_config(c.sample_scheduler.config, rescale_betas_zero_snr=True,
+                                                 timestep_spacing="trailing")
+
+
+def load_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype weights are loaded in: the training precision's on CUDA (what place_models casts them to anyway),
+    None (as stored, then fp32) on the CPU."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if device.type == "cuda" else None
 
 
 def place_models(cfg: Config, c: Components, device: torch.device, precision: str) -> torch.dtype:
@@ -234,12 +348,14 @@ def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> A
 
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
     lo, fam = cfg.lora, c.family
-    targets = inject(c.denoiser, fam.targets[lo.targets], lo.rank, cfg.lora_alpha, lo.dropout) \
-        if cfg.train.max_steps > 0 else []
+    kind = dict(network=lo.network, args=cfg.network_args)
+    targets = inject(c.denoiser, fam.target_patterns(lo.targets), lo.rank, cfg.lora_alpha, lo.dropout,
+                     keep=layer_filter(cfg, c), **kind) if cfg.train.max_steps > 0 else []
     lrs = text_encoder_lrs(cfg, len(c.text_encoders))
     for i, (encoder, lr) in enumerate(zip(c.text_encoders, lrs)):
         if lr:
-            targets += inject(encoder, fam.text_targets, lo.rank, cfg.lora_alpha, lo.dropout, f"text encoder {i + 1}")
+            targets += inject(encoder, fam.text_targets, lo.rank, cfg.lora_alpha, lo.dropout, f"text encoder {i + 1}",
+                              **kind)
     for param in concept.params if concept else []:  # peft froze every non-LoRA parameter
         param.requires_grad_(True)
     cast_training_params([c.denoiser, *c.text_encoders], dtype=torch.float32)
@@ -249,6 +365,30 @@ def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> A
             if lr:
                 encoder.gradient_checkpointing_enable()
     return Adapters(targets, lrs)
+
+
+def layer_filter(cfg: Config, c: Components):
+    """Which matched denoiser layers get LoRA: not the ones whose output the model discards (the family's
+    unused_layers: SD3's last context query), and with lora.blocks only the chosen blocks' (layers outside every
+    block stay); None when every matched layer does."""
+    from ..config import block_indices
+
+    fam = c.family
+    unused = fam.unused_layers(c.denoiser.config) if fam.unused_layers else set()
+    wanted = set(block_indices(cfg.lora.blocks)) if cfg.lora.blocks.strip() else None
+    if wanted:
+        depth = c.denoiser.config.num_layers
+        if max(wanted) >= depth:
+            raise ConfigError(f"lora.blocks: block {max(wanted)} does not exist; {c.name} has blocks 0-{depth - 1}")
+    prefix = fam.block_prefix + "."
+    if not unused and wanted is None:
+        return None
+
+    def keep(name: str) -> bool:
+        if name in unused:
+            return False
+        return wanted is None or not name.startswith(prefix) or int(name[len(prefix):].split(".")[0]) in wanted
+    return keep
 
 
 def make_optimizers(cfg: Config, acc, c: Components, adapters: Adapters, concept: ConceptTokens | None):
@@ -263,22 +403,16 @@ def make_optimizers(cfg: Config, acc, c: Components, adapters: Adapters, concept
     lora_params = [p for g in groups for p in g["params"]]
     if emb and cfg.pivotal.continue_lr > 0:
         groups.append({"params": emb, "lr": cfg.pivotal.continue_lr, "weight_decay": 0.0})
-    main = _optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], acc.device)
-    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, main, num_warmup_steps=cfg.optim.warmup_steps,
+    if has_lora:
+        groups = loraplus_groups(groups, [c.denoiser, *c.text_encoders], cfg.optim.loraplus_ratio)
+    main = make_optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], acc.device)
+    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, main, num_warmup_steps=scheduler_warmup(cfg),
                                  num_training_steps=max(cfg.train.max_steps, 1))
     embedding = torch.optim.AdamW(emb, lr=cfg.pivotal.ti_lr, weight_decay=0.0) if cfg.ti_steps else None
     denoiser = acc.prepare(c.denoiser)
     encoders = [acc.prepare(e) if lr or emb else e for e, lr in zip(c.text_encoders, adapters.text_lrs)]
     main = acc.prepare(main)
     embedding = acc.prepare(embedding) if embedding is not None else None
-    optim = Optimizers(main, lr_scheduler, embedding, [p for g in groups for p in g["params"]], lora_params)
+    optim = Optimizers(main, lr_scheduler, embedding, [p for g in groups for p in g["params"]], lora_params,
+                       make_ema(cfg, lora_params))
     return optim, denoiser, encoders
-
-
-def _optimizer(cfg: Config, groups: list[dict], device) -> torch.optim.Optimizer:
-    kw = dict(weight_decay=cfg.optim.weight_decay)
-    if cfg.optim.optimizer == "adamw8bit":
-        import bitsandbytes as bnb  # present: train() checked before loading
-
-        return bnb.optim.AdamW8bit(groups, **kw)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda" and cfg.speed.fused_optimizer, **kw)

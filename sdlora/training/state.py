@@ -13,6 +13,7 @@ from .batches import Batches
 from .embeddings import ConceptTokens
 from .phases import Phase, Phases
 from .step import Models
+from .validation import Validation
 
 
 @dataclass
@@ -29,14 +30,21 @@ class Adapters:
 
 @dataclass
 class Optimizers:
-    """The main optimizer (LoRA, and the embedding in phase 2 when it keeps training) with its LR schedule, and the
-    new embedding's own optimizer for textual inversion (phase 1)."""
+    """The main optimizer (LoRA, and the embedding in phase 2 when it keeps training) with its LR schedule, the
+    new embedding's own optimizer for textual inversion (phase 1), and the EMA of the LoRA weights."""
 
     main: torch.optim.Optimizer
     lr_scheduler: object
     embedding: torch.optim.Optimizer | None
     params: list[torch.nn.Parameter]        # everything the main optimizer steps
     lora_params: list[torch.nn.Parameter]   # the LoRA's alone
+    ema: object | None = None               # diffusers EMAModel of lora_params, when optim.ema_decay is set
+
+    def evaluation(self):
+        """Context: the weights that samples, validation and saved files use (EMA / schedule-free averaged)."""
+        from .optimizers import evaluation_weights
+
+        return evaluation_weights(self.main, self.ema, self.lora_params)
 
 
 @dataclass
@@ -57,6 +65,7 @@ class TrainState:
     started: float
     start_step: int = 0
     phase: Phase | None = field(default=None)  # the phase of the last step taken
+    validation: Validation | None = None       # held-out images and the best loss so far; None without
 
     @property
     def rank(self) -> int:

@@ -26,8 +26,13 @@ class Models:
     denoiser: torch.nn.Module
     raw_denoiser: torch.nn.Module  # the same model unwrapped, to switch its adapters off
     text: TextEncoding
-    scheduler: object
+    scheduler: object              # the training scheduler (DDPM-style, or FlowMatch for SD3)
     conditioning: Conditioning
+
+    @property
+    def schedule(self) -> objective.DDPM | objective.Flow:
+        """The objective of the scheduler: how it noises, what the model predicts."""
+        return objective.schedule_of(self.scheduler)
 
 
 def seeded(seed: int, step: int, rank: int, micro: int = 0) -> tuple[torch.Generator, np.random.Generator]:
@@ -39,23 +44,33 @@ def seeded(seed: int, step: int, rank: int, micro: int = 0) -> tuple[torch.Gener
 
 def diffusion_loss(models: Models, batch: Batch, train_cfg, gen: torch.Generator):
     """Per-sample loss of the denoiser on this batch's noised latents, and (noisy latents, timesteps)."""
+    recipe = objective.Recipe.from_config(train_cfg)
     cond = models.text(batch.captions)
-    latents, scheduler = batch.latents, models.scheduler
-    noise = objective.sample_noise(latents, gen, train_cfg.noise_offset)
-    t = objective.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, gen, latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    pred = models.denoiser(noisy, t, **models.conditioning.denoiser_kwargs(cond, batch.micro), return_dict=False)[0]
-    weights = objective.snr_weights(scheduler, t, train_cfg.min_snr_gamma) if train_cfg.min_snr_gamma else None
-    return objective.per_sample_loss(pred, objective.target(scheduler, latents, noise, t), weights), noisy, t
+    latents, schedule = batch.latents, models.schedule
+    noise = recipe.noise(latents, gen)
+    t = schedule.sample(recipe.timesteps, latents.shape[0], gen, latents.device)
+    return denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, batch.micro, batch.mask)
+
+
+def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro, mask=None):
+    """The recipe's per-sample loss at given noise (`inputs`: what noises the latents, `noise`: what the target is
+    made of) and timesteps, weighted by the loss `mask` on the latent grid; and (noisy latents, timesteps)."""
+    schedule = models.schedule
+    noisy = schedule.noisy(latents, inputs, t)
+    pred = models.conditioning.predict(models.denoiser, noisy, t, cond, micro)
+    loss = recipe.per_sample(pred, schedule.target(latents, noise, t), t, schedule.total, lambda: schedule.snr(t),
+                             schedule.prediction_type, mask)
+    weights = schedule.weights(t, recipe.flow_weighting)
+    return (loss if weights is None else loss * weights.to(loss.device)), noisy, t
 
 
 def model_prior_loss(models: Models, noisy: torch.Tensor, t: torch.Tensor, micro, class_prompt: str) -> torch.Tensor:
     """Prior preservation without class images: on the class prompt, match the base model (adapters off)."""
-    n, kwargs = noisy.shape[0], models.conditioning.denoiser_kwargs
+    n, predict = noisy.shape[0], models.conditioning.predict
     with torch.no_grad(), adapters_off([models.raw_denoiser]):
         base_cond = models.text([class_prompt] * n, base=True)
-        base = models.raw_denoiser(noisy, t, **kwargs(base_cond, micro), return_dict=False)[0]
-    pred = models.denoiser(noisy, t, **kwargs(models.text([class_prompt] * n), micro), return_dict=False)[0]
+        base = predict(models.raw_denoiser, noisy, t, base_cond, micro)
+    pred = predict(models.denoiser, noisy, t, models.text([class_prompt] * n), micro)
     return objective.per_sample_loss(pred, base).mean()
 
 

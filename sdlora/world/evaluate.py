@@ -155,19 +155,19 @@ def evaluate(lora_path: str | Path, trigger: str, concept: str, model=None, n: i
     if concept not in judge.config.shapes:
         raise ConfigError(f"concept {concept!r} is not a shape the judge knows; pick one of "
                           f"{', '.join(judge.config.shapes)}")
-    load_lora_into(pipe, lora_path, adapter_name="lora")  # also a pivotal-tuned file's bundled embedding
+    active = load_lora_into(pipe, lora_path, adapter_name="lora")  # also a pivotal-tuned file's bundled embedding
     trig = trigger_prompts(trigger, n)
     world = world_prompts(n_base)
     runs = {}
     try:
         for on in (True, False):
-            pipe.enable_lora() if on else pipe.disable_lora()
+            active.enable(on)
             runs[on] = (generate(pipe, [p for p, _ in trig], seed, steps, guidance_scale),
                         generate(pipe, [p for p, _, _ in world], seed + 10_000, steps, guidance_scale))
     finally:
-        pipe.enable_lora()
+        active.enable(True)
         if model is not None and not isinstance(model, (str, Path)):
-            pipe.unload_lora_weights()
+            active.remove()
     trig_pred = judge.classify(runs[True][0])
     trig_pred_off = judge.classify(runs[False][0])
     base_hits = {on: _hits(judge, runs[on][1], [(s, c) for _, s, c in world]) for on in (True, False)}

@@ -1,0 +1,121 @@
+"""Validation: held-out images (a folder, or a seeded share of the training images), their loss at noise and
+timesteps fixed once by the seed (so two evaluations differ only because the LoRA changed), and the best loss so
+far with the patience counter that early stopping reads (all in checkpoints, so a resumed run decides the same)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from . import objective
+from .data import Example, build_examples, scan_folder
+from .step import denoise_loss
+
+
+def held_out_images(cfg) -> set[str]:
+    """The images `validation.split` holds out: a share of all training images, chosen per image (not per repeat)
+    by the seed; at least one, and at least one left to train on."""
+    if not cfg.validation.split:
+        return set()
+    paths = sorted({item[0] for d in cfg.data for item in scan_folder(d.path, d.prompt, d.use_captions)[0]})
+    if len(paths) < 2:
+        raise DataError(f"validation.split needs at least 2 training images, found {len(paths)}")
+    n = min(max(1, round(cfg.validation.split * len(paths))), len(paths) - 1)
+    chosen = np.random.default_rng([cfg.train.seed, 5150]).choice(len(paths), n, replace=False)
+    return {paths[i] for i in sorted(chosen)}
+
+
+def validation_examples(cfg, resolution: int, bucket_step: int, prompt, held_out: set[str]) -> list[Example]:
+    """One example per validation image (no repeats), captions through `prompt` (the pivotal trigger)."""
+    if cfg.validation.data:
+        default = cfg.data[0].prompt if cfg.data else ""
+        examples = build_examples([(cfg.validation.data, default, True, 1)], resolution, cfg.augment.bucketing,
+                                  bucket_step)
+    elif held_out:
+        folders = [(d.path, d.prompt, d.use_captions, 1) for d in cfg.data]
+        seen, examples = set(), []
+        for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step):
+            if e.path in held_out and e.path not in seen:
+                seen.add(e.path)
+                examples.append(e)
+    else:
+        return []
+    return [dataclasses.replace(e, caption=prompt(e.caption)) for e in examples]
+
+
+@dataclass
+class Best:
+    """The best validation loss so far, its step, and validations since it improved."""
+
+    loss: float = math.inf
+    step: int = 0
+    waited: int = 0
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record a validation; True when it improved on the best (strictly lower)."""
+        if loss < self.loss:
+            self.loss, self.step, self.waited = loss, step, 0
+            return True
+        self.waited += 1
+        return False
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss, self.step, self.waited = float(state["loss"]), int(state["step"]), int(state["waited"])
+
+
+@dataclass
+class Validation:
+    """The validation set and how its loss is measured."""
+
+    examples: list[Example]
+    timesteps: int
+    seed: int
+    best: Best = dataclasses.field(default_factory=Best)
+
+    def loss(self, state) -> float:
+        """Mean loss over the validation images (this rank's share, then averaged over ranks), each at the same
+        fixed timesteps and noise every time; adapters in eval mode (no dropout), no gradients."""
+        models = dataclasses.replace(state.models, denoiser=state.models.raw_denoiser)
+        recipe = objective.Recipe.from_config(state.cfg.train)
+        modules = [state.components.denoiser, *state.components.text_encoders]
+        modes = [m.training for m in modules]
+        total = torch.zeros(2, dtype=torch.float64)
+        try:
+            for m in modules:
+                m.eval()
+            with torch.no_grad(), state.acc.autocast():
+                for i in range(state.rank, len(self.examples), state.world):
+                    total += torch.tensor([self._one(state, models, recipe, i), 1.0], dtype=torch.float64)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        if state.world > 1:
+            total = state.acc.reduce(total.to(state.device), "sum").cpu()
+        return (total[0] / total[1]).item()
+
+    def _one(self, state, models, recipe, i: int) -> float:
+        ex, k = self.examples[i], self.timesteps
+        lat, crop, mask = state.batches.latents(ex, False, None)
+        if mask is not None:  # weighted as training weighs it
+            weights = state.batches.unmasked_weights
+            w = weights[ex.source] if ex.source < len(weights) else 0.0
+            mask = (w + (1 - w) * mask)[None].expand(k, *mask.shape)
+        micro = models.conditioning.micro(ex.size[::-1], crop, ex.bucket[::-1])
+        latents = lat[None].expand(k, *lat.shape)
+        gen = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([self.seed, 77, i]).generate_state(1)[0]))
+        noise = recipe.noise(latents, gen)
+        t = models.schedule.quantiles(recipe.timesteps, k, latents.device)
+        text = models.text  # a text path that trains is encoded afresh, never cached
+        cond = text.conditioning.encode(text.tokenizers, text.raw_encoders, [ex.caption] * k, state.device) \
+            if text.trainable else text([ex.caption] * k)
+        micro = None if micro is None else micro[None].expand(k, *micro.shape)
+        loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro, mask)
+        return loss.double().mean().item()
