@@ -34,7 +34,7 @@ def real_saved(model_path: str, cfg: Config, text_trained: bool, device: str = "
     for m in (c.denoiser, *c.text_encoders):
         m.to(device, dtype=low if device == "cuda" and low else torch.float32)
     c.denoiser.set_attn_processor(AttnProcessor2_0())
-    for name in target_modules(c.denoiser, fam.targets[cfg.lora.targets]):
+    for name in target_modules(c.denoiser, fam.target_patterns(cfg.lora.targets)):
         c.denoiser.get_submodule(name).weight.requires_grad_(True)
     if text_trained:
         for name in target_modules(c.text_encoders[0], fam.text_targets):

@@ -28,7 +28,9 @@ GiB = 2**30
 CUDA_CONTEXT = int(0.6 * GiB)   # CUDA context, cuBLAS/cuDNN workspaces (outside PyTorch's allocator counts)
 CUDA_SLACK = 0.10               # the caching allocator reserves about this much beyond what is allocated
 CPU_BASELINE = int(0.45 * GiB)  # a process with torch, diffusers, transformers and peft imported (measured: 0.41)
-OPTIMIZER_STATE = {"adamw": 8, "adamw8bit": 2}  # bytes per LoRA parameter (Adam m and v; 8-bit: one byte each)
+# bytes of optimizer state per LoRA parameter (Adam m and v; 8-bit: one byte each), as measured by
+# `scripts/bench_train.py --optimizers` on rank-4 LoRA (Adafactor's factored moments depend on the shapes)
+OPTIMIZER_STATE = {"adamw": 8, "adamw8bit": 2, "adamw-schedulefree": 8, "prodigy": 14, "adafactor": 1, "lion": 4}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -271,7 +273,7 @@ def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
     def make():
         denoiser, _, encoders = model.build()
         fam = model.family
-        plan = [(denoiser, fam.targets[cfg.lora.targets])] if cfg.train.max_steps > 0 else []
+        plan = [(denoiser, fam.target_patterns(cfg.lora.targets))] if cfg.train.max_steps > 0 else []
         plan += [(e, fam.text_targets) for e, t in zip(encoders, text) if t]
         sizes = []
         for module, patterns in plan:
@@ -323,7 +325,7 @@ def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, devic
             return MetaStep(low, device)
 
         if cfg.train.max_steps > 0:
-            mark_trainable(denoiser, target_modules(denoiser, fam.targets[cfg.lora.targets]))
+            mark_trainable(denoiser, target_modules(denoiser, fam.target_patterns(cfg.lora.targets)))
         for enc, trained in zip(encoders, text):
             if trained:
                 mark_trainable(enc, target_modules(enc, fam.text_targets))
