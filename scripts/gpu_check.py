@@ -9,6 +9,7 @@ rest still run:
              emulation, two processes when there are two GPUs
   bench-sd1  SD 1.5 at 512 px, batch 1 and 4, cached / uncached / NF4, bf16; the speed-switch pairs; the top kernels
   bench-sdxl SDXL at 1024 px, batch 1 and 4, cached / uncached / NF4, bf16
+  bench-sd3  SD3.5 Medium (all 24 blocks, T5-XXL) at 1024 px, batch 1: T5 cached and freed / kept / NF4, bf16
   fit        the memory fit check's estimate against every measured peak (scripts/fit_vs_bench.py)
   peer       diffusers' train_dreambooth_lora.py against sdlora at 512 px (scripts/bench_vs_peer.py; needs
              --peer-script, or .peer/train_dreambooth_lora.py)
@@ -46,6 +47,8 @@ def parts(args, cuda: bool, out: Path) -> list[tuple[str, list[str], int]]:
              300),
             ("bench-tiny", bench + ["--tiny", "--family", "sd1", "--batch", "1", "--modes", "cached", "uncached",
                                     "--steps", "2", "--warmup", "1", "--switches"], 400),
+            ("bench-tiny-sd3", bench + ["--tiny", "--family", "sd3", "--batch", "1", "--modes", "cached", "t5-kept",
+                                        "--steps", "2", "--warmup", "1"], 300),
             ("fit", [PY, "scripts/fit_vs_bench.py", "--device", "cpu", "--json", str(out / "fit_vs_bench.json")],
              400),
         ] + ([("peer", peer + ["--resolution", "256", "--steps", "1", "3"], 1800)] if args.peer_script else [])
@@ -56,6 +59,8 @@ def parts(args, cuda: bool, out: Path) -> list[tuple[str, list[str], int]]:
                                "--profile"], 100),
         ("bench-sdxl", bench + ["--family", "sdxl", "--batch", "1", "4", "--modes", "cached", "uncached", "nf4",
                                 "--steps", "4"], 110),
+        ("bench-sd3", bench + ["--family", "sd3", "--batch", "1", "--modes", "cached", "t5-kept", "nf4",
+                               "--steps", "3"], 100),
         ("fit", [], 60),  # the command is made when it runs (fit_gpu_command)
         ("bench-switches", bench + ["--family", "sd1", "--batch", "4", "--only-switches"], 150),
         ("peer", peer + ["--resolution", "512", "--precision", "bf16", "--steps", "3", "13"], 150),
