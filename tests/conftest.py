@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread beats two contending ones
@@ -63,3 +65,14 @@ def tiny_config(model, data, out, **train):
         section, name = key.split("__")
         setattr(getattr(cfg, section), name, value)
     return cfg
+
+
+def launch_two(model, data, out, *flags, precision="no") -> subprocess.CompletedProcess:
+    """`sdlora train` on the tiny model under `accelerate launch` with two processes (DDP: gloo on the CPU, NCCL on
+    two GPUs), 32 px, lr 1e-3, an fp32 file; `flags` add to it."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "sdlora", "train",
+           "--model", str(model), "--data", str(data), "--instance-prompt", "a sks", "--resolution", "32",
+           "--lr", "1e-3", "--output", str(out), "--save-dtype", "fp32", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -7,12 +7,10 @@ Marked `cuda` and skipped without a GPU: `pytest -m cuda` (or scripts/gpu_check.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
+from conftest import draw_images, launch_two, tiny_config
 from test_fit import real_saved
 from test_train import Capture, StopAt, fresh_pipeline, load_checked
 
@@ -143,11 +141,7 @@ def test_fit_emulates_cuda_autocast(tiny_model, precision):
 def test_two_gpu_processes_train_one_lora(tiny_model, tmp_path):
     data = draw_images(tmp_path / "imgs", n=4)
     out = tmp_path / "o" / "ddp.safetensors"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "sdlora", "train",
-           "--model", tiny_model, "--data", str(data), "--instance-prompt", "a sks", "--resolution", "32",
-           "--max-steps", "4", "--lr", "1e-3", "--output", str(out), "--save-dtype", "fp32"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = launch_two(tiny_model, data, out, "--max-steps", "4", precision="bf16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done:") == 1
     tensors, meta = read_lora(out)

@@ -6,12 +6,9 @@ starts them with torchrun, and sdlora's Accelerator(cpu=True) then runs DDP over
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
-from conftest import draw_images
+from conftest import draw_images, launch_two
 
 from sdlora.loras.files import read_lora
 
@@ -19,13 +16,8 @@ from sdlora.loras.files import read_lora
 def test_two_process_training_saves_a_synchronised_lora(tiny_model, tmp_path):
     data = draw_images(tmp_path / "imgs", n=4)
     out = tmp_path / "o" / "ddp.safetensors"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdlora", "train",
-           "--model", tiny_model, "--data", str(data), "--instance-prompt", "a sks", "--resolution", "32",
-           "--max-steps", "4", "--lr", "1e-3", "--output", str(out), "--save-dtype", "fp32",
-           "--validation-split", "0.25", "--validate-every", "2", "--keep-best", "--ema-decay", "0.9"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = launch_two(tiny_model, data, out, "--max-steps", "4", "--validation-split", "0.25", "--validate-every", "2",
+                      "--keep-best", "--ema-decay", "0.9")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # exactly one job report: only rank 0 reports and writes
     assert proc.stdout.count("done:") == 1, proc.stdout

@@ -9,13 +9,10 @@ checked against independent computations in test_network_files.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
+from conftest import draw_images, launch_two, tiny_config
 from test_qlora import quantized_linears, use_weights
 from test_sdxl import tiny_xl, xl_outputs  # noqa: F401 (fixture)
 from test_train import Capture, StopAt, fresh_pipeline, unet_and_te_outputs
@@ -215,13 +212,8 @@ def test_two_processes_train_an_input_axis_dora(tiny_model, tmp_path):
     """sdlora's own input-axis magnitude under DDP: synchronised (the run checks it) and written once."""
     data = draw_images(tmp_path / "imgs", n=4)
     out = tmp_path / "o" / "ddp.safetensors"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdlora", "train",
-           "--model", tiny_model, "--data", str(data), "--instance-prompt", "a sks", "--resolution", "32",
-           "--max-steps", "3", "--lr", "1e-3", "--output", str(out), "--save-dtype", "fp32", "--network", "dora",
-           "--network-args", "dora_axis=input", "--train-text-encoder"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = launch_two(tiny_model, data, out, "--max-steps", "3", "--network", "dora", "--network-args",
+                      "dora_axis=input", "--train-text-encoder")
     assert proc.returncode == 0, proc.stderr[-3000:]
     tensors, meta = read_lora(out)
     assert meta["sdlora_processes"] == "2" and meta["sdlora_network"] == "dora"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import draw_images, tiny_config
+from test_train import StopAt
 
 from sdlora import train
 from sdlora.callbacks import Callbacks, Commands
@@ -35,14 +36,6 @@ RESUME_CASES = {
                                   "optim__ema_warmup": True, "train__loss": "huber", "lora__dropout": 0.1},
 }
 
-
-class StopAt(Callbacks):
-    def __init__(self, commands, step):
-        self.commands, self.step = commands, step
-
-    def on_step(self, step, stats):
-        if step == self.step:
-            self.commands.stop = True
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
