@@ -187,10 +187,10 @@ def test_ctrl_c_is_one_line(tiny_model, images, tmp_path, capsys, monkeypatch, w
 
     real_step = loop.optimizer_step
 
-    def twice(state, step):
+    def twice(state, step, **kw):
         os.kill(os.getpid(), signal.SIGINT)  # the first asks for a stop after this step
         os.kill(os.getpid(), signal.SIGINT)  # the second means: now
-        return real_step(state, step)
+        return real_step(state, step, **kw)
 
     if when == "start-up":
         monkeypatch.setattr(setup, "resolve_resolution", interrupted)
