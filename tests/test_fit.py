@@ -278,6 +278,16 @@ def test_warning_before_training(tiny_model, images, tmp_path, monkeypatch):
     assert any(s.startswith("warning: this job needs about") and "sdlora fit" in s for s in said)
 
 
+def test_warning_before_training_an_sd3_model(tiny_sd3, monkeypatch):
+    said = []
+    cfg = tiny_config(tiny_sd3, ".", "o.safetensors")
+    assert fit.warn_if_too_big(cfg, torch.device("cpu"), said.append) is not None and not said  # this machine: fits
+    monkeypatch.setattr(fit, "device_budget", lambda device, vram=None: (10**6, "this test's machine"))
+    est = fit.warn_if_too_big(cfg, torch.device("cpu"), said.append)
+    assert est.load > est.allocated + est.overhead  # T5 encoding with every part loaded is the peak
+    assert len(said) == 1 and said[0].startswith("warning: this job needs about")
+
+
 class Steps(Capture):
     def __init__(self):
         self.seen = []
