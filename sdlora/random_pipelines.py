@@ -163,13 +163,16 @@ def build_sdxl_components(spec: dict = SDXL_BASE, seed: int = 0) -> dict:
     return parts
 
 
-def full_size_configs(family: str) -> dict:
-    """The configs of `full_size_components`' unet, vae and text encoder(s), as dicts (nothing is allocated)."""
+def full_size_configs(family: str, sd3_blocks: int = 24, t5_layers: int = 24) -> dict:
+    """The configs of `full_size_components`' denoiser, vae and text encoder(s), as dicts (nothing is allocated);
+    SD3: SD3.5 Medium's (`sd3_blocks` of its blocks) with T5-XXL (`t5_layers` of its layers) as text_encoder_3."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    spec = SDXL_BASE if family == "sdxl" else SD15
     ids = dict(vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    if family == "sd3":
+        return _sd3_configs(ids, sd3_blocks, t5_layers)
+    spec = SDXL_BASE if family == "sdxl" else SD15
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**spec["unet"]), AutoencoderKL(**SD15["vae"])
     out = {"unet": dict(unet.config), "vae": dict(vae.config)}
@@ -180,6 +183,18 @@ def full_size_configs(family: str) -> dict:
         text = CLIPTextConfig(**ids, projection_dim=spec["text"]["hidden_size"], **spec["text"])
         out["text_encoder"] = text.to_dict()
     return out
+
+
+def _sd3_configs(ids: dict, blocks: int, t5_layers: int) -> dict:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, T5Config
+
+    with torch.device("meta"):
+        transformer, vae = SD3Transformer2DModel(**sd35_medium(blocks)), AutoencoderKL(**SD3_VAE)
+    return {"transformer": dict(transformer.config), "vae": dict(vae.config),
+            "text_encoder": CLIPTextConfig(**ids, **SDXL_BASE["text"]).to_dict(),
+            "text_encoder_2": CLIPTextConfig(**ids, **SDXL_BASE["text_2"]).to_dict(),
+            "text_encoder_3": T5Config(**{**T5_XXL, "num_layers": t5_layers}).to_dict()}
 
 
 def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, device: str | None = None,
@@ -209,7 +224,7 @@ def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, 
         noise, sample = training_scheduler(parts["scheduler"], "auto", fam)
         return freeze(Components(fam, "random-sd3.5-medium", parts["transformer"], parts["vae"], [tokenizer] * 2,
                                  [parts["text_encoder"], parts["text_encoder_2"]], noise, sample,
-                                 [frozen_text(fam, parts["text_encoder_3"], t5_tok, parts["transformer"], 256)]))
+                                 [frozen_text(fam, parts["text_encoder_3"], t5_tok, parts["transformer"].config, 256)]))
     encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if family == "sdxl" else [])
     return freeze(Components(FAMILIES[family], f"random-{family}", parts["unet"], parts["vae"],
                              [tokenizer] * len(encoders), encoders,
@@ -247,11 +262,19 @@ SD3_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), laye
                sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                use_post_quant_conv=False, force_upcast=True, down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, in_channels=3, out_channels=3)
-# SD3.5 Medium as diffusers configures it; T5 at T5-XXL's width with `t5_layers` of its 24 layers
+# SD3.5 Medium as diffusers configures it
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                    pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
                    dual_attention_layers=tuple(range(13)))
+
+
+def sd35_medium(blocks: int = 24) -> dict:
+    """SD3.5 Medium's transformer config with its first `blocks` blocks (dual attention in the first 13, as there)."""
+    return {**SD35_MEDIUM, "num_layers": blocks, "dual_attention_layers": tuple(range(min(13, blocks)))}
+
+
+# T5-XXL's encoder (the benchmark may take fewer of its 24 layers)
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
               is_gated_act=True)
@@ -265,8 +288,8 @@ def build_sd3_components(variant: str = "sd3", seed: int = 0, t5: bool = True, f
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    big = {**SD35_MEDIUM, "num_layers": blocks, "dual_attention_layers": tuple(range(min(13, blocks)))}
-    parts = {"transformer": SD3Transformer2DModel(**(big if full else {**TINY_SD3, **SD3_VARIANTS[variant]}))}
+    parts = {"transformer": SD3Transformer2DModel(**(sd35_medium(blocks) if full else
+                                                     {**TINY_SD3, **SD3_VARIANTS[variant]}))}
     vae = SD3_VAE if full else {**TINY["vae"], "shift_factor": 0.0609, "scaling_factor": 1.5305,
                                 "use_quant_conv": False, "use_post_quant_conv": False}
     parts["vae"] = AutoencoderKL(**vae)

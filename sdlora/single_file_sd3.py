@@ -219,23 +219,35 @@ class _TextEncoders:
             return cls.from_pretrained(self.folder, subfolder=part)
         return self._file_encoder(part, cls, what)
 
+    def _files(self, part: str) -> list[Path]:
+        return sorted(f for f in self.folder.glob("*.safetensors") if f.name.lower().startswith(FILE_NAMES[part]))
+
     def _file_encoder(self, part: str, cls, what: str):
         from safetensors import safe_open
 
-        files = sorted(f for f in self.folder.glob("*.safetensors") if f.name.lower().startswith(FILE_NAMES[part]))
+        files = self._files(part)
         if not files:
             raise ModelError(f"{self.folder} has no {part}/ folder and no {FILE_NAMES[part]}*.safetensors file for "
                              f"the {what} text encoder")
         with safe_open(str(files[0]), "pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
             meta = f.metadata() or {}
-        prefix = next((p for p in (TEXT[part], "transformer.", "") if any(k.startswith(p) for k in state)), "")
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-        own = json.loads(meta.get("sdlora.diffusers_configs", "{}")).get(part, {})
-        cfg = {**(t5_config(shapes, prefix) if part == "text_encoder_3" else clip_config(shapes, prefix, part)), **own}
+        prefix, cfg = _file_config(part, {k: tuple(v.shape) for k, v in state.items()}, meta)
         sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if part == "text_encoder_3" \
             else _clip_state(state, prefix, projection=True)
         return _build(cls, cfg, sd, f"{what} ({files[0].name})", files[0])
+
+    def config(self, part: str) -> dict | None:
+        """A part's config from the folder, no weights read (a subfolder's config.json, or a ComfyUI-style file's
+        header); None where the folder has no such part."""
+        from .single_file import _header
+
+        if self.folder is None:
+            return None
+        if (self.folder / part / "config.json").is_file():
+            return json.loads((self.folder / part / "config.json").read_text())
+        files = self._files(part) if part in FILE_NAMES else []
+        return _file_config(part, *_header(files[0], False))[1] if files else None
 
     def tokenizer(self, tok: str):
         if self.folder is not None and (self.folder / tok).is_dir():
@@ -243,6 +255,21 @@ class _TextEncoders:
 
             return AutoTokenizer.from_pretrained(str(self.folder / tok))
         return None
+
+
+def _file_config(part: str, shapes: dict, meta: dict) -> tuple[str, dict]:
+    """(key prefix, config) of a text encoder's own file, from its shapes and sdlora's config header."""
+    prefix = next((p for p in (TEXT[part], "transformer.", "") if any(k.startswith(p) for k in shapes)), "")
+    own = json.loads(meta.get("sdlora.diffusers_configs", "{}")).get(part, {})
+    return prefix, {**(t5_config(shapes, prefix) if part == "text_encoder_3" else clip_config(shapes, prefix, part)),
+                    **own}
+
+
+def part_configs(configs: dict, text_encoders: str = "") -> dict:
+    """Every part's config for an SD3 file, no weights read: the file's own (`configs`, from its detection), else
+    the `text_encoders` folder's, else the shipped ones (SD3's VAE, CLIP-L, CLIP-G, T5-XXL), as loading takes them."""
+    extra = _TextEncoders(text_encoders, "")
+    return {**{part: extra.config(part) or _asset(part) for part in ("vae", *TEXT) if part not in configs}, **configs}
 
 
 def _tokenizer(path: Path, part: str, tok: str, encoder, extra: _TextEncoders):

@@ -5,6 +5,7 @@ the warning before training; and speed.log_every."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -22,19 +23,18 @@ GiB = 2**30
 
 def real_saved(model_path: str, cfg: Config, text_trained: bool, device: str = "cpu") -> int:
     """Bytes real tensors save for backward in one step of `cfg` (PyTorch's own SDPA kernels and autocast), the
-    weights placed as `setup` places them (on CUDA in the training precision)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
+    weights placed as `setup` places them (on CUDA in the training precision); SD3's T5 encodes the captions."""
     from sdlora.models import load_components
     from sdlora.training.adapters import target_modules
+    from sdlora.training.setup import apply_speed, layer_filter
 
     c = load_components(model_path)
     fam = c.family
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     for m in (c.denoiser, *c.text_encoders):
         m.to(device, dtype=low if device == "cuda" and low else torch.float32)
-    c.denoiser.set_attn_processor(AttnProcessor2_0())
-    for name in target_modules(c.denoiser, fam.target_patterns(cfg.lora.targets)):
+    apply_speed(cfg, c, torch.device(device))
+    for name in target_modules(c.denoiser, fam.target_patterns(cfg.lora.targets), layer_filter(cfg, c)):
         c.denoiser.get_submodule(name).weight.requires_grad_(True)
     if text_trained:
         for name in target_modules(c.text_encoders[0], fam.text_targets):
@@ -56,13 +56,20 @@ def real_saved(model_path: str, cfg: Config, text_trained: bool, device: str = "
     autocast = torch.autocast(device, dtype=low) if low else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         with torch.set_grad_enabled(text_trained):
-            cond = fam.conditioning.encode(c.tokenizers, c.text_encoders, ["a"] * b, device)
+            cond = fam.conditioning.encode(c.tokenizers, c.conditioning_encoders, ["a"] * b, device)
         wdtype = next(c.denoiser.parameters()).dtype
-        noisy = torch.randn(b, 4, lat, lat).to(device, wdtype)
-        pred = c.denoiser(noisy, torch.zeros(b, dtype=torch.long, device=device),
-                          **fam.conditioning.denoiser_kwargs(cond), return_dict=False)[0]
+        noisy = torch.randn(b, c.denoiser.config.in_channels, lat, lat).to(device, wdtype)
+        pred = fam.conditioning.predict(c.denoiser, noisy, torch.zeros(b, dtype=torch.long, device=device), cond)
         torch.nn.functional.mse_loss(pred.float(), noisy.float(), reduction="none").mean()
     return sum(seen.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    """SD3.5 Medium's structure (qk-norm, dual attention in block 0), tiny, with T5."""
+    from sdlora.random_pipelines import save_tiny_sd3_pipeline
+
+    return str(save_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd35m", "sd35m"))
 
 
 @pytest.mark.parametrize("targets,text,ckpt,precision", [
@@ -76,6 +83,86 @@ def test_meta_trace_saves_what_real_tensors_save(tiny_model, targets, text, ckpt
     want = real_saved(tiny_model, cfg, text)
     assert abs(got.saved - want) <= 1e-3 * want, (got.saved, want)
     assert got.peak >= got.saved
+
+
+@pytest.mark.parametrize("targets,ckpt,precision,shuffle", [
+    ("attn", False, "no", False), ("all", False, "no", True), ("all", True, "no", False), ("all", False, "bf16", False),
+    ("attn_ff", True, "bf16", True),
+])
+def test_sd3_meta_trace_saves_what_real_tensors_save(tiny_sd3, targets, ckpt, precision, shuffle):
+    """The MMDiT step (joint and dual attention, qk-norm) with T5's embeddings as the cache gives them, or T5 kept and
+    encoding in the step (shuffled tags)."""
+    cfg = tiny_config(tiny_sd3, ".", "o.safetensors", train__batch_size=2, train__gradient_checkpointing=ckpt,
+                      train__mixed_precision=precision, lora__targets=targets)
+    cfg.data[0].shuffle_tags = shuffle
+    got = fit._step_trace(fit.meta_model(tiny_sd3), cfg, 32, precision, "cpu")
+    want = real_saved(tiny_sd3, cfg, False)
+    assert abs(got.saved - want) <= 1e-3 * want, (got.saved, want)
+    assert got.peak >= got.saved
+
+
+def test_sd3_configs_and_text_cache_sizes_are_the_models(tiny_sd3, tmp_path):
+    """The folder's and its single file's configs (T5 included; a file without text encoders takes them from
+    --text-encoders) build the parts training loads, and one cached caption is the size the conditioning makes."""
+    from test_sd3 import _strip_text_encoders
+
+    from sdlora.models import load_components
+    from sdlora.single_file import save_single_file
+
+    c = load_components(tiny_sd3)
+    model = fit.meta_model(tiny_sd3)
+    counts = fit._counts(model)
+    for part, module in (("transformer", c.denoiser), ("vae", c.vae), ("text_encoder", c.text_encoders[0]),
+                         ("text_encoder_2", c.text_encoders[1]), ("text_encoder_3", c.frozen_text[0].model)):
+        assert counts[part]["params"] == sum(t.numel() for t in (*module.parameters(), *module.buffers())
+                                             if t.is_floating_point()), part
+    cond = c.family.conditioning.encode(c.tokenizers, c.conditioning_encoders, ["a red sks"], "cpu")
+    assert sum(v[0].numel() for v in cond.values()) == c.family.conditioning.caption_numel(model.configs, 256)
+    single = save_single_file(tiny_sd3, tmp_path / "m.safetensors")
+    bare = _strip_text_encoders(single, tmp_path / "bare.safetensors")
+    for source, extra in ((str(single), ""), (str(bare), tiny_sd3)):
+        from_file = fit.meta_model(source, extra)
+        assert from_file.family.name == "sd3" and fit._counts(from_file) == counts, source
+
+
+def test_t5_counts_before_the_steps_unless_captions_vary(tiny_sd3):
+    """T5 encodes every caption and is released: its weights are in the peak before the steps, not the step's. With
+    shuffled tags it stays: the step holds its weights. --no-t5: it is nowhere."""
+    from transformers import T5EncoderModel
+
+    model = fit.meta_model(tiny_sd3)
+    t5 = sum(p.numel() for p in T5EncoderModel.from_pretrained(tiny_sd3, subfolder="text_encoder_3").parameters())
+    cfg = tiny_config(tiny_sd3, ".", "o.safetensors", train__mixed_precision="bf16")
+    freed = fit.estimate(cfg, "cuda", model, n_images=4)
+    kept_cfg = copy.deepcopy(cfg)
+    kept_cfg.data[0].shuffle_tags = True
+    kept = fit.estimate(kept_cfg, "cuda", model, n_images=4)
+    assert "text_encoder_3" not in freed.weights and kept.weights["text_encoder_3"] == 2 * t5  # bf16
+    assert sum(kept.weights.values()) - sum(freed.weights.values()) == 2 * t5
+    assert freed.load >= fit.CUDA_CONTEXT + 2 * t5 and kept.load == 0
+    assert freed.cache > kept.cache  # shuffled tags: no text cache
+    none = fit.estimate(without_t5(cfg), "cuda", model, n_images=4)
+    assert none.load == 0 and none.weights == freed.weights
+    on_cpu = fit.estimate(cfg, "cpu", model, n_images=4)
+    assert on_cpu.load - fit.estimate(without_t5(cfg), "cpu", model, n_images=4).load >= 4 * t5  # loaded, in fp32
+
+
+def without_t5(cfg: Config) -> Config:
+    out = copy.deepcopy(cfg)
+    out.model.t5 = False
+    return out
+
+
+def test_the_plan_drops_t5_when_only_that_fits(tiny_sd3):
+    """On the CPU T5 is loaded with the rest: a budget under that peak but over the step's is met by --no-t5 alone
+    (the cheaper changes tried first are taken back)."""
+    model = fit.meta_model(tiny_sd3)
+    cfg = tiny_config(tiny_sd3, ".", "o.safetensors", train__batch_size=2)
+    with_t5 = fit.estimate(cfg, "cpu", model, n_images=4)
+    without = fit.estimate(without_t5(cfg), "cpu", model, n_images=4)
+    assert with_t5.total > without.total and with_t5.total == with_t5.load  # the loading peak is the job's peak
+    new, est = fit.fit_plan(cfg, "cpu", without.total, model, 4)
+    assert fit.changed_flags(cfg, new) == ["--no-t5"] and est.total <= without.total
 
 
 @pytest.mark.parametrize("family,resolution,ckpt,want", [
@@ -166,6 +253,18 @@ def test_cli_fit_reports_and_proposes(tiny_model, tmp_path, capsys):
     assert "does not fit" in out
 
 
+def test_cli_fit_on_an_sd3_folder(tiny_sd3, tmp_path, capsys):
+    from sdlora.cli import main
+
+    data = draw_images(tmp_path / "imgs", n=2)
+    assert main(["fit", "--model", tiny_sd3, "--data", str(data), "--vram", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "sd3, 32 px" in out and "transformer" in out and "peak before the steps" in out and "fits:" in out
+    assert "T5" in out and "released" in out
+    assert main(["fit", "--model", tiny_sd3, "--data", str(data), "--vram", "24GB", "--no-t5"]) == 0
+    assert "peak before the steps" not in capsys.readouterr().out
+
+
 def test_warning_before_training(tiny_model, images, tmp_path, monkeypatch):
     said = []
 
@@ -177,6 +276,16 @@ def test_warning_before_training(tiny_model, images, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model, images, tmp_path / "l.safetensors", train__max_steps=1)
     train(cfg, Say())
     assert any(s.startswith("warning: this job needs about") and "sdlora fit" in s for s in said)
+
+
+def test_warning_before_training_an_sd3_model(tiny_sd3, monkeypatch):
+    said = []
+    cfg = tiny_config(tiny_sd3, ".", "o.safetensors")
+    assert fit.warn_if_too_big(cfg, torch.device("cpu"), said.append) is not None and not said  # this machine: fits
+    monkeypatch.setattr(fit, "device_budget", lambda device, vram=None: (10**6, "this test's machine"))
+    est = fit.warn_if_too_big(cfg, torch.device("cpu"), said.append)
+    assert est.load > est.allocated + est.overhead  # T5 encoding with every part loaded is the peak
+    assert len(said) == 1 and said[0].startswith("warning: this job needs about")
 
 
 class Steps(Capture):

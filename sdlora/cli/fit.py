@@ -12,7 +12,9 @@ def register(sub) -> None:
                        description="Estimate the peak memory of training a job (weights, LoRA state, cached latents, "
                        "the step's activations measured from the model's architecture, overhead) and, when it does "
                        "not fit, the cheapest settings that do: caching, SDPA, 8-bit AdamW, gradient checkpointing, "
-                       "a smaller batch with gradient accumulation, an NF4 base, a lower resolution.")
+                       "a smaller batch with gradient accumulation, an NF4 base, SD3 without T5 (--no-t5), a lower "
+                       "resolution. SD3's T5 counts before the steps (it encodes every caption, then is released), "
+                       "or in the step's peak when shuffled or dropped tags keep it.")
     f.add_argument("configs", nargs="*", metavar="CONFIG.toml", help="Job files (flags override them).")
     f.add_argument("--vram", metavar="SIZE", help="Memory of the GPU to plan for (e.g. 12GB, 8192MB; GPU makers' "
                    "GB are GiB); implies --device cuda. Default: this machine's free GPU or CPU memory.")
@@ -36,7 +38,7 @@ def cmd_fit(args) -> int:
     budget, where = device_budget(device, vram)
     worst = 0
     for label, cfg in job_configs(args):
-        model = meta_model(cfg.model_path)
+        model = meta_model(cfg.model_path, cfg.model.text_encoders)
         est = estimate(cfg, device, model)
         print(report(label, cfg, model, est))
         if est.total <= budget:
@@ -46,8 +48,8 @@ def cmd_fit(args) -> int:
         print(f"does not fit: {where} has {budget / 2**30:.2f} GiB")
         plan = fit_plan(cfg, device, budget, model)
         if plan is None:
-            print("nothing sdlora can change makes it fit (an NF4 base, batch 1, checkpointing and a lower "
-                  "resolution included)\n")
+            print("nothing sdlora can change makes it fit (an NF4 base, batch 1, checkpointing, no T5 and a "
+                  "lower resolution included)\n")
         else:
             new, e = plan
             print(f"cheapest settings that fit: {' '.join(changed_flags(cfg, new))} "
@@ -57,8 +59,10 @@ def cmd_fit(args) -> int:
 
 def report(label: str, cfg, model, est) -> str:
     """The estimate, part by part, in GiB."""
+    from ..training.fit import resolution_of
+
     g = 2**30
-    res = cfg.augment.resolution or model.family.default_resolution
+    res = resolution_of(cfg, model)
     weights = "  ".join(f"{k} {v / g:.2f}" for k, v in est.weights.items())
     what = "CUDA context and allocator slack" if est.device == "cuda" else "the process (Python and libraries)"
     rows = [
@@ -67,6 +71,7 @@ def report(label: str, cfg, model, est) -> str:
         ("cached latents and text embeddings", est.cache),
         (f"activations at their peak ({est.saved / g:.2f} saved for backward)", est.activations),
         (what, est.overhead),
+        *([("peak before the steps (loading the model, caching its text)", est.load)] if est.load else []),
         ("total", est.total),
     ]
     head = (f"{label}: {model.family.name}, {res} px, batch {cfg.train.batch_size}, {est.precision} on {est.device}"

@@ -19,6 +19,11 @@ class Conditioning:
         """{'hidden': [B, S, D]}: the text encoder's last hidden states."""
         return {"hidden": encoders[0](tokenize(tokenizers[0], captions, device), return_dict=False)[0]}
 
+    def caption_numel(self, configs: dict, frozen_length: int = 256) -> int:
+        """Values of one caption's conditioning as the text cache holds it, from the parts' configs (keyed by
+        pipeline attribute); `frozen_length`: the tokens of a frozen encoder's part (SD3's T5)."""
+        return 77 * configs["text_encoder"]["hidden_size"]
+
     def micro(self, original_hw: tuple[int, int], crop_tl: tuple[int, int],
               target_hw: tuple[int, int]) -> torch.Tensor | None:
         """Per-image size/crop conditioning; None where the family has none."""

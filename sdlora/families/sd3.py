@@ -69,6 +69,12 @@ class SD3Conditioning(Conditioning):
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"hidden": torch.cat([clip, t5], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
+    def caption_numel(self, configs, frozen_length=256):
+        """77 CLIP tokens and `frozen_length` T5 tokens at the transformer's joint width, and the pooled CLIP-L +
+        CLIP-G embedding (the same with or without T5: its part is zeros then)."""
+        t = configs["transformer"]
+        return (77 + frozen_length) * t["joint_attention_dim"] + t["pooled_projection_dim"]
+
     def denoiser_kwargs(self, cond, micro=None):
         return {"encoder_hidden_states": cond["hidden"], "pooled_projections": cond["pooled"]}
 

@@ -19,6 +19,11 @@ class SDXLConditioning(Conditioning):
                 pooled = out.text_embeds
         return {"hidden": torch.cat(hidden, dim=-1), "pooled": pooled}
 
+    def caption_numel(self, configs, frozen_length=256):
+        """77 tokens of both encoders' widths, and CLIP-G's pooled projection."""
+        te1, te2 = configs["text_encoder"], configs["text_encoder_2"]
+        return 77 * (te1["hidden_size"] + te2["hidden_size"]) + te2["projection_dim"]
+
     def micro(self, original_hw, crop_tl, target_hw):
         """(original h, w, crop top, left, target h, w)."""
         return torch.tensor([*original_hw, *crop_tl, *target_hw], dtype=torch.float32)

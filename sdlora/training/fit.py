@@ -1,16 +1,21 @@
 """Will a training job fit in memory? An estimate of its peak from the model's architecture, and the cheapest changes
 that make it fit.
 
-peak = weights (each part in its dtype: the UNet and text encoders in the training precision on CUDA, fp32 on the CPU,
-NF4 Linear layers at 4 bits plus their quantization state; the VAE fp32; every part stays on the device)
+peak = weights (each part in its dtype: the denoiser and text encoders in the training precision on CUDA, fp32 on the
+CPU, NF4 Linear layers at 4 bits plus their quantization state; the VAE fp32; every part stays on the device)
      + trainable state (LoRA weights, gradients and optimizer state, fp32)
      + cached latents and text embeddings
      + the step's activations at their peak (measured on the meta device, `memtrace`)
      + overhead (CUDA: the context and the caching allocator's slack; CPU: the process's own libraries).
+
+SD3's T5 (the family's frozen encoder) encodes every caption once before the steps and is released: it counts in the
+peak before the steps (`Estimate.load`), not in the step's. With captions that change every step (shuffled or dropped
+tags) it stays and encodes each batch: its weights count in the step's peak. `--no-t5` leaves it out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -21,7 +26,7 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError, ModelError
-from ..families import FAMILIES, Family
+from ..families import FAMILIES, Family, TextEncoderSlot
 from .memtrace import MetaStep, Trace, checkpointing, mark_trainable, trace
 
 GiB = 2**30
@@ -39,7 +44,7 @@ class MetaModel:
     """A model's family and the diffusers/transformers configs of its parts, to build on the meta device."""
 
     family: Family
-    configs: dict            # unet, vae, text_encoder[, text_encoder_2] -> config dict
+    configs: dict            # denoiser (unet / transformer), vae, text encoders, frozen encoders -> config dict
     source: str
 
     @property
@@ -48,20 +53,36 @@ class MetaModel:
 
         return json.dumps(self.configs, sort_keys=True, default=str)
 
-    def build(self):
-        """(denoiser, vae, text encoders) on the meta device, frozen."""
-        import diffusers
-        import transformers
+    @property
+    def denoiser_config(self) -> dict:
+        return self.configs[self.family.denoiser_attr]
 
+    @property
+    def frozen_slots(self) -> list[TextEncoderSlot]:
+        """The family's frozen encoders this model has (SD3's T5, where it has one)."""
+        return [s for s in self.family.frozen_encoders if s.attr in self.configs]
+
+    def build(self):
+        """(denoiser, vae, text encoders, frozen encoders) on the meta device, frozen."""
+        import diffusers
+
+        fam = self.family
         with torch.device("meta"), _quiet():
-            denoiser = getattr(diffusers, self.family.denoiser_class).from_config(self.configs["unet"])
+            denoiser = getattr(diffusers, fam.denoiser_class).from_config(self.denoiser_config)
             vae = diffusers.AutoencoderKL.from_config(self.configs["vae"])
-            encoders = [getattr(transformers, s.model_class)(transformers.CLIPTextConfig.from_dict(
-                self.configs[s.attr])) for s in self.family.text_encoders]
-        for m in (denoiser, vae, *encoders):
+            encoders = [_encoder(s, self.configs[s.attr]) for s in fam.text_encoders]
+            frozen = [_encoder(s, self.configs[s.attr]) for s in self.frozen_slots]
+        for m in (denoiser, vae, *encoders, *frozen):
             m.requires_grad_(False)
             m.eval()
-        return denoiser, vae, encoders
+        return denoiser, vae, encoders, frozen
+
+
+def _encoder(slot: TextEncoderSlot, config: dict):
+    import transformers
+
+    cls = getattr(transformers, slot.model_class)
+    return cls(cls.config_class.from_dict(config))
 
 
 class _quiet:
@@ -80,11 +101,11 @@ class _quiet:
             lg.setLevel(level)
 
 
-def meta_model(source: str) -> MetaModel:
-    """The configs of a diffusers folder, a hub id in the local cache, or a single-file checkpoint (from its header);
-    no weights are read."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig
+def meta_model(source: str, text_encoders: str = "") -> MetaModel:
+    """The configs of a diffusers folder, a hub id in the local cache, or a single-file checkpoint (from its header;
+    the parts an SD3 file lacks from `text_encoders` or the shipped configs, as loading takes them); no weights are
+    read. A frozen encoder (SD3's T5) is there where the model has one."""
+    import diffusers
 
     from ..models import _folder_family
 
@@ -92,31 +113,47 @@ def meta_model(source: str) -> MetaModel:
         from ..single_file import detect_checkpoint
 
         info = detect_checkpoint(source)
-        return MetaModel(FAMILIES[info.family], info.configs, source)
+        family, configs = FAMILIES[info.family], info.configs
+        if any(s.attr not in configs for s in (*family.text_encoders, *family.frozen_encoders)):
+            from ..single_file_sd3 import part_configs
+
+            configs = part_configs(configs, text_encoders)
+        return MetaModel(family, configs, source)
     family = _folder_family(source)
     try:
-        configs = {"unet": dict(UNet2DConditionModel.load_config(source, subfolder=family.denoiser_attr)),
-                   "vae": dict(AutoencoderKL.load_config(source, subfolder="vae"))}
+        configs = {family.denoiser_attr: dict(getattr(diffusers, family.denoiser_class).load_config(
+                       source, subfolder=family.denoiser_attr)),
+                   "vae": dict(diffusers.AutoencoderKL.load_config(source, subfolder="vae"))}
         for slot in family.text_encoders:
-            configs[slot.attr] = CLIPTextConfig.from_pretrained(source, subfolder=slot.attr).to_dict()
+            configs[slot.attr] = _encoder_config(slot, source)
     except (OSError, ValueError) as e:
         raise ModelError(f"{source}: cannot read its configs: {str(e).splitlines()[0]}") from None
+    for slot in family.frozen_encoders:
+        with contextlib.suppress(OSError, ValueError):  # a model without T5 (it trains with --no-t5)
+            configs[slot.attr] = _encoder_config(slot, source)
     return MetaModel(family, configs, source)
 
 
-def random_model(family: str) -> MetaModel:
-    """The full-size random-weight models of `random_pipelines` (the benchmark's), as configs."""
+def _encoder_config(slot: TextEncoderSlot, source: str) -> dict:
+    import transformers
+
+    return getattr(transformers, slot.model_class).config_class.from_pretrained(source, subfolder=slot.attr).to_dict()
+
+
+def random_model(family: str, **sizes) -> MetaModel:
+    """The full-size random-weight models of `random_pipelines` (the benchmark's), as configs; SD3: SD3.5 Medium with
+    T5-XXL (`sizes`: sd3_blocks, t5_layers)."""
     from ..random_pipelines import full_size_configs
 
     with _quiet():
-        return MetaModel(FAMILIES[family], full_size_configs(family), f"random-{family}")
+        return MetaModel(FAMILIES[family], full_size_configs(family, **sizes), f"random-{family}")
 
 
 @dataclass
 class Estimate:
     device: str                       # cuda | cpu
     precision: str                    # no | bf16 | fp16
-    weights: dict[str, int]           # part -> bytes
+    weights: dict[str, int]           # part -> bytes (held through the steps)
     lora_params: int
     trainable: int                    # LoRA weights + gradients + optimizer state
     cache: int                        # cached latents and text embeddings
@@ -124,17 +161,19 @@ class Estimate:
     activations: int                  # peak of the step's live activations (incl. a VAE encode when uncached)
     overhead: int
     notes: list[str] = field(default_factory=list)
-    load: int = 0                     # CPU: the peak while loading (an NF4 base is loaded in full precision first)
+    # the peak before the steps: CPU loading (every part in full precision, an NF4 base before it is quantized);
+    # SD3's T5 encoding every caption before it is released (CUDA: alone on the device, with the context)
+    load: int = 0
 
     @property
     def allocated(self) -> int:
-        """What PyTorch allocates at the peak (CUDA: torch.cuda.max_memory_allocated)."""
+        """What PyTorch allocates at the step's peak (CUDA: torch.cuda.max_memory_allocated)."""
         return sum(self.weights.values()) + self.trainable + self.cache + self.activations
 
     @property
     def total(self) -> int:
-        """What the device must have free: allocated plus overhead (CUDA: the GPU's memory; CPU: the process RSS, or
-        the loading peak where that is higher)."""
+        """What the device must have free: allocated plus overhead (CUDA: the GPU's memory; CPU: the process RSS), or
+        the peak before the steps where that is higher."""
         return max(self.allocated + self.overhead, self.load)
 
 
@@ -156,43 +195,85 @@ def _dtypes(precision: str, device: str) -> tuple[torch.dtype, torch.dtype | Non
     return (low if device == "cuda" and low else torch.float32), low
 
 
+def resolution_of(cfg: Config, model: MetaModel) -> int:
+    """The job's resolution: its own, else the model's (`setup.resolve_resolution`: the denoiser's sample size)."""
+    return cfg.augment.resolution or model.denoiser_config["sample_size"] * _vae_factor(model)
+
+
+def _frozen(model: MetaModel, cfg: Config) -> tuple[list[str], bool]:
+    """(the frozen encoders that load: SD3's T5 where the model has one, unless --no-t5; whether they stay through
+    the steps: captions that change every step, as `setup` decides it)."""
+    from .setup import captions_vary
+
+    parts = [s.attr for s in model.frozen_slots] if cfg.model.t5 else []
+    return parts, bool(parts) and captions_vary(cfg)
+
+
 def estimate(cfg: Config, device: str = "cuda", model: MetaModel | None = None,
              n_images: int | None = None) -> Estimate:
     """Peak memory of training `cfg` on `device` ('cuda' or 'cpu'). `model` defaults to the job's model (read from
     its configs), `n_images` to the images in its data folders."""
-    model = model or meta_model(cfg.model_path)
-    precision = precision_for(cfg, device)
+    from .setup import captions_vary, frozen_text_dtype
+
+    model = model or meta_model(cfg.model_path, cfg.model.text_encoders)
+    fam, precision = model.family, precision_for(cfg, device)
     wdtype, _ = _dtypes(precision, device)
-    res = cfg.augment.resolution or model.family.default_resolution
+    res = resolution_of(cfg, model)
     counts = _counts(model)
+    held = [fam.denoiser_attr, "vae", *(s.attr for s in fam.text_encoders)]
     weights = {part: _part_bytes(counts[part], wdtype if part != "vae" else torch.float32,
-                                 cfg.model.quantize if part != "vae" else "none") for part in counts}
+                                 cfg.model.quantize if part != "vae" else "none") for part in held}
+    frozen, kept = _frozen(model, cfg)
+    fdtype = frozen_text_dtype(device, precision)
+    frozen_bytes = {part: _part_bytes(counts[part], fdtype, "none") for part in frozen}  # T5 is never quantized
     lora = _lora_params(model, cfg)
     per_param = 4 + 4  # fp32 weight and gradient (diffusers' cast_training_params)
     trainable = sum(n * (per_param + _optimizer_bytes(cfg.optim.optimizer, n)) for n in lora)
     step = _step_trace(model, cfg, res, precision, device)
     activations, notes = step.peak, []
     if cfg.model.quantize == "nf4":  # one Linear weight at a time is dequantized to the compute dtype
-        activations += max(counts[p]["largest_linear"] for p in counts if p != "vae") * wdtype.itemsize
+        activations += max(counts[p]["largest_linear"] for p in held if p != "vae") * wdtype.itemsize
     cached = cfg.train.cache_latents and cfg.augment.crop == "center"
     if not cached:
         activations = max(activations, _vae_trace(model, res).peak)
         notes.append("latents not cached: the VAE encodes every step")
     images = _count_images(cfg) if n_images is None else n_images
-    latent = model.configs["unet"]["in_channels"] * (res // _vae_factor(model)) ** 2 * wdtype.itemsize
-    context = sum(model.configs[s.attr]["hidden_size"] for s in model.family.text_encoders)
+    latent = model.denoiser_config["in_channels"] * (res // _vae_factor(model)) ** 2 * wdtype.itemsize
+    text_cached = cfg.train.cache_text and not captions_vary(cfg) and \
+        not any(_text_trained(cfg, len(fam.text_encoders)))
+    caption = fam.conditioning.caption_numel(model.configs, cfg.model.t5_max_length) * wdtype.itemsize
     cache = (images * (2 if cfg.augment.random_flip else 1) * latent if cached else 0) \
-        + ((images + 2) * 77 * context * wdtype.itemsize if cfg.train.cache_text else 0)
-    load = 0
-    if device == "cuda":
+        + ((images + 2) * caption if text_cached else 0)
+    encode = 0  # the frozen encoders encoding every caption before the steps, then released
+    if kept:
+        weights.update(frozen_bytes)
+        notes.append("T5 stays in memory: shuffled or dropped tags make a new caption every step")
+    elif frozen:
+        encode = _frozen_trace(model, cfg, precision, device).peak
+        notes.append(f"T5 ({sum(frozen_bytes.values()) / GiB:.2f} GiB) encodes every caption before the steps and "
+                     "is then released")
+    if frozen and device == "cpu":  # T5's own per-caption cache (host memory)
+        spec = _frozen_text_spec(model, cfg)
+        cache += (images + 2) * spec.length * spec.width * fdtype.itemsize
+    if cfg.model.t5 and fam.frozen_encoders and not model.frozen_slots:
+        notes.append("the model has no T5: it trains with --no-t5")
+    if device == "cuda":  # T5 encodes alone on the device (the other parts move there after it is released)
         overhead = CUDA_CONTEXT + int(CUDA_SLACK * activations)
-    else:
+        load = CUDA_CONTEXT + sum(frozen_bytes.values()) + encode + int(CUDA_SLACK * encode) if encode else 0
+    else:  # every part is loaded in fp32 before T5 encodes and NF4 quantizes
         overhead = CPU_BASELINE
-        load = sum(_part_bytes(c, torch.float32, "none") for c in counts.values()) + overhead
+        load = sum(_part_bytes(counts[p], torch.float32, "none") for p in (*held, *frozen)) + overhead + encode
         if cfg.model.quantize == "nf4":
             notes.append(f"loading holds the full-precision base before it is quantized: {load / GiB:.2f} GiB")
     return Estimate(device, precision, weights, sum(lora), int(trainable), int(cache), step.saved, int(activations),
                     overhead, notes, load)
+
+
+def _frozen_text_spec(model: MetaModel, cfg: Config):
+    """The conditioning's frozen part as training makes it (SD3: a T5Text's length and width), without a model."""
+    from ..models import frozen_text
+
+    return frozen_text(model.family, None, None, model.denoiser_config, cfg.model.t5_max_length)
 
 
 def _vae_factor(model: MetaModel) -> int:
@@ -239,8 +320,10 @@ def _cached(key: tuple, make):
 def _counts(model: MetaModel) -> dict:
     """Per part: floating-point parameter count, each nn.Linear weight's size, and the largest one."""
     def make():
-        denoiser, vae, encoders = model.build()
-        parts = {"unet": denoiser, "vae": vae, **{s.attr: e for s, e in zip(model.family.text_encoders, encoders)}}
+        denoiser, vae, encoders, frozen = model.build()
+        fam = model.family
+        parts = {fam.denoiser_attr: denoiser, "vae": vae, **{s.attr: e for s, e in zip(fam.text_encoders, encoders)},
+                 **{s.attr: e for s, e in zip(model.frozen_slots, frozen)}}
         out = {}
         for name, m in parts.items():
             linear = [mod.weight.numel() for mod in m.modules() if type(mod) is torch.nn.Linear]
@@ -263,6 +346,18 @@ def _text_trained(cfg: Config, n: int) -> tuple[bool, ...]:
     return tuple(bool(lr) for lr in text_encoder_lrs(cfg, n))
 
 
+def _denoiser_targets(model: MetaModel, cfg: Config, denoiser) -> list[str]:
+    """The denoiser layers that get a LoRA, as `setup.add_adapters` picks them (the preset, less the family's unused
+    layers, and lora.blocks)."""
+    from types import SimpleNamespace
+
+    from .adapters import target_modules
+    from .setup import layer_filter
+
+    keep = layer_filter(cfg, SimpleNamespace(family=model.family, denoiser=denoiser, name=model.source))
+    return target_modules(denoiser, model.family.target_patterns(cfg.lora.targets), keep)
+
+
 def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
     """Parameters of each LoRA tensor (A and B per target layer): r x in and r x out for a Linear, r x in x k x k and
     r x out for a convolution."""
@@ -271,13 +366,13 @@ def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
     text = _text_trained(cfg, len(model.family.text_encoders))
 
     def make():
-        denoiser, _, encoders = model.build()
+        denoiser, _, encoders, _ = model.build()
         fam = model.family
-        plan = [(denoiser, fam.target_patterns(cfg.lora.targets))] if cfg.train.max_steps > 0 else []
-        plan += [(e, fam.text_targets) for e, t in zip(encoders, text) if t]
+        plan = [(denoiser, _denoiser_targets(model, cfg, denoiser))] if cfg.train.max_steps > 0 else []
+        plan += [(e, target_modules(e, fam.text_targets)) for e, t in zip(encoders, text) if t]
         sizes = []
-        for module, patterns in plan:
-            for name in target_modules(module, patterns):
+        for module, names in plan:
+            for name in names:
                 layer = module.get_submodule(name)
                 if isinstance(layer, torch.nn.Conv2d):
                     k = layer.kernel_size[0] * layer.kernel_size[1]
@@ -286,7 +381,8 @@ def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
                     sizes += [cfg.lora.rank * layer.in_features, cfg.lora.rank * layer.out_features]
         return sizes
 
-    return _cached(("lora", model.key, cfg.lora.targets, cfg.lora.rank, text, cfg.train.max_steps > 0), make)
+    return _cached(("lora", model.key, cfg.lora.targets, cfg.lora.blocks, cfg.lora.rank, text,
+                    cfg.train.max_steps > 0), make)
 
 
 class _Tokenizer:
@@ -300,32 +396,58 @@ class _Tokenizer:
         return SimpleNamespace(input_ids=torch.zeros(len(captions), 77, dtype=torch.long, device="meta"))
 
 
+class _FrozenText:
+    """Stands in for the conditioning's frozen part (SD3's T5Text) on meta: the model encodes each batch when it stays
+    (no gradients, as T5Text), else the cached embeddings come in ([B, length, width]; zeros without T5)."""
+
+    def __init__(self, model, length: int, width: int, dtype: torch.dtype):
+        self.model, self.length, self.width, self.dtype = model, length, width, dtype
+
+    def __call__(self, captions, device):
+        if self.model is None:
+            return torch.empty(len(captions), self.length, self.width, device="meta", dtype=self.dtype)
+        with torch.no_grad():
+            return self.model(torch.zeros(len(captions), self.length, dtype=torch.long, device="meta"))[0]
+
+
 def _step_trace(model: MetaModel, cfg: Config, res: int, precision: str, device: str) -> Trace:
     """Activations of one training step (text encoding when it trains, the denoiser's forward, the loss, backward)."""
     text = _text_trained(cfg, len(model.family.text_encoders))
+    frozen, kept = _frozen(model, cfg)
     key = ("step", model.key, res, cfg.train.batch_size, precision, device, cfg.train.gradient_checkpointing,
-           cfg.speed.attention, cfg.lora.targets, text, cfg.train.max_steps > 0)
+           cfg.speed.attention, cfg.lora.targets, cfg.lora.blocks, text, cfg.train.max_steps > 0, tuple(frozen), kept,
+           cfg.model.t5_max_length)
     return _cached(key, lambda: _measure_step(model, cfg, res, precision, device, text))
 
 
-def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, device: str, text: tuple) -> Trace:
+def _attention(denoiser, attention: str) -> None:
+    """The attention kernel `setup.apply_speed` gives plain attention (SD3's joint attention keeps its SDPA)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    if {type(p).__name__ for p in denoiser.attn_processors.values()} <= {"AttnProcessor", "AttnProcessor2_0"}:
+        denoiser.set_attn_processor(AttnProcessor() if attention == "math" else AttnProcessor2_0())
+
+
+def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, device: str, text: tuple) -> Trace:
     from .adapters import target_modules
+    from .setup import frozen_text_dtype
 
     wdtype, low = _dtypes(precision, device)
     fam, batch = model.family, cfg.train.batch_size
+    frozen_parts, kept = _frozen(model, cfg)
     with torch.random.fork_rng(devices=[]):
-        denoiser, _, encoders = model.build()
+        denoiser, _, encoders, frozen = model.build()
         for m in (denoiser, *encoders):
             torch.nn.Module.to(m, wdtype)
-        denoiser.set_attn_processor(AttnProcessor() if cfg.speed.attention == "math" else AttnProcessor2_0())
+        for m in frozen:
+            torch.nn.Module.to(m, frozen_text_dtype(device, precision))
+        _attention(denoiser, cfg.speed.attention)
 
         def mode():
             return MetaStep(low, device)
 
         if cfg.train.max_steps > 0:
-            mark_trainable(denoiser, target_modules(denoiser, fam.target_patterns(cfg.lora.targets)))
+            mark_trainable(denoiser, _denoiser_targets(model, cfg, denoiser))
         for enc, trained in zip(encoders, text):
             if trained:
                 mark_trainable(enc, target_modules(enc, fam.text_targets))
@@ -334,23 +456,28 @@ def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, devic
         if cfg.train.gradient_checkpointing:
             checkpointing(denoiser, mode)
         lat = res // _vae_factor(model)
+        spec = _frozen_text_spec(model, cfg) if fam.frozen_encoders else None
+        running = dict(zip(model.frozen_slots, frozen)) if kept else {}
+        stand_ins = [_FrozenText(running.get(s), spec.length, spec.width, frozen_text_dtype(device, precision)
+                                 if frozen_parts else torch.float32) for s in fam.frozen_encoders]
 
         def step():
             with torch.set_grad_enabled(any(text)):
-                cond = fam.conditioning.encode([_Tokenizer()] * len(encoders), encoders, [""] * batch, "meta")
+                cond = fam.conditioning.encode([_Tokenizer()] * len(encoders), [*encoders, *stand_ins],
+                                               [""] * batch, "meta")
             micro = torch.zeros(batch, 6, device="meta")
-            noisy = torch.empty(batch, model.configs["unet"]["in_channels"], lat, lat, device="meta", dtype=wdtype)
+            noisy = torch.empty(batch, model.denoiser_config["in_channels"], lat, lat, device="meta", dtype=wdtype)
             t = torch.zeros(batch, dtype=torch.long, device="meta")
-            pred = denoiser(noisy, t, **fam.conditioning.denoiser_kwargs(cond, micro), return_dict=False)[0]
+            pred = fam.conditioning.predict(denoiser, noisy, t, cond, micro)
             return torch.nn.functional.mse_loss(pred.float(), noisy.float(), reduction="none").mean()
 
-        return trace(step, [denoiser, *encoders], mode)
+        return trace(step, [denoiser, *encoders, *frozen], mode)
 
 
 def _vae_trace(model: MetaModel, res: int) -> Trace:
     """The VAE encoding one image (fp32, no gradient), as uncached latents are made every step."""
     def make():
-        _, vae, _ = model.build()
+        _, vae, _, _ = model.build()
 
         def step():
             with torch.no_grad():
@@ -359,6 +486,29 @@ def _vae_trace(model: MetaModel, res: int) -> Trace:
         return trace(step, [vae], lambda: MetaStep(None, "cpu"), backward=False)
 
     return _cached(("vae", model.key, res), make)
+
+
+def _frozen_trace(model: MetaModel, cfg: Config, precision: str, device: str) -> Trace:
+    """The frozen encoders (SD3's T5) encoding a chunk of captions before the steps: no gradients, no autocast, in
+    their own dtype (`setup.cache_frozen_text`)."""
+    from .setup import FROZEN_TEXT_CHUNK, frozen_text_dtype
+
+    length = cfg.model.t5_max_length
+
+    def make():
+        *_, frozen = model.build()
+        for m in frozen:
+            torch.nn.Module.to(m, frozen_text_dtype(device, precision))
+
+        def step():
+            ids = torch.zeros(FROZEN_TEXT_CHUNK, length, dtype=torch.long, device="meta")
+            with torch.no_grad():
+                for m in frozen:
+                    m(ids)[0]
+
+        return trace(step, frozen, lambda: MetaStep(None, device), backward=False)
+
+    return _cached(("frozen", model.key, precision, device, length), make)
 
 
 # ---------------------------------------------------------------- what the device offers, and what fits
@@ -407,8 +557,10 @@ def _rss() -> int:
         return 0
 
 
-def _changes(cfg: Config):
-    """The changes that lower the peak, cheapest first: (what, change the config in place; False when it cannot)."""
+def _changes(cfg: Config, model: MetaModel):
+    """The changes that lower the peak, cheapest first: (what, change the config in place; False when it cannot).
+    The free ones come first; then those that change what the model is trained as (an NF4 base, no T5: the LoRA
+    then matches a model without T5's embeddings), and a lower resolution last."""
     def cache(c):
         can = (not c.train.cache_latents and c.augment.crop == "center") or \
               (not c.train.cache_text and not any(_text_trained(c, 2)))
@@ -442,8 +594,10 @@ def _changes(cfg: Config):
     yield "8-bit AdamW", setter("optim", "optimizer", "adamw8bit")
     yield "gradient checkpointing", setter("train", "gradient_checkpointing", True)
     for _ in range(8):
-        yield "a smaller batch with gradient accumulation", halve_batch
+        yield _HALVE, halve_batch
     yield "an NF4 base", setter("model", "quantize", "nf4")
+    if model.frozen_slots:
+        yield "no T5", setter("model", "t5", False)
     for _ in range(3):
         yield "a lower resolution", lower_resolution
 
@@ -452,12 +606,12 @@ def fit_plan(cfg: Config, device: str, budget: int, model: MetaModel | None = No
              n_images: int | None = None) -> tuple[Config, Estimate] | None:
     """The cheapest settings that fit `budget`: the changes of `_changes` added in order until the estimate fits,
     then each added change that is not needed taken back. None when even all of them do not fit."""
-    model = model or meta_model(cfg.model_path)
+    model = model or meta_model(cfg.model_path, cfg.model.text_encoders)
     trial = copy.deepcopy(cfg)
-    trial.augment.resolution = trial.augment.resolution or model.family.default_resolution
+    trial.augment.resolution = resolution_of(trial, model)
     applied = []
     est = estimate(trial, device, model, n_images)
-    for what, change in _changes(trial):
+    for what, change in _changes(trial, model):
         if est.total <= budget:
             break
         before = copy.deepcopy(trial)
@@ -466,8 +620,8 @@ def fit_plan(cfg: Config, device: str, budget: int, model: MetaModel | None = No
             est = estimate(trial, device, model, n_images)
     if est.total > budget:
         return None
-    for what, _ in list(applied[:-1]):  # drop a cheap change the later ones made unnecessary
-        undone = _undo(trial, cfg, what)
+    for what, before in list(applied[:-1]):  # drop a cheap change the later ones made unnecessary
+        undone = _undo(trial, cfg, what, before)
         if undone is not None:
             e = estimate(undone, device, model, n_images)
             if e.total <= budget:
@@ -477,10 +631,20 @@ def fit_plan(cfg: Config, device: str, budget: int, model: MetaModel | None = No
 
 _FIELDS = {"caching": [("train", "cache_latents"), ("train", "cache_text")],
            "SDPA attention": [("speed", "attention")], "8-bit AdamW": [("optim", "optimizer")],
-           "gradient checkpointing": [("train", "gradient_checkpointing")], "an NF4 base": [("model", "quantize")]}
+           "gradient checkpointing": [("train", "gradient_checkpointing")], "an NF4 base": [("model", "quantize")],
+           "no T5": [("model", "t5")]}
 
 
-def _undo(trial: Config, original: Config, what: str) -> Config | None:
+_HALVE = "a smaller batch with gradient accumulation"
+
+
+def _undo(trial: Config, original: Config, what: str, before: Config) -> Config | None:
+    """`trial` with the change `what` taken back (its setting in `original`); a batch halving goes back to the batch
+    `before` it, one halving at a time (in the order applied, the largest batch is tried first). None: it cannot."""
+    if what == _HALVE and before.train.batch_size > trial.train.batch_size:
+        out = copy.deepcopy(trial)
+        out.train.batch_size, out.train.grad_accum = before.train.batch_size, before.train.grad_accum
+        return out
     if what not in _FIELDS:
         return None
     out = copy.deepcopy(trial)
@@ -530,6 +694,10 @@ def config_of_row(row: dict) -> Config:
     cfg.train.cache_latents = cfg.train.cache_text = row["cached"]
     cfg.lora.targets, cfg.lora.rank, cfg.optim.optimizer = row["targets"], row["rank"], row["optimizer"]
     cfg.train.gradient_checkpointing, cfg.speed.attention = row["gradient_checkpointing"], row["attention"]
+    if row.get("t5") == "kept":  # the benchmark keeps SD3's T5 by shuffling tags
+        from ..config import DataFolder
+
+        cfg.data = [DataFolder(path="benchmark-images", prompt="a photo, of, sks", shuffle_tags=True)]
     for key, value in row.get("overrides", {}).items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
@@ -539,7 +707,8 @@ def config_of_row(row: dict) -> Config:
 def check_row(row: dict) -> dict:
     """A benchmark row's measured peak against the estimate: CPU rows the process RSS against the total, CUDA rows
     the allocated peak against `allocated` (and reserved against allocated plus the allocator's slack)."""
-    est = estimate(config_of_row(row), row["device"], random_model(row["family"]), row["images"])
+    sizes = {k: row[k] for k in ("sd3_blocks", "t5_layers") if k in row}
+    est = estimate(config_of_row(row), row["device"], random_model(row["family"], **sizes), row["images"])
     if row["device"] == "cuda":
         measured, estimated = row["peak_allocated_gb"] * GiB, est.allocated
         reserved = (row["peak_reserved_gb"] * GiB, est.total - CUDA_CONTEXT)

@@ -42,6 +42,30 @@ class FlashAttention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+class CPULayerNorm(torch.autograd.Function):
+    """Meta stand-in for the CPU's layer norm of a bf16/fp16 input without fp32 weights: it saves its mean and rstd in
+    the input's dtype, where the meta kernel makes them fp32 (as CUDA's does)."""
+
+    @staticmethod
+    def forward(ctx, x, dims: int):
+        shape = (*x.shape[: x.dim() - dims], *(1,) * dims)
+        ctx.save_for_backward(x, x.new_empty(shape), x.new_empty(shape))
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(ctx.saved_tensors[0]), None
+
+
+def _cpu_layer_norm(args, kwargs):
+    """CPULayerNorm for F.layer_norm's arguments where the CPU kernel keeps its statistics low, else None."""
+    x, shape = args[0], args[1] if len(args) > 1 else kwargs["normalized_shape"]
+    affine = [args[i] if len(args) > i else kwargs.get(name) for i, name in ((2, "weight"), (3, "bias"))]
+    if x.dtype in (torch.bfloat16, torch.float16) and all(p is None or p.dtype == x.dtype for p in affine):
+        return CPULayerNorm.apply(x, len(shape))
+    return None
+
+
 _LOW = (F.linear, F.conv1d, F.conv2d, torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, torch.mm,
         F.scaled_dot_product_attention)
 _FP32 = {"cuda": (F.group_norm, F.layer_norm, F.softmax, F.log_softmax, F.mse_loss),
@@ -50,11 +74,12 @@ _FP32 = {"cuda": (F.group_norm, F.layer_norm, F.softmax, F.log_softmax, F.mse_lo
 
 class MetaStep(TorchFunctionMode):
     """Flash attention instead of SDPA's math fallback, and autocast's casts: `low` (bf16/fp16, None = no autocast)
-    for matrix products and convolutions, fp32 for the ops `device`'s autocast runs in fp32."""
+    for matrix products and convolutions, fp32 for the ops `device`'s autocast runs in fp32; under CPU autocast, layer
+    norms save what the CPU kernel saves."""
 
     def __init__(self, low: torch.dtype | None = None, device: str = "cuda"):
         super().__init__()
-        self.low, self.fp32 = low, _FP32[device] if low is not None else ()
+        self.low, self.device, self.fp32 = low, device, _FP32[device] if low is not None else ()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -64,6 +89,10 @@ class MetaStep(TorchFunctionMode):
             args, kwargs = _cast(args, torch.float32), _cast(kwargs, torch.float32)
         if func is F.scaled_dot_product_attention:
             return FlashAttention.apply(*args[:3])
+        if func is F.layer_norm and self.device == "cpu" and self.low is not None:
+            out = _cpu_layer_norm(args, kwargs)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
 

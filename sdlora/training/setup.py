@@ -140,7 +140,7 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message, held_out)
     examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
     use_zero_terminal_snr(cfg, c)
-    varying = any(r.active for r in batches.tag_rules)
+    varying = captions_vary(cfg)
     cache_frozen_text(cfg, c, acc.device, acc.mixed_precision, varying, callbacks.on_message,
                       batches.captions() + [e.caption for e in examples])
     weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
@@ -207,7 +207,7 @@ def cache_frozen_text(cfg: Config, c: Components, device: torch.device, precisio
     held = [f for f in c.frozen_text if f.model is not None]
     if not held:
         return
-    dtype = {"bf16": torch.bfloat16}.get(precision, torch.float32) if device.type == "cuda" else torch.float32
+    dtype = frozen_text_dtype(device.type, precision)
     for f in held:
         f.model.to(device, dtype=dtype)
     if varying:
@@ -218,12 +218,20 @@ def cache_frozen_text(cfg: Config, c: Components, device: torch.device, precisio
         texts |= {sp.text, sp.negative}
     for f in held:
         ordered = sorted(texts)
-        for start in range(0, len(ordered), 16):
-            f(ordered[start:start + 16], device)
+        for start in range(0, len(ordered), FROZEN_TEXT_CHUNK):
+            f(ordered[start:start + FROZEN_TEXT_CHUNK], device)
         f.release()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     say(f"T5 encoded {len(texts)} captions and prompts and was released from memory")
+
+
+FROZEN_TEXT_CHUNK = 16  # captions T5 encodes at a time while caching
+
+
+def frozen_text_dtype(device: str, precision: str) -> torch.dtype:
+    """SD3's T5 on the device: bf16 when training in bf16 on CUDA, else fp32 (fp16 overflows T5)."""
+    return torch.bfloat16 if device == "cuda" and precision == "bf16" else torch.float32
 
 
 def ensure_class_images(cfg: Config, c: Components, resolution: int, callbacks: Callbacks) -> None:
@@ -282,12 +290,22 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, pro
         prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], resolution,
                                         cfg.augment.bucketing, bucket_step, is_prior=True, say=say)
         prior_plan = BatchPlan(prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
-    rules = [TagRule(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.tag_separator) for d in cfg.data]
     batches = Batches(examples, BatchPlan(examples, cfg.train.batch_size, cfg.train.seed), prior_examples,
                       prior_plan, latents=None, conditioning=c.family.conditioning,
                       random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout,
-                      tag_rules=rules, unmasked_weights=[d.unmasked_weight for d in cfg.data])
+                      tag_rules=tag_rules(cfg), unmasked_weights=[d.unmasked_weight for d in cfg.data])
     return batches, captions
+
+
+def tag_rules(cfg: Config) -> list[TagRule]:
+    """How each data folder's captions vary from step to step (tag shuffling and dropout)."""
+    return [TagRule(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.tag_separator) for d in cfg.data]
+
+
+def captions_vary(cfg: Config) -> bool:
+    """Whether some captions change every step (shuffled or dropped tags): then no text is cached, and SD3's T5
+    stays in memory to encode them as they come."""
+    return any(r.active for r in tag_rules(cfg))
 
 
 def use_zero_terminal_snr(cfg: Config, c: Components) -> None:
