@@ -395,6 +395,36 @@ def test_stop_and_resume_is_bit_exact_and_the_loss_falls(sd3_no_t5, tmp_path):
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
 
 
+def test_shuffled_tags_keep_t5_and_its_cache_bounded(sd35m, tmp_path, monkeypatch):
+    """Captions that change every step keep T5 in memory and encode each as it comes, exactly as T5 itself does,
+    without keeping it: the cache holds the fixed texts only, however many steps run."""
+    from sdlora.callbacks import Callbacks
+    from sdlora.training.loop import optimizer_step
+    from sdlora.training.setup import make_accelerator, setup
+
+    data = draw_images(tmp_path / "imgs", n=2, captions=False)
+    cfg = tiny_config(sd35m, data, tmp_path / "o" / "sd3.safetensors", train__max_steps=6)
+    cfg.data[0].prompt, cfg.data[0].shuffle_tags = "a, red, round, sks, thing", True
+    state = setup(cfg, make_accelerator(cfg), Callbacks())
+    t5 = state.components.frozen_text[0]
+    assert t5.model is not None and not t5.released and t5.closed
+    fixed = dict(t5.cache)
+    seen, encode = [], type(t5).__call__
+    monkeypatch.setattr(type(t5), "__call__", lambda self, captions, device: (seen.extend(captions),
+                                                                               encode(self, captions, device))[1])
+    for step in range(6):
+        optimizer_step(state, step)
+    monkeypatch.undo()
+    varied = {c for c in seen if c not in fixed}
+    assert len(varied) >= 2  # the tags were shuffled into new captions
+    assert t5.cache.keys() == fixed.keys()  # and none of them was kept
+    caption = sorted(varied)[0]
+    ids = t5.tokenizer([caption], padding="max_length", max_length=t5.length, truncation=True,
+                       return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(t5([caption], "cpu"), t5.model(ids)[0].float())
+
+
 @pytest.mark.parametrize("options,message", [
     ({"train__min_snr_gamma": 5.0}, "min_snr_gamma .min-SNR. is for noise .epsilon/v. prediction"),
     ({"train__debiased_estimation": True}, "debiased_estimation is for noise"),

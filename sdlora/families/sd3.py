@@ -16,7 +16,8 @@ from .sd import Conditioning, tokenize
 class T5Text:
     """T5-XXL's part of the conditioning: its last hidden states per caption, cached (T5 never trains), so the model
     can be released once every caption is in. Without a model (`--no-t5`, or a pipeline without text_encoder_3) the
-    part is zeros of [length, width], as diffusers' pipeline makes it."""
+    part is zeros of [length, width], as diffusers' pipeline makes it. `closed`: captions not yet cached are encoded
+    but not kept (captions that change every step would otherwise fill memory without bound)."""
 
     tokenizer: object | None
     model: torch.nn.Module | None
@@ -24,6 +25,7 @@ class T5Text:
     width: int = 4096
     cache: dict = field(default_factory=dict)
     released: bool = False
+    closed: bool = False
 
     @property
     def present(self) -> bool:
@@ -43,9 +45,12 @@ class T5Text:
                                  add_special_tokens=True, return_tensors="pt").input_ids
             with torch.no_grad():
                 out = self.model(ids.to(self.model.device))[0]
-            for caption, hidden in zip(missing, out):
-                self.cache[caption] = hidden.cpu()
-        return torch.stack([self.cache[c] for c in captions]).to(device)
+            fresh = {caption: hidden.cpu() for caption, hidden in zip(missing, out)}
+            if not self.closed:
+                self.cache.update(fresh)
+        else:
+            fresh = {}
+        return torch.stack([fresh[c] if c in fresh else self.cache[c] for c in captions]).to(device)
 
     def release(self) -> None:
         """Drop the model (every caption it will see is cached)."""

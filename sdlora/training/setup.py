@@ -201,7 +201,8 @@ def cache_frozen_text(cfg: Config, c: Components, device: torch.device, precisio
                       captions: list[str]) -> None:
     """SD3's T5 (the family's frozen text part) encodes every caption, the empty one, the class prompt and the sample
     prompts now, on the device, and is then released, so it never shares memory with the transformer; with
-    captions that change every step (shuffled or dropped tags) it stays and encodes as they come."""
+    captions that change every step (shuffled or dropped tags) it stays, keeps those texts, and encodes the varied
+    captions as they come without keeping them."""
     from .output import sample_prompts
 
     held = [f for f in c.frozen_text if f.model is not None]
@@ -210,9 +211,6 @@ def cache_frozen_text(cfg: Config, c: Components, device: torch.device, precisio
     dtype = frozen_text_dtype(device.type, precision)
     for f in held:
         f.model.to(device, dtype=dtype)
-    if varying:
-        say("T5 stays in memory: shuffled or dropped tags make a new caption every step")
-        return
     texts = {*captions, "", cfg.prior.class_prompt}
     for sp in sample_prompts(cfg, 0):
         texts |= {sp.text, sp.negative}
@@ -220,7 +218,13 @@ def cache_frozen_text(cfg: Config, c: Components, device: torch.device, precisio
         ordered = sorted(texts)
         for start in range(0, len(ordered), FROZEN_TEXT_CHUNK):
             f(ordered[start:start + FROZEN_TEXT_CHUNK], device)
-        f.release()
+        if varying:
+            f.closed = True
+        else:
+            f.release()
+    if varying:
+        say("T5 stays in memory: shuffled or dropped tags make a new caption every step")
+        return
     if device.type == "cuda":
         torch.cuda.empty_cache()
     say(f"T5 encoded {len(texts)} captions and prompts and was released from memory")
