@@ -3,10 +3,12 @@ and cached, unless a random crop needs a fresh one every step).
 
 A micro-batch is made in two parts: `Batches.prepare` on the CPU (which images, flips, caption dropout and tags, and
 for uncached latents the decoded, fitted image; all of its use of the rng), then `Batches.finish` on the device (the
-VAE encode, or the cached latents)."""
+VAE encode, or the cached latents). With speed.prefetch a `Prefetcher` runs the CPU part of the next micro-batch on a
+background thread while this one trains."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,8 +34,8 @@ class Batch:
 
 @dataclass
 class Fitted:
-    """An image fitted to its bucket on the CPU: pixels [1, 3, h, w] in [-1, 1], the crop's (top, left), and its mask
-    [1, h, w] (None without one)."""
+    """An image fitted to its bucket on the CPU: pixels [1, 3, h, w] in [-1, 1] (in pinned memory when `Latents.pin`),
+    the crop's (top, left), and its mask [1, h, w] (None without one)."""
 
     pixels: torch.Tensor
     crop: tuple[int, int]
@@ -50,16 +52,23 @@ class Item:
     fitted: Fitted | None
 
 
+def pins(device: torch.device | str, prefetch: bool) -> bool:
+    """Whether prefetched pixels go to pinned host memory: only for a CUDA device (its copy then runs asynchronously)
+    and only with prefetching (the plain path copies them at once)."""
+    return prefetch and torch.device(device).type == "cuda"
+
+
 @dataclass
 class Latents:
-    """Image -> latent through the frozen VAE, cached per (image, bucket, flip) when `cached`. `fit` is the CPU part,
-    `encode` the device part."""
+    """Image -> latent through the frozen VAE, cached per (image, bucket, flip) when `cached`. `fit` is the CPU part
+    (any thread), `encode` the device part (the main thread)."""
 
     vae: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
     cached: bool
     crop: str
+    pin: bool = False  # fitted pixels in pinned memory, copied to the device with non_blocking
     cache: dict = field(default_factory=dict)
 
     def prepare(self, ex: Example, flip: bool, rng) -> Fitted | None:
@@ -87,12 +96,12 @@ class Latents:
                             "it was changed or removed during training") from None
         pixels, corner, *mask = fit_to_bucket(image, ex.bucket, crop, rng, flip, mask_image)
         pixels = pixels[None]
-        return Fitted(pixels, corner, mask[0] if mask else None)
+        return Fitted(pixels.pin_memory() if self.pin else pixels, corner, mask[0] if mask else None)
 
     def encode(self, fitted: Fitted) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
         vae = self.vae
         with torch.no_grad():
-            pixels = fitted.pixels.to(self.device, vae.dtype)
+            pixels = fitted.pixels.to(self.device, vae.dtype, non_blocking=self.pin)
             lat = vae.encode(pixels).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latent = ((lat - shift) * vae.config.scaling_factor).to(self.dtype)[0]
@@ -120,12 +129,21 @@ class Batches:
     caption_dropout: float
     tag_rules: list[TagRule] = field(default_factory=list)  # per data folder (Example.source)
     unmasked_weights: list[float] = field(default_factory=list)  # per data folder: loss weight outside a mask
+    prefetcher: Prefetcher | None = None  # speed.prefetch with uncached latents
 
-    def fetch(self, k: int, rng: np.random.Generator) -> Batch:
-        return self.finish(self.prepare(k, rng))
+    def fetch(self, k: int, rng: np.random.Generator, following: tuple[int, np.random.Generator] | None = None) \
+            -> Batch:
+        """Micro-batch k. With a prefetcher, `following` is the (k, rng) of the micro-batch after it, whose CPU part
+        is prepared on the prefetcher's thread while this one trains."""
+        if self.prefetcher is None:
+            return self.finish(self.prepare(k, rng))
+        prepared = self.prefetcher.take(k, rng)
+        if following is not None:
+            self.prefetcher.start(*following)
+        return self.finish(prepared)
 
     def prepare(self, k: int, rng: np.random.Generator) -> Prepared:
-        """The CPU part of micro-batch k, and all of its use of `rng`."""
+        """The CPU part of micro-batch k, and all of its use of `rng` (so it may run on another thread)."""
         items = self._items(self.examples, self.plan(k), rng)
         prior = None if self.prior_plan is None else self._items(self.prior_examples, self.prior_plan(k), rng)
         return items, prior
@@ -137,6 +155,11 @@ class Batches:
         if prior is not None:
             batch.prior = self._batch(prior)
         return batch
+
+    def close(self) -> None:
+        """End the prefetcher's thread (it starts again if fetch is called afterwards)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
     def _items(self, examples: list[Example], indices: list[int], rng) -> list[Item]:
         items = []
@@ -184,3 +207,38 @@ class Batches:
     def captions(self) -> list[str]:
         return sorted({e.caption for e in self.examples + self.prior_examples})
 
+
+class Prefetcher:
+    """The CPU part of the next micro-batch (`prepare`: decode, fit, crop, flip, mask, caption tags), made on one
+    background thread while the current one trains; the VAE encode stays on the main thread. Only for uncached
+    latents: cached ones already live on the device, so there is nothing to prepare ahead.
+
+    A micro-batch is a pure function of (k, its rng), so one prepared ahead is used only when asked for with the
+    same k and an rng in the same state; otherwise it is made anew. An error on the thread (a bad image) raises in
+    the main thread when its micro-batch is taken, as the same exception."""
+
+    def __init__(self, prepare):
+        self.prepare = prepare
+        self.pool: ThreadPoolExecutor | None = None
+        self.ahead: tuple[tuple, Future] | None = None  # ((k, rng state), the prepared micro-batch to come)
+
+    def take(self, k: int, rng: np.random.Generator) -> Prepared:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            key, future = ahead
+            if key == (k, rng.bit_generator.state):
+                return future.result()
+            future.cancel()  # not the one asked for (another start step): made anew below
+        return self.prepare(k, rng)
+
+    def start(self, k: int, rng: np.random.Generator) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="sdlora-prefetch")
+        key = (k, rng.bit_generator.state)  # taken before the thread draws from it
+        self.ahead = (key, self.pool.submit(self.prepare, k, rng))
+
+    def close(self) -> None:
+        """Drop what was prepared ahead and end the thread (waiting for a micro-batch it is still making)."""
+        pool, self.pool, self.ahead = self.pool, None, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
