@@ -254,6 +254,9 @@ class SpeedConfig:
     log_every: int = opt(1, "Read the loss back from the device every N steps (each read waits for the GPU to "
                          "finish; every step is still logged, in bursts); NaN checks happen then and before "
                          "checkpoints. 1 = every step, checked before it is applied.", ge=1)
+    prefetch: bool = opt(True, "Prepare the next micro-batch's images (decode, crop, flip, caption tags) on a "
+                         "background thread while this one trains, into pinned memory on CUDA; matters when latents "
+                         "are not cached (random crop). The batches are the same either way.")
 
 
 SAMPLE_PROMPT_KEYS = {"text": str, "negative": str, "seed": int, "width": int, "height": int, "steps": int,

@@ -77,8 +77,8 @@ def test_validation_images_are_never_trained_on(tiny_model, tmp_path):
     held = {e.path for e in state.validation.examples}
     assert len(held) == len(state.validation.examples) == 3  # round(0.3 x 10 images), each once
     fetched = set()
-    original = state.batches._batch
-    state.batches._batch = lambda ex, idx, rng: (fetched.update(ex[i].path for i in idx), original(ex, idx, rng))[1]
+    original = state.batches._items
+    state.batches._items = lambda ex, idx, rng: (fetched.update(ex[i].path for i in idx), original(ex, idx, rng))[1]
     for k in range(40):  # several epochs
         state.batches.fetch(k, seeded(0, k, 0)[1])
     everything = {str(p) for p in [*a.glob("*.png"), *b.glob("*.png")]}

@@ -1,14 +1,21 @@
 """The training data as batches: images bucketed into examples, a batch plan per source, and latents (encoded once
-and cached, unless a random crop needs a fresh one every step)."""
+and cached, unless a random crop needs a fresh one every step).
+
+A micro-batch is made in two parts: `Batches.prepare` on the CPU (which images, flips, caption dropout and tags, and
+for uncached latents the decoded, fitted image; all of its use of the rng), then `Batches.finish` on the device (the
+VAE encode, or the cached latents). With speed.prefetch a `Prefetcher` runs the CPU part of the next micro-batch on a
+background thread while this one trains."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
 from .data import BatchPlan, Example, TagRule, fit_to_bucket, load_image, load_mask, vary_tags
 
 
@@ -26,41 +33,85 @@ class Batch:
 
 
 @dataclass
+class Fitted:
+    """An image fitted to its bucket on the CPU: pixels [1, 3, h, w] in [-1, 1] (in pinned memory when `Latents.pin`),
+    the crop's (top, left), and its mask [1, h, w] (None without one)."""
+
+    pixels: torch.Tensor
+    crop: tuple[int, int]
+    mask: torch.Tensor | None
+
+
+@dataclass
+class Item:
+    """One image of a micro-batch as the CPU part leaves it: `fitted` is None where its latent is cached."""
+
+    example: Example
+    flip: bool
+    caption: str
+    fitted: Fitted | None
+
+
+def pins(device: torch.device | str, prefetch: bool) -> bool:
+    """Whether prefetched pixels go to pinned host memory: only for a CUDA device (its copy then runs asynchronously)
+    and only with prefetching (the plain path copies them at once)."""
+    return prefetch and torch.device(device).type == "cuda"
+
+
+@dataclass
 class Latents:
-    """Image -> latent through the frozen VAE, cached per (image, bucket, flip) when `cached`."""
+    """Image -> latent through the frozen VAE, cached per (image, bucket, flip) when `cached`. `fit` is the CPU part
+    (any thread), `encode` the device part (the main thread)."""
 
     vae: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
     cached: bool
     crop: str
+    pin: bool = False  # fitted pixels in pinned memory, copied to the device with non_blocking
     cache: dict = field(default_factory=dict)
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        with torch.no_grad():
-            lat = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)
+    def prepare(self, ex: Example, flip: bool, rng) -> Fitted | None:
+        """The CPU part of an example's latent: None when latents are cached (they already live on the device)."""
+        return None if self.cached else self.fit(ex, flip, self.crop, rng)
 
-    def __call__(self, ex: Example, flip: bool, rng) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+    def __call__(self, ex: Example, flip: bool, fitted: Fitted | None = None):
         """Latent of an example at its bucket size, the crop's (top, left), and its mask on the latent grid (None
-        when it has no mask): the mask goes through the same resize, crop and flip, then the VAE's down-sampling."""
+        when it has no mask): the mask goes through the same resize, crop and flip, then the VAE's down-sampling.
+        Uncached, from `fitted` (`prepare`'s), or fitted here with a center crop."""
         if not self.cached:
-            return self._encode(ex, flip, self.crop, rng)
+            return self.encode(fitted if fitted is not None else self.fit(ex, flip, "center", None))
         key = (ex.path, ex.bucket, flip)
         if key not in self.cache:
-            self.cache[key] = self._encode(ex, flip, "center", None)
+            self.cache[key] = self.encode(self.fit(ex, flip, "center", None))
         return self.cache[key]
 
-    def _encode(self, ex: Example, flip: bool, crop: str, rng):
+    def fit(self, ex: Example, flip: bool, crop: str, rng) -> Fitted:
+        """Decode, resize, crop and mirror an image (and its mask) on the CPU."""
         mask_image = load_mask(ex)
-        fitted = fit_to_bucket(load_image(ex.path), ex.bucket, crop, rng, flip, mask_image)
-        latent = self.encode(fitted[0][None])[0]
-        if mask_image is None:
-            return latent, fitted[1], None
-        grid = F.interpolate(fitted[2][None], size=latent.shape[-2:], mode="area")[0]
-        return latent, fitted[1], grid.to(latent.device)
+        try:
+            image = load_image(ex.path)
+        except (OSError, SyntaxError, ValueError, EOFError) as e:  # it was read at the start: changed since
+            raise DataError(f"image {ex.path} can no longer be read ({str(e).splitlines()[0] or type(e).__name__}); "
+                            "it was changed or removed during training") from None
+        pixels, corner, *mask = fit_to_bucket(image, ex.bucket, crop, rng, flip, mask_image)
+        pixels = pixels[None]
+        return Fitted(pixels.pin_memory() if self.pin else pixels, corner, mask[0] if mask else None)
+
+    def encode(self, fitted: Fitted) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+        vae = self.vae
+        with torch.no_grad():
+            pixels = fitted.pixels.to(self.device, vae.dtype, non_blocking=self.pin)
+            lat = vae.encode(pixels).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latent = ((lat - shift) * vae.config.scaling_factor).to(self.dtype)[0]
+        if fitted.mask is None:
+            return latent, fitted.crop, None
+        grid = F.interpolate(fitted.mask[None], size=latent.shape[-2:], mode="area")[0]
+        return latent, fitted.crop, grid.to(latent.device)
+
+
+Prepared = tuple[list[Item], list[Item] | None]  # a micro-batch's items, and its prior batch's (None without)
 
 
 @dataclass
@@ -78,31 +129,63 @@ class Batches:
     caption_dropout: float
     tag_rules: list[TagRule] = field(default_factory=list)  # per data folder (Example.source)
     unmasked_weights: list[float] = field(default_factory=list)  # per data folder: loss weight outside a mask
+    prefetcher: Prefetcher | None = None  # speed.prefetch with uncached latents
 
-    def fetch(self, k: int, rng: np.random.Generator) -> Batch:
-        batch = self._batch(self.examples, self.plan(k), rng)
-        if self.prior_plan is not None:
-            batch.prior = self._batch(self.prior_examples, self.prior_plan(k), rng)
+    def fetch(self, k: int, rng: np.random.Generator, following: tuple[int, np.random.Generator] | None = None) \
+            -> Batch:
+        """Micro-batch k. With a prefetcher, `following` is the (k, rng) of the micro-batch after it, whose CPU part
+        is prepared on the prefetcher's thread while this one trains."""
+        if self.prefetcher is None:
+            return self.finish(self.prepare(k, rng))
+        prepared = self.prefetcher.take(k, rng)
+        if following is not None:
+            self.prefetcher.start(*following)
+        return self.finish(prepared)
+
+    def prepare(self, k: int, rng: np.random.Generator) -> Prepared:
+        """The CPU part of micro-batch k, and all of its use of `rng` (so it may run on another thread)."""
+        items = self._items(self.examples, self.plan(k), rng)
+        prior = None if self.prior_plan is None else self._items(self.prior_examples, self.prior_plan(k), rng)
+        return items, prior
+
+    def finish(self, prepared: Prepared) -> Batch:
+        """The device part: latents encoded (or taken from the cache) and the batch put together."""
+        items, prior = prepared
+        batch = self._batch(items)
+        if prior is not None:
+            batch.prior = self._batch(prior)
         return batch
 
-    def _batch(self, examples: list[Example], indices: list[int], rng) -> Batch:
-        lats, caps, micro, masks = [], [], [], []
+    def close(self) -> None:
+        """End the prefetcher's thread (it starts again if fetch is called afterwards)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    def _items(self, examples: list[Example], indices: list[int], rng) -> list[Item]:
+        items = []
         for i in indices:
             ex = examples[i]
             flip = bool(self.random_flip and rng.random() < 0.5)
             drop = bool(self.caption_dropout and rng.random() < self.caption_dropout)
-            lat, crop, mask = self.latents(ex, flip, rng)
+            fitted = self.latents.prepare(ex, flip, rng)
+            rule = None if ex.is_prior or ex.source >= len(self.tag_rules) else self.tag_rules[ex.source]
+            caption = vary_tags(ex.caption, rule, rng) if rule is not None and rule.active else ex.caption
+            items.append(Item(ex, flip, "" if drop else caption, fitted))
+        return items
+
+    def _batch(self, items: list[Item]) -> Batch:
+        lats, micro, masks = [], [], []
+        for item in items:
+            ex = item.example
+            lat, crop, mask = self.latents(ex, item.flip, item.fitted)
             lats.append(lat)
             if mask is not None and not ex.is_prior:  # lifted outside the mask by the folder's unmasked weight
                 w = self.unmasked_weights[ex.source]
                 mask = w + (1 - w) * mask
             masks.append(None if ex.is_prior else mask)
-            rule = None if ex.is_prior or ex.source >= len(self.tag_rules) else self.tag_rules[ex.source]
-            caption = vary_tags(ex.caption, rule, rng) if rule is not None and rule.active else ex.caption
-            caps.append("" if drop else caption)
             micro.append(self.conditioning.micro(ex.size[::-1], crop, ex.bucket[::-1]))
-        return Batch(torch.stack(lats), caps, None if micro[0] is None else torch.stack(micro),
-                     mask=self._mask(masks, lats))
+        return Batch(torch.stack(lats), [item.caption for item in items],
+                     None if micro[0] is None else torch.stack(micro), mask=self._mask(masks, lats))
 
     @staticmethod
     def _mask(masks: list, lats: list) -> torch.Tensor | None:
@@ -119,7 +202,43 @@ class Batches:
         flips = (False, True) if self.random_flip else (False,)
         for ex in {(e.path, e.bucket): e for e in self.examples + self.prior_examples}.values():
             for flip in flips:
-                self.latents(ex, flip, None)
+                self.latents(ex, flip)
 
     def captions(self) -> list[str]:
         return sorted({e.caption for e in self.examples + self.prior_examples})
+
+
+class Prefetcher:
+    """The CPU part of the next micro-batch (`prepare`: decode, fit, crop, flip, mask, caption tags), made on one
+    background thread while the current one trains; the VAE encode stays on the main thread. Only for uncached
+    latents: cached ones already live on the device, so there is nothing to prepare ahead.
+
+    A micro-batch is a pure function of (k, its rng), so one prepared ahead is used only when asked for with the
+    same k and an rng in the same state; otherwise it is made anew. An error on the thread (a bad image) raises in
+    the main thread when its micro-batch is taken, as the same exception."""
+
+    def __init__(self, prepare):
+        self.prepare = prepare
+        self.pool: ThreadPoolExecutor | None = None
+        self.ahead: tuple[tuple, Future] | None = None  # ((k, rng state), the prepared micro-batch to come)
+
+    def take(self, k: int, rng: np.random.Generator) -> Prepared:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            key, future = ahead
+            if key == (k, rng.bit_generator.state):
+                return future.result()
+            future.cancel()  # not the one asked for (another start step): made anew below
+        return self.prepare(k, rng)
+
+    def start(self, k: int, rng: np.random.Generator) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="sdlora-prefetch")
+        key = (k, rng.bit_generator.state)  # taken before the thread draws from it
+        self.ahead = (key, self.pool.submit(self.prepare, k, rng))
+
+    def close(self) -> None:
+        """Drop what was prepared ahead and end the thread (waiting for a micro-batch it is still making)."""
+        pool, self.pool, self.ahead = self.pool, None, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

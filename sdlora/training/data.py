@@ -274,7 +274,7 @@ class BatchPlan:
         self._cache: tuple[int, list] | None = None
 
     def __call__(self, k: int) -> list[int]:
-        epoch = k // self.per_epoch
-        if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, epoch_batches(self.examples, self.batch_size, self.seed, epoch))
-        return self._cache[1][k % self.per_epoch]
+        epoch, cache = k // self.per_epoch, self._cache  # read once: the prefetch thread may replace it
+        if cache is None or cache[0] != epoch:
+            cache = self._cache = (epoch, epoch_batches(self.examples, self.batch_size, self.seed, epoch))
+        return cache[1][k % self.per_epoch]

@@ -102,6 +102,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
         else:
             _finish(state, step, out, result, callbacks, run_log)
     finally:
+        state.batches.close()  # the prefetch thread ends with the run, however it ends
         run_log.close()
     if main:
         from ..loras.metadata import trigger_words
@@ -145,7 +146,8 @@ def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[flo
     total, stats = torch.zeros((), dtype=torch.float64), {}
     for micro in range(cfg.train.grad_accum):
         gen, rng = seeded(cfg.train.seed, step, state.rank, micro)
-        batch = state.batches.fetch((step * cfg.train.grad_accum + micro) * state.world + state.rank, rng)
+        following = _following(state, step, micro) if state.batches.prefetcher is not None else None
+        batch = state.batches.fetch(_index(state, step, micro), rng, following)
         sync = micro == cfg.train.grad_accum - 1
         with acc.no_sync(state.models.denoiser) if not sync and state.world > 1 else contextlib.nullcontext(), \
                 acc.autocast():
@@ -178,6 +180,20 @@ def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[flo
     if not read:
         return total, {k: v.detach() for k, v in stats.items()}
     return total.item(), {k: v.item() for k, v in stats.items()}
+
+
+def _index(state: TrainState, step: int, micro: int) -> int:
+    """The run's micro-batch number of (step, micro-batch) on this process."""
+    return (step * state.cfg.train.grad_accum + micro) * state.world + state.rank
+
+
+def _following(state: TrainState, step: int, micro: int) -> tuple[int, object] | None:
+    """(index, rng) of the micro-batch after (step, micro) on this process, for the prefetcher to prepare while
+    this one trains (its rng is only ever drawn from by `Batches.prepare`); None after the last step."""
+    step, micro = (step, micro + 1) if micro + 1 < state.cfg.train.grad_accum else (step + 1, 0)
+    if step >= state.cfg.total_steps:
+        return None
+    return _index(state, step, micro), seeded(state.cfg.train.seed, step, state.rank, micro)[1]
 
 
 def _non_finite(state: TrainState, value: float, step: int) -> TrainingError:

@@ -16,7 +16,7 @@ from ..hardware import cpu_has_native_bf16
 from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
 from .adapters import inject, lora_parameters
-from .batches import Batches, Latents
+from .batches import Batches, Latents, Prefetcher, pins
 from .data import BatchPlan, TagRule, build_examples, scan_folder
 from .embeddings import ConceptTokens, add_concept
 from .optimizers import loraplus_groups, make_ema, make_optimizer, scheduler_warmup
@@ -149,8 +149,11 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     compile_denoiser(cfg, c)
     phases = plan_phases(cfg, has_lora=cfg.train.max_steps > 0, text_lora=adapters.text_lora,
                          has_concept=concept is not None)
-    batches.latents = Latents(c.vae, acc.device, weight_dtype, cached=cfg.train.cache_latents
-                              and cfg.augment.crop == "center", crop=cfg.augment.crop)
+    cached = cfg.train.cache_latents and cfg.augment.crop == "center"
+    prefetch = cfg.speed.prefetch and not cached  # cached latents live on the device: nothing to prepare ahead
+    batches.latents = Latents(c.vae, acc.device, weight_dtype, cached=cached, crop=cfg.augment.crop,
+                              pin=pins(acc.device, prefetch))
+    batches.prefetcher = Prefetcher(batches.prepare) if prefetch else None
     if cfg.train.cache_latents and not batches.latents.cached:
         callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
     optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
