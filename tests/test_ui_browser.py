@@ -97,13 +97,16 @@ def set_value(page, elem_id: str, value) -> None:
     expect(box).to_have_value(str(value))
 
 
-def wait_until(page, condition, what: str, seconds: float = 300) -> None:
-    """Poll a condition on the server's side (the job's own state) while the page keeps running."""
+def wait_until(page, condition, what: str, job, seconds: float = 300) -> None:
+    """Poll a condition on the server's side (the job's own state) while the page keeps running; the job's state
+    and messages when it does not come."""
     for _ in range(int(seconds * 10)):
         if condition():
             return
+        if job.state != "running":
+            break
         page.wait_for_timeout(100)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"no {what}: job {job.state} at step {job.step}, {job.error or ''} {job.messages[-5:]}")
 
 
 def open_tab(page, name: str) -> None:
@@ -225,9 +228,9 @@ def test_sample_now_and_save_now_on_a_running_job(page, app, shots, tmp_path):
     page.locator("#job-status").filter(has_text="Training").wait_for()
     job = manager.current()
     # The gallery may still show an earlier job's samples, so wait on this job's own list, then on the page.
-    wait_until(page, lambda: job.samples, "the step-0 sample")
+    wait_until(page, lambda: job.samples, "step-0 sample", job)
     page.locator("#sample-now").click()
-    wait_until(page, lambda: [s for s, _ in job.samples if s > 0], "the asked-for sample")
+    wait_until(page, lambda: [s for s, _ in job.samples if s > 0], "asked-for sample", job)
     asked = [s for s, _ in job.samples if s > 0]
     assert asked and all(s < 4000 for s in asked)
     page.locator("#samples").get_by_text(f"step {asked[0]}").first.wait_for(state="attached")
