@@ -97,6 +97,12 @@ def set_value(page, elem_id: str, value) -> None:
     expect(box).to_have_value(str(value))
 
 
+def job_status(page, state: str, name: str):
+    """The status box of job `name` in `state` (its CSS class; a text match could hit an earlier job's error, whose
+    path may hold any word)."""
+    return page.locator(f"#job-status.{state}").filter(has_text=name)
+
+
 def wait_until(page, condition, what: str, job, seconds: float = 300) -> None:
     """Poll a condition on the server's side (the job's own state) while the page keeps running; the job's state
     and messages when it does not come."""
@@ -145,7 +151,7 @@ def test_upload_train_watch_preview_download(page, app, shots, tmp_path):
     page.reload()  # a closed or reloaded tab: the run goes on, and the page shows it again from the manager
     page.wait_for_selector("#start")
     status = page.locator("#job-status")
-    status.filter(has_text="Finished").wait_for()
+    job_status(page, "done", "web_lora").wait_for()
     assert "8 / 8" in status.inner_text()
     page.wait_for_function("() => document.querySelectorAll('#samples img').length >= 1")
     page.wait_for_timeout(500)  # let the loss plot draw
@@ -225,8 +231,9 @@ def test_sample_now_and_save_now_on_a_running_job(page, app, shots, tmp_path):
     page.get_by_text("Advanced", exact=True).click()
     set_value(page, "opt-sample-steps", 2)
     page.locator("#start").click()
-    page.locator("#job-status").filter(has_text="Training").wait_for()
+    job_status(page, "running", "now-lora").wait_for()
     job = manager.current()
+    assert job.name == "now-lora" and job.state == "running"
     # The gallery may still show an earlier job's samples, so wait on this job's own list, then on the page.
     wait_until(page, lambda: job.samples, "step-0 sample", job)
     page.locator("#sample-now").click()
@@ -246,10 +253,10 @@ def test_sample_now_and_save_now_on_a_running_job(page, app, shots, tmp_path):
     saved_step = int(saved[0].stem.split("_")[1])
     page.screenshot(path=shots / "sample-save-now.png", full_page=True)
     page.locator("#stop").click()
-    page.locator("#job-status").filter(has_text="Stopped").wait_for()
+    job_status(page, "stopped", "now-lora").wait_for()
     set_value(page, "opt-train-max_steps", job.step + 3)  # resume, then finish soon
     page.locator("#resume").click()
-    page.locator("#job-status").filter(has_text="Finished").wait_for()
+    job_status(page, "done", "now-lora").wait_for()
     resumed = manager.current()
     assert resumed.id != job.id and resumed.start_step >= saved_step and resumed.state == "done"
     assert any("resumed from" in m for m in resumed.messages)
