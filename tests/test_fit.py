@@ -16,7 +16,7 @@ from test_train import Capture
 
 from sdlora import train
 from sdlora.config import Config
-from sdlora.training import fit
+from sdlora.training import fit, fit_plan
 
 GiB = 2**30
 
@@ -161,8 +161,8 @@ def test_the_plan_drops_t5_when_only_that_fits(tiny_sd3):
     with_t5 = fit.estimate(cfg, "cpu", model, n_images=4)
     without = fit.estimate(without_t5(cfg), "cpu", model, n_images=4)
     assert with_t5.total > without.total and with_t5.total == with_t5.load  # the loading peak is the job's peak
-    new, est = fit.fit_plan(cfg, "cpu", without.total, model, 4)
-    assert fit.changed_flags(cfg, new) == ["--no-t5"] and est.total <= without.total
+    new, est = fit_plan.fit_plan(cfg, "cpu", without.total, model, 4)
+    assert fit_plan.changed_flags(cfg, new) == ["--no-t5"] and est.total <= without.total
 
 
 @pytest.mark.parametrize("family,resolution,ckpt,want", [
@@ -222,20 +222,20 @@ def test_the_plan_fits_and_is_cheapest(tiny_model):
     cfg = tiny_config(tiny_model, ".", "o.safetensors", train__batch_size=8)
     cfg.train.cache_latents = False
     plain = fit.estimate(cfg, "cuda", model, n_images=8)
-    assert fit.fit_plan(cfg, "cuda", plain.total, model, 8)[1].total == plain.total  # fits as it is
-    new, est = fit.fit_plan(cfg, "cuda", plain.total - 1, model, 8)
+    assert fit_plan.fit_plan(cfg, "cuda", plain.total, model, 8)[1].total == plain.total  # fits as it is
+    new, est = fit_plan.fit_plan(cfg, "cuda", plain.total - 1, model, 8)
     assert est.total < plain.total and est.total == fit.estimate(new, "cuda", model, n_images=8).total
     assert new.train.batch_size * new.train.grad_accum == 8  # the effective batch is kept
-    flags = fit.changed_flags(cfg, new)
+    flags = fit_plan.changed_flags(cfg, new)
     assert flags and all(f.startswith("--") for f in flags)
-    assert fit.fit_plan(cfg, "cuda", 1, model, 8) is None  # nothing fits in one byte
+    assert fit_plan.fit_plan(cfg, "cuda", 1, model, 8) is None  # nothing fits in one byte
 
 
 def test_sizes_parse():
-    assert fit.parse_size("12GB") == 12 * GiB and fit.parse_size("8192MB") == 8 * GiB
-    assert fit.parse_size("7.5 GiB") == int(7.5 * GiB)
+    assert fit_plan.parse_size("12GB") == 12 * GiB and fit_plan.parse_size("8192MB") == 8 * GiB
+    assert fit_plan.parse_size("7.5 GiB") == int(7.5 * GiB)
     with pytest.raises(Exception, match="not like 12GB"):
-        fit.parse_size("lots")
+        fit_plan.parse_size("lots")
 
 
 def test_cli_fit_reports_and_proposes(tiny_model, tmp_path, capsys):
@@ -272,7 +272,7 @@ def test_warning_before_training(tiny_model, images, tmp_path, monkeypatch):
         def on_message(self, text):
             said.append(text)
 
-    monkeypatch.setattr(fit, "device_budget", lambda device, vram=None: (10**6, "this test's machine"))
+    monkeypatch.setattr(fit_plan, "device_budget", lambda device, vram=None: (10**6, "this test's machine"))
     cfg = tiny_config(tiny_model, images, tmp_path / "l.safetensors", train__max_steps=1)
     train(cfg, Say())
     assert any(s.startswith("warning: this job needs about") and "sdlora fit" in s for s in said)
@@ -281,9 +281,9 @@ def test_warning_before_training(tiny_model, images, tmp_path, monkeypatch):
 def test_warning_before_training_an_sd3_model(tiny_sd3, monkeypatch):
     said = []
     cfg = tiny_config(tiny_sd3, ".", "o.safetensors")
-    assert fit.warn_if_too_big(cfg, torch.device("cpu"), said.append) is not None and not said  # this machine: fits
-    monkeypatch.setattr(fit, "device_budget", lambda device, vram=None: (10**6, "this test's machine"))
-    est = fit.warn_if_too_big(cfg, torch.device("cpu"), said.append)
+    assert fit_plan.warn_if_too_big(cfg, torch.device("cpu"), said.append) is not None and not said  # fits here
+    monkeypatch.setattr(fit_plan, "device_budget", lambda device, vram=None: (10**6, "this test's machine"))
+    est = fit_plan.warn_if_too_big(cfg, torch.device("cpu"), said.append)
     assert est.load > est.allocated + est.overhead  # T5 encoding with every part loaded is the peak
     assert len(said) == 1 and said[0].startswith("warning: this job needs about")
 

@@ -27,7 +27,8 @@ def register(sub) -> None:
 def cmd_fit(args) -> int:
     import torch
 
-    from ..training.fit import changed_flags, device_budget, estimate, fit_plan, meta_model, parse_size
+    from ..training.fit import estimate, meta_model
+    from ..training.fit_plan import changed_flags, device_budget, fit_plan, parse_size
     from .train import job_configs
 
     vram = parse_size(args.vram) if args.vram else None

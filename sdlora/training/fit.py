@@ -1,5 +1,5 @@
-"""Will a training job fit in memory? An estimate of its peak from the model's architecture, and the cheapest changes
-that make it fit.
+"""Will a training job fit in memory? An estimate of its peak from the model's architecture (`fit_plan` finds the
+cheapest changes that make it fit).
 
 peak = weights (each part in its dtype: the denoiser and text encoders in the training precision on CUDA, fp32 on the
 CPU, NF4 Linear layers at 4 bits plus their quantization state; the VAE fp32; every part stays on the device)
@@ -16,16 +16,14 @@ tags) it stays and encodes each batch: its weights count in the step's peak. `--
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import Config
-from ..errors import ConfigError, ModelError
+from ..errors import ModelError
 from ..families import FAMILIES, Family, TextEncoderSlot
 from .memtrace import MetaStep, Trace, checkpointing, mark_trainable, trace
 
@@ -240,7 +238,7 @@ def estimate(cfg: Config, device: str = "cuda", model: MetaModel | None = None,
     images = _count_images(cfg) if n_images is None else n_images
     latent = model.denoiser_config["in_channels"] * (res // _vae_factor(model)) ** 2 * wdtype.itemsize
     text_cached = cfg.train.cache_text and not captions_vary(cfg) and \
-        not any(_text_trained(cfg, len(fam.text_encoders)))
+        not any(text_trained(cfg, len(fam.text_encoders)))
     caption = fam.conditioning.caption_numel(model.configs, cfg.model.t5_max_length) * wdtype.itemsize
     cache = (images * (2 if cfg.augment.random_flip else 1) * latent if cached else 0) \
         + ((images + 2) * caption if text_cached else 0)
@@ -340,7 +338,7 @@ def _part_bytes(count: dict, dtype: torch.dtype, quantize: str) -> int:
     return (count["params"] - sum(count["linear"])) * dtype.itemsize + sum(nf4_bytes(n) for n in count["linear"])
 
 
-def _text_trained(cfg: Config, n: int) -> tuple[bool, ...]:
+def text_trained(cfg: Config, n: int) -> tuple[bool, ...]:
     from .setup import text_encoder_lrs
 
     return tuple(bool(lr) for lr in text_encoder_lrs(cfg, n))
@@ -363,7 +361,7 @@ def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
     r x out for a convolution."""
     from .adapters import target_modules
 
-    text = _text_trained(cfg, len(model.family.text_encoders))
+    text = text_trained(cfg, len(model.family.text_encoders))
 
     def make():
         denoiser, _, encoders, _ = model.build()
@@ -412,7 +410,7 @@ class _FrozenText:
 
 def _step_trace(model: MetaModel, cfg: Config, res: int, precision: str, device: str) -> Trace:
     """Activations of one training step (text encoding when it trains, the denoiser's forward, the loss, backward)."""
-    text = _text_trained(cfg, len(model.family.text_encoders))
+    text = text_trained(cfg, len(model.family.text_encoders))
     frozen, kept = _frozen(model, cfg)
     key = ("step", model.key, res, cfg.train.batch_size, precision, device, cfg.train.gradient_checkpointing,
            cfg.speed.attention, cfg.lora.targets, cfg.lora.blocks, text, cfg.train.max_steps > 0, tuple(frozen), kept,
@@ -509,181 +507,6 @@ def _frozen_trace(model: MetaModel, cfg: Config, precision: str, device: str) ->
         return trace(step, frozen, lambda: MetaStep(None, device), backward=False)
 
     return _cached(("frozen", model.key, precision, device, length), make)
-
-
-# ---------------------------------------------------------------- what the device offers, and what fits
-
-
-def parse_size(text: str) -> int:
-    """'12GB', '12 GiB', '12g', '12288MB' -> bytes. GPU makers' 'GB' of memory are GiB (a 12 GB card has 12288 MiB)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([gGmM]?)(i?[bB])?\s*", text)
-    if not m or float(m.group(1)) <= 0:
-        raise ConfigError(f"memory size {text!r} is not like 12GB or 8192MB")
-    return int(float(m.group(1)) * (2**20 if m.group(2).lower() == "m" else GiB))
-
-
-def device_budget(device: str, vram: int | None = None) -> tuple[int, str]:
-    """(bytes this job may use, where they are): `vram` when given; the GPU's free memory plus the context this
-    process already holds; the CPU's MemAvailable plus this process's own resident memory."""
-    if vram:
-        return vram, "the given memory"
-    if device == "cuda":
-        free, total = torch.cuda.mem_get_info()
-        return free + CUDA_CONTEXT, f"{torch.cuda.get_device_name()} ({total / GiB:.1f} GiB, {free / GiB:.1f} free)"
-    available = _mem_available()
-    return available + _rss(), f"this machine ({available / GiB:.1f} GiB available)"
-
-
-def _mem_available() -> int:
-    """MemAvailable (Linux); elsewhere the free pages POSIX reports."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        raise ConfigError("cannot tell how much memory this machine has free; give --vram SIZE") from None
-
-
-def _rss() -> int:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def _changes(cfg: Config, model: MetaModel):
-    """The changes that lower the peak, cheapest first: (what, change the config in place; False when it cannot).
-    The free ones come first; then those that change what the model is trained as (an NF4 base, no T5: the LoRA
-    then matches a model without T5's embeddings), and a lower resolution last."""
-    def cache(c):
-        can = (not c.train.cache_latents and c.augment.crop == "center") or \
-              (not c.train.cache_text and not any(_text_trained(c, 2)))
-        c.train.cache_latents = c.train.cache_latents or c.augment.crop == "center"
-        c.train.cache_text = c.train.cache_text or not any(_text_trained(c, 2))
-        return can
-
-    def setter(section, name, value):
-        def apply(c):
-            old = getattr(getattr(c, section), name)
-            setattr(getattr(c, section), name, value)
-            return old != value
-        return apply
-
-    def halve_batch(c):
-        if c.train.batch_size < 2:
-            return False
-        c.train.batch_size, c.train.grad_accum = c.train.batch_size // 2, c.train.grad_accum * 2
-        return True
-
-    def lower_resolution(c):
-        res = c.augment.resolution or 0
-        new = (res * 3 // 4) // 64 * 64
-        if new < 256:
-            return False
-        c.augment.resolution = new
-        return True
-
-    yield "caching", cache
-    yield "SDPA attention", setter("speed", "attention", "sdpa")
-    yield "8-bit AdamW", setter("optim", "optimizer", "adamw8bit")
-    yield "gradient checkpointing", setter("train", "gradient_checkpointing", True)
-    for _ in range(8):
-        yield _HALVE, halve_batch
-    yield "an NF4 base", setter("model", "quantize", "nf4")
-    if model.frozen_slots:
-        yield "no T5", setter("model", "t5", False)
-    for _ in range(3):
-        yield "a lower resolution", lower_resolution
-
-
-def fit_plan(cfg: Config, device: str, budget: int, model: MetaModel | None = None,
-             n_images: int | None = None) -> tuple[Config, Estimate] | None:
-    """The cheapest settings that fit `budget`: the changes of `_changes` added in order until the estimate fits,
-    then each added change that is not needed taken back. None when even all of them do not fit."""
-    model = model or meta_model(cfg.model_path, cfg.model.text_encoders)
-    trial = copy.deepcopy(cfg)
-    trial.augment.resolution = resolution_of(trial, model)
-    applied = []
-    est = estimate(trial, device, model, n_images)
-    for what, change in _changes(trial, model):
-        if est.total <= budget:
-            break
-        before = copy.deepcopy(trial)
-        if change(trial):
-            applied.append((what, before))
-            est = estimate(trial, device, model, n_images)
-    if est.total > budget:
-        return None
-    for what, before in list(applied[:-1]):  # drop a cheap change the later ones made unnecessary
-        undone = _undo(trial, cfg, what, before)
-        if undone is not None:
-            e = estimate(undone, device, model, n_images)
-            if e.total <= budget:
-                trial, est = undone, e
-    return trial, est
-
-
-_FIELDS = {"caching": [("train", "cache_latents"), ("train", "cache_text")],
-           "SDPA attention": [("speed", "attention")], "8-bit AdamW": [("optim", "optimizer")],
-           "gradient checkpointing": [("train", "gradient_checkpointing")], "an NF4 base": [("model", "quantize")],
-           "no T5": [("model", "t5")]}
-
-
-_HALVE = "a smaller batch with gradient accumulation"
-
-
-def _undo(trial: Config, original: Config, what: str, before: Config) -> Config | None:
-    """`trial` with the change `what` taken back (its setting in `original`); a batch halving goes back to the batch
-    `before` it, one halving at a time (in the order applied, the largest batch is tried first). None: it cannot."""
-    if what == _HALVE and before.train.batch_size > trial.train.batch_size:
-        out = copy.deepcopy(trial)
-        out.train.batch_size, out.train.grad_accum = before.train.batch_size, before.train.grad_accum
-        return out
-    if what not in _FIELDS:
-        return None
-    out = copy.deepcopy(trial)
-    for section, name in _FIELDS[what]:
-        setattr(getattr(out, section), name, getattr(getattr(original, section), name))
-    return out
-
-
-def changed_flags(before: Config, after: Config) -> list[str]:
-    """The command-line flags that turn `before` into `after`."""
-    from dataclasses import fields
-
-    from ..config import SECTIONS, flag_name
-
-    flags = []
-    for section in SECTIONS:
-        for f in fields(getattr(before, section)):
-            a, b = getattr(getattr(before, section), f.name), getattr(getattr(after, section), f.name)
-            if a != b:
-                name = flag_name(f)
-                flags.append((f"--{name}" if b else f"--no-{name}") if isinstance(b, bool) else f"--{name} {b}")
-    return flags
-
-
-def warn_if_too_big(cfg: Config, device: torch.device, say) -> Estimate | None:
-    """Before training: one line through `say` when the job's estimated peak exceeds what the device has. Advisory:
-    a model whose configs cannot be read is not an error here (loading it will say what is wrong)."""
-    import logging
-
-    try:
-        est = estimate(cfg, device.type)
-        budget, where = device_budget(device.type)
-    except Exception as e:  # noqa: BLE001 - an estimate must never stop a run
-        logging.getLogger(__name__).info("memory estimate skipped: %s", e)
-        return None
-    if est.total > budget:
-        say(f"warning: this job needs about {est.total / GiB:.1f} GiB at its peak and {where} has "
-            f"{budget / GiB:.1f} GiB for it; `sdlora fit` with the same job and flags proposes settings that fit")
-    return est
 
 
 def config_of_row(row: dict) -> Config:

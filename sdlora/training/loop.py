@@ -23,7 +23,7 @@ from ..io import check_writable, remove_stale_temps
 from . import checkpoint as ckpt
 from . import runlog
 from .adapters import started_at_zero, zero_update_modules
-from .fit import warn_if_too_big
+from .fit_plan import warn_if_too_big
 from .optimizers import check_packages
 from .output import best_path, write_best, write_checkpoint, write_output, write_samples
 from .setup import check_bitsandbytes, make_accelerator, setup
