@@ -73,9 +73,9 @@ def load_state(path: Path, config: dict) -> dict:
     if state["version"] != STATE_VERSION:
         raise TrainingError(f"{path.name} was written by another sdlora version (checkpoint format "
                             f"{state['version']}, this one reads {STATE_VERSION}); train into a new output")
+    defaults = Config()  # a checkpoint written before a setting existed ran with its default
     for section, key in RESUME_KEYS:
-        # a checkpoint written before a setting existed ran with its default
-        old = state["config"].get(section, {}).get(key, getattr(getattr(Config(), section), key))
+        old = state["config"].get(section, {}).get(key, getattr(getattr(defaults, section), key))
         new = config[section][key]
         if old != new:
             raise TrainingError(f"cannot resume from {path.name}: {section}.{key} was {old!r}, now {new!r}; "

@@ -25,6 +25,7 @@ import torch
 from ..config import Config
 from ..errors import ModelError
 from ..families import FAMILIES, Family, TextEncoderSlot
+from .data import IMAGE_EXTS
 from .memtrace import MetaStep, Trace, checkpointing, mark_trainable, trace
 
 GiB = 2**30
@@ -34,7 +35,6 @@ CPU_BASELINE = int(0.45 * GiB)  # a process with torch, diffusers, transformers 
 # bytes of optimizer state per LoRA parameter (Adam m and v; 8-bit: one byte each), as measured by
 # `scripts/bench_train.py --optimizers` on rank-4 LoRA (Adafactor's factored moments depend on the shapes)
 OPTIMIZER_STATE = {"adamw": 8, "adamw8bit": 2, "adamw-schedulefree": 8, "prodigy": 14, "adafactor": 1, "lion": 4}
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 @dataclass
@@ -175,22 +175,11 @@ class Estimate:
         return max(self.allocated + self.overhead, self.load)
 
 
-def precision_for(cfg: Config, device: str) -> str:
-    """The mixed precision `setup` will use on `device` (cuda assumed bf16-capable unless it is here and is not)."""
-    from ..hardware import cpu_has_native_bf16
-
-    mp = cfg.train.mixed_precision
-    if mp != "auto":
-        return mp
-    if device == "cuda":
-        return "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
-    return "bf16" if cpu_has_native_bf16() else "no"
-
-
 def _dtypes(precision: str, device: str) -> tuple[torch.dtype, torch.dtype | None]:
     """(weights' dtype, autocast's low dtype or None), as `setup.place_models` and accelerate make them."""
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return (low if device == "cuda" and low else torch.float32), low
+    from .setup import weight_dtype
+
+    return weight_dtype(device, precision), {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def resolution_of(cfg: Config, model: MetaModel) -> int:
@@ -214,7 +203,9 @@ def estimate(cfg: Config, device: str = "cuda", model: MetaModel | None = None,
     from .setup import captions_vary, frozen_text_dtype
 
     model = model or meta_model(cfg.model_path, cfg.model.text_encoders)
-    fam, precision = model.family, precision_for(cfg, device)
+    from .setup import mixed_precision
+
+    fam, precision = model.family, mixed_precision(cfg, device)
     wdtype, _ = _dtypes(precision, device)
     res = resolution_of(cfg, model)
     counts = _counts(model)
@@ -271,7 +262,7 @@ def _frozen_text_spec(model: MetaModel, cfg: Config):
     """The conditioning's frozen part as training makes it (SD3: a T5Text's length and width), without a model."""
     from ..models import frozen_text
 
-    return frozen_text(model.family, None, None, model.denoiser_config, cfg.model.t5_max_length)
+    return frozen_text(None, None, model.denoiser_config, cfg.model.t5_max_length)
 
 
 def _vae_factor(model: MetaModel) -> int:

@@ -44,14 +44,15 @@ def make_accelerator(cfg: Config):
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), **tracker_kwargs(cfg))
 
 
-def mixed_precision(cfg: Config) -> str:
-    """The precision `auto` means here: bf16 (fp16 where the GPU lacks bf16) on CUDA; on the CPU bf16 autocast
+def mixed_precision(cfg: Config, device: str | None = None) -> str:
+    """The precision `auto` means on `device` ('cuda' or 'cpu'; default: CUDA when a GPU is here, else the CPU):
+    bf16 (fp16 where the GPU lacks bf16; a GPU not here is taken as bf16-capable) on CUDA; on the CPU bf16 autocast
     where bf16 is native, else fp32."""
     mp = cfg.train.mixed_precision
     if mp != "auto":
         return mp
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+        return "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
@@ -206,8 +207,6 @@ def cache_frozen_text(cfg: Config, c: Components, device: torch.device, precisio
     prompts now, on the device, and is then released, so it never shares memory with the transformer; with
     captions that change every step (shuffled or dropped tags) it stays, keeps those texts, and encodes the varied
     captions as they come without keeping them."""
-    from .output import sample_prompts
-
     held = [f for f in c.frozen_text if f.model is not None]
     if not held:
         return
@@ -335,17 +334,23 @@ def use_zero_terminal_snr(cfg: Config, c: Components) -> None:
                                                  timestep_spacing="trailing")
 
 
+def weight_dtype(device: str, precision: str) -> torch.dtype:
+    """The frozen denoiser's and text encoders' dtype: the training precision's on CUDA, fp32 on the CPU."""
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return low if device == "cuda" and low else torch.float32
+
+
 def load_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The dtype weights are loaded in: the training precision's on CUDA (what place_models casts them to anyway),
-    None (as stored, then fp32) on the CPU."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if device.type == "cuda" else None
+    """The dtype weights are loaded in: `weight_dtype` (what place_models casts them to anyway), None (as stored,
+    then fp32) where that is fp32."""
+    dtype = weight_dtype(device.type, precision)
+    return None if dtype == torch.float32 else dtype
 
 
 def place_models(cfg: Config, c: Components, device: torch.device, precision: str) -> torch.dtype:
     """Frozen denoiser and text encoders in the training precision (NF4 with QLoRA), everything on the device.
     The VAE stays fp32: fp16 VAEs overflow to NaN. Returns the weights' dtype."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32) \
-        if device.type == "cuda" else torch.float32
+    dtype = weight_dtype(device.type, precision)
     for module in (c.denoiser, *c.text_encoders):
         if dtype != torch.float32:
             module.to(dtype=dtype)
