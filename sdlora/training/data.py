@@ -3,8 +3,10 @@ deterministic batch plan (step N's batch depends only on the seed and N, so resu
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +57,21 @@ def load_image(path: str | Path) -> Image.Image:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of an image that decodes completely (EXIF rotation applied); raises ValueError saying why
-    it cannot be used: not an image, truncated or corrupt data, or over PIL's decompression-bomb limit."""
+    it cannot be used: not an image, truncated or corrupt data, or over PIL's decompression-bomb limit. Decoded once
+    per file version: setup scans the training folders more than once (held-out images, training, validation)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _decoded_size(path)  # says why, as for any unreadable file
+    return _cached_size(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_size(path: str, mtime_ns: int, nbytes: int) -> tuple[int, int]:
+    return _decoded_size(path)
+
+
+def _decoded_size(path: str | Path) -> tuple[int, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -184,9 +200,10 @@ def _is_opaque(im: Image.Image) -> bool:
     return im.getchannel("A").getextrema() == (255, 255)
 
 
-def find_mask(image: str, folder: str | Path | None, alpha: bool) -> str:
-    """The mask an image trains with: its file in the mask folder (same stem), its alpha channel, or none. A missing,
-    mis-sized or all-black mask is a DataError naming the file; an all-white one (or an opaque alpha) is no mask."""
+def find_mask(image: str, size: tuple[int, int], folder: str | Path | None, alpha: bool) -> str:
+    """The mask an image (of `size`, as `image_size` read it) trains with: its file in the mask folder (same stem), its
+    alpha channel, or none. A missing, mis-sized or all-black mask is a DataError naming the file; an all-white one
+    (or an opaque alpha) is no mask."""
     if folder:
         found = sorted(p for p in Path(folder).glob(Path(image).stem + ".*")
                        if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
@@ -199,7 +216,6 @@ def find_mask(image: str, folder: str | Path | None, alpha: bool) -> str:
     else:
         return ""
     mask = load_mask(Example(image, "", (0, 0), mask=spec))
-    size = image_size(image)
     where = Path(image).name + " (its alpha)" if spec == ALPHA else spec
     if mask.size != size:
         raise DataError(f"mask {where} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}")
@@ -227,7 +243,7 @@ def build_examples(folders, resolution: int, bucketing: bool, step: int | None =
         mask_folder, alpha = masks[source] if masks else ("", False)
         for path, caption, (w, h) in items:
             bucket = pick_bucket((w, h), buckets)
-            mask = find_mask(path, mask_folder, alpha)
+            mask = find_mask(path, (w, h), mask_folder, alpha)
             if min(w, h) * 4 < min(bucket):
                 small.append(f"{Path(path).name} ({w}x{h})")
             if not caption:

@@ -103,11 +103,7 @@ class Validation:
 
     def _one(self, state, models, recipe, i: int) -> float:
         ex, k = self.examples[i], self.timesteps
-        lat, crop, mask = state.batches.latents(ex, False, None)
-        if mask is not None:  # weighted as training weighs it
-            weights = state.batches.unmasked_weights
-            w = weights[ex.source] if ex.source < len(weights) else 0.0
-            mask = (w + (1 - w) * mask)[None].expand(k, *mask.shape)
+        lat, crop, _ = state.batches.latents(ex, False)  # validation examples carry no mask (built without one)
         micro = models.conditioning.micro(ex.size[::-1], crop, ex.bucket[::-1])
         latents = lat[None].expand(k, *lat.shape)
         gen = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([self.seed, 77, i]).generate_state(1)[0]))
@@ -117,5 +113,5 @@ class Validation:
         cond = text.conditioning.encode(text.tokenizers, text.raw_encoders, [ex.caption] * k, state.device) \
             if text.trainable else text([ex.caption] * k)
         micro = None if micro is None else micro[None].expand(k, *micro.shape)
-        loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro, mask)
+        loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro)
         return loss.double().mean().item()
