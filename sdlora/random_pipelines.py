@@ -224,7 +224,7 @@ def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, 
         noise, sample = training_scheduler(parts["scheduler"], "auto", fam)
         return freeze(Components(fam, "random-sd3.5-medium", parts["transformer"], parts["vae"], [tokenizer] * 2,
                                  [parts["text_encoder"], parts["text_encoder_2"]], noise, sample,
-                                 [frozen_text(fam, parts["text_encoder_3"], t5_tok, parts["transformer"].config, 256)]))
+                                 [frozen_text(parts["text_encoder_3"], t5_tok, parts["transformer"].config, 256)]))
     encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if family == "sdxl" else [])
     return freeze(Components(FAMILIES[family], f"random-{family}", parts["unet"], parts["vae"],
                              [tokenizer] * len(encoders), encoders,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -25,7 +24,6 @@ MMDIT, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer.",
         "text_encoder_3": "text_encoders.t5xxl.transformer."}
 FILE_NAMES = {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5"}  # ComfyUI's file names
-ASSETS = Path(__file__).parent / "assets" / "sd3"
 
 
 def mmdit_prefix(shapes) -> str | None:
@@ -37,14 +35,15 @@ def mmdit_prefix(shapes) -> str | None:
 
 
 def _asset(part: str) -> dict:
-    name = "scheduler_config.json" if part == "scheduler" else \
-        "tokenizer_config.json" if part.startswith("tokenizer") else "config.json"
-    return json.loads((ASSETS / part / name).read_text())
+    from .single_file import _asset
+
+    return _asset("sd3", part)
 
 
-def _indices(shapes, rx: str) -> list[int]:
-    pattern = re.compile(rx)
-    return sorted({int(m[1]) for k in shapes if (m := pattern.match(k))})
+def _indices(shapes, prefix: str, rx: str) -> list[int]:
+    from .single_file import _blocks
+
+    return sorted(_blocks(shapes, prefix, rx))
 
 
 def transformer_config(s: dict, p: str) -> dict:
@@ -54,14 +53,14 @@ def transformer_config(s: dict, p: str) -> dict:
     head = s[p + "joint_blocks.0.x_block.attn.ln_q.weight"][0] if p + "joint_blocks.0.x_block.attn.ln_q.weight" in s \
         else 64
     return {**_asset("transformer"), "patch_size": patch, "in_channels": channels, "attention_head_dim": head,
-            "num_layers": len(_indices(s, re.escape(p) + r"joint_blocks\.(\d+)\.")),
+            "num_layers": len(_indices(s, p, r"joint_blocks\.(\d+)\.")),
             "num_attention_heads": width // head,
             "out_channels": s[p + "final_layer.linear.weight"][0] // patch**2,
             "joint_attention_dim": s[p + "context_embedder.weight"][1], "caption_projection_dim": width,
             "pooled_projection_dim": s[p + "y_embedder.mlp.0.weight"][1],
             "pos_embed_max_size": round(math.sqrt(s[p + "pos_embed"][1])),
             "qk_norm": "rms_norm" if p + "joint_blocks.0.x_block.attn.ln_q.weight" in s else None,
-            "dual_attention_layers": _indices(s, re.escape(p) + r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight")}
+            "dual_attention_layers": _indices(s, p, r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight")}
 
 
 def clip_config(s: dict, p: str, part: str) -> dict:
@@ -69,7 +68,7 @@ def clip_config(s: dict, p: str, part: str) -> dict:
     tokens = s[t + "embeddings.token_embedding.weight"]
     cfg = {**_asset(part), "vocab_size": tokens[0], "hidden_size": tokens[1],
            "max_position_embeddings": s[t + "embeddings.position_embedding.weight"][0],
-           "num_hidden_layers": len(_indices(s, re.escape(t) + r"encoder\.layers\.(\d+)\.")),
+           "num_hidden_layers": len(_indices(s, t, r"encoder\.layers\.(\d+)\.")),
            "intermediate_size": s[t + "encoder.layers.0.mlp.fc1.weight"][0], "num_attention_heads": tokens[1] // 64}
     if p + "text_projection.weight" in s:
         cfg["projection_dim"] = s[p + "text_projection.weight"][0]
@@ -82,7 +81,7 @@ def t5_config(s: dict, p: str) -> dict:
     bias = s[p + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     block = p + "encoder.block.0.layer."
     return {**_asset("text_encoder_3"), "vocab_size": s[p + "shared.weight"][0], "d_model": s[p + "shared.weight"][1],
-            "num_layers": len(_indices(s, re.escape(p) + r"encoder\.block\.(\d+)\.")), "num_heads": bias[1],
+            "num_layers": len(_indices(s, p, r"encoder\.block\.(\d+)\.")), "num_heads": bias[1],
             "relative_attention_num_buckets": bias[0], "d_ff": s[block + "1.DenseReluDense.wi_0.weight"][0],
             "d_kv": s[block + "0.SelfAttention.q.weight"][0] // bias[1]}
 

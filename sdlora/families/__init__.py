@@ -101,7 +101,7 @@ class Family:
     def target_patterns(self, name: str) -> tuple[str, ...]:
         """The layer patterns of a target preset (auto: the family's default); a preset the family has not is a
         one-line ConfigError."""
-        name = self.default_targets if name == "auto" else name
+        name = self.resolved_targets(name)
         if name not in self.targets:
             why = " (its text and image meet in the joint attention: attn)" if name == "cross_attn" else ""
             raise ConfigError(f"lora.targets {name} is not a preset of {self.title}{why}; choose auto, "

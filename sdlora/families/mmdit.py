@@ -77,13 +77,6 @@ def swap_halves(t, dim: int = 0):
     return torch.cat([b, a], dim=dim)
 
 
-def kohya_names() -> dict[str, str]:
-    """kohya's underscore spelling of every original block/top module suffix -> its dotted path."""
-    names = {o.replace(".", "_"): o for o in _FROM_BLOCK}
-    names.update({o.replace(".", "_"): o for o in _FROM_TOP})
-    return names
-
-
 def variant(config) -> tuple[str, str]:
     """(kohya's ss_base_model_version, ModelSpec architecture) of an SD3 transformer config, by its structure as
     sd-scripts decides it: no qk-norm is SD3 Medium, qk-norm with dual-attention layers SD3.5 Medium, else SD3.5

@@ -26,7 +26,7 @@ from ..errors import LoraFileError
 from ..families import Family
 from ..families.naming import sgm_namer
 from . import mmdit
-from .modules import AXES, DoraModule, LohaModule, LokrModule, LoraModule, magnitude_shape
+from .modules import AXES, DoraModule, LohaModule, LokrModule, LoraModule, is_plain, magnitude_shape
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the adapter config
 BUNDLE = "bundle_emb."                       # A1111's embeddings inside a LoRA file
@@ -389,7 +389,7 @@ def diffusers_tensors(mods: dict, names: NameMap, dtype=torch.float16) -> tuple[
     out, by_part, dora = {}, {}, {}
     for base, m in mods.items():
         lora = m.inner if isinstance(m, DoraModule) and m.axis == "output" else m
-        if not (isinstance(lora, LoraModule) and lora.mid is None):
+        if not is_plain(lora):
             raise LoraFileError(f"layer {base} is {m.kind}{' on the input axis' if isinstance(m, DoraModule) else ''}"
                                 ", which diffusers cannot load: keep the kohya layout (A1111, ComfyUI)")
         part, path = names.to_module[base]

@@ -111,8 +111,9 @@ def resize_modules(mods: dict, rank: int | None, keep_energy: float | None, repo
     out, norms = {}, {}
     for name, m in mods.items():
         base = (bases or {}).get(name)
-        out[name], err = resize(m, min(rank, m.lora_rank) if rank else None, keep_energy, base)
-        norms[name] = float(m.delta(base).norm())
+        delta = m.delta(base)  # resize's own target, once
+        out[name], err = low_rank(delta, min(rank, m.lora_rank) if rank else None, keep_energy)
+        norms[name] = float(delta.norm())
         report.add(name, out[name].rank, err)
     report.finish(norms)
     return out
