@@ -206,9 +206,7 @@ def plan(args, cuda: bool) -> list[dict]:
     batch (cached)."""
     specs = []
     for family in args.family:
-        res = args.resolution or (32 if args.tiny else 512 if not cuda else 1024 if family != "sd1" else 512)
-        if not cuda and not args.resolution and not args.tiny:
-            res = 256
+        res = args.resolution or (32 if args.tiny else 256 if not cuda else 512 if family == "sd1" else 1024)
         for batch in args.batch:
             for mode in args.modes:
                 if mode == "t5-kept" and family != "sd3":
