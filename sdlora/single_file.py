@@ -207,12 +207,17 @@ def _asset(family: str, part: str) -> dict:
     return json.loads((ASSETS / family / part / name).read_text())
 
 
-def _configs(shapes: dict, meta: dict, family: str, path: Path) -> dict:
-    """Shipped family config < the file's own sdlora metadata (or the head rules) < what the shapes say."""
+def own_configs(meta: dict, path) -> dict:
+    """The diffusers configs a file made by sdlora carries in its header (none: {}); a broken header is one line."""
     try:
-        own = json.loads(meta.get("sdlora.diffusers_configs", "{}"))
+        return json.loads(meta.get("sdlora.diffusers_configs", "{}"))
     except json.JSONDecodeError:
         raise ModelError(f"{path}: its sdlora.diffusers_configs header is not valid JSON") from None
+
+
+def _configs(shapes: dict, meta: dict, family: str, path: Path) -> dict:
+    """Shipped family config < the file's own sdlora metadata (or the head rules) < what the shapes say."""
+    own = own_configs(meta, path)
     derived = {"unet": _unet_shape_config(shapes), "vae": _vae_shape_config(shapes)}
     derived.update({e.name: _text_shape_config(shapes, e) for e in ENCODERS[family]})
     if family == "sdxl":  # size/crop embedding = pooled text (projection width) + 6 time embeddings

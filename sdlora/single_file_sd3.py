@@ -88,12 +88,9 @@ def t5_config(s: dict, p: str) -> dict:
 
 def configs(shapes: dict, meta: dict, path) -> dict:
     """diffusers configs of every part the file holds: shipped < the file's own sdlora header < the shapes."""
-    from .single_file import _vae_shape_config
+    from .single_file import _vae_shape_config, own_configs
 
-    try:
-        own = json.loads(meta.get("sdlora.diffusers_configs", "{}"))
-    except json.JSONDecodeError:
-        raise ModelError(f"{path}: its sdlora.diffusers_configs header is not valid JSON") from None
+    own = own_configs(meta, path)
     p = mmdit_prefix(shapes)
     out = {"transformer": transformer_config(shapes, p)}
     if any(k.startswith(VAE) for k in shapes):
@@ -231,7 +228,7 @@ class _TextEncoders:
         with safe_open(str(files[0]), "pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
             meta = f.metadata() or {}
-        prefix, cfg = _file_config(part, {k: tuple(v.shape) for k, v in state.items()}, meta)
+        prefix, cfg = _file_config(part, {k: tuple(v.shape) for k, v in state.items()}, meta, files[0])
         sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if part == "text_encoder_3" \
             else _clip_state(state, prefix, projection=True)
         return _build(cls, cfg, sd, f"{what} ({files[0].name})", files[0])
@@ -246,7 +243,7 @@ class _TextEncoders:
         if (self.folder / part / "config.json").is_file():
             return json.loads((self.folder / part / "config.json").read_text())
         files = self._files(part) if part in FILE_NAMES else []
-        return _file_config(part, *_header(files[0], False))[1] if files else None
+        return _file_config(part, *_header(files[0], False), files[0])[1] if files else None
 
     def tokenizer(self, tok: str):
         if self.folder is not None and (self.folder / tok).is_dir():
@@ -256,10 +253,12 @@ class _TextEncoders:
         return None
 
 
-def _file_config(part: str, shapes: dict, meta: dict) -> tuple[str, dict]:
-    """(key prefix, config) of a text encoder's own file, from its shapes and sdlora's config header."""
+def _file_config(part: str, shapes: dict, meta: dict, path) -> tuple[str, dict]:
+    """(key prefix, config) of a text encoder's own file (`path`), from its shapes and sdlora's config header."""
+    from .single_file import own_configs
+
     prefix = next((p for p in (TEXT[part], "transformer.", "") if any(k.startswith(p) for k in shapes)), "")
-    own = json.loads(meta.get("sdlora.diffusers_configs", "{}")).get(part, {})
+    own = own_configs(meta, path).get(part, {})
     return prefix, {**(t5_config(shapes, prefix) if part == "text_encoder_3" else clip_config(shapes, prefix, part)),
                     **own}
 
