@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import LoraFileError, SdloraError
 from ..families import FAMILIES
 from ..io import check_output
-from .files import load_lora, read_lora, save_kohya, write_embedding, write_lora
+from .files import load_lora, parse_lora, read_lora, save_kohya, write_embedding, write_lora
 from .layout import NameMap, diffusers_tensors, guess_family, name_map, reference_name_map
 from .metadata import apply_policy
 from .modules import LoraModule
@@ -51,8 +51,8 @@ def convert_lora(path: str | Path, to: str | None, output: str | Path, overwrite
         raise SdloraError("say what to change: --to kohya|diffusers and/or --metadata public|none")
     check_output(output, [path], overwrite)
     if to is None:  # the header alone
-        load_lora(path)  # a file that is no usable LoRA is refused here too
         tensors, meta = read_lora(path)
+        parse_lora(tensors, meta, path)  # a file that is no usable LoRA is refused here too
         return write_lora(output, tensors, apply_policy(meta, metadata))
     mods, emb, meta = load_lora(path)
     meta = apply_policy(meta, metadata or "full")

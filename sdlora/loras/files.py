@@ -58,9 +58,14 @@ def write_embedding(path: str | Path, token: str, vectors: dict[str, torch.Tenso
 def load_lora(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """(modules by kohya base name, bundled embeddings {token: {part: tensor}}, metadata) of a LoRA file of any
     layout. A file with no LoRA module, or with a key no layout explains, is an error naming it."""
+    return parse_lora(*read_lora(path), path)
+
+
+def parse_lora(tensors: dict, meta: dict, path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]],
+                                                                      dict[str, str]]:
+    """`load_lora` of a file already read (`read_lora`'s tensors and metadata)."""
     from .layout import parse_modules, split_embeddings
 
-    tensors, meta = read_lora(path)
     try:
         mods = parse_modules(tensors, meta)
     except LoraFileError as e:
