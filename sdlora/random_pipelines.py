@@ -206,7 +206,6 @@ def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, 
     T5-XXL's 24, for machines that cannot hold all of them."""
     import contextlib
 
-    from diffusers import DDPMScheduler
     from transformers import AutoTokenizer, CLIPTokenizer
 
     from .families import FAMILIES
@@ -218,17 +217,15 @@ def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, 
             if family == "sd3" else build_sdxl_components(seed=seed) if family == "sdxl" else \
             build_components(SD15, seed)
     parts["scheduler"] = type(parts["scheduler"]).from_config(parts["scheduler"].config)  # made on the CPU
-    if family == "sd3":
-        fam, t5_tok = FAMILIES["sd3"], AutoTokenizer.from_pretrained(
-            write_t5_tokenizer(Path(tokenizer_dir) / "t5", ("a", "photo", "of", "sks")))
-        noise, sample = training_scheduler(parts["scheduler"], "auto", fam)
-        return freeze(Components(fam, "random-sd3.5-medium", parts["transformer"], parts["vae"], [tokenizer] * 2,
-                                 [parts["text_encoder"], parts["text_encoder_2"]], noise, sample,
-                                 [frozen_text(parts["text_encoder_3"], t5_tok, parts["transformer"].config, 256)]))
-    encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if family == "sdxl" else [])
-    return freeze(Components(FAMILIES[family], f"random-{family}", parts["unet"], parts["vae"],
-                             [tokenizer] * len(encoders), encoders,
-                             DDPMScheduler.from_config(parts["scheduler"].config), parts["scheduler"]))
+    fam = FAMILIES[family]
+    denoiser, encoders = parts[fam.denoiser_attr], [parts[s.attr] for s in fam.text_encoders]
+    words = ("a", "photo", "of", "sks")
+    t5_tok = AutoTokenizer.from_pretrained(write_t5_tokenizer(Path(tokenizer_dir) / "t5", words)) \
+        if fam.frozen_encoders else None
+    frozen = [frozen_text(parts[s.attr], t5_tok, denoiser.config, 256) for s in fam.frozen_encoders]
+    name = "random-sd3.5-medium" if family == "sd3" else f"random-{family}"
+    return freeze(Components(fam, name, denoiser, parts["vae"], [tokenizer] * len(encoders), encoders,
+                             *training_scheduler(parts["scheduler"], "auto", fam), frozen))
 
 
 def write_t5_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_length: int = 256) -> Path:
