@@ -11,6 +11,7 @@ from PIL import Image
 
 from sdlora.config import load_toml, validate
 from sdlora.errors import ConfigError, SdloraError
+from sdlora.training.data import Example, load_mask, mask_file
 
 from . import progress
 from .files import dataset_rows, import_uploads, safe_name, write_captions
@@ -41,13 +42,11 @@ def thumbnails(folder: str, rows: list[list[str]], masks: str = "", size: int = 
 
 
 def _mask_of(masks: str, image_name: str) -> Image.Image | None:
+    """The mask training would use for an image (its file in the mask folder, read as training reads it)."""
     if not masks or not Path(masks).is_dir():
         return None
-    found = sorted(Path(masks).glob(Path(image_name).stem + ".*"))
-    if not found:
-        return None
-    with Image.open(found[0]) as m:
-        return m.convert("L")
+    found = mask_file(image_name, masks)
+    return None if found is None else load_mask(Example(image_name, "", (0, 0), mask=str(found)))
 
 
 class TrainTab:

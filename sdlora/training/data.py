@@ -200,17 +200,23 @@ def _is_opaque(im: Image.Image) -> bool:
     return im.getchannel("A").getextrema() == (255, 255)
 
 
+def mask_file(image: str, folder: str | Path) -> Path | None:
+    """An image's file in a mask folder (same stem, an image, not hidden); None when it has none."""
+    found = sorted(p for p in Path(folder).glob(Path(image).stem + ".*")
+                   if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    return found[0] if found else None
+
+
 def find_mask(image: str, size: tuple[int, int], folder: str | Path | None, alpha: bool) -> str:
     """The mask an image (of `size`, as `image_size` read it) trains with: its file in the mask folder (same stem), its
     alpha channel, or none. A missing, mis-sized or all-black mask is a DataError naming the file; an all-white one
     (or an opaque alpha) is no mask."""
     if folder:
-        found = sorted(p for p in Path(folder).glob(Path(image).stem + ".*")
-                       if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
-        if not found:
+        found = mask_file(image, folder)
+        if found is None:
             raise DataError(f"no mask for {Path(image).name} in {folder} (it needs a mask image named "
                             f"{Path(image).stem}.png or similar)")
-        spec = str(found[0])
+        spec = str(found)
     elif alpha:
         spec = ALPHA
     else:
