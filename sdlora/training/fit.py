@@ -306,10 +306,16 @@ def _cached(key: tuple, make):
     return _CACHE[key]
 
 
+def _built(model: MetaModel):
+    """`model.build()`, once per model, for the measurements that only read the modules (the step's trace changes
+    its own copy)."""
+    return _cached(("built", model.key), model.build)
+
+
 def _counts(model: MetaModel) -> dict:
     """Per part: floating-point parameter count, each nn.Linear weight's size, and the largest one."""
     def make():
-        denoiser, vae, encoders, frozen = model.build()
+        denoiser, vae, encoders, frozen = _built(model)
         fam = model.family
         parts = {fam.denoiser_attr: denoiser, "vae": vae, **{s.attr: e for s, e in zip(fam.text_encoders, encoders)},
                  **{s.attr: e for s, e in zip(model.frozen_slots, frozen)}}
@@ -355,7 +361,7 @@ def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
     text = text_trained(cfg, len(model.family.text_encoders))
 
     def make():
-        denoiser, _, encoders, _ = model.build()
+        denoiser, _, encoders, _ = _built(model)
         fam = model.family
         plan = [(denoiser, _denoiser_targets(model, cfg, denoiser))] if cfg.train.max_steps > 0 else []
         plan += [(e, target_modules(e, fam.text_targets)) for e, t in zip(encoders, text) if t]
@@ -466,7 +472,7 @@ def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, devic
 def _vae_trace(model: MetaModel, res: int) -> Trace:
     """The VAE encoding one image (fp32, no gradient), as uncached latents are made every step."""
     def make():
-        _, vae, _, _ = model.build()
+        _, vae, _, _ = _built(model)
 
         def step():
             with torch.no_grad():
