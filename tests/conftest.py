@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -28,6 +29,32 @@ def tiny_vpred_model(tmp_path_factory):
     from sdlora.random_pipelines import save_tiny_pipeline
 
     return str(save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd1-v", prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def tiny_xl(tmp_path_factory):
+    from sdlora.random_pipelines import save_tiny_sdxl_pipeline
+
+    return str(save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sd35m(tmp_path_factory):
+    """SD3.5 Medium's structure (qk-norm, dual attention in block 0), tiny, with T5."""
+    from sdlora.random_pipelines import save_tiny_sd3_pipeline
+
+    return str(save_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd35m", "sd35m"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """HF offline, and any socket connection fails: proves nothing is fetched."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def draw_images(folder, n=4, captions=True, sizes=((32, 32),)):

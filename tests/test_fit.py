@@ -64,14 +64,6 @@ def real_saved(model_path: str, cfg: Config, text_trained: bool, device: str = "
     return sum(seen.values())
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    """SD3.5 Medium's structure (qk-norm, dual attention in block 0), tiny, with T5."""
-    from sdlora.random_pipelines import save_tiny_sd3_pipeline
-
-    return str(save_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd35m", "sd35m"))
-
-
 @pytest.mark.parametrize("targets,text,ckpt,precision", [
     ("cross_attn", False, False, "no"), ("all", True, False, "no"), ("all", False, True, "no"),
     ("all", False, False, "bf16"), ("all", False, True, "bf16"),
@@ -89,19 +81,19 @@ def test_meta_trace_saves_what_real_tensors_save(tiny_model, targets, text, ckpt
     ("attn", False, "no", False), ("all", False, "no", True), ("all", True, "no", False), ("all", False, "bf16", False),
     ("attn_ff", True, "bf16", True),
 ])
-def test_sd3_meta_trace_saves_what_real_tensors_save(tiny_sd3, targets, ckpt, precision, shuffle):
+def test_sd3_meta_trace_saves_what_real_tensors_save(sd35m, targets, ckpt, precision, shuffle):
     """The MMDiT step (joint and dual attention, qk-norm) with T5's embeddings as the cache gives them, or T5 kept and
     encoding in the step (shuffled tags)."""
-    cfg = tiny_config(tiny_sd3, ".", "o.safetensors", train__batch_size=2, train__gradient_checkpointing=ckpt,
+    cfg = tiny_config(sd35m, ".", "o.safetensors", train__batch_size=2, train__gradient_checkpointing=ckpt,
                       train__mixed_precision=precision, lora__targets=targets)
     cfg.data[0].shuffle_tags = shuffle
-    got = fit._step_trace(fit.meta_model(tiny_sd3), cfg, 32, precision, "cpu")
-    want = real_saved(tiny_sd3, cfg, False)
+    got = fit._step_trace(fit.meta_model(sd35m), cfg, 32, precision, "cpu")
+    want = real_saved(sd35m, cfg, False)
     assert abs(got.saved - want) <= 1e-3 * want, (got.saved, want)
     assert got.peak >= got.saved
 
 
-def test_sd3_configs_and_text_cache_sizes_are_the_models(tiny_sd3, tmp_path):
+def test_sd3_configs_and_text_cache_sizes_are_the_models(sd35m, tmp_path):
     """The folder's and its single file's configs (T5 included; a file without text encoders takes them from
     --text-encoders) build the parts training loads, and one cached caption is the size the conditioning makes."""
     from test_sd3 import _strip_text_encoders
@@ -109,8 +101,8 @@ def test_sd3_configs_and_text_cache_sizes_are_the_models(tiny_sd3, tmp_path):
     from sdlora.models import load_components
     from sdlora.single_file import save_single_file
 
-    c = load_components(tiny_sd3)
-    model = fit.meta_model(tiny_sd3)
+    c = load_components(sd35m)
+    model = fit.meta_model(sd35m)
     counts = fit._counts(model)
     for part, module in (("transformer", c.denoiser), ("vae", c.vae), ("text_encoder", c.text_encoders[0]),
                          ("text_encoder_2", c.text_encoders[1]), ("text_encoder_3", c.frozen_text[0].model)):
@@ -118,21 +110,21 @@ def test_sd3_configs_and_text_cache_sizes_are_the_models(tiny_sd3, tmp_path):
                                              if t.is_floating_point()), part
     cond = c.family.conditioning.encode(c.tokenizers, c.conditioning_encoders, ["a red sks"], "cpu")
     assert sum(v[0].numel() for v in cond.values()) == c.family.conditioning.caption_numel(model.configs, 256)
-    single = save_single_file(tiny_sd3, tmp_path / "m.safetensors")
+    single = save_single_file(sd35m, tmp_path / "m.safetensors")
     bare = _strip_text_encoders(single, tmp_path / "bare.safetensors")
-    for source, extra in ((str(single), ""), (str(bare), tiny_sd3)):
+    for source, extra in ((str(single), ""), (str(bare), sd35m)):
         from_file = fit.meta_model(source, extra)
         assert from_file.family.name == "sd3" and fit._counts(from_file) == counts, source
 
 
-def test_t5_counts_before_the_steps_unless_captions_vary(tiny_sd3):
+def test_t5_counts_before_the_steps_unless_captions_vary(sd35m):
     """T5 encodes every caption and is released: its weights are in the peak before the steps, not the step's. With
     shuffled tags it stays: the step holds its weights. --no-t5: it is nowhere."""
     from transformers import T5EncoderModel
 
-    model = fit.meta_model(tiny_sd3)
-    t5 = sum(p.numel() for p in T5EncoderModel.from_pretrained(tiny_sd3, subfolder="text_encoder_3").parameters())
-    cfg = tiny_config(tiny_sd3, ".", "o.safetensors", train__mixed_precision="bf16")
+    model = fit.meta_model(sd35m)
+    t5 = sum(p.numel() for p in T5EncoderModel.from_pretrained(sd35m, subfolder="text_encoder_3").parameters())
+    cfg = tiny_config(sd35m, ".", "o.safetensors", train__mixed_precision="bf16")
     freed = fit.estimate(cfg, "cuda", model, n_images=4)
     kept_cfg = copy.deepcopy(cfg)
     kept_cfg.data[0].shuffle_tags = True
@@ -153,11 +145,11 @@ def without_t5(cfg: Config) -> Config:
     return out
 
 
-def test_the_plan_drops_t5_when_only_that_fits(tiny_sd3):
+def test_the_plan_drops_t5_when_only_that_fits(sd35m):
     """On the CPU T5 is loaded with the rest: a budget under that peak but over the step's is met by --no-t5 alone
     (the cheaper changes tried first are taken back)."""
-    model = fit.meta_model(tiny_sd3)
-    cfg = tiny_config(tiny_sd3, ".", "o.safetensors", train__batch_size=2)
+    model = fit.meta_model(sd35m)
+    cfg = tiny_config(sd35m, ".", "o.safetensors", train__batch_size=2)
     with_t5 = fit.estimate(cfg, "cpu", model, n_images=4)
     without = fit.estimate(without_t5(cfg), "cpu", model, n_images=4)
     assert with_t5.total > without.total and with_t5.total == with_t5.load  # the loading peak is the job's peak
@@ -253,15 +245,15 @@ def test_cli_fit_reports_and_proposes(tiny_model, tmp_path, capsys):
     assert "does not fit" in out
 
 
-def test_cli_fit_on_an_sd3_folder(tiny_sd3, tmp_path, capsys):
+def test_cli_fit_on_an_sd3_folder(sd35m, tmp_path, capsys):
     from sdlora.cli import main
 
     data = draw_images(tmp_path / "imgs", n=2)
-    assert main(["fit", "--model", tiny_sd3, "--data", str(data), "--vram", "24GB"]) == 0
+    assert main(["fit", "--model", sd35m, "--data", str(data), "--vram", "24GB"]) == 0
     out = capsys.readouterr().out
     assert "sd3, 32 px" in out and "transformer" in out and "peak before the steps" in out and "fits:" in out
     assert "T5" in out and "released" in out
-    assert main(["fit", "--model", tiny_sd3, "--data", str(data), "--vram", "24GB", "--no-t5"]) == 0
+    assert main(["fit", "--model", sd35m, "--data", str(data), "--vram", "24GB", "--no-t5"]) == 0
     assert "peak before the steps" not in capsys.readouterr().out
 
 
@@ -278,9 +270,9 @@ def test_warning_before_training(tiny_model, images, tmp_path, monkeypatch):
     assert any(s.startswith("warning: this job needs about") and "sdlora fit" in s for s in said)
 
 
-def test_warning_before_training_an_sd3_model(tiny_sd3, monkeypatch):
+def test_warning_before_training_an_sd3_model(sd35m, monkeypatch):
     said = []
-    cfg = tiny_config(tiny_sd3, ".", "o.safetensors")
+    cfg = tiny_config(sd35m, ".", "o.safetensors")
     assert fit_plan.warn_if_too_big(cfg, torch.device("cpu"), said.append) is not None and not said  # fits here
     monkeypatch.setattr(fit_plan, "device_budget", lambda device, vram=None: (10**6, "this test's machine"))
     est = fit_plan.warn_if_too_big(cfg, torch.device("cpu"), said.append)

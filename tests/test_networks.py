@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import draw_images, launch_two, tiny_config
 from test_qlora import quantized_linears, use_weights
-from test_sdxl import tiny_xl, xl_outputs  # noqa: F401 (fixture)
+from test_sdxl import xl_outputs
 from test_train import Capture, StopAt, fresh_pipeline, unet_and_te_outputs
 
 from sdlora import convert_lora, merge_into_model, train
@@ -140,7 +140,7 @@ def test_stop_and_resume_is_bit_exact(tiny_model, tmp_path, network, args):
         train(other, resume=True)
 
 
-def test_sdxl_lokr_reproduces_the_trainer(tiny_xl, tmp_path):  # noqa: F811
+def test_sdxl_lokr_reproduces_the_trainer(tiny_xl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     data = draw_images(tmp_path / "imgs", n=3)

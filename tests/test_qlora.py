@@ -8,7 +8,7 @@ import bitsandbytes as bnb  # the test extra installs it: QLoRA's CPU path is te
 import pytest
 import torch
 from conftest import draw_images, tiny_config
-from test_sdxl import tiny_xl, xl_outputs  # noqa: F401 (fixture)
+from test_sdxl import xl_outputs
 from test_train import Capture, StopAt, fresh_pipeline, load_checked, unet_and_te_outputs
 
 from sdlora import train
@@ -47,7 +47,7 @@ def fresh_xl(path):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl-single-file"])
-def test_qlora_trains_in_4bit_and_loads_into_the_full_base(tiny_model, tiny_xl, tmp_path, caplog, family):  # noqa: F811
+def test_qlora_trains_in_4bit_and_loads_into_the_full_base(tiny_model, tiny_xl, tmp_path, caplog, family):
     from sdlora.single_file import save_single_file
 
     folder = tiny_model if family == "sd1" else tiny_xl

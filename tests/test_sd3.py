@@ -16,13 +16,6 @@ PROMPTS = ("a red sks", "a blue dog")
 
 
 @pytest.fixture(scope="module")
-def sd35m(tmp_path_factory):
-    from sdlora.random_pipelines import save_tiny_sd3_pipeline
-
-    return str(save_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd35m", "sd35m"))
-
-
-@pytest.fixture(scope="module")
 def sd3_no_t5(tmp_path_factory):
     from sdlora.random_pipelines import save_tiny_sd3_pipeline
 
@@ -144,24 +137,16 @@ def test_sd3_lora_reproduces_the_trainer_in_diffusers(sd35m, sd3_no_t5, tmp_path
         assert (g - b).abs().max() < 1e-6
 
 
-def _offline(monkeypatch):
-    import socket
-
-    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
-
-
-def test_sd3_single_file_trains_offline_and_loads_in_diffusers(sd35m, tmp_path, caplog, monkeypatch):
+def test_sd3_single_file_trains_offline_and_loads_in_diffusers(sd35m, tmp_path, caplog, no_network):
     """An all-in-one SD3.5-Medium-shaped single file (Stability's layout, T5 included) trains with networking off;
     the file's diffusers twin reproduces the trainer in a pipeline loaded from the folder."""
     from sdlora import convert_lora
     from sdlora.single_file import save_single_file
 
     single = save_single_file(sd35m, tmp_path / "sd35m.safetensors")
-    _offline(monkeypatch)
     cfg, state = _train_sd3(str(single), tmp_path)
     c = state.components
     assert c.family.name == "sd3" and list(c.denoiser.config.dual_attention_layers) == [0]
-    monkeypatch.undo()
     fresh = pipeline(sd35m)
     want = sd3_outputs(c.denoiser.eval(), c.text_encoders, c.tokenizers, t5_of(fresh))
     pipe = pipeline(sd35m)
@@ -180,7 +165,7 @@ def _strip_text_encoders(single, out):
     return out
 
 
-def test_sd3_file_without_text_encoders_takes_them_from_a_folder(sd35m, tmp_path, monkeypatch):
+def test_sd3_file_without_text_encoders_takes_them_from_a_folder(sd35m, tmp_path, no_network):
     """An MMDiT + VAE file gets its encoders from --text-encoders (a diffusers folder, or ComfyUI-style clip_l /
     clip_g / t5xxl files with tokenizer folders); without them, or without T5's tokenizer, one line says what to
     pass."""
@@ -193,7 +178,6 @@ def test_sd3_file_without_text_encoders_takes_them_from_a_folder(sd35m, tmp_path
     from sdlora.single_file import save_single_file
 
     bare = _strip_text_encoders(save_single_file(sd35m, tmp_path / "full.safetensors"), tmp_path / "bare.safetensors")
-    _offline(monkeypatch)
     with pytest.raises(ModelError, match=r"has no CLIP-L text encoder: pass --text-encoders FOLDER"):
         load_components(str(bare))
     fresh = pipeline(sd35m)

@@ -13,13 +13,6 @@ from sdlora.loras.files import read_lora
 from sdlora.loras.layout import split_embeddings
 
 
-@pytest.fixture(scope="module")
-def tiny_xl(tmp_path_factory):
-    from sdlora.random_pipelines import save_tiny_sdxl_pipeline
-
-    return str(save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
-
-
 def xl_outputs(unet, encoders, tokenizers, prompts=("a red sks", "a blue dog"), size=((48, 32), (0, 4), (32, 32))):
     """UNet output, hidden states and pooled embedding of SDXL's conditioning on fixed inputs."""
     from sdlora.families.sdxl import CONDITIONING

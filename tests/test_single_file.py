@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import struct
 
 import pytest
@@ -26,17 +25,6 @@ from sdlora.single_file import (
     save_single_file,
     to_ldm,
 )
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """HF offline, and any socket connection fails: proves nothing is fetched."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in this test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def save_tiny_sd2(folder, seed=0):
