@@ -189,19 +189,29 @@ class TrainConfig:
     cache_text: bool = opt(True, "Encode captions once when the text encoder is frozen.")
     # the objective's recipe (sdlora/training/objective.py): any family, whatever the model predicts
     timestep_sampling: str = opt("uniform", "How training timesteps are drawn: uniform; logit-normal "
-                                 "(sigmoid(mean + scale z), favours the middle; diffusers' SD3 default); sigmoid "
-                                 "(kohya's name for sigmoid(scale z)); mode (SD3's mode sampling, see mode_scale). On "
-                                 "SD3 the draw is then shifted by the model's shift (3.0).",
+                                 "(diffusers' --weighting_scheme logit_normal, its SD3 default: favours the middle); "
+                                 "sigmoid (kohya's name for sigmoid(scale z)); mode (SD3's mode sampling, see "
+                                 "mode_scale). On SD3 the draw is then shifted by the model's shift (3.0), as "
+                                 "kohya's --training_shift 3.",
                                  choices=("uniform", "logit-normal", "sigmoid", "mode"))
-    timestep_mean: float = opt(0.0, "logit-normal: the mean of the normal (> 0 favours noisier timesteps).")
+    timestep_mean: float = opt(0.0, "logit-normal: the mean of the normal, as diffusers' --logit_mean: > 0 favours "
+                               "less noisy timesteps (kohya's sd3 --logit_mean and the SD3 paper's m have the "
+                               "opposite sign: give -m).")
     timestep_scale: float = opt(1.0, "logit-normal and sigmoid: the spread of the normal.", gt=0)
     mode_scale: float = opt(1.29, "mode sampling: how far the draw leans to the middle (SD3's paper and diffusers "
                             "use 1.29; 0 is uniform).", ge=0, le=1.5)
-    flow_weighting: str = opt("none", "SD3 (flow matching): loss weights of diffusers' SD3 script: none, sigma_sqrt "
-                              "(1/sigma^2) or cosmap (2/(pi(1 - 2 sigma + 2 sigma^2))).",
+    flow_weighting: str = opt("none", "SD3 (flow matching): loss weights of diffusers' SD3 script "
+                              "(compute_loss_weighting_for_sd3): none, sigma_sqrt (1/sigma^2) or cosmap (2/(pi(1 - "
+                              "2 sigma + 2 sigma^2))), on the preconditioned loss unless --no-precondition-outputs.",
                               choices=("none", "sigma_sqrt", "cosmap"))
-    min_timestep: int = opt(0, "Train only on timesteps >= this (0..999).", ge=0)
-    max_timestep: int = opt(1000, "Train only on timesteps < this (1..1000).", le=1000)
+    precondition_outputs: bool = opt(True, "SD3 (flow matching): the loss compares the model's x0 = x_t - sigma v "
+                                     "with the clean latents (the velocity loss times sigma^2), as diffusers' SD3 "
+                                     "script (--precondition_outputs 1, its default) and kohya's sd3_train_network "
+                                     "(always) do; --no-precondition-outputs: the plain velocity loss (diffusers' "
+                                     "--precondition_outputs 0).")
+    min_timestep: int = opt(0, "Train only on timesteps >= this (0..999); SD3: after the shift, as kohya.", ge=0)
+    max_timestep: int = opt(1000, "Train only on timesteps < this (1..1000); SD3: after the shift, as kohya.",
+                            le=1000)
     loss: str = opt("l2", "l2 (MSE); huber or smooth-l1 (the pseudo-Huber losses of kohya's scheduled Huber "
                     "loss: robust to outliers in the data).", choices=("l2", "huber", "smooth-l1"))
     huber_delta: float = opt(0.1, "huber / smooth-l1: the delta (kohya's huber_c) where the loss turns linear.",

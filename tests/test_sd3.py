@@ -462,7 +462,7 @@ def test_flow_objective_follows_diffusers_sd3_training():
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     flow = Flow(sched)
     u = torch.arange(1, 1001, dtype=torch.float32) / 1000  # the scheduler's own grid
-    t = flow._timesteps(u, "cpu")
+    t = flow.shifted(u) * 1000
     torch.testing.assert_close(t.flip(0), sched.timesteps)  # shifted exactly as its sigma table
     torch.testing.assert_close(flow.sigmas(t).flip(0), sched.sigmas[:1000])
     x, n = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
@@ -475,10 +475,10 @@ def test_flow_objective_follows_diffusers_sd3_training():
     assert flow.weights(ts, "none") is None
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     want = compute_density_for_timestep_sampling("mode", 5000, mode_scale=1.29, generator=g1)
-    torch.testing.assert_close(Timesteps("mode", mode_scale=1.29).fractions(5000, g2), want)
+    torch.testing.assert_close(Timesteps("mode", mode_scale=1.29).fractions(5000, g2), 1 - want)  # descending table
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     want = compute_density_for_timestep_sampling("logit_normal", 5000, logit_mean=0.5, logit_std=1.2, generator=g1)
-    torch.testing.assert_close(Timesteps("logit-normal", 0.5, 1.2).fractions(5000, g2), want)
+    torch.testing.assert_close(Timesteps("logit-normal", 0.5, 1.2).fractions(5000, g2), 1 - want)
     q = Timesteps("mode").fraction_quantiles(5)
     assert q.tolist() == sorted(q.tolist()) and abs(q[2].item() - 0.5) < 1e-6  # symmetric about 1/2
 

@@ -50,11 +50,17 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict:
 
 
 def recipe_metadata(cfg, flow: bool = False) -> dict[str, str]:
-    """kohya's keys for the optimizer and the objective's options (flow matching: sd-scripts' SD3 keys too)."""
+    """kohya's keys for the optimizer and the objective's options (flow matching: sd-scripts' SD3 keys too, in its
+    terms: its weighting_scheme names uniform sampling with a loss weight by the weight, and its logit_mean has the
+    opposite sign to diffusers' and sdlora's timestep_mean)."""
     tr = cfg.train
-    sd3 = {"ss_weighting_scheme": {"uniform": "uniform", "mode": "mode"}.get(tr.timestep_sampling, "logit_normal"),
-           "ss_logit_mean": str(tr.timestep_mean), "ss_logit_std": str(tr.timestep_scale),
-           "ss_mode_scale": str(tr.mode_scale), "sdlora_flow_weighting": tr.flow_weighting} if flow else {}
+    scheme = {"uniform": "uniform", "mode": "mode"}.get(tr.timestep_sampling, "logit_normal")
+    if scheme == "uniform" and tr.flow_weighting != "none":
+        scheme = tr.flow_weighting
+    sd3 = {"ss_weighting_scheme": scheme, "ss_logit_mean": str(-tr.timestep_mean + 0.0),
+           "ss_logit_std": str(tr.timestep_scale), "ss_mode_scale": str(tr.mode_scale),
+           "sdlora_flow_weighting": tr.flow_weighting,
+           "sdlora_precondition_outputs": str(tr.precondition_outputs)} if flow else {}
     return {**sd3, "ss_optimizer": cfg.optim.optimizer, "ss_loss_type": tr.loss.replace("-", "_"),
             "ss_huber_c": str(tr.huber_delta), "ss_huber_schedule": tr.huber_schedule,
             "ss_min_timestep": str(tr.min_timestep), "ss_max_timestep": str(tr.max_timestep),

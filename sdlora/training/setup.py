@@ -176,8 +176,8 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
 
 def check_family_options(cfg: Config, c: Components) -> None:
     """Options the loaded model's family or objective cannot serve, as one-line errors: the SNR-based weights and
-    zero terminal SNR on flow matching (SD3), SD3's loss weights on DDPM, lora.blocks where the denoiser has no
-    numbered blocks, and (SD3) networks other than LoRA or pivotal tuning."""
+    zero terminal SNR on flow matching (SD3), SD3's loss weights and preconditioning on DDPM, lora.blocks where the
+    denoiser has no numbered blocks, and (SD3) networks other than LoRA or pivotal tuning."""
     tr, fam, flow = cfg.train, c.family, c.prediction_type == "flow"
     if flow:
         for on, what in ((tr.min_snr_gamma, "train.min_snr_gamma (min-SNR)"),
@@ -195,6 +195,9 @@ def check_family_options(cfg: Config, c: Components) -> None:
     elif tr.flow_weighting != "none":
         raise ConfigError(f"train.flow_weighting applies to flow matching (SD3); {c.name} predicts "
                           f"{c.prediction_type}: use min_snr_gamma or debiased_estimation")
+    elif not tr.precondition_outputs:
+        raise ConfigError(f"train.precondition_outputs applies to flow matching (SD3); {c.name} predicts "
+                          f"{c.prediction_type}: leave it on")
     if cfg.lora.blocks.strip() and not fam.block_prefix:
         raise ConfigError(f"lora.blocks selects transformer blocks (SD3); {fam.title} has none: leave it empty")
     if c.frozen_text and not cfg.model.t5 and any(f.present for f in c.frozen_text):
