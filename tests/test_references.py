@@ -136,3 +136,176 @@ def test_sd3_timestep_sampling_draws_diffusers_timesteps(kind, mean, scale):
     got = Flow(sched).sample(ts, n, torch.Generator().manual_seed(7), "cpu")
     step = SHIFT + 1e-3  # the table's largest step in timesteps: d sigma / d u <= shift, over 1000 rows
     assert (got - want).abs().max() <= step, (got - want).abs().max()
+
+
+# ---------------------------------------------------------------- LyCORIS networks as their readers read them
+
+
+def comfyui_lokr_weight(t: dict, base: str, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """ComfyUI comfy/weight_adapter/lokr.py, LoKrAdapter.calculate_weight: w1 = lokr_w1 or w1_a @ w1_b; w2 = lokr_w2,
+    w2_a @ w2_b, or with lokr_t2 einsum("i j k l, j r, i p -> p r k l", t2, w2_b, w2_a); w1 unsqueezed to 4-D
+    when w2 is; alpha / dim with dim = w2_b's (else w1_b's) first size, 1 when both are full; weight += strength
+    alpha kron(w1, w2).reshape(weight.shape). ComfyUI catches an exception here, logs it and leaves the weight as it
+    is: that layer is skipped."""
+    get = lambda k: t.get(f"{base}.{k}")  # noqa: E731
+    dim = None
+    w1 = get("lokr_w1")
+    if w1 is None:
+        dim = get("lokr_w1_b").shape[0]
+        w1 = torch.mm(get("lokr_w1_a").float(), get("lokr_w1_b").float())
+    w2 = get("lokr_w2")
+    if w2 is None:
+        dim = get("lokr_w2_b").shape[0]
+        if get("lokr_t2") is None:
+            w2 = torch.mm(get("lokr_w2_a").float(), get("lokr_w2_b").float())
+        else:
+            w2 = torch.einsum("i j k l, j r, i p -> p r k l", get("lokr_t2").float(), get("lokr_w2_b").float(),
+                              get("lokr_w2_a").float())
+    if len(w2.shape) == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    alpha = float(get("alpha")) / dim if dim is not None else 1.0
+    diff = torch.kron(w1.float(), w2.float())  # raises on a non-contiguous w2: ComfyUI skips the layer
+    return weight + strength * alpha * diff.reshape(weight.shape)
+
+
+def _train_network(model, data, out, network, args, rank=2, steps=2, **kw):
+    from conftest import tiny_config
+    from test_train import Capture
+
+    from sdlora import train
+
+    cfg = tiny_config(model, data, out, train__max_steps=steps, lora__rank=rank, **kw)
+    cfg.lora.network, cfg.lora.network_args, cfg.lora.targets = network, args, "all"
+    cap = Capture()
+    train(cfg, cap)
+    return cfg, cap.state
+
+
+def test_lokr_tucker_file_is_applied_by_comfyui_as_trained(tiny_model, images, tmp_path):
+    """A LoKr trained with use_tucker on 3x3 convs: ComfyUI's reader (written out above) applies every layer of the
+    file, each equal to peft's trained update (LoKrLayer.get_delta_weight), and `inspect` finds no problem; a file
+    that carries lokr_t2 is reported (ComfyUI skips it) and `convert` rewrites it in a form ComfyUI applies."""
+    from safetensors.torch import save_file
+
+    from sdlora import convert_lora, inspect_lora
+    from sdlora.loras.files import read_lora
+
+    cfg, state = _train_network(tiny_model, images, tmp_path / "o" / "k.safetensors", "lokr", "use_tucker=true")
+    tensors, meta = read_lora(cfg.output.path)
+    unet, checked = state.components.denoiser, 0
+    for name, layer in unet.named_modules():
+        if "default" not in getattr(layer, "lokr_w2_a", {}) and "default" not in getattr(layer, "lokr_w2", {}):
+            continue
+        base = "lora_unet_" + name.removesuffix(".base_layer").replace(".", "_")
+        w = layer.get_base_layer().weight.detach().float()
+        got = comfyui_lokr_weight(tensors, base, w) - w
+        torch.testing.assert_close(got, layer.get_delta_weight("default").detach().float(), rtol=1e-4, atol=1e-6)
+        checked += bool(getattr(layer, "lokr_t2", {}))
+    assert checked >= 4  # the Tucker-trained convs were among them
+    assert not any(k.endswith("lokr_t2") for k in tensors) and inspect_lora(cfg.output.path).problems == []
+
+    conv = next(b.removesuffix(".lokr_w1") for b in tensors if "resnets_0_conv1" in b and b.endswith("lokr_w1"))
+    g = torch.Generator().manual_seed(0)
+    w2a, w2b = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
+    t2 = torch.randn(2, 2, 3, 3, generator=g)
+    hand = {f"{conv}.lokr_w1": torch.randn(2, 2, generator=g), f"{conv}.lokr_w2_a": w2a, f"{conv}.lokr_w2_b": w2b,
+            f"{conv}.lokr_t2": t2, f"{conv}.alpha": torch.tensor(1.0)}
+    save_file(hand, str(tmp_path / "t2.safetensors"), {k: v for k, v in meta.items() if k.startswith("ss_")})
+    info = inspect_lora(tmp_path / "t2.safetensors")
+    assert any("ComfyUI skips 1 LoKr conv layers" in p for p in info.problems) and "ComfyUI skips" in info.loads_in
+    w = torch.randn(32, 32, 3, 3, generator=g)
+    with pytest.raises(RuntimeError):
+        comfyui_lokr_weight(hand, conv, w)
+    a1111 = torch.kron(hand[f"{conv}.lokr_w1"][:, :, None, None],  # A1111 network_lokr: make_kron after contiguous()
+                       torch.einsum("i j k l, j r, i p -> p r k l", t2, w2b, w2a).contiguous()) * 0.5
+    fixed, _ = read_lora(convert_lora(tmp_path / "t2.safetensors", "kohya", tmp_path / "fixed.safetensors"))
+    torch.testing.assert_close(comfyui_lokr_weight(fixed, conv, w) - w, a1111, rtol=1e-5, atol=1e-6)
+
+
+def lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS lycoris/functional/general.py factorization(): a factor that divides gives (factor, dim / factor)
+    ordered smaller first; otherwise the divisor pair closest to sqrt(dim) with the smaller part <= factor."""
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (n, m) if m > n else (m, n)
+    factor = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def lycoris_lokr_shapes(layer: torch.nn.Module, rank: int, alpha: float, factor: int, decompose_both: bool,
+                        use_tucker: bool) -> tuple[dict, float]:
+    """The parameters lycoris/modules/lokr.py LokrModule.__init__ makes for a Linear or Conv2d, and its scale:
+    out = (a, b), in = (c, d) by factorization(); w1 [a, c] (w1_a [a, r] / w1_b [r, c] with decompose_both when r <
+    max(a, c) / 2); w2 [b, d(, k, k)] when r >= max(b, d) / 2, else a Tucker core [r, r, k, k] with w2_a [r, b] /
+    w2_b [r, d] (use_tucker, k > 1) or w2_a [b, r] / w2_b [r, d k k]; scale alpha / r, or 1 when w1 and w2 are
+    both full (alpha = lora_dim)."""
+    conv = isinstance(layer, torch.nn.Conv2d)
+    out_dim, in_dim = (layer.out_channels, layer.in_channels) if conv else (layer.out_features, layer.in_features)
+    k = tuple(layer.kernel_size) if conv else ()
+    (a, b), (c, d) = lycoris_factorization(out_dim, factor), lycoris_factorization(in_dim, factor)
+    shapes = {}
+    use_w1 = not (decompose_both and rank < max(a, c) / 2)
+    if use_w1:
+        shapes["lokr_w1"] = (a, c)
+    else:
+        shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (a, rank), (rank, c)
+    use_w2 = rank >= max(b, d) / 2
+    if use_w2:
+        shapes["lokr_w2"] = (b, d, *k)
+    elif use_tucker and any(i != 1 for i in k):
+        shapes["lokr_t2"], shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (rank, rank, *k), (rank, b), (rank, d)
+    else:
+        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (b, rank), (rank, d * math.prod(k))
+    return shapes, 1.0 if use_w1 and use_w2 else alpha / rank
+
+
+@pytest.mark.parametrize("args,rank", [("factor=16", 2), ("factor=16,decompose_both=true,use_tucker=true", 2),
+                                       ("decompose_both=true,conv_rank=4,conv_alpha=1", 8)])
+def test_lokr_builds_the_network_lycoris_builds_from_its_ss_network_args(tiny_model, args, rank):
+    """Every LoKr layer sdlora trains has the parameter shapes and scale LyCORIS's LokrModule gives the arguments
+    the file's ss_network_args records (factor, decompose_both, use_tucker, conv_dim, conv_alpha): at the tiny
+    model's widths 32 and 64, factor 16 splits them (2, 16) and (4, 16) as LyCORIS does, not (16, 2) as peft; at
+    rank 8 both factors of the 32-wide layers are full, and their scale is 1 whatever alpha says."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from sdlora.config import Config
+    from sdlora.families import FAMILIES
+    from sdlora.loras.metadata import network_labels
+    from sdlora.training.adapters import inject
+
+    cfg = Config()
+    cfg.lora.network, cfg.lora.network_args, cfg.lora.rank, cfg.lora.alpha = "lokr", args, rank, 3.0
+    cfg.lora.targets = "all"
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    family = FAMILIES["sd1"]
+    names = inject(unet, family.target_patterns("all"), cfg.lora.rank, cfg.lora_alpha, 0.0, network="lokr",
+                   args=cfg.network_args)
+    lyco = json.loads(network_labels(cfg, family)["ss_network_args"])
+    assert lyco["algo"] == "lokr"
+    split, full = {}, False
+    for name in names:
+        layer = unet.get_submodule(name)
+        base = layer.get_base_layer()
+        conv3 = isinstance(base, torch.nn.Conv2d) and base.kernel_size != (1, 1)
+        r, alpha = (int(lyco["conv_dim"]), float(lyco["conv_alpha"])) if conv3 else (rank, 3.0)
+        want, scale = lycoris_lokr_shapes(base, r, alpha, int(lyco["factor"]), lyco["decompose_both"] == "True",
+                                          lyco["use_tucker"] == "True")
+        got = {k: tuple(getattr(layer, k)["default"].shape) for k in want if "default" in getattr(layer, k)}
+        assert got == want, (name, got, want)
+        assert layer.scaling["default"] == pytest.approx(scale)
+        split[base.weight.shape[0]] = want.get("lokr_w1", want.get("lokr_w1_a"))[0]
+        full |= {"lokr_w1", "lokr_w2"} <= set(want) and not conv3
+    if args == "factor=16":
+        assert split[32] == 2 and split[64] == 4
+    assert full == (rank == 8)
