@@ -94,8 +94,8 @@ class LoraConfig:
     network_args: str = opt("", "The network's own knobs, comma-separated key=value: conv_rank, conv_alpha (k x k "
                             "convs; 0 = rank, and alpha at the same alpha/rank ratio); dora: dora_axis=input (exact "
                             "in A1111 and ComfyUI) or output (peft's; needed for --format diffusers); loha/lokr: "
-                            "use_tucker, rank_dropout, module_dropout; lokr: factor (-1 = balanced; split as LyCORIS "
-                            "splits it), decompose_both.")
+                            "use_tucker, rank_dropout (as LyCORIS: kept rows not rescaled), module_dropout; lokr: "
+                            "factor (-1 = balanced; split as LyCORIS splits it), decompose_both.")
 
 
 @dataclass

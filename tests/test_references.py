@@ -309,3 +309,27 @@ def test_lokr_builds_the_network_lycoris_builds_from_its_ss_network_args(tiny_mo
     if args == "factor=16":
         assert split[32] == 2 and split[64] == 4
     assert full == (rank == 8)
+
+
+def test_loha_rank_dropout_drops_rows_without_rescaling_as_lycoris(tiny_model):
+    """lycoris/modules/loha.py LohaModule.get_weight: while training, drop = (rand(out) > rank_dropout) multiplies
+    the rows of the update, divided by drop.mean() only with rank_dropout_scale (default False). So each output
+    channel of a LoHa layer's added output is either 0 or the whole update's, never rescaled."""
+    from diffusers import UNet2DConditionModel
+
+    from sdlora.training.adapters import inject
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    names = inject(unet, ["attn2.to_q"], 2, 2.0, network="loha", args={"rank_dropout": 0.5})
+    layer = unet.get_submodule(names[0])
+    torch.nn.init.normal_(layer.hada_w2_b["default"])  # started at zero: give the update a value
+    layer.train()
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = torch.nn.functional.linear(x, layer.get_delta_weight("default"))
+        torch.manual_seed(0)
+        added = layer(x) - layer.get_base_layer()(x)
+    per_row = [(added[..., j] - full[..., j]).abs().max() < 1e-5 or added[..., j].abs().max() < 1e-6
+               for j in range(full.shape[-1])]
+    kept = [added[..., j].abs().max() > 1e-6 for j in range(full.shape[-1])]
+    assert all(per_row) and 0 < sum(kept) < len(kept)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -36,7 +37,26 @@ def inject(model: torch.nn.Module, patterns, rank: int, alpha: float, dropout: f
         add_input_dora(model)
     if network == "lokr":
         full_factors_at_scale_one(model)
+    if network == "loha":
+        unscaled_rank_dropout(model)
     return names
+
+
+def unscaled_rank_dropout(model: torch.nn.Module) -> None:
+    """peft's LoHa divides the rows kept by rank_dropout by their share (inverted dropout); LyCORIS's LohaModule
+    (rank_dropout_scale=False, its default and what kohya's networks use) and peft's own LoKr do not: make peft's
+    LoHa layers drop rows as LyCORIS does (the same draws, no rescale)."""
+    for m in model.modules():
+        if "default" in getattr(m, "hada_w1_a", {}) and m.rank_dropout.get("default"):
+            m.get_delta_weight = partial(_unscaled_rank_dropout, m, type(m).get_delta_weight)
+
+
+def _unscaled_rank_dropout(layer, delta, adapter_name: str, *, apply_rank_dropout: bool = False) -> torch.Tensor:
+    w = delta(layer, adapter_name)
+    if apply_rank_dropout:
+        keep = (torch.rand(w.size(0)) > layer.rank_dropout[adapter_name]).to(w.dtype)
+        w = w * keep.view(-1, *[1] * (w.dim() - 1)).to(w.device)
+    return w
 
 
 @contextmanager
