@@ -333,3 +333,58 @@ def test_loha_rank_dropout_drops_rows_without_rescaling_as_lycoris(tiny_model):
                for j in range(full.shape[-1])]
     kept = [added[..., j].abs().max() > 1e-6 for j in range(full.shape[-1])]
     assert all(per_row) and 0 < sum(kept) < len(kept)
+
+
+def a1111_dora_weight(w: torch.Tensor, delta: torch.Tensor, m: torch.Tensor, axis: str, strength: float):
+    """What AUTOMATIC1111 v1.10 (extensions-builtin/Lora/network.py: finalize_updown, apply_weight_decompose) and
+    ComfyUI (comfy/weight_adapter/base.py weight_decompose: weight += strength (weight_calc - weight)) make of a DoRA
+    layer at a strength: W' = (W + dW) m / ||W + dW|| (the norm per input column, or per output row as LyCORIS's
+    wd_on_out / peft), then W + strength (W' - W)."""
+    v = w + delta
+    if axis == "input":
+        norm = v.transpose(0, 1).reshape(v.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(v.shape[1], *[1] * (v.dim() - 1)).transpose(0, 1)
+        merged = v * (m.reshape(norm.shape) / norm)
+    else:
+        norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (v.dim() - 1))
+        merged = v * (m.reshape(norm.shape) / norm)
+    return w + strength * (merged - w)
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_samples_render_dora_at_a_strength_as_the_clients(tiny_model, axis):
+    """A sample's lora_scale on a DoRA layer gives the layer A1111's and ComfyUI's weight at that strength (scale 0:
+    the base model, not the base with the magnitude still applied)."""
+    from diffusers import UNet2DConditionModel
+
+    from sdlora.training.adapters import inject
+    from sdlora.training.output import lora_scaled
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    names = inject(unet, ["attn2.to_k", r"resnets\.0\.conv1"], 2, 2.0, network="dora", args={"dora_axis": axis})
+    assert any(isinstance(unet.get_submodule(n).get_base_layer(), torch.nn.Conv2d) for n in names)
+    g = torch.Generator().manual_seed(3)
+    for name in names:
+        layer = unet.get_submodule(name)
+        with torch.no_grad():
+            layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+            mag = layer.lora_input_magnitude["default"] if axis == "input" else \
+                layer.lora_magnitude_vector["default"].weight
+            mag.mul_(1 + 0.3 * torch.rand(mag.shape, generator=g))
+    unet.eval()
+    for name in names:
+        layer = unet.get_submodule(name)
+        base = layer.get_base_layer()
+        conv = isinstance(base, torch.nn.Conv2d)
+        x = torch.randn((2, base.in_channels, 6, 6) if conv else (2, 3, base.in_features), generator=g)
+        w = base.weight.detach().float()
+        delta = layer.get_delta_weight("default").detach().float()
+        m = (layer.lora_input_magnitude["default"] if axis == "input" else
+             layer.lora_magnitude_vector["default"].weight).detach().float()
+        for s in (0.0, 0.5, 1.0):
+            want_w = a1111_dora_weight(w, delta, m, axis, s)
+            want = torch.nn.functional.conv2d(x, want_w, base.bias, base.stride, base.padding) if conv else \
+                torch.nn.functional.linear(x, want_w, base.bias)
+            with torch.no_grad(), lora_scaled([unet], s):
+                got = layer(x)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
