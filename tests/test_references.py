@@ -388,3 +388,48 @@ def test_samples_render_dora_at_a_strength_as_the_clients(tiny_model, axis):
             with torch.no_grad(), lora_scaled([unet], s):
                 got = layer(x)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- validation ranks what training minimises
+
+
+def test_validation_loss_is_the_masked_loss_training_minimises(tiny_model, tmp_path):
+    """With masks, training's loss is the mean over the masked area (per_sample_loss). So a held-out image's loss
+    under the left-half mask (L) and the right-half mask (R) differ, and their mean is its whole-image loss (the
+    halves are equal areas on the latent grid); validation that ignored masks would give L = R = the whole."""
+    import dataclasses
+
+    import numpy as np
+    from conftest import draw_images, tiny_config
+    from PIL import Image
+    from test_train import Capture
+
+    from sdlora import train
+
+    data = draw_images(tmp_path / "imgs", n=4)
+    halves = {}
+    for side, cols in (("left", slice(0, 16)), ("right", slice(16, 32))):
+        folder = tmp_path / side
+        folder.mkdir()
+        for p in data.glob("*.png"):
+            arr = np.zeros((32, 32), dtype=np.uint8)
+            arr[:, cols] = 255
+            Image.fromarray(arr, "L").save(folder / p.name)
+        halves[side] = folder
+    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=1, validation__split=0.5)
+    cfg.data[0].masks = str(halves["left"])
+    cap = Capture()
+    train(cfg, cap)
+    state, va = cap.state, cap.state.validation
+    assert all(e.mask.startswith(str(halves["left"])) for e in va.examples)
+
+    def loss_with(mask_of):
+        va.examples = [dataclasses.replace(e, mask=mask_of(e)) for e in va.examples]
+        state.batches.latents.cache.clear()
+        return va.loss(state)
+
+    left = loss_with(lambda e: e.mask)
+    right = loss_with(lambda e: str(halves["right"] / e.mask.rsplit("/", 1)[1]))
+    whole = loss_with(lambda e: "")
+    assert abs(left - right) > 1e-4 * whole
+    assert abs((left + right) / 2 - whole) < 1e-5 * whole
