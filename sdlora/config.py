@@ -295,7 +295,9 @@ class OutputConfig:
                       choices=("kohya", "diffusers"))
     save_every: int = opt(0, "Write a resumable checkpoint every N steps; 0 = only at the end.", ge=0)
     name: str = opt("", "Name shown in A1111 (ss_output_name); default: the file name.")
-    trigger: str = opt("", "Trigger word(s) stored in the file's metadata; default: taken from the prompts.")
+    trigger: str = opt("", "Trigger word(s) stored in the file's metadata (modelspec.trigger_phrase); default: the "
+                       "pivotal token, the kept first tags (keep_tags) all captions of a folder share, else the "
+                       "instance prompt's words the class prompt lacks.")
     dtype: str = opt("fp16", "Tensor dtype in the saved file.", flag="save-dtype", choices=("fp16", "bf16", "fp32"))
     log_with: str = opt("none", "Also log loss, lr, validation loss and samples to tensorboard (folder "
                         "NAME_logs) or wandb, through accelerate (pip install 'sdlora[tensorboard]' / "

@@ -433,3 +433,38 @@ def test_validation_loss_is_the_masked_loss_training_minimises(tiny_model, tmp_p
     whole = loss_with(lambda e: "")
     assert abs(left - right) > 1e-4 * whole
     assert abs((left + right) / 2 - whole) < 1e-5 * whole
+
+
+# ---------------------------------------------------------------- the trigger words in the file
+
+
+def test_trigger_words_are_found_where_users_put_them(tiny_model, tmp_path):
+    """modelspec.trigger_phrase (what A1111 and ComfyUI show as the trigger) comes from [output] trigger, the
+    pivotal token, the tags kept first (keep_tags) that every caption shares, or the instance prompt; the demo job
+    names its own, the word its captions teach."""
+    from conftest import draw_images, tiny_config
+
+    from sdlora import train
+    from sdlora.config import Config, DataFolder, load_toml
+    from sdlora.loras.files import read_lora
+    from sdlora.loras.metadata import trigger_words
+    from sdlora.paths import sample_data
+
+    demo = load_toml(sample_data() / "demo.toml")
+    captions = (sample_data() / "concepts" / "star").glob("*.txt")
+    assert trigger_words(demo) == "sks" and all("sks" in p.read_text().split() for p in captions)
+    cfg = Config()
+    cfg.data = [DataFolder(path="a", keep_tags=2), DataFolder(path="b")]
+    assert trigger_words(cfg, {"a": ["ohwx, woman, red dress", "ohwx, woman, smiling"], "b": ["x, y"]}) == \
+        "ohwx, woman"
+    assert trigger_words(cfg, {"a": ["ohwx, woman", "ohwx, man"]}) == "ohwx"
+    cfg.pivotal.token = "<s1>"
+    assert trigger_words(cfg, {"a": ["ohwx, woman"]}) == "<s1>"
+
+    data = draw_images(tmp_path / "imgs", n=2)
+    for i, p in enumerate(sorted(data.glob("*.txt"))):
+        p.write_text(f"zkx, {['red', 'blue'][i]}, circle")
+    run = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=1)
+    run.data[0].prompt, run.data[0].keep_tags, run.data[0].shuffle_tags = "", 1, True
+    assert train(run).trigger == "zkx"
+    assert read_lora(run.output.path)[1]["modelspec.trigger_phrase"] == "zkx"

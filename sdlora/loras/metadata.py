@@ -31,10 +31,21 @@ def family_meta(meta: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in meta.items() if k in FAMILY_KEYS}
 
 
-def trigger_words(cfg) -> str:
-    """The trigger phrase: as configured, else the instance prompt's words that the class prompt lacks."""
+def trigger_words(cfg, captions_by_folder: dict | None = None) -> str:
+    """The trigger phrase, from where users put it: `output.trigger`; the pivotal token; the tags a folder keeps
+    first (`keep_tags`) that all its captions share; else the instance prompt's words that the class prompt lacks."""
     if cfg.output.trigger:
         return cfg.output.trigger
+    if cfg.pivotal.token:
+        return cfg.pivotal.token
+    kept = []
+    for d in cfg.data:
+        captions = (captions_by_folder or {}).get(d.path) or []
+        if d.keep_tags and captions:
+            firsts = [[t.strip() for t in c.split(d.tag_separator)[:d.keep_tags] if t.strip()] for c in captions]
+            kept += [t for t in firsts[0] if all(t in f for f in firsts) and t not in kept]
+    if kept:
+        return ", ".join(kept)
     prompts = [d.prompt for d in cfg.data if d.prompt]
     if not prompts:
         return ""
@@ -147,7 +158,7 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.trigger_phrase": trigger_words(cfg),
+        "modelspec.trigger_phrase": trigger_words(cfg, captions_by_folder),
         "sdlora_version": __version__,
         "sdlora_targets": json.dumps(targets),
         "sdlora_config": json.dumps(cfg.to_dict() if cfg.output.metadata == "full" else public_config(cfg)),
