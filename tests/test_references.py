@@ -468,3 +468,30 @@ def test_trigger_words_are_found_where_users_put_them(tiny_model, tmp_path):
     run.data[0].prompt, run.data[0].keep_tags, run.data[0].shuffle_tags = "", 1, True
     assert train(run).trigger == "zkx"
     assert read_lora(run.output.path)[1]["modelspec.trigger_phrase"] == "zkx"
+
+
+# ---------------------------------------------------------------- sizes an SD3 model takes
+
+
+def test_sd3_sizes_beyond_the_position_embedding_are_one_line_errors(sd35m, tmp_path):
+    """diffusers' PatchEmbed.cropped_pos_embed raises for a latent side over pos_embed_max_size patches: a
+    resolution, a bucket or a sample larger than pos_embed_max_size x patch x VAE factor pixels is a one-line error
+    naming that size, before training (and in generate)."""
+    from conftest import draw_images, tiny_config
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from sdlora import train
+    from sdlora.errors import ConfigError, SdloraError
+    from sdlora.loras.apply import generate
+
+    tc = SD3Transformer2DModel.load_config(sd35m, subfolder="transformer")
+    vae = AutoencoderKL.load_config(sd35m, subfolder="vae")
+    most = tc["pos_embed_max_size"] * tc["patch_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    data = draw_images(tmp_path / "imgs", n=2, sizes=((96, 48),))
+    for options, says in (({"augment__resolution": most + 8 * tc["patch_size"]}, "resolution"),
+                          ({"augment__resolution": most}, "the bucket of img0.png")):
+        cfg = tiny_config(sd35m, data, tmp_path / "o" / "l.safetensors", model__t5=False, **options)
+        with pytest.raises(ConfigError, match=rf"{says}.* is larger than .* at most {most} px a side"):
+            train(cfg)
+    with pytest.raises(SdloraError, match=rf"at most {most} px a side"):
+        generate(sd35m, [], "a red sks", width=most * 2, height=most, steps=1, output_dir=tmp_path / "g", t5=False)

@@ -131,6 +131,9 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if odd:
         raise ConfigError(f"sample size {odd[0].width}x{odd[0].height} is not a multiple of {c.size_multiple} for "
                           "this model")
+    c.check_size(resolution, resolution, "resolution", "lower --resolution")
+    for p in sample_prompts(cfg, resolution):
+        c.check_size(p.width, p.height, "sample size", "give the sample a smaller width and height")
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         if acc.is_main_process:
             ensure_class_images(cfg, c, resolution, callbacks)
@@ -140,6 +143,9 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     held_out = held_out_images(cfg)
     batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message, held_out)
     examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
+    for e in [*batches.examples, *batches.prior_examples, *examples]:
+        c.check_size(*e.bucket, f"the bucket of {Path(e.path).name} at resolution {resolution}:",
+                     "lower --resolution (aspect-ratio buckets are longer than it on one side) or --no-bucketing")
     use_zero_terminal_snr(cfg, c)
     varying = captions_vary(cfg)
     cache_frozen_text(cfg, c, acc.device, acc.mixed_precision, varying, callbacks.on_message,
