@@ -97,6 +97,17 @@ def test_sd3_preconditioned_sigma_sqrt_is_the_unweighted_velocity_loss():
     torch.testing.assert_close(got, velocity, rtol=1e-4, atol=1e-6)
 
 
+def test_preconditioning_is_a_flow_matching_option(tiny_model, images, tmp_path):
+    """--no-precondition-outputs on a noise-prediction model would change nothing: a one-line error."""
+    from conftest import tiny_config
+
+    from sdlora import train
+    from sdlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precondition_outputs applies to flow matching"):
+        train(tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__precondition_outputs=False))
+
+
 def test_sd3_timestep_window_applies_after_the_shift_as_kohya():
     """kohya's library/sd3_train_utils.get_noisy_model_input_and_timesteps: u (uniform), shifted u s / (1 + (s - 1)
     u), then the window: timesteps = (u (t_max - t_min) + t_min).long(). sdlora's timesteps are the same draws
