@@ -55,7 +55,7 @@ class Components:
     def max_side(self) -> int | None:
         """The largest image side the denoiser takes: an SD3 transformer crops its position embedding from a grid of
         pos_embed_max_size patches a side (diffusers' PatchEmbed raises beyond it); None for UNets (any size)."""
-        grid = self.denoiser.config.get("pos_embed_max_size") if "pos_embed_max_size" in self.denoiser.config else None
+        grid = self.denoiser.config.get("pos_embed_max_size")
         return grid * self.size_multiple if grid else None
 
     def check_size(self, width: int, height: int, what: str, fix: str) -> None:

@@ -62,7 +62,7 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict:
 
 def recipe_metadata(cfg, flow: bool = False) -> dict[str, str]:
     """kohya's keys for the optimizer and the objective's options (flow matching: sd-scripts' SD3 keys too, in its
-    terms: its weighting_scheme names uniform sampling with a loss weight by the weight, and its logit_mean has the
+    terms: weighting_scheme sigma_sqrt or cosmap is uniform sampling with that loss weight, and logit_mean has the
     opposite sign to diffusers' and sdlora's timestep_mean)."""
     tr = cfg.train
     scheme = {"uniform": "uniform", "mode": "mode"}.get(tr.timestep_sampling, "logit_normal")
