@@ -1,5 +1,10 @@
 """Right answers against the reference implementations: each test writes the reference's formula out itself (from
-the file and function its docstring names) and compares sdlora's result with it, never sdlora with itself."""
+the file and function its docstring names) and compares sdlora's result with it, never sdlora with itself.
+
+Read at: diffusers @ 58eb52c0 (examples/dreambooth/train_dreambooth_lora_sd3.py, src/diffusers/training_utils.py),
+kohya-ss/sd-scripts @ 48d368fa (sd3_train_network.py, library/sd3_train_utils.py), LyCORIS @ f49d30d6
+(lycoris/functional/general.py, lycoris/modules/lokr.py and loha.py), ComfyUI (comfy/weight_adapter/lokr.py @
+2bffe2f4), AUTOMATIC1111 v1.10 (extensions-builtin/Lora/network.py)."""
 
 from __future__ import annotations
 
