@@ -94,7 +94,8 @@ class LoraConfig:
     network_args: str = opt("", "The network's own knobs, comma-separated key=value: conv_rank, conv_alpha (k x k "
                             "convs; 0 = rank, and alpha at the same alpha/rank ratio); dora: dora_axis=input (exact "
                             "in A1111 and ComfyUI) or output (peft's; needed for --format diffusers); loha/lokr: "
-                            "use_tucker, rank_dropout, module_dropout; lokr: factor (-1 = balanced), decompose_both.")
+                            "use_tucker, rank_dropout (as LyCORIS: kept rows not rescaled), module_dropout; lokr: "
+                            "factor (-1 = balanced; split as LyCORIS splits it), decompose_both.")
 
 
 @dataclass
@@ -189,19 +190,29 @@ class TrainConfig:
     cache_text: bool = opt(True, "Encode captions once when the text encoder is frozen.")
     # the objective's recipe (sdlora/training/objective.py): any family, whatever the model predicts
     timestep_sampling: str = opt("uniform", "How training timesteps are drawn: uniform; logit-normal "
-                                 "(sigmoid(mean + scale z), favours the middle; diffusers' SD3 default); sigmoid "
-                                 "(kohya's name for sigmoid(scale z)); mode (SD3's mode sampling, see mode_scale). On "
-                                 "SD3 the draw is then shifted by the model's shift (3.0).",
+                                 "(diffusers' --weighting_scheme logit_normal, its SD3 default: favours the middle); "
+                                 "sigmoid (kohya's name for sigmoid(scale z)); mode (SD3's mode sampling, see "
+                                 "mode_scale). On SD3 the draw is then shifted by the model's shift (3.0), as "
+                                 "kohya's --training_shift 3.",
                                  choices=("uniform", "logit-normal", "sigmoid", "mode"))
-    timestep_mean: float = opt(0.0, "logit-normal: the mean of the normal (> 0 favours noisier timesteps).")
+    timestep_mean: float = opt(0.0, "logit-normal: the mean of the normal, as diffusers' --logit_mean: > 0 favours "
+                               "less noisy timesteps (kohya's sd3 --logit_mean and the SD3 paper's m have the "
+                               "opposite sign: give -m).")
     timestep_scale: float = opt(1.0, "logit-normal and sigmoid: the spread of the normal.", gt=0)
     mode_scale: float = opt(1.29, "mode sampling: how far the draw leans to the middle (SD3's paper and diffusers "
                             "use 1.29; 0 is uniform).", ge=0, le=1.5)
-    flow_weighting: str = opt("none", "SD3 (flow matching): loss weights of diffusers' SD3 script: none, sigma_sqrt "
-                              "(1/sigma^2) or cosmap (2/(pi(1 - 2 sigma + 2 sigma^2))).",
+    flow_weighting: str = opt("none", "SD3 (flow matching): loss weights of diffusers' SD3 script "
+                              "(compute_loss_weighting_for_sd3): none, sigma_sqrt (1/sigma^2) or cosmap (2/(pi(1 - "
+                              "2 sigma + 2 sigma^2))), on the preconditioned loss unless --no-precondition-outputs.",
                               choices=("none", "sigma_sqrt", "cosmap"))
-    min_timestep: int = opt(0, "Train only on timesteps >= this (0..999).", ge=0)
-    max_timestep: int = opt(1000, "Train only on timesteps < this (1..1000).", le=1000)
+    precondition_outputs: bool = opt(True, "SD3 (flow matching): the loss compares the model's x0 = x_t - sigma v "
+                                     "with the clean latents (the velocity loss times sigma^2), as diffusers' SD3 "
+                                     "script (--precondition_outputs 1, its default) and kohya's sd3_train_network "
+                                     "(always) do; --no-precondition-outputs: the plain velocity loss (diffusers' "
+                                     "--precondition_outputs 0).")
+    min_timestep: int = opt(0, "Train only on timesteps >= this (0..999); SD3: after the shift, as kohya.", ge=0)
+    max_timestep: int = opt(1000, "Train only on timesteps < this (1..1000); SD3: after the shift, as kohya.",
+                            le=1000)
     loss: str = opt("l2", "l2 (MSE); huber or smooth-l1 (the pseudo-Huber losses of kohya's scheduled Huber "
                     "loss: robust to outliers in the data).", choices=("l2", "huber", "smooth-l1"))
     huber_delta: float = opt(0.1, "huber / smooth-l1: the delta (kohya's huber_c) where the loss turns linear.",
@@ -284,7 +295,9 @@ class OutputConfig:
                       choices=("kohya", "diffusers"))
     save_every: int = opt(0, "Write a resumable checkpoint every N steps; 0 = only at the end.", ge=0)
     name: str = opt("", "Name shown in A1111 (ss_output_name); default: the file name.")
-    trigger: str = opt("", "Trigger word(s) stored in the file's metadata; default: taken from the prompts.")
+    trigger: str = opt("", "Trigger word(s) stored in the file's metadata (modelspec.trigger_phrase); default: the "
+                       "pivotal token, the kept first tags (keep_tags) all captions of a folder share, else the "
+                       "instance prompt's words the class prompt lacks.")
     dtype: str = opt("fp16", "Tensor dtype in the saved file.", flag="save-dtype", choices=("fp16", "bf16", "fp32"))
     log_with: str = opt("none", "Also log loss, lr, validation loss and samples to tensorboard (folder "
                         "NAME_logs) or wandb, through accelerate (pip install 'sdlora[tensorboard]' / "

@@ -52,6 +52,20 @@ class Components:
         return self.vae_factor * down
 
     @property
+    def max_side(self) -> int | None:
+        """The largest image side the denoiser takes: an SD3 transformer crops its position embedding from a grid of
+        pos_embed_max_size patches a side (diffusers' PatchEmbed raises beyond it); None for UNets (any size)."""
+        grid = self.denoiser.config.get("pos_embed_max_size")
+        return grid * self.size_multiple if grid else None
+
+    def check_size(self, width: int, height: int, what: str, fix: str) -> None:
+        """A one-line ConfigError when an image of width x height is larger than the denoiser takes."""
+        most = self.max_side
+        if most and max(width, height) > most:
+            raise ConfigError(f"{what} {width}x{height} is larger than {self.family.title} takes: at most {most} px "
+                              f"a side (its position embedding); {fix}")
+
+    @property
     def name(self) -> str:
         return Path(self.source.rstrip("/")).name or self.source
 

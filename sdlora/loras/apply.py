@@ -183,6 +183,7 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
     sched = set_scheduler(pipe, scheduler)
     size = c.denoiser.config.sample_size * pipe.vae_scale_factor
     width, height = width or size, height or size
+    c.check_size(width, height, "--width/--height", "give smaller ones")
     active = apply_loras(pipe, loras)
     out_dir = Path(output_dir)
     params = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,

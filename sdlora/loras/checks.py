@@ -42,6 +42,12 @@ def validate_kohya(tensors: dict[str, torch.Tensor], family: str = "sd1") -> lis
         if isinstance(m, LoraModule) and m.up.shape[1] != m.rank:
             problems.append(f"{base}: lora_up {tuple(m.up.shape)} does not match rank {m.rank}")
         problems += _lycoris_problems(base, m)
+    tucker = [b for b, m in mods.items() if isinstance(getattr(m, "inner", m), LokrModule)
+              and getattr(m, "inner", m).t2 is not None]
+    if tucker:
+        problems.append(f"ComfyUI skips {len(tucker)} LoKr conv layers with a Tucker core lokr_t2 (e.g. {tucker[0]}: "
+                        "its torch.kron fails on the rebuilt w2); `sdlora convert FILE --to kohya -o OUT` writes them "
+                        "without the core, which every client applies")
     outputs = [b for b, m in mods.items() if isinstance(m, DoraModule) and m.axis == "output"]
     if outputs:
         problems.append(f"{len(outputs)} DoRA layers have an output-axis dora_scale (e.g. {outputs[0]}): "

@@ -83,6 +83,9 @@ def clients(layout: str, mods: dict, family: str = "") -> str:
         return said
     if layout == "diffusers":
         return "diffusers" + (" (peft's DoRA)" if axes else "") + "; not A1111 or ComfyUI (sdlora convert --to kohya)"
+    if any(getattr(getattr(m, "inner", m), "t2", None) is not None for m in mods.values() if "lokr" in m.kind):
+        return ("AUTOMATIC1111, LyCORIS; ComfyUI skips the LoKr layers with lokr_t2 (sdlora convert --to kohya "
+                "fixes that); not diffusers")
     if kinds & {"loha", "lokr", "lora_tucker", "loha+dora", "lokr+dora"}:
         return "AUTOMATIC1111, ComfyUI, LyCORIS; not diffusers (it cannot load LoHa, LoKr or lora_mid)"
     if axes == {"input"}:

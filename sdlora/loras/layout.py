@@ -364,9 +364,10 @@ def kohya_tensors(mods: dict, dtype=torch.float16) -> dict[str, torch.Tensor]:
     alpha/rank ratio keeps its update, its `up` (LoHa: w1_a, LoKr: w1) multiplied by alpha_m / A. DoRA's dora_scale
     stays fp32, as LyCORIS saves it: it scales the whole base weight, so fp16 rounding would move every output.
     SD3 layers are written in the original MMDiT layout (`mmdit.to_file`): a fused q/k/v layer's alpha is then the
-    sum of its parts' (3 A), so alpha / rank stays A / rank everywhere."""
+    sum of its parts' (3 A), so alpha / rank stays A / rank everywhere. A LoKr Tucker conv (lokr_t2) is written
+    without its core (`LokrModule.without_tucker`), the form ComfyUI can apply."""
     common, out = common_alpha(mods), {}
-    mods = {b: m.with_alpha(common) for b, m in mods.items()}
+    mods = {b: _readable(m.with_alpha(common)) for b, m in mods.items()}
     if mmdit.is_internal(mods):
         mods = mmdit.to_file(mods)
     for base, m in mods.items():
@@ -374,6 +375,13 @@ def kohya_tensors(mods: dict, dtype=torch.float16) -> dict[str, torch.Tensor]:
             out[f"{base}.{suffix}"] = t.float() if suffix == "dora_scale" else t.to(dtype)
         out[f"{base}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
     return out
+
+
+def _readable(m):
+    """A module in a form every client applies: a LoKr's Tucker core multiplied out (also under DoRA)."""
+    if isinstance(m, DoraModule):
+        return dataclasses.replace(m, inner=_readable(m.inner))
+    return m.without_tucker() if isinstance(m, LokrModule) else m
 
 
 def diffusers_tensors(mods: dict, names: NameMap, dtype=torch.float16) -> tuple[dict[str, torch.Tensor],

@@ -31,10 +31,21 @@ def family_meta(meta: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in meta.items() if k in FAMILY_KEYS}
 
 
-def trigger_words(cfg) -> str:
-    """The trigger phrase: as configured, else the instance prompt's words that the class prompt lacks."""
+def trigger_words(cfg, captions_by_folder: dict | None = None) -> str:
+    """The trigger phrase, from where users put it: `output.trigger`; the pivotal token; the tags a folder keeps
+    first (`keep_tags`) that all its captions share; else the instance prompt's words that the class prompt lacks."""
     if cfg.output.trigger:
         return cfg.output.trigger
+    if cfg.pivotal.token:
+        return cfg.pivotal.token
+    kept = []
+    for d in cfg.data:
+        captions = (captions_by_folder or {}).get(d.path) or []
+        if d.keep_tags and captions:
+            firsts = [[t.strip() for t in c.split(d.tag_separator)[:d.keep_tags] if t.strip()] for c in captions]
+            kept += [t for t in firsts[0] if all(t in f for f in firsts) and t not in kept]
+    if kept:
+        return ", ".join(kept)
     prompts = [d.prompt for d in cfg.data if d.prompt]
     if not prompts:
         return ""
@@ -50,11 +61,17 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict:
 
 
 def recipe_metadata(cfg, flow: bool = False) -> dict[str, str]:
-    """kohya's keys for the optimizer and the objective's options (flow matching: sd-scripts' SD3 keys too)."""
+    """kohya's keys for the optimizer and the objective's options (flow matching: sd-scripts' SD3 keys too, in its
+    terms: weighting_scheme sigma_sqrt or cosmap is uniform sampling with that loss weight, and logit_mean has the
+    opposite sign to diffusers' and sdlora's timestep_mean)."""
     tr = cfg.train
-    sd3 = {"ss_weighting_scheme": {"uniform": "uniform", "mode": "mode"}.get(tr.timestep_sampling, "logit_normal"),
-           "ss_logit_mean": str(tr.timestep_mean), "ss_logit_std": str(tr.timestep_scale),
-           "ss_mode_scale": str(tr.mode_scale), "sdlora_flow_weighting": tr.flow_weighting} if flow else {}
+    scheme = {"uniform": "uniform", "mode": "mode"}.get(tr.timestep_sampling, "logit_normal")
+    if scheme == "uniform" and tr.flow_weighting != "none":
+        scheme = tr.flow_weighting
+    sd3 = {"ss_weighting_scheme": scheme, "ss_logit_mean": str(-tr.timestep_mean + 0.0),
+           "ss_logit_std": str(tr.timestep_scale), "ss_mode_scale": str(tr.mode_scale),
+           "sdlora_flow_weighting": tr.flow_weighting,
+           "sdlora_precondition_outputs": str(tr.precondition_outputs)} if flow else {}
     return {**sd3, "ss_optimizer": cfg.optim.optimizer, "ss_loss_type": tr.loss.replace("-", "_"),
             "ss_huber_c": str(tr.huber_delta), "ss_huber_schedule": tr.huber_schedule,
             "ss_min_timestep": str(tr.min_timestep), "ss_max_timestep": str(tr.max_timestep),
@@ -141,7 +158,7 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.trigger_phrase": trigger_words(cfg),
+        "modelspec.trigger_phrase": trigger_words(cfg, captions_by_folder),
         "sdlora_version": __version__,
         "sdlora_targets": json.dumps(targets),
         "sdlora_config": json.dumps(cfg.to_dict() if cfg.output.metadata == "full" else public_config(cfg)),

@@ -239,6 +239,15 @@ class LokrModule(_Module):
             w1 = w1[:, :, None, None]
         return _shaped(self.scale * torch.kron(w1.contiguous(), w2.contiguous()), base)
 
+    def without_tucker(self) -> LokrModule:
+        """The same update with w2 as w2_a [out, r] @ w2_b [r, in*kh*kw] instead of a Tucker core: the conv form
+        LyCORIS writes without use_tucker, at the same rank (so the same alpha/rank). Every client reads it; ComfyUI
+        skips a layer with lokr_t2 (its torch.kron fails on the strided einsum that rebuilds w2)."""
+        if self.t2 is None:
+            return self
+        w2b = torch.einsum("i j k l, j r -> i r k l", self.t2.float(), self.w2b.float()).flatten(1)
+        return dataclasses.replace(self, w2a=self.w2a.float().T.contiguous(), w2b=w2b.contiguous(), t2=None)
+
     def with_alpha(self, alpha: float) -> LokrModule:
         if alpha == self.alpha or self.rank is None:  # both sides full: the loaders use scale 1 whatever alpha says
             return dataclasses.replace(self, alpha=alpha)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -27,12 +29,58 @@ def inject(model: torch.nn.Module, patterns, rank: int, alpha: float, dropout: f
     names = target_modules(model, patterns, keep)
     if not names:
         raise TrainingError(f"LoRA targets {list(patterns)} matched no layer of the {what}; choose other targets")
-    model.add_adapter(adapter_config(model, names, rank, alpha, dropout, network, args or {}))
+    with lycoris_factorization() if network == "lokr" else nullcontext():
+        model.add_adapter(adapter_config(model, names, rank, alpha, dropout, network, args or {}))
     if network == "dora" and (args or {}).get("dora_axis", "input") == "input":
         from .dora import add_input_dora
 
         add_input_dora(model)
+    if network == "lokr":
+        full_factors_at_scale_one(model)
+    if network == "loha":
+        unscaled_rank_dropout(model)
     return names
+
+
+def unscaled_rank_dropout(model: torch.nn.Module) -> None:
+    """peft's LoHa divides the rows kept by rank_dropout by their share (inverted dropout); LyCORIS's LohaModule
+    (rank_dropout_scale=False, its default and what kohya's networks use) and peft's own LoKr do not: make peft's
+    LoHa layers drop rows as LyCORIS does (the same draws, no rescale)."""
+    for m in model.modules():
+        if "default" in getattr(m, "hada_w1_a", {}) and m.rank_dropout.get("default"):
+            m.get_delta_weight = partial(_unscaled_rank_dropout, m, type(m).get_delta_weight)
+
+
+def _unscaled_rank_dropout(layer, delta, adapter_name: str, *, apply_rank_dropout: bool = False) -> torch.Tensor:
+    w = delta(layer, adapter_name)
+    if apply_rank_dropout:
+        keep = (torch.rand(w.size(0)) > layer.rank_dropout[adapter_name]).to(w.dtype)
+        w = w * keep.view(-1, *[1] * (w.dim() - 1)).to(w.device)
+    return w
+
+
+@contextmanager
+def lycoris_factorization():
+    """peft's LoKr splits a dimension by `decompose_factor` as (factor, dim / factor) where LyCORIS's factorization()
+    (lycoris/functional/general.py, which kohya's LyCORIS networks use) puts the smaller part first: 320 with factor
+    32 is (32, 10) in peft, (10, 32) in LyCORIS. The first part sizes w1, the second w2, so one `factor` builds two
+    different networks; while peft builds its layers here, its split is ordered as LyCORIS's (the same otherwise)."""
+    from peft.tuners.lokr import layer
+
+    peft_split = layer.factorization
+    layer.factorization = lambda dimension, factor=-1: tuple(sorted(peft_split(dimension, factor)))
+    try:
+        yield
+    finally:
+        layer.factorization = peft_split
+
+
+def full_factors_at_scale_one(model: torch.nn.Module) -> None:
+    """A LoKr layer with both factors full (lokr_w1 and lokr_w2) has scale 1 in LyCORIS (its alpha is set to the rank,
+    lycoris/modules/lokr.py) and in every loader, where peft scales by alpha / r: set peft's alpha and scale so."""
+    for m in model.modules():
+        if "default" in getattr(m, "lokr_w1", {}) and "default" in getattr(m, "lokr_w2", {}):
+            m.alpha["default"], m.scaling["default"] = m.r["default"], 1.0
 
 
 def adapter_config(model, names: list[str], rank: int, alpha: float, dropout: float, network: str, args: dict):

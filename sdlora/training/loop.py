@@ -107,7 +107,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     if main:
         from ..loras.metadata import trigger_words
 
-        result.trigger = state.concept.token if state.concept else trigger_words(cfg)
+        result.trigger = state.concept.token if state.concept else trigger_words(cfg, state.captions_by_folder)
         callbacks.on_end(result)
     acc.wait_for_everyone()
     acc.end_training()

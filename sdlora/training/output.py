@@ -85,14 +85,23 @@ def sample_prompts(cfg, resolution: int) -> list[SamplePrompt]:
 
 @contextmanager
 def lora_scaled(models, scale: float):
-    """The LoRA of these models applied at `scale` (its layers' scaling multiplied) inside the block."""
+    """The LoRA of these models applied at `scale` inside the block, as clients apply a strength (W + scale dW): the
+    layers' scaling multiplied, a DoRA layer's output mixed with its base's (`dora.at_strength`)."""
+    from .dora import at_strength, is_dora
+
     layers = [m for model in models for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
     saved = [dict(m.scaling) for m in layers]
+    hooks = []
     for m in layers:
-        m.scaling = {k: v * scale for k, v in m.scaling.items()}
+        if scale != 1 and is_dora(m):
+            hooks += at_strength(m, scale)
+        else:
+            m.scaling = {k: v * scale for k, v in m.scaling.items()}
     try:
         yield
     finally:
+        for h in hooks:
+            h.remove()
         for m, s in zip(layers, saved):
             m.scaling = s
 

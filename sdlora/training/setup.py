@@ -131,6 +131,9 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if odd:
         raise ConfigError(f"sample size {odd[0].width}x{odd[0].height} is not a multiple of {c.size_multiple} for "
                           "this model")
+    c.check_size(resolution, resolution, "resolution", "lower --resolution")
+    for p in sample_prompts(cfg, resolution):
+        c.check_size(p.width, p.height, "sample size", "give the sample a smaller width and height")
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         if acc.is_main_process:
             ensure_class_images(cfg, c, resolution, callbacks)
@@ -140,6 +143,9 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     held_out = held_out_images(cfg)
     batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message, held_out)
     examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
+    for e in [*batches.examples, *batches.prior_examples, *examples]:
+        c.check_size(*e.bucket, f"the bucket of {Path(e.path).name} at resolution {resolution}:",
+                     "lower --resolution (aspect-ratio buckets are longer than it on one side) or --no-bucketing")
     use_zero_terminal_snr(cfg, c)
     varying = captions_vary(cfg)
     cache_frozen_text(cfg, c, acc.device, acc.mixed_precision, varying, callbacks.on_message,
@@ -176,8 +182,8 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
 
 def check_family_options(cfg: Config, c: Components) -> None:
     """Options the loaded model's family or objective cannot serve, as one-line errors: the SNR-based weights and
-    zero terminal SNR on flow matching (SD3), SD3's loss weights on DDPM, lora.blocks where the denoiser has no
-    numbered blocks, and (SD3) networks other than LoRA or pivotal tuning."""
+    zero terminal SNR on flow matching (SD3), SD3's loss weights and preconditioning on DDPM, lora.blocks where the
+    denoiser has no numbered blocks, and (SD3) networks other than LoRA or pivotal tuning."""
     tr, fam, flow = cfg.train, c.family, c.prediction_type == "flow"
     if flow:
         for on, what in ((tr.min_snr_gamma, "train.min_snr_gamma (min-SNR)"),
@@ -195,6 +201,9 @@ def check_family_options(cfg: Config, c: Components) -> None:
     elif tr.flow_weighting != "none":
         raise ConfigError(f"train.flow_weighting applies to flow matching (SD3); {c.name} predicts "
                           f"{c.prediction_type}: use min_snr_gamma or debiased_estimation")
+    elif not tr.precondition_outputs:
+        raise ConfigError(f"train.precondition_outputs applies to flow matching (SD3); {c.name} predicts "
+                          f"{c.prediction_type}: leave it on")
     if cfg.lora.blocks.strip() and not fam.block_prefix:
         raise ConfigError(f"lora.blocks selects transformer blocks (SD3); {fam.title} has none: leave it empty")
     if c.frozen_text and not cfg.model.t5 and any(f.present for f in c.frozen_text):
