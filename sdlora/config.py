@@ -416,9 +416,11 @@ def load_toml(path: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a TOML job file (not UTF-8 text: byte {e.start}); give a .toml file") from None
     cfg = from_dict(values)
     base = path.parent
     for folder in cfg.data:

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from .. import paths
 from ..errors import ConfigError
+from ..io import check_folder
 from ..loras.apply import load_lora_into
 from ..sampling import render
 from . import shapes
@@ -149,7 +150,7 @@ def evaluate(lora_path: str | Path, trigger: str, concept: str, model=None, n: i
              guidance_scale: float = 5.0, judge: Judge | None = None) -> EvalReport:
     """Generate trigger and world prompts with the LoRA on and off; write report.json and contact_sheet.png."""
     t0 = time.time()
-    out = Path(output_dir)
+    out = check_folder(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe, judge = load_pipeline(model), judge or load_judge()
     if concept not in judge.config.shapes:
