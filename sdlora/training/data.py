@@ -124,7 +124,8 @@ def read_caption(path: Path) -> str:
     an absurd length. Decoding with replacement would train on the bytes of whatever the file holds."""
     try:
         if path.stat().st_size > 4 * MAX_CAPTION:
-            raise ValueError(f"is {path.stat().st_size:,} bytes: not a caption (at most {MAX_CAPTION:,} characters)")
+            raise ValueError(f"is {path.stat().st_size:,} bytes, too long for a caption of at most {MAX_CAPTION:,} "
+                             "characters")
         raw = path.read_bytes()
     except OSError as e:
         raise ValueError(f"cannot be read: {e.strerror or e}") from None
@@ -132,14 +133,14 @@ def read_caption(path: Path) -> str:
     try:
         text = raw.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"is not text (not UTF-8: byte 0x{raw[e.start]:02x} at {e.start}); write the caption as "
-                         "UTF-8 text") from None
+        raise ValueError(f"is not text: byte 0x{raw[e.start]:02x} at {e.start} is not UTF-8; save captions as UTF-8 "
+                         "text") from None
     bad = next((c for c in text if unicodedata.category(c) == "Cc" and not c.isspace()), None)
     if bad is not None:
-        raise ValueError(f"is not text (control character U+{ord(bad):04X} at {text.index(bad)})")
+        raise ValueError(f"is not text: control character U+{ord(bad):04X} at {text.index(bad)}")
     text = text.strip()
     if len(text) > MAX_CAPTION:
-        raise ValueError(f"holds {len(text):,} characters: not a caption (at most {MAX_CAPTION:,})")
+        raise ValueError(f"holds {len(text):,} characters, too long for a caption of at most {MAX_CAPTION:,}")
     return text
 
 
