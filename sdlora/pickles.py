@@ -63,25 +63,34 @@ def read_pickle(path: str | Path):
                 return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except pickle.UnpicklingError as e:
         text = str(e)
-        if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
-            raise ModelError(f"{path}: not a readable PyTorch checkpoint ({_first(text)})") from None
-        raise ModelError(f"{path}: refused: loading it would {_wants(text)}, which model weights never need (the file "
-                         "is damaged or made to run code); nothing from it ran. Use a .safetensors copy of the "
-                         "model from its source") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
+        wants = _wants(text)
+        if wants is None:  # not a request to run something: a damaged or foreign file
+            reason = text.split("WeightsUnpickler error:")[-1]
+            raise ModelError(f"{path}: not a readable PyTorch checkpoint ({_first(reason)})") from None
+        raise ModelError(f"{path}: refused: loading it would {wants}, which model weights never need (the file is "
+                         "damaged or made to run code); nothing from it ran. Use a .safetensors copy of the model "
+                         "from its source") from None
+    except OSError as e:
+        if e.filename is not None:  # the file itself cannot be read: the boundary names it
+            raise
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({e.strerror or e})") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError, IndexError, ArithmeticError,
+            MemoryError) as e:
         raise ModelError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first(str(e))})") \
             from None
 
 
-def _wants(text: str) -> str:
-    """What a refused pickle asked for, from the weights-only unpickler's message."""
-    for pattern, say in ((r"GLOBAL ([\w.]+)", "import {}"), (r"unsupported GLOBAL ([\w.]+)", "import {}"),
-                         (r"unrecognized function (.+?)(?: which|$)", "call {}"),
-                         (r"(?:got|build) (<class '[\w.]+'>)", "build {}")):
+def _wants(text: str) -> str | None:
+    """What a refused pickle asked for (to import or call something), from the weights-only unpickler's message;
+    None when the refusal is about something else (garbage bytes)."""
+    if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
+        return None
+    for pattern, say in ((r"GLOBAL ([\w.]+)", "import {}"), (r"unrecognized function (.+?)(?: which|$)", "call {}"),
+                         (r"(?:got|but got) (<class '[\w.]+'>)", "build {}")):
         found = re.search(pattern, text, re.IGNORECASE | re.MULTILINE)
         if found:
             return say.format(found.group(1).strip())
-    return f"do what the unpickler refused ({_first(text.split('WeightsUnpickler error:')[-1])})"
+    return None
 
 
 def _first(text: str) -> str:

@@ -380,7 +380,6 @@ def prepared(tiny_model, tmp_path_factory):
 def _prepare_last_five(d: Path, p: dict, tiny_model: str) -> None:
     """Captions that are not text, a model folder without its tokenizer, pickles that would run code or are junk,
     and a PNG where a job file should be."""
-    import os
     import shutil
 
     png = (Path(p["images"]) / "img0.png").read_bytes()
@@ -393,7 +392,7 @@ def _prepare_last_five(d: Path, p: dict, tiny_model: str) -> None:
     p["no_tokenizer"] = str(d / "no_tokenizer")
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": RunsCode(str(d / "RAN"))}, d / "evil.ckpt")
     assert not (d / "RAN").exists()
-    (d / "junk.ckpt").write_bytes(os.urandom(64))
+    (d / "junk.ckpt").write_bytes(b"\x80\x02}q\x00(X\x01\x00\x00\x00w" + bytes(range(200)))  # a pickle cut short
     (d / "png.toml").write_bytes(png)
     p.update(evil_ckpt=str(d / "evil.ckpt"), junk_ckpt=str(d / "junk.ckpt"), png_job=str(d / "png.toml"))
 
