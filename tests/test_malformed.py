@@ -301,6 +301,13 @@ LAST_FIVE = [
     Case("output under a file", ["convert", "{lora}", "--to", "diffusers", "-o", "{afile}/c.safetensors"],
          "is a file, not a folder"),
     Case("job file is binary", ["train", "{png_job}"], "not a TOML job file (not UTF-8"),
+    Case("eval n 0", ["eval", "{lora}", "--trigger", "sks", "--concept", "star", "--n", "0", "--output", "{out}/e"],
+         "--n must be at least 1"),
+    Case("eval steps 0", ["eval", "{lora}", "--trigger", "sks", "--concept", "star", "--steps", "0", "--output",
+                          "{out}/e"], "--steps must be at least 1"),
+    Case("eval empty trigger", ["eval", "{lora}", "--trigger", " ", "--concept", "star", "--output", "{out}/e"],
+         "--trigger is empty"),
+    Case("demo n 0", ["demo", "--n", "0", "--output", "{out}/demo"], "--n must be at least 1"),
     Case("queue file is binary", ["train", "--queue", "{png_job}"], "is not a text file (not UTF-8"),
 ]
 
