@@ -107,6 +107,23 @@ def _from_pretrained(cls, source: str, subfolder: str, **kw):
                          "reachable or has no such model; pass a local diffusers folder") from None
 
 
+def _tokenizer(cls, source: str, subfolder: str, family: Family):
+    """A folder's tokenizer, checked: transformers builds an empty tokenizer from a missing or empty folder without a
+    word, which then fails deep inside tokenization (OverflowError: int too big to convert)."""
+    folder = Path(source) / subfolder
+    copy = (f"copy the {subfolder}/ folder of the {family.title} model it was made from into {folder} (the "
+            "tokenizer does not change when a model is fine-tuned)")
+    if Path(source).is_dir() and not (folder.is_dir() and any(folder.iterdir())):
+        raise ModelError(f"{source} has no {subfolder}/ folder{' (it is empty)' if folder.is_dir() else ''}: {copy}")
+    tok = _from_pretrained(cls, source, subfolder)
+    if len(tok) < 2:
+        raise ModelError(f"{folder} holds no vocabulary ({len(tok)} tokens): {copy}")
+    if subfolder != "tokenizer_3" and not 0 < tok.model_max_length < 10**5:  # CLIP's is 77; T5's is passed along
+        raise ModelError(f"{folder} does not say how many tokens a prompt has (model_max_length); add "
+                         '"model_max_length": 77 to its tokenizer_config.json, or ' + copy)
+    return tok
+
+
 def _folder_family(source: str) -> Family:
     """The family of a diffusers folder or hub id, from its model_index.json and denoiser config."""
     import diffusers
@@ -160,8 +177,8 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
                  family.denoiser_attr: _from_pretrained(getattr(diffusers, family.denoiser_class), source,
                                                         family.denoiser_attr, **as_dtype)}
         for slot in family.text_encoders:
-            parts[slot.tokenizer_attr] = _from_pretrained(getattr(transformers, slot.tokenizer_class), source,
-                                                          slot.tokenizer_attr)
+            parts[slot.tokenizer_attr] = _tokenizer(getattr(transformers, slot.tokenizer_class), source,
+                                                    slot.tokenizer_attr, family)
             parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr,
                                                 **({"dtype": dtype} if dtype is not None else {}))
         for slot in family.frozen_encoders if t5 is not False else ():
@@ -169,7 +186,7 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
                 if t5 is None:
                     continue
                 raise ModelError(f"{source} has no {slot.attr}/ (T5): pass --no-t5 to train with zero T5 embeddings")
-            parts[slot.tokenizer_attr] = _from_pretrained(transformers.AutoTokenizer, source, slot.tokenizer_attr)
+            parts[slot.tokenizer_attr] = _tokenizer(transformers.AutoTokenizer, source, slot.tokenizer_attr, family)
             parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr,
                                                 **({"dtype": dtype} if dtype == torch.bfloat16 else {}))
         sample_scheduler = _load_scheduler(source)
@@ -235,7 +252,7 @@ def _load_scheduler(source: str):
 def load_model(model: str | Path | None, allow_pickle: bool = False, text_encoders: str = "",
                t5: bool | None = None) -> Components:
     """Components of a base model for the tools: a diffusers folder (empty: the built-in model), a hub id, or a
-    single-file checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read with weights_only).
+    single-file checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read by `pickles.read_pickle`).
     SD3: `text_encoders` for a single file without them; T5 where the model has it unless `t5` is False."""
     import tempfile
 
@@ -246,8 +263,8 @@ def load_model(model: str | Path | None, allow_pickle: bool = False, text_encode
     p = Path(model)
     if p.is_file() and p.suffix.lower() in PICKLES:
         if not allow_pickle:
-            raise ModelError(f"{p} is a pickle checkpoint; pass --allow-pickle to read it (weights only) or "
-                             "use a .safetensors file")
+            raise ModelError(f"{p} is a pickle checkpoint; pass --allow-pickle to read its weights (no code in it "
+                             "runs) or use a .safetensors file")
         with tempfile.TemporaryDirectory() as tmp:
             c = load_components(str(ckpt_to_safetensors(p, Path(tmp) / f"{p.stem}.safetensors")),
                                 text_encoders=text_encoders, t5=t5)

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .pickles import PICKLES, read_pickle
 from .tokenizers import clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_VOCAB = 49408
-PICKLES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,9 @@ def _pickle_state(path: Path, allow_pickle: bool) -> dict:
         raise ModelError(f"{path}: {path.suffix} checkpoints are pickles that can run code; convert it with "
                          f"`python scripts/make_single_file.py --from-ckpt {path} OUT.safetensors` "
                          "or pass allow_pickle=True")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) format: no mmap
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_pickle(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict", obj), dict):
+        raise ModelError(f"{path}: holds a {type(obj).__name__}, not a checkpoint's dictionary of weights")
     state = dict(obj.get("state_dict", obj))
     if "global_step" in obj:
         state["global_step"] = obj["global_step"]
@@ -288,8 +287,8 @@ def detect_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoin
     decide every size; what shapes cannot tell (head counts, norm groups, activation) comes from the file's
     `sdlora.diffusers_configs` header (written by `save_single_file`), else from the shipped family configs and the
     family's head width (SD2/XL) or head count (SD1). A `.ckpt` is only opened with `allow_pickle=True` (through
-    `torch.load(weights_only=True)`). Raises ModelError naming what was found when the file is not an SD1/SD2/SDXL
-    checkpoint.
+    `pickles.read_pickle`, which runs no code from it). Raises ModelError naming what was found when the file is not
+    an SD1/SD2/SDXL checkpoint.
     """
     from . import single_file_sd3 as sd3
 
@@ -556,13 +555,14 @@ def save_tokenizers(out_path: str | Path, tokenizers: list, encoders: list, froz
 
 
 def ckpt_to_safetensors(ckpt: str | Path, out_path: str | Path) -> Path:
-    """Rewrite a pickled `.ckpt` as `.safetensors` (tensors only, read with `torch.load(weights_only=True)`)."""
-    from safetensors.torch import save_file
+    """Rewrite a pickled `.ckpt` as `.safetensors` (tensors only, read by `pickles.read_pickle`: no code from the
+    file runs)."""
+    from .io import save_safetensors
 
     state = _tensors(Path(ckpt), allow_pickle=True)
     seen, unique = set(), {}
     for k, v in state.items():  # safetensors refuses tensors sharing memory: copy the repeats
         unique[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v.contiguous()
         seen.add(v.untyped_storage().data_ptr())
-    save_file(unique, str(out_path))
+    save_safetensors(unique, out_path)
     return Path(out_path)

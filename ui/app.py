@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from .boundary import guard_handlers
 from .jobs import JobManager
 from .library_tab import LibraryTab
 from .merge_tab import MergeTab
@@ -37,7 +38,7 @@ def build_app(manager: JobManager) -> gr.Blocks:
         preview.wire(demo, preview_tab)
         library.wire(demo, library_tab)
         merge.wire(demo, merge_tab)
-    return demo
+    return guard_handlers(demo)
 
 
 def serve(manager: JobManager, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,

@@ -10,14 +10,13 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.callbacks import Callbacks, Commands
-from sdlora.errors import SdloraError
+from sdlora.failures import describe
 
 from .files import Allowed
 
@@ -228,10 +227,7 @@ class JobManager:
             job.output = str(result.output)
             early = getattr(result, "early_stopped", False)  # finished by its own rule: the output is the best file
             job.state = STOPPED if result.stopped and not early else DONE
-        except SdloraError as e:
-            job.error, job.state = str(e), FAILED
-        except Exception as e:  # noqa: BLE001 - an unexpected bug: one line in the page, the traceback in the log
-            traceback.print_exc()
-            job.error, job.state = f"{type(e).__name__}: {e}", FAILED
+        except Exception as e:  # noqa: BLE001 - one line in the page; a bug's traceback goes to the crash log named
+            job.error, job.state = describe(e)[0], FAILED
         job.ended = time.time()
         job.touch()

@@ -7,8 +7,6 @@ import argparse
 import logging
 import sys
 
-from ..errors import SdloraError
-
 
 class Parser(argparse.ArgumentParser):
     """argparse with its mistakes in one line (what to fix, and where the help is) instead of a usage block."""
@@ -38,13 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     try:
         return args.func(args) or 0
-    except SdloraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("\ninterrupted (a run stopped this way resumes from its last checkpoint with --resume)",
               file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the boundary: one line, and a bug's traceback in a log it names
+        from ..failures import describe
+
+        message, bug = describe(e, verbose=args.verbose)
+        print(f"error: {message}", file=sys.stderr)
+        return 3 if bug else 2
 
 
 def _quiet_libraries() -> None:

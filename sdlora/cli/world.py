@@ -50,15 +50,17 @@ def cmd_demo(args) -> int:
     from ..config import load_toml
     from ..paths import sample_data
     from ..training.loop import train
+    from ..world.evaluate import check_eval_settings
     from .common import ProgressBar
 
+    demo = json.loads((sample_data() / "demo.json").read_text())
+    check_eval_settings(demo["trigger"], args.n, 25)  # before the minutes of training, not after
     job = sample_data() / "demo.toml"
     cfg = load_toml(job)
     out = Path(args.output)
     cfg.output.path = str(out / "demo.safetensors")
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
-    demo = json.loads((sample_data() / "demo.json").read_text())
     print(f"training the demo LoRA: {cfg.data[0].path} -> {cfg.output.path}", file=sys.stderr)
     t0 = time.time()
     result = train(cfg, ProgressBar("demo"))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import LoraFileError, SdloraError
 from ..families import Family, family_of_pipeline
+from ..io import check_folder
 from .checks import check_fits
 from .files import check_weights, load_lora, read_lora
 from .layout import diffusers_tensors, model_layers, name_map, split_embeddings
@@ -173,6 +174,7 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
 
     scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
     _check_generate(n, steps, guidance, width, height, seed, scales)
+    check_folder(output_dir)
     check_weights(loras)
     c = load_model(model, allow_pickle, text_encoders, t5)
     multiple = c.size_multiple

@@ -18,7 +18,7 @@ import torch
 from ..callbacks import Callbacks, Commands
 from ..config import Config, validate
 from ..errors import ConfigError, TrainingError, WriteError
-from ..hardware import pick_threads
+from ..hardware import follow_free_cores, pick_threads
 from ..io import check_writable, remove_stale_temps
 from . import checkpoint as ckpt
 from . import runlog
@@ -66,6 +66,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
         callbacks.on_message(f"{threads} CPU thread(s) ({why})")
     acc = make_accelerator(cfg)
     main = acc.is_main_process
+    follow_load = follow_free_cores(cfg.speed.threads, cfg.speed.thread_check, acc.num_processes, callbacks.on_message)
     if main:
         warn_if_too_big(cfg, acc.device, callbacks.on_message)
     state = setup(cfg, acc, callbacks if main else Callbacks())
@@ -93,6 +94,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
             if step % every == 0 or step == cfg.total_steps:
                 steps.flush()
             _periodic(state, step, result, commands, callbacks, run_log, steps.flush)
+            follow_load()
         steps.flush()
         result.steps, result.seconds = step, time.time() - t0
         _check_in_sync(state)
