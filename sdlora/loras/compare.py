@@ -187,6 +187,9 @@ def compare(inputs: list[str], output_dir: str | Path, settings: CompareSettings
     check_writable(out / "grid.png")
     cfg, captions = settle(files, s)
     trigger = s.trigger if s.trigger is not None else trigger_of(cfg, captions)
+    if not cfg.validation.prompts and not captions and not cfg.prior.class_prompt:
+        raise SdloraError("no prompts to draw: give --prompt TEXT or --prompts FILE (the run's validation prompts "
+                          "and training captions are not here)")
     prompts = validation_prompts(cfg, captions, trigger)
     renderer = Renderer(cfg, s)
     scorer = _scorer(cfg, trigger, captions, renderer.device)
