@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 
 from sdlora import train
-from sdlora.config import load_toml, parse_score_weights
+from sdlora.config import Config, load_toml, parse_score_weights
 from sdlora.paths import sample_data
 from sdlora.scoring.base import Scores
 from sdlora.training import selection
+
+DEFAULT = ",".join(f"{v:g}" for v in Config().score_weights.values())  # as the weightings below are written
 
 
 def timed_run(cfg) -> dict:
@@ -71,7 +73,10 @@ def evaluate_all(files: dict[str, str], cache: Path, n: int, n_steps: int) -> di
     demo = json.loads((sample_data() / "demo.json").read_text())
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     for name, path in files.items():
-        if name in done:
+        same = next((k for k, v in done.items() if not k.startswith("step ") and not name.startswith("step ")
+                     and same_weights(v["file"], path)), None)
+        if name in done or same:  # the best file is the last one when the last validation scored best
+            done.setdefault(name, {**done[same], "file": path} if same else done[name])
             continue
         k = {"n": n_steps, "n_base": n_steps} if name.startswith("step ") else {"n": n}
         r = evaluate(path, demo["trigger"], demo["concept"], output_dir=cache.parent / "eval" / name, **k)
@@ -80,6 +85,13 @@ def evaluate_all(files: dict[str, str], cache: Path, n: int, n_steps: int) -> di
         cache.write_text(json.dumps(done, indent=2))
         print(f"eval {name}: {done[name]}", flush=True)
     return done
+
+
+def same_weights(a: str, b: str) -> bool:
+    from sdlora.loras.files import read_lora
+
+    ta, tb = read_lora(a)[0], read_lora(b)[0]
+    return ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
 
 
 def target(e: dict) -> float:
@@ -124,7 +136,7 @@ def weightings(history: list[dict], evals: dict[int, dict]) -> list[dict]:
                     "target": targets[pick], "regret": max(targets) - targets[pick],
                     "rho": spearman(scores, targets)})
     out.sort(key=lambda r: (r["regret"], -(r["rho"] if r["rho"] == r["rho"] else -2),
-                            r["weights"] != "1,1,1,0"))
+                            r["weights"] != DEFAULT))
     return out
 
 
@@ -181,7 +193,7 @@ def main() -> None:
           f"{img['seconds_total']:.0f} s: +{img['share']:.1%} on the rest of training")
     table = weightings(history, by_step)
     print("\nweights (likeness,adherence,preservation,copying): the step each picks, its target, regret, rho")
-    default = next(r for r in table if r["weights"] == "1,1,1,0")
+    default = next(r for r in table if r["weights"] == DEFAULT)
     for r in [*table[:10], default]:
         print(f"  {r['weights']:14s} step {r['step']:5d}  target {r['target']:.3f}  regret {r['regret']:.3f}  "
               f"rho {r['rho']:+.2f}")

@@ -255,9 +255,11 @@ class ValidationConfig:
                            "sample.guidance).", flag="validation-steps", gt=0)
     image_size: int = opt(0, "Validation image size in pixels (multiple of 8); 0 = the training resolution.",
                           flag="validation-size", ge=0)
-    score_weights: str = opt("likeness=1,adherence=1,preservation=1,copying=0", "The combined score: "
+    score_weights: str = opt("likeness=1,adherence=0,preservation=1,copying=0", "The combined score: "
                              "(likeness x w + adherence x w + preservation x w - copying x w) / (sum of the first "
-                             "three weights), over the parts that were measured.", flag="score-weights")
+                             "three weights), over the parts that were measured. The default ranked the demo's "
+                             "checkpoints most like `sdlora eval` (scripts/measure_selection.py).",
+                             flag="score-weights")
     concept: str = opt("", "shapes scorer: the judge's class the trigger should draw (e.g. star); empty = the class "
                        "the judge sees in the training images with the trigger.", flag="judge-concept")
     clip_model: str = opt("openai/clip-vit-base-patch16", "clip-dino scorer: the CLIP or SigLIP model (a local "

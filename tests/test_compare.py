@@ -69,7 +69,7 @@ def test_strength_zero_draws_the_base_model(files, tiny_model, tmp_path, monkeyp
     s = CompareSettings(model=tiny_model, strengths=[0.0, 1.0], prompts=["a red sks"], seeds=2, steps=2,
                         scorer="none", trigger="sks")
     report = compare([str(files["run"] / "step_0000004.safetensors"), files["loha"]], tmp_path / "c", s)
-    base, lora0, lora1, loha0, loha1 = seen
+    base, lora0, lora1, loha0, _ = seen
     assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(base, lora0))
     assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(base, loha0))
     assert any(not np.array_equal(pixels(a), pixels(b)) for a, b in zip(base, lora1))
@@ -91,7 +91,7 @@ def test_bad_inputs_are_one_line(files, tmp_path, capsys):
     with pytest.raises(SdloraError, match="no such file, folder or glob match"):
         expand_inputs([str(tmp_path / "nothing*.safetensors")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SdloraError, match="no .safetensors file"):
+    with pytest.raises(SdloraError, match=r"no \.safetensors file"):
         expand_inputs([str(tmp_path / "empty")])
     assert main(["compare", files["loha"], "--output", str(tmp_path / "o"), "--strengths", "1,x"]) == 2
     assert main(["compare", files["loha"], "--output", str(tmp_path / "o"), "--seeds", "0"]) == 2
