@@ -230,12 +230,13 @@ class ValidationConfig:
     split: float = opt(0.0, "Hold out this share of the training images (chosen per image by the seed, never "
                        "trained on) as the validation set; 0 = off.", flag="validation-split", ge=0,
                        lt=1)
-    every: int = opt(0, "Compute the validation loss every N steps (and at the end); 0 = only at the end.",
-                     flag="validate-every", ge=0)
+    every: int = opt(0, "Validate (the held-out loss and/or the image scores) every N steps (and at the end); 0 = "
+                     "only at the end.", flag="validate-every", ge=0)
     timesteps: int = opt(5, "Timesteps per validation image, evenly spaced quantiles of the training "
                          "distribution; noise is drawn once from the seed, so only the LoRA changes the loss.",
                          flag="validation-timesteps", ge=1)
-    keep_best: bool = opt(False, "Write NAME_best.safetensors whenever the validation loss improves.")
+    keep_best: bool = opt(False, "Write NAME_best.safetensors whenever the validation improves (its loss or its "
+                          "image score: see select_by).")
     early_stop_patience: int = opt(0, "Stop after this many validations without improvement (keeps the best "
                                    "file and a resumable checkpoint); 0 = off.", ge=0)
     scorer: str = opt("none", "Image validation: render the validation prompts at fixed seeds with the weights a "

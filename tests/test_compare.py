@@ -40,14 +40,17 @@ def pixels(im):
 
 def test_every_kind_of_file_at_every_strength_with_the_base_row(files, tiny_model, tmp_path):
     out = tmp_path / "cmp"
+    import shutil  # a second pivotal file with the same token: loads only if the first one's token was unloaded
+
+    shutil.copy(files["piv"], Path(files["piv"]).with_name("q.safetensors"))
     s = CompareSettings(model=tiny_model, strengths=[0.0, 1.0], prompts=["a red sks", "a blue square"], seeds=1,
                         steps=2, scorer="shapes", concept="circle", trigger="sks", data=str(files["data"]))
     report = compare([str(files["run"]), files["loha"], str(Path(files["piv"]).parent / "*.safetensors")], out, s)
     names = [Path(r.file).name for r in report.rows]
-    # the run's two checkpoints, the LoHa file and the pivotal file (the glob leaves its p_emb.safetensors out)
-    assert sorted(set(names)) == ["h.safetensors", "p.safetensors", "step_0000002.safetensors",
+    # the run's two checkpoints, the LoHa file and the pivotal files (the glob leaves p_emb.safetensors out)
+    assert sorted(set(names)) == ["h.safetensors", "p.safetensors", "q.safetensors", "step_0000002.safetensors",
                                   "step_0000004.safetensors"]
-    assert len(report.rows) == 8
+    assert len(report.rows) == 10
     assert [r.score for r in report.rows] == sorted((r.score for r in report.rows), reverse=True)
     grid = Image.open(report.grid)
     assert grid.height >= 32 * (1 + len(report.rows))  # the base row and one per file and strength

@@ -99,7 +99,7 @@ class ActiveLoras:
         family = family_of_pipeline(self.pipe) if self.embeddings else None
         for token, parts in self.embeddings.items():
             for slot in (s for s in family.text_encoders if s.embedding_key in parts):
-                n = len(parts[slot.embedding_key])  # diffusers names vectors 2.. token_1, token_2, ...
+                n = len(parts[slot.embedding_key])  # diffusers names the 2nd, 3rd... vector token_1, token_2, ...
                 self.pipe.unload_textual_inversion([token] + [f"{token}_{i}" for i in range(1, n)],
                                                    tokenizer=getattr(self.pipe, slot.tokenizer_attr),
                                                    text_encoder=getattr(self.pipe, slot.attr))
