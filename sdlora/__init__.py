@@ -20,6 +20,8 @@ _API = {
     "mix_loras": "sdlora.loras.mix", "resize_lora": "sdlora.loras.mix",
     "generate": "sdlora.loras.apply", "load_lora_into": "sdlora.loras.apply", "apply_loras": "sdlora.loras.apply",
     "evaluate": "sdlora.world.evaluate",
+    "compare": "sdlora.loras.compare", "CompareSettings": "sdlora.loras.compare",
+    "checkpoint_scores": "sdlora.training.selection", "validation_history": "sdlora.training.selection",
 }
 __all__ = sorted(_API)
 

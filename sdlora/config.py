@@ -24,6 +24,8 @@ CONFIG_VERSION = 1
 TARGET_PRESETS = ("auto", "cross_attn", "attn", "attn_ff", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw-schedulefree", "lion")
 NETWORKS = ("lora", "dora", "loha", "lokr")
+SCORERS = ("none", "shapes", "clip-dino")
+SCORE_PARTS = ("likeness", "adherence", "preservation", "copying")
 # each network's own knobs (`--network-args "factor=8,decompose_both=true"`): name -> type, or the allowed words
 _SHARED_ARGS = {"conv_rank": int, "conv_alpha": float}
 _LYCORIS_ARGS = {"use_tucker": bool, "rank_dropout": float, "module_dropout": float}
@@ -239,14 +241,44 @@ class ValidationConfig:
     split: float = opt(0.0, "Hold out this share of the training images (chosen per image by the seed, never "
                        "trained on) as the validation set; 0 = off.", flag="validation-split", ge=0,
                        lt=1)
-    every: int = opt(0, "Compute the validation loss every N steps (and at the end); 0 = only at the end.",
-                     flag="validate-every", ge=0)
+    every: int = opt(0, "Validate (the held-out loss and/or the image scores) every N steps (and at the end); 0 = "
+                     "only at the end.", flag="validate-every", ge=0)
     timesteps: int = opt(5, "Timesteps per validation image, evenly spaced quantiles of the training "
                          "distribution; noise is drawn once from the seed, so only the LoRA changes the loss.",
                          flag="validation-timesteps", ge=1)
-    keep_best: bool = opt(False, "Write NAME_best.safetensors whenever the validation loss improves.")
+    keep_best: bool = opt(False, "Write NAME_best.safetensors whenever the validation improves (its loss or its "
+                          "image score: see select_by).")
     early_stop_patience: int = opt(0, "Stop after this many validations without improvement (keeps the best "
                                    "file and a resumable checkpoint); 0 = off.", ge=0)
+    scorer: str = opt("none", "Image validation: render the validation prompts at fixed seeds with the weights a "
+                      "file would get and score them: shapes (the shapes-world judge), clip-dino (CLIP or SigLIP "
+                      "for prompt adherence, DINOv2 for likeness, preservation and copying); none = off.",
+                      flag="scorer", choices=SCORERS)
+    select_by: str = opt("auto", "What picks the best file (--keep-best) and drives early stopping: images (the "
+                         "combined image score, higher is better), loss (the validation loss); auto = images with a "
+                         "scorer, else loss.", flag="select-by", choices=("auto", "images", "loss"))
+    prompts: list = opt([], "Validation prompts: strings, or in a job file [[validation.prompts]] tables with text, "
+                        "kind (concept: carries the trigger, scored for likeness; preservation: scored against the "
+                        "base model's image) and negative. Empty = up to 4 training captions with the trigger and 2 "
+                        "without it (or the class prompt).", flag="validation-prompt")
+    seeds: int = opt(2, "Images per validation prompt (seeds sample.seed + i, the same at every validation).",
+                     flag="validation-seeds", gt=0)
+    image_steps: int = opt(20, "Denoising steps per validation image (fewer is cheaper; the guidance is "
+                           "sample.guidance).", flag="validation-steps", gt=0)
+    image_size: int = opt(0, "Validation image size in pixels (multiple of 8); 0 = the training resolution.",
+                          flag="validation-size", ge=0)
+    score_weights: str = opt("likeness=1,adherence=0,preservation=1,copying=0", "The combined score: "
+                             "(likeness x w + adherence x w + preservation x w - copying x w) / (sum of the first "
+                             "three weights), over the parts that were measured. The default ranked the demo's "
+                             "checkpoints most like `sdlora eval` (scripts/measure_selection.py).",
+                             flag="score-weights")
+    concept: str = opt("", "shapes scorer: the judge's class the trigger should draw (e.g. star); empty = the class "
+                       "the judge sees in the training images with the trigger.", flag="judge-concept")
+    clip_model: str = opt("openai/clip-vit-base-patch16", "clip-dino scorer: the CLIP or SigLIP model (a local "
+                          "folder or a hub id) for prompt adherence.", flag="clip-model")
+    dino_model: str = opt("facebook/dinov2-small", "clip-dino scorer: the image model (a local folder or a hub id) "
+                          "for likeness, preservation and copying; 'clip' = the CLIP model's image embeddings.",
+                          flag="dino-model")
 
 
 @dataclass
@@ -279,6 +311,8 @@ class SpeedConfig:
 
 SAMPLE_PROMPT_KEYS = {"text": str, "negative": str, "seed": int, "width": int, "height": int, "steps": int,
                       "guidance": float, "lora_scale": float}
+VALIDATION_PROMPT_KEYS = {"text": str, "kind": str, "negative": str}
+PROMPT_TABLES = {"sample.prompts": SAMPLE_PROMPT_KEYS, "validation.prompts": VALIDATION_PROMPT_KEYS}
 
 
 @dataclass
@@ -349,6 +383,19 @@ class Config:
         return self.lora.alpha or float(self.lora.rank)
 
     @property
+    def select_by(self) -> str:
+        """What picks the best file and drives early stopping: 'images', 'loss', or '' (no validation at all)."""
+        va = self.validation
+        if va.select_by != "auto":
+            return va.select_by
+        return "images" if va.scorer != "none" else "loss" if va.split or va.data else ""
+
+    @property
+    def score_weights(self) -> dict[str, float]:
+        """`validation.score_weights` parsed: a weight for every part of the combined score."""
+        return parse_score_weights(self.validation.score_weights)
+
+    @property
     def network_args(self) -> dict:
         """`lora.network_args` parsed and typed, every knob of the network present (defaults filled in)."""
         return parse_network_args(self.lora.network, self.lora.network_args)
@@ -372,25 +419,26 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
-        tables = where == "sample.prompts"  # the one list that also takes tables
+        tables = where in PROMPT_TABLES  # the lists that also take tables
         bad = [v for v in value if not (isinstance(v, str) or (tables and isinstance(v, dict)))]
         if bad:
             raise ConfigError(f"{where} must be a list of strings{' or tables' if tables else ''}, got {bad[0]!r} "
                               "in it")
-        return [_sample_table(v, f"{where}[{i}]") if isinstance(v, dict) else v for i, v in enumerate(value)]
+        return [_prompt_table(v, f"{where}[{i}]", PROMPT_TABLES[where]) if isinstance(v, dict) else v
+                for i, v in enumerate(value)]
     if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
         raise ConfigError(f"{where} must be {typ.__name__}, got {value!r}")
     return value
 
 
-def _sample_table(table: dict, where: str) -> dict:
-    """One [[sample.prompts]] table: known keys of the right types, a text."""
-    unknown = sorted(set(table) - set(SAMPLE_PROMPT_KEYS))
+def _prompt_table(table: dict, where: str, keys: dict) -> dict:
+    """One [[sample.prompts]] or [[validation.prompts]] table: known keys of the right types, a text."""
+    unknown = sorted(set(table) - set(keys))
     if unknown:
-        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(SAMPLE_PROMPT_KEYS)})")
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(keys)})")
     if not isinstance(table.get("text"), str) or not table["text"].strip():
         raise ConfigError(f"{where} needs a text")
-    return {k: _coerce(v, SAMPLE_PROMPT_KEYS[k], f"{where}.{k}") for k, v in table.items()}
+    return {k: _coerce(v, keys[k], f"{where}.{k}") for k, v in table.items()}
 
 
 def _fill(obj: Any, values: dict, where: str) -> None:
@@ -451,6 +499,10 @@ def load_toml(path: str | Path) -> Config:
     cfg.output.path = _rel(cfg.output.path, base)
     if cfg.model.path and (base / cfg.model.path).exists():
         cfg.model.path = str(base / cfg.model.path)
+    for name in ("clip_model", "dino_model"):  # a local folder beside the job, else a hub id
+        value = getattr(cfg.validation, name)
+        if value and value != "clip" and (base / value).exists():
+            setattr(cfg.validation, name, str(base / value))
     return cfg
 
 
@@ -488,6 +540,27 @@ def parse_network_args(network: str, text: str) -> dict:
         if not sep or not value:
             raise ConfigError(f"lora.network_args: {key} needs a value, like {key}={NETWORK_DEFAULTS[key]}")
         out[key] = _arg_value(key, value, known[key])
+    return out
+
+
+def parse_score_weights(text: str) -> dict[str, float]:
+    """'likeness=1,copying=0.5' -> a weight for each of SCORE_PARTS (those not named: 0); one-line ConfigError on an
+    unknown part, a bad number, or no positive weight among likeness, adherence and preservation."""
+    out = dict.fromkeys(SCORE_PARTS, 0.0)
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key, _, value = (p.strip() for p in item.partition("="))
+        if key not in out:
+            raise ConfigError(f"validation.score_weights: unknown part {key!r} (known: {', '.join(SCORE_PARTS)})")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = math.nan
+        if not math.isfinite(out[key]) or out[key] < 0:
+            raise ConfigError(f"validation.score_weights: {key} needs a number >= 0, like {key}=1, got {value!r}")
+    if not any(out[k] for k in SCORE_PARTS[:3]):
+        raise ConfigError("validation.score_weights: give likeness, adherence or preservation a weight > 0")
     return out
 
 
@@ -671,10 +744,20 @@ def validate_training_options(cfg: Config, check_paths: bool = True) -> None:
           "train.zero_terminal_snr needs v-prediction (an epsilon model cannot learn pure noise at the last "
           "timestep): set model.prediction_type v_prediction")
     _rule(not (va.split and va.data), "give validation.data or validation.split, not both")
-    has_validation = bool(va.split or va.data)
+    has_validation = bool(va.split or va.data or va.scorer != "none")
     _rule(has_validation or not (va.every or va.keep_best or va.early_stop_patience),
-          "validate_every, keep_best and early_stop_patience need validation images: give --validation-data DIR "
-          "or --validation-split F")
+          "validate_every, keep_best and early_stop_patience need validation images or a scorer: give "
+          "--validation-data DIR, --validation-split F or --scorer shapes|clip-dino")
+    _rule(va.select_by != "images" or va.scorer != "none", "select_by images needs image validation: set "
+          "--scorer shapes (shapes world) or clip-dino")
+    _rule(va.select_by != "loss" or bool(va.split or va.data), "select_by loss needs held-out images: give "
+          "--validation-data DIR or --validation-split F")
+    _rule(va.image_size % 8 == 0, f"validation.image_size must be a multiple of 8, got {va.image_size}")
+    cfg.score_weights  # noqa: B018 - parses, raising on a bad weight
+    for i, p in enumerate(va.prompts):
+        kind = p.get("kind", "concept") if isinstance(p, dict) else "concept"
+        _rule(kind in ("concept", "preservation"), f"validation.prompts[{i}].kind must be concept or "
+              f"preservation, got {kind!r}")
     _rule(not va.early_stop_patience or va.every > 0, "early_stop_patience needs validation during training: "
           "set validation.every (--validate-every N)")
     if check_paths and va.data:

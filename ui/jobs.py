@@ -40,6 +40,9 @@ class Job:
     ended: float = 0.0
     losses: list = field(default_factory=list)  # [(step, loss)]
     val_losses: list = field(default_factory=list)  # [(step, validation loss)]
+    scores: list = field(default_factory=list)  # [(step, {score, likeness, adherence, preservation, copying})]
+    validation_images: list = field(default_factory=list)  # [(step, path of the validation's sheet)]
+    best_step: int = 0  # the step of the best validation so far (by what select_by follows)
     samples: list = field(default_factory=list)  # [(step, path)]
     messages: list = field(default_factory=list)
     error: str = ""
@@ -80,8 +83,16 @@ class JobCallbacks(Callbacks):
         self.job.touch()
 
     def on_validation(self, step, stats):
-        self.job.val_losses.append((step, float(stats["val_loss"])))
-        self.job.touch()
+        j = self.job
+        if "val_loss" in stats:
+            j.val_losses.append((step, float(stats["val_loss"])))
+        parts = {k: float(stats[k]) for k in ("score", "likeness", "adherence", "preservation", "copying")
+                 if k in stats}
+        if parts:
+            j.scores.append((step, parts))
+        j.validation_images.extend((step, p) for p in stats.get("images", []))
+        j.best_step = stats.get("best_step", j.best_step)
+        j.touch()
 
     def on_sample(self, step, paths):
         self.job.samples.extend((step, p) for p in paths)

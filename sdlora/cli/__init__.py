@@ -16,12 +16,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import fit, tools, train, ui, world
+    from . import compare, fit, tools, train, ui, world
 
     parser = Parser(prog="sdlora", description="Train and use Stable Diffusion LoRAs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Show library logs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (train, fit, tools, world, ui):
+    for module in (train, fit, tools, compare, world, ui):
         module.register(sub)
     return parser
 

@@ -111,8 +111,9 @@ def cmd_train(args) -> int:
             print(f"{label}: {state}: {result.output} ({result.steps} steps, loss {result.final_loss:.4f}, "
                   f"{result.seconds:.1f}s)")
             if result.best:
-                print(f"{label}: best validation loss {result.best_val_loss:.6g} at step {result.best_step}: "
-                      f"{result.best}")
+                what = f"score {result.best_score:.4g}" if result.best_score == result.best_score else \
+                    f"loss {result.best_val_loss:.6g}"
+                print(f"{label}: best validation {what} at step {result.best_step}: {result.best}")
         except Exception as e:  # noqa: BLE001 - one job's failure is one line; the batch goes on
             from ..failures import describe
 

@@ -42,6 +42,7 @@ class ActiveLoras:
     def __init__(self, pipe):
         self.pipe = pipe
         self.entries: list[tuple[str, HookedLora | None]] = []  # (diffusers adapter name, or hooks)
+        self.embeddings: dict[str, dict] = {}  # the bundled embeddings loaded with them ({token: {part: vectors}})
 
     def add(self, path: str | Path, name: str) -> None:
         """One more file, at scale 1. A file that does not fit the pipeline's model (another family or size) is an
@@ -57,6 +58,7 @@ class ActiveLoras:
         else:
             self.entries.append((name, HookedLora(layers, mods)))
         load_embeddings(self.pipe, family, embeddings)
+        self.embeddings.update(embeddings)
 
     def _diffusers_state(self, path, family: Family, mods: dict) -> dict:
         """What diffusers' load_lora_weights is given: the file's own tensors where diffusers converts that
@@ -89,13 +91,20 @@ class ActiveLoras:
                 hooks.on = on
 
     def remove(self) -> None:
-        """Take every file off the pipeline."""
+        """Take every file off the pipeline, its bundled embeddings' tokens too (so another file's can load)."""
         if self._adapters:
             self.pipe.delete_adapters(self._adapters)
         for _, hooks in self.entries:
             if hooks is not None:
                 hooks.remove()
-        self.entries = []
+        family = family_of_pipeline(self.pipe) if self.embeddings else None
+        for token, parts in self.embeddings.items():
+            for slot in (s for s in family.text_encoders if s.embedding_key in parts):
+                n = len(parts[slot.embedding_key])  # diffusers names the 2nd, 3rd... vector token_1, token_2, ...
+                self.pipe.unload_textual_inversion([token] + [f"{token}_{i}" for i in range(1, n)],
+                                                   tokenizer=getattr(self.pipe, slot.tokenizer_attr),
+                                                   text_encoder=getattr(self.pipe, slot.attr))
+        self.entries, self.embeddings = [], {}
 
 
 class HookedLora:

@@ -190,6 +190,8 @@ def public_config(cfg) -> dict:
     d["model"]["path"] = public_name(d["model"]["path"])
     d["prior"]["class_data"] = public_name(d["prior"]["class_data"])
     d["output"]["path"] = public_name(d["output"]["path"])
+    for key in ("data", "clip_model", "dino_model"):  # the scorer's models may be local folders too
+        d["validation"][key] = public_name(d["validation"][key])
     for folder in d["data"]:
         folder["path"] = public_name(folder["path"])
     return d

@@ -16,7 +16,7 @@ RESUME_KEYS = (("model", "path"), ("lora", "rank"), ("lora", "alpha"), ("lora", 
                ("lora", "train_text_encoder"), ("train", "seed"), ("train", "batch_size"), ("train", "grad_accum"),
                ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"), ("lora", "network"),
                ("lora", "network_args"), ("optim", "optimizer"), ("optim", "loraplus_ratio"), ("validation", "data"),
-               ("validation", "split"))
+               ("validation", "split"), ("validation", "scorer"))
 
 
 class UnreadableCheckpoint(TrainingError):

@@ -15,6 +15,7 @@ from ..errors import ConfigError, DataError, ModelError
 from ..hardware import cpu_has_native_bf16
 from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
+from . import image_validation
 from .adapters import inject, lora_parameters
 from .batches import Batches, Latents, Prefetcher, pins
 from .data import BatchPlan, TagRule, build_examples, scan_folder
@@ -173,6 +174,7 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
                        concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
     if examples:
         state.validation = Validation(examples, cfg.validation.timesteps, cfg.train.seed)
+    state.image_validation = image_validation.build(cfg, state, callbacks.on_message)
     state.enter_phase(0)
     batches.fill_cache()
     if text.cache_allowed and not phases.main.text_trainable and concept is None:

@@ -11,6 +11,7 @@ from ..config import Config
 from ..models import Components
 from .batches import Batches
 from .embeddings import ConceptTokens
+from .image_validation import ImageValidation
 from .phases import Phase, Phases
 from .step import Models
 from .validation import Validation
@@ -66,6 +67,11 @@ class TrainState:
     start_step: int = 0
     phase: Phase | None = field(default=None)  # the phase of the last step taken
     validation: Validation | None = None       # held-out images and the best loss so far; None without
+    image_validation: ImageValidation | None = None  # validation prompts, scorer and best score; None without
+
+    @property
+    def validates(self) -> bool:
+        return self.validation is not None or self.image_validation is not None
 
     @property
     def rank(self) -> int:
