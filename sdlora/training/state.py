@@ -3,6 +3,7 @@ checkpoints and the output read it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,16 +13,18 @@ from ..models import Components
 from .batches import Batches
 from .embeddings import ConceptTokens
 from .phases import Phase, Phases
-from .step import Models
+from .step import Models, training_step
 from .validation import Validation
 
 
 @dataclass
 class Adapters:
-    """Where the LoRA sits: the adapted module paths, and each text encoder's learning rate (0: no LoRA on it)."""
+    """Where the LoRA sits: the adapted module paths, each text encoder's learning rate (0: no LoRA on it), and the
+    denoiser layers' own learning rates where per-block settings give them."""
 
     targets: list[str]
     text_lrs: list[float]
+    layer_lrs: dict[str, float] = field(default_factory=dict)
 
     @property
     def text_lora(self) -> bool:
@@ -66,6 +69,8 @@ class TrainState:
     start_step: int = 0
     phase: Phase | None = field(default=None)  # the phase of the last step taken
     validation: Validation | None = None       # held-out images and the best loss so far; None without
+    # the step's loss: (batch, models, cfg, generator) -> (loss, stats); a slider's stands in for the diffusion loss
+    objective: Callable = training_step
 
     @property
     def rank(self) -> int:
