@@ -13,7 +13,7 @@ from ..models import Components
 from .batches import Batches
 from .embeddings import ConceptTokens
 from .phases import Phase, Phases
-from .step import Models, training_step
+from .step import Models
 from .validation import Validation
 
 
@@ -69,8 +69,9 @@ class TrainState:
     start_step: int = 0
     phase: Phase | None = field(default=None)  # the phase of the last step taken
     validation: Validation | None = None       # held-out images and the best loss so far; None without
-    # the step's loss: (batch, models, cfg, generator) -> (loss, stats); a slider's stands in for the diffusion loss
-    objective: Callable = training_step
+    # the step's loss, (batch, models, cfg, generator) -> (loss, stats), where it is not the diffusion step's
+    # (`step.training_step`): a slider's
+    objective: Callable | None = None
 
     @property
     def rank(self) -> int:
