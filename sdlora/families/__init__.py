@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from . import mmdit, sd, sd3, sdxl
-from .sd import Conditioning
+from .sd import SD_BLOCKS, Conditioning, KohyaBlocks
+from .sdxl import SDXL_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class Family:
     # the denoiser config that names every layer a LoRA for this family may have: a shipped config (assets/<name>)
     # with these overrides (SD1/SD2: 3 layers per block, a superset of their block names)
     reference_overrides: Mapping[str, object] = field(default_factory=dict)
+    # sd-scripts' block list (block_dims, down/mid/up_lr_weight); None where sd-scripts has none (SD3)
+    kohya_blocks: KohyaBlocks | None = None
 
     def ss_base_model_version(self, prediction_type: str, config=None) -> str:
         """kohya's label; SD1/SD2 v-prediction models add '_v'; SD3 names its variant (medium, 5-medium, 5-large)."""
@@ -139,17 +142,18 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             _clip("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", "CLIPTextModelWithProjection")),
            1024, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", sdxl.CONDITIONING,
            matches=lambda cfg, parts: "text_encoder_2" in parts or cfg.get("addition_embed_type") == "text_time",
-           kohya_naming="sgm"),
+           kohya_naming="sgm", kohya_blocks=SDXL_BLOCKS),
     Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            768, "sd_v2", "stable-diffusion-v2-512/lora", sd.CONDITIONING,
            matches=lambda cfg, parts: cfg.get("cross_attention_dim") == 1024,
            v_architecture="stable-diffusion-v2-768-v/lora", is_v2=True, pipeline_extra=_SD_EXTRA,
-           reference_overrides={"layers_per_block": 3}),
+           reference_overrides={"layers_per_block": 3}, kohya_blocks=SD_BLOCKS),
     Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            512, "sd_v1", "stable-diffusion-v1/lora", sd.CONDITIONING,
-           matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA, reference_overrides={"layers_per_block": 3}),
+           matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA, reference_overrides={"layers_per_block": 3},
+           kohya_blocks=SD_BLOCKS),
 )}
 
 

@@ -3,9 +3,14 @@ micro-conditioning of each image."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
 import torch
 
-from .sd import Conditioning, tokenize
+from ..errors import ConfigError
+from .naming import sgm_namer
+from .sd import Conditioning, KohyaBlocks, tokenize
 
 
 class SDXLConditioning(Conditioning):
@@ -35,3 +40,29 @@ class SDXLConditioning(Conditioning):
 
 
 CONDITIONING = SDXLConditioning()
+
+
+_SGM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+_SGM_FIRST = {"input_blocks": (1, 9), "middle_block": (10, 3), "output_blocks": (13, 9)}  # first entry, how many
+_OUTSIDE = {"time_embedding": 0, "add_embedding": 0, "conv_in": 1, "conv_norm_out": 22, "conv_out": 22}
+
+
+def sdxl_block_index(path: str, config: Mapping) -> int | None:
+    """sd-scripts' SDXL index from the original (SGM) name of the layer: the time and label embeddings are 0,
+    input_blocks.N is 1 + N, middle_block.N is 10 + N, output_blocks.N is 13 + N, the output layers 22."""
+    top = path.split(".")[0]
+    if top in _OUTSIDE:
+        return _OUTSIDE[top]
+    m = _SGM_BLOCK.match(sgm_namer(config)(path))
+    if not m:
+        return None
+    first, count = _SGM_FIRST[m[1]]
+    if int(m[2]) >= count:
+        raise ConfigError(f"{path} has no place in sd-scripts' SDXL block list ({m[1]} 0-{count - 1}); use "
+                          "network_reg_dims / network_reg_lrs for this UNet")
+    return first + int(m[2])
+
+
+SDXL_BLOCKS = KohyaBlocks(("BASE",) + tuple(f"IN{i:02d}" for i in range(9)) + ("MID00", "MID01", "MID02")
+                          + tuple(f"OUT{i:02d}" for i in range(9)) + ("OUT",), down=9, mid=3, up=9, ends=1,
+                          index=sdxl_block_index)

@@ -22,15 +22,23 @@ def target_modules(model: torch.nn.Module, patterns, keep=None) -> list[str]:
 
 
 def inject(model: torch.nn.Module, patterns, rank: int, alpha: float, dropout: float = 0.0,
-           what: str = "denoiser", network: str = "lora", args: dict | None = None, keep=None) -> list[str]:
+           what: str = "denoiser", network: str = "lora", args: dict | None = None, keep=None,
+           layers=None) -> list[str]:
     """Add a trainable adapter that leaves the model unchanged at the start (LoRA's and DoRA's B = 0, LoHa's w2_b = 0,
     LoKr's w2 = 0) to the matched layers, through peft: LoraConfig (DoRA on the output axis: use_dora), LoHaConfig,
-    LoKrConfig; input-axis DoRA is peft's LoRA with sdlora's magnitude on top (`dora.py`)."""
+    LoKrConfig; input-axis DoRA is peft's LoRA with sdlora's magnitude on top (`dora.py`). `layers(names)`, when
+    given, says which matched layers get an adapter and each one's (rank, alpha) (per-block settings)."""
     names = target_modules(model, patterns, keep)
     if not names:
         raise TrainingError(f"LoRA targets {list(patterns)} matched no layer of the {what}; choose other targets")
+    own = layers(names) if layers is not None else None
+    if own is not None:
+        names = [n for n in names if n in own]
+        if not names:
+            raise TrainingError(f"the per-block settings leave no {what} layer with LoRA (every rank or learning "
+                                "rate is 0)")
     with lycoris_factorization() if network == "lokr" else nullcontext():
-        model.add_adapter(adapter_config(model, names, rank, alpha, dropout, network, args or {}))
+        model.add_adapter(adapter_config(model, names, rank, alpha, dropout, network, args or {}, own))
     if network == "dora" and (args or {}).get("dora_axis", "input") == "input":
         from .dora import add_input_dora
 
@@ -83,11 +91,17 @@ def full_factors_at_scale_one(model: torch.nn.Module) -> None:
             m.alpha["default"], m.scaling["default"] = m.r["default"], 1.0
 
 
-def adapter_config(model, names: list[str], rank: int, alpha: float, dropout: float, network: str, args: dict):
+def adapter_config(model, names: list[str], rank: int, alpha: float, dropout: float, network: str, args: dict,
+                   own: dict | None = None):
     """The peft config of one model's adapter; 3x3 (k x k) convs get conv_rank / conv_alpha (LyCORIS's conv_dim /
-    conv_alpha) through rank_pattern / alpha_pattern, keyed by their exact module names."""
+    conv_alpha) through rank_pattern / alpha_pattern, keyed by their exact module names (anchored: peft matches a
+    pattern at the end of a name); `own` {name: (rank, alpha)} gives every layer its own instead."""
     patterns = {}
-    if args.get("conv_rank") or args.get("conv_alpha"):
+    if own is not None:
+        odd = {n: own[n] for n in names if tuple(own[n]) != (rank, alpha)}
+        patterns = {"rank_pattern": {"^" + re.escape(n): r for n, (r, _) in odd.items()},
+                    "alpha_pattern": {"^" + re.escape(n): a for n, (_, a) in odd.items()}}
+    elif args.get("conv_rank") or args.get("conv_alpha"):
         convs = [n for n in names if getattr(model.get_submodule(n), "kernel_size", (1, 1)) != (1, 1)]
         conv_rank = args.get("conv_rank") or rank
         conv_alpha = args.get("conv_alpha") or alpha * conv_rank / rank  # 0: the other layers' alpha/rank ratio
@@ -116,7 +130,11 @@ ZERO_START = (".lora_B.weight", ".hada_w2_b", ".lokr_w2", ".lokr_w2_b")
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The trainable adapter parameters (everything else stays frozen)."""
-    return [p for n, p in model.named_parameters() if any(x in n for x in ADAPTER_PREFIXES) and p.requires_grad]
+    return list(named_lora_parameters(model).values())
+
+
+def named_lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if any(x in n for x in ADAPTER_PREFIXES) and p.requires_grad}
 
 
 def layer_ranks(model: torch.nn.Module) -> dict[str, tuple[int, float]]:

@@ -355,29 +355,35 @@ def _denoiser_targets(model: MetaModel, cfg: Config, denoiser) -> list[str]:
 
 def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
     """Parameters of each LoRA tensor (A and B per target layer): r x in and r x out for a Linear, r x in x k x k and
-    r x out for a convolution."""
+    r x out for a convolution; r per layer where per-block settings give one (a layer at rank 0 has none)."""
+    from ..config import PER_LAYER_KEYS
     from .adapters import target_modules
+    from .blocks import kohya_namer, plan_layers
 
     text = text_trained(cfg, len(model.family.text_encoders))
 
     def make():
         denoiser, _, encoders, _ = _built(model)
         fam = model.family
-        plan = [(denoiser, _denoiser_targets(model, cfg, denoiser))] if cfg.train.max_steps > 0 else []
+        names = _denoiser_targets(model, cfg, denoiser) if cfg.train.max_steps > 0 else []
+        layers = plan_layers(cfg, fam, denoiser, names, kohya_namer(fam, denoiser.config)) if names else None
+        ranks = {n: layer.rank for n, layer in (layers or {}).items()}
+        plan = [(denoiser, [n for n in names if layers is None or n in layers])] if names else []
         plan += [(e, target_modules(e, fam.text_targets)) for e, t in zip(encoders, text) if t]
         sizes = []
         for module, names in plan:
             for name in names:
                 layer = module.get_submodule(name)
+                r = ranks.get(name, cfg.lora.rank) if module is denoiser else cfg.lora.rank
                 if isinstance(layer, torch.nn.Conv2d):
                     k = layer.kernel_size[0] * layer.kernel_size[1]
-                    sizes += [cfg.lora.rank * layer.in_channels * k, cfg.lora.rank * layer.out_channels]
+                    sizes += [r * layer.in_channels * k, r * layer.out_channels]
                 else:
-                    sizes += [cfg.lora.rank * layer.in_features, cfg.lora.rank * layer.out_features]
+                    sizes += [r * layer.in_features, r * layer.out_features]
         return sizes
 
     return _cached(("lora", model.key, cfg.lora.targets, cfg.lora.blocks, cfg.lora.rank, text,
-                    cfg.train.max_steps > 0), make)
+                    cfg.train.max_steps > 0, *(getattr(cfg.lora, k) for k in PER_LAYER_KEYS)), make)
 
 
 class _Tokenizer:
