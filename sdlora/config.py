@@ -16,9 +16,9 @@ from typing import Any, get_origin, get_type_hints
 
 import tomli_w
 
+from .block_args import BLOCK_KEYS, LR_WEIGHTS, PATTERNS, check_syntax
 from .errors import ConfigError
 from .paths import default_model_path
-from .training.blocks import BLOCK_KEYS, LR_WEIGHTS, PATTERNS, check_syntax
 
 CONFIG_VERSION = 1
 

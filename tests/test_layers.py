@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [  # (layer, module prefixes); a module belongs to the longest prefix that names it
     ("base", ["sdlora.errors", "sdlora.io", "sdlora.paths", "sdlora.config", "sdlora.callbacks", "sdlora.hardware",
-              "sdlora.failures", "sdlora.quiet", "sdlora.pickles"]),
+              "sdlora.failures", "sdlora.quiet", "sdlora.pickles", "sdlora.block_args"]),
     ("models", ["sdlora.families", "sdlora.models", "sdlora.single_file", "sdlora.single_file_sd3", "sdlora.quantize",
                 "sdlora.tokenizers", "sdlora.random_pipelines", "sdlora.sampling",
                 "sdlora.scoring", "sdlora.world.judge", "sdlora.world.shapes"]),  # scorers read images, not models
