@@ -13,8 +13,7 @@ import re
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
-from test_train import Capture, fresh_pipeline, load_checked, unet_and_te_outputs
+from conftest import Capture, draw_images, fresh_pipeline, load_checked, tiny_config, unet_and_te_outputs
 
 from sdlora import train
 from sdlora.callbacks import Callbacks

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
-from test_train import Capture, load_checked
+from conftest import Capture, draw_images, load_checked, tiny_config
 
 from sdlora import train
 from sdlora.loras.files import read_lora
@@ -352,7 +351,7 @@ def _sd1_lora(model, tmp_path):
 def test_stop_and_resume_is_bit_exact_and_the_loss_falls(sd3_no_t5, tmp_path):
     import json
 
-    from test_train import StopAt
+    from conftest import StopAt
 
     from sdlora.callbacks import Commands
 

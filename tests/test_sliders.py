@@ -13,9 +13,8 @@ import json
 
 import pytest
 import torch
-from conftest import draw_images
+from conftest import StopAt, draw_images, fresh_pipeline, load_checked, unet_and_te_outputs
 from test_blocks import setup_state
-from test_train import StopAt, fresh_pipeline, load_checked, unet_and_te_outputs
 
 from sdlora import train
 from sdlora.callbacks import Commands
@@ -140,7 +139,7 @@ def test_slider_stop_and_resume_is_bit_exact(tiny_model, tmp_path):
 def test_slider_file_loads_like_any_lora_and_says_what_it_is(tiny_model, tmp_path, caplog):
     """kohya layout (A1111 / ComfyUI key rules), diffusers' loader at +1 and at -1 reproduces the trainer at the
     same strengths, and the header names the slider and its range."""
-    from test_train import Capture
+    from conftest import Capture
 
     from sdlora.training.output import lora_scaled
 
