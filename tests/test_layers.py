@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [  # (layer, module prefixes); a module belongs to the longest prefix that names it
     ("base", ["sdlora.errors", "sdlora.io", "sdlora.paths", "sdlora.config", "sdlora.callbacks", "sdlora.hardware"]),
-    ("models", ["sdlora.families", "sdlora.models", "sdlora.single_file", "sdlora.single_file_sd3", "sdlora.quantize",
+    ("models", ["sdlora.families", "sdlora.models", "sdlora.single_file", "sdlora.quantize",
                 "sdlora.tokenizers", "sdlora.random_pipelines", "sdlora.sampling"]),
     ("files", ["sdlora.loras.layout", "sdlora.loras.mmdit", "sdlora.loras.modules", "sdlora.loras.lowrank",
                "sdlora.loras.files", "sdlora.loras.metadata", "sdlora.loras.checks"]),

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from . import mmdit, sd, sd3, sdxl
 from .sd import Conditioning
 
@@ -85,6 +86,9 @@ class Family:
     # the denoiser config that names every layer a LoRA for this family may have: a shipped config (assets/<name>)
     # with these overrides (SD1/SD2: 3 layers per block, a superset of their block names)
     reference_overrides: Mapping[str, object] = field(default_factory=dict)
+    # its single-file checkpoints (`sdlora.single_file` dispatches here): claims(shapes), info(shapes, meta, path),
+    # load(path, info, allow_pickle, ...), to_original(state dicts), part_configs(configs, text_encoders)
+    single_file: object = None
 
     def ss_base_model_version(self, prediction_type: str, config=None) -> str:
         """kohya's label; SD1/SD2 v-prediction models add '_v'; SD3 names its variant (medium, 5-medium, 5-large)."""
@@ -129,6 +133,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                     "kohya": "ComfyUI, Forge, kohya sd-scripts; not diffusers, which loads no kohya SD3 file "
                              "(sdlora convert --to diffusers)"},
            unused_layers=mmdit.unused_layers,
+           single_file=sd3.SINGLE_FILE,
            frozen_encoders=(TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5EncoderModel", "lora_te3", "t5",
                                             "T5TokenizerFast"),),
            # every layer any SD3 variant has: 38 blocks (3.5 Large), attn2 in each (3.5 Medium has it in 0-12)
@@ -139,17 +144,18 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             _clip("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", "CLIPTextModelWithProjection")),
            1024, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", sdxl.CONDITIONING,
            matches=lambda cfg, parts: "text_encoder_2" in parts or cfg.get("addition_embed_type") == "text_time",
-           kohya_naming="sgm"),
+           kohya_naming="sgm", single_file=sdxl.SINGLE_FILE),
     Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            768, "sd_v2", "stable-diffusion-v2-512/lora", sd.CONDITIONING,
            matches=lambda cfg, parts: cfg.get("cross_attention_dim") == 1024,
            v_architecture="stable-diffusion-v2-768-v/lora", is_v2=True, pipeline_extra=_SD_EXTRA,
-           reference_overrides={"layers_per_block": 3}),
+           reference_overrides={"layers_per_block": 3}, single_file=sd.SD2_FILE),
     Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            512, "sd_v1", "stable-diffusion-v1/lora", sd.CONDITIONING,
-           matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA, reference_overrides={"layers_per_block": 3}),
+           matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA, reference_overrides={"layers_per_block": 3},
+           single_file=sd.SD1_FILE),
 )}
 
 
@@ -163,7 +169,35 @@ def family_of_pipeline(pipe) -> Family:
     name = type(pipe).__name__
     found = [f for f in FAMILIES.values() if f.pipeline_class == name]
     if not found:
-        from ..errors import ModelError
-
         raise ModelError(f"{name} is not a pipeline of a family sdlora supports")
     return found[-1]
+
+
+def folder_family(source: str) -> Family:
+    """The family of a diffusers folder or hub id, from its model_index.json and denoiser config."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(source)
+    except (OSError, ValueError) as e:
+        if Path(source).exists():
+            raise ModelError(f"{source} is not a diffusers model folder: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"could not load '{source}': not a local folder, and the hub is not reachable or has "
+                         "no such model; pass a local diffusers folder") from None
+    parts = {k: v for k, v in index.items() if isinstance(v, (list, tuple)) and v[0]}
+    attrs = list(dict.fromkeys(f.denoiser_attr for f in FAMILIES.values()))
+    sub = next((a for a in attrs if a in parts), attrs[-1])
+    cls = parts.get(sub, [None, "?"])[1]
+    if sub not in parts or cls not in {f.denoiser_class for f in FAMILIES.values()}:
+        what = f"a {cls} ({index.get('_class_name', 'unknown pipeline')})" if sub in parts else \
+            f"no {'/ or '.join(attrs)}/"
+        titles = [f.title for f in reversed(FAMILIES.values())]
+        raise ModelError(f"{source} has {what}: not supported; sdlora trains {', '.join(titles[:-1])} and "
+                         f"{titles[-1]} models")
+    try:
+        config = getattr(diffusers, cls).load_config(source, subfolder=sub)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{source} is not a diffusers model folder (no usable '{sub}/'): "
+                         f"{str(e).splitlines()[0]}") from None
+    return detect_family(config, set(parts))

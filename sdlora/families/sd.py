@@ -1,8 +1,13 @@
-"""SD 1.x and 2.x: the UNet is conditioned on one CLIP encoder's last hidden states."""
+"""SD 1.x and 2.x: the UNet is conditioned on one CLIP encoder's last hidden states (SD1: OpenAI's CLIP-L, SD2:
+OpenCLIP-H, which its single files keep in OpenCLIP's own layout)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from .ldm import Encoder, LdmFile
 
 
 def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
@@ -40,3 +45,22 @@ class Conditioning:
 
 
 CONDITIONING = Conditioning()
+
+
+def sd2_prediction(meta: dict, path: Path) -> tuple[str, str]:
+    """SD2 ships a 768 px v-prediction model and a 512 px epsilon one with the same layout: a file that does not say is
+    read by its resolution hints (metadata, file name, the 512-base model's global_step)."""
+    hint = " ".join([meta.get("modelspec.resolution", ""), meta.get("modelspec.architecture", ""), path.name])
+    if "768" in hint:
+        return "v_prediction", "SD2 at 768 px (the 768-v model)"
+    if "512" in hint or meta.get("global_step") == "875000":
+        return "epsilon", "SD2 at 512 px (the 512-base model)"
+    return "v_prediction", ("SD2 without a resolution hint: assuming the 768-v model; "
+                            "pass --prediction-type epsilon for a 512-base one")
+
+
+SD1_FILE = LdmFile("sd1", "SD1 (cond_stage_model.transformer)",
+                   (Encoder("text_encoder", "cond_stage_model.transformer.text_model."),))
+SD2_FILE = LdmFile("sd2", "SD2 (cond_stage_model.model)",
+                   (Encoder("text_encoder", "cond_stage_model.model.", openclip=True, skip_last=True),),
+                   prediction=sd2_prediction)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .ldm import Encoder, LdmFile
 from .sd import Conditioning, tokenize
 
 
@@ -35,3 +36,17 @@ class SDXLConditioning(Conditioning):
 
 
 CONDITIONING = SDXLConditioning()
+
+
+def _time_embed_dim(configs: dict) -> None:
+    """The size/crop embedding's input is the pooled text (CLIP-G's projection width) and 6 time embeddings."""
+    te2 = configs["text_encoder_2"]
+    pooled = te2.get("projection_dim", te2["hidden_size"])
+    configs["unet"]["addition_time_embed_dim"] = (configs["unet"]["projection_class_embeddings_input_dim"]
+                                                  - pooled) // 6
+
+
+SINGLE_FILE = LdmFile("sdxl", "SDXL (conditioner.embedders.0/1)",
+                      (Encoder("text_encoder", "conditioner.embedders.0.transformer.text_model."),
+                       Encoder("text_encoder_2", "conditioner.embedders.1.model.", openclip=True, projection=True)),
+                      derive=_time_embed_dim)

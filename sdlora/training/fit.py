@@ -24,7 +24,7 @@ import torch
 
 from ..config import Config
 from ..errors import ModelError
-from ..families import FAMILIES, Family, TextEncoderSlot
+from ..families import FAMILIES, Family, TextEncoderSlot, folder_family
 from .data import IMAGE_EXTS
 from .memtrace import MetaStep, Trace, checkpointing, mark_trainable, trace
 
@@ -105,19 +105,15 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
     read. A frozen encoder (SD3's T5) is there where the model has one."""
     import diffusers
 
-    from ..models import _folder_family
-
     if Path(source).is_file():
         from ..single_file import detect_checkpoint
 
         info = detect_checkpoint(source)
         family, configs = FAMILIES[info.family], info.configs
         if any(s.attr not in configs for s in (*family.text_encoders, *family.frozen_encoders)):
-            from ..single_file_sd3 import part_configs
-
-            configs = part_configs(configs, text_encoders)
+            configs = family.single_file.part_configs(configs, text_encoders)
         return MetaModel(family, configs, source)
-    family = _folder_family(source)
+    family = folder_family(source)
     try:
         configs = {family.denoiser_attr: dict(getattr(diffusers, family.denoiser_class).load_config(
                        source, subfolder=family.denoiser_attr)),
