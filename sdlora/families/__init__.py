@@ -89,6 +89,12 @@ class Family:
     # its single-file checkpoints (`sdlora.single_file` dispatches here): claims(shapes), info(shapes, meta, path),
     # load(path, info, allow_pickle, ...), to_original(state dicts), part_configs(configs, text_encoders)
     single_file: object = None
+    # random-weight models: a tiny one saved as a diffusers folder (the tests'), the full-size parts (the benchmark's:
+    # (seed, **sizes) -> parts) and their configs without allocating anything ((**sizes) -> configs)
+    save_tiny: Callable[..., object] | None = None
+    full_size: Callable[..., dict] | None = None
+    full_size_configs: Callable[..., dict] | None = None
+    full_size_name: str = ""             # what a full-size random model is called (default random-<name>)
 
     def ss_base_model_version(self, prediction_type: str, config=None) -> str:
         """kohya's label; SD1/SD2 v-prediction models add '_v'; SD3 names its variant (medium, 5-medium, 5-large)."""
@@ -133,7 +139,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                     "kohya": "ComfyUI, Forge, kohya sd-scripts; not diffusers, which loads no kohya SD3 file "
                              "(sdlora convert --to diffusers)"},
            unused_layers=mmdit.unused_layers,
-           single_file=sd3.SINGLE_FILE,
+           single_file=sd3.SINGLE_FILE, save_tiny=sd3.save_tiny_sd3_pipeline, full_size=sd3.full_size,
+           full_size_configs=sd3.full_size_configs, full_size_name="random-sd3.5-medium",
            frozen_encoders=(TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5EncoderModel", "lora_te3", "t5",
                                             "T5TokenizerFast"),),
            # every layer any SD3 variant has: 38 blocks (3.5 Large), attn2 in each (3.5 Medium has it in 0-12)
@@ -144,18 +151,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             _clip("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", "CLIPTextModelWithProjection")),
            1024, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", sdxl.CONDITIONING,
            matches=lambda cfg, parts: "text_encoder_2" in parts or cfg.get("addition_embed_type") == "text_time",
-           kohya_naming="sgm", single_file=sdxl.SINGLE_FILE),
+           kohya_naming="sgm", single_file=sdxl.SINGLE_FILE, save_tiny=sdxl.save_tiny_sdxl_pipeline,
+           full_size=sdxl.full_size, full_size_configs=sdxl.full_size_configs),
     Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            768, "sd_v2", "stable-diffusion-v2-512/lora", sd.CONDITIONING,
            matches=lambda cfg, parts: cfg.get("cross_attention_dim") == 1024,
            v_architecture="stable-diffusion-v2-768-v/lora", is_v2=True, pipeline_extra=_SD_EXTRA,
-           reference_overrides={"layers_per_block": 3}, single_file=sd.SD2_FILE),
+           reference_overrides={"layers_per_block": 3}, single_file=sd.SD2_FILE,
+           full_size=sd.full_size, full_size_configs=sd.full_size_configs),
     Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            512, "sd_v1", "stable-diffusion-v1/lora", sd.CONDITIONING,
            matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA, reference_overrides={"layers_per_block": 3},
-           single_file=sd.SD1_FILE),
+           single_file=sd.SD1_FILE, save_tiny=sd.save_tiny_pipeline, full_size=sd.full_size,
+           full_size_configs=sd.full_size_configs),
 )}
 
 

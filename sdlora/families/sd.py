@@ -64,3 +64,83 @@ SD1_FILE = LdmFile("sd1", "SD1 (cond_stage_model.transformer)",
 SD2_FILE = LdmFile("sd2", "SD2 (cond_stage_model.model)",
                    (Encoder("text_encoder", "cond_stage_model.model.", openclip=True, skip_last=True),),
                    prediction=sd2_prediction)
+
+
+# ---------------------------------------------------------------- random-weight models
+
+CLIP_IDS = dict(vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)  # CLIP's vocabulary, as configs
+
+TINY = dict(
+    unet=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+              norm_num_groups=8),
+    vae=dict(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=16),
+    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+              max_position_embeddings=77),
+)
+
+SD15 = dict(
+    unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+    vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, norm_num_groups=32, sample_size=512,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             layers_per_block=2),
+    text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              max_position_embeddings=77),
+)
+
+
+def build_components(spec: dict = TINY, seed: int = 0, prediction_type: str = "epsilon") -> dict:
+    """Random-weight SD-1-shaped components (unet, vae, text_encoder, tokenizer-less) from a size spec."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    text_cfg = CLIPTextConfig(vocab_size=49408 if spec is SD15 else 600, bos_token_id=0, eos_token_id=2,
+                              pad_token_id=1, projection_dim=spec["text"]["hidden_size"], **spec["text"])
+    text_encoder = CLIPTextModel(text_cfg)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+
+
+def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon",
+                       words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue")) -> Path:
+    """Save a tiny SD-1-shaped pipeline (random weights) as a diffusers folder, loadable offline."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from ..tokenizers import write_tokenizer
+
+    folder = Path(folder)
+    parts = build_components(TINY, seed, prediction_type)
+    tok_dir = write_tokenizer(folder / "_tok", words)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    assert len(tokenizer) <= parts["text_encoder"].config.vocab_size
+    pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False, **parts)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return folder
+
+
+def full_size(seed: int = 0, **_) -> dict:
+    """SD 1.5-sized random-weight parts (the benchmark's)."""
+    return build_components(SD15, seed)
+
+
+def full_size_configs(**_) -> dict:
+    """The configs of `full_size`'s unet, vae and text encoder, as dicts (nothing is allocated)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**SD15["unet"]), AutoencoderKL(**SD15["vae"])
+    text = CLIPTextConfig(**CLIP_IDS, projection_dim=SD15["text"]["hidden_size"], **SD15["text"])
+    return {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text.to_dict()}

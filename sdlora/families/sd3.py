@@ -28,7 +28,8 @@ from .checkpoint import CLIP_VOCAB, HOW, asset, blocks, build, header, own_confi
 from .ldm import vae_shape_config, vae_to_ldm
 from .mmdit import original as original_path
 from .mmdit import swap_halves, swapped
-from .sd import Conditioning, tokenize
+from .sd import CLIP_IDS, TINY, Conditioning, tokenize
+from .sdxl import SDXL_BASE, TINY_XL
 
 NAME = "sd3"
 
@@ -436,3 +437,102 @@ class SingleFile:
 
 
 SINGLE_FILE = SingleFile()
+
+
+# ---------------------------------------------------------------- random-weight models
+
+# tiny SD3 transformers: SD3 Medium's structure (no qk-norm), SD3.5 Medium's (qk-norm, dual attention in block 0) and
+# SD3.5 Large's (qk-norm); joint width 64 = CLIP-L 32 + CLIP-G 32 = T5's width, pooled 64 = 32 + 32
+TINY_SD3 = dict(sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+                num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                pos_embed_max_size=32)
+SD3_VARIANTS = {"sd3": {}, "sd35m": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+                "sd35l": {"qk_norm": "rms_norm"}}
+SD3_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+               sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False, force_upcast=True, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, in_channels=3, out_channels=3)
+# SD3.5 Medium as diffusers configures it
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13)))
+
+
+def sd35_medium(blocks: int = 24) -> dict:
+    """SD3.5 Medium's transformer config with its first `blocks` blocks (dual attention in the first 13, as there)."""
+    return {**SD35_MEDIUM, "num_layers": blocks, "dual_attention_layers": tuple(range(min(13, blocks)))}
+
+
+# T5-XXL's encoder (the benchmark may take fewer of its 24 layers)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+              is_gated_act=True)
+
+
+def build_sd3_components(variant: str = "sd3", seed: int = 0, t5: bool = True, full: bool = False,
+                         t5_layers: int = 24, blocks: int = 24) -> dict:
+    """Random-weight SD3 parts: tiny (by variant: sd3, sd35m, sd35l), or SD3.5 Medium at full size (`full`: `blocks`
+    of its 24 blocks, and a T5-XXL-wide encoder of `t5_layers` layers); text_encoder_3 None without `t5`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    parts = {"transformer": SD3Transformer2DModel(**(sd35_medium(blocks) if full else
+                                                     {**TINY_SD3, **SD3_VARIANTS[variant]}))}
+    vae = SD3_VAE if full else {**TINY["vae"], "shift_factor": 0.0609, "scaling_factor": 1.5305,
+                                "use_quant_conv": False, "use_post_quant_conv": False}
+    parts["vae"] = AutoencoderKL(**vae)
+    ids = {**CLIP_IDS, "vocab_size": 49408 if full else 600}
+    texts = (SDXL_BASE["text"], SDXL_BASE["text_2"]) if full else (TINY_XL["text"],) * 2
+    for name, text in zip(("text_encoder", "text_encoder_2"), texts):
+        parts[name] = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **text))
+    t5_cfg = {**T5_XXL, "num_layers": t5_layers} if full else \
+        dict(vocab_size=120, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+             feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True)
+    parts["text_encoder_3"] = T5EncoderModel(T5Config(**t5_cfg)) if t5 else None
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return parts
+
+
+def save_tiny_sd3_pipeline(folder: str | Path, variant: str = "sd3", seed: int = 0, t5: bool = True,
+                           words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue")) -> Path:
+    """Save a tiny SD3-shaped StableDiffusion3Pipeline (random weights) as a diffusers folder, loadable offline:
+    `variant` sd3 (SD3 Medium's structure), sd35m (dual attention, qk-norm) or sd35l (qk-norm); `t5` False saves it
+    without text_encoder_3."""
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    from ..tokenizers import write_t5_tokenizer, write_tokenizer
+
+    folder = Path(folder)
+    parts = build_sd3_components(variant, seed, t5)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "_tok", words))
+    t5_tok = AutoTokenizer.from_pretrained(write_t5_tokenizer(folder / "_tok3", words)) if t5 else None
+    pipe = StableDiffusion3Pipeline(tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=t5_tok, **parts)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "_tok")
+    if t5:
+        shutil.rmtree(folder / "_tok3")
+    return folder
+
+
+def full_size(seed: int = 0, sd3_blocks: int = 24, t5_layers: int = 24, **_) -> dict:
+    """SD3.5-Medium-sized random-weight parts with T5-XXL (`sd3_blocks` of its 24 blocks, `t5_layers` of T5's 24)."""
+    return build_sd3_components(seed=seed, full=True, t5_layers=t5_layers, blocks=sd3_blocks)
+
+
+def full_size_configs(sd3_blocks: int = 24, t5_layers: int = 24, **_) -> dict:
+    """The configs of `full_size`'s transformer, vae and text encoders, as dicts (nothing is allocated)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, T5Config
+
+    with torch.device("meta"):
+        transformer, vae = SD3Transformer2DModel(**sd35_medium(sd3_blocks)), AutoencoderKL(**SD3_VAE)
+    return {"transformer": dict(transformer.config), "vae": dict(vae.config),
+            "text_encoder": CLIPTextConfig(**CLIP_IDS, **SDXL_BASE["text"]).to_dict(),
+            "text_encoder_2": CLIPTextConfig(**CLIP_IDS, **SDXL_BASE["text_2"]).to_dict(),
+            "text_encoder_3": T5Config(**{**T5_XXL, "num_layers": t5_layers}).to_dict()}
+
