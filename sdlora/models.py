@@ -148,19 +148,17 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
         sample_scheduler = _load_scheduler(source)
     noise_scheduler, sample_scheduler = training_scheduler(sample_scheduler, prediction_type, family)
     denoiser = parts[family.denoiser_attr]
-    frozen = [frozen_text(parts.get(s.attr), parts.get(s.tokenizer_attr), denoiser.config, t5_length)
+    frozen = [frozen_text(family, parts.get(s.attr), parts.get(s.tokenizer_attr), denoiser.config, t5_length)
               for s in family.frozen_encoders]
     return freeze(Components(family, source, denoiser, parts["vae"],
                              [parts[s.tokenizer_attr] for s in family.text_encoders],
                              [parts[s.attr] for s in family.text_encoders], noise_scheduler, sample_scheduler, frozen))
 
 
-def frozen_text(model, tokenizer, denoiser_config, length: int):
+def frozen_text(family: Family, model, tokenizer, denoiser_config, length: int):
     """The conditioning's frozen text part (SD3: a T5Text of `length` tokens at the transformer's joint width, from
     the denoiser's config); `model` None: none is loaded."""
-    from .families.sd3 import T5Text
-
-    return T5Text(tokenizer, model, length, denoiser_config["joint_attention_dim"])
+    return family.conditioning.frozen_text(model, tokenizer, denoiser_config, length)
 
 
 def training_scheduler(sample_scheduler, prediction_type: str, family: Family):

@@ -54,7 +54,7 @@ def full_size_components(family: str, tokenizer_dir: str | Path, seed: int = 0, 
     words = ("a", "photo", "of", "sks")
     t5_tok = AutoTokenizer.from_pretrained(write_t5_tokenizer(Path(tokenizer_dir) / "t5", words)) \
         if fam.frozen_encoders else None
-    frozen = [frozen_text(parts[s.attr], t5_tok, denoiser.config, 256) for s in fam.frozen_encoders]
+    frozen = [frozen_text(fam, parts[s.attr], t5_tok, denoiser.config, 256) for s in fam.frozen_encoders]
     return freeze(Components(fam, fam.full_size_name or f"random-{family}", denoiser, parts["vae"],
                              [tokenizer] * len(encoders), encoders,
                              *training_scheduler(parts["scheduler"], "auto", fam), frozen))

@@ -127,15 +127,15 @@ def save_single_file(pipeline_folder: str | Path, out_path: str | Path) -> Path:
     return out
 
 
-def save_tokenizers(out_path: str | Path, tokenizers: list, encoders: list, frozen: list = ()) -> None:
+def save_tokenizers(out_path: str | Path, family: Family, tokenizers: list, encoders: list, frozen: list = ()) -> None:
     """Beside a single file, the tokenizers that are not CLIP's (`<stem>.tokenizer/`, `.tokenizer_2/`) and a frozen
     encoder's (SD3's T5: `.tokenizer_3/`), where `load_single_file` looks for them."""
-    for name, tok, enc in zip(("tokenizer", "tokenizer_2"), tokenizers, encoders):
+    for slot, tok, enc in zip(family.text_encoders, tokenizers, encoders):
         if enc.config.vocab_size != CLIP_VOCAB:
-            tok.save_pretrained(Path(out_path).with_suffix(f".{name}"))
-    for f in frozen:
+            tok.save_pretrained(Path(out_path).with_suffix(f".{slot.tokenizer_attr}"))
+    for slot, f in zip(family.frozen_encoders, frozen):
         if f.tokenizer is not None and f.present:
-            f.tokenizer.save_pretrained(Path(out_path).with_suffix(".tokenizer_3"))
+            f.tokenizer.save_pretrained(Path(out_path).with_suffix(f".{slot.tokenizer_attr}"))
 
 
 def ckpt_to_safetensors(ckpt: str | Path, out_path: str | Path) -> Path:

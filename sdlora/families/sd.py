@@ -29,6 +29,10 @@ class Conditioning:
         pipeline attribute); `frozen_length`: the tokens of a frozen encoder's part (SD3's T5)."""
         return 77 * configs["text_encoder"]["hidden_size"]
 
+    def frozen_text(self, model, tokenizer, denoiser_config: dict, length: int):
+        """The part of the conditioning a frozen encoder makes (the family's frozen_encoders): none here."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen text encoder")
+
     def micro(self, original_hw: tuple[int, int], crop_tl: tuple[int, int],
               target_hw: tuple[int, int]) -> torch.Tensor | None:
         """Per-image size/crop conditioning; None where the family has none."""

@@ -94,6 +94,10 @@ class SD3Conditioning(Conditioning):
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"hidden": torch.cat([clip, t5], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
+    def frozen_text(self, model, tokenizer, denoiser_config, length):
+        """T5's part: `length` tokens at the transformer's joint width."""
+        return T5Text(tokenizer, model, length, denoiser_config["joint_attention_dim"])
+
     def caption_numel(self, configs, frozen_length=256):
         """77 CLIP tokens and `frozen_length` T5 tokens at the transformer's joint width, and the pooled CLIP-L +
         CLIP-G embedding (the same with or without T5: its part is zeros then)."""

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LoraFileError
-from ..families import Family
-from ..families.naming import sgm_namer
+from ..families import FAMILIES, Family
 from . import mmdit
 from .modules import AXES, DoraModule, LohaModule, LokrModule, LoraModule, is_plain, magnitude_shape
 
@@ -49,9 +48,7 @@ def kohya_base(prefix: str, path: str) -> str:
 
 def denoiser_namer(family: Family, denoiser_config) -> Callable[[str], str]:
     """diffusers module path -> the path kohya names the layer after (SDXL: the original SGM names)."""
-    if family.kohya_naming == "sgm":
-        return sgm_namer(denoiser_config)
-    return lambda path: path
+    return family.kohya_naming.path(denoiser_config)
 
 
 @dataclass
@@ -97,9 +94,9 @@ def name_map(family: Family, denoiser: torch.nn.Module, text_encoders: list[torc
         names.add(family.denoiser_attr, path, kohya_base(DENOISER_PREFIX, namer(path)),
                   kohya_base(DENOISER_PREFIX, path))
     for slot, encoder in zip(family.text_encoders, text_encoders):
-        aliases = ("lora_te",) if slot.kohya_prefix == "lora_te1" else ()
         for path, _ in adaptable_layers(encoder):
-            names.add(slot.attr, path, kohya_base(slot.kohya_prefix, path), *(kohya_base(a, path) for a in aliases))
+            names.add(slot.attr, path, kohya_base(slot.kohya_prefix, path),
+                      *(kohya_base(a, path) for a in slot.kohya_aliases))
     return names
 
 
@@ -117,15 +114,11 @@ def model_layers(family: Family, denoiser: torch.nn.Module, text_encoders: list,
 def _reference_model(family: Family):
     """The family's standard denoiser (its shipped config with the family's reference overrides) and text encoders
     (named right, sized at CLIP's defaults), as meta-device models: no weights, no download."""
-    from pathlib import Path
-
     import diffusers
     import transformers
 
-    config = Path(__file__).resolve().parent.parent / "assets" / family.name / family.denoiser_attr / "config.json"
     with torch.device("meta"):
-        denoiser = getattr(diffusers, family.denoiser_class).from_config(
-            {**json.loads(config.read_text()), **family.reference_overrides})
+        denoiser = getattr(diffusers, family.denoiser_class).from_config(family.reference_config())
         encoders = [getattr(transformers, s.model_class)(transformers.CLIPTextConfig(num_hidden_layers=32))
                     for s in family.text_encoders]
     return denoiser, encoders
@@ -464,21 +457,29 @@ def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, famil
 
 # ---------------------------------------------------------------- which family a file is for
 
-_LABELS = (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd1", "sd1"), ("sd_v2", "sd2"), ("sd2", "sd2"), ("sd3", "sd3"),
-           ("medium", "sd3"), ("5-medium", "sd3"), ("5-large", "sd3"), ("stable-diffusion-3", "sd3"))
-
-
 def guess_family(mods: dict, meta: dict[str, str]) -> tuple[str, str]:
     """(family named by the metadata, family the layer names and shapes say); '' where unknown."""
     version = meta.get("sdlora_family") or meta.get("ss_base_model_version", "")
-    from_meta = next((f for p, f in _LABELS if version.startswith(p)), "")
-    if mmdit.is_internal(mods):
-        return from_meta, "sd3"
-    if any(b.startswith(("lora_te1_", "lora_te2_")) for b in mods):  # CLIP-L + CLIP-G: SDXL's, or SD3's
-        return from_meta, from_meta if from_meta in ("sdxl", "sd3") else "sdxl"
+    from_meta = next((f.name for f in FAMILIES.values() if f.labelled(version)), "")
+    return from_meta, _family_of_layers(mods, from_meta)
+
+
+def _family_of_layers(mods: dict, from_meta: str) -> str:
+    """The family a file's layers say, by the first rule that tells: layer names only one family has (SD3's); the
+    text-encoder prefixes of the families with several encoders (SDXL's and SD3's lora_te1/lora_te2: the one the
+    metadata names, else one whose layer names would have told); one context width (the key width of the UNet's
+    cross-attention, or the text encoder's) that one family's UNet has; kohya names only one naming writes (SGM)."""
+    families = list(FAMILIES.values())
+    own = next((f for f in families if f.lora_names is not None and f.lora_names(mods)), None)
+    if own is not None:
+        return own.name
+    several = [f for f in families if len(f.text_encoders) > 1]
+    if any(b.startswith(f"{s.kohya_prefix}_") for f in several for s in f.text_encoders for b in mods):
+        named = next((f for f in several if f.name == from_meta), None)
+        return (named or next((f for f in several if f.lora_names is None), several[0])).name
     widths = {m.weight_shape[1] for b, m in mods.items() if b.endswith("attn2_to_k")}
     widths |= {m.weight_shape[1] for b, m in mods.items() if b.startswith("lora_te") and b.endswith("q_proj")}
-    from_shape = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(next(iter(widths), 0), "") if len(widths) == 1 else ""
-    if not from_shape and any(b.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for b in mods):
-        from_shape = "sdxl"  # the original SGM names: what kohya writes for SDXL UNets
-    return from_meta, from_shape
+    by_width = [f for f in families if len(widths) == 1 and f.context_width in widths]
+    if len(by_width) == 1:
+        return by_width[0].name
+    return next((f.name for f in families if f.kohya_naming.written_in(mods)), "")

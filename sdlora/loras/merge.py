@@ -66,7 +66,7 @@ def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], o
 
         state, header = ldm_file(c)
         save_safetensors(state, output, {**header, "sdlora_merged": json.dumps([[Path(p).name, w] for p, w in loras])})
-        save_tokenizers(output, c.tokenizers, c.text_encoders, c.frozen_text)
+        save_tokenizers(output, c.family, c.tokenizers, c.text_encoders, c.frozen_text)
         return output
     pipe = c.pipeline()
     for _, _, _, emb in loaded:

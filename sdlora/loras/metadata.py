@@ -96,7 +96,7 @@ def network_labels(cfg, family: Family | None = None) -> dict[str, str]:
             "conv_alpha": f"{args['conv_alpha'] or cfg.lora_alpha * (args['conv_rank'] or lo.rank) / lo.rank:g}"}
     if lo.network == "lora":
         extra = conv if args["conv_rank"] or args["conv_alpha"] else {}
-        module = "networks.lora_sd3" if family is not None and family.kohya_naming == "mmdit" else "networks.lora"
+        module = (family.kohya_lora_module if family is not None else "") or "networks.lora"
         blocks = {"train_block_indices": lo.blocks} if lo.blocks.strip() else {}
         return {"ss_network_module": module, "ss_network_args": json.dumps({"targets": lo.targets, **blocks, **extra}),
                 **own}

@@ -258,7 +258,7 @@ def _frozen_text_spec(model: MetaModel, cfg: Config):
     """The conditioning's frozen part as training makes it (SD3: a T5Text's length and width), without a model."""
     from ..models import frozen_text
 
-    return frozen_text(None, None, model.denoiser_config, cfg.model.t5_max_length)
+    return frozen_text(model.family, None, None, model.denoiser_config, cfg.model.t5_max_length)
 
 
 def _vae_factor(model: MetaModel) -> int:
@@ -456,7 +456,8 @@ def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, devic
             with torch.set_grad_enabled(any(text)):
                 cond = fam.conditioning.encode([_Tokenizer()] * len(encoders), [*encoders, *stand_ins],
                                                [""] * batch, "meta")
-            micro = torch.zeros(batch, 6, device="meta")
+            one = fam.conditioning.micro((res, res), (0, 0), (res, res))  # SDXL's size/crop values, else None
+            micro = None if one is None else one.expand(batch, -1).to("meta")
             noisy = torch.empty(batch, model.denoiser_config["in_channels"], lat, lat, device="meta", dtype=wdtype)
             t = torch.zeros(batch, dtype=torch.long, device="meta")
             pred = fam.conditioning.predict(denoiser, noisy, t, cond, micro)
