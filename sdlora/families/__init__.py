@@ -142,6 +142,14 @@ class Family:
         transformer."""
         return asset(self.name, self.denoiser_attr).get("cross_attention_dim")
 
+    def parts(self, denoiser, text_encoders, vae=None, frozen=()) -> dict:
+        """{pipeline attribute: model} of a model's parts: the denoiser, the VAE where given, the text encoders, and
+        the frozen encoders where given (in pipeline order)."""
+        out = {self.denoiser_attr: denoiser, **({"vae": vae} if vae is not None else {})}
+        out.update(zip([s.attr for s in self.text_encoders], text_encoders))
+        out.update(zip([s.attr for s in self.frozen_encoders], frozen))
+        return out
+
     def labelled(self, version: str) -> bool:
         """Whether a file's ss_base_model_version (or sdlora_family) names this family."""
         return version.startswith(self.file_labels)

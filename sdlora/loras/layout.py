@@ -105,7 +105,7 @@ def model_layers(family: Family, denoiser: torch.nn.Module, text_encoders: list,
     """kohya base name -> Linear/Conv2d module of the denoiser and text encoders; with `aliases`, every spelling
     other trainers use for the same layer too."""
     names = name_map(family, denoiser, text_encoders)
-    parts = {family.denoiser_attr: denoiser, **{s.attr: e for s, e in zip(family.text_encoders, text_encoders)}}
+    parts = family.parts(denoiser, text_encoders)
     if aliases:
         return {b: base_layer(parts[part].get_submodule(path)) for b, (part, path) in names.to_module.items()}
     return {b: base_layer(parts[part].get_submodule(path)) for (part, path), b in names.to_base.items()}

@@ -99,9 +99,7 @@ def ldm_file(c: Components) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     cond_stage_model.* / conditioner.*), which A1111, ComfyUI and diffusers' from_single_file read."""
     from ..single_file import ldm_contents
 
-    models = {c.family.denoiser_attr: c.denoiser, "vae": c.vae}
-    models.update({s.attr: m for s, m in zip(c.family.text_encoders, c.text_encoders)})
-    models.update({s.attr: f.model for s, f in zip(c.family.frozen_encoders, c.frozen_text)})
+    models = c.family.parts(c.denoiser, c.text_encoders, c.vae, [f.model for f in c.frozen_text])
     return ldm_contents(c.family.name, models, c.prediction_type)
 
 

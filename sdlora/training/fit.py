@@ -312,9 +312,7 @@ def _counts(model: MetaModel) -> dict:
     """Per part: floating-point parameter count, each nn.Linear weight's size, and the largest one."""
     def make():
         denoiser, vae, encoders, frozen = _built(model)
-        fam = model.family
-        parts = {fam.denoiser_attr: denoiser, "vae": vae, **{s.attr: e for s, e in zip(fam.text_encoders, encoders)},
-                 **{s.attr: e for s, e in zip(model.frozen_slots, frozen)}}
+        parts = model.family.parts(denoiser, encoders, vae, frozen)
         out = {}
         for name, m in parts.items():
             linear = [mod.weight.numel() for mod in m.modules() if type(mod) is torch.nn.Linear]
