@@ -14,6 +14,7 @@ from .files import damage, read_lora
 from .layout import LORA_METADATA_KEY, detect_layout, guess_family, parse_modules, split_embeddings
 from .metadata import private_paths
 from .modules import DoraModule, is_plain
+from .networks import LYCORIS, NETWORKS
 
 
 @dataclass
@@ -87,13 +88,10 @@ def clients(layout: str, mods: dict, family: str = "") -> str:
         return ("AUTOMATIC1111, LyCORIS; ComfyUI skips the LoKr layers with lokr_t2 (sdlora convert --to kohya "
                 "fixes that); not diffusers")
     if kinds & {"loha", "lokr", "lora_tucker", "loha+dora", "lokr+dora"}:
-        return "AUTOMATIC1111, ComfyUI, LyCORIS; not diffusers (it cannot load LoHa, LoKr or lora_mid)"
-    if axes == {"input"}:
-        return "AUTOMATIC1111 and ComfyUI (exact); diffusers drops dora_scale and loads a plain LoRA (wrong)"
+        return LYCORIS
     if axes:
-        return ("LyCORIS >= 3.2 (exact), ComfyUI (approximate: it normalises by the base weight), AUTOMATIC1111 "
-                "v1.10 (wrong: it expects the input axis); diffusers drops dora_scale")
-    return "AUTOMATIC1111, ComfyUI, kohya, diffusers"
+        return NETWORKS["dora"].clients_by_axis["input" if axes == {"input"} else "output"]
+    return NETWORKS["lora"].clients
 
 
 def inspect_lora(path: str | Path) -> LoraInfo:

@@ -26,6 +26,7 @@ from ..errors import LoraFileError
 from ..families import FAMILIES, Family
 from . import mmdit
 from .modules import AXES, DoraModule, LohaModule, LokrModule, LoraModule, is_plain, magnitude_shape
+from .networks import NETWORKS, PEFT_TENSORS
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the adapter config
 BUNDLE = "bundle_emb."                       # A1111's embeddings inside a LoRA file
@@ -165,16 +166,19 @@ def split_embeddings(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, 
 
 # ---------------------------------------------------------------- reading any layout
 
+# the module types a file's layer can be: every network type's, but DoRA's, which wraps one of them; LyCORIS's first
+# (their tensor names say them, where four layouts name a LoRA's). And each type's role of each of its kohya / LyCORIS
+# tensors, what `assemble` reads: a LoRA's roles are its fields, a LoHa's and LoKr's their LyCORIS names (their fields
+# clash), DoRA's magnitude its own
+TYPES = tuple(sorted(dict.fromkeys(n.module for n in NETWORKS.values() if n.module is not DoraModule),
+                     key=lambda cls: cls is LoraModule))
+ROLES = {cls: {k: (f if cls is LoraModule else k) for k, f in cls.TENSORS.items()} for cls in (*TYPES, DoraModule)}
 # tensor-name suffix -> role, for every layout diffusers, ComfyUI or A1111 load (LyCORIS's LoHa/LoKr/DoRA keys
 # as A1111's network_hada/network_lokr/network.py and ComfyUI's comfy/weight_adapter read them)
-SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
-            ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
-            ".lora_linear_layer.up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
-            ".dora_scale": "dora_scale", ".lora_magnitude_vector": "magnitude",
-            ".lora_magnitude_vector.weight": "magnitude",
-            **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-                                    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                                    "lokr_t2")}}
+SUFFIXES = {**{f".{k}": role for roles in ROLES.values() for k, role in roles.items()}, ".alpha": "alpha",
+            ".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up",
+            ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+            ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
 # older diffusers attention processors: <attention>.processor.to_q_lora.down.weight -> <attention>.to_q (UNet),
 # text_encoder.<attention>.to_q_lora.down.weight -> <attention>.q_proj (text encoder)
 PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -278,11 +282,6 @@ def parse_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None 
     return mmdit.from_file(mods) if mmdit.is_file_layout(mods) else mods
 
 
-_TYPES = ((("hada_",), LohaModule, {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
-                                    "hada_t1": "t1", "hada_t2": "t2"}),
-          (("lokr_",), LokrModule, {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2",
-                                    "lokr_w2_a": "w2a", "lokr_w2_b": "w2b", "lokr_t2": "t2"}),
-          (("down", "up", "mid"), LoraModule, {"down": "down", "up": "up", "mid": "mid"}))
 # tensors that come together (either one alone is a broken module), and what each type cannot lack
 _PAIRS = (("down", "up"), ("w1a", "w1b"), ("w2a", "w2b"), ("t1", "t2"))
 _NEEDED = {LohaModule: ("w1a", "w2a"), LokrModule: ("w1", "w2"), LoraModule: ("down", "up")}
@@ -295,9 +294,10 @@ def assemble(base: str, g: dict[str, torch.Tensor], alpha: float | None, keys: d
     g = dict(g)
     key = {r: (keys or {}).get(r, f"{base}.{r}") for r in g}
     magnitude = {r: g.pop(r) for r in ("dora_scale", "magnitude", "input_magnitude") if r in g}
-    cls, names = next(((c, n) for t, c, n in _TYPES if any(r.startswith(t) for r in g)), (None, None))
+    cls = next((c for c in TYPES if any(r in ROLES[c].values() for r in g)), None)
     if cls is None:
         raise LoraFileError(f"key {next(iter(key.values()))}: module {base} has no LoRA, LoHa or LoKr tensors")
+    names = {ROLES[cls][k]: f for k, f in cls.TENSORS.items()}  # role -> field
     stray = [r for r in g if r not in names] + list(magnitude)[1:]
     if stray:
         raise LoraFileError(f"key {key[stray[0]]} does not go with the other tensors of {base} (mixed layouts)")
@@ -417,14 +417,6 @@ def diffusers_tensors(mods: dict, names: NameMap, dtype=torch.float16) -> tuple[
     return out, {LORA_METADATA_KEY: json.dumps(cfg, sort_keys=True)} if cfg else {}
 
 
-# state-dict suffixes of peft's adapters (and of sdlora's input-axis DoRA magnitude) -> the roles `assemble` reads
-PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_magnitude_vector": "magnitude",
-                 ".lora_input_magnitude": "input_magnitude",
-                 **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-                                         "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                                         "lokr_t2")}}
-
-
 def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, family: Family, denoiser_config,
                  ranks: dict[str, dict[str, tuple[int, float]]] | None = None) -> tuple[dict, NameMap]:
     """peft state dicts keyed by model part ('unet', 'text_encoder', ...) -> modules keyed by kohya base name, and
@@ -438,10 +430,10 @@ def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, famil
     for part, state in states.items():
         groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         for key, value in state.items():
-            suffix = next((s for s in PEFT_SUFFIXES if key.endswith(s)), None)
+            suffix = next((s for s in PEFT_TENSORS if key.endswith(s)), None)
             if suffix is None:
                 raise LoraFileError(f"adapter weight {key} of the {part} is of no type sdlora writes")
-            groups[key[: -len(suffix)]][PEFT_SUFFIXES[suffix]] = value
+            groups[key[: -len(suffix)]][PEFT_TENSORS[suffix]] = value
         for path, g in groups.items():
             base = kohya_base(prefixes[part], path) if part in prefixes else kohya_base(DENOISER_PREFIX, namer(path))
             names.add(part, path, base)

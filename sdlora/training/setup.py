@@ -13,6 +13,7 @@ from ..callbacks import Callbacks
 from ..config import Config
 from ..errors import ConfigError, DataError, ModelError
 from ..hardware import cpu_has_native_bf16
+from ..loras.networks import NETWORKS
 from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
 from .adapters import inject, lora_parameters
@@ -199,8 +200,9 @@ def check_family_options(cfg: Config, c: Components) -> None:
     elif not tr.precondition_outputs:
         raise ConfigError(f"train.precondition_outputs applies to flow matching (SD3); {c.name} predicts "
                           f"{c.prediction_type}: leave it on")
-    if fam.fused_file_layers and cfg.lora.network != "lora":
-        raise ConfigError(f"lora.network {cfg.lora.network}: {fam.title} trains plain LoRA ({fam.fused_file_layers})")
+    if fam.fused_file_layers and not NETWORKS[cfg.lora.network].fuses:
+        fusing = " or ".join(n.title for n in NETWORKS.values() if n.fuses)
+        raise ConfigError(f"lora.network {cfg.lora.network}: {fam.title} trains {fusing} ({fam.fused_file_layers})")
     if fam.no_pivotal and cfg.pivotal.token:
         raise ConfigError(f"pivotal tuning is not supported for {fam.title} ({fam.no_pivotal}); train a LoRA with a "
                           "trigger word")
