@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, ModelError
 from . import mmdit, sd, sd3, sdxl
-from .checkpoint import asset
+from .checkpoint import SingleFileLayout, asset
 from .naming import DIFFUSERS, SGM, KohyaNaming
 from .sd import Conditioning
 
@@ -96,9 +96,7 @@ class Family:
     # the denoiser config that names every layer a LoRA for this family may have: a shipped config (assets/<name>)
     # with these overrides (SD1/SD2: 3 layers per block, a superset of their block names)
     reference_overrides: Mapping[str, object] = field(default_factory=dict)
-    # its single-file checkpoints (`sdlora.single_file` dispatches here): claims(shapes), info(shapes, meta, path),
-    # load(path, info, allow_pickle, ...), to_original(state dicts), part_configs(configs, text_encoders)
-    single_file: object = None
+    single_file: SingleFileLayout | None = None  # its single-file checkpoints (`sdlora.single_file` dispatches here)
     # random-weight models: a tiny one saved as a diffusers folder (the tests'), the full-size parts (the benchmark's:
     # (seed, **sizes) -> parts) and their configs without allocating anything ((**sizes) -> configs)
     save_tiny: Callable[..., object] | None = None

@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -39,6 +40,25 @@ class CheckpointInfo:
     @property
     def context_dim(self) -> int:
         return self.configs["unet"]["cross_attention_dim"]
+
+
+class SingleFileLayout(Protocol):
+    """A family's single-file checkpoints, as `sdlora.single_file` uses them (Family.single_file)."""
+
+    def claims(self, shapes: dict) -> bool:
+        """Whether a file with these keys (key -> shape) is this family's."""
+
+    def info(self, shapes: dict, meta: dict, path: Path) -> tuple[str, str, dict]:
+        """(prediction type, where it came from, diffusers config per part) of a file it claims."""
+
+    def part_configs(self, configs: dict, text_encoders: str = "") -> dict:
+        """Every part's config, those the file lacks from `text_encoders` or the shipped ones."""
+
+    def load(self, path: Path, info: CheckpointInfo, allow_pickle: bool, **options) -> dict:
+        """The pipeline's parts: denoiser, vae, text encoders, tokenizers, scheduler."""
+
+    def to_original(self, parts: dict) -> dict:
+        """diffusers state dicts per part -> one state dict in the file's layout."""
 
 
 def header(path: Path, allow_pickle: bool) -> tuple[dict, dict]:

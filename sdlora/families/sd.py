@@ -1,5 +1,6 @@
 """SD 1.x and 2.x: the UNet is conditioned on one CLIP encoder's last hidden states (SD1: OpenAI's CLIP-L, SD2:
-OpenCLIP-H, which its single files keep in OpenCLIP's own layout)."""
+OpenCLIP-H, which its single files keep in OpenCLIP's own layout). Here too: how their single files (the LDM layout,
+`ldm.py`) differ, and their random-weight models (SD2's full-size one is SD 1.5-shaped)."""
 
 from __future__ import annotations
 

@@ -420,7 +420,7 @@ def original_state(parts: dict) -> dict:
     return out
 
 
-class SingleFile:
+class SD3File:
     """SD3's single files as the family table offers them (`sdlora.single_file` dispatches to it)."""
 
     def claims(self, shapes: dict) -> bool:
@@ -440,7 +440,7 @@ class SingleFile:
         return original_state(parts)
 
 
-SINGLE_FILE = SingleFile()
+SINGLE_FILE = SD3File()
 
 
 # ---------------------------------------------------------------- random-weight models

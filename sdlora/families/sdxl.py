@@ -1,5 +1,5 @@
 """SDXL: two CLIP encoders (penultimate layers concatenated), the pooled OpenCLIP-G embedding, and the size/crop
-micro-conditioning of each image."""
+micro-conditioning of each image. Here too: its single files (the SGM layout, `ldm.py`) and random-weight models."""
 
 from __future__ import annotations
 
