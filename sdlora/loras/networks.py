@@ -121,4 +121,10 @@ _ROWS = (
 NETWORKS: dict[str, Network] = {n: next(r for r in _ROWS if r.name == n) for n in NAMES}
 PEFT_PREFIXES = tuple(dict.fromkeys(n.peft_prefix for n in NETWORKS.values()))  # what is trainable
 PEFT_TENSORS = {k: v for n in NETWORKS.values() for k, v in n.peft_tensors.items()}
+_BY_MODULE = {n.module: n for n in NETWORKS.values()}
+
+
+def network_of(module) -> Network:
+    """The row of a file's module, by its type (a DoRA module's is DoRA's; its `inner` module has its own)."""
+    return _BY_MODULE[type(module)]
 ZERO_START = tuple(dict.fromkeys(s for n in NETWORKS.values() for s in n.zero_start))
