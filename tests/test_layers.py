@@ -13,11 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [  # (layer, module prefixes); a module belongs to the longest prefix that names it
     ("base", ["sdlora.errors", "sdlora.io", "sdlora.paths", "sdlora.config", "sdlora.callbacks", "sdlora.hardware",
               "sdlora.failures", "sdlora.quiet", "sdlora.pickles", "sdlora.block_args"]),
-    ("models", ["sdlora.families", "sdlora.models", "sdlora.single_file", "sdlora.single_file_sd3", "sdlora.quantize",
+    ("models", ["sdlora.families", "sdlora.models", "sdlora.single_file", "sdlora.quantize",
                 "sdlora.tokenizers", "sdlora.random_pipelines", "sdlora.sampling",
                 "sdlora.scoring", "sdlora.world.judge", "sdlora.world.shapes"]),  # scorers read images, not models
-    ("files", ["sdlora.loras.layout", "sdlora.loras.mmdit", "sdlora.loras.modules", "sdlora.loras.lowrank",
-               "sdlora.loras.files", "sdlora.loras.metadata", "sdlora.loras.checks"]),
+    ("files", ["sdlora.loras.layout", "sdlora.loras.mmdit", "sdlora.loras.modules", "sdlora.loras.networks",
+               "sdlora.loras.lowrank", "sdlora.loras.files", "sdlora.loras.metadata", "sdlora.loras.checks"]),
     ("trainer", ["sdlora.training"]),
     ("tools", ["sdlora.loras.inspect", "sdlora.loras.convert", "sdlora.loras.merge", "sdlora.loras.mix",
                "sdlora.loras.apply", "sdlora.captioning", "sdlora.loras.compare"]),

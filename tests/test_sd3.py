@@ -220,7 +220,7 @@ def _comfy_merged(pipe, path):
     'lora_te2_' + the CLIP key), W += alpha / lora_down.shape[0] * up @ down on the original (fused) weights."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    from sdlora.single_file_sd3 import original_transformer
+    from sdlora.families.sd3 import original_transformer
 
     tensors, _ = read_lora(path)
     parts = {"lora_unet_": {k[len("model.diffusion_model."):]: v.clone() for k, v in

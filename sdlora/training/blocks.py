@@ -128,7 +128,7 @@ def kohya_namer(family, config):
     from ..families import mmdit
     from ..loras.layout import DENOISER_PREFIX, denoiser_namer, kohya_base
 
-    if family.kohya_naming == "mmdit":
+    if family.fused_file_layers:  # its files name the original MMDiT layers (q/k/v fused): `loras.mmdit`
         def name(path: str) -> str:
             try:
                 return kohya_base(DENOISER_PREFIX, mmdit.original(path)[0])

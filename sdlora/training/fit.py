@@ -24,7 +24,7 @@ import torch
 
 from ..config import Config
 from ..errors import ModelError
-from ..families import FAMILIES, Family, TextEncoderSlot
+from ..families import FAMILIES, Family, TextEncoderSlot, folder_family
 from .data import IMAGE_EXTS
 from .memtrace import MetaStep, Trace, checkpointing, mark_trainable, trace
 
@@ -105,19 +105,15 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
     read. A frozen encoder (SD3's T5) is there where the model has one."""
     import diffusers
 
-    from ..models import _folder_family
-
     if Path(source).is_file():
         from ..single_file import detect_checkpoint
 
         info = detect_checkpoint(source)
         family, configs = FAMILIES[info.family], info.configs
         if any(s.attr not in configs for s in (*family.text_encoders, *family.frozen_encoders)):
-            from ..single_file_sd3 import part_configs
-
-            configs = part_configs(configs, text_encoders)
+            configs = family.single_file.part_configs(configs, text_encoders)
         return MetaModel(family, configs, source)
-    family = _folder_family(source)
+    family = folder_family(source)
     try:
         configs = {family.denoiser_attr: dict(getattr(diffusers, family.denoiser_class).load_config(
                        source, subfolder=family.denoiser_attr)),
@@ -262,7 +258,7 @@ def _frozen_text_spec(model: MetaModel, cfg: Config):
     """The conditioning's frozen part as training makes it (SD3: a T5Text's length and width), without a model."""
     from ..models import frozen_text
 
-    return frozen_text(None, None, model.denoiser_config, cfg.model.t5_max_length)
+    return frozen_text(model.family, None, None, model.denoiser_config, cfg.model.t5_max_length)
 
 
 def _vae_factor(model: MetaModel) -> int:
@@ -316,9 +312,7 @@ def _counts(model: MetaModel) -> dict:
     """Per part: floating-point parameter count, each nn.Linear weight's size, and the largest one."""
     def make():
         denoiser, vae, encoders, frozen = _built(model)
-        fam = model.family
-        parts = {fam.denoiser_attr: denoiser, "vae": vae, **{s.attr: e for s, e in zip(fam.text_encoders, encoders)},
-                 **{s.attr: e for s, e in zip(model.frozen_slots, frozen)}}
+        parts = model.family.parts(denoiser, encoders, vae, frozen)
         out = {}
         for name, m in parts.items():
             linear = [mod.weight.numel() for mod in m.modules() if type(mod) is torch.nn.Linear]
@@ -466,7 +460,8 @@ def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, devic
             with torch.set_grad_enabled(any(text)):
                 cond = fam.conditioning.encode([_Tokenizer()] * len(encoders), [*encoders, *stand_ins],
                                                [""] * batch, "meta")
-            micro = torch.zeros(batch, 6, device="meta")
+            one = fam.conditioning.micro((res, res), (0, 0), (res, res))  # SDXL's size/crop values, else None
+            micro = None if one is None else one.expand(batch, -1).to("meta")
             noisy = torch.empty(batch, model.denoiser_config["in_channels"], lat, lat, device="meta", dtype=wdtype)
             t = torch.zeros(batch, dtype=torch.long, device="meta")
             pred = fam.conditioning.predict(denoiser, noisy, t, cond, micro)

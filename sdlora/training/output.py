@@ -54,7 +54,7 @@ def adapted_ranks(state: TrainState, states: dict) -> dict[str, dict[str, tuple[
     from .adapters import layer_ranks
 
     c = state.components
-    parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders), **{c.family.denoiser_attr: c.denoiser})
+    parts = c.family.parts(c.denoiser, c.text_encoders)
     return {part: layer_ranks(parts[part]) for part in states}
 
 

@@ -13,6 +13,7 @@ from ..callbacks import Callbacks
 from ..config import Config
 from ..errors import ConfigError, DataError, ModelError
 from ..hardware import cpu_has_native_bf16
+from ..loras.networks import NETWORKS
 from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
 from . import image_validation
@@ -205,8 +206,9 @@ def slider_objective(cfg: Config, acc, c: Components, resolution: int) -> Slider
 
 def check_family_options(cfg: Config, c: Components) -> None:
     """Options the loaded model's family or objective cannot serve, as one-line errors: the SNR-based weights and
-    zero terminal SNR on flow matching (SD3), SD3's loss weights and preconditioning on DDPM, lora.blocks where the
-    denoiser has no numbered blocks, and (SD3) networks other than LoRA or pivotal tuning."""
+    zero terminal SNR on flow matching (SD3), flow matching's loss weights and preconditioning on DDPM, networks
+    other than LoRA where the family's files fuse layers and pivotal tuning where it has none (SD3), lora.blocks where
+    the denoiser has no numbered blocks."""
     tr, fam, flow = cfg.train, c.family, c.prediction_type == "flow"
     if flow:
         for on, what in ((tr.min_snr_gamma, "train.min_snr_gamma (min-SNR)"),
@@ -215,18 +217,18 @@ def check_family_options(cfg: Config, c: Components) -> None:
             if on:
                 raise ConfigError(f"{what} is for noise (epsilon/v) prediction; {fam.title} trains by flow matching: "
                                   "use train.flow_weighting or timestep_sampling instead")
-        if cfg.lora.network != "lora":
-            raise ConfigError(f"lora.network {cfg.lora.network}: {fam.title} trains plain LoRA (its q/k/v are one "
-                              "fused layer in the files ComfyUI and Forge load)")
-        if cfg.pivotal.token:
-            raise ConfigError(f"pivotal tuning is not supported for {fam.title} (T5 has no token to add); train a "
-                              "LoRA with a trigger word")
     elif tr.flow_weighting != "none":
         raise ConfigError(f"train.flow_weighting applies to flow matching (SD3); {c.name} predicts "
                           f"{c.prediction_type}: use min_snr_gamma or debiased_estimation")
     elif not tr.precondition_outputs:
         raise ConfigError(f"train.precondition_outputs applies to flow matching (SD3); {c.name} predicts "
                           f"{c.prediction_type}: leave it on")
+    if fam.fused_file_layers and not NETWORKS[cfg.lora.network].fuses:
+        fusing = " or ".join(n.title for n in NETWORKS.values() if n.fuses)
+        raise ConfigError(f"lora.network {cfg.lora.network}: {fam.title} trains {fusing} ({fam.fused_file_layers})")
+    if fam.no_pivotal and cfg.pivotal.token:
+        raise ConfigError(f"pivotal tuning is not supported for {fam.title} ({fam.no_pivotal}); train a LoRA with a "
+                          "trigger word")
     if cfg.lora.blocks.strip() and not fam.block_prefix:
         raise ConfigError(f"lora.blocks selects transformer blocks (SD3); {fam.title} has none: leave it empty")
     if c.frozen_text and not cfg.model.t5 and any(f.present for f in c.frozen_text):

@@ -125,7 +125,6 @@ class TrainState:
         from .adapters import load_lora_state_dict
 
         c = self.components
-        parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders),
-                     **{c.family.denoiser_attr: c.denoiser})
+        parts = c.family.parts(c.denoiser, c.text_encoders)
         for part, state in states.items():
             load_lora_state_dict(parts[part], state)
