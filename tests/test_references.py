@@ -58,10 +58,11 @@ class _Linear:
 
 
 def _models(denoiser):
+    from sdlora.training.parts import Part
     from sdlora.training.step import Models
 
     conditioning = SimpleNamespace(predict=lambda den, x, t, cond, micro: den(x, t))
-    return Models(denoiser, denoiser, None, _flow_scheduler(), conditioning)
+    return Models(Part.unwrapped(denoiser), None, _flow_scheduler(), conditioning)
 
 
 @pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])

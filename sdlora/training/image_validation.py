@@ -193,10 +193,10 @@ def render_shots(state, shots: list, steps: int, guidance: float, size: int) -> 
     from ..sampling import render
     from .output import sample_embeds
 
-    c = state.components
-    modes = [m.training for m in (c.denoiser, *c.text_encoders)]
-    c.denoiser.eval()
-    pipe = c.pipeline()
+    modules = state.models.modules()
+    modes = [m.training for m in modules]
+    state.models.denoiser.module.eval()
+    pipe = state.components.pipeline()
     pipe.set_progress_bar_config(disable=True)
     out: list = [None] * len(shots)
     try:
@@ -215,7 +215,7 @@ def render_shots(state, shots: list, steps: int, guidance: float, size: int) -> 
             out[i:j] = images
             i = j
     finally:
-        for m, mode in zip((c.denoiser, *c.text_encoders), modes):
+        for m, mode in zip(modules, modes):
             m.train(mode)
     return out
 
@@ -226,8 +226,7 @@ def adapters_off(state):
     alone (peft's disable flag, which sdlora's input-axis DoRA also reads), so the pipeline draws the base model."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    c = state.components
-    layers = [m for model in (c.denoiser, *c.text_encoders) for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for model in state.models.modules() for m in model.modules() if isinstance(m, BaseTunerLayer)]
     saved = [m._disable_adapters for m in layers]
     for m in layers:
         m._disable_adapters = True

@@ -144,7 +144,7 @@ def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[flo
     device (no wait for the GPU inside the step) and `StepLog` checks them when it reads them."""
     cfg, acc, optim = state.cfg, state.acc, state.optim
     torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # LoRA dropout: per-step too
-    state.models.denoiser.train()
+    state.models.denoiser.module.train()
     phase = state.enter_phase(step)
     total, stats = torch.zeros((), dtype=torch.float64), {}
     for micro in range(cfg.train.grad_accum):
@@ -152,7 +152,7 @@ def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[flo
         following = _following(state, step, micro) if state.batches.prefetcher is not None else None
         batch = state.batches.fetch(_index(state, step, micro), rng, following)
         sync = micro == cfg.train.grad_accum - 1
-        with acc.no_sync(state.models.denoiser) if not sync and state.world > 1 else contextlib.nullcontext(), \
+        with acc.no_sync(state.models.denoiser.wrapped) if not sync and state.world > 1 else contextlib.nullcontext(), \
                 acc.autocast():
             loss, stats = (state.objective or training_step)(batch, state.models, cfg, gen)
         if read and not torch.isfinite(loss):

@@ -22,6 +22,7 @@ def write_output(state: TrainState, states: dict, step: int, path: Path, extra_m
     """The LoRA file in the configured layout and, for pivotal tuning, the embedding file beside it (plain textual
     inversion: the embedding file is the output)."""
     cfg, c, concept = state.cfg, state.components, state.concept
+    denoiser_config = state.models.denoiser.module.config
     dtype = DTYPES[cfg.output.dtype]
     extra = {"sdlora_processes": str(state.world), **(extra_meta or {})}
     if state.optim.ema is not None:
@@ -37,8 +38,8 @@ def write_output(state: TrainState, states: dict, step: int, path: Path, extra_m
     meta = training_metadata(cfg, c.family, c.prediction_type, model_name=c.name, model_hash=c.model_hash(),
                              steps=step, resolution=state.resolution, targets=state.adapters.targets,
                              started=state.started, captions_by_folder=state.captions_by_folder, extra=extra,
-                             denoiser_config=c.denoiser.config)
-    mods, names = peft_modules(states, cfg.lora_alpha, c.family, c.denoiser.config, adapted_ranks(state, states))
+                             denoiser_config=denoiser_config)
+    mods, names = peft_modules(states, cfg.lora_alpha, c.family, denoiser_config, adapted_ranks(state, states))
     if cfg.output.format == "kohya":
         tensors = kohya_tensors(mods, dtype)
         if concept is not None:  # diffusers' loader rejects bundled keys: kohya files only
@@ -53,8 +54,7 @@ def adapted_ranks(state: TrainState, states: dict) -> dict[str, dict[str, tuple[
     """{part: {module path: (rank, alpha)}} of the adapted layers, as peft holds them (conv_rank changes some)."""
     from .adapters import layer_ranks
 
-    c = state.components
-    parts = c.family.parts(c.denoiser, c.text_encoders)
+    parts = state.parts()
     return {part: layer_ranks(parts[part]) for part in states}
 
 
@@ -112,23 +112,23 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
     settings, saved with them in the PNG's text and listed in the run's log."""
     from ..sampling import render, save_png
 
-    cfg, c = state.cfg, state.components
+    cfg, denoiser = state.cfg, state.models.denoiser.module
     out = Path(cfg.output.path)
     folder = out.with_name(out.stem + "_samples")
-    c.denoiser.eval()
-    pipe = c.pipeline()
+    denoiser.eval()
+    pipe = state.components.pipeline()
     pipe.set_progress_bar_config(disable=True)
     paths, records = [], []
     with state.optim.evaluation():  # the EMA's / schedule-free's averaged weights
         for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
-            with state.acc.autocast(), lora_scaled([c.denoiser, *c.text_encoders], sp.lora_scale):
+            with state.acc.autocast(), lora_scaled(state.models.modules(), sp.lora_scale):
                 image = render(pipe, [state.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width, sp.height,
                                sp.negative, embeds=sample_embeds(state))[0]
             settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
             path = folder / f"step_{step:07d}_{i}.png"
             paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))
             records.append({"step": step, "sample": path.name, **settings})
-    c.denoiser.train()
+    denoiser.train()
     with open(out.with_name(out.stem + "_log.jsonl"), "a") as log:
         log.write("".join(json.dumps(r) + "\n" for r in records))
     callbacks.on_sample(step, paths)
@@ -144,7 +144,7 @@ def sample_embeds(state: TrainState):
 
     def embeds(prompts: list[str], negatives: list[str]) -> dict:
         def encode(texts):
-            return conditioning.encode(text.tokenizers, text.raw_encoders, texts, text.device)
+            return conditioning.encode(text.tokenizers, text.encoders(), texts, text.device)
         return conditioning.pipeline_embeds(encode(prompts), encode(negatives))
     return embeds
 

@@ -24,6 +24,7 @@ from .data import BatchPlan, TagRule, build_examples, scan_folder
 from .embeddings import ConceptTokens, add_concept
 from .optimizers import loraplus_groups, make_ema, make_optimizer, scheduler_warmup
 from .output import sample_prompts
+from .parts import Part
 from .phases import plan_phases
 from .slider import SliderBatches, SliderObjective, SliderPrompts
 from .state import Adapters, Optimizers, TrainState
@@ -169,9 +170,10 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
     if cfg.train.cache_text and varying:
         callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
-    text = TextEncoding(c.family.conditioning, c.tokenizers, encoders + c.frozen_text, c.conditioning_encoders,
-                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text and not varying)
-    models = Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
+    text = TextEncoding(c.family.conditioning, c.tokenizers, [Part(e, w) for e, w in zip(c.text_encoders, encoders)],
+                        c.frozen_text, [bool(lr) for lr in adapters.text_lrs], acc.device,
+                        cfg.train.cache_text and not varying)
+    models = Models(Part(c.denoiser, denoiser), text, c.noise_scheduler, c.family.conditioning)
     state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept,
                        concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
     if examples:

@@ -55,8 +55,8 @@ class Optimizers:
 class TrainState:
     cfg: Config
     acc: object                   # accelerate.Accelerator
-    components: Components        # the models as loaded, adapters added; never wrapped
-    models: Models                # what the step runs (wrapped by accelerate where they train)
+    components: Components        # the models as loaded (adapters added, never wrapped): setup's, and pipelines'
+    models: Models                # what the step runs; after setup, the one way to the denoiser and text encoders
     batches: Batches
     resolution: int
     captions_by_folder: dict[str, list[str]]
@@ -114,9 +114,9 @@ class TrainState:
 
         if not self.has_lora:
             return {}
-        c = self.components
-        states = {c.family.denoiser_attr: lora_state_dict(c.denoiser)}
-        for slot, encoder, lr in zip(c.family.text_encoders, c.text_encoders, self.adapters.text_lrs):
+        fam, (denoiser, *encoders) = self.components.family, self.models.modules()
+        states = {fam.denoiser_attr: lora_state_dict(denoiser)}
+        for slot, encoder, lr in zip(fam.text_encoders, encoders, self.adapters.text_lrs):
             if lr:
                 states[slot.attr] = lora_state_dict(encoder)
         return states
@@ -124,7 +124,11 @@ class TrainState:
     def load_lora_states(self, states: dict) -> None:
         from .adapters import load_lora_state_dict
 
-        c = self.components
-        parts = c.family.parts(c.denoiser, c.text_encoders)
+        parts = self.parts()
         for part, state in states.items():
             load_lora_state_dict(parts[part], state)
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """{pipeline attribute (unet, text_encoder, ...): module} of the denoiser and the text encoders."""
+        denoiser, *encoders = self.models.modules()
+        return self.components.family.parts(denoiser, encoders)
