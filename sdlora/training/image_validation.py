@@ -182,7 +182,7 @@ def reference_images(state, trigger: str) -> list:
     spread."""
     from .data import load_image
 
-    token = state.prompt(trigger) if trigger else ""
+    token = state.concept.prompt(trigger) if trigger else ""
     paths = sorted({e.path for e in state.batches.examples if not token or has_trigger(e.caption, token)})
     return [load_image(p) for p in _spread(paths, MAX_REFERENCE)]
 
@@ -210,8 +210,8 @@ def render_shots(state, shots: list, steps: int, guidance: float, size: int) -> 
                     and shots[j][1] == shots[i][1] + (j - i):
                 j += 1
             with state.acc.autocast():
-                images = render(pipe, [state.prompt(p.text) for p, _ in shots[i:j]], shots[i][1], steps, guidance,
-                                size, size, shots[i][0].negative, batch=16, embeds=sample_embeds(state))
+                images = render(pipe, [state.concept.prompt(p.text) for p, _ in shots[i:j]], shots[i][1], steps,
+                                guidance, size, size, shots[i][0].negative, batch=16, embeds=sample_embeds(state))
             out[i:j] = images
             i = j
     finally:

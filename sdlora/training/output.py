@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..callbacks import Callbacks
 from ..errors import WriteError
-from ..loras.files import DTYPES, write_embedding, write_lora
-from ..loras.layout import bundle_tensors, diffusers_tensors, kohya_tensors, peft_modules
+from ..loras.files import DTYPES, write_lora
+from ..loras.layout import diffusers_tensors, kohya_tensors, peft_modules
 from ..loras.metadata import training_metadata
 from . import checkpoint as ckpt
 from .selection import step_metadata
@@ -27,12 +27,10 @@ def write_output(state: TrainState, states: dict, step: int, path: Path, extra_m
     extra = {"sdlora_processes": str(state.world), **(extra_meta or {})}
     if state.optim.ema is not None:
         extra["sdlora_ema"] = json.dumps({"decay": cfg.optim.ema_decay, "updates": state.optim.ema.optimization_step})
-    if concept is not None:
-        extra.update({"modelspec.trigger_phrase": concept.token,
-                      "sdlora_embeddings": json.dumps({concept.token: cfg.pivotal.num_vectors})})
-        if not states:
-            return write_embedding(path, concept.token, concept.tensors(dtype))
-        write_embedding(path.with_name(path.stem + "_emb.safetensors"), concept.token, concept.tensors(dtype))
+    extra.update(concept.metadata())
+    if not states:  # plain textual inversion: the embedding file is the output
+        return concept.save(path, dtype)
+    concept.save(path.with_name(path.stem + "_emb.safetensors"), dtype)
     for f in c.frozen_text:  # SD3: whether T5 took part (--no-t5: zero T5 embeddings), and its length
         extra["sdlora_t5"] = json.dumps({"used": f.present, "max_length": f.length})
     meta = training_metadata(cfg, c.family, c.prediction_type, model_name=c.name, model_hash=c.model_hash(),
@@ -41,9 +39,7 @@ def write_output(state: TrainState, states: dict, step: int, path: Path, extra_m
                              denoiser_config=denoiser_config)
     mods, names = peft_modules(states, cfg.lora_alpha, c.family, denoiser_config, adapted_ranks(state, states))
     if cfg.output.format == "kohya":
-        tensors = kohya_tensors(mods, dtype)
-        if concept is not None:  # diffusers' loader rejects bundled keys: kohya files only
-            tensors.update(bundle_tensors(concept.token, concept.tensors(dtype)))
+        tensors = {**kohya_tensors(mods, dtype), **concept.bundle(dtype)}  # diffusers' loader rejects the bundle
     else:
         tensors, adapter_meta = diffusers_tensors(mods, names, dtype)
         meta.update({**adapter_meta, "sdlora_format": "diffusers"})
@@ -122,8 +118,8 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
     with state.optim.evaluation():  # the EMA's / schedule-free's averaged weights
         for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
             with state.acc.autocast(), lora_scaled(state.models.modules(), sp.lora_scale):
-                image = render(pipe, [state.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width, sp.height,
-                               sp.negative, embeds=sample_embeds(state))[0]
+                image = render(pipe, [state.concept.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width,
+                               sp.height, sp.negative, embeds=sample_embeds(state))[0]
             settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
             path = folder / f"step_{step:07d}_{i}.png"
             paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))
@@ -160,11 +156,7 @@ def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
     this step (with EMA: the averaged weights; the checkpoint keeps the raw ones)."""
     path = ckpt.checkpoint_path(state.cfg.output.path, step)
     if state.acc.is_main_process:
-        extra = {}
-        if state.concept is not None:
-            extra["embeddings"] = state.concept.vectors()
-            if state.optim.embedding is not None:
-                extra["ti_optimizer"] = state.optim.embedding.state_dict()
+        extra = state.concept.state_dict()
         if state.optim.ema is not None:
             extra["ema"] = state.optim.ema.state_dict()
         if state.validation is not None:

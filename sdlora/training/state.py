@@ -11,9 +11,9 @@ import torch
 from ..config import Config
 from ..models import Components
 from .batches import Batches
-from .embeddings import ConceptTokens
 from .image_validation import ImageValidation
 from .phases import Phase, Phases
+from .pivotal import Concept
 from .step import Models
 from .validation import Validation
 
@@ -34,15 +34,22 @@ class Adapters:
 
 @dataclass
 class Optimizers:
-    """The main optimizer (LoRA, and the embedding in phase 2 when it keeps training) with its LR schedule, the
-    new embedding's own optimizer for textual inversion (phase 1), and the EMA of the LoRA weights."""
+    """The main optimizer (LoRA, and pivotal tuning's embedding in phase 2 when it keeps training) with its LR
+    schedule, and the EMA of the LoRA weights. (Pivotal tuning's phase 1 has its own: `Pivotal.optimizer`.)"""
 
     main: torch.optim.Optimizer
     lr_scheduler: object
-    embedding: torch.optim.Optimizer | None
     params: list[torch.nn.Parameter]        # everything the main optimizer steps
     lora_params: list[torch.nn.Parameter]   # the LoRA's alone
     ema: object | None = None               # diffusers EMAModel of lora_params, when optim.ema_decay is set
+
+    def step(self) -> None:
+        """Apply the gradients: the optimizer's step, the schedule's, and the EMA's."""
+        self.main.step()
+        self.lr_scheduler.step()
+        self.main.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.lora_params)
 
     def evaluation(self):
         """Context: the weights that samples, validation and saved files use (EMA / schedule-free averaged)."""
@@ -61,8 +68,7 @@ class TrainState:
     resolution: int
     captions_by_folder: dict[str, list[str]]
     adapters: Adapters
-    concept: ConceptTokens | None  # pivotal tuning's new token
-    concept_init: list[torch.Tensor] | None
+    concept: Concept  # pivotal tuning's new token, its phase and files; NoConcept without
     phases: Phases
     optim: Optimizers
     weight_dtype: torch.dtype
@@ -93,7 +99,8 @@ class TrainState:
 
     @property
     def has_lora(self) -> bool:
-        return self.phases.main.trains_lora
+        """False for plain textual inversion (max_steps 0: pivotal tuning's first phase alone)."""
+        return self.cfg.train.max_steps > 0
 
     def enter_phase(self, step: int) -> Phase:
         """The phase of `step`; on a change, cached text conditioning is dropped (the embedding may have moved)."""
@@ -103,10 +110,6 @@ class TrainState:
             self.models.text.trainable = phase.text_trainable
             self.phase = phase
         return phase
-
-    def prompt(self, text: str) -> str:
-        """A caption or sample prompt with the pivotal trigger replaced by the new token(s)."""
-        return self.concept.prompt(text, self.cfg.pivotal.trigger) if self.concept is not None else text
 
     def lora_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """peft state dicts of the LoRA, keyed by model part (unet, text_encoder, ...); empty without a LoRA."""
