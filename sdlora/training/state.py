@@ -14,7 +14,7 @@ from .batches import Batches
 from .image_validation import ImageValidation
 from .phases import Phase, Phases
 from .pivotal import Concept
-from .step import Models
+from .step import Models, training_step
 from .validation import Validation
 
 
@@ -68,7 +68,7 @@ class TrainState:
     resolution: int
     captions_by_folder: dict[str, list[str]]
     adapters: Adapters
-    concept: Concept  # pivotal tuning's new token, its phase and files; NoConcept without
+    concept: Concept              # pivotal tuning's token, its phases and files (pivotal.py); NoConcept without
     phases: Phases
     optim: Optimizers
     weight_dtype: torch.dtype
@@ -77,9 +77,8 @@ class TrainState:
     phase: Phase | None = field(default=None)  # the phase of the last step taken
     validation: Validation | None = None       # held-out images and the best loss so far; None without
     image_validation: ImageValidation | None = None  # validation prompts, scorer and best score; None without
-    # the step's loss, (batch, models, cfg, generator) -> (loss, stats), where it is not the diffusion step's
-    # (`step.training_step`): a slider's
-    objective: Callable | None = None
+    # the step's loss, (batch, models, cfg, generator) -> (loss, stats): the diffusion step's, or a slider's
+    objective: Callable = training_step
 
     @property
     def validates(self) -> bool:
