@@ -10,6 +10,7 @@ saves and checks nothing, so setup, the loop and the output call the two alike a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,7 +70,7 @@ class NoConcept:
     def metadata(self) -> dict[str, str]:
         return {}
 
-    def save(self, path, dtype: torch.dtype) -> None:
+    def save(self, path: Path, dtype: torch.dtype) -> None:
         pass
 
     def bundle(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -153,7 +154,7 @@ class Pivotal:
         return {"modelspec.trigger_phrase": self.token,
                 "sdlora_embeddings": json.dumps({self.token: self.pv.num_vectors})}
 
-    def save(self, path, dtype: torch.dtype):
+    def save(self, path: Path, dtype: torch.dtype) -> Path:
         """The embedding file ({'clip_l'} (+ 'clip_g'), diffusers' `load_textual_inversion` and ComfyUI read it)."""
         return write_embedding(path, self.token, self.tokens.tensors(dtype))
 
