@@ -1,6 +1,7 @@
 """The README and docs/ show commands that work. Every `sdlora ...`, `python -m sdlora ...` and `python scripts/X.py
 ...` line in their code blocks names a subcommand (or script) that exists and is parsed by its real argparse parser,
-without running (every flag known, every value accepted); an `sdlora ...` command written inline in the text uses only
+without running (every flag known, every value accepted) and, for `train` and `slider`, dry-run (the job files and
+flags merged and validated, no model loaded); an `sdlora ...` command written inline in the text uses only
 its subcommand's flags; every hyphenated `--flag` the prose names is an option of sdlora or a script; `bash
 scripts/x.sh` paths exist; every link between the pages reaches a file and a heading. Planted wrong lines fail."""
 
@@ -52,7 +53,7 @@ def _inline_spans(text: str):
 
 def _segments(line: str) -> list[list[str]]:
     """The simple commands of a shell line (split at &&, ||, ;), tokens unquoted, comments and the [ ] of optional
-    parts dropped, '...' placeholders left out, leading VAR=value assignments removed."""
+    parts dropped, leading VAR=value assignments removed."""
     try:
         tokens = shlex.split(line, comments=True)
     except ValueError:
@@ -66,7 +67,7 @@ def _segments(line: str) -> list[list[str]]:
             current = []
             continue
         token = token.strip("[]")
-        if token and token != "...":
+        if token:
             current.append(token)
         if ends:
             segments.append(current)
@@ -149,7 +150,7 @@ def _parse_error(parser: argparse.ArgumentParser, args: list[str]) -> str | None
     return None
 
 
-def check_sdlora(args: list[str], whole: bool) -> list[str]:
+def check_sdlora(args: list[str], whole: bool, dry: bool) -> list[str]:
     top, subcommands = _sdlora_parsers()
     rest = list(args)
     while rest and rest[0].startswith("-"):
@@ -162,11 +163,37 @@ def check_sdlora(args: list[str], whole: bool) -> list[str]:
     if name not in subcommands:
         return [f"no subcommand `sdlora {name}`"]
     problems = [f"`sdlora {name}` has no option {f}" for f in _unknown_flags(subcommands[name], flags)]
-    if whole and not problems:
-        error = _parse_error(top, args)
-        if error:
-            problems.append(f"`sdlora {name}` does not parse: {error}")
-    return problems
+    if problems:
+        return problems
+    error = _parse_error(top, args)
+    if error:  # a command in prose may be a fragment ("`sdlora caption photos/ --captioner MODEL [--prefix ...]`")
+        return [f"`sdlora {name}` does not parse: {error}"] if whole else []
+    if dry and flags and "--help" not in flags and (error := dry_run(args)):  # "`sdlora train`" alone is a name
+        return [f"`sdlora {name}` fails its dry run: {error}"]
+    return []
+
+
+def dry_run(args: list[str]) -> str | None:
+    """`sdlora train` / `slider` without training: the job files and flags merged and validated as a run validates
+    them before any model loads (folders named in the example need not exist). None when it passes, or when the
+    command names a job file the repository does not ship (a placeholder such as job.toml)."""
+    from sdlora.cli.train import job_configs
+    from sdlora.config import validate
+    from sdlora.errors import SdloraError
+
+    top, _ = _sdlora_parsers()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ns = top.parse_args(args)
+    if ns.command not in ("train", "slider") or getattr(ns, "queue", None) or \
+            not all((ROOT / c).is_file() for c in ns.configs):
+        return None
+    ns.configs = [str(ROOT / c) for c in ns.configs]
+    try:
+        for _, cfg in job_configs(ns):
+            validate(cfg, check_paths=False)
+    except SdloraError as e:
+        return str(e)
+    return None
 
 
 def check_script(path: str, args: list[str], whole: bool) -> list[str]:
@@ -191,8 +218,10 @@ def problems_in(text: str, name: str) -> list[str]:
             if cmd is None:
                 continue
             kind, path, args = cmd
+            fragment = "..." in args  # a placeholder for the rest of a command: parsed, not dry-run
+            args = [a for a in args if a != "..."]
             if kind == "sdlora":
-                issues = check_sdlora(args, whole)
+                issues = check_sdlora(args, whole, dry=not fragment)
             elif kind == "script":
                 issues = check_script(path, args, whole)
             else:
@@ -224,6 +253,9 @@ def test_the_pages_show_commands_and_the_check_sees_them():
     ("sdlora trian job.toml", "no subcommand `sdlora trian`"),
     ("sdlora fit job.toml --vram", "`sdlora fit` does not parse"),
     ("sdlora train --network lokra", "`sdlora train` does not parse"),
+    ("sdlora train --data photos/ --output out/x.safetensors --resolution 500", "dry run: augment.resolution"),
+    ("sdlora train sample_data/demo.toml --optimizer prodigy --text-encoder-lr 1e-5", "fails its dry run: prodigy"),
+    ("sdlora slider --model sd15/ --slider-positive old --output out/x.safetensors", "fails its dry run"),
     ("OMP_NUM_THREADS=1 python scripts/bench_train.py --family sd1 --batches 2",
      "scripts/bench_train.py has no option --batches"),
     ("python scripts/no_such_script.py --help", "no script scripts/no_such_script.py"),
@@ -240,6 +272,10 @@ def test_a_planted_inline_command_with_a_wrong_flag_fails():
     found = problems_in("Use `sdlora train job.toml --rank 4 --no-such-flag` here.\n", "planted.md")
     assert found == ["planted.md:1: `sdlora train` has no option --no-such-flag"]
     assert problems_in("Use `sdlora train job.toml --rank 4` here.\n", "planted.md") == []
+    found = problems_in("Then `sdlora train sample_data/demo.toml --lr-scheduler cosine\n--optimizer "
+                        "adamw-schedulefree` and so on.\n", "planted.md")
+    assert len(found) == 1 and found[0].startswith("planted.md:1: `sdlora train` fails its dry run: "
+                                                   "adamw-schedulefree"), found
 
 
 # Hyphenated flags of other programs that the pages mention, each with the file that takes it. Flags with underscores
