@@ -47,7 +47,8 @@ def _inline_spans(text: str):
     for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", re.sub(r"```.*?```", lambda b: "\n" * b.group().count("\n"),
                                                           text, flags=re.S)):
         span = " ".join(m.group(1).split())
-        if span.startswith(("sdlora ", "python -m sdlora ", "python scripts/", "python3 scripts/")):
+        if span.startswith(("sdlora ", "python -m sdlora ", "python scripts/", "python3 scripts/",
+                            "accelerate launch ")):
             yield text.count("\n", 0, m.start()) + 1, span
 
 
