@@ -24,7 +24,7 @@ from .phases import Phase, Phases
 if TYPE_CHECKING:
     from ..config import Config, PivotalConfig
     from ..models import Components
-    from .state import Optimizers
+    from .optimizers import Optimizers
 
 
 def concept_for(cfg: Config, c: Components) -> Concept:

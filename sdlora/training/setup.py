@@ -21,12 +21,12 @@ from .adapters import inject, lora_parameters, named_lora_parameters
 from .batches import Batches, Latents, Prefetcher, pins
 from .blocks import kohya_namer, param_groups, plan_layers
 from .data import BatchPlan, TagRule, build_examples, scan_folder
-from .optimizers import loraplus_groups, make_ema, make_optimizer, scheduler_warmup
+from .optimizers import Optimizers, loraplus_groups, make_ema, make_optimizer, scheduler_warmup
 from .output import sample_prompts
 from .parts import Part
 from .pivotal import Concept, concept_for
 from .slider import SliderBatches, SliderObjective, SliderPrompts
-from .state import Adapters, Optimizers, TrainState
+from .state import Adapters, TrainState
 from .step import Models
 from .text import TextEncoding
 from .validation import Validation, held_out_images, validation_examples

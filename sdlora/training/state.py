@@ -12,6 +12,7 @@ from ..config import Config
 from ..models import Components
 from .batches import Batches
 from .image_validation import ImageValidation
+from .optimizers import Optimizers
 from .phases import Phase, Phases
 from .pivotal import Concept
 from .step import Models, training_step
@@ -30,32 +31,6 @@ class Adapters:
     @property
     def text_lora(self) -> bool:
         return any(self.text_lrs)
-
-
-@dataclass
-class Optimizers:
-    """The main optimizer (LoRA, and pivotal tuning's embedding in phase 2 when it keeps training) with its LR
-    schedule, and the EMA of the LoRA weights. (Pivotal tuning's phase 1 has its own: `Pivotal.optimizer`.)"""
-
-    main: torch.optim.Optimizer
-    lr_scheduler: object
-    params: list[torch.nn.Parameter]        # everything the main optimizer steps
-    lora_params: list[torch.nn.Parameter]   # the LoRA's alone
-    ema: object | None = None               # diffusers EMAModel of lora_params, when optim.ema_decay is set
-
-    def step(self) -> None:
-        """Apply the gradients: the optimizer's step, the schedule's, and the EMA's."""
-        self.main.step()
-        self.lr_scheduler.step()
-        self.main.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.step(self.lora_params)
-
-    def evaluation(self):
-        """Context: the weights that samples, validation and saved files use (EMA / schedule-free averaged)."""
-        from .optimizers import evaluation_weights
-
-        return evaluation_weights(self.main, self.ema, self.lora_params)
 
 
 @dataclass
