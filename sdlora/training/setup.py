@@ -138,6 +138,11 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     c.check_size(resolution, resolution, "resolution", "lower --resolution")
     for p in sample_prompts(cfg, resolution):
         c.check_size(p.width, p.height, "sample size", "give the sample a smaller width and height")
+    if cfg.validation.scorer != "none" and cfg.validation.image_size:
+        size = cfg.validation.image_size
+        if size % c.size_multiple:
+            raise ConfigError(f"validation.image_size {size} is not a multiple of {c.size_multiple} for this model")
+        c.check_size(size, size, "validation.image_size", "lower --validation-size")
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         if acc.is_main_process:
             ensure_class_images(cfg, c, resolution, callbacks)

@@ -4,7 +4,9 @@ No images: each step draws fresh noise, lets the frozen base model (adapters off
 for a random k = 0 .. N-1 of N sampler steps (with guidance 3), and asks the base model what it predicts there for
 the prompts that define the direction (LECO draws k from 1; k = 0, pure noise, is the noise level of a sampler's
 first step, where a picture's colours and layout are settled). The LoRA then learns to make the target's prediction
-at that noise level (LECO's and Concept Sliders' train_lora.py, ESD, ai-toolkit's slider trainer):
+at that noise level (the targets of LECO's and Concept Sliders' train_lora.py, ESD and ai-toolkit's slider trainer;
+the partial denoising runs with the LoRA off as ai-toolkit's does, where LECO and Concept Sliders denoise with the
+LoRA applied, so the latents the LoRA learns on do not move with it):
 
 - enhance (a slider), at strength +1:  eps(target) + eta (eps(positive) - eps(negative)),
   and at strength -1 (ai-toolkit's second pass):  eps(target) - eta (eps(positive) - eps(negative));
