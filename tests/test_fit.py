@@ -308,15 +308,21 @@ def test_log_every_still_stops_on_nan_before_a_checkpoint(tiny_model, images, tm
     import sdlora.training.loop as loop
     from sdlora.errors import TrainingError
 
-    real = loop.training_step
+    real_setup = loop.setup
     calls = []
 
-    def poisoned(batch, models, cfg, gen):
-        loss, stats = real(batch, models, cfg, gen)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) >= 3 else loss), stats
+    def poisoned_setup(*args, **kwargs):  # the run's objective (TrainState.objective) gives nan from step 3
+        state = real_setup(*args, **kwargs)
+        real = state.objective
 
-    monkeypatch.setattr(loop, "training_step", poisoned)
+        def poisoned(batch, models, cfg, gen):
+            loss, stats = real(batch, models, cfg, gen)
+            calls.append(1)
+            return (loss * float("nan") if len(calls) >= 3 else loss), stats
+        state.objective = poisoned
+        return state
+
+    monkeypatch.setattr(loop, "setup", poisoned_setup)
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=8)
     cfg.speed.log_every, cfg.output.save_every = 4, 2
     with pytest.raises(TrainingError, match="loss became nan at step 3") as err:
