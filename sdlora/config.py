@@ -359,7 +359,7 @@ class InpaintConfig:
 
     full_mask: float = opt(0.25, "Inpainting bases: the share of images whose whole area is masked (the model draws "
                            "from the prompt alone, as text-to-image; the SD inpainting models were trained with "
-                           "25%).", flag="inpaint-full-mask", ge=0, le=1)
+                           "a quarter).", flag="inpaint-full-mask", ge=0, le=1)
     sample_image: str = opt("", "Inpainting bases: the image that sample images repaint (resized to the sample "
                             "size); empty = the first training image.", flag="inpaint-sample-image")
     sample_mask: str = opt("", "Inpainting bases: the mask of the sample images (white = repaint); empty = the "
