@@ -1,5 +1,6 @@
 """The shapes world's inpainting check: a concept LoRA trained for the inpainting model draws the concept inside the
-mask (the judge) and leaves the outside as it was (pixel difference); prints the table the README shows.
+mask (the judge) and leaves the outside as it was (pixel difference); prints the table docs/training.md shows
+(inpainting models).
 
     OMP_NUM_THREADS=1 python scripts/eval_inpaint.py            # builds the inpainting model if it is missing
                                                                 # (scripts/build_shapes_inpaint.py), trains
