@@ -471,10 +471,10 @@ def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, devic
             micro = None if one is None else one.expand(batch, -1).to("meta")
             # the denoiser's input (an inpainting model's: the noisy latents, the mask and the masked latents)
             noisy = torch.empty(batch, model.denoiser_config["in_channels"], lat, lat, device="meta", dtype=wdtype)
-            target = torch.empty(batch, _latent_channels(model), lat, lat, device="meta")
             t = torch.zeros(batch, dtype=torch.long, device="meta")
             pred = fam.conditioning.predict(denoiser, noisy, t, cond, micro)
-            return torch.nn.functional.mse_loss(pred.float(), target, reduction="none").mean()
+            target = noisy[:, :_latent_channels(model)]  # the latents' shape
+            return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean()
 
         return trace(step, [denoiser, *encoders, *frozen], mode)
 
