@@ -142,11 +142,17 @@ class DataFolder:
     keep_tags: int = opt(0, "The first N tags stay in place and are never dropped (e.g. the trigger word).", ge=0)
     tag_dropout: float = opt(0.0, "Drop each tag that is not kept with this probability, every step.", ge=0, lt=1)
     tag_separator: str = opt(",", "What separates the tags of a caption.")
-    masks: str = opt("", "Folder of masks, one per image with the same file stem: white = learn, black = ignore, grey "
-                     "= partly. Empty = no masks.")
+    masks: str = opt("", "Folder of loss masks, one per image with the same file stem: white = learn, black = "
+                     "ignore, grey = partly (where the loss counts; an inpainting base's area to repaint is "
+                     "inpaint_masks). Empty = no masks.")
     alpha_mask: bool = opt(False, "Use each image's own alpha channel as its mask (transparent = ignore).")
     unmasked_weight: float = opt(0.0, "Loss weight outside the mask (0: the masked-out area teaches nothing).",
                                  ge=0, le=1)
+    inpaint_masks: str = opt("", "Inpainting bases (9-channel UNets): folder of inpainting masks, one per image with "
+                             "the same file stem, white = the area the model repaints (the inpainting pipeline's "
+                             "mask_image); the image trains with its own mask instead of a random one. Not the loss "
+                             "masks (masks). Empty = random rectangles and brush strokes, new every step.",
+                             flag="inpaint-masks")
 
 
 @dataclass
@@ -347,6 +353,22 @@ PROMPT_TABLES = {"sample.prompts": SAMPLE_PROMPT_KEYS, "validation.prompts": VAL
 
 
 @dataclass
+class InpaintConfig:
+    """Training on an inpainting base (a 9-channel UNet: SD 1.5 / 2 inpainting, SDXL inpainting; detected from the
+    model): each step's images get a mask (random, or data.inpaint_masks), and the UNet sees the noisy latents, the
+    mask and the latents of the image with the masked area blanked, as the inpainting pipeline runs it."""
+
+    full_mask: float = opt(0.25, "Inpainting bases: the share of images whose whole area is masked (the model draws "
+                           "from the prompt alone, as text-to-image; the SD inpainting models were trained with "
+                           "a quarter).", flag="inpaint-full-mask", ge=0, le=1)
+    sample_image: str = opt("", "Inpainting bases: the image that sample images repaint (resized to the sample "
+                            "size); empty = the first training image.", flag="inpaint-sample-image")
+    sample_mask: str = opt("", "Inpainting bases: the mask of the sample images (white = repaint); empty = the "
+                           "sample image's own inpainting mask (data.inpaint_masks), else a centred rectangle of half "
+                           "its width and height.", flag="inpaint-sample-mask")
+
+
+@dataclass
 class SampleConfig:
     prompts: list = opt([], "Prompts rendered as sample images during training: strings, or in a job file "
                         "[[sample.prompts]] tables with text, negative, seed, width, height, steps, guidance and "
@@ -424,6 +446,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     slider: SliderConfig = field(default_factory=SliderConfig)
     config_version: int = CONFIG_VERSION
@@ -463,6 +486,13 @@ class Config:
     def is_slider(self) -> bool:
         """A slider or eraser job: trained from prompts (slider.target), not from images."""
         return bool(self.slider.target.strip())
+
+    @property
+    def inpaint_settings(self) -> list[str]:
+        """The inpainting settings that differ from their defaults (they need an inpainting base)."""
+        changed = [f"inpaint.{f.name}" for f in fields(InpaintConfig)
+                   if getattr(self.inpaint, f.name) != getattr(InpaintConfig(), f.name)]
+        return changed + [f"data[{i}].inpaint_masks" for i, d in enumerate(self.data) if d.inpaint_masks]
 
     @property
     def network_args(self) -> dict:
@@ -568,6 +598,9 @@ def load_toml(path: str | Path) -> Config:
     for folder in cfg.data:
         folder.path = _rel(folder.path, base)
         folder.masks = _rel(folder.masks, base)
+        folder.inpaint_masks = _rel(folder.inpaint_masks, base)
+    cfg.inpaint.sample_image = _rel(cfg.inpaint.sample_image, base)
+    cfg.inpaint.sample_mask = _rel(cfg.inpaint.sample_mask, base)
     cfg.prior.class_data = _rel(cfg.prior.class_data, base)
     cfg.validation.data = _rel(cfg.validation.data, base)
     cfg.output.path = _rel(cfg.output.path, base)
@@ -756,6 +789,11 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
             raise ConfigError(f"data[{i}].path is empty; give the folder of training images (--data DIR)")
         if check_paths and not Path(folder.path).is_dir():
             raise ConfigError(f"data folder not found: {folder.path}; pass an existing folder of images")
+        if check_paths and folder.inpaint_masks and not Path(folder.inpaint_masks).is_dir():
+            raise ConfigError(f"data[{i}].inpaint_masks folder not found: {folder.inpaint_masks}")
+    for name in ("sample_image", "sample_mask"):
+        value = getattr(cfg.inpaint, name)
+        _rule(not (check_paths and value and not Path(value).is_file()), f"inpaint.{name} not found: {value}")
     for i, p in enumerate(cfg.sample.prompts):
         if isinstance(p, dict):
             _check_sample_table(p, f"sample.prompts[{i}]")

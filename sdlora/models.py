@@ -34,6 +34,11 @@ class Components:
         return self.noise_scheduler.config.get("prediction_type") or "flow"
 
     @property
+    def inpainting(self) -> bool:
+        """The family's inpainting variant: the denoiser also takes the mask and the masked image's latents."""
+        return self.family.inpainting(self.denoiser.config)
+
+    @property
     def conditioning_encoders(self) -> list:
         """What the family's Conditioning.encode takes: the text encoders, then the frozen parts."""
         return [*self.text_encoders, *self.frozen_text]
@@ -70,8 +75,9 @@ class Components:
         return Path(self.source.rstrip("/")).name or self.source
 
     def pipeline(self, denoiser: torch.nn.Module | None = None, text_encoders: list | None = None):
-        """The family's diffusers pipeline sharing these modules (no copies); `denoiser` / `text_encoders`
-        replace the loaded ones (e.g. the trainer's unwrapped models)."""
+        """The family's diffusers pipeline sharing these modules (no copies; its inpainting pipeline for an
+        inpainting model); `denoiser` / `text_encoders` replace the loaded ones (e.g. the trainer's unwrapped
+        models)."""
         import diffusers
 
         fam = self.family
@@ -81,7 +87,7 @@ class Components:
             parts[slot.attr], parts[slot.tokenizer_attr] = enc, tok
         for slot, frozen in zip(fam.frozen_encoders, self.frozen_text):
             parts[slot.attr], parts[slot.tokenizer_attr] = frozen.model, frozen.tokenizer if frozen.model else None
-        return getattr(diffusers, fam.pipeline_class)(**parts)
+        return getattr(diffusers, fam.pipeline_name(self.denoiser.config))(**parts)
 
     def model_hash(self) -> str:
         """sha256 of the denoiser's weights file(s) (A1111 shows the first 10 hex digits), or '' when unknown."""
@@ -165,6 +171,7 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
         sample_scheduler = _load_scheduler(source)
     noise_scheduler, sample_scheduler = training_scheduler(sample_scheduler, prediction_type, family)
     denoiser = parts[family.denoiser_attr]
+    family.check_channels(denoiser.config, source)
     frozen = [frozen_text(family, parts.get(s.attr), parts.get(s.tokenizer_attr), denoiser.config, t5_length)
               for s in family.frozen_encoders]
     return freeze(Components(family, source, denoiser, parts["vae"],

@@ -307,6 +307,11 @@ class TrainTab:
         for folder in cfg.data:
             folder.path = str(allowed.path(folder.path, "image folder")) if folder.path else folder.path
             folder.masks = str(allowed.path(folder.masks, "mask folder")) if folder.masks else ""
+            folder.inpaint_masks = str(allowed.path(folder.inpaint_masks, "inpainting mask folder")) \
+                if folder.inpaint_masks else ""
+        for key in ("sample_image", "sample_mask"):  # an inpainting base's sample image and mask
+            value = getattr(cfg.inpaint, key)
+            setattr(cfg.inpaint, key, str(allowed.path(value, f"inpaint {key.replace('_', ' ')}")) if value else "")
         if method != PIVOTAL:
             cfg.pivotal.token = ""  # pivotal tuning is on when it has a token
         if not cfg.sample.prompts and cfg.data and cfg.data[0].prompt:

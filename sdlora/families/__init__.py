@@ -3,7 +3,8 @@
 A family row says which diffusers pipeline and denoiser it uses, its text encoders (with the key prefixes LoRA files
 give them and the names their token embeddings travel under), how kohya names its denoiser's layers, the LoRA target
 presets, the kohya/ModelSpec labels of its files and how a file's labels and layers tell it, how a diffusers folder
-is recognised, and what it cannot train. What a family computes or reads differently (its text conditioning and how
+is recognised, its inpainting variant (a denoiser that also takes the mask and the masked image's latents), and what
+it cannot train. What a family computes or reads differently (its text conditioning and how
 its denoiser is called, its single-file checkpoints, its random-weight models) lives in the family's own module
 (`sd`, `sdxl`, `sd3`); code outside this package asks the row, never a family's name.
 """
@@ -106,6 +107,10 @@ class Family:
     full_size: Callable[..., dict] | None = None
     full_size_configs: Callable[..., dict] | None = None
     full_size_name: str = ""             # what a full-size random model is called (default random-<name>)
+    # its inpainting variant (a UNet taking the mask and the masked image's latents beside the noisy latents): the
+    # diffusers pipeline that runs it and the ModelSpec architecture of its LoRAs (OneTrainer's labels); "" for none
+    inpaint_pipeline_class: str = ""
+    inpaint_architecture: str = ""
 
     def ss_base_model_version(self, prediction_type: str, config=None) -> str:
         """kohya's label; SD1/SD2 v-prediction models add '_v'; SD3 names its variant (medium, 5-medium, 5-large)."""
@@ -116,8 +121,31 @@ class Family:
     def modelspec_architecture(self, prediction_type: str, config=None) -> str:
         if self.variant is not None and config is not None:
             return self.variant(config)[1]
+        if config is not None and self.inpainting(config):
+            return self.inpaint_architecture
         return self.v_architecture if prediction_type == "v_prediction" and self.v_architecture else \
             self.architecture
+
+    def inpainting(self, config) -> bool:
+        """Whether a denoiser of this config is the family's inpainting variant: besides the noisy latents it takes
+        the mask and the masked image's latents (2 x latent + 1 input channels: SD's 9)."""
+        inputs, latent = config.get("in_channels"), config.get("out_channels") or config.get("in_channels")
+        return bool(self.inpaint_pipeline_class) and inputs == 2 * latent + 1
+
+    def pipeline_name(self, config) -> str:
+        """The diffusers pipeline that runs a model of this denoiser config (the inpainting one for that variant)."""
+        return self.inpaint_pipeline_class if self.inpainting(config) else self.pipeline_class
+
+    def check_channels(self, config, source: str) -> None:
+        """A one-line ModelError for a denoiser that is neither text-to-image (as many input channels as output) nor
+        the family's inpainting variant (instruct-pix2pix's 8, depth-to-image's 5, ...)."""
+        inputs, latent = config.get("in_channels"), config.get("out_channels") or config.get("in_channels")
+        if inputs == latent or self.inpainting(config):
+            return
+        inpainting = f" and {2 * latent + 1}-channel inpainting" if self.inpaint_pipeline_class else ""
+        raise ModelError(f"{source}: its {self.denoiser_attr} takes {inputs} input channels (an instruct-pix2pix, "
+                         f"depth or other image-conditioned model); sdlora trains {latent}-channel text-to-image"
+                         f"{inpainting} {self.title} models")
 
     def target_patterns(self, name: str) -> tuple[str, ...]:
         """The layer patterns of a target preset (auto: the family's default); a preset the family has not is a
@@ -191,6 +219,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            1024, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", sdxl.CONDITIONING,
            matches=lambda cfg, parts: "text_encoder_2" in parts or cfg.get("addition_embed_type") == "text_time",
            kohya_naming=SGM, kohya_blocks=SDXL_BLOCKS, file_labels=("sdxl",), single_file=sdxl.SINGLE_FILE,
+           inpaint_pipeline_class="StableDiffusionXLInpaintPipeline",
+           inpaint_architecture="stable-diffusion-xl-v1-base-inpainting/lora",
            save_tiny=sdxl.save_tiny_sdxl_pipeline, full_size=sdxl.full_size, full_size_configs=sdxl.full_size_configs),
     Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
@@ -199,6 +229,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            v_architecture="stable-diffusion-v2-768-v/lora", is_v2=True, pipeline_extra=_SD_EXTRA,
            file_labels=("sd_v2", "sd2"), kohya_blocks=SD_BLOCKS,
            reference_overrides={"layers_per_block": 3}, single_file=sd.SD2_FILE,
+           inpaint_pipeline_class="StableDiffusionInpaintPipeline",
+           inpaint_architecture="stable-diffusion-v2-inpainting/lora",
            full_size=sd.full_size, full_size_configs=sd.full_size_configs),
     Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
@@ -206,6 +238,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA, reference_overrides={"layers_per_block": 3},
            file_labels=("sd_v1", "sd1"), kohya_blocks=SD_BLOCKS,
            single_file=sd.SD1_FILE, save_tiny=sd.save_tiny_pipeline, full_size=sd.full_size,
+           inpaint_pipeline_class="StableDiffusionInpaintPipeline",
+           inpaint_architecture="stable-diffusion-v1-inpainting/lora",
            full_size_configs=sd.full_size_configs),
 )}
 
@@ -222,7 +256,7 @@ def detect_family(denoiser_config: dict, parts: set[str] | frozenset = frozenset
 def family_of_pipeline(pipe) -> Family:
     """The family of a diffusers pipeline object (SD1 and SD2 share a pipeline and their text-encoder slots)."""
     name = type(pipe).__name__
-    found = [f for f in FAMILIES.values() if f.pipeline_class == name]
+    found = [f for f in FAMILIES.values() if name in (f.pipeline_class, f.inpaint_pipeline_class)]
     if not found:
         raise ModelError(f"{name} is not a pipeline of a family sdlora supports")
     return found[-1]

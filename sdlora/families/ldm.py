@@ -54,9 +54,11 @@ class LdmFile:
         """(prediction type, where it came from, diffusers configs) of a file this family claims."""
         if not _has(shapes, VAE):
             raise ModelError(f"{path}: no VAE weights ('first_stage_model.*'); use a checkpoint with its VAE baked in")
-        if shapes[UNET + "input_blocks.0.0.weight"][1] != 4:
-            raise ModelError(f"{path}: the UNet takes {shapes[UNET + 'input_blocks.0.0.weight'][1]} input channels "
-                             "(inpainting or instruct-pix2pix); only 4-channel text-to-image checkpoints train here")
+        inputs, latent = shapes[UNET + "input_blocks.0.0.weight"][1], shapes[UNET + "out.2.weight"][0]
+        if inputs not in (latent, 2 * latent + 1):  # text-to-image, or inpainting: + the mask and masked latents
+            raise ModelError(f"{path}: the UNet takes {inputs} input channels (instruct-pix2pix or another "
+                             f"image-conditioned model); only {latent}-channel text-to-image and {2 * latent + 1}-"
+                             "channel inpainting checkpoints train here")
         return (*self._prediction(shapes, meta, path), self._configs(shapes, meta, path))
 
     def _prediction(self, shapes: dict, meta: dict, path: Path) -> tuple[str, str]:

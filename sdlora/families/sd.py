@@ -52,6 +52,20 @@ class Conditioning:
         """The denoiser's prediction for noisy latents at timesteps `t` under this conditioning."""
         return denoiser(noisy, t, **self.denoiser_kwargs(cond, micro), return_dict=False)[0]
 
+    # ---- the inpainting variant (Family.inpainting): the image the denoiser is conditioned on
+
+    def image_condition(self, mask: torch.Tensor, masked_latents: torch.Tensor) -> torch.Tensor:
+        """An inpainting model's image conditioning, [B, 1 + C, h, w]: the binary mask ([B, 1, H, W] in pixels, 1 =
+        repaint) brought to the latent grid by nearest-neighbour resizing, then the masked image's latents, as
+        diffusers' inpainting pipelines make them (`prepare_mask_latents`)."""
+        grid = torch.nn.functional.interpolate(mask.to(masked_latents.dtype), size=masked_latents.shape[-2:])
+        return torch.cat([grid, masked_latents], dim=1)
+
+    def denoiser_input(self, noisy: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """What the denoiser takes: the noisy latents, followed on the channel axis by an inpainting model's image
+        conditioning (`image_condition`) where there is one, as the inpainting pipelines concatenate them."""
+        return noisy if image is None else torch.cat([noisy, image.to(noisy.device, noisy.dtype)], dim=1)
+
 
 CONDITIONING = Conditioning()
 
@@ -159,21 +173,30 @@ def build_components(spec: dict = TINY, seed: int = 0, prediction_type: str = "e
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
 
 
+def inpainting_spec(spec: dict) -> dict:
+    """A size spec's inpainting variant: its UNet takes the mask and the masked image's latents too (4 + 1 + 4)."""
+    latent = spec["unet"].get("out_channels", 4)
+    return {**spec, "unet": {**spec["unet"], "in_channels": 2 * latent + 1}}
+
+
 def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon",
-                       words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue")) -> Path:
-    """Save a tiny SD-1-shaped pipeline (random weights) as a diffusers folder, loadable offline."""
-    from diffusers import StableDiffusionPipeline
+                       words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue"),
+                       inpainting: bool = False) -> Path:
+    """Save a tiny SD-1-shaped pipeline (random weights) as a diffusers folder, loadable offline; `inpainting`: the
+    9-channel inpainting variant, saved as a StableDiffusionInpaintPipeline."""
+    import diffusers
     from transformers import CLIPTokenizer
 
     from ..tokenizers import write_tokenizer
 
     folder = Path(folder)
-    parts = build_components(TINY, seed, prediction_type)
+    parts = build_components(inpainting_spec(TINY) if inpainting else TINY, seed, prediction_type)
     tok_dir = write_tokenizer(folder / "_tok", words)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     assert len(tokenizer) <= parts["text_encoder"].config.vocab_size
-    pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False, **parts)
+    cls = getattr(diffusers, "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline")
+    pipe = cls(tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+               **parts)
     pipe.save_pretrained(folder, safe_serialization=True)
     import shutil
 

@@ -12,7 +12,7 @@ import torch
 from ..errors import ConfigError
 from .ldm import Encoder, LdmFile
 from .naming import sgm_namer
-from .sd import CLIP_IDS, SD15, TINY, Conditioning, KohyaBlocks, build_components, tokenize
+from .sd import CLIP_IDS, SD15, TINY, Conditioning, KohyaBlocks, build_components, inpainting_spec, tokenize
 
 
 class SDXLConditioning(Conditioning):
@@ -97,26 +97,30 @@ TINY_XL = dict(
 
 
 def save_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0,
-                            words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue")) -> Path:
-    """Save a tiny SDXL-shaped pipeline (two text encoders, size/crop conditioning) as a diffusers folder."""
+                            words: tuple[str, ...] = ("a", "photo", "of", "dog", "cat", "sks", "red", "blue"),
+                            inpainting: bool = False) -> Path:
+    """Save a tiny SDXL-shaped pipeline (two text encoders, size/crop conditioning) as a diffusers folder;
+    `inpainting`: the 9-channel inpainting variant, saved as a StableDiffusionXLInpaintPipeline."""
     import shutil
 
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from ..tokenizers import write_tokenizer
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_XL["unet"])
+    unet = UNet2DConditionModel(**(inpainting_spec(TINY_XL) if inpainting else TINY_XL)["unet"])
     vae = build_components(TINY, seed)["vae"]
     text_cfg = CLIPTextConfig(vocab_size=600, bos_token_id=0, eos_token_id=2, pad_token_id=1, **TINY_XL["text"])
     te1, te2 = CLIPTextModel(text_cfg), CLIPTextModelWithProjection(text_cfg)
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "_tok", words))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    cls = getattr(diffusers, "StableDiffusionXLInpaintPipeline" if inpainting else "StableDiffusionXLPipeline")
+    pipe = cls(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+               scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(folder / "_tok")
     return folder

@@ -35,6 +35,7 @@ class LoraInfo:
     embeddings: dict[str, dict[str, list[int]]]
     metadata: dict[str, str]
     problems: list[str] = field(default_factory=list)
+    inpainting: bool = False  # made for the family's inpainting variant (its modelspec.architecture says so)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +43,8 @@ class LoraInfo:
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in self.kinds.items())
         lines = [f"{self.path} ({self.size_bytes / 1e6:.2f} MB)",
-                 f"  layout: {self.layout}   family: {self.family}",
+                 f"  layout: {self.layout}   family: {self.family}"
+                 + ("   base: an inpainting model" if self.inpainting else ""),
                  f"  modules: UNet {self.unet_modules}, text encoder {self.te_modules} ({kinds})",
                  f"  type: {', '.join(f'{k} {n}' for k, n in self.types.items()) or '-'}; loads in: {self.loads_in}",
                  f"  rank: {_ranges(self.ranks)}   alpha: {_ranges(self.alphas)}"]
@@ -140,4 +142,11 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         embeddings={t: {p: list(v.shape) for p, v in parts.items()} for t, parts in emb.items()},
         metadata={k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec.", "sdlora_", "sshs_"))
                   or k == LORA_METADATA_KEY},
-        problems=problems)
+        problems=problems, inpainting=for_inpainting(meta))
+
+
+def for_inpainting(meta: dict[str, str]) -> bool:
+    """Whether a file says it is for an inpainting base: its modelspec.architecture is a family's inpainting one
+    (as sdlora and OneTrainer write it, e.g. stable-diffusion-v1-inpainting/lora)."""
+    said = meta.get("modelspec.architecture", "")
+    return any(f.inpaint_architecture and said == f.inpaint_architecture for f in FAMILIES.values())

@@ -17,19 +17,22 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from .data import BatchPlan, Example, TagRule, fit_to_bucket, load_image, load_mask, vary_tags
+from .inpaint import Drawn, InpaintMasks
 
 
 @dataclass
 class Batch:
     """One micro-batch: latents, captions, the family's per-image micro-conditioning (SDXL size/crop; else None),
-    the loss mask on the latent grid ([B, 1, h, w]; None where no image has one), and the prior-preservation (class
-    image) batch that goes with it."""
+    the loss mask on the latent grid ([B, 1, h, w]; None where no image has one), the prior-preservation (class
+    image) batch that goes with it, and an inpainting base's image conditioning ([B, 1 + C, h, w]: the inpainting
+    mask and the masked image's latents; None for other models)."""
 
     latents: torch.Tensor
     captions: list[str]
     micro: torch.Tensor | None = None
     prior: Batch | None = None
     mask: torch.Tensor | None = None
+    inpaint: torch.Tensor | None = None
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Item:
     flip: bool
     caption: str
     fitted: Fitted | None
+    inpaint: Drawn | None = None  # an inpainting base's mask and blanked image
 
 
 def pins(device: torch.device | str, prefetch: bool) -> bool:
@@ -99,16 +103,20 @@ class Latents:
         return Fitted(pixels.pin_memory() if self.pin else pixels, corner, mask[0] if mask else None)
 
     def encode(self, fitted: Fitted) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
-        vae = self.vae
-        with torch.no_grad():
-            pixels = fitted.pixels.to(self.device, vae.dtype, non_blocking=self.pin)
-            lat = vae.encode(pixels).latent_dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latent = ((lat - shift) * vae.config.scaling_factor).to(self.dtype)[0]
+        latent = self.latent(fitted.pixels)
         if fitted.mask is None:
             return latent, fitted.crop, None
         grid = F.interpolate(fitted.mask[None], size=latent.shape[-2:], mode="area")[0]
         return latent, fitted.crop, grid.to(latent.device)
+
+    def latent(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The scaled latent [C, h, w] of pixels [1, 3, H, W] in [-1, 1] (the posterior's mode)."""
+        vae = self.vae
+        with torch.no_grad():
+            pixels = pixels.to(self.device, vae.dtype, non_blocking=self.pin)
+            lat = vae.encode(pixels).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)[0]
 
 
 Prepared = tuple[list[Item], list[Item] | None]  # a micro-batch's items, and its prior batch's (None without)
@@ -130,6 +138,7 @@ class Batches:
     tag_rules: list[TagRule] = field(default_factory=list)  # per data folder (Example.source)
     unmasked_weights: list[float] = field(default_factory=list)  # per data folder: loss weight outside a mask
     prefetcher: Prefetcher | None = None  # speed.prefetch with uncached latents
+    inpainting: InpaintMasks | None = None  # an inpainting base's masks (None for other models)
 
     def fetch(self, k: int, rng: np.random.Generator, following: tuple[int, np.random.Generator] | None = None) \
             -> Batch:
@@ -170,8 +179,15 @@ class Batches:
             fitted = self.latents.prepare(ex, flip, rng)
             rule = None if ex.is_prior or ex.source >= len(self.tag_rules) else self.tag_rules[ex.source]
             caption = vary_tags(ex.caption, rule, rng) if rule is not None and rule.active else ex.caption
-            items.append(Item(ex, flip, "" if drop else caption, fitted))
+            items.append(Item(ex, flip, "" if drop else caption, fitted, self._inpaint(ex, flip, fitted, rng)))
         return items
+
+    def _inpaint(self, ex: Example, flip: bool, fitted: Fitted | None, rng) -> Drawn | None:
+        """An inpainting base's mask of this image (its pixels fitted here where its latent is cached)."""
+        if self.inpainting is None:
+            return None
+        fitted = fitted if fitted is not None else self.latents.fit(ex, flip, "center", None)
+        return self.inpainting.draw(ex, fitted.pixels, fitted.crop, flip, rng)
 
     def _batch(self, items: list[Item]) -> Batch:
         lats, micro, masks = [], [], []
@@ -184,8 +200,10 @@ class Batches:
                 mask = w + (1 - w) * mask
             masks.append(None if ex.is_prior else mask)
             micro.append(self.conditioning.micro(ex.size[::-1], crop, ex.bucket[::-1]))
+        inpaint = None if self.inpainting is None else \
+            torch.stack([self.inpainting.condition(item.inpaint, self.latents, self.conditioning) for item in items])
         return Batch(torch.stack(lats), [item.caption for item in items],
-                     None if micro[0] is None else torch.stack(micro), mask=self._mask(masks, lats))
+                     None if micro[0] is None else torch.stack(micro), mask=self._mask(masks, lats), inpaint=inpaint)
 
     @staticmethod
     def _mask(masks: list, lats: list) -> torch.Tensor | None:

@@ -32,6 +32,7 @@ class Example:
     size: tuple[int, int] = (0, 0)  # original (width, height), EXIF rotation applied
     source: int = 0  # which of the run's data folders it came from
     mask: str = ""  # its mask: a file, ALPHA (the image's own alpha channel), or "" (none)
+    inpaint_mask: str = ""  # an inpainting base's area to repaint: a file (data.inpaint_masks), or "" (random)
 
 
 ALPHA = "<alpha>"
@@ -194,6 +195,13 @@ def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def cover_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) an image of `size` is resized to so that it covers the bucket, before the crop."""
+    (w, h), (bw, bh) = size, bucket
+    scale = max(bw / w, bh / h)
+    return max(bw, round(w * scale)), max(bh, round(h * scale))
+
+
 def fit_to_bucket(im: Image.Image, bucket: tuple[int, int], crop: str, rng: np.random.Generator | None,
                   flip: bool = False, mask: Image.Image | None = None):
     """Resize to cover the bucket, crop (center or random), optionally mirror.
@@ -202,8 +210,7 @@ def fit_to_bucket(im: Image.Image, bucket: tuple[int, int], crop: str, rng: np.r
     `mask` (mode L, the image's size), also the mask put through the same resize, crop and mirror, [1, h, w] in
     [0, 1]."""
     bw, bh = bucket
-    scale = max(bw / im.width, bh / im.height)
-    nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
+    nw, nh = cover_size(im.size, bucket)
     if crop == "random" and rng is not None:
         left, top = int(rng.integers(0, nw - bw + 1)), int(rng.integers(0, nh - bh + 1))
     else:

@@ -219,11 +219,13 @@ def estimate(cfg: Config, device: str = "cuda", model: MetaModel | None = None,
     if cfg.model.quantize == "nf4":  # one Linear weight at a time is dequantized to the compute dtype
         activations += max(counts[p]["largest_linear"] for p in held if p != "vae") * wdtype.itemsize
     cached = cfg.train.cache_latents and cfg.augment.crop == "center"
-    if not cached:
+    inpainting = fam.inpainting(model.denoiser_config)
+    if not cached or inpainting:
         activations = max(activations, _vae_trace(model, res).peak)
-        notes.append("latents not cached: the VAE encodes every step")
+        notes.append("inpainting: the VAE encodes the masked image every step" if inpainting else
+                     "latents not cached: the VAE encodes every step")
     images = _count_images(cfg) if n_images is None else n_images
-    latent = model.denoiser_config["in_channels"] * (res // _vae_factor(model)) ** 2 * wdtype.itemsize
+    latent = _latent_channels(model) * (res // _vae_factor(model)) ** 2 * wdtype.itemsize
     text_cached = cfg.train.cache_text and not captions_vary(cfg) and \
         not any(text_trained(cfg, len(fam.text_encoders)))
     caption = fam.conditioning.caption_numel(model.configs, cfg.model.t5_max_length) * wdtype.itemsize
@@ -333,6 +335,11 @@ def text_trained(cfg: Config, n: int) -> tuple[bool, ...]:
     from .setup import text_encoder_lrs
 
     return tuple(bool(lr) for lr in text_encoder_lrs(cfg, n))
+
+
+def _latent_channels(model) -> int:
+    """The latents' channels (what the denoiser predicts; an inpainting denoiser takes more)."""
+    return model.denoiser_config.get("out_channels") or model.denoiser_config["in_channels"]
 
 
 def _denoiser_targets(model: MetaModel, cfg: Config, denoiser) -> list[str]:
@@ -462,10 +469,12 @@ def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, devic
                                                [""] * batch, "meta")
             one = fam.conditioning.micro((res, res), (0, 0), (res, res))  # SDXL's size/crop values, else None
             micro = None if one is None else one.expand(batch, -1).to("meta")
+            # the denoiser's input (an inpainting model's: the noisy latents, the mask and the masked latents)
             noisy = torch.empty(batch, model.denoiser_config["in_channels"], lat, lat, device="meta", dtype=wdtype)
             t = torch.zeros(batch, dtype=torch.long, device="meta")
             pred = fam.conditioning.predict(denoiser, noisy, t, cond, micro)
-            return torch.nn.functional.mse_loss(pred.float(), noisy.float(), reduction="none").mean()
+            target = noisy[:, :_latent_channels(model)]  # the latents' shape
+            return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean()
 
         return trace(step, [denoiser, *encoders, *frozen], mode)
 

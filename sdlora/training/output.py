@@ -105,8 +105,10 @@ def lora_scaled(models, scale: float):
 
 def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[str]:
     """The sample prompts rendered with the LoRA as it is at `step` (same seeds every time), each with its own
-    settings, saved with them in the PNG's text and listed in the run's log."""
+    settings, saved with them in the PNG's text and listed in the run's log; an inpainting base repaints the sample
+    image under the sample mask (`inpaint.sample_inputs`)."""
     from ..sampling import render, save_png
+    from .inpaint import sample_inputs
 
     cfg, denoiser = state.cfg, state.models.denoiser.module
     out = Path(cfg.output.path)
@@ -117,9 +119,11 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
     paths, records = [], []
     with state.optim.evaluation():  # the EMA's / schedule-free's averaged weights
         for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
+            inpaint = sample_inputs(cfg, state.batches.examples, sp.width, sp.height) if state.components.inpainting \
+                else {}
             with state.acc.autocast(), lora_scaled(state.models.modules(), sp.lora_scale):
                 image = render(pipe, [state.concept.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width,
-                               sp.height, sp.negative, embeds=state.models.text.for_pipeline())[0]
+                               sp.height, sp.negative, embeds=state.models.text.for_pipeline(), **inpaint)[0]
             settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
             path = folder / f"step_{step:07d}_{i}.png"
             paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))

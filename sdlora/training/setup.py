@@ -16,7 +16,7 @@ from ..hardware import cpu_has_native_bf16
 from ..loras.networks import NETWORKS
 from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
-from . import image_validation
+from . import image_validation, inpaint
 from .adapters import inject, lora_parameters, named_lora_parameters
 from .batches import Batches, Latents, Prefetcher, pins
 from .blocks import kohya_namer, param_groups, plan_layers
@@ -155,6 +155,8 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
         batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, concept, callbacks.on_message,
                                                 held_out)
         examples = validation_examples(cfg, resolution, bucket_step, concept.prompt, held_out)
+        if c.inpainting and not cfg.validation.data:  # held-out images: their folder's inpainting masks
+            examples = inpaint.attach_masks(cfg, examples)
         for e in [*batches.examples, *batches.prior_examples, *examples]:
             c.check_size(*e.bucket, f"the bucket of {Path(e.path).name} at resolution {resolution}:",
                          "lower --resolution (aspect-ratio buckets are longer than it on one side) or --no-bucketing")
@@ -193,7 +195,8 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
 def attach_latents(cfg: Config, c: Components, batches: Batches, device, dtype, say) -> None:
     """The VAE's latents of the images, cached (center crops) or encoded each step, and the prefetching thread."""
     cached = cfg.train.cache_latents and cfg.augment.crop == "center"
-    prefetch = cfg.speed.prefetch and not cached  # cached latents live on the device: nothing to prepare ahead
+    # cached latents live on the device: nothing to prepare ahead, but an inpainting base's masked images
+    prefetch = cfg.speed.prefetch and (not cached or batches.inpainting is not None)
     batches.latents = Latents(c.vae, device, dtype, cached=cached, crop=cfg.augment.crop, pin=pins(device, prefetch))
     batches.prefetcher = Prefetcher(batches.prepare) if prefetch else None
     if cfg.train.cache_latents and not batches.latents.cached:
@@ -237,6 +240,18 @@ def check_family_options(cfg: Config, c: Components) -> None:
         raise ConfigError(f"lora.blocks selects transformer blocks (SD3); {fam.title} has none: leave it empty")
     if c.frozen_text and not cfg.model.t5 and any(f.present for f in c.frozen_text):
         raise ConfigError("model.t5 is off but the model came with a T5: load it with --no-t5")
+    check_inpainting(cfg, c)
+
+
+def check_inpainting(cfg: Config, c: Components) -> None:
+    """The inpainting settings need an inpainting base; a slider (prompts alone, no image to repaint) one without."""
+    if cfg.inpaint_settings and not c.inpainting:
+        raise ConfigError(f"{cfg.inpaint_settings[0]} is for inpainting bases, and {c.name} is a text-to-image model "
+                          f"(its {c.family.denoiser_attr} takes {c.denoiser.config.in_channels} input channels): "
+                          "leave it at its default, or train on an inpainting model")
+    if cfg.is_slider and c.inpainting:
+        raise ConfigError(f"{c.name} is an inpainting model; sliders and erasers train on text-to-image models: use "
+                          "the text-to-image model it was made from")
 
 
 def cache_frozen_text(cfg: Config, c: Components, device: torch.device, precision: str, varying: bool, say,
@@ -313,6 +328,7 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, con
     masks = [(d.masks, d.alpha_mask) for d in cfg.data]
     raw = [e for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say, masks=masks)
            if e.path not in held_out]
+    raw = inpaint.attach_masks(cfg, raw) if c.inpainting else raw
     examples = [dataclasses.replace(e, caption=concept.prompt(e.caption)) for e in raw]
     concept.check_captions(examples)
     captions = {d.path: list({e.path: e.caption for e in raw if e.source == i}.values())
@@ -325,7 +341,12 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, con
     batches = Batches(examples, BatchPlan(examples, cfg.train.batch_size, cfg.train.seed), prior_examples,
                       prior_plan, latents=None, conditioning=c.family.conditioning,
                       random_flip=cfg.augment.random_flip, caption_dropout=cfg.augment.caption_dropout,
-                      tag_rules=tag_rules(cfg), unmasked_weights=[d.unmasked_weight for d in cfg.data])
+                      tag_rules=tag_rules(cfg), unmasked_weights=[d.unmasked_weight for d in cfg.data],
+                      inpainting=inpaint.masks_for(cfg) if c.inpainting else None)
+    if c.inpainting and say is not None:
+        drawn = "their masks from data.inpaint_masks" if any(d.inpaint_masks for d in cfg.data) else \
+            "random rectangles and brush strokes as masks"
+        say(f"inpainting base: images train with {drawn}, {cfg.inpaint.full_mask:.0%} of them masked whole")
     return batches, captions
 
 

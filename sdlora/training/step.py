@@ -58,15 +58,18 @@ def diffusion_loss(models: Models, batch: Batch, train_cfg, gen: torch.Generator
     latents, schedule = batch.latents, models.schedule
     noise = recipe.noise(latents, gen)
     t = schedule.sample(recipe.timesteps, latents.shape[0], gen, latents.device)
-    return denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, batch.micro, batch.mask)
+    return denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, batch.micro, batch.mask,
+                        batch.inpaint)
 
 
-def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro, mask=None):
+def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro, mask=None, image=None):
     """The recipe's per-sample loss at given noise (`inputs`: what noises the latents, `noise`: what the target is
-    made of) and timesteps, weighted by the loss `mask` on the latent grid; and (noisy latents, timesteps)."""
+    made of) and timesteps, weighted by the loss `mask` on the latent grid, an inpainting base seeing its `image`
+    conditioning beside the noisy latents; and (noisy latents, timesteps)."""
     schedule = models.schedule
     noisy = schedule.noisy(latents, inputs, t)
-    pred = models.conditioning.predict(models.denoiser.wrapped, noisy, t, cond, micro)
+    pred = models.conditioning.predict(models.denoiser.wrapped, models.conditioning.denoiser_input(noisy, image), t,
+                                       cond, micro)
     tgt = schedule.target(latents, noise, t)
     if schedule.prediction_type == "flow" and recipe.precondition:
         pred, tgt = schedule.precondition(pred, tgt, t)
@@ -75,9 +78,12 @@ def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro,
     return (loss if weights is None else loss * weights.to(loss.device)), noisy, t
 
 
-def model_prior_loss(models: Models, noisy: torch.Tensor, t: torch.Tensor, micro, class_prompt: str) -> torch.Tensor:
-    """Prior preservation without class images: on the class prompt, match the base model (adapters off)."""
+def model_prior_loss(models: Models, noisy: torch.Tensor, t: torch.Tensor, micro, class_prompt: str,
+                     image: torch.Tensor | None = None) -> torch.Tensor:
+    """Prior preservation without class images: on the class prompt, match the base model (adapters off); an
+    inpainting base sees the batch's `image` conditioning."""
     n, predict = noisy.shape[0], models.conditioning.predict
+    noisy = models.conditioning.denoiser_input(noisy, image)
     with torch.no_grad(), adapters_off([models.denoiser.module]):
         base_cond = models.text([class_prompt] * n, base=True)
         base = predict(models.denoiser.module, noisy, t, base_cond, micro)
@@ -93,7 +99,7 @@ def training_step(batch: Batch, models: Models, cfg, gen: torch.Generator) -> tu
     if batch.prior is not None:
         prior = diffusion_loss(models, batch.prior, cfg.train, gen)[0].mean()
     elif cfg.prior.class_prompt and cfg.prior.mode == "model":
-        prior = model_prior_loss(models, noisy, t, batch.micro, cfg.prior.class_prompt)
+        prior = model_prior_loss(models, noisy, t, batch.micro, cfg.prior.class_prompt, batch.inpaint)
     else:
         return loss, stats
     stats["loss_prior"] = prior.detach()

@@ -87,7 +87,8 @@ class Validation:
     def loss(self, state) -> float:
         """Mean loss over the validation images (this rank's share, then averaged over ranks), each at the same
         fixed timesteps and noise every time; adapters in eval mode (no dropout), no gradients. It is the loss
-        training minimises: masked images count inside their mask (lifted by the folder's unmasked weight)."""
+        training minimises: masked images count inside their mask (lifted by the folder's unmasked weight); an
+        inpainting base repaints each image under a mask the seed fixes."""
         models = state.models.unwrapped()
         recipe = objective.Recipe.from_config(state.cfg.train)
         modules = models.modules()
@@ -121,5 +122,10 @@ class Validation:
         cond = text.conditioning.encode(text.tokenizers, text.encoders(), [ex.caption] * k, state.device) \
             if text.trainable else text([ex.caption] * k)
         micro = None if micro is None else micro[None].expand(k, *micro.shape)
-        loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro, mask)
+        inpainting, image = state.batches.inpainting, None
+        if inpainting is not None:  # an inpainting base: a mask drawn once per image by the seed
+            image = inpainting.fixed(ex, state.batches.latents, models.conditioning, [self.seed, 78, i])
+            image = image[None].expand(k, *image.shape)
+        loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro, mask,
+                                  image)
         return loss.double().mean().item()
