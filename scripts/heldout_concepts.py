@@ -148,21 +148,32 @@ def run_concept(concept: str, args, train_args, pipe, judge, base: float) -> dic
             "train_seconds": round(seconds, 1), "validation": scores, "config": cfg.to_dict(), **rows}
 
 
+def aggregate(rows: list[dict], which: str, role: str) -> dict | None:
+    """Mean and worst of the targets' figures over one role's concepts (``which``: the selected or the last file),
+    and whether the worst concept meets every target; None when no concept has that role."""
+    got = [r[which] for r in rows if r["role"] == role]
+    if not got:
+        return None
+    mean = {k: sum(g[k] for g in got) / len(got) for k in TARGETS}
+    worst = {k: (max if k == "preservation_drop" else min)(g[k] for g in got) for k in TARGETS}
+    ok = worst["concept_fidelity"] >= TARGETS["concept_fidelity"] and \
+        worst["prompt_fidelity"] >= TARGETS["prompt_fidelity"] and \
+        worst["preservation_drop"] <= TARGETS["preservation_drop"] + 1e-9
+    return {"concepts": len(got), "mean": mean, "worst": worst, "targets_met": ok}
+
+
 def summary(rows: list[dict], which: str) -> list[str]:
     """Mean and worst over the held-out concepts (and over the tuned ones), and whether the targets hold."""
     lines = []
     for role in ("held-out", "tuned"):
-        got = [r[which] for r in rows if r["role"] == role]
-        if not got:
+        agg = aggregate(rows, which, role)
+        if agg is None:
             continue
-        mean = {k: sum(g[k] for g in got) / len(got) for k in TARGETS}
-        worst = {k: (max if k == "preservation_drop" else min)(g[k] for g in got) for k in TARGETS}
-        lines.append(f"{which:8s} {role:8s} mean  " + "  ".join(f"{k} {mean[k]:6.1%}" for k in TARGETS))
-        ok = worst["concept_fidelity"] >= TARGETS["concept_fidelity"] and \
-            worst["prompt_fidelity"] >= TARGETS["prompt_fidelity"] and \
-            worst["preservation_drop"] <= TARGETS["preservation_drop"] + 1e-9
-        lines.append(f"{which:8s} {role:8s} worst " + "  ".join(f"{k} {worst[k]:6.1%}" for k in TARGETS) +
-                     ("  (targets met)" if ok else "  (targets NOT met)") * (role == "held-out"))
+        for kind in ("mean", "worst"):
+            verdict = ("  (targets met)" if agg["targets_met"] else "  (targets NOT met)") \
+                if kind == "worst" and role == "held-out" else ""
+            lines.append(f"{which:8s} {role:8s} {kind:5s} " +
+                         "  ".join(f"{k} {agg[kind][k]:6.1%}" for k in TARGETS) + verdict)
     return lines
 
 
@@ -210,14 +221,21 @@ def main(argv=None) -> None:
     ap.add_argument("--reuse", action="store_true", help="skip training where the output file exists")
     ap.add_argument("--results", type=Path, default=None, help="append each concept's figures here (JSON lines)")
     ap.add_argument("--label", default="", help="name of this configuration in --results")
-    ap.add_argument("--report-only", action="store_true", help="print the table of --label's rows in --results")
+    ap.add_argument("--report-only", action="store_true",
+                    help="print the table of --label's rows in --results (default: the last row's label)")
     args = ap.parse_args(ours)
     args.tuned = args.tuned.split(",")
     if args.n == 0 and args.selection != "eval":
         ap.error("--n 0 reports the validation figures, which only --selection eval measures")
     if args.report_only:
+        if args.results is None or not args.results.is_file():
+            ap.error("--report-only reads --results FILE (JSON lines written by an earlier run)")
         rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-        print(table([r for r in rows if r["label"] == args.label]))
+        label = args.label or (rows[-1]["label"] if rows else "")
+        rows = [r for r in rows if r["label"] == label]
+        if not rows:
+            ap.error(f"no rows labelled {label!r} in {args.results}")
+        print(f"{label}\n{table(rows)}")
         return
     tp = argparse.ArgumentParser(prog="-- (sdlora train flags)")
     add_config_flags(tp)
