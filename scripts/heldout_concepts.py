@@ -12,8 +12,9 @@ images with the shapes scorer and keeps the best), ``last`` the final file, and 
 report's; 16 concept and 36 world images) by the mean of concept fidelity, prompt fidelity and base-world accuracy,
 the later step winning ties. The picked file and the last one are then scored exactly as ``sdlora eval --n N``
 does (seed 0). Concepts are split into the ones the recipe was tuned on (``--tuned``) and the held-out ones; the
-summary gives mean and worst of the held-out ones against the targets. Each concept's figures and merged config are
-appended to ``--results`` (JSON lines); ``--report-only --label L`` prints a table from it again.
+summary gives mean and worst of the held-out ones against the targets. Each concept's figures, the trainer's
+validation scores and the merged config are appended to ``--results`` (JSON lines); ``--report-only --label L``
+prints a table from it again.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ TARGETS = {"concept_fidelity": 0.90, "prompt_fidelity": 0.85, "preservation_drop
 
 
 class Quiet(Callbacks):
+    """Progress every ``every`` steps; the trainer's validation scores kept (``history``) for the results file."""
+
     def __init__(self, every: int = 250):
-        self.every, self.t0 = every, time.time()
+        self.every, self.t0, self.history = every, time.time(), {}
 
     def on_step(self, step, stats):
         if step % self.every == 0:
@@ -56,7 +59,9 @@ class Quiet(Callbacks):
                   f"({time.time() - self.t0:.0f}s)", flush=True)
 
     def on_validation(self, step, stats):
-        parts = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if k in RECORD_KEYS and v is not None)
+        kept = {k: float(v) for k, v in stats.items() if k in RECORD_KEYS and v is not None}
+        self.history[step] = kept
+        parts = " ".join(f"{k} {v:.3f}" for k, v in kept.items())
         print(f"    image validation step {step}: {parts}", flush=True)
 
 
@@ -116,8 +121,9 @@ def run_concept(concept: str, args, train_args, pipe, judge, base: float) -> dic
     t0 = time.time()
     last = Path(cfg.output.path)
     best, step = last.with_name(f"{concept}_best.safetensors"), None
+    progress = Quiet()
     if not (args.reuse and last.is_file()):
-        result = train(cfg, Quiet())
+        result = train(cfg, progress)
         best, step = Path(result.best or last), result.best_step or None
     seconds = time.time() - t0
     scores = {}
@@ -145,7 +151,8 @@ def run_concept(concept: str, args, train_args, pipe, judge, base: float) -> dic
                            judge=judge)
             rows[name] = {"file": str(path), "source": f"sdlora eval --n {args.n}", **figures(rep)}
     return {"concept": concept, "role": "tuned" if concept in args.tuned else "held-out", "selected_step": step,
-            "train_seconds": round(seconds, 1), "validation": scores, "config": cfg.to_dict(), **rows}
+            "train_seconds": round(seconds, 1), "validation": scores,
+            "trainer_validation": progress.history, "config": cfg.to_dict(), **rows}
 
 
 def aggregate(rows: list[dict], which: str, role: str) -> dict | None:
