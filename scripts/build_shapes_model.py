@@ -2,6 +2,7 @@
 
     python scripts/build_shapes_model.py                 # ~30 min on one core -> sample_data/
     python scripts/build_shapes_model.py --quick --out /tmp/x   # seconds-long smoke run
+    python scripts/build_shapes_model.py --judge-only    # retrain only the judge on <out>/shapes-sd's VAE
 
 Writes <out>/shapes-sd (a diffusers folder), <out>/judge and <out>/base_eval.json.
 """
@@ -28,6 +29,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--unet-steps", type=int, default=None, help="override the UNet step count")
     ap.add_argument("--eval-n", type=int, default=72, help="images for the base accuracy check")
+    ap.add_argument("--judge-only", action="store_true",
+                    help="keep <out>/shapes-sd; retrain the judge (e.g. after adding shapes) and re-measure the base")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -37,13 +40,17 @@ def main(argv=None) -> None:
     def log(msg):
         print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
-    pipe = build(args.out / "shapes-sd", cfg, log)
+    if args.judge_only:
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained(args.out / "shapes-sd", safety_checker=None)
+    else:
+        pipe = build(args.out / "shapes-sd", cfg, log)
     vae = pipe.vae
 
     def roundtrip(x):
         return vae.decode(vae.encode(x).latent_dist.mean).sample
 
-    judge = train_judge(steps=cfg.judge_steps, seed=args.seed, n_images=64 if args.quick else 8400,
+    judge = train_judge(steps=cfg.judge_steps, seed=args.seed, n_images=64 if args.quick else None,
                         roundtrip=roundtrip, log=log)
     judge.save(args.out / "judge")
     log("judge saved; measuring base accuracy")

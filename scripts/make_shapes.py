@@ -19,13 +19,8 @@ def main(argv=None) -> None:
     ap.add_argument("--colours", default=",".join(shapes.COLOURS), help="comma-separated colour names")
     ap.add_argument("--trigger", default=None, help="caption word used instead of the shape name")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     samples = shapes.sample_world(args.n, args.seed, args.shapes.split(","), args.colours.split(","))
-    for i, s in enumerate(samples):
-        stem = f"{i:03d}_{s.colour}_{s.shape}"
-        s.image.save(args.out / f"{stem}.png")
-        caption = shapes.caption(args.trigger, s.colour) if args.trigger else s.caption
-        (args.out / f"{stem}.txt").write_text(caption + "\n")
+    shapes.write_folder(samples, args.out, args.trigger)
     print(f"wrote {len(samples)} images to {args.out}")
 
 

@@ -112,16 +112,21 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def train_judge(steps: int = 1200, seed: int = 0, n_images: int = 8400, batch: int = 64,
+IMAGES_PER_SHAPE = 1200
+
+
+def train_judge(steps: int = 1200, seed: int = 0, n_images: int | None = None, batch: int = 64,
                 roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 log: Callable = print) -> Judge:
-    """Train a judge on ``n_images`` generator images of every shape and colour.
+    """Train a judge on ``n_images`` generator images of every shape and colour (default: ``IMAGES_PER_SHAPE``
+    per shape).
 
     ``roundtrip`` (e.g. VAE encode+decode) is applied to half the images, once, before training, so the
     judge also sees the blur and artefacts of decoded images.
     """
     torch.manual_seed(seed)
     cfg = JudgeConfig()
+    n_images = n_images or IMAGES_PER_SHAPE * len(cfg.shapes)
     samples = sample_world(n_images, seed=seed + 1000, shapes=cfg.shapes, colours=cfg.colours)
     x = pixels([s.image for s in samples])
     if roundtrip is not None:

@@ -1,8 +1,9 @@
 """The shapes world: a seeded procedural data set of one coloured shape on a plain background.
 
 Every image is 64x64 RGB with one shape at a random position and size, captioned "a <colour> <shape>".
-The base model is trained on ``BASE_SHAPES`` only; ``HELD_OUT_SHAPES`` are never shown to it, so a LoRA
-that teaches one of them is measurably learning something new. Everything is a pure function of its
+The base model is trained on ``BASE_SHAPES`` only; ``HELD_OUT_SHAPES`` (words of its vocabulary) and
+``CONCEPT_SHAPES`` (not even words) are never shown to it, so a LoRA that teaches one of them is measurably
+learning something new. Everything is a pure function of its
 ``random.Random`` or seed, so a seed always gives the same images.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -26,7 +28,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 BASE_SHAPES = ("circle", "square", "triangle")
 HELD_OUT_SHAPES = ("star", "heart", "cross", "diamond")
-ALL_SHAPES = BASE_SHAPES + HELD_OUT_SHAPES
+CONCEPT_SHAPES = ("crescent", "arrow", "hourglass")  # added later for held-out recipe checks; not in the vocabulary
+ALL_SHAPES = BASE_SHAPES + HELD_OUT_SHAPES + CONCEPT_SHAPES
 COLOUR_JITTER = 12
 _SUPERSAMPLE = 4
 
@@ -80,6 +83,12 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
                 (cx - h, cy - w), (cx - w, cy - w)]
     if shape == "diamond":
         return [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)]
+    if shape == "hourglass":  # two triangles meeting at a narrow waist
+        w, t = r * 0.8, r * 0.15
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + t, cy), (cx + w, cy + r), (cx - w, cy + r), (cx - t, cy)]
+    if shape == "arrow":  # pointing right: a shaft and a head
+        s, h, x = r * 0.36, r * 0.9, cx + r * 0.05
+        return [(cx - r, cy - s), (x, cy - s), (x, cy - h), (cx + r, cy), (x, cy + h), (x, cy + s), (cx - r, cy + s)]
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
 
 
@@ -94,8 +103,11 @@ def render(shape: str, colour: str, rng: random.Random) -> Image.Image:
     s = _SUPERSAMPLE
     big = Image.new("RGB", (SIZE * s, SIZE * s), BACKGROUND)
     draw = ImageDraw.Draw(big)
-    if shape == "circle":
+    if shape in ("circle", "crescent"):
         draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=fill)
+        if shape == "crescent":  # a disc with an offset disc cut out, opening to the right
+            ox, rr = cx + 0.5 * r, 0.8 * r
+            draw.ellipse([(ox - rr) * s, (cy - rr) * s, (ox + rr) * s, (cy + rr) * s], fill=BACKGROUND)
     else:
         draw.polygon([(x * s, y * s) for x, y in _polygon(shape, cx, cy, r)], fill=fill)
     return big.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
@@ -113,6 +125,16 @@ def sample_world(n: int, seed: int, shapes=BASE_SHAPES, colours=tuple(COLOURS)) 
     return out
 
 
+def write_folder(samples: list[Sample], out: str | Path, trigger: str | None = None) -> None:
+    """Save samples as NNN_colour_shape.png with a .txt caption sidecar (``trigger`` instead of the shape name)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(samples):
+        stem = f"{i:03d}_{s.colour}_{s.shape}"
+        s.image.save(out / f"{stem}.png")
+        (out / f"{stem}.txt").write_text((caption(trigger, s.colour) if trigger else s.caption) + "\n")
+
+
 def base_prompts() -> list[tuple[str, str, str]]:
     """Every (prompt, shape, colour) of the base world, for evaluation."""
     return [(caption(s, c), s, c) for s in BASE_SHAPES for c in COLOURS]
@@ -120,4 +142,4 @@ def base_prompts() -> list[tuple[str, str, str]]:
 
 def world_words() -> list[str]:
     """Every word the world's captions use, held-out shapes included (each is one tokenizer token)."""
-    return ["a", *COLOURS, *ALL_SHAPES]
+    return ["a", *COLOURS, *BASE_SHAPES, *HELD_OUT_SHAPES]
