@@ -21,27 +21,28 @@ from sdlora.training import fit, fit_plan
 GiB = 2**30
 
 
-def real_saved(model_path: str, cfg: Config, text_trained: bool, device: str = "cpu") -> int:
-    """Bytes real tensors save for backward in one step of `cfg` (PyTorch's own SDPA kernels and autocast), the
-    weights placed as `setup` places them (on CUDA in the training precision); SD3's T5 encodes the captions."""
+def real_saved(model_path: str, cfg: Config, device: str = "cpu") -> int:
+    """Bytes real tensors save for backward in one `training_step` of `cfg` (PyTorch's own SDPA kernels and
+    autocast), the model set up by setup's own pieces (weights placed, adapters added); SD3's T5 encodes the
+    captions first."""
     from sdlora.models import load_components
-    from sdlora.training.adapters import target_modules
-    from sdlora.training.setup import apply_speed, layer_filter
+    from sdlora.training.batches import Batch
+    from sdlora.training.setup import (add_adapters, apply_speed, cache_frozen_text, captions_vary, place_models,
+                                       step_models)
+    from sdlora.training.step import seeded, training_step
 
-    c = load_components(model_path)
-    fam = c.family
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
-    for m in (c.denoiser, *c.text_encoders):
-        m.to(device, dtype=low if device == "cuda" and low else torch.float32)
-    apply_speed(cfg, c, torch.device(device))
-    for name in target_modules(c.denoiser, fam.target_patterns(cfg.lora.targets), layer_filter(cfg, c)):
-        c.denoiser.get_submodule(name).weight.requires_grad_(True)
-    if text_trained:
-        for name in target_modules(c.text_encoders[0], fam.text_targets):
-            c.text_encoders[0].get_submodule(name).weight.requires_grad_(True)
-    if cfg.train.gradient_checkpointing:
-        c.denoiser.enable_gradient_checkpointing()
-        c.denoiser.train()
+    c, dev, precision = load_components(model_path), torch.device(device), cfg.train.mixed_precision
+    b, lat = cfg.train.batch_size, cfg.augment.resolution // c.vae_factor
+    captions = [f"a red sks {i}" for i in range(b)]
+    cache_frozen_text(cfg, c, dev, precision, captions_vary(cfg), lambda _: None, captions)
+    wdtype = place_models(cfg, c, dev, precision)
+    apply_speed(cfg, c, dev)
+    adapters = add_adapters(cfg, c, None)
+    models = step_models(cfg, c, adapters, c.denoiser, c.text_encoders, dev)
+    models.text.trainable = adapters.text_lora
+    c.denoiser.train()
+    with torch.no_grad():
+        models.text(captions)  # the text cache, where there is one
     weights = {t.untyped_storage().data_ptr() for m in (c.denoiser, *c.text_encoders)
                for t in (*m.parameters(), *m.buffers())}
     seen = {}
@@ -52,15 +53,13 @@ def real_saved(model_path: str, cfg: Config, text_trained: bool, device: str = "
             seen[s.data_ptr()] = s.nbytes()
         return t
 
-    b, lat = cfg.train.batch_size, cfg.augment.resolution // c.vae_factor
+    micro = c.family.conditioning.micro((32, 32), (0, 0), (32, 32))
+    batch = Batch(torch.randn(b, c.denoiser.config.in_channels, lat, lat).to(dev, wdtype), captions,
+                  None if micro is None else torch.stack([micro] * b))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = torch.autocast(device, dtype=low) if low else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        with torch.set_grad_enabled(text_trained):
-            cond = fam.conditioning.encode(c.tokenizers, c.conditioning_encoders, ["a"] * b, device)
-        wdtype = next(c.denoiser.parameters()).dtype
-        noisy = torch.randn(b, c.denoiser.config.in_channels, lat, lat).to(device, wdtype)
-        pred = fam.conditioning.predict(c.denoiser, noisy, torch.zeros(b, dtype=torch.long, device=device), cond)
-        torch.nn.functional.mse_loss(pred.float(), noisy.float(), reduction="none").mean()
+        training_step(batch, models, cfg, seeded(0, 0, 0)[0])
     return sum(seen.values())
 
 
@@ -72,7 +71,7 @@ def test_meta_trace_saves_what_real_tensors_save(tiny_model, targets, text, ckpt
     cfg = tiny_config(tiny_model, ".", "o.safetensors", train__batch_size=2, train__gradient_checkpointing=ckpt,
                       train__mixed_precision=precision, lora__targets=targets, lora__train_text_encoder=text)
     got = fit._step_trace(fit.meta_model(tiny_model), cfg, 32, precision, "cpu")
-    want = real_saved(tiny_model, cfg, text)
+    want = real_saved(tiny_model, cfg)
     assert abs(got.saved - want) <= 1e-3 * want, (got.saved, want)
     assert got.peak >= got.saved
 
@@ -88,9 +87,13 @@ def test_sd3_meta_trace_saves_what_real_tensors_save(sd35m, targets, ckpt, preci
                       train__mixed_precision=precision, lora__targets=targets)
     cfg.data[0].shuffle_tags = shuffle
     got = fit._step_trace(fit.meta_model(sd35m), cfg, 32, precision, "cpu")
-    want = real_saved(sd35m, cfg, False)
+    want = real_saved(sd35m, cfg)
     assert abs(got.saved - want) <= 1e-3 * want, (got.saved, want)
     assert got.peak >= got.saved
+
+
+def numel(module: torch.nn.Module) -> int:
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
 
 
 def test_sd3_configs_and_text_cache_sizes_are_the_models(sd35m, tmp_path):
@@ -102,19 +105,23 @@ def test_sd3_configs_and_text_cache_sizes_are_the_models(sd35m, tmp_path):
     from sdlora.single_file import save_single_file
 
     c = load_components(sd35m)
+    cfg = tiny_config(sd35m, ".", "o.safetensors")
     model = fit.meta_model(sd35m)
-    counts = fit._counts(model)
-    for part, module in (("transformer", c.denoiser), ("vae", c.vae), ("text_encoder", c.text_encoders[0]),
-                         ("text_encoder_2", c.text_encoders[1]), ("text_encoder_3", c.frozen_text[0].model)):
-        assert counts[part]["params"] == sum(t.numel() for t in (*module.parameters(), *module.buffers())
-                                             if t.is_floating_point()), part
+    meta = model.components(cfg)
+
+    def parts(c):
+        return [c.denoiser, c.vae, *c.text_encoders, c.frozen_text[0].model]
+
+    assert [numel(m) for m in parts(meta)] == [numel(m) for m in parts(c)]
+    assert all(t.device.type == "meta" for m in parts(meta) for t in m.parameters())
     cond = c.family.conditioning.encode(c.tokenizers, c.conditioning_encoders, ["a red sks"], "cpu")
     assert sum(v[0].numel() for v in cond.values()) == c.family.conditioning.caption_numel(model.configs, 256)
     single = save_single_file(sd35m, tmp_path / "m.safetensors")
     bare = _strip_text_encoders(single, tmp_path / "bare.safetensors")
     for source, extra in ((str(single), ""), (str(bare), sd35m)):
         from_file = fit.meta_model(source, extra)
-        assert from_file.family.name == "sd3" and fit._counts(from_file) == counts, source
+        assert from_file.family.name == "sd3", source
+        assert [numel(m) for m in parts(from_file.components(cfg))] == [numel(m) for m in parts(c)], source
 
 
 def test_t5_counts_before_the_steps_unless_captions_vary(sd35m):
@@ -193,15 +200,24 @@ def test_weights_and_lora_size_are_what_training_holds(tiny_model, tmp_path):
             assert est.weights[part] == held, (quantize, part)
 
 
-def test_nf4_bytes_follow_bitsandbytes():
+def test_nf4_weights_quantized_on_meta_are_what_bitsandbytes_holds():
+    """setup's NF4 quantization run on meta (as the estimate runs it) holds the bytes bitsandbytes holds on the CPU:
+    4 bits a value, the absmax of each block (nested: 8 bits and an fp32 absmax per 256 blocks) and the code books."""
     import bitsandbytes as bnb
+
+    from sdlora.quantize import quantize_nf4
+    from sdlora.training.memtrace import OnMeta
 
     for shape in ((320, 768), (1280, 5120), (37, 32)):
         w = bnb.nn.Params4bit(torch.randn(shape), requires_grad=False, quant_type="nf4").to("cpu")
         s = w.quant_state
         held = sum(x.numel() * x.element_size() for x in (w.data, s.absmax, s.code, s.offset, s.state2.absmax,
                                                           s.state2.code))
-        assert fit.nf4_bytes(shape[0] * shape[1]) == held
+        with torch.device("meta"):
+            layer = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], bias=False))
+        with fit._bitsandbytes_maps(True), OnMeta():
+            quantize_nf4(layer, torch.device("cpu"), torch.float32)
+        assert fit.weight_bytes(layer) == held, shape
 
 
 def test_adamw8bit_keeps_small_tensors_in_32_bit():

@@ -157,19 +157,15 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     compile_denoiser(cfg, c)
     phases = plan_phases(cfg, has_lora=cfg.train.max_steps > 0, text_lora=adapters.text_lora,
                          has_concept=concept is not None)
-    cached = cfg.train.cache_latents and cfg.augment.crop == "center"
-    prefetch = cfg.speed.prefetch and not cached  # cached latents live on the device: nothing to prepare ahead
-    batches.latents = Latents(c.vae, acc.device, weight_dtype, cached=cached, crop=cfg.augment.crop,
-                              pin=pins(acc.device, prefetch))
-    batches.prefetcher = Prefetcher(batches.prepare) if prefetch else None
+    batches.latents = latents = make_latents(cfg, c, acc.device, weight_dtype)
+    batches.prefetcher = Prefetcher(batches.prepare) if cfg.speed.prefetch and not latents.cached else None
     if cfg.train.cache_latents and not batches.latents.cached:
         callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
     optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
     if cfg.train.cache_text and varying:
         callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
-    text = TextEncoding(c.family.conditioning, c.tokenizers, encoders + c.frozen_text, c.conditioning_encoders,
-                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text and not varying)
-    models = Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
+    models = step_models(cfg, c, adapters, denoiser, encoders, acc.device)
+    text = models.text
     state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept,
                        concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
     if examples:
@@ -180,6 +176,22 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if text.cache_allowed and not phases.main.text_trainable and concept is None:
         text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
     return state
+
+
+def make_latents(cfg: Config, c: Components, device: torch.device, dtype: torch.dtype) -> Latents:
+    """The VAE's latents: cached unless a random crop needs a fresh one every step; pixels prefetched into pinned
+    memory for a CUDA device (cached latents live on the device: nothing to prepare ahead)."""
+    cached = cfg.train.cache_latents and cfg.augment.crop == "center"
+    return Latents(c.vae, device, dtype, cached=cached, crop=cfg.augment.crop,
+                   pin=pins(device, cfg.speed.prefetch and not cached))
+
+
+def step_models(cfg: Config, c: Components, adapters: Adapters, denoiser, encoders: list, device) -> Models:
+    """What the step runs: `denoiser` and the text `encoders` as the step calls them (wrapped by accelerate where they
+    train), the text encoding (cached while the text path is frozen and captions do not vary), the noise schedule."""
+    text = TextEncoding(c.family.conditioning, c.tokenizers, encoders + c.frozen_text, c.conditioning_encoders,
+                        [bool(lr) for lr in adapters.text_lrs], device, cfg.train.cache_text and not captions_vary(cfg))
+    return Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
 
 
 def check_family_options(cfg: Config, c: Components) -> None:
