@@ -104,7 +104,7 @@ class _Tokenizer:
 
 
 class _quiet:
-    """Silence the libraries' construction warnings while building on meta."""
+    """Silence the libraries' warnings while building and setting up on meta (training itself gives them)."""
 
     def __enter__(self):
         import logging
@@ -318,7 +318,7 @@ def _trace_run(model: MetaModel, cfg: Config, device: str) -> Run:
         cfg = copy.deepcopy(cfg)
         cfg.speed.attention = "sdpa"
     c = model.components(cfg)
-    with torch.random.fork_rng(devices=[]), _bitsandbytes_maps(cfg.model.quantize == "nf4"), OnMeta():
+    with torch.random.fork_rng(devices=[]), _quiet(), _bitsandbytes_maps(cfg.model.quantize == "nf4"), OnMeta():
         s.check_family_options(cfg, c)
         run.resolution = s.resolve_resolution(cfg, c)[0]
         t5 = [f.model for f in c.frozen_text if f.model is not None]

@@ -188,13 +188,14 @@ def trace(step, modules: list[torch.nn.Module], mode_factory, backward: bool = T
     taken off the peak), nor the gradients of their trainable parameters (dropped as they are formed: a run holds
     them with its optimizer state)."""
     ignore = storages(*modules)
-    saved: dict[int, int] = {}
+    saved: dict[int, weakref.ref] = {}  # a graph dropped in the forward (DoRA's detached weight norm) frees its own
 
     def pack(t):
         s = t.untyped_storage()
         if s._cdata not in ignore:
-            saved[s._cdata] = s.nbytes()
-        return t
+            saved[s._cdata] = weakref.ref(s)
+        return t.detach()  # the tensor itself would tie an op's saved output to its graph in a reference cycle:
+        # a dropped graph would then live on until garbage collection
 
     hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
              for m in modules for p in m.parameters() if p.requires_grad]
@@ -203,7 +204,7 @@ def trace(step, modules: list[torch.nn.Module], mode_factory, backward: bool = T
         with live:
             with mode_factory(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = step()
-            held = sum(saved.values())
+            held = sum(s.nbytes() for s in (ref() for ref in saved.values()) if s is not None)
             if backward and loss is not None and loss.requires_grad:
                 loss.backward()
             del loss
