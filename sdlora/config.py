@@ -16,6 +16,7 @@ from typing import Any, get_origin, get_type_hints
 
 import tomli_w
 
+from .block_args import BLOCK_KEYS, LR_WEIGHTS, PATTERNS, check_syntax
 from .errors import ConfigError
 from .paths import default_model_path
 
@@ -35,6 +36,8 @@ NETWORK_ARGS = {
     "loha": {**_SHARED_ARGS, **_LYCORIS_ARGS},
     "lokr": {**_SHARED_ARGS, **_LYCORIS_ARGS, "factor": int, "decompose_both": bool},
 }
+# sd-scripts' per-block and per-layer network_args, which sdlora takes as [lora] fields of their own
+PER_LAYER_KEYS = (*BLOCK_KEYS, *PATTERNS)
 NETWORK_DEFAULTS = {"conv_rank": 0, "conv_alpha": 0.0, "dora_axis": "input", "use_tucker": False,
                     "rank_dropout": 0.0, "module_dropout": 0.0, "factor": -1, "decompose_both": False}
 
@@ -98,6 +101,33 @@ class LoraConfig:
                             "in A1111 and ComfyUI) or output (peft's; needed for --format diffusers); loha/lokr: "
                             "use_tucker, rank_dropout (as LyCORIS: kept rows not rescaled), module_dropout; lokr: "
                             "factor (-1 = balanced; split as LyCORIS splits it), decompose_both.")
+    # per block and per layer, in sd-scripts' spelling (sdlora/training/blocks.py; the block tables: families/)
+    block_dims: str = opt("", "sd-scripts' block_dims: the rank of each UNet block, comma-separated, 25 values on SD "
+                          "1.x/2.x (IN00-IN11, MID, OUT00-OUT11; IN00 never has LoRA) or 23 on SDXL (BASE, IN00-IN08, "
+                          "MID00-MID02, OUT00-OUT08, OUT); 0 = no LoRA in that block. Empty = rank everywhere.")
+    block_alphas: str = opt("", "sd-scripts' block_alphas: the alpha of each block (as block_dims); empty = alpha "
+                            "(0: each block's rank).")
+    conv_block_dims: str = opt("", "sd-scripts' conv_block_dims: the rank of each block's k x k convs (targets all); "
+                               "empty = conv_rank, or the block's rank.")
+    conv_block_alphas: str = opt("", "sd-scripts' conv_block_alphas: the alpha of each block's k x k convs; empty = "
+                                 "conv_alpha, or the alpha/rank ratio of alpha and rank.")
+    down_lr_weight: str = opt("", "sd-scripts' down_lr_weight: the UNet lr multiplier of each input block (12 values "
+                              "IN00-IN11 on SD 1.x/2.x, 9 on SDXL; a shorter list is filled with 1), or cosine, sine, "
+                              "linear, reverse_linear, zeros, each optionally +BASE. 0 = no LoRA in that block.")
+    mid_lr_weight: str = opt("", "sd-scripts' mid_lr_weight: the lr multiplier of the middle block (SDXL: 3 values).")
+    up_lr_weight: str = opt("", "sd-scripts' up_lr_weight: the lr multiplier of each output block (12 values "
+                            "OUT00-OUT11, 9 on SDXL), or a preset as down_lr_weight.")
+    block_lr_zero_threshold: float = opt(0.0, "sd-scripts' block_lr_zero_threshold: lr weights at or below it "
+                                         "become 0 (no LoRA in that block).", ge=0)
+    network_reg_dims: str = opt("", "Rank by regular expression, every family (SD3's joint blocks too): "
+                                "REGEX=RANK,... searched in each denoiser layer's diffusers path "
+                                "(transformer_blocks.3.attn.to_q) and its kohya name (lora_unet_joint_blocks_3_x_block_"
+                                "attn_qkv); the first match wins, over block_dims; 0 = no LoRA (sd-scripts' "
+                                "network_reg_dims).")
+    network_reg_alphas: str = opt("", "Alpha by regular expression (REGEX=ALPHA,...); a layer ranked by "
+                                  "network_reg_dims without one gets alpha (0: its rank).")
+    network_reg_lrs: str = opt("", "Learning rate by regular expression (REGEX=LR,...), over the lr and the block "
+                               "weights; 0 = no LoRA (sd-scripts' network_reg_lrs).")
 
 
 @dataclass
@@ -349,6 +379,38 @@ class OutputConfig:
 
 
 @dataclass
+class SliderConfig:
+    """A concept slider or eraser trained from prompts alone (`sdlora slider job.toml`; sdlora/training/slider.py):
+    no images, the LoRA learns from the frozen base model's own predictions on latents the base model partly
+    denoises itself, as LECO, Concept Sliders and ai-toolkit train them."""
+
+    target: str = opt("", "Slider / eraser: the prompt the LoRA acts on (e.g. 'a person', 'a circle'). Setting it "
+                      "makes the job a slider (sdlora slider), trained from prompts alone: no [[data]].",
+                      flag="slider-target")
+    positive: str = opt("", "enhance: the prompt of the +1 direction (e.g. 'a person, very old'); erase: the concept "
+                        "to remove (empty = the target).", flag="slider-positive")
+    negative: str = opt("", "enhance: the prompt of the -1 direction (e.g. 'a person, very young'; empty = the target "
+                        "itself); erase: what the target's prediction is pulled toward (empty = the empty prompt, as "
+                        "ESD).", flag="slider-negative")
+    guidance: float = opt(1.0, "eta: at +1 the LoRA moves the target's prediction by eta x (positive - negative) "
+                          "(erase: away from the concept by eta x (positive - negative)). Concept Sliders use 4, "
+                          "LECO and ESD 1.", flag="slider-guidance", gt=0)
+    action: str = opt("enhance", "enhance: a slider, trained at strength +1 toward positive and at -1 toward negative "
+                      "(ai-toolkit's two passes), used from -1 to +1; erase: an eraser (ESD, LECO), trained at +1 to "
+                      "remove the concept from the target, used from 0 to 1.", choices=("enhance", "erase"),
+                      flag="slider-action")
+    attributes: list = opt([], "Words put in front of every slider prompt in turn, one per step (Concept Sliders' "
+                           "--attributes, e.g. 'a red', 'a blue' before target 'circle'), so the LoRA learns the "
+                           "direction across them, not for one phrasing.", flag="slider-attribute")
+    anchors: list = opt([], "Prompts the LoRA must leave as the base model draws them (ai-toolkit's anchor class), one "
+                        "per step in turn, at the same strength as the pass.", flag="slider-anchor")
+    anchor_weight: float = opt(1.0, "Weight of the anchors' loss.", flag="slider-anchor-weight", ge=0)
+    denoise_steps: int = opt(50, "Each step denoises fresh noise with the base model (no LoRA, guidance 3) for a "
+                             "random 0 to N-1 of N sampler steps, and trains at the noise level reached (LECO's "
+                             "max_denoising_steps); fewer = faster steps.", flag="slider-denoise-steps", ge=2)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -362,6 +424,7 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    slider: SliderConfig = field(default_factory=SliderConfig)
     config_version: int = CONFIG_VERSION
 
     # -- derived values (defaults resolved in one place) --
@@ -394,6 +457,11 @@ class Config:
     def score_weights(self) -> dict[str, float]:
         """`validation.score_weights` parsed: a weight for every part of the combined score."""
         return parse_score_weights(self.validation.score_weights)
+
+    @property
+    def is_slider(self) -> bool:
+        """A slider or eraser job: trained from prompts (slider.target), not from images."""
+        return bool(self.slider.target.strip())
 
     @property
     def network_args(self) -> dict:
@@ -534,6 +602,9 @@ def parse_network_args(network: str, text: str) -> dict:
         if not item:
             continue
         key, sep, value = (p.strip() for p in item.partition("="))
+        if key in PER_LAYER_KEYS:
+            raise ConfigError(f"lora.network_args: {key} has an option of its own, which keeps its comma list whole: "
+                              f"--{key.replace('_', '-')} \"...\" (job file: [lora] {key} = \"...\")")
         if key not in known:
             raise ConfigError(f"lora.network_args: unknown key {key!r} for network {network} (known: "
                               f"{', '.join(known)})")
@@ -607,6 +678,52 @@ def _check_network(cfg: Config) -> None:
                           "DoRA diffusers loads): --network-args dora_axis=output, or --format kohya")
 
 
+def _check_per_layer(cfg: Config) -> None:
+    """The per-block and per-layer settings parse (their lengths are checked against the model when it loads)."""
+    check_syntax(cfg.lora)
+    used = [k for k in (*LR_WEIGHTS, "network_reg_lrs") if getattr(cfg.lora, k).strip()]
+    _rule(not used or cfg.optim.optimizer != "prodigy", f"prodigy takes one learning rate for everything it trains; "
+          f"lora.{used[0] if used else ''} gives layers their own rates: use adamw, or leave it empty")
+
+
+# what training on images uses and a slider does not: set, it would do nothing
+SLIDER_UNUSED = (("train", "timestep_sampling"), ("train", "timestep_mean"), ("train", "timestep_scale"),
+                 ("train", "mode_scale"), ("train", "flow_weighting"), ("train", "min_timestep"),
+                 ("train", "max_timestep"), ("train", "loss"), ("train", "huber_delta"), ("train", "huber_schedule"),
+                 ("train", "min_snr_gamma"), ("train", "noise_offset"), ("train", "debiased_estimation"),
+                 ("train", "multires_noise_iterations"), ("train", "multires_noise_discount"),
+                 ("train", "ip_noise_gamma"), ("augment", "crop"), ("augment", "random_flip"),
+                 ("augment", "caption_dropout"), ("lora", "train_text_encoder"), ("pivotal", "token"),
+                 ("prior", "class_prompt"), ("validation", "data"), ("validation", "split"))
+
+
+def check_slider(cfg: Config) -> None:
+    """A slider job's settings: the prompts make a direction, and nothing that only training on images uses is set;
+    without slider.target, no other slider setting may be."""
+    sl, default = cfg.slider, SliderConfig()
+    if not cfg.is_slider:
+        changed = [f.name for f in fields(sl) if getattr(sl, f.name) != getattr(default, f.name)]
+        _rule(not changed, f"slider.{changed[0] if changed else ''} is set but slider.target is empty: give the "
+              "prompt the slider acts on (--slider-target)")
+        return
+    _rule(not cfg.data, "a slider trains from prompts alone: remove the [[data]] folders (sdlora has no image-pair "
+          "sliders)")
+    _rule(sl.action == "erase" or bool(sl.positive.strip()), "slider.action enhance needs slider.positive, the prompt "
+          "of the +1 direction (--slider-positive)")
+    positive = sl.positive or sl.target
+    negative = sl.negative or (sl.target if sl.action == "enhance" else "")
+    _rule(positive.strip() != negative.strip(), f"slider.positive and negative are both {positive!r}: the LoRA would "
+          "learn no direction")
+    _rule(bool(sl.anchors) or sl.anchor_weight == default.anchor_weight, "slider.anchor_weight needs slider.anchors")
+    _rule(cfg.lora.network != "dora", "a slider is used at negative strengths, where a DoRA's update is not the "
+          "mirror of +1: use lora, loha or lokr")
+    defaults = Config()
+    for section, name in SLIDER_UNUSED:
+        _rule(getattr(getattr(cfg, section), name) == getattr(getattr(defaults, section), name),
+              f"{section}.{name} is for training on images; a slider (prompts alone, denoiser LoRA) does not use it: "
+              "leave it at its default")
+
+
 def validate(cfg: Config, check_paths: bool = True) -> Config:
     """Fail fast, in one line, on anything that would otherwise fail (or silently misbehave) later."""
     checks = [
@@ -616,15 +733,17 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         (not cfg.pivotal.token or " " not in cfg.pivotal.token.strip(),
          f"pivotal.token must be one word like '<s1>', got {cfg.pivotal.token!r}"),
         (cfg.output.path.endswith(".safetensors"), f"output.path must end in .safetensors, got {cfg.output.path!r}"),
-        (bool(cfg.data), "no training data: give --data DIR or a [[data]] table in the config"),
+        (bool(cfg.data) or cfg.is_slider, "no training data: give --data DIR or a [[data]] table in the config"),
     ]
     for section, i, obj in _objects(cfg):
         for f in fields(obj):
             _check_field(f"{section}[{i}]" if i is not None else section, f, getattr(obj, f.name))
+    check_slider(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     _check_network(cfg)
+    _check_per_layer(cfg)
     for i, folder in enumerate(cfg.data):
         if not folder.path.strip():
             raise ConfigError(f"data[{i}].path is empty; give the folder of training images (--data DIR)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, ModelError
-from .families import FAMILIES, Family, detect_family
+from .families import FAMILIES, Family, folder_family
 
 
 @dataclass
@@ -124,33 +124,6 @@ def _tokenizer(cls, source: str, subfolder: str, family: Family):
     return tok
 
 
-def _folder_family(source: str) -> Family:
-    """The family of a diffusers folder or hub id, from its model_index.json and denoiser config."""
-    import diffusers
-    from diffusers import DiffusionPipeline
-
-    try:
-        index = DiffusionPipeline.load_config(source)
-    except (OSError, ValueError) as e:
-        if Path(source).exists():
-            raise ModelError(f"{source} is not a diffusers model folder: {str(e).splitlines()[0]}") from None
-        raise ModelError(f"could not load '{source}': not a local folder, and the hub is not reachable or has "
-                         "no such model; pass a local diffusers folder") from None
-    parts = {k: v for k, v in index.items() if isinstance(v, (list, tuple)) and v[0]}
-    sub = "transformer" if "transformer" in parts else "unet"
-    cls = parts.get(sub, [None, "UNet2DConditionModel"])[1]
-    if sub not in parts or cls not in ("UNet2DConditionModel", "SD3Transformer2DModel"):
-        what = f"a {cls} ({index.get('_class_name', 'unknown pipeline')})" if sub in parts else \
-            "no unet/ or transformer/"
-        raise ModelError(f"{source} has {what}: not supported; sdlora trains SD 1.x/2.x, SDXL and SD3/3.5 models")
-    try:
-        config = getattr(diffusers, cls).load_config(source, subfolder=sub)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{source} is not a diffusers model folder (no usable '{sub}/'): "
-                         f"{str(e).splitlines()[0]}") from None
-    return detect_family(config, set(parts))
-
-
 def load_components(source: str, prediction_type: str = "auto", *, text_encoders: str = "",
                     t5: bool | None = True, t5_length: int = 256, dtype: torch.dtype | None = None) -> Components:
     """Tokenizers, text encoders, VAE, denoiser and schedulers of a diffusers folder, a hub id or a single file.
@@ -171,7 +144,7 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
         family = FAMILIES[detect_checkpoint(source).family]
         sample_scheduler = parts["scheduler"]
     else:
-        family = _folder_family(source)
+        family = folder_family(source)
         as_dtype = {"torch_dtype": dtype} if dtype is not None else {}
         parts = {"vae": _from_pretrained(AutoencoderKL, source, "vae"),
                  family.denoiser_attr: _from_pretrained(getattr(diffusers, family.denoiser_class), source,
@@ -192,19 +165,17 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
         sample_scheduler = _load_scheduler(source)
     noise_scheduler, sample_scheduler = training_scheduler(sample_scheduler, prediction_type, family)
     denoiser = parts[family.denoiser_attr]
-    frozen = [frozen_text(parts.get(s.attr), parts.get(s.tokenizer_attr), denoiser.config, t5_length)
+    frozen = [frozen_text(family, parts.get(s.attr), parts.get(s.tokenizer_attr), denoiser.config, t5_length)
               for s in family.frozen_encoders]
     return freeze(Components(family, source, denoiser, parts["vae"],
                              [parts[s.tokenizer_attr] for s in family.text_encoders],
                              [parts[s.attr] for s in family.text_encoders], noise_scheduler, sample_scheduler, frozen))
 
 
-def frozen_text(model, tokenizer, denoiser_config, length: int):
+def frozen_text(family: Family, model, tokenizer, denoiser_config, length: int):
     """The conditioning's frozen text part (SD3: a T5Text of `length` tokens at the transformer's joint width, from
     the denoiser's config); `model` None: none is loaded."""
-    from .families.sd3 import T5Text
-
-    return T5Text(tokenizer, model, length, denoiser_config["joint_attention_dim"])
+    return family.conditioning.frozen_text(model, tokenizer, denoiser_config, length)
 
 
 def training_scheduler(sample_scheduler, prediction_type: str, family: Family):

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
-from test_train import Capture
+from conftest import Capture, draw_images, tiny_config
 
 from sdlora import train
 from sdlora.config import Config
@@ -303,6 +302,24 @@ def test_each_network_costs_what_a_real_step_holds(tiny_model, images, tmp_path)
         more, more_est = measured[network] - measured["lora"], estimated[network] - estimated["lora"]
         assert more > 0.1 * measured["lora"] and abs(more_est - more) <= 0.03 * measured["lora"], (network, more,
                                                                                                     more_est)
+
+
+@pytest.mark.parametrize("network", ["lora", "loha"])
+def test_per_block_ranks_cost_what_a_real_step_holds(tiny_model, images, tmp_path, network):
+    """Ranks per block (sd-scripts' block_dims / conv_block_dims: a rank per block, 0 = none) change the estimate's
+    parameters and activations as they change a real run's."""
+    dims = [4] * 25
+    dims[1], dims[3], dims[4], dims[12], dims[16] = 2, 3, 5, 0, 8
+    cfg = tiny_config(tiny_model, images, tmp_path / "b.safetensors", train__batch_size=2, lora__targets="all",
+                      lora__network=network, lora__block_dims=",".join(map(str, dims)),
+                      lora__conv_block_dims=",".join(["2"] * 25))
+    est = fit.estimate(cfg, "cpu")
+    peak, params = real_step_peak(cfg)
+    assert est.lora_params == params
+    assert est.activations * 0.98 <= peak <= est.activations + 4 * params, (est.activations, peak)
+    uniform = copy.deepcopy(cfg)
+    uniform.lora.block_dims = uniform.lora.conv_block_dims = ""
+    assert fit.estimate(uniform, "cpu").lora_params != params
 
 
 def test_sizes_parse():

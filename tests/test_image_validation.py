@@ -159,7 +159,7 @@ def test_validation_draws_the_weights_a_file_gets_and_the_base_model(tiny_model,
     from diffusers import StableDiffusionPipeline
 
     from sdlora.loras.apply import load_lora_into
-    from sdlora.scoring.base import make_scorer
+    from sdlora.scoring.make import make_scorer
 
     made = []
     monkeypatch.setattr(image_validation, "make_scorer",

@@ -12,10 +12,9 @@ import json
 
 import pytest
 import torch
-from conftest import draw_images, launch_two, tiny_config
+from conftest import Capture, StopAt, draw_images, fresh_pipeline, launch_two, tiny_config, unet_and_te_outputs
 from test_qlora import quantized_linears, use_weights
 from test_sdxl import xl_outputs
-from test_train import Capture, StopAt, fresh_pipeline, unet_and_te_outputs
 
 from sdlora import convert_lora, merge_into_model, train
 from sdlora.callbacks import Commands
@@ -96,7 +95,7 @@ def test_trained_file_reproduces_the_trainer_applied_or_merged(tiny_model, image
 
 def test_dora_on_the_output_axis_loads_in_diffusers(tiny_model, images, tmp_path, caplog):
     """--format diffusers: peft's lora_magnitude_vector, which diffusers' own loader reads (use_dora)."""
-    from test_train import load_checked
+    from conftest import load_checked
 
     cfg = network_config(tiny_model, images, tmp_path / "o" / "d.safetensors", "dora", "dora_axis=output")
     cfg.output.format = "diffusers"

@@ -185,8 +185,7 @@ def comfyui_lokr_weight(t: dict, base: str, weight: torch.Tensor, strength: floa
 
 
 def _train_network(model, data, out, network, args, rank=2, steps=2, **kw):
-    from conftest import tiny_config
-    from test_train import Capture
+    from conftest import Capture, tiny_config
 
     from sdlora import train
 
@@ -416,9 +415,8 @@ def test_validation_loss_is_the_masked_loss_training_minimises(tiny_model, tmp_p
     import dataclasses
 
     import numpy as np
-    from conftest import draw_images, tiny_config
+    from conftest import Capture, draw_images, tiny_config
     from PIL import Image
-    from test_train import Capture
 
     from sdlora import train
 

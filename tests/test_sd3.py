@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
-from test_train import Capture, load_checked
+from conftest import Capture, draw_images, load_checked, tiny_config
 
 from sdlora import train
 from sdlora.loras.files import read_lora
@@ -221,7 +220,7 @@ def _comfy_merged(pipe, path):
     'lora_te2_' + the CLIP key), W += alpha / lora_down.shape[0] * up @ down on the original (fused) weights."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    from sdlora.single_file_sd3 import original_transformer
+    from sdlora.families.sd3 import original_transformer
 
     tensors, _ = read_lora(path)
     parts = {"lora_unet_": {k[len("model.diffusion_model."):]: v.clone() for k, v in
@@ -352,7 +351,7 @@ def _sd1_lora(model, tmp_path):
 def test_stop_and_resume_is_bit_exact_and_the_loss_falls(sd3_no_t5, tmp_path):
     import json
 
-    from test_train import StopAt
+    from conftest import StopAt
 
     from sdlora.callbacks import Commands
 

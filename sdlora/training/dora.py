@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..loras.modules import weight_norm
-
-MAGNITUDE = "lora_input_magnitude"  # a 'lora_' name: peft's state dicts (checkpoints, the file) carry it
+from ..loras.networks import INPUT_MAGNITUDE as MAGNITUDE
 
 
 def add_input_dora(model: torch.nn.Module) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from ..config import Config
 from ..errors import ModelError
-from ..families import FAMILIES, Family, TextEncoderSlot
+from ..families import FAMILIES, Family, TextEncoderSlot, folder_family
 from ..models import Components
 from .data import IMAGE_EXTS
 from .memtrace import MetaStep, OnMeta, Trace, checkpointing, trace
@@ -125,7 +125,7 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
     read. A frozen encoder (SD3's T5) is there where the model has one."""
     import diffusers
 
-    from ..models import _folder_family, _load_scheduler
+    from ..models import _load_scheduler
 
     if Path(source).is_file():
         from ..single_file import detect_checkpoint
@@ -133,11 +133,9 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
         info = detect_checkpoint(source)
         family, configs = FAMILIES[info.family], info.configs
         if any(s.attr not in configs for s in (*family.text_encoders, *family.frozen_encoders)):
-            from ..single_file_sd3 import part_configs
-
-            configs = part_configs(configs, text_encoders)
+            configs = family.single_file.part_configs(configs, text_encoders)
         return MetaModel(family, {**configs, "scheduler": _shipped_scheduler(family, info.prediction_type)}, source)
-    family = _folder_family(source)
+    family = folder_family(source)
     try:
         configs = {family.denoiser_attr: dict(getattr(diffusers, family.denoiser_class).load_config(
                        source, subfolder=family.denoiser_attr)),
@@ -155,9 +153,9 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
 
 def _shipped_scheduler(family: Family, prediction_type: str = "") -> dict:
     """The family's scheduler config as sdlora ships it (a single file's), with the model's prediction type."""
-    from ..single_file import _asset
+    from ..families.checkpoint import asset
 
-    sched = _asset(family.name, "scheduler")
+    sched = asset(family.name, "scheduler")
     return {**sched, "prediction_type": prediction_type} if "prediction_type" in sched and prediction_type else sched
 
 
@@ -420,9 +418,7 @@ def _step_trace(model: MetaModel, cfg: Config, res: int, precision: str, device:
 
 def _parts(c: Components) -> dict:
     """The parts held through the steps, by pipeline attribute: denoiser, VAE, text encoders."""
-    fam = c.family
-    return {fam.denoiser_attr: c.denoiser, "vae": c.vae, **{s.attr: e for s, e in zip(fam.text_encoders,
-                                                                                       c.text_encoders)}}
+    return c.family.parts(c.denoiser, c.text_encoders, c.vae)
 
 
 def weight_bytes(*modules: torch.nn.Module) -> int:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..scoring.base import Scorer, Shots, has_trigger, make_scorer
+from ..scoring.base import Scorer, Shots, has_trigger
+from ..scoring.make import make_scorer
 
 CONCEPT_PROMPTS, PRESERVATION_PROMPTS = 4, 2  # default prompts drawn from the training captions
 MAX_REFERENCE = 64  # training images scored against (evenly spread when there are more)
@@ -191,7 +192,6 @@ def render_shots(state, shots: list, steps: int, guidance: float, size: int) -> 
     """Each shot (prompt, seed) rendered with the models as they are (None shots give None), the pivotal trigger
     replaced by its token; consecutive shots with the same negative prompt render as one batch."""
     from ..sampling import render
-    from .output import sample_embeds
 
     c = state.components
     modes = [m.training for m in (c.denoiser, *c.text_encoders)]
@@ -211,7 +211,7 @@ def render_shots(state, shots: list, steps: int, guidance: float, size: int) -> 
                 j += 1
             with state.acc.autocast():
                 images = render(pipe, [state.prompt(p.text) for p, _ in shots[i:j]], shots[i][1], steps, guidance,
-                                size, size, shots[i][0].negative, batch=16, embeds=sample_embeds(state))
+                                size, size, shots[i][0].negative, batch=16, embeds=state.models.text.for_pipeline())
             out[i:j] = images
             i = j
     finally:

@@ -154,7 +154,7 @@ def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[flo
         sync = micro == cfg.train.grad_accum - 1
         with acc.no_sync(state.models.denoiser) if not sync and state.world > 1 else contextlib.nullcontext(), \
                 acc.autocast():
-            loss, stats = training_step(batch, state.models, cfg, gen)
+            loss, stats = (state.objective or training_step)(batch, state.models, cfg, gen)
         if read and not torch.isfinite(loss):
             raise _non_finite(state, loss.item(), step + 1)
         acc.backward(loss / cfg.train.grad_accum)

@@ -54,7 +54,7 @@ def adapted_ranks(state: TrainState, states: dict) -> dict[str, dict[str, tuple[
     from .adapters import layer_ranks
 
     c = state.components
-    parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders), **{c.family.denoiser_attr: c.denoiser})
+    parts = c.family.parts(c.denoiser, c.text_encoders)
     return {part: layer_ranks(parts[part]) for part in states}
 
 
@@ -123,7 +123,7 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
         for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
             with state.acc.autocast(), lora_scaled([c.denoiser, *c.text_encoders], sp.lora_scale):
                 image = render(pipe, [state.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width, sp.height,
-                               sp.negative, embeds=sample_embeds(state))[0]
+                               sp.negative, embeds=state.models.text.for_pipeline())[0]
             settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
             path = folder / f"step_{step:07d}_{i}.png"
             paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))
@@ -133,20 +133,6 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
         log.write("".join(json.dumps(r) + "\n" for r in records))
     callbacks.on_sample(step, paths)
     return paths
-
-
-def sample_embeds(state: TrainState):
-    """For families whose samples come from the training text path (SD3: its T5 is cached and released), the
-    function giving the pipeline's embedding arguments for prompts and negative prompts; None for the others."""
-    conditioning, text = state.components.family.conditioning, state.models.text
-    if not conditioning.samples_from_embeddings:
-        return None
-
-    def embeds(prompts: list[str], negatives: list[str]) -> dict:
-        def encode(texts):
-            return conditioning.encode(text.tokenizers, text.raw_encoders, texts, text.device)
-        return conditioning.pipeline_embeds(encode(prompts), encode(negatives))
-    return embeds
 
 
 def _a1111_text(sp: SamplePrompt) -> str:

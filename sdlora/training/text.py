@@ -60,3 +60,15 @@ class TextEncoding:
         """Encode these captions into the cache now (so no encoder runs during the steps)."""
         for start in range(0, len(captions), chunk):
             self(captions[start:start + chunk])
+
+    def for_pipeline(self):
+        """For families whose samples come from the training text path (SD3: its T5 is cached and released), the
+        function giving a pipeline's embedding arguments for prompts and negative prompts; None for the others."""
+        if not self.conditioning.samples_from_embeddings:
+            return None
+
+        def embeds(prompts: list[str], negatives: list[str]) -> dict:
+            def encode(texts):
+                return self.conditioning.encode(self.tokenizers, self.raw_encoders, texts, self.device)
+            return self.conditioning.pipeline_embeds(encode(prompts), encode(negatives))
+        return embeds
