@@ -273,7 +273,7 @@ def real_step_peak(cfg: Config) -> tuple[int, int]:
     state.models.denoiser.train()
     batch = state.batches.fetch(0, rng)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss, _ = training_step(batch, state.models, cfg, gen)
+        loss, _ = (state.objective or training_step)(batch, state.models, cfg, gen)
         loss.backward()
         del loss
     trace = Path(cfg.output.path).with_suffix(".trace.json")
@@ -320,6 +320,21 @@ def test_per_block_ranks_cost_what_a_real_step_holds(tiny_model, images, tmp_pat
     uniform = copy.deepcopy(cfg)
     uniform.lora.block_dims = uniform.lora.conv_block_dims = ""
     assert fit.estimate(uniform, "cpu").lora_params != params
+
+
+@pytest.mark.parametrize("anchors", [[], ["a photo of a cat"]])
+def test_a_slider_costs_what_its_real_step_holds(tiny_model, tmp_path, anchors):
+    """A slider's step (denoising passes without gradients, then the pass that trains, with its anchors in the same
+    batch) against the peak PyTorch's CPU allocator holds in the real one."""
+    cfg = tiny_config(tiny_model, ".", tmp_path / "s.safetensors", train__batch_size=2, lora__targets="all")
+    cfg.data, cfg.slider.denoise_steps = [], 4
+    cfg.slider.target, cfg.slider.positive, cfg.slider.negative = "a dog", "a happy dog", "a sad dog"
+    cfg.slider.anchors = anchors
+    est = fit.estimate(cfg, "cpu")
+    peak, params = real_step_peak(cfg)
+    assert est.lora_params == params
+    # the first pass's gradients and the denoised latents and predictions stay through the second pass
+    assert abs(peak - est.activations) <= 0.04 * est.activations, (est.activations, peak)
 
 
 def test_sizes_parse():

@@ -212,9 +212,15 @@ def estimate(cfg: Config, device: str = "cuda", model: MetaModel | None = None,
     from .setup import mixed_precision
 
     model = model or meta_model(cfg.model_path, cfg.model.text_encoders)
-    run, precision = traced_run(model, cfg, device), mixed_precision(cfg, device)
+    job, notes = cfg, []
+    if cfg.is_slider:  # its denoising passes keep no graph; the pass that trains runs the target with its anchors
+        notes.append("slider: the step that trains is estimated as an image step" +
+                     (" of twice the batch (target and anchors)" if cfg.slider.anchors else ""))
+        job = copy.deepcopy(cfg)
+        job.train.batch_size *= 2 if cfg.slider.anchors else 1
+    run, precision = traced_run(model, job, device), mixed_precision(cfg, device)
     trainable = sum(n * (4 + 4 + _optimizer_bytes(cfg.optim.optimizer, n)) for n in run.lora)  # fp32 weight, grad
-    activations, notes = run.step.peak, []
+    activations = run.step.peak
     if run.vae is not None:
         activations = max(activations, run.vae.peak)
         notes.append("latents not cached: the VAE encodes every step")
