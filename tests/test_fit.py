@@ -62,7 +62,7 @@ def real_saved(model_path: str, cfg: Config, device: str = "cpu") -> int:
         loss = training_step(batch, models, cfg, seeded(0, 0, 0)[0])
     held = [ref() for ref in seen.values()]
     del loss
-    return sum(s.nbytes() for s in held if s is not None)
+    return sum(storage.nbytes() for storage in held if storage is not None)
 
 
 @pytest.mark.parametrize("targets,text,ckpt,precision", [
