@@ -3,7 +3,7 @@ downloaded).
 
     python scripts/bench_train.py [--family sd1 sdxl sd3] [--resolution PX] [--batch 1 4]
                                   [--modes cached uncached nf4 t5-kept] [--precision auto] [--switches] [--profile]
-                                  [--optimizers] [--steps N] [--warmup N] [--tiny]
+                                  [--optimizers] [--networks [NET ...]] [--steps N] [--warmup N] [--tiny]
     python scripts/bench_train.py --family sd3 --modes cached t5-kept nf4 [--sd3-blocks 24] [--t5-layers 24]
 
 sdlora's own trainer (`setup`, then `optimizer_step` with the loss left on the device) with LoRA rank 4 on the UNet
@@ -21,7 +21,10 @@ models (a dry run). Default resolution: 512 px (SDXL and SD3 1024) on CUDA, 256 
 SD3: `t5-kept` is T5 kept in memory and encoding every step (captions whose tags shuffle), against the default of
 every caption encoded once and T5 released; `--sd3-blocks` / `--t5-layers` take fewer of SD3.5 Medium's blocks /
 T5-XXL's layers where memory is short. `--optimizers` adds one row per optimizer (cached, the first family and
-batch) with the bytes of its state as a checkpoint stores it.
+batch) with the bytes of its state as a checkpoint stores it. `--networks` (`--only-networks`: only these) adds one
+row per network type (lora, dora, loha, lokr; cached, the first family and batch) with an adapter on every layer
+(lora.targets all), where what each network holds beyond LoRA is largest; scripts/fit_vs_bench.py checks the fit
+estimate against every row.
 """
 
 from __future__ import annotations
@@ -216,7 +219,7 @@ def plan(args, cuda: bool) -> list[dict]:
                 if family == "sd3":
                     spec.update(sd3_blocks=args.sd3_blocks, t5_layers=args.t5_layers, t5_kept=mode == "t5-kept")
                 specs.append(spec)
-    core, specs = specs, [] if args.only_switches else specs
+    core, specs = specs, [] if args.only_switches or args.only_networks is not None else specs
     if args.switches or args.only_switches:
         base = dict(core[0], cached=True, quantize="none")
         base["batch"] = max(args.batch) if cuda else min(args.batch)
@@ -232,6 +235,13 @@ def plan(args, cuda: bool) -> list[dict]:
         for name in OPTIMIZERS:
             specs.append(dict(core[0], cached=True, quantize="none", t5_kept=False, switch=f"optimizer {name}",
                               overrides={"optim.optimizer": name, "optim.lr": OPTIMIZER_LR.get(name, 1e-4)}))
+    networks = args.only_networks if args.only_networks is not None else args.networks
+    if networks is not None:
+        from sdlora.config import NETWORKS
+
+        for name in networks or NETWORKS:
+            specs.append(dict(core[0], cached=True, quantize="none", t5_kept=False, switch=f"network {name}",
+                              overrides={"lora.network": name, "lora.targets": "all"}))
     if args.profile:
         specs.append(dict(core[0], cached=True, quantize="none", batch=max(args.batch), profile=True,
                           switch="profile"))
@@ -334,6 +344,12 @@ def markdown(env: dict, rows: list[dict]) -> str:
             out.append(f"- {r['switch']}: {step_time(r):.3f} s/step, state {r['state_mib']:.2f} MiB "
                        f"({r['state_mib'] * 2**20 / r['lora_params']:.2f} bytes per LoRA parameter, "
                        f"{r['lora_params']:,} parameters)")
+    for r in rows:
+        if r.get("switch", "").startswith("network ") and "error" not in r:
+            peak = f"{r['peak_allocated_gb']:.2f} GiB allocated" if r["device"] == "cuda" else \
+                f"{r['peak_rss_gb']:.2f} GiB RSS"
+            out.append(f"- {r['switch']} on every layer: {step_time(r):.3f} s/step, peak {peak}, "
+                       f"{r['lora_params']:,} parameters")
     failed = [r for r in rows if "error" in r]
     out += [f"- failed: {r['family']} {r.get('switch') or ''} {r['error']}" for r in failed]
     where = env["gpu"] or env["cpu"]
@@ -367,6 +383,9 @@ def main() -> None:
     p.add_argument("--only-switches", action="store_true", help="Only the speed-switch pairs.")
     p.add_argument("--profile", action="store_true", help="Add a profiled row (top kernels).")
     p.add_argument("--optimizers", action="store_true", help="Add one row per optimizer (s/step, state bytes).")
+    p.add_argument("--networks", nargs="*", metavar="NETWORK",
+                   help="Add one row per network type (all, or those named), an adapter on every layer.")
+    p.add_argument("--only-networks", nargs="*", metavar="NETWORK", help="Only the network-type rows.")
     p.add_argument("--tiny", action="store_true", help="The test suite's tiny models (a dry run).")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="Folder for the JSON and markdown.")
     p.add_argument("--note", default="", help="A remark stored with the results (e.g. other load on the machine).")

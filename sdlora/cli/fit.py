@@ -60,10 +60,7 @@ def cmd_fit(args) -> int:
 
 def report(label: str, cfg, model, est) -> str:
     """The estimate, part by part, in GiB."""
-    from ..training.fit import resolution_of
-
     g = 2**30
-    res = resolution_of(cfg, model)
     weights = "  ".join(f"{k} {v / g:.2f}" for k, v in est.weights.items())
     what = "CUDA context and allocator slack" if est.device == "cuda" else "the process (Python and libraries)"
     rows = [
@@ -75,7 +72,7 @@ def report(label: str, cfg, model, est) -> str:
         *([("peak before the steps (loading the model, caching its text)", est.load)] if est.load else []),
         ("total", est.total),
     ]
-    head = (f"{label}: {model.family.name}, {res} px, batch {cfg.train.batch_size}, {est.precision} on {est.device}"
-            f"{', gradient checkpointing' if cfg.train.gradient_checkpointing else ''}")
+    head = (f"{label}: {model.family.name}, {est.resolution} px, batch {cfg.train.batch_size}, {est.precision} on "
+            f"{est.device}{', gradient checkpointing' if cfg.train.gradient_checkpointing else ''}")
     return "\n".join([head] + [f"  {name:<78}{v / g:>7.2f} GiB" for name, v in rows] + [f"  note: {n}" for n in
                                                                                         est.notes])

@@ -16,7 +16,7 @@ tags) it stays and encodes each batch: its weights count in the step's peak. `--
 from __future__ import annotations
 
 import contextlib
-import math
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +25,9 @@ import torch
 from ..config import Config
 from ..errors import ModelError
 from ..families import FAMILIES, Family, TextEncoderSlot, folder_family
+from ..models import Components
 from .data import IMAGE_EXTS
-from .memtrace import MetaStep, Trace, checkpointing, mark_trainable, trace
+from .memtrace import MetaStep, OnMeta, Trace, checkpointing, trace
 
 GiB = 2**30
 CUDA_CONTEXT = int(0.6 * GiB)   # CUDA context, cuBLAS/cuDNN workspaces (outside PyTorch's allocator counts)
@@ -39,10 +40,11 @@ OPTIMIZER_STATE = {"adamw": 8, "adamw8bit": 2, "adamw-schedulefree": 8, "prodigy
 
 @dataclass
 class MetaModel:
-    """A model's family and the diffusers/transformers configs of its parts, to build on the meta device."""
+    """A model's family and the configs of its parts (diffusers/transformers models, the scheduler), to build on the
+    meta device."""
 
     family: Family
-    configs: dict            # denoiser (unet / transformer), vae, text encoders, frozen encoders -> config dict
+    configs: dict            # denoiser (unet / transformer), vae, text encoders, frozen encoders, scheduler -> config
     source: str
 
     @property
@@ -60,20 +62,25 @@ class MetaModel:
         """The family's frozen encoders this model has (SD3's T5, where it has one)."""
         return [s for s in self.family.frozen_encoders if s.attr in self.configs]
 
-    def build(self):
-        """(denoiser, vae, text encoders, frozen encoders) on the meta device, frozen."""
+    def components(self, cfg: Config) -> Components:
+        """The parts as `models.load_components` gives them, on the meta device (as loaded: fp32, frozen; T5 as
+        `cfg.model.t5` loads it), with tokenizers that give every caption its full length of token ids."""
         import diffusers
 
-        fam = self.family
+        from ..models import freeze, frozen_text, training_scheduler
+
+        fam, sched = self.family, dict(self.configs["scheduler"])
         with torch.device("meta"), _quiet():
             denoiser = getattr(diffusers, fam.denoiser_class).from_config(self.denoiser_config)
             vae = diffusers.AutoencoderKL.from_config(self.configs["vae"])
             encoders = [_encoder(s, self.configs[s.attr]) for s in fam.text_encoders]
-            frozen = [_encoder(s, self.configs[s.attr]) for s in self.frozen_slots]
-        for m in (denoiser, vae, *encoders, *frozen):
-            m.requires_grad_(False)
-            m.eval()
-        return denoiser, vae, encoders, frozen
+            t5 = {s.attr: _encoder(s, self.configs[s.attr]) for s in self.frozen_slots if cfg.model.t5}
+        frozen = [frozen_text(fam, t5.get(s.attr), _Tokenizer(0), denoiser.config, cfg.model.t5_max_length)
+                  for s in fam.frozen_encoders]
+        sample = getattr(diffusers, sched.pop("_class_name")).from_config(sched)
+        return freeze(Components(fam, self.source, denoiser, vae,
+                                 [_Tokenizer(e.config.max_position_embeddings) for e in encoders], encoders,
+                                 *training_scheduler(sample, cfg.model.prediction_type, fam), frozen))
 
 
 def _encoder(slot: TextEncoderSlot, config: dict):
@@ -83,8 +90,21 @@ def _encoder(slot: TextEncoderSlot, config: dict):
     return cls(cls.config_class.from_dict(config))
 
 
+class _Tokenizer:
+    """Stands in for a tokenizer on meta: every caption is `max_length` token ids (zeros)."""
+
+    def __init__(self, model_max_length: int):
+        self.model_max_length = model_max_length
+
+    def __call__(self, captions, max_length=None, **kw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.zeros(len(captions), max_length or self.model_max_length,
+                                                     dtype=torch.long))
+
+
 class _quiet:
-    """Silence the libraries' construction warnings while building on meta."""
+    """Silence the libraries' warnings while building and setting up on meta (training itself gives them)."""
 
     def __enter__(self):
         import logging
@@ -105,6 +125,8 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
     read. A frozen encoder (SD3's T5) is there where the model has one."""
     import diffusers
 
+    from ..models import _load_scheduler
+
     if Path(source).is_file():
         from ..single_file import detect_checkpoint
 
@@ -112,7 +134,7 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
         family, configs = FAMILIES[info.family], info.configs
         if any(s.attr not in configs for s in (*family.text_encoders, *family.frozen_encoders)):
             configs = family.single_file.part_configs(configs, text_encoders)
-        return MetaModel(family, configs, source)
+        return MetaModel(family, {**configs, "scheduler": _shipped_scheduler(family, info.prediction_type)}, source)
     family = folder_family(source)
     try:
         configs = {family.denoiser_attr: dict(getattr(diffusers, family.denoiser_class).load_config(
@@ -125,7 +147,16 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
     for slot in family.frozen_encoders:
         with contextlib.suppress(OSError, ValueError):  # a model without T5 (it trains with --no-t5)
             configs[slot.attr] = _encoder_config(slot, source)
-    return MetaModel(family, configs, source)
+    sched = _load_scheduler(source)
+    return MetaModel(family, {**configs, "scheduler": {**sched.config, "_class_name": type(sched).__name__}}, source)
+
+
+def _shipped_scheduler(family: Family, prediction_type: str = "") -> dict:
+    """The family's scheduler config as sdlora ships it (a single file's), with the model's prediction type."""
+    from ..families.checkpoint import asset
+
+    sched = asset(family.name, "scheduler")
+    return {**sched, "prediction_type": prediction_type} if "prediction_type" in sched and prediction_type else sched
 
 
 def _encoder_config(slot: TextEncoderSlot, source: str) -> dict:
@@ -140,7 +171,9 @@ def random_model(family: str, **sizes) -> MetaModel:
     from ..random_pipelines import full_size_configs
 
     with _quiet():
-        return MetaModel(FAMILIES[family], full_size_configs(family, **sizes), f"random-{family}")
+        configs = full_size_configs(family, **sizes)
+    return MetaModel(FAMILIES[family], {**configs, "scheduler": _shipped_scheduler(FAMILIES[family])},
+                     f"random-{family}")
 
 
 @dataclass
@@ -158,6 +191,7 @@ class Estimate:
     # the peak before the steps: CPU loading (every part in full precision, an NF4 base before it is quantized);
     # SD3's T5 encoding every caption before it is released (CUDA: alone on the device, with the context)
     load: int = 0
+    resolution: int = 0               # the job's resolution (its own, else the model's)
 
     @property
     def allocated(self) -> int:
@@ -171,100 +205,47 @@ class Estimate:
         return max(self.allocated + self.overhead, self.load)
 
 
-def _dtypes(precision: str, device: str) -> tuple[torch.dtype, torch.dtype | None]:
-    """(weights' dtype, autocast's low dtype or None), as `setup.place_models` and accelerate make them."""
-    from .setup import weight_dtype
-
-    return weight_dtype(device, precision), {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def resolution_of(cfg: Config, model: MetaModel) -> int:
-    """The job's resolution: its own, else the model's (`setup.resolve_resolution`: the denoiser's sample size)."""
-    return cfg.augment.resolution or model.denoiser_config["sample_size"] * _vae_factor(model)
-
-
-def _frozen(model: MetaModel, cfg: Config) -> tuple[list[str], bool]:
-    """(the frozen encoders that load: SD3's T5 where the model has one, unless --no-t5; whether they stay through
-    the steps: captions that change every step, as `setup` decides it)."""
-    from .setup import captions_vary
-
-    parts = [s.attr for s in model.frozen_slots] if cfg.model.t5 else []
-    return parts, bool(parts) and captions_vary(cfg)
-
-
 def estimate(cfg: Config, device: str = "cuda", model: MetaModel | None = None,
              n_images: int | None = None) -> Estimate:
     """Peak memory of training `cfg` on `device` ('cuda' or 'cpu'). `model` defaults to the job's model (read from
     its configs), `n_images` to the images in its data folders."""
-    from .setup import captions_vary, frozen_text_dtype
-
-    model = model or meta_model(cfg.model_path, cfg.model.text_encoders)
     from .setup import mixed_precision
 
-    fam, precision = model.family, mixed_precision(cfg, device)
-    wdtype, _ = _dtypes(precision, device)
-    res = resolution_of(cfg, model)
-    counts = _counts(model)
-    held = [fam.denoiser_attr, "vae", *(s.attr for s in fam.text_encoders)]
-    weights = {part: _part_bytes(counts[part], wdtype if part != "vae" else torch.float32,
-                                 cfg.model.quantize if part != "vae" else "none") for part in held}
-    frozen, kept = _frozen(model, cfg)
-    fdtype = frozen_text_dtype(device, precision)
-    frozen_bytes = {part: _part_bytes(counts[part], fdtype, "none") for part in frozen}  # T5 is never quantized
-    lora = _lora_params(model, cfg)
-    per_param = 4 + 4  # fp32 weight and gradient (diffusers' cast_training_params)
-    trainable = sum(n * (per_param + _optimizer_bytes(cfg.optim.optimizer, n)) for n in lora)
-    step = _step_trace(model, cfg, res, precision, device)
-    activations, notes = step.peak, []
-    if cfg.model.quantize == "nf4":  # one Linear weight at a time is dequantized to the compute dtype
-        activations += max(counts[p]["largest_linear"] for p in held if p != "vae") * wdtype.itemsize
-    cached = cfg.train.cache_latents and cfg.augment.crop == "center"
-    inpainting = fam.inpainting(model.denoiser_config)
-    if not cached or inpainting:
-        activations = max(activations, _vae_trace(model, res).peak)
-        notes.append("inpainting: the VAE encodes the masked image every step" if inpainting else
+    model = model or meta_model(cfg.model_path, cfg.model.text_encoders)
+    job, notes = cfg, []
+    if cfg.is_slider:  # its denoising passes keep no graph; the pass that trains runs the target with its anchors
+        notes.append("slider: the step that trains is estimated as an image step" +
+                     (" of twice the batch (target and anchors)" if cfg.slider.anchors else ""))
+        job = copy.deepcopy(cfg)
+        job.train.batch_size *= 2 if cfg.slider.anchors else 1
+    run, precision = traced_run(model, job, device), mixed_precision(cfg, device)
+    trainable = sum(n * (4 + 4 + _optimizer_bytes(cfg.optim.optimizer, n)) for n in run.lora)  # fp32 weight, grad
+    activations = run.step.peak
+    if run.vae is not None:
+        activations = max(activations, run.vae.peak)
+        notes.append("inpainting: the VAE encodes the masked image every step" if run.inpainting else
                      "latents not cached: the VAE encodes every step")
     images = _count_images(cfg) if n_images is None else n_images
-    latent = _latent_channels(model) * (res // _vae_factor(model)) ** 2 * wdtype.itemsize
-    text_cached = cfg.train.cache_text and not captions_vary(cfg) and \
-        not any(text_trained(cfg, len(fam.text_encoders)))
-    caption = fam.conditioning.caption_numel(model.configs, cfg.model.t5_max_length) * wdtype.itemsize
-    cache = (images * (2 if cfg.augment.random_flip else 1) * latent if cached else 0) \
-        + ((images + 2) * caption if text_cached else 0)
-    encode = 0  # the frozen encoders encoding every caption before the steps, then released
-    if kept:
-        weights.update(frozen_bytes)
+    cache = images * (2 if cfg.augment.random_flip else 1) * run.latent + (images + 2) * run.caption
+    if run.kept:
         notes.append("T5 stays in memory: shuffled or dropped tags make a new caption every step")
-    elif frozen:
-        encode = _frozen_trace(model, cfg, precision, device).peak
-        notes.append(f"T5 ({sum(frozen_bytes.values()) / GiB:.2f} GiB) encodes every caption before the steps and "
-                     "is then released")
-    if frozen and device == "cpu":  # T5's own per-caption cache (host memory)
-        spec = _frozen_text_spec(model, cfg)
-        cache += (images + 2) * spec.length * spec.width * fdtype.itemsize
-    if cfg.model.t5 and fam.frozen_encoders and not model.frozen_slots:
+    elif run.encode is not None:
+        notes.append(f"T5 ({run.frozen / GiB:.2f} GiB) encodes every caption before the steps and is then released")
+    if device == "cpu":  # T5's own per-caption cache (host memory)
+        cache += (images + 2) * run.frozen_caption
+    if cfg.model.t5 and model.family.frozen_encoders and not model.frozen_slots:
         notes.append("the model has no T5: it trains with --no-t5")
+    encode = run.encode.peak if run.encode is not None and not run.kept else 0
     if device == "cuda":  # T5 encodes alone on the device (the other parts move there after it is released)
         overhead = CUDA_CONTEXT + int(CUDA_SLACK * activations)
-        load = CUDA_CONTEXT + sum(frozen_bytes.values()) + encode + int(CUDA_SLACK * encode) if encode else 0
+        load = CUDA_CONTEXT + run.frozen + encode + int(CUDA_SLACK * encode) if encode else 0
     else:  # every part is loaded in fp32 before T5 encodes and NF4 quantizes
         overhead = CPU_BASELINE
-        load = sum(_part_bytes(counts[p], torch.float32, "none") for p in (*held, *frozen)) + overhead + encode
+        load = run.loaded + overhead + encode
         if cfg.model.quantize == "nf4":
             notes.append(f"loading holds the full-precision base before it is quantized: {load / GiB:.2f} GiB")
-    return Estimate(device, precision, weights, sum(lora), int(trainable), int(cache), step.saved, int(activations),
-                    overhead, notes, load)
-
-
-def _frozen_text_spec(model: MetaModel, cfg: Config):
-    """The conditioning's frozen part as training makes it (SD3: a T5Text's length and width), without a model."""
-    from ..models import frozen_text
-
-    return frozen_text(model.family, None, None, model.denoiser_config, cfg.model.t5_max_length)
-
-
-def _vae_factor(model: MetaModel) -> int:
-    return 2 ** (len(model.configs["vae"]["block_out_channels"]) - 1)
+    return Estimate(device, precision, run.weights, sum(run.lora), int(trainable), int(cache), run.step.saved,
+                    int(activations), overhead, notes, load, run.resolution)
 
 
 def _optimizer_bytes(name: str, numel: int) -> int:
@@ -285,235 +266,200 @@ def _count_images(cfg: Config) -> int:
     return n
 
 
-def nf4_bytes(numel: int) -> int:
-    """bitsandbytes NF4 storage of one weight (blocks of 64, nested absmax): 4 bits a value, an 8-bit absmax per
-    block, an fp32 absmax per 256 blocks, and the two code books."""
-    blocks = math.ceil(numel / 64)
-    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 64 + 1024 + 4
-
-
-_CACHE: dict[tuple, object] = {}
-
-
-def _cached(key: tuple, make):
-    """Memoize the meta measurements within the process (proposals re-estimate the same job many times)."""
-    if key not in _CACHE:
-        if len(_CACHE) > 64:
-            _CACHE.clear()
-        _CACHE[key] = make()
-    return _CACHE[key]
-
-
-def _built(model: MetaModel):
-    """`model.build()`, once per model, for the measurements that only read the modules (the step's trace changes
-    its own copy)."""
-    return _cached(("built", model.key), model.build)
-
-
-def _counts(model: MetaModel) -> dict:
-    """Per part: floating-point parameter count, each nn.Linear weight's size, and the largest one."""
-    def make():
-        denoiser, vae, encoders, frozen = _built(model)
-        parts = model.family.parts(denoiser, encoders, vae, frozen)
-        out = {}
-        for name, m in parts.items():
-            linear = [mod.weight.numel() for mod in m.modules() if type(mod) is torch.nn.Linear]
-            total = sum(t.numel() for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
-            out[name] = {"params": total, "linear": linear, "largest_linear": max(linear, default=0)}
-        return out
-
-    return _cached(("counts", model.key), make)
-
-
-def _part_bytes(count: dict, dtype: torch.dtype, quantize: str) -> int:
-    if quantize != "nf4":
-        return count["params"] * dtype.itemsize
-    return (count["params"] - sum(count["linear"])) * dtype.itemsize + sum(nf4_bytes(n) for n in count["linear"])
-
-
 def text_trained(cfg: Config, n: int) -> tuple[bool, ...]:
     from .setup import text_encoder_lrs
 
     return tuple(bool(lr) for lr in text_encoder_lrs(cfg, n))
 
 
-def _latent_channels(model) -> int:
-    """The latents' channels (what the denoiser predicts; an inpainting denoiser takes more)."""
-    return model.denoiser_config.get("out_channels") or model.denoiser_config["in_channels"]
+@dataclass
+class Run:
+    """What the real setup and training step hold, traced on meta components."""
+
+    resolution: int = 0
+    loaded: int = 0                                # bytes of every part as loaded (fp32), before T5 is released
+    weights: dict = field(default_factory=dict)    # part -> bytes held through the steps (T5 where it stays)
+    frozen: int = 0                                # bytes of the frozen encoders (T5) as they encode
+    kept: bool = False                             # T5 stays through the steps (captions that vary)
+    lora: list = field(default_factory=list)       # values of each trainable tensor
+    latent: int = 0                                # bytes of one cached latent (0: not cached)
+    caption: int = 0                               # bytes of one caption in the text cache (0: not cached)
+    frozen_caption: int = 0                        # bytes of one caption in T5's own cache
+    encode: Trace | None = None                    # T5 encoding a chunk of captions before the steps
+    vae: Trace | None = None                       # the VAE encoding an image every step (latents not cached)
+    inpainting: bool = False                       # an inpainting base (its VAE encodes the masked image)
+    step: Trace | None = None                      # one training step, forward and backward
 
 
-def _denoiser_targets(model: MetaModel, cfg: Config, denoiser) -> list[str]:
-    """The denoiser layers that get a LoRA, as `setup.add_adapters` picks them (the preset, less the family's unused
-    layers, and lora.blocks)."""
+_CACHE: dict[tuple, Run] = {}
+
+
+def traced_run(model: MetaModel, cfg: Config, device: str) -> Run:
+    """`_trace_run`, memoized within the process (proposals re-estimate the same job many times; the optimizer and
+    gradient accumulation change nothing it measures)."""
+    import dataclasses
+    import json
+
+    fields = dataclasses.asdict(cfg)
+    del fields["optim"], fields["train"]["grad_accum"]
+    key = (model.key, device, json.dumps(fields, sort_keys=True, default=str))
+    if key not in _CACHE:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = _trace_run(model, cfg, device)
+    return _CACHE[key]
+
+
+def _trace_run(model: MetaModel, cfg: Config, device: str) -> Run:
+    """Setup's own pieces, in its order, on the meta model as they run on `device` (the tensors stay on meta): T5
+    encoding the captions (then released, or kept for captions that vary), the weights placed (training precision,
+    NF4), the attention kernel, the adapters (network, ranks, DoRA, text encoders), the latents and the text encoding;
+    then the VAE encoding an image and one `training_step` with its backward."""
     from types import SimpleNamespace
 
-    from .adapters import target_modules
-    from .setup import layer_filter
+    from . import setup as s
+    from .adapters import lora_parameters
+    from .pivotal import NoConcept
 
-    keep = layer_filter(cfg, SimpleNamespace(family=model.family, denoiser=denoiser, name=model.source))
-    return target_modules(denoiser, model.family.target_patterns(cfg.lora.targets), keep)
-
-
-def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
-    """Parameters of each LoRA tensor (A and B per target layer): r x in and r x out for a Linear, r x in x k x k and
-    r x out for a convolution; r per layer where per-block settings give one (a layer at rank 0 has none)."""
-    from ..config import PER_LAYER_KEYS
-    from .adapters import target_modules
-    from .blocks import kohya_namer, plan_layers
-
-    text = text_trained(cfg, len(model.family.text_encoders))
-
-    def make():
-        denoiser, _, encoders, _ = _built(model)
-        fam = model.family
-        names = _denoiser_targets(model, cfg, denoiser) if cfg.train.max_steps > 0 else []
-        layers = plan_layers(cfg, fam, denoiser, names, kohya_namer(fam, denoiser.config)) if names else None
-        ranks = {n: layer.rank for n, layer in (layers or {}).items()}
-        plan = [(denoiser, [n for n in names if layers is None or n in layers])] if names else []
-        plan += [(e, target_modules(e, fam.text_targets)) for e, t in zip(encoders, text) if t]
-        sizes = []
-        for module, names in plan:
-            for name in names:
-                layer = module.get_submodule(name)
-                r = ranks.get(name, cfg.lora.rank) if module is denoiser else cfg.lora.rank
-                if isinstance(layer, torch.nn.Conv2d):
-                    k = layer.kernel_size[0] * layer.kernel_size[1]
-                    sizes += [r * layer.in_channels * k, r * layer.out_channels]
-                else:
-                    sizes += [r * layer.in_features, r * layer.out_features]
-        return sizes
-
-    return _cached(("lora", model.key, cfg.lora.targets, cfg.lora.blocks, cfg.lora.rank, text,
-                    cfg.train.max_steps > 0, *(getattr(cfg.lora, k) for k in PER_LAYER_KEYS)), make)
-
-
-class _Tokenizer:
-    """Stands in for a CLIP tokenizer: every caption is 77 token ids on the meta device."""
-
-    model_max_length = 77
-
-    def __call__(self, captions, **kw):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(input_ids=torch.zeros(len(captions), 77, dtype=torch.long, device="meta"))
+    precision, dev, run = s.mixed_precision(cfg, device), torch.device(device), Run()
+    if cfg.speed.attention == "xformers":  # the same memory-efficient kernel as SDPA's, without needing xformers
+        cfg = copy.deepcopy(cfg)
+        cfg.speed.attention = "sdpa"
+    c = model.components(cfg)
+    with torch.random.fork_rng(devices=[]), _quiet(), _bitsandbytes_maps(cfg.model.quantize == "nf4"), OnMeta():
+        s.check_family_options(cfg, c)
+        run.resolution = s.resolve_resolution(cfg, c)[0]
+        t5 = [f.model for f in c.frozen_text if f.model is not None]
+        run.loaded = weight_bytes(*_parts(c).values(), *t5)
+        varying = s.captions_vary(cfg)
+        captions = [f"caption {i}" for i in range(max(cfg.train.batch_size, s.FROZEN_TEXT_CHUNK))]
+        if t5:
+            run.encode = trace(lambda: s.cache_frozen_text(cfg, c, dev, precision, varying, lambda _: None, captions),
+                               t5, lambda: MetaStep(None, device), backward=False)
+            run.frozen = weight_bytes(*t5)  # in the dtype it encodes in
+        kept = {slot.attr: f.model for slot, f in zip(c.family.frozen_encoders, c.frozen_text) if f.model is not None}
+        dtype = s.place_models(cfg, c, dev, precision)
+        s.apply_speed(cfg, c, dev)
+        run.weights, run.kept = {part: weight_bytes(m) for part, m in {**_parts(c), **kept}.items()}, bool(kept)
+        adapters = s.add_adapters(cfg, c, NoConcept())  # pivotal tuning's embeddings are not counted
+        models = s.step_models(cfg, c, adapters, c.denoiser, c.text_encoders, dev)
+        no_optimizer = SimpleNamespace(params=[], step=None)
+        models.text.trainable = NoConcept().phases(no_optimizer, adapters.text_lora).main.text_trainable
+        inpainting = c.family.inpainting(c.denoiser.config)
+        latents = s.make_latents(cfg, c, dev, dtype, inpainting)
+    modules = [*_parts(c).values(), *t5]
+    run.lora = [p.numel() for m in modules for p in lora_parameters(m)]
+    run.vae, latent = _trace_encode(latents, run.resolution, modules, device)
+    step_captions = [("varied " if varying else "") + t for t in captions[:cfg.train.batch_size]]
+    run.step = _trace_step(cfg, c, modules, models, latent, step_captions, run.resolution, precision, device,
+                           inpainting)
+    if latents.cached:  # an inpainting base's VAE still encodes the masked image every step
+        run.latent, run.vae = _nbytes(latent), run.vae if inpainting else None
+    run.inpainting = inpainting
+    run.caption = next((_nbytes(*v.values()) for v in models.text.cache.values()), 0)
+    run.frozen_caption = next((_nbytes(v) for f in c.frozen_text for v in f.cache.values()), 0)
+    return run
 
 
-class _FrozenText:
-    """Stands in for the conditioning's frozen part (SD3's T5Text) on meta: the model encodes each batch when it stays
-    (no gradients, as T5Text), else the cached embeddings come in ([B, length, width]; zeros without T5)."""
+def _trace_encode(latents, res: int, modules: list, device: str) -> tuple[Trace, torch.Tensor]:
+    """The VAE encoding an image of `res` px as `Latents` encodes each one (fp32, no gradient, no autocast), and the
+    latent it makes."""
+    from .batches import Fitted
 
-    def __init__(self, model, length: int, width: int, dtype: torch.dtype):
-        self.model, self.length, self.width, self.dtype = model, length, width, dtype
+    out = []
+    pixels = Fitted(torch.empty(1, 3, res, res, device="meta"), (0, 0), None)
+    made = trace(lambda: out.append(latents.encode(pixels)[0]), modules, lambda: MetaStep(None, device),
+                 backward=False)
+    return made, out[0]
 
-    def __call__(self, captions, device):
-        if self.model is None:
-            return torch.empty(len(captions), self.length, self.width, device="meta", dtype=self.dtype)
-        with torch.no_grad():
-            return self.model(torch.zeros(len(captions), self.length, dtype=torch.long, device="meta"))[0]
+
+@contextlib.contextmanager
+def _bitsandbytes_maps(quantizes: bool):
+    """bitsandbytes keeps its quantization code book in a module-level dict made on the device of its first use: made
+    on meta here, it is taken back, so a real quantization after the estimate makes its own."""
+    if not quantizes:
+        yield
+        return
+    from bitsandbytes.functional import name2qmap
+
+    before = dict(name2qmap)
+    try:
+        yield
+    finally:
+        name2qmap.clear()
+        name2qmap.update(before)
+
+
+def _trace_step(cfg: Config, c: Components, modules: list, models, latent, captions: list[str], res: int,
+                precision: str, device: str, inpainting: bool = False) -> Trace:
+    """One `training_step` on a batch of `captions` (with its class-image batch where prior preservation has one), as
+    the loop runs it: the denoiser in training mode, under autocast; the text cache filled first, as setup fills it."""
+    from .batches import Batch
+    from .step import seeded, training_step
+
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def mode():
+        return MetaStep(low, device)
+
+    for m in (c.denoiser, *c.text_encoders):
+        checkpointing(m, mode)
+    c.denoiser.train()
+    with OnMeta(), torch.no_grad():
+        models.text(captions + ([cfg.prior.class_prompt] if cfg.prior.class_prompt else []))
+    micro = c.family.conditioning.micro((res, res), (0, 0), (res, res))
+
+    def batch(texts):
+        n = len(texts)
+        # an inpainting base's image conditioning: the mask and the masked image's latents ([1 + C, h, w])
+        inpaint = torch.empty(n, 1 + latent.shape[0], *latent.shape[1:], device="meta", dtype=latent.dtype) \
+            if inpainting else None
+        return Batch(torch.stack([latent] * n), texts, None if micro is None else torch.stack([micro] * n),
+                     inpaint=inpaint)
+
+    def step():
+        b = batch(captions)
+        if cfg.prior.class_prompt and cfg.prior.mode == "images":
+            b.prior = batch([cfg.prior.class_prompt] * len(captions))
+        return training_step(b, models, cfg, seeded(cfg.train.seed, 0, 0)[0])[0]
+
+    return trace(step, modules, mode)
 
 
 def _step_trace(model: MetaModel, cfg: Config, res: int, precision: str, device: str) -> Trace:
-    """Activations of one training step (text encoding when it trains, the denoiser's forward, the loss, backward)."""
-    text = text_trained(cfg, len(model.family.text_encoders))
-    frozen, kept = _frozen(model, cfg)
-    key = ("step", model.key, res, cfg.train.batch_size, precision, device, cfg.train.gradient_checkpointing,
-           cfg.speed.attention, cfg.lora.targets, cfg.lora.blocks, text, cfg.train.max_steps > 0, tuple(frozen), kept,
-           cfg.model.t5_max_length)
-    return _cached(key, lambda: _measure_step(model, cfg, res, precision, device, text))
+    """The trace of one training step of `cfg` at resolution `res` in `precision`."""
+    cfg = copy.deepcopy(cfg)
+    cfg.augment.resolution, cfg.train.mixed_precision = res, precision
+    return traced_run(model, cfg, device).step
 
 
-def _attention(denoiser, attention: str) -> None:
-    """The attention kernel `setup.apply_speed` gives plain attention (SD3's joint attention keeps its SDPA)."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    if {type(p).__name__ for p in denoiser.attn_processors.values()} <= {"AttnProcessor", "AttnProcessor2_0"}:
-        denoiser.set_attn_processor(AttnProcessor() if attention == "math" else AttnProcessor2_0())
+def _parts(c: Components) -> dict:
+    """The parts held through the steps, by pipeline attribute: denoiser, VAE, text encoders."""
+    return c.family.parts(c.denoiser, c.text_encoders, c.vae)
 
 
-def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, device: str, text: tuple) -> Trace:
-    from .adapters import target_modules
-    from .setup import frozen_text_dtype
-
-    wdtype, low = _dtypes(precision, device)
-    fam, batch = model.family, cfg.train.batch_size
-    frozen_parts, kept = _frozen(model, cfg)
-    with torch.random.fork_rng(devices=[]):
-        denoiser, _, encoders, frozen = model.build()
-        for m in (denoiser, *encoders):
-            torch.nn.Module.to(m, wdtype)
-        for m in frozen:
-            torch.nn.Module.to(m, frozen_text_dtype(device, precision))
-        _attention(denoiser, cfg.speed.attention)
-
-        def mode():
-            return MetaStep(low, device)
-
-        if cfg.train.max_steps > 0:
-            mark_trainable(denoiser, _denoiser_targets(model, cfg, denoiser))
-        for enc, trained in zip(encoders, text):
-            if trained:
-                mark_trainable(enc, target_modules(enc, fam.text_targets))
-                if cfg.train.gradient_checkpointing:
-                    checkpointing(enc, mode)
-        if cfg.train.gradient_checkpointing:
-            checkpointing(denoiser, mode)
-        lat = res // _vae_factor(model)
-        spec = _frozen_text_spec(model, cfg) if fam.frozen_encoders else None
-        running = dict(zip(model.frozen_slots, frozen)) if kept else {}
-        stand_ins = [_FrozenText(running.get(s), spec.length, spec.width, frozen_text_dtype(device, precision)
-                                 if frozen_parts else torch.float32) for s in fam.frozen_encoders]
-
-        def step():
-            with torch.set_grad_enabled(any(text)):
-                cond = fam.conditioning.encode([_Tokenizer()] * len(encoders), [*encoders, *stand_ins],
-                                               [""] * batch, "meta")
-            one = fam.conditioning.micro((res, res), (0, 0), (res, res))  # SDXL's size/crop values, else None
-            micro = None if one is None else one.expand(batch, -1).to("meta")
-            # the denoiser's input (an inpainting model's: the noisy latents, the mask and the masked latents)
-            noisy = torch.empty(batch, model.denoiser_config["in_channels"], lat, lat, device="meta", dtype=wdtype)
-            t = torch.zeros(batch, dtype=torch.long, device="meta")
-            pred = fam.conditioning.predict(denoiser, noisy, t, cond, micro)
-            target = noisy[:, :_latent_channels(model)]  # the latents' shape
-            return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean()
-
-        return trace(step, [denoiser, *encoders, *frozen], mode)
+def weight_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the modules' weights as they sit: floating-point parameters and buffers, and 4-bit weights with their
+    quantization state."""
+    total = 0
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            state = getattr(t, "quant_state", None)
+            if t.is_floating_point() or state is not None:
+                total += _nbytes(t) + _state_bytes(state)
+    return total
 
 
-def _vae_trace(model: MetaModel, res: int) -> Trace:
-    """The VAE encoding one image (fp32, no gradient), as uncached latents are made every step."""
-    def make():
-        _, vae, _, _ = _built(model)
-
-        def step():
-            with torch.no_grad():
-                vae.encode(torch.empty(1, 3, res, res, device="meta")).latent_dist.mode()
-
-        return trace(step, [vae], lambda: MetaStep(None, "cpu"), backward=False)
-
-    return _cached(("vae", model.key, res), make)
+def _state_bytes(state) -> int:
+    """A bitsandbytes QuantState's tensors (absmax, code, offset), nested state included."""
+    if state is None:
+        return 0
+    return _nbytes(*(v for v in vars(state).values() if isinstance(v, torch.Tensor))) + \
+        _state_bytes(getattr(state, "state2", None))
 
 
-def _frozen_trace(model: MetaModel, cfg: Config, precision: str, device: str) -> Trace:
-    """The frozen encoders (SD3's T5) encoding a chunk of captions before the steps: no gradients, no autocast, in
-    their own dtype (`setup.cache_frozen_text`)."""
-    from .setup import FROZEN_TEXT_CHUNK, frozen_text_dtype
-
-    length = cfg.model.t5_max_length
-
-    def make():
-        *_, frozen = model.build()
-        for m in frozen:
-            torch.nn.Module.to(m, frozen_text_dtype(device, precision))
-
-        def step():
-            ids = torch.zeros(FROZEN_TEXT_CHUNK, length, dtype=torch.long, device="meta")
-            with torch.no_grad():
-                for m in frozen:
-                    m(ids)[0]
-
-        return trace(step, frozen, lambda: MetaStep(None, device), backward=False)
-
-    return _cached(("frozen", model.key, precision, device, length), make)
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def config_of_row(row: dict) -> Config:

@@ -11,7 +11,7 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError
-from .fit import CUDA_CONTEXT, Estimate, GiB, MetaModel, estimate, meta_model, resolution_of, text_trained
+from .fit import CUDA_CONTEXT, Estimate, GiB, MetaModel, estimate, meta_model, text_trained
 
 
 def parse_size(text: str) -> int:
@@ -108,9 +108,8 @@ def fit_plan(cfg: Config, device: str, budget: int, model: MetaModel | None = No
     then each added change that is not needed taken back. None when even all of them do not fit."""
     model = model or meta_model(cfg.model_path, cfg.model.text_encoders)
     trial = copy.deepcopy(cfg)
-    trial.augment.resolution = resolution_of(trial, model)
-    applied = []
     est = estimate(trial, device, model, n_images)
+    trial.augment.resolution, applied = est.resolution, []
     for what, change in _changes(trial, model):
         if est.total <= budget:
             break

@@ -1,14 +1,12 @@
-"""A training step's activation memory, measured from the architecture on the meta device (no weights, no data).
+"""A training step's memory, measured on the meta device (no weights, no data): the real setup pieces and the real
+step run on models built on `meta`, with every tensor they put on the job's device kept there (`OnMeta`).
 
-The models are built on `meta` from their configs; the LoRA target layers' weights are marked as needing a gradient
-(what LoRA training makes autograd save: each target layer's input); one forward and backward run at the job's batch
-and resolution. Two counts are taken: the bytes autograd saves for backward (`torch.autograd.graph
-.saved_tensors_hooks`, each storage once) and the peak of all live tensors over forward and backward (a dispatch
-mode that follows every storage to its release), which adds the backward's transients and the recomputation of
-gradient checkpointing. Attention is measured as a flash / memory-efficient kernel stores it (q, k, v, out and
-log-sum-exp): on meta, PyTorch's SDPA falls back to its math path and would count the attention-probability matrices.
-Mixed precision is emulated as CUDA's (or the CPU's) autocast casts each op's inputs, so bf16 runs save what they
-save on the device.
+Two counts are taken over one forward and backward: the bytes autograd saves for backward
+(`torch.autograd.graph.saved_tensors_hooks`, each storage once) and the peak of all live tensors (a dispatch mode that
+follows every storage to its release), which adds the backward's transients and the recomputation of gradient
+checkpointing. Attention is measured as a flash / memory-efficient kernel stores it (q, k, v, out and log-sum-exp): on
+meta, PyTorch's SDPA falls back to its math path and would count the attention-probability matrices. Mixed precision
+is emulated as CUDA's (or the CPU's) autocast casts each op's inputs, so bf16 runs save what they save on the device.
 """
 
 from __future__ import annotations
@@ -72,17 +70,43 @@ _FP32 = {"cuda": (F.group_norm, F.layer_norm, F.softmax, F.log_softmax, F.mse_lo
          "cpu": (F.mse_loss,)}
 
 
-class MetaStep(TorchFunctionMode):
-    """Flash attention instead of SDPA's math fallback, and autocast's casts: `low` (bf16/fp16, None = no autocast)
-    for matrix products and convolutions, fp32 for the ops `device`'s autocast runs in fp32; under CPU autocast, layer
-    norms save what the CPU kernel saves."""
+class OnMeta(TorchFunctionMode):
+    """Code written for a device runs on meta: a tensor moved to any device (`.to`, `.cpu()`, `.cuda()`) or made
+    on one (a factory's `device=`) is put on the meta device instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.call(*_on_meta(func, args, kwargs or {}))
+
+    def call(self, func, args, kwargs):
+        return func(*args, **kwargs)
+
+
+def _on_meta(func, args, kwargs):
+    """(func, args, kwargs) with the device they name made meta."""
+    if func in (torch.Tensor.cpu, torch.Tensor.cuda):
+        return torch.Tensor.to, (args[0], "meta"), {}
+    if func is torch.Tensor.to:
+        copy = kwargs.get("copy", False)
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(
+            *args[1:], **{k: v for k, v in kwargs.items() if k != "copy"})
+        if device is not None:
+            return func, (args[0],), {"device": "meta", "dtype": dtype, "non_blocking": non_blocking, "copy": copy,
+                                      "memory_format": memory_format or torch.preserve_format}
+    elif kwargs.get("device") is not None:
+        kwargs = {**kwargs, "device": "meta"}
+    return func, args, kwargs
+
+
+class MetaStep(OnMeta):
+    """`OnMeta`, with flash attention instead of SDPA's math fallback, and autocast's casts: `low` (bf16/fp16, None =
+    no autocast) for matrix products and convolutions, fp32 for the ops `device`'s autocast runs in fp32; under CPU
+    autocast, layer norms save what the CPU kernel saves."""
 
     def __init__(self, low: torch.dtype | None = None, device: str = "cuda"):
         super().__init__()
         self.low, self.device, self.fp32 = low, device, _FP32[device] if low is not None else ()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def call(self, func, args, kwargs):
         if self.low is not None and func in _LOW:
             args, kwargs = _cast(args, self.low), _cast(kwargs, self.low)
         elif func in self.fp32:
@@ -140,20 +164,15 @@ def storages(*modules: torch.nn.Module) -> set[int]:
     return {t.untyped_storage()._cdata for m in modules for t in (*m.parameters(), *m.buffers())}
 
 
-def mark_trainable(model: torch.nn.Module, names: list[str]) -> None:
-    """Make the named layers' weights need a gradient, as a LoRA on them does (its down-projection keeps the layer's
-    input). The full-size weight gradient this creates is dropped as soon as it is formed (a LoRA has none)."""
-    for name in names:
-        weight = model.get_submodule(name).weight
-        weight.requires_grad_(True)
-        weight.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-
-
 def checkpointing(model: torch.nn.Module, mode_factory) -> None:
-    """diffusers' / transformers' non-reentrant gradient checkpointing, with the recomputation run under the same
-    emulation as the forward (else the recomputed tensors' dtypes differ from the saved ones)."""
+    """Where `model` checkpoints (as setup made it), diffusers' / transformers' non-reentrant gradient checkpointing
+    with the recomputation run under the same emulation as the forward (else the recomputed tensors' dtypes differ from
+    the saved ones)."""
     from torch.utils.checkpoint import checkpoint
 
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers (5: the new name), else diffusers
+    if not (model.is_gradient_checkpointing if on is None else on):
+        return
     ckpt = functools.partial(checkpoint, use_reentrant=False,
                              context_fn=lambda: (contextlib.nullcontext(), mode_factory()))
     if hasattr(model, "enable_gradient_checkpointing"):  # diffusers
@@ -161,27 +180,37 @@ def checkpointing(model: torch.nn.Module, mode_factory) -> None:
     else:  # transformers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
             "use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), mode_factory())})
-    model.train()
 
 
 def trace(step, modules: list[torch.nn.Module], mode_factory, backward: bool = True) -> Trace:
     """Run `step()` (a meta forward returning a scalar loss, or None under no_grad) and its backward; count saved and
-    peak live bytes, weights of `modules` excluded."""
+    peak live bytes. The weights of `modules` are not counted (those made in `step`, as a dtype cast makes them, are
+    taken off the peak), nor the gradients of their trainable parameters (dropped as they are formed: a run holds
+    them with its optimizer state)."""
     ignore = storages(*modules)
-    saved: dict[int, int] = {}
+    saved: dict[int, weakref.ref] = {}  # a graph dropped in the forward (DoRA's detached weight norm) frees its own
 
     def pack(t):
         s = t.untyped_storage()
         if s._cdata not in ignore:
-            saved[s._cdata] = s.nbytes()
-        return t
+            saved[s._cdata] = weakref.ref(s)
+        return t.detach()  # the tensor itself would tie an op's saved output to its graph in a reference cycle:
+        # a dropped graph would then live on until garbage collection
 
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+             for m in modules for p in m.parameters() if p.requires_grad]
     live = LiveBytes(ignore)
-    with live:
-        with mode_factory(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = step()
-        held = sum(saved.values())
-        if backward and loss is not None and loss.requires_grad:
-            loss.backward()
-        del loss
-    return Trace(held, live.peak)
+    try:
+        with live:
+            with mode_factory(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = step()
+            held = sum(s.nbytes() for s in (ref() for ref in saved.values()) if s is not None)
+            if backward and loss is not None and loss.requires_grad:
+                loss.backward()
+            del loss
+    finally:
+        for h in hooks:
+            h.remove()
+    made = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+            for m in modules for t in (*m.parameters(), *m.buffers())}
+    return Trace(held, live.peak - sum(n for key, n in made.items() if key not in ignore))

@@ -174,10 +174,7 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     phases = concept.phases(optim, text_lora=adapters.text_lora)
     if cfg.train.cache_text and varying:
         callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
-    text = TextEncoding(c.family.conditioning, c.tokenizers, [Part(e, w) for e, w in zip(c.text_encoders, encoders)],
-                        c.frozen_text, [bool(lr) for lr in adapters.text_lrs], acc.device,
-                        cfg.train.cache_text and not varying)
-    models = Models(Part(c.denoiser, denoiser), text, c.noise_scheduler, c.family.conditioning)
+    models = step_models(cfg, c, adapters, denoiser, encoders, acc.device)
     state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept, phases, optim,
                        weight_dtype, time.time())
     if examples:
@@ -187,19 +184,37 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
         state.objective = slider_objective(cfg, acc, c, resolution)
     state.enter_phase(0)
     batches.fill_cache()
-    if text.cache_allowed and not any(phase.text_trainable for phase in phases):
-        text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
+    if models.text.cache_allowed and not any(phase.text_trainable for phase in phases):
+        models.text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
     return state
 
 
-def attach_latents(cfg: Config, c: Components, batches: Batches, device, dtype, say) -> None:
-    """The VAE's latents of the images, cached (center crops) or encoded each step, and the prefetching thread."""
+def make_latents(cfg: Config, c: Components, device: torch.device, dtype: torch.dtype,
+                 inpainting: bool = False) -> Latents:
+    """The VAE's latents: cached unless a random crop needs a fresh one every step; pixels prefetched into pinned
+    memory for a CUDA device (cached latents live on the device: nothing to prepare ahead)."""
     cached = cfg.train.cache_latents and cfg.augment.crop == "center"
-    # cached latents live on the device: nothing to prepare ahead, but an inpainting base's masked images
-    prefetch = cfg.speed.prefetch and (not cached or batches.inpainting is not None)
-    batches.latents = Latents(c.vae, device, dtype, cached=cached, crop=cfg.augment.crop, pin=pins(device, prefetch))
+    prefetch = cfg.speed.prefetch and (not cached or inpainting)  # an inpainting base's masked images, always
+    return Latents(c.vae, device, dtype, cached=cached, crop=cfg.augment.crop, pin=pins(device, prefetch))
+
+
+def step_models(cfg: Config, c: Components, adapters: Adapters, denoiser, encoders: list, device) -> Models:
+    """What the step runs: each trained part as one handle (`Part`: the module and the form the step calls, wrapped
+    by accelerate where it trains), the text encoding (cached while the text path is frozen and captions do not vary),
+    the noise schedule."""
+    text = TextEncoding(c.family.conditioning, c.tokenizers, [Part(e, w) for e, w in zip(c.text_encoders, encoders)],
+                        c.frozen_text, [bool(lr) for lr in adapters.text_lrs], device,
+                        cfg.train.cache_text and not captions_vary(cfg))
+    return Models(Part(c.denoiser, denoiser), text, c.noise_scheduler, c.family.conditioning)
+
+
+def attach_latents(cfg: Config, c: Components, batches: Batches, device, dtype, say) -> None:
+    """The VAE's latents of the images (`make_latents`) and the prefetching thread."""
+    inpainting = batches.inpainting is not None
+    batches.latents = latents = make_latents(cfg, c, device, dtype, inpainting)
+    prefetch = cfg.speed.prefetch and (not latents.cached or inpainting)
     batches.prefetcher = Prefetcher(batches.prepare) if prefetch else None
-    if cfg.train.cache_latents and not batches.latents.cached:
+    if cfg.train.cache_latents and not latents.cached:
         say("latent caching is off: random crop needs a fresh crop every step")
 
 
