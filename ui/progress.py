@@ -26,13 +26,18 @@ def status_html(job: Job | None, queued: int = 0) -> str:
     if job is None:
         return '<div id="job-status" class="idle">No training yet. Add images, then press <b>Start training</b>.</div>'
     pct = 100 * job.step / job.total if job.total else 0
+    loading = job.state == RUNNING and not job.begun
     head = {QUEUED: "Queued", RUNNING: "Training", DONE: "Finished", STOPPED: "Stopped (resumable)",
             FAILED: "Failed"}.get(job.state, job.state.capitalize())
+    head = "Loading the model" if loading else head
+    if job.state == RUNNING and job.begun and job.total and job.step >= job.total:
+        head = "Finishing (saving the file and the last samples)"
     parts = [f"<b>{head}</b> · job #{job.id} <code>{html.escape(job.name)}</code>",
+             "loading the base model and preparing the images…" if loading else
              f"step <b>{job.step} / {job.total}</b> ({pct:.0f}%)"]
     if job.rate:
         parts.append(f"{job.rate:.2f} steps/s")
-    if job.state == RUNNING:
+    if job.state == RUNNING and not loading:
         parts.append(f"ETA {duration(job.eta)}")
     elif job.ended and job.started:
         parts.append(f"took {duration(job.ended - job.started)}")
@@ -51,7 +56,8 @@ def status_html(job: Job | None, queued: int = 0) -> str:
     elif job.state == DONE and job.output:
         name = html.escape(Path(job.output).name)
         extra = f"<div>Saved <code>{name}</code> — see the Library and Preview tabs.</div>"
-    return f'<div id="job-status" class="{job.state}">{body}{bar}{extra}</div>'
+    state = f"{job.state} loading" if loading else job.state
+    return f'<div id="job-status" class="{state}">{body}{bar}{extra}</div>'
 
 
 def loss_frame(job: Job | None) -> pd.DataFrame:

@@ -1,0 +1,551 @@
+"""How each config field is presented and when it matters: its label in words, the group of what users do it belongs
+to, whether it is on the first screen, in its group or behind the group's "more"; which fields do nothing for a
+given config and model (and why); and the errors of a config, all of them, named by label.
+
+The CLI help and the web UI both read this table. A field without an entry here still gets a place: its section's
+group, a label made from its name, behind "more". Whether a field does anything is derived from the real rules
+(`config.validate` and the family checks the trainer runs), by trying another value of the field: a field that no
+other value can take without an error is pinned, so it does nothing here. Rules that exist nowhere else are
+`_RULES` below.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
+
+from .config import SECTIONS, Config, DataFolder, flag_name, iter_options, validate
+from .errors import ConfigError
+
+Key = tuple[str, str]  # (section, field name); section "data" is one data folder
+
+FIRST, BASIC, MORE = "first", "basic", "more"
+
+
+@dataclass(frozen=True)
+class Group:
+    key: str
+    title: str
+    about: str = ""
+
+
+GROUPS = (
+    Group("images", "Images and captions", "Repeats, tags, masks, cropping and flips."),
+    Group("network", "The network", "Adapter type, rank, alpha, which layers and blocks."),
+    Group("learning", "Learning", "Optimizer, learning rates, schedule, batch and steps."),
+    Group("noise", "Noise and timesteps", "The training objective: noise, timesteps and the loss."),
+    Group("validation", "Validation and the best file", "Held-out images, the validation loss and the best file."),
+    Group("samples", "Samples", "Images rendered while training."),
+    Group("output", "Output and sharing", "File layout, precision, metadata, checkpoints and logging."),
+    Group("speed", "Speed and memory", "What changes how fast a step runs and how much memory it takes."),
+    Group("model", "Base model (SD3 text encoders)", "Where SD3 single files get their text encoders, and T5."),
+    Group("dreambooth", "DreamBooth (prior preservation)", "Keep the class the subject belongs to."),
+    Group("pivotal", "Pivotal tuning", "Learn a new token first, then the LoRA with it."),
+)
+SECTION_GROUP = {"model": "model", "lora": "network", "data": "images", "augment": "images", "optim": "learning",
+                 "train": "learning", "validation": "validation", "speed": "speed", "sample": "samples",
+                 "output": "output", "prior": "dreambooth", "pivotal": "pivotal"}
+# section.name: (label, group or None for the section's, level, short help or None for the first sentence of help)
+_F = {
+    "model.path": ("Base model", None, FIRST, "Empty: the built-in shapes-world model; or a folder, file or hub id."),
+    "model.prediction_type": ("Prediction type", "noise", MORE, "auto: read from the model's scheduler."),
+    "model.text_encoders": ("Text encoders folder", None, MORE, "SD3 single files without text encoders: where "
+                            "to take them from."),
+    "model.t5": ("Use T5", None, BASIC, "SD3: the T5-XXL text encoder; off trains with zero T5 embeddings."),
+    "model.t5_max_length": ("T5 tokens per caption", None, MORE, None),
+    "model.quantize": ("Quantize the base (QLoRA)", "speed", BASIC, "nf4: the frozen model in 4 bits."),
+    "lora.rank": ("Rank", None, FIRST, "Bigger learns more and makes a bigger file."),
+    "lora.alpha": ("Alpha", None, BASIC, "The update is scaled by alpha/rank; 0 means alpha = rank."),
+    "lora.dropout": ("LoRA dropout", None, MORE, None),
+    "lora.targets": ("Layers to train", None, FIRST, "auto: the family's default; all: also ResNet/conv layers."),
+    "lora.blocks": ("Transformer blocks", None, MORE, "SD3: only these blocks, e.g. 0-11; empty = every block."),
+    "lora.train_text_encoder": ("Train the text encoder", None, FIRST, "Also LoRA on CLIP: the trigger word "
+                                "learns a meaning."),
+    "lora.text_encoder_lr": ("Text encoder learning rate", "learning", BASIC, "0: the same as the learning rate."),
+    "lora.train_text_encoder_2": ("Train the second text encoder", None, MORE, None),
+    "lora.text_encoder_2_lr": ("Second text encoder learning rate", "learning", MORE, "0: the text encoder's."),
+    "lora.network": ("Network type", None, BASIC, "lora, dora, loha or lokr."),
+    "lora.network_args": ("Network options", None, MORE, "key=value, comma-separated (conv_rank, factor, …)."),
+    "data.path": ("Image folder", None, FIRST, "Uploads are copied here; or type the path of a folder of images."),
+    "data.prompt": ("Instance prompt / trigger", None, FIRST, "For images without a caption, and the samples."),
+    "data.use_captions": ("Use caption files", None, BASIC, None),
+    "data.repeats": ("Repeats", None, BASIC, None),
+    "data.shuffle_tags": ("Shuffle tags", None, BASIC, "Captions are tag lists: shuffle them every step."),
+    "data.keep_tags": ("Tags kept in front", None, BASIC, "The first N tags stay in place (e.g. the trigger)."),
+    "data.tag_dropout": ("Tag dropout", None, MORE, None),
+    "data.tag_separator": ("Tag separator", None, MORE, None),
+    "data.masks": ("Mask folder", None, BASIC, "White = learn, black = ignore; one mask per image, same name."),
+    "data.alpha_mask": ("Alpha channel as mask", None, MORE, None),
+    "data.unmasked_weight": ("Weight outside the mask", None, MORE, None),
+    "prior.class_prompt": ("Class prompt", None, BASIC, "The class of the subject, e.g. 'a photo of a dog' "
+                           "(needed for DreamBooth)."),
+    "prior.class_data": ("Class image folder", None, MORE, "Made in the LoRA's folder (class_images) by the page."),
+    "prior.num_class_images": ("Class images", None, BASIC, "How many; the base model renders the missing ones "
+                               "into the LoRA's class_images folder."),
+    "prior.weight": ("Prior loss weight", None, BASIC, None),
+    "prior.mode": ("Prior from", None, BASIC, "images: rendered class images; model: the base model's own "
+                   "prediction (no images)."),
+    "pivotal.token": ("New token", None, BASIC, "The token to learn, e.g. <s1>."),
+    "pivotal.trigger": ("Word it replaces", None, BASIC, "e.g. sks; empty: the captions already use the token."),
+    "pivotal.num_vectors": ("Vectors per token", None, BASIC, None),
+    "pivotal.init_word": ("Start from word", None, BASIC, "e.g. the class noun; empty: random."),
+    "pivotal.ti_steps": ("Embedding-only steps", None, BASIC, "Phase 1 before the LoRA trains."),
+    "pivotal.ti_lr": ("Embedding learning rate", None, BASIC, None),
+    "pivotal.continue_lr": ("Embedding rate with the LoRA", None, MORE, "Phase 2; 0: the embedding is frozen."),
+    "augment.resolution": ("Resolution", None, FIRST, "Pixels, a multiple of 8; 0: the model's own size."),
+    "augment.crop": ("Crop", None, MORE, None),
+    "augment.random_flip": ("Random flip", None, BASIC, "Mirror images left-right at random."),
+    "augment.caption_dropout": ("Caption dropout", None, BASIC, "Share of steps with an empty caption."),
+    "augment.bucketing": ("Aspect-ratio buckets", None, MORE, None),
+    "optim.lr": ("Learning rate", None, FIRST, None),
+    "optim.optimizer": ("Optimizer", None, BASIC, "adamw, adamw8bit, prodigy (lr 1), adafactor, "
+                        "adamw-schedulefree, lion."),
+    "optim.weight_decay": ("Weight decay", None, MORE, None),
+    "optim.loraplus_ratio": ("LoRA+ ratio", None, MORE, "B matrices learn at lr × this; 0 = off."),
+    "optim.ema_decay": ("EMA decay", None, MORE, "e.g. 0.999: samples and the file use the averaged weights; 0 = off."),
+    "optim.ema_warmup": ("EMA warm-up", None, MORE, "diffusers' warm-up of the EMA decay."),
+    "optim.save_ema": ("Save EMA", None, MORE, "both: also the raw weights as NAME_raw."),
+    "optim.lr_scheduler": ("LR schedule", None, BASIC, None),
+    "optim.warmup_steps": ("Warm-up steps", None, BASIC, None),
+    "optim.max_grad_norm": ("Gradient clipping", None, MORE, "The gradient norm's limit; 0 = off."),
+    "train.max_steps": ("Steps", None, FIRST, "Optimizer steps to train."),
+    "train.batch_size": ("Batch size", None, FIRST, "Images per step."),
+    "train.grad_accum": ("Gradient accumulation", None, BASIC, "Effective batch = batch size × this."),
+    "train.gradient_checkpointing": ("Gradient checkpointing", "speed", BASIC, "Less memory, slower steps."),
+    "train.mixed_precision": ("Precision", "speed", BASIC,
+                              "auto: bf16 or fp16 on a GPU, the fastest exact one on the CPU."),
+    "train.seed": ("Seed", None, BASIC, "The same seed repeats a run exactly."),
+    "train.min_snr_gamma": ("Min-SNR gamma", "noise", BASIC, "Loss weighting; 5 is typical, 0 = off."),
+    "train.noise_offset": ("Noise offset", "noise", BASIC, "e.g. 0.05 for darker/brighter images; 0 = off."),
+    "train.cache_latents": ("Cache latents", "speed", MORE, "Encode the images once."),
+    "train.cache_text": ("Cache text embeddings", "speed", MORE, None),
+    "train.timestep_sampling": ("Timestep sampling", "noise", BASIC,
+                                "uniform, logit-normal (the middle), sigmoid or mode."),
+    "train.timestep_mean": ("Logit-normal mean", "noise", MORE, None),
+    "train.timestep_scale": ("Timestep spread", "noise", MORE, None),
+    "train.mode_scale": ("Mode scale", "noise", MORE, "How far mode sampling leans to the middle."),
+    "train.flow_weighting": ("Flow loss weighting", "noise", BASIC, "SD3: none, sigma_sqrt or cosmap."),
+    "train.min_timestep": ("Lowest timestep", "noise", MORE, None),
+    "train.max_timestep": ("Highest timestep", "noise", MORE, None),
+    "train.loss": ("Loss", "noise", BASIC, "l2 (MSE), huber or smooth-l1."),
+    "train.huber_delta": ("Huber delta", "noise", BASIC, None),
+    "train.huber_schedule": ("Huber schedule", "noise", BASIC,
+                             "The delta over the timesteps: constant, exponential or snr."),
+    "train.debiased_estimation": ("Debiased estimation", "noise", MORE, None),
+    "train.multires_noise_iterations": ("Multi-resolution noise levels", "noise", MORE, "6-10 is typical; 0 = off."),
+    "train.multires_noise_discount": ("Multi-resolution discount", "noise", MORE, None),
+    "train.ip_noise_gamma": ("Input perturbation", "noise", MORE,
+                             "Extra noise on the input only; 0.1 is typical, 0 = off."),
+    "train.zero_terminal_snr": ("Zero terminal SNR", "noise", MORE, "v-prediction: the last timestep is pure noise."),
+    "validation.data": ("Validation folder", None, BASIC, "Held-out images; or hold out a share below."),
+    "validation.split": ("Hold out share", None, BASIC, "e.g. 0.1: a tenth of the images, never trained on."),
+    "validation.every": ("Validate every (steps)", None, BASIC, "0: only at the end."),
+    "validation.timesteps": ("Timesteps per image", None, MORE, "The validation loss is averaged over them."),
+    "validation.keep_best": ("Keep the best file", None, BASIC, "NAME_best.safetensors at the lowest loss."),
+    "validation.early_stop_patience": ("Early-stop patience", None, BASIC, "Validations without improvement; "
+                                       "0 = off."),
+    "speed.threads": ("CPU threads", None, MORE, "0: the cores not busy with other work."),
+    "speed.attention": ("Attention kernel", None, BASIC, "sdpa (fused), math (plain) or xformers."),
+    "speed.channels_last": ("Channels-last", None, MORE, None),
+    "speed.tf32": ("TF32", None, MORE, None),
+    "speed.compile": ("torch.compile", None, MORE, "regional or full: faster steps after a slow start."),
+    "speed.fused_optimizer": ("Fused AdamW", None, MORE, None),
+    "speed.log_every": ("Read the loss every (steps)", None, MORE, "Each read waits for the GPU."),
+    "speed.prefetch": ("Prefetch batches", None, MORE, "Prepare the next batch on a background thread."),
+    "sample.prompts": ("Sample prompts", None, BASIC, "One per line; empty: the instance prompt."),
+    "sample.every": ("Sample every (steps)", None, FIRST, "Also at step 0 and the end; 0: only those."),
+    "sample.steps": ("Sample steps", None, BASIC, "Denoising steps per sample image."),
+    "sample.guidance": ("Sample guidance", None, BASIC, None),
+    "sample.seed": ("Sample seed", None, MORE, None),
+    "output.path": ("Output file", None, MORE, "Set by the page from the LoRA name."),
+    "output.format": ("File layout", None, BASIC, "kohya: A1111, ComfyUI, kohya, diffusers; diffusers: PEFT."),
+    "output.save_every": ("Checkpoint every (steps)", None, BASIC, "Resumable checkpoints; 0 = only at the end."),
+    "output.name": ("Name in A1111", None, MORE, "ss_output_name; default: the file name."),
+    "output.trigger": ("Trigger words", None, BASIC, "Stored in the file; default: taken from the prompts."),
+    "output.dtype": ("Saved precision", None, BASIC, None),
+    "output.log_with": ("Log to", None, MORE, "tensorboard or wandb, through accelerate."),
+    "output.metadata": ("Metadata in the file", None, MORE, "public (no paths), full or none."),
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config field as the CLI help and the UI present it."""
+
+    section: str
+    field: dataclasses.Field
+    label: str
+    group: str
+    level: str      # first (the first screen), basic (its group), more (its group's "more")
+    short: str      # one line of help
+    help: str       # the whole help text
+
+    @property
+    def key(self) -> Key:
+        return self.section, self.field.name
+
+    @property
+    def flag(self) -> str:
+        return "--" + flag_name(self.field)
+
+    @property
+    def default(self):
+        obj = SECTIONS[self.section]() if self.section in SECTIONS else DataFolder()
+        return getattr(obj, self.field.name)
+
+
+def short_help(text: str, limit: int = 100) -> str:
+    """The first sentence (or clause) of a help text, at most `limit` characters: it ends at a '.' or ';' followed by
+    a space outside parentheses, and not at an abbreviation (e.g., i.e., et al.)."""
+    text, depth, end = text.strip(), 0, None
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch in ".;" and depth == 0 and text[i + 1:i + 2] == " " and not _ABBREV.search(text[:i + 1]):
+            end = i if ch == ";" else i + 1
+            break
+    first = text[:end] if end else text
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0] + " …"
+
+
+_ABBREV = re.compile(r"(\be\.g\.|\bi\.e\.|\bal\.|\betc\.|\bvs\.)$")
+
+
+def describe(section: str, f: dataclasses.Field) -> Option:
+    """The presentation of one field: its entry in the table, or the defaults for a field that has none."""
+    label, group, level, short = _F.get(f"{section}.{f.name}", (None, None, MORE, None))
+    text = f.metadata.get("help", "")
+    return Option(section, f, label or f.name.replace("_", " ").capitalize(),
+                  group or SECTION_GROUP.get(section, section), level, short or short_help(text), text)
+
+
+def options() -> list[Option]:
+    """Every option of the config, in the config's order."""
+    return [describe(s, f) for s, f in iter_options()]
+
+
+def groups() -> list[Group]:
+    """The groups in page order, with a plain group for any section that has none (a section added later)."""
+    known = {g.key for g in GROUPS}
+    extra = [Group(o.group, o.group.replace("_", " ").capitalize()) for o in options() if o.group not in known]
+    return list(GROUPS) + list({g.key: g for g in extra}.values())
+
+
+def by_key() -> dict[Key, Option]:
+    return {o.key: o for o in options()}
+
+
+# ------------------------------------------------------------------ methods
+LORA, DREAMBOOTH, PIVOTAL = "LoRA", "DreamBooth (prior preservation)", "Pivotal tuning"
+METHODS = (LORA, DREAMBOOTH, PIVOTAL)
+_METHOD_GROUP = {"dreambooth": DREAMBOOTH, "pivotal": PIVOTAL}
+
+
+def method_of(cfg: Config) -> str:
+    """The training method a config describes: pivotal tuning with a token, DreamBooth with a class prompt."""
+    return PIVOTAL if cfg.pivotal.token else DREAMBOOTH if cfg.prior.class_prompt else LORA
+
+
+# ------------------------------------------------------------------ what applies
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the rules need to know of the base model: its family (sdlora.families.Family) and prediction type
+    (epsilon, v_prediction or flow)."""
+
+    family: object
+    prediction: str
+
+    def components(self):
+        """The stand-in for loaded components that `check_family_options` reads."""
+        return SimpleNamespace(family=self.family, prediction_type=self.prediction, name=self.family.title,
+                               frozen_text=[])
+
+
+def model_facts(path: str) -> ModelFacts | None:
+    """The family and prediction type of a base model on this machine ("" = the built-in one), read from its
+    configs or a single file's header (no weights); None for a hub id or anything that cannot be read here (the
+    rules that need the model then keep every field)."""
+    from pathlib import Path
+
+    from .errors import SdloraError
+    from .paths import default_model_path
+
+    source = path or str(default_model_path())
+    if not Path(source).exists():
+        return None
+    try:
+        return _read_facts(source)
+    except (SdloraError, OSError, ValueError, KeyError):
+        return None
+
+
+def _read_facts(source: str) -> ModelFacts:
+    from pathlib import Path
+
+    from .families import FAMILIES
+
+    if Path(source).is_file():
+        from .single_file import detect_checkpoint
+
+        info = detect_checkpoint(source)
+        return ModelFacts(FAMILIES[info.family], info.prediction_type)
+    import diffusers
+
+    from .models import _folder_family
+
+    family = _folder_family(source)  # a FlowMatch scheduler has no prediction_type: flow, as Components reads it
+    scheduler = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler")
+    return ModelFacts(family, scheduler.get("prediction_type") or "flow")
+
+
+def _has_validation(cfg: Config) -> bool:
+    return bool(cfg.validation.split or cfg.validation.data)
+
+
+def _text_frozen(cfg: Config) -> bool:
+    return not cfg.lora.train_text_encoder and not cfg.pivotal.token
+
+
+# Rules the config's validation does not hold (a value there is harmless, it just does nothing): key -> (does the
+# field do anything?, why not). `facts` is None when the model is not known; such rules then keep the field.
+_RULES = {
+    ("lora", "text_encoder_lr"): (lambda c, m: c.lora.train_text_encoder, "needs Train the text encoder"),
+    ("lora", "train_text_encoder_2"): (
+        lambda c, m: c.lora.train_text_encoder and (m is None or len(m.family.text_encoders) > 1),
+        "needs Train the text encoder and a model with two text encoders (SDXL, SD3)"),
+    ("lora", "text_encoder_2_lr"): (
+        lambda c, m: c.lora.train_text_encoder and c.lora.train_text_encoder_2 and
+        (m is None or len(m.family.text_encoders) > 1),
+        "needs Train the second text encoder (SDXL, SD3)"),
+    ("model", "t5"): (lambda c, m: m is None or bool(m.family.frozen_encoders), "SD3 only"),
+    ("model", "t5_max_length"): (lambda c, m: (m is None or bool(m.family.frozen_encoders)) and c.model.t5,
+                                 "SD3 with T5 only"),
+    ("model", "text_encoders"): (lambda c, m: m is None or bool(m.family.frozen_encoders), "SD3 only"),
+    ("data", "keep_tags"): (lambda c, m: any(d.shuffle_tags or d.tag_dropout for d in c.data),
+                            "needs Shuffle tags or Tag dropout"),
+    ("data", "tag_separator"): (lambda c, m: any(d.shuffle_tags or d.tag_dropout for d in c.data),
+                                "needs Shuffle tags or Tag dropout"),
+    ("data", "unmasked_weight"): (lambda c, m: any(d.masks or d.alpha_mask for d in c.data),
+                                  "needs a Mask folder or Alpha channel as mask"),
+    ("validation", "timesteps"): (lambda c, m: _has_validation(c), "needs validation images"),
+    ("optim", "warmup_steps"): (lambda c, m: c.optim.lr_scheduler != "constant"
+                                or c.optim.optimizer == "adamw-schedulefree",
+                                "the constant schedule has no warm-up: choose constant_with_warmup"),
+    ("speed", "fused_optimizer"): (lambda c, m: c.optim.optimizer == "adamw", "AdamW only"),
+    ("train", "cache_latents"): (lambda c, m: c.augment.crop != "random", "a random crop needs fresh latents"),
+    ("train", "cache_text"): (lambda c, m: _text_frozen(c), "the text encoder trains"),
+    ("prior", "num_class_images"): (lambda c, m: c.prior.mode == "images", "Prior from model needs no images"),
+    ("model", "prediction_type"): (lambda c, m: m is None or m.prediction != "flow",
+                                   "SD3 trains by flow matching"),
+}
+# Probe values where the generic ones would break a rule of their own (a resolution of 1), or for free-text fields
+# whose rules are worth trying (other text fields always apply).
+_PROBES = {("lora", "blocks"): "0", ("pivotal", "token"): "<s1>", ("augment", "resolution"): 64}
+_PAGE_SET = {("output", "path"), ("prior", "class_data")}
+
+
+def _problem(cfg: Config, facts: ModelFacts | None) -> str | None:
+    """The first error the config's own rules and the model family's rules find, or None."""
+    try:
+        validate(cfg, check_paths=False)
+        if facts is not None:
+            from .training.setup import check_family_options
+
+            facts.family.target_patterns(cfg.lora.targets)
+            check_family_options(cfg, facts.components())
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _probes(opt: Option) -> list:
+    """Values other than the default to try the field with."""
+    f, default = opt.field, opt.default
+    if opt.key in _PROBES:
+        return [_PROBES[opt.key]]
+    if f.metadata.get("choices"):
+        return [c for c in f.metadata["choices"] if c != default]
+    if f.type == "bool":
+        return [not default]
+    if f.type in ("int", "float"):
+        cast = int if f.type == "int" else float
+        bounds = f.metadata.get("bounds") or {}
+        for v in (default * 2, default + 1, default / 2, default - 1, 0.5):
+            v = cast(v)
+            if v != default and all(_within(v, k, b) for k, b in bounds.items()):
+                return [v]
+    return []
+
+
+def _within(v, kind: str, b) -> bool:
+    return {"ge": v >= b, "gt": v > b, "le": v <= b, "lt": v < b}[kind]
+
+
+def _set(cfg: Config, key: Key, value) -> None:
+    section, name = key
+    for obj in cfg.data if section == "data" else [getattr(cfg, section)]:
+        setattr(obj, name, value)
+
+
+def _probe_base(cfg: Config, facts: ModelFacts | None) -> Config:
+    """The config as the rules should see it: a data folder and an output file (the page sets them), and `auto`
+    read as the model's own prediction type (so a v-prediction-only option is judged against the model)."""
+    base = copy.deepcopy(cfg)
+    if not base.data:
+        base.data = [DataFolder(path="images")]
+    base.output.path = "lora.safetensors"
+    if facts is not None and base.model.prediction_type == "auto" and facts.prediction in ("epsilon",
+                                                                                          "v_prediction"):
+        base.model.prediction_type = facts.prediction
+    return base
+
+
+def inapplicable(cfg: Config, facts: ModelFacts | None = None, method: str | None = None) -> dict[Key, str]:
+    """{(section, name): why} of the fields that do nothing for this config, model and method. A field applies when
+    another value of it is accepted where its default is (the rules of `config.validate` and of the model's
+    family), and when the rules of `_RULES` allow it; the method's own fields apply to that method only."""
+    method = method or method_of(cfg)
+    out: dict[Key, str] = {}
+    for opt in options():
+        if opt.key in _PAGE_SET:
+            continue
+        if opt.group in _METHOD_GROUP and _METHOD_GROUP[opt.group] != method:
+            out[opt.key] = f"{_METHOD_GROUP[opt.group]} only"
+            continue
+        why = _pinned(cfg, facts, opt) or _rule(cfg, facts, opt.key)
+        if why:
+            out[opt.key] = why
+    return out
+
+
+def _rule(cfg: Config, facts: ModelFacts | None, key: Key) -> str | None:
+    ok, why = _RULES.get(key, (lambda c, m: True, ""))
+    return None if ok(cfg, facts) else why[:1].upper() + why[1:]
+
+
+def _pinned(cfg: Config, facts: ModelFacts | None, opt: Option) -> str | None:
+    """Why every other value of this field is refused where its default is accepted, or None."""
+    probes = _probes(opt)
+    if not probes:
+        return None
+    base = _probe_base(cfg, facts)
+    _set(base, opt.key, opt.default)
+    before = _problem(base, facts)
+    reasons = []
+    for value in probes:
+        trial = copy.deepcopy(base)
+        _set(trial, opt.key, value)
+        after = _problem(trial, facts)
+        if after is None or after == before:
+            return None
+        reasons.append(after)
+    return humanize(reasons[0]) if reasons else None
+
+
+def method_problems(cfg: Config, facts: ModelFacts | None) -> dict[str, str]:
+    """{method: why} for the methods the model cannot train (pivotal tuning on SD3)."""
+    out = {}
+    for method, key, value in ((PIVOTAL, ("pivotal", "token"), "<s1>"),):
+        trial = _probe_base(cfg, facts)
+        _set(trial, key, value)
+        problem = _problem(trial, facts)
+        if problem and problem != _problem(_probe_base(cfg, facts), facts):
+            out[method] = humanize(problem)
+    return out
+
+
+# ------------------------------------------------------------------ errors in words
+def _names() -> tuple[dict[str, Option], dict[str, Option], dict[str, Option]]:
+    opts = options()
+    dotted = {f"{o.section}.{o.field.name}": o for o in opts}
+    flags = {o.flag: o for o in opts}
+    bare: dict[str, Option | None] = {}
+    for o in opts:
+        bare[o.field.name] = None if o.field.name in bare else o  # only names that are one field's
+    bare = {k: v for k, v in bare.items() if v is not None and "_" in k}
+    bare.update({o.flag[2:].replace("-", "_"): o for o in opts if "-" in o.flag[2:]})  # validate_every
+    return dotted, flags, bare
+
+
+_DOTTED = re.compile(r"\b(\w+)(?:\[\d+\])?\.(\w+)")
+_FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*(?: (?:[A-Z]+|\.\.\.|N|X|F|DIR))?")
+_BARE = re.compile(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b")
+
+
+def mentioned(message: str) -> list[Key]:
+    """The fields a message names: section.name, a CLI flag, or a field name that belongs to one field."""
+    dotted, flags, bare = _names()
+    keys = [dotted[f"{s}.{n}"].key for s, n in _DOTTED.findall(message) if f"{s}.{n}" in dotted]
+    keys += [flags[m.split()[0]].key for m in _FLAG.findall(message) if m.split()[0] in flags]
+    keys += [bare[m].key for m in _BARE.findall(message) if m in bare]
+    return list(dict.fromkeys(keys))
+
+
+def humanize(message: str) -> str:
+    """A message with the fields it names given by their labels ('lora.rank must be > 0' -> 'Rank must be > 0')."""
+    dotted, flags, bare = _names()
+
+    def dot(m):
+        o = dotted.get(f"{m.group(1)}.{m.group(2)}")
+        return o.label if o else m.group(0)
+
+    text = _DOTTED.sub(dot, message)
+    text = _FLAG.sub(lambda m: f"'{flags[m.group(0).split()[0]].label}'" if m.group(0).split()[0] in flags
+                     else m.group(0), text)
+    text = _BARE.sub(lambda m: bare[m.group(0)].label if m.group(0) in bare else m.group(0), text)
+    return text[:1].upper() + text[1:]
+
+
+def field_errors(cfg: Config) -> dict[Key, str]:
+    """Every field whose own value is out of its choices or bounds, with the message in words: all at once."""
+    from .config import _check_field, _objects
+
+    out: dict[Key, str] = {}
+    for section, i, obj in _objects(cfg):
+        for f in fields(obj):
+            try:
+                _check_field(f"{section}[{i}]" if i is not None else section, f, getattr(obj, f.name))
+            except ConfigError as e:
+                out.setdefault((section, f.name), humanize(str(e)))
+    return out
+
+
+def check(cfg: Config, check_paths: bool = True) -> tuple[dict[Key, str], list[str]]:
+    """({field: message}, [messages naming no field]) of a config: every field's own errors at once, then the first
+    rule across fields that fails (marked on each field it names)."""
+    errors = field_errors(cfg)
+    if errors:
+        return errors, []
+    try:
+        validate(cfg, check_paths)
+    except ConfigError as e:
+        text, keys = humanize(str(e)), mentioned(str(e))
+        return (dict.fromkeys(keys, text), []) if keys else ({}, [text])
+    return {}, []
+
+
+def changed(cfg: Config, keys: list[Key]) -> list[str]:
+    """'Label value' of each of these fields that differs from its default (a group's one-line summary)."""
+    table, out = by_key(), []
+    for key in keys:
+        opt = table[key]
+        objs = cfg.data[:1] if key[0] == "data" else [getattr(cfg, key[0])]
+        for obj in objs:
+            value = getattr(obj, key[1])
+            if value != opt.default:
+                out.append(f"{opt.label} {_shown(value)}")
+    return out
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return f"({len(value)})"
+    return str(value) if len(str(value)) <= 24 else str(value)[:22] + "…"
