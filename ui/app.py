@@ -28,6 +28,8 @@ CSS = """
 #fit-box.fits { border-color: #15803d; }
 #fit-box.nofit { border-color: #b91c1c; }
 .group-note { font-size: 0.9em; opacity: 0.85; }
+#applies-style { display: none; }
+.option-check { min-width: min(240px, 100%) !important; flex: 1 1 240px !important; }
 #loss-chart svg { max-height: 280px; }
 .chart-legend { font-size: 0.85em; opacity: 0.8; }
 /* small images (64 px models) are drawn large and sharp, not tiny in a big panel */

@@ -80,11 +80,16 @@ class DatasetSection:
             self.caption_status = gr.HTML("", elem_id="caption-status")
 
     # ------------------------------------------------------------ events
-    def wire(self, name, last_name, form_errors) -> None:
+    def wire(self, name, last_name, form_errors, redraw: list[dict]) -> None:
+        """`redraw`: the events that follow a change of the folders (what applies, the memory estimate)."""
         view = [self.captions, self.gallery, self.folder_status]
-        self.upload.upload(self.on_upload, [self.upload, name, self.masks], [self.folder] + view + [form_errors])
-        self.mask_upload.upload(self.on_mask_upload, [self.mask_upload, name, self.folder],
-                                [self.masks, self.gallery])
+        uploads = [self.upload.upload(self.on_upload, [self.upload, name, self.masks],
+                                      [self.folder] + view + [form_errors]),
+                   self.mask_upload.upload(self.on_mask_upload, [self.mask_upload, name, self.folder],
+                                           [self.masks, self.gallery])]
+        for event in uploads:
+            for then in redraw:
+                event = event.then(**then)
         gr.on([self.folder.blur, self.folder.submit, self.masks.blur, self.masks.submit], self.on_folder,
               [self.folder, self.masks], view)
         self.captions.input(self.on_captions, [self.folder, self.captions, self.masks], [self.gallery],

@@ -26,11 +26,16 @@ def shown(opt: Option, value) -> object:
     return value
 
 
+def classes(opt: Option) -> list[str]:
+    """A field's CSS classes: numbers, and checkboxes (which take the width of a field, not of their box)."""
+    return {"int": ["number"], "float": ["number"], "bool": ["option-check"]}.get(opt.field.type, [])
+
+
 def widget(opt: Option, value=None, **kw) -> gr.components.Component:
     """The input of one field: checkbox, dropdown, or a text box (numbers too)."""
     value = shown(opt, opt.default if value is None else value)
     kw = {"label": opt.label, "info": opt.short, "elem_id": f"opt-{opt.section}-{opt.field.name}",
-          "min_width": 240, **kw}
+          "min_width": 240, "elem_classes": classes(opt), **kw}
     f = opt.field
     if f.metadata.get("choices"):
         return gr.Dropdown(choices=list(f.metadata["choices"]), value=value, **kw)
@@ -39,7 +44,7 @@ def widget(opt: Option, value=None, **kw) -> gr.components.Component:
     if f.type == "list":
         return gr.Textbox(value=value, lines=2, **kw)
     if f.type in ("int", "float"):
-        return gr.Textbox(value=value, lines=1, max_lines=1, elem_classes=["number"], **kw)
+        return gr.Textbox(value=value, lines=1, max_lines=1, **kw)
     return gr.Textbox(value=value, lines=1, max_lines=1, **kw)
 
 

@@ -15,6 +15,7 @@ from sdlora.options import DREAMBOOTH, METHODS, PIVOTAL, check, field_errors, me
 from . import notify, progress
 from .chart import loss_chart
 from .files import safe_name
+from .form import classes
 from .jobs import FINISHED
 
 LATEST = 0  # job selector value: "whatever runs now, else the newest"
@@ -72,9 +73,7 @@ class RunSection:
         self.timer.tick(self.on_tick, [self.job_pick, self.seen], watch, show_progress="hidden")
         demo.load(self.on_tick, [self.job_pick, self.seen], watch, show_progress="hidden")
         shown = [name, method, last_name] + comps
-        settings = dict(fn=self.settings.on_settings, inputs=[comps[self.form.keys.index(("model", "path"))],
-                                                              method] + comps,
-                        outputs=self.settings.outputs(method), show_progress="hidden")
+        settings = self.settings.settings_args(comps[self.form.keys.index(("model", "path"))], method)
         loaded = demo.load(self.on_page_load, [], shown, show_progress="hidden").then(**settings)
         loaded.then(**self.settings.fit_args)
         picked = self.job_pick.input(self.on_pick, [self.job_pick], shown, show_progress="hidden").then(**settings)
@@ -94,6 +93,7 @@ class RunSection:
         if method != PIVOTAL:
             over[("pivotal", "token")] = ""  # pivotal tuning is on when it has a token
         cfg, errors = self.form.read(values, over)
+        self.settings.clean(cfg, method, errors)  # what the page hides does nothing: it neither trains nor blocks
         errors.update(self._paths(cfg))
         if not cfg.sample.prompts and cfg.data and cfg.data[0].prompt:
             cfg.sample.prompts = [cfg.data[0].prompt]
@@ -150,9 +150,8 @@ class RunSection:
         out = [box]
         for key in self.form.keys:
             opt = self.form.options[key]
-            out.append(gr.update(elem_classes=["field-error"], info=f"⚠ {fields[key]}") if key in fields else
-                       gr.update(elem_classes=["number"] if opt.field.type in ("int", "float") else [],
-                                 info=opt.short))
+            out.append(gr.update(elem_classes=[*classes(opt), "field-error"], info=f"⚠ {fields[key]}")
+                       if key in fields else gr.update(elem_classes=classes(opt), info=opt.short))
         groups = {self.form.options[k].group for k in fields}
         out += [gr.update(open=True) if g in groups else gr.skip() for g in self.settings.accordions]
         return out

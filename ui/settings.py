@@ -26,7 +26,7 @@ from sdlora.options import (
 )
 from sdlora.presets import family_key, load_preset, preset_for, preset_values, presets_for
 
-from .form import FREE_TEXT, ConfigForm, shown
+from .form import FREE_TEXT, ConfigForm
 
 METHOD_GROUPS = {"dreambooth": METHODS[1], "pivotal": METHODS[2]}
 PAGE_OWNED = {("model", "path"), ("data", "path"), ("data", "prompt"), ("data", "masks"), ("output", "path"),
@@ -51,9 +51,11 @@ class SettingsPanel:
         self.manager, self.form = manager, form
         self.initial, self.initial_preset = initial_config(manager.model)
         self._facts: dict[str, ModelFacts | None] = {}
+        self._fits: dict[tuple, tuple[str, list]] = {}  # the last estimates, by settings
         self.hidden = inapplicable(self.initial, self.facts(manager.model), method_of(self.initial))
         self.accordions: dict[str, gr.Accordion] = {}
         self.notes: dict[str, gr.Markdown] = {}
+        self.mores: dict[str, list] = {}  # the fields of a group's "More settings"
 
     def facts(self, model: str) -> ModelFacts | None:
         model = model or ""
@@ -66,7 +68,7 @@ class SettingsPanel:
         cfg = self.initial
         obj = (cfg.data[0] if cfg.data else DataFolder()) if section == "data" else getattr(cfg, section)
         value = getattr(obj, name) if value is None else value
-        return self.form.add(section, name, value, visible=(section, name) not in self.hidden, **kw)
+        return self.form.add(section, name, value, **kw)
 
     # ------------------------------------------------------------ layout
     def build_preset(self):
@@ -85,9 +87,7 @@ class SettingsPanel:
     def build_group(self, key: str, extra=None, open: bool = False) -> None:
         opts = [o for o in self.form.options.values() if o.group == key and o.level != FIRST
                 and o.key not in PAGE_OWNED]
-        visible = any(o.key not in self.hidden for o in opts) or extra is not None
-        with gr.Accordion(self._label(key, self.initial), open=open, visible=visible,
-                          elem_id=f"group-{key}") as acc:
+        with gr.Accordion(self._label(key, self.initial), open=open, elem_id=f"group-{key}") as acc:
             if extra:
                 extra()
             self._fields([o for o in opts if o.level == BASIC])
@@ -95,6 +95,7 @@ class SettingsPanel:
             if more:
                 with gr.Accordion("More settings", open=False, elem_id=f"more-{key}"):
                     self._fields(more)
+                self.mores[key] = [o.key for o in more]
             self.notes[key] = gr.Markdown(self._note(key, self.hidden), elem_id=f"note-{key}",
                                           elem_classes=["group-note"])
             with gr.Accordion("Help and command-line flags", open=False, elem_id=f"help-{key}"):
@@ -119,6 +120,10 @@ class SettingsPanel:
                     self.fit_apply = gr.Button("Apply the cheapest changes that fit", size="sm", visible=False,
                                                variant="primary", elem_id="fit-apply")
         self.plan = gr.State([])
+        # what the panel shows now (built last: every group exists), so a change redraws only what it changes
+        view = self.view(self.initial, method_of(self.initial), self.manager.model)
+        self.shown_view = gr.State(view)
+        self.style = gr.HTML(view["style"], elem_id="applies-style")
 
     # ------------------------------------------------------------ what the panel shows
     def _label(self, key: str, cfg: Config) -> str:
@@ -147,46 +152,80 @@ class SettingsPanel:
                 lines.append(f"- **{', '.join(labels)}**: {text}")
         return "Hidden because they do nothing with these settings:\n" + "\n".join(lines)
 
-    def updates(self, cfg: Config, method: str, model: str, reset: bool = True) -> list:
-        """Visibility of every field (and the default value back in a field that stopped applying), the groups'
-        summaries and notes, and the methods the model can train."""
+    def view(self, cfg: Config, method: str, model: str) -> dict:
+        """What the panel shows for a config: a style hiding the fields that do nothing here (and the groups and
+        "More" sections left empty), the groups' summaries and notes, and the methods the model can train."""
         facts = self.facts(model)
         hidden = inapplicable(cfg, facts, method)
-        out = []
-        for key, value in zip(self.form.keys, self.form.values_of(cfg)):
-            opt = self.form.options[key]
-            off = key in hidden and key not in PAGE_OWNED
-            stale = reset and off and opt.group not in METHOD_GROUPS and value != shown(opt, opt.default)
-            out.append(gr.update(visible=not off, value=shown(opt, opt.default)) if stale else
-                       gr.update(visible=not off))
+        off = [f"#opt-{s}-{n}" for s, n in self.form.keys if (s, n) in hidden and (s, n) not in PAGE_OWNED]
+        labels = []
         for key in self.accordions:
             opts = [o for o in self.form.options.values() if o.group == key and o.key not in PAGE_OWNED]
             show = (METHOD_GROUPS[key] == method) if key in METHOD_GROUPS else \
                 any(o.key not in hidden for o in opts) or key == "images"
-            out.append(gr.update(label=self._label(key, cfg), visible=show))
-        out += [gr.update(value=self._note(key, hidden)) for key in self.notes]
+            off += [] if show else [f"#group-{key}"]
+            labels.append(self._label(key, cfg))
+        off += [f"#more-{key}" for key, keys in self.mores.items() if all(k in hidden for k in keys)]
         problems = method_problems(cfg, facts)
         info = "; ".join(f"{m}: {why}" for m, why in problems.items()) or "How the LoRA learns the subject."
-        out.append(gr.update(choices=[m for m in METHODS if m not in problems], info=info))
+        return {"style": f"<style>{', '.join(off)} {{ display: none !important; }}</style>" if off else "",
+                "labels": labels, "notes": [self._note(key, hidden) for key in self.notes],
+                "method": ([m for m in METHODS if m not in problems], info)}
+
+    def updates(self, new: dict, old: dict | None) -> list:
+        """The page's changes from the view `old` to `new`; what did not change is skipped."""
+        old = old or {}
+
+        def diff(name, i, make):
+            return make(new[name][i]) if not old or old[name][i] != new[name][i] else gr.skip()
+
+        out = [gr.skip() if old.get("style") == new["style"] else new["style"]]
+        out += [diff("labels", i, lambda v: gr.update(label=v)) for i in range(len(new["labels"]))]
+        out += [diff("notes", i, lambda v: gr.update(value=v)) for i in range(len(new["notes"]))]
+        same = old and old["method"] == new["method"]
+        out.append(gr.skip() if same else gr.update(choices=new["method"][0], info=new["method"][1]))
         return out
 
     def outputs(self, method) -> list:
-        return self.form.components + list(self.accordions.values()) + list(self.notes.values()) + [method]
+        return [self.style] + list(self.accordions.values()) + list(self.notes.values()) + [method, self.shown_view]
+
+    def settings_args(self, model, method) -> dict:
+        """The event that redraws the panel for the form's values (the view it shows now goes in and out)."""
+        return dict(fn=self.on_settings, inputs=[model, method, self.shown_view] + self.form.components,
+                    outputs=self.outputs(method), show_progress="hidden")
 
     # ------------------------------------------------------------ events
     def wire(self, model, method) -> None:
+        """A change redraws the panel, then estimates the memory (one after the other: fewer events at once)."""
         comps = self.form.components
-        triggers = [t for c in comps for t in ((c.blur, c.submit) if isinstance(c, gr.Textbox) else (c.input,))]
-        gr.on(triggers + [method.input], self.on_settings, [model, method] + comps, self.outputs(method),
-              trigger_mode="always_last", show_progress="hidden")
-        gr.on([model.blur, model.submit], self.on_model, [model, self.preset], [self.preset], show_progress="hidden")
-        self.preset.input(self.on_preset, [self.preset] + comps, comps, show_progress="hidden").then(
-            self.on_settings, [model, method] + comps, self.outputs(method), show_progress="hidden")
         self.fit_args = dict(fn=self.on_fit, inputs=[model, self.vram] + comps,
                              outputs=[self.fit_status, self.fit_apply, self.plan], concurrency_limit=1,
                              concurrency_id="fit", show_progress="minimal", show_progress_on=[self.fit_status])
-        gr.on(triggers + [self.vram.submit, self.fit_btn.click], trigger_mode="always_last", **self.fit_args)
+        triggers = [t for c in comps for t in ((c.blur, c.submit) if isinstance(c, gr.Textbox) else (c.input,))]
+        gr.on(triggers + [method.input], trigger_mode="always_last", **self.settings_args(model, method)).then(
+            **self.fit_args)
+        picked = gr.State(False)  # the model's family changed the preset: its values go in
+        gr.on([model.blur, model.submit], self.on_model, [model, self.preset], [self.preset, picked],
+              show_progress="hidden").then(self.on_picked, [picked, self.preset] + comps, comps,
+                                           show_progress="hidden").then(**self.settings_args(model, method))
+        self.preset.input(self.on_preset, [self.preset] + comps, comps, show_progress="hidden").then(
+            **self.settings_args(model, method)).then(**self.fit_args)
+        gr.on([self.vram.submit, self.fit_btn.click], trigger_mode="always_last", **self.fit_args)
         self.fit_apply.click(self.on_fit_apply, [self.plan] + comps, comps).then(**self.fit_args)
+
+    def clean(self, cfg: Config, method: str, errors: dict | None = None) -> Config:
+        """The fields that do nothing here (hidden on the page) at their defaults, and their errors dropped: what a
+        hidden field holds never trains nor blocks."""
+        hidden = inapplicable(cfg, self.facts(cfg.model.path), method)
+        for key in hidden:
+            opt = self.form.options[key]
+            if key in PAGE_OWNED or opt.group in METHOD_GROUPS:
+                continue
+            for obj in cfg.data if key[0] == "data" else [getattr(cfg, key[0])]:
+                setattr(obj, key[1], opt.default)
+            if errors is not None:
+                errors.pop(key, None)
+        return cfg
 
     def read(self, values) -> Config:
         """The form's Config for the rules: unreadable values at their defaults, and a data folder even before the
@@ -194,18 +233,21 @@ class SettingsPanel:
         folder = values[self.form.keys.index(("data", "path"))]
         return self.form.read(values, {("data", "path"): folder or "images"})[0]
 
-    def on_settings(self, model, method, *values):
-        return self.updates(self.read(values), method, model)
+    def on_settings(self, model, method, view, *values):
+        new = self.view(self.read(values), method, model)
+        return self.updates(new, view) + [new]
 
     def on_model(self, model, preset):
-        """A model of another family: its presets, the same goal where it has one."""
+        """A model of another family: its presets, the same goal where it has one (then applied, `on_picked`)."""
         choices = preset_choices(model)
-        names = [n for _, n in choices]
-        if preset in names:
-            return gr.update(choices=choices)
+        if preset in [n for _, n in choices]:
+            return gr.update(choices=choices), False
         goal = preset.split("-", 1)[1] if "-" in (preset or "") else ""
         fit = preset_for(model, goal)
-        return gr.update(choices=choices, value=fit.name if fit else "")
+        return gr.update(choices=choices, value=fit.name if fit else ""), fit is not None
+
+    def on_picked(self, picked, name, *values):
+        return self.on_preset(name, *values) if picked else [gr.skip()] * len(values)
 
     def on_preset(self, name, *values):
         """The preset's values in every field but the page's own; free text only where the preset sets it."""
@@ -221,18 +263,26 @@ class SettingsPanel:
         return out
 
     def on_fit(self, model, vram, *values, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+        cfg, errors = self.form.read(values)
+        if self.clean(cfg, method_of(cfg), errors) and errors:
+            return _fit_box("Fix the marked settings to estimate the memory.", "idle"), gr.update(visible=False), []
+        key = (cfg.to_toml(), model, vram)  # a field left without a change costs nothing
+        if key not in self._fits:
+            progress(0, desc="Estimating the memory …")
+            self._fits = {**dict(list(self._fits.items())[-15:]), key: self._fit(cfg, model, vram)}
+        html_box, plan = self._fits[key]
+        return html_box, gr.update(visible=bool(plan)), plan
+
+    def _fit(self, cfg: Config, model: str, vram: str) -> tuple[str, list]:
+        """(the report, the plan's changed fields) of `check_fit` for the form's config."""
         from sdlora.training.fit_plan import check_fit, parse_size
 
-        cfg, errors = self.form.read(values)
-        if errors:
-            return _fit_box("Fix the marked settings to estimate the memory.", "idle"), gr.update(visible=False), []
         try:
             cfg.model.path = self.manager.allowed.model_path(model)
-            progress(0, desc="Estimating the memory …")
             fit = check_fit(cfg, vram=parse_size(vram) if (vram or "").strip() else None)
         except (SdloraError, OSError, ValueError) as e:
-            return _fit_box(f"Memory: cannot estimate ({e})", "idle"), gr.update(visible=False), []
-        return _fit_report(fit), gr.update(visible=fit.plan is not None), _plan_values(self.form, cfg, fit.plan)
+            return _fit_box(f"Memory: cannot estimate ({html.escape(str(e))})", "idle"), []
+        return _fit_report(fit), _plan_values(self.form, cfg, fit.plan)
 
     def on_fit_apply(self, plan, *values):
         new = {tuple(k): v for k, v in plan}
@@ -246,21 +296,22 @@ def _plan_values(form: ConfigForm, cfg: Config, plan: Config | None) -> list:
     return [[list(k), b] for k, a, b in zip(form.keys, before, after) if a != b]
 
 
-def _fit_box(text: str, state: str) -> str:
-    return f'<div id="fit-box" class="{state}">{text}</div>'
+def _fit_box(text: str, state: str, peak: int = 0) -> str:
+    return f'<div id="fit-box" class="{state}" data-bytes="{peak}">{text}</div>'
 
 
 def _fit_report(fit) -> str:
     g = 2**30
     head = f"Memory: about <b>{fit.estimate.total / g:.2f} GiB</b> at the peak; {html.escape(fit.where)} has " \
            f"{fit.budget / g:.2f} GiB for it"
+    peak = fit.estimate.total
     if fit.fits:
-        return _fit_box(f"{head}: <b>fits</b>.", "fits")
+        return _fit_box(f"{head}: <b>fits</b>.", "fits", peak)
     if fit.plan is None:
-        return _fit_box(f"{head}: <b>does not fit</b>, and nothing sdlora can change makes it fit.", "nofit")
+        return _fit_box(f"{head}: <b>does not fit</b>, and nothing sdlora can change makes it fit.", "nofit", peak)
     flags = html.escape(" ".join(fit.flags))
     return _fit_box(f"{head}: <b>does not fit</b>. The cheapest settings that fit (about "
-                    f"{fit.plan_estimate.total / g:.2f} GiB): <code>{flags}</code>", "nofit")
+                    f"{fit.plan_estimate.total / g:.2f} GiB): <code>{flags}</code>", "nofit", peak)
 
 
 def _help(opts) -> str:

@@ -67,7 +67,8 @@ class TrainTab:
     # ------------------------------------------------------------ events
     def wire(self, demo: gr.Blocks) -> None:
         self.settings.wire(self.model, self.method)
-        self.dataset.wire(self.name, self.last_name, self.runs.errors)
+        redraw = [self.settings.settings_args(self.model, self.method), self.settings.fit_args]
+        self.dataset.wire(self.name, self.last_name, self.runs.errors, redraw)
         d = self.dataset
         for shown in self.runs.wire(demo, self.name, self.method, self.last_name):
             shown.then(d.on_folder, [d.folder, d.masks], [d.captions, d.gallery, d.folder_status],
@@ -76,8 +77,7 @@ class TrainTab:
         marked = [self.runs.errors] + comps + list(self.settings.accordions.values())
         self.save_btn.click(self.on_save, [self.name, self.method] + comps, [self.settings_file] + marked)
         self.load_btn.upload(self.on_load, [self.load_btn], [self.name, self.method, self.last_name] + comps).then(
-            self.settings.on_settings, [self.model, self.method] + comps, self.settings.outputs(self.method),
-            show_progress="hidden")
+            **self.settings.settings_args(self.model, self.method))
 
     def on_save(self, name, method, *values):
         """The settings as the TOML `sdlora train` runs unchanged."""
