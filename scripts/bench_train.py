@@ -64,11 +64,10 @@ def components(spec: dict, tmp: Path, device: str):
 
     family = spec["family"]
     if spec.get("tiny"):
+        from sdlora.families import FAMILIES
         from sdlora.models import load_components
-        from sdlora.random_pipelines import save_tiny_pipeline, save_tiny_sd3_pipeline, save_tiny_sdxl_pipeline
 
-        save = {"sdxl": save_tiny_sdxl_pipeline, "sd3": save_tiny_sd3_pipeline}.get(family, save_tiny_pipeline)
-        return load_components(str(save(tmp / "model")))
+        return load_components(str(FAMILIES[family].save_tiny(tmp / "model")))
     sizes = {k: spec[k] for k in ("sd3_blocks", "t5_layers") if family == "sd3" and k in spec}
     if device == "cuda":
         try:

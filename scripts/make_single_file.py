@@ -5,7 +5,9 @@
 """
 
 import argparse
+import sys
 
+from sdlora.failures import describe
 from sdlora.single_file import ckpt_to_safetensors, detect_checkpoint, save_single_file
 
 
@@ -14,12 +16,17 @@ def main(argv=None) -> None:
     ap.add_argument("source", help="a diffusers pipeline folder (or, with --from-ckpt, a .ckpt file)")
     ap.add_argument("out", help="the .safetensors file to write")
     ap.add_argument("--from-ckpt", action="store_true",
-                    help="rewrite a pickled .ckpt as .safetensors (read with torch.load(weights_only=True))")
+                    help="rewrite a pickled .ckpt as .safetensors (tensors only; a file asking to run code is refused)")
     args = ap.parse_args(argv)
-    out = ckpt_to_safetensors(args.source, args.out) if args.from_ckpt else save_single_file(args.source, args.out)
-    info = detect_checkpoint(out)
+    try:
+        out = ckpt_to_safetensors(args.source, args.out) if args.from_ckpt else save_single_file(args.source, args.out)
+        info = detect_checkpoint(out)
+    except Exception as e:  # noqa: BLE001 - one line (a bug's traceback goes to the log it names)
+        print(f"error: {describe(e)[0]}", file=sys.stderr)
+        return 2
     print(f"wrote {out}: {info.family}, {info.prediction_type} ({info.reason})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,10 +1,14 @@
 """sdlora: train Stable Diffusion LoRAs and work with LoRA files.
 
 The verbs the CLI, the web UI and the tests call, importable from here (`from sdlora import train`); each is loaded
-from its module on first use, so `import sdlora` does no work.
+from its module on first use, so `import sdlora` does no work (beyond filtering two library warnings no user can
+act on: `sdlora.quiet`).
 """
 
+from .quiet import drop_unactionable_warnings
+
 __version__ = "0.1.0"
+drop_unactionable_warnings()  # two logging filters: no library is imported
 
 _API = {
     "Config": "sdlora.config", "load_toml": "sdlora.config", "validate": "sdlora.config",
@@ -16,6 +20,8 @@ _API = {
     "mix_loras": "sdlora.loras.mix", "resize_lora": "sdlora.loras.mix",
     "generate": "sdlora.loras.apply", "load_lora_into": "sdlora.loras.apply", "apply_loras": "sdlora.loras.apply",
     "evaluate": "sdlora.world.evaluate",
+    "compare": "sdlora.loras.compare", "CompareSettings": "sdlora.loras.compare",
+    "checkpoint_scores": "sdlora.training.selection", "validation_history": "sdlora.training.selection",
 }
 __all__ = sorted(_API)
 

@@ -16,6 +16,7 @@ from typing import Any, get_origin, get_type_hints
 
 import tomli_w
 
+from .block_args import BLOCK_KEYS, LR_WEIGHTS, PATTERNS, check_syntax
 from .errors import ConfigError
 from .paths import default_model_path
 
@@ -24,6 +25,8 @@ CONFIG_VERSION = 1
 TARGET_PRESETS = ("auto", "cross_attn", "attn", "attn_ff", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw-schedulefree", "lion")
 NETWORKS = ("lora", "dora", "loha", "lokr")
+SCORERS = ("none", "shapes", "clip-dino")
+SCORE_PARTS = ("likeness", "adherence", "preservation", "copying")
 # each network's own knobs (`--network-args "factor=8,decompose_both=true"`): name -> type, or the allowed words
 _SHARED_ARGS = {"conv_rank": int, "conv_alpha": float}
 _LYCORIS_ARGS = {"use_tucker": bool, "rank_dropout": float, "module_dropout": float}
@@ -33,6 +36,8 @@ NETWORK_ARGS = {
     "loha": {**_SHARED_ARGS, **_LYCORIS_ARGS},
     "lokr": {**_SHARED_ARGS, **_LYCORIS_ARGS, "factor": int, "decompose_both": bool},
 }
+# sd-scripts' per-block and per-layer network_args, which sdlora takes as [lora] fields of their own
+PER_LAYER_KEYS = (*BLOCK_KEYS, *PATTERNS)
 NETWORK_DEFAULTS = {"conv_rank": 0, "conv_alpha": 0.0, "dora_axis": "input", "use_tucker": False,
                     "rank_dropout": 0.0, "module_dropout": 0.0, "factor": -1, "decompose_both": False}
 
@@ -94,7 +99,35 @@ class LoraConfig:
     network_args: str = opt("", "The network's own knobs, comma-separated key=value: conv_rank, conv_alpha (k x k "
                             "convs; 0 = rank, and alpha at the same alpha/rank ratio); dora: dora_axis=input (exact "
                             "in A1111 and ComfyUI) or output (peft's; needed for --format diffusers); loha/lokr: "
-                            "use_tucker, rank_dropout, module_dropout; lokr: factor (-1 = balanced), decompose_both.")
+                            "use_tucker, rank_dropout (as LyCORIS: kept rows not rescaled), module_dropout; lokr: "
+                            "factor (-1 = balanced; split as LyCORIS splits it), decompose_both.")
+    # per block and per layer, in sd-scripts' spelling (sdlora/training/blocks.py; the block tables: families/)
+    block_dims: str = opt("", "sd-scripts' block_dims: the rank of each UNet block, comma-separated, 25 values on SD "
+                          "1.x/2.x (IN00-IN11, MID, OUT00-OUT11; IN00 never has LoRA) or 23 on SDXL (BASE, IN00-IN08, "
+                          "MID00-MID02, OUT00-OUT08, OUT); 0 = no LoRA in that block. Empty = rank everywhere.")
+    block_alphas: str = opt("", "sd-scripts' block_alphas: the alpha of each block (as block_dims); empty = alpha "
+                            "(0: each block's rank).")
+    conv_block_dims: str = opt("", "sd-scripts' conv_block_dims: the rank of each block's k x k convs (targets all); "
+                               "empty = conv_rank, or the block's rank.")
+    conv_block_alphas: str = opt("", "sd-scripts' conv_block_alphas: the alpha of each block's k x k convs; empty = "
+                                 "conv_alpha, or the alpha/rank ratio of alpha and rank.")
+    down_lr_weight: str = opt("", "sd-scripts' down_lr_weight: the UNet lr multiplier of each input block (12 values "
+                              "IN00-IN11 on SD 1.x/2.x, 9 on SDXL; a shorter list is filled with 1), or cosine, sine, "
+                              "linear, reverse_linear, zeros, each optionally +BASE. 0 = no LoRA in that block.")
+    mid_lr_weight: str = opt("", "sd-scripts' mid_lr_weight: the lr multiplier of the middle block (SDXL: 3 values).")
+    up_lr_weight: str = opt("", "sd-scripts' up_lr_weight: the lr multiplier of each output block (12 values "
+                            "OUT00-OUT11, 9 on SDXL), or a preset as down_lr_weight.")
+    block_lr_zero_threshold: float = opt(0.0, "sd-scripts' block_lr_zero_threshold: lr weights at or below it "
+                                         "become 0 (no LoRA in that block).", ge=0)
+    network_reg_dims: str = opt("", "Rank by regular expression, every family (SD3's joint blocks too): "
+                                "REGEX=RANK,... searched in each denoiser layer's diffusers path "
+                                "(transformer_blocks.3.attn.to_q) and its kohya name (lora_unet_joint_blocks_3_x_block_"
+                                "attn_qkv); the first match wins, over block_dims; 0 = no LoRA (sd-scripts' "
+                                "network_reg_dims).")
+    network_reg_alphas: str = opt("", "Alpha by regular expression (REGEX=ALPHA,...); a layer ranked by "
+                                  "network_reg_dims without one gets alpha (0: its rank).")
+    network_reg_lrs: str = opt("", "Learning rate by regular expression (REGEX=LR,...), over the lr and the block "
+                               "weights; 0 = no LoRA (sd-scripts' network_reg_lrs).")
 
 
 @dataclass
@@ -189,19 +222,29 @@ class TrainConfig:
     cache_text: bool = opt(True, "Encode captions once when the text encoder is frozen.")
     # the objective's recipe (sdlora/training/objective.py): any family, whatever the model predicts
     timestep_sampling: str = opt("uniform", "How training timesteps are drawn: uniform; logit-normal "
-                                 "(sigmoid(mean + scale z), favours the middle; diffusers' SD3 default); sigmoid "
-                                 "(kohya's name for sigmoid(scale z)); mode (SD3's mode sampling, see mode_scale). On "
-                                 "SD3 the draw is then shifted by the model's shift (3.0).",
+                                 "(diffusers' --weighting_scheme logit_normal, its SD3 default: favours the middle); "
+                                 "sigmoid (kohya's name for sigmoid(scale z)); mode (SD3's mode sampling, see "
+                                 "mode_scale). On SD3 the draw is then shifted by the model's shift (3.0), as "
+                                 "kohya's --training_shift 3.",
                                  choices=("uniform", "logit-normal", "sigmoid", "mode"))
-    timestep_mean: float = opt(0.0, "logit-normal: the mean of the normal (> 0 favours noisier timesteps).")
+    timestep_mean: float = opt(0.0, "logit-normal: the mean of the normal, as diffusers' --logit_mean: > 0 favours "
+                               "less noisy timesteps (kohya's sd3 --logit_mean and the SD3 paper's m have the "
+                               "opposite sign: give -m).")
     timestep_scale: float = opt(1.0, "logit-normal and sigmoid: the spread of the normal.", gt=0)
     mode_scale: float = opt(1.29, "mode sampling: how far the draw leans to the middle (SD3's paper and diffusers "
                             "use 1.29; 0 is uniform).", ge=0, le=1.5)
-    flow_weighting: str = opt("none", "SD3 (flow matching): loss weights of diffusers' SD3 script: none, sigma_sqrt "
-                              "(1/sigma^2) or cosmap (2/(pi(1 - 2 sigma + 2 sigma^2))).",
+    flow_weighting: str = opt("none", "SD3 (flow matching): loss weights of diffusers' SD3 script "
+                              "(compute_loss_weighting_for_sd3): none, sigma_sqrt (1/sigma^2) or cosmap (2/(pi(1 - "
+                              "2 sigma + 2 sigma^2))), on the preconditioned loss unless --no-precondition-outputs.",
                               choices=("none", "sigma_sqrt", "cosmap"))
-    min_timestep: int = opt(0, "Train only on timesteps >= this (0..999).", ge=0)
-    max_timestep: int = opt(1000, "Train only on timesteps < this (1..1000).", le=1000)
+    precondition_outputs: bool = opt(True, "SD3 (flow matching): the loss compares the model's x0 = x_t - sigma v "
+                                     "with the clean latents (the velocity loss times sigma^2), as diffusers' SD3 "
+                                     "script (--precondition_outputs 1, its default) and kohya's sd3_train_network "
+                                     "(always) do; --no-precondition-outputs: the plain velocity loss (diffusers' "
+                                     "--precondition_outputs 0).")
+    min_timestep: int = opt(0, "Train only on timesteps >= this (0..999); SD3: after the shift, as kohya.", ge=0)
+    max_timestep: int = opt(1000, "Train only on timesteps < this (1..1000); SD3: after the shift, as kohya.",
+                            le=1000)
     loss: str = opt("l2", "l2 (MSE); huber or smooth-l1 (the pseudo-Huber losses of kohya's scheduled Huber "
                     "loss: robust to outliers in the data).", choices=("l2", "huber", "smooth-l1"))
     huber_delta: float = opt(0.1, "huber / smooth-l1: the delta (kohya's huber_c) where the loss turns linear.",
@@ -228,14 +271,44 @@ class ValidationConfig:
     split: float = opt(0.0, "Hold out this share of the training images (chosen per image by the seed, never "
                        "trained on) as the validation set; 0 = off.", flag="validation-split", ge=0,
                        lt=1)
-    every: int = opt(0, "Compute the validation loss every N steps (and at the end); 0 = only at the end.",
-                     flag="validate-every", ge=0)
+    every: int = opt(0, "Validate (the held-out loss and/or the image scores) every N steps (and at the end); 0 = "
+                     "only at the end.", flag="validate-every", ge=0)
     timesteps: int = opt(5, "Timesteps per validation image, evenly spaced quantiles of the training "
                          "distribution; noise is drawn once from the seed, so only the LoRA changes the loss.",
                          flag="validation-timesteps", ge=1)
-    keep_best: bool = opt(False, "Write NAME_best.safetensors whenever the validation loss improves.")
+    keep_best: bool = opt(False, "Write NAME_best.safetensors whenever the validation improves (its loss or its "
+                          "image score: see select_by).")
     early_stop_patience: int = opt(0, "Stop after this many validations without improvement (keeps the best "
                                    "file and a resumable checkpoint); 0 = off.", ge=0)
+    scorer: str = opt("none", "Image validation: render the validation prompts at fixed seeds with the weights a "
+                      "file would get and score them: shapes (the shapes-world judge), clip-dino (CLIP or SigLIP "
+                      "for prompt adherence, DINOv2 for likeness, preservation and copying); none = off.",
+                      flag="scorer", choices=SCORERS)
+    select_by: str = opt("auto", "What picks the best file (--keep-best) and drives early stopping: images (the "
+                         "combined image score, higher is better), loss (the validation loss); auto = images with a "
+                         "scorer, else loss.", flag="select-by", choices=("auto", "images", "loss"))
+    prompts: list = opt([], "Validation prompts: strings, or in a job file [[validation.prompts]] tables with text, "
+                        "kind (concept: carries the trigger, scored for likeness; preservation: scored against the "
+                        "base model's image) and negative. Empty = up to 4 training captions with the trigger and 2 "
+                        "without it (or the class prompt).", flag="validation-prompt")
+    seeds: int = opt(2, "Images per validation prompt (seeds sample.seed + i, the same at every validation).",
+                     flag="validation-seeds", gt=0)
+    image_steps: int = opt(20, "Denoising steps per validation image (fewer is cheaper; the guidance is "
+                           "sample.guidance).", flag="validation-steps", gt=0)
+    image_size: int = opt(0, "Validation image size in pixels (multiple of 8); 0 = the training resolution.",
+                          flag="validation-size", ge=0)
+    score_weights: str = opt("likeness=1,adherence=0,preservation=1,copying=0", "The combined score: "
+                             "(likeness x w + adherence x w + preservation x w - copying x w) / (sum of the first "
+                             "three weights), over the parts that were measured. The default ranked the demo's "
+                             "checkpoints most like `sdlora eval` (scripts/measure_selection.py).",
+                             flag="score-weights")
+    concept: str = opt("", "shapes scorer: the judge's class the trigger should draw (e.g. star); empty = the class "
+                       "the judge sees in the training images with the trigger.", flag="judge-concept")
+    clip_model: str = opt("openai/clip-vit-base-patch16", "clip-dino scorer: the CLIP or SigLIP model (a local "
+                          "folder or a hub id) for prompt adherence.", flag="clip-model")
+    dino_model: str = opt("facebook/dinov2-small", "clip-dino scorer: the image model (a local folder or a hub id) "
+                          "for likeness, preservation and copying; 'clip' = the CLIP model's image embeddings.",
+                          flag="dino-model")
 
 
 @dataclass
@@ -243,7 +316,14 @@ class SpeedConfig:
     """Switches that change how fast a step runs and how much memory it takes, not what it learns."""
 
     threads: int = opt(0, "CPU threads; 0 = the cores not busy with other work (OpenMP threads waiting on a busy core "
-                       "can make a step 10-30x slower), or OMP_NUM_THREADS when set.", ge=0)
+                       "can make a step 10-30x slower), counted again every thread_check seconds, or OMP_NUM_THREADS "
+                       "when set. A fixed count (N, or OMP_NUM_THREADS) is what makes --resume bit-exact: the thread "
+                       "count changes a step's last bits.", ge=0)
+    thread_check: int = opt(30, "With threads 0: count the free cores again every N seconds of training and follow "
+                            "them (a program that started or ended). The last bits of the weights then follow the "
+                            "machine's load (measured: up to 7e-6 apart after 5 demo steps at 1 vs 2 threads), so a "
+                            "resumed run is not bit-identical to an uninterrupted one; 0 = count once at the start.",
+                            ge=0)
     attention: str = opt("sdpa", "Attention kernel: sdpa (PyTorch's fused/flash attention), math (plain, for "
                          "comparison), xformers (needs the xformers package).", choices=("sdpa", "math", "xformers"))
     channels_last: bool = opt(False, "Convolutions in channels-last memory layout (often faster on CUDA).")
@@ -261,6 +341,8 @@ class SpeedConfig:
 
 SAMPLE_PROMPT_KEYS = {"text": str, "negative": str, "seed": int, "width": int, "height": int, "steps": int,
                       "guidance": float, "lora_scale": float}
+VALIDATION_PROMPT_KEYS = {"text": str, "kind": str, "negative": str}
+PROMPT_TABLES = {"sample.prompts": SAMPLE_PROMPT_KEYS, "validation.prompts": VALIDATION_PROMPT_KEYS}
 
 
 @dataclass
@@ -284,7 +366,9 @@ class OutputConfig:
                       choices=("kohya", "diffusers"))
     save_every: int = opt(0, "Write a resumable checkpoint every N steps; 0 = only at the end.", ge=0)
     name: str = opt("", "Name shown in A1111 (ss_output_name); default: the file name.")
-    trigger: str = opt("", "Trigger word(s) stored in the file's metadata; default: taken from the prompts.")
+    trigger: str = opt("", "Trigger word(s) stored in the file's metadata (modelspec.trigger_phrase); default: the "
+                       "pivotal token, the kept first tags (keep_tags) all captions of a folder share, else the "
+                       "instance prompt's words the class prompt lacks.")
     dtype: str = opt("fp16", "Tensor dtype in the saved file.", flag="save-dtype", choices=("fp16", "bf16", "fp32"))
     log_with: str = opt("none", "Also log loss, lr, validation loss and samples to tensorboard (folder "
                         "NAME_logs) or wandb, through accelerate (pip install 'sdlora[tensorboard]' / "
@@ -292,6 +376,38 @@ class OutputConfig:
     metadata: str = opt("public", "What the LoRA file tells about its training: public (settings, folder names, "
                         "image counts, tag frequencies; never a path or user name), full (also the local paths), "
                         "none (only what loaders need).", choices=("public", "full", "none"))
+
+
+@dataclass
+class SliderConfig:
+    """A concept slider or eraser trained from prompts alone (`sdlora slider job.toml`; sdlora/training/slider.py):
+    no images, the LoRA learns from the frozen base model's own predictions on latents the base model partly
+    denoises itself, as LECO, Concept Sliders and ai-toolkit train them."""
+
+    target: str = opt("", "Slider / eraser: the prompt the LoRA acts on (e.g. 'a person', 'a circle'). Setting it "
+                      "makes the job a slider (sdlora slider), trained from prompts alone: no [[data]].",
+                      flag="slider-target")
+    positive: str = opt("", "enhance: the prompt of the +1 direction (e.g. 'a person, very old'); erase: the concept "
+                        "to remove (empty = the target).", flag="slider-positive")
+    negative: str = opt("", "enhance: the prompt of the -1 direction (e.g. 'a person, very young'; empty = the target "
+                        "itself); erase: what the target's prediction is pulled toward (empty = the empty prompt, as "
+                        "ESD).", flag="slider-negative")
+    guidance: float = opt(1.0, "eta: at +1 the LoRA moves the target's prediction by eta x (positive - negative) "
+                          "(erase: away from the concept by eta x (positive - negative)). Concept Sliders use 4, "
+                          "LECO and ESD 1.", flag="slider-guidance", gt=0)
+    action: str = opt("enhance", "enhance: a slider, trained at strength +1 toward positive and at -1 toward negative "
+                      "(ai-toolkit's two passes), used from -1 to +1; erase: an eraser (ESD, LECO), trained at +1 to "
+                      "remove the concept from the target, used from 0 to 1.", choices=("enhance", "erase"),
+                      flag="slider-action")
+    attributes: list = opt([], "Words put in front of every slider prompt in turn, one per step (Concept Sliders' "
+                           "--attributes, e.g. 'a red', 'a blue' before target 'circle'), so the LoRA learns the "
+                           "direction across them, not for one phrasing.", flag="slider-attribute")
+    anchors: list = opt([], "Prompts the LoRA must leave as the base model draws them (ai-toolkit's anchor class), one "
+                        "per step in turn, at the same strength as the pass.", flag="slider-anchor")
+    anchor_weight: float = opt(1.0, "Weight of the anchors' loss.", flag="slider-anchor-weight", ge=0)
+    denoise_steps: int = opt(50, "Each step denoises fresh noise with the base model (no LoRA, guidance 3) for a "
+                             "random 0 to N-1 of N sampler steps, and trains at the noise level reached (LECO's "
+                             "max_denoising_steps); fewer = faster steps.", flag="slider-denoise-steps", ge=2)
 
 
 @dataclass
@@ -308,6 +424,7 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    slider: SliderConfig = field(default_factory=SliderConfig)
     config_version: int = CONFIG_VERSION
 
     # -- derived values (defaults resolved in one place) --
@@ -327,6 +444,24 @@ class Config:
     @property
     def lora_alpha(self) -> float:
         return self.lora.alpha or float(self.lora.rank)
+
+    @property
+    def select_by(self) -> str:
+        """What picks the best file and drives early stopping: 'images', 'loss', or '' (no validation at all)."""
+        va = self.validation
+        if va.select_by != "auto":
+            return va.select_by
+        return "images" if va.scorer != "none" else "loss" if va.split or va.data else ""
+
+    @property
+    def score_weights(self) -> dict[str, float]:
+        """`validation.score_weights` parsed: a weight for every part of the combined score."""
+        return parse_score_weights(self.validation.score_weights)
+
+    @property
+    def is_slider(self) -> bool:
+        """A slider or eraser job: trained from prompts (slider.target), not from images."""
+        return bool(self.slider.target.strip())
 
     @property
     def network_args(self) -> dict:
@@ -352,25 +487,26 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
-        tables = where == "sample.prompts"  # the one list that also takes tables
+        tables = where in PROMPT_TABLES  # the lists that also take tables
         bad = [v for v in value if not (isinstance(v, str) or (tables and isinstance(v, dict)))]
         if bad:
             raise ConfigError(f"{where} must be a list of strings{' or tables' if tables else ''}, got {bad[0]!r} "
                               "in it")
-        return [_sample_table(v, f"{where}[{i}]") if isinstance(v, dict) else v for i, v in enumerate(value)]
+        return [_prompt_table(v, f"{where}[{i}]", PROMPT_TABLES[where]) if isinstance(v, dict) else v
+                for i, v in enumerate(value)]
     if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
         raise ConfigError(f"{where} must be {typ.__name__}, got {value!r}")
     return value
 
 
-def _sample_table(table: dict, where: str) -> dict:
-    """One [[sample.prompts]] table: known keys of the right types, a text."""
-    unknown = sorted(set(table) - set(SAMPLE_PROMPT_KEYS))
+def _prompt_table(table: dict, where: str, keys: dict) -> dict:
+    """One [[sample.prompts]] or [[validation.prompts]] table: known keys of the right types, a text."""
+    unknown = sorted(set(table) - set(keys))
     if unknown:
-        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(SAMPLE_PROMPT_KEYS)})")
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(keys)})")
     if not isinstance(table.get("text"), str) or not table["text"].strip():
         raise ConfigError(f"{where} needs a text")
-    return {k: _coerce(v, SAMPLE_PROMPT_KEYS[k], f"{where}.{k}") for k, v in table.items()}
+    return {k: _coerce(v, keys[k], f"{where}.{k}") for k, v in table.items()}
 
 
 def _fill(obj: Any, values: dict, where: str) -> None:
@@ -417,9 +553,11 @@ def load_toml(path: str | Path, under: dict | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a TOML job file (not UTF-8 text: byte {e.start}); give a .toml file") from None
     cfg = from_dict(merge_values(under or {}, values))
     base = path.parent
     for folder in cfg.data:
@@ -430,6 +568,10 @@ def load_toml(path: str | Path, under: dict | None = None) -> Config:
     cfg.output.path = _rel(cfg.output.path, base)
     if cfg.model.path and (base / cfg.model.path).exists():
         cfg.model.path = str(base / cfg.model.path)
+    for name in ("clip_model", "dino_model"):  # a local folder beside the job, else a hub id
+        value = getattr(cfg.validation, name)
+        if value and value != "clip" and (base / value).exists():
+            setattr(cfg.validation, name, str(base / value))
     return cfg
 
 
@@ -470,12 +612,36 @@ def parse_network_args(network: str, text: str) -> dict:
         if not item:
             continue
         key, sep, value = (p.strip() for p in item.partition("="))
+        if key in PER_LAYER_KEYS:
+            raise ConfigError(f"lora.network_args: {key} has an option of its own, which keeps its comma list whole: "
+                              f"--{key.replace('_', '-')} \"...\" (job file: [lora] {key} = \"...\")")
         if key not in known:
             raise ConfigError(f"lora.network_args: unknown key {key!r} for network {network} (known: "
                               f"{', '.join(known)})")
         if not sep or not value:
             raise ConfigError(f"lora.network_args: {key} needs a value, like {key}={NETWORK_DEFAULTS[key]}")
         out[key] = _arg_value(key, value, known[key])
+    return out
+
+
+def parse_score_weights(text: str) -> dict[str, float]:
+    """'likeness=1,copying=0.5' -> a weight for each of SCORE_PARTS (those not named: 0); one-line ConfigError on an
+    unknown part, a bad number, or no positive weight among likeness, adherence and preservation."""
+    out = dict.fromkeys(SCORE_PARTS, 0.0)
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key, _, value = (p.strip() for p in item.partition("="))
+        if key not in out:
+            raise ConfigError(f"validation.score_weights: unknown part {key!r} (known: {', '.join(SCORE_PARTS)})")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = math.nan
+        if not math.isfinite(out[key]) or out[key] < 0:
+            raise ConfigError(f"validation.score_weights: {key} needs a number >= 0, like {key}=1, got {value!r}")
+    if not any(out[k] for k in SCORE_PARTS[:3]):
+        raise ConfigError("validation.score_weights: give likeness, adherence or preservation a weight > 0")
     return out
 
 
@@ -522,6 +688,52 @@ def _check_network(cfg: Config) -> None:
                           "DoRA diffusers loads): --network-args dora_axis=output, or --format kohya")
 
 
+def _check_per_layer(cfg: Config) -> None:
+    """The per-block and per-layer settings parse (their lengths are checked against the model when it loads)."""
+    check_syntax(cfg.lora)
+    used = [k for k in (*LR_WEIGHTS, "network_reg_lrs") if getattr(cfg.lora, k).strip()]
+    _rule(not used or cfg.optim.optimizer != "prodigy", f"prodigy takes one learning rate for everything it trains; "
+          f"lora.{used[0] if used else ''} gives layers their own rates: use adamw, or leave it empty")
+
+
+# what training on images uses and a slider does not: set, it would do nothing
+SLIDER_UNUSED = (("train", "timestep_sampling"), ("train", "timestep_mean"), ("train", "timestep_scale"),
+                 ("train", "mode_scale"), ("train", "flow_weighting"), ("train", "min_timestep"),
+                 ("train", "max_timestep"), ("train", "loss"), ("train", "huber_delta"), ("train", "huber_schedule"),
+                 ("train", "min_snr_gamma"), ("train", "noise_offset"), ("train", "debiased_estimation"),
+                 ("train", "multires_noise_iterations"), ("train", "multires_noise_discount"),
+                 ("train", "ip_noise_gamma"), ("augment", "crop"), ("augment", "random_flip"),
+                 ("augment", "caption_dropout"), ("lora", "train_text_encoder"), ("pivotal", "token"),
+                 ("prior", "class_prompt"), ("validation", "data"), ("validation", "split"))
+
+
+def check_slider(cfg: Config) -> None:
+    """A slider job's settings: the prompts make a direction, and nothing that only training on images uses is set;
+    without slider.target, no other slider setting may be."""
+    sl, default = cfg.slider, SliderConfig()
+    if not cfg.is_slider:
+        changed = [f.name for f in fields(sl) if getattr(sl, f.name) != getattr(default, f.name)]
+        _rule(not changed, f"slider.{changed[0] if changed else ''} is set but slider.target is empty: give the "
+              "prompt the slider acts on (--slider-target)")
+        return
+    _rule(not cfg.data, "a slider trains from prompts alone: remove the [[data]] folders (sdlora has no image-pair "
+          "sliders)")
+    _rule(sl.action == "erase" or bool(sl.positive.strip()), "slider.action enhance needs slider.positive, the prompt "
+          "of the +1 direction (--slider-positive)")
+    positive = sl.positive or sl.target
+    negative = sl.negative or (sl.target if sl.action == "enhance" else "")
+    _rule(positive.strip() != negative.strip(), f"slider.positive and negative are both {positive!r}: the LoRA would "
+          "learn no direction")
+    _rule(bool(sl.anchors) or sl.anchor_weight == default.anchor_weight, "slider.anchor_weight needs slider.anchors")
+    _rule(cfg.lora.network != "dora", "a slider is used at negative strengths, where a DoRA's update is not the "
+          "mirror of +1: use lora, loha or lokr")
+    defaults = Config()
+    for section, name in SLIDER_UNUSED:
+        _rule(getattr(getattr(cfg, section), name) == getattr(getattr(defaults, section), name),
+              f"{section}.{name} is for training on images; a slider (prompts alone, denoiser LoRA) does not use it: "
+              "leave it at its default")
+
+
 def validate(cfg: Config, check_paths: bool = True) -> Config:
     """Fail fast, in one line, on anything that would otherwise fail (or silently misbehave) later."""
     checks = [
@@ -531,15 +743,17 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         (not cfg.pivotal.token or " " not in cfg.pivotal.token.strip(),
          f"pivotal.token must be one word like '<s1>', got {cfg.pivotal.token!r}"),
         (cfg.output.path.endswith(".safetensors"), f"output.path must end in .safetensors, got {cfg.output.path!r}"),
-        (bool(cfg.data), "no training data: give --data DIR or a [[data]] table in the config"),
+        (bool(cfg.data) or cfg.is_slider, "no training data: give --data DIR or a [[data]] table in the config"),
     ]
     for section, i, obj in _objects(cfg):
         for f in fields(obj):
             _check_field(f"{section}[{i}]" if i is not None else section, f, getattr(obj, f.name))
+    check_slider(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     _check_network(cfg)
+    _check_per_layer(cfg)
     for i, folder in enumerate(cfg.data):
         if not folder.path.strip():
             raise ConfigError(f"data[{i}].path is empty; give the folder of training images (--data DIR)")
@@ -659,10 +873,20 @@ def validate_training_options(cfg: Config, check_paths: bool = True) -> None:
           "train.zero_terminal_snr needs v-prediction (an epsilon model cannot learn pure noise at the last "
           "timestep): set model.prediction_type v_prediction")
     _rule(not (va.split and va.data), "give validation.data or validation.split, not both")
-    has_validation = bool(va.split or va.data)
+    has_validation = bool(va.split or va.data or va.scorer != "none")
     _rule(has_validation or not (va.every or va.keep_best or va.early_stop_patience),
-          "validate_every, keep_best and early_stop_patience need validation images: give --validation-data DIR "
-          "or --validation-split F")
+          "validate_every, keep_best and early_stop_patience need validation images or a scorer: give "
+          "--validation-data DIR, --validation-split F or --scorer shapes|clip-dino")
+    _rule(va.select_by != "images" or va.scorer != "none", "select_by images needs image validation: set "
+          "--scorer shapes (shapes world) or clip-dino")
+    _rule(va.select_by != "loss" or bool(va.split or va.data), "select_by loss needs held-out images: give "
+          "--validation-data DIR or --validation-split F")
+    _rule(va.image_size % 8 == 0, f"validation.image_size must be a multiple of 8, got {va.image_size}")
+    cfg.score_weights  # noqa: B018 - parses, raising on a bad weight
+    for i, p in enumerate(va.prompts):
+        kind = p.get("kind", "concept") if isinstance(p, dict) else "concept"
+        _rule(kind in ("concept", "preservation"), f"validation.prompts[{i}].kind must be concept or "
+              f"preservation, got {kind!r}")
     _rule(not va.early_stop_patience or va.every > 0, "early_stop_patience needs validation during training: "
           "set validation.every (--validate-every N)")
     if check_paths and va.data:

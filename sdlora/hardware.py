@@ -73,6 +73,66 @@ def pick_threads(requested: int) -> tuple[int, str]:
     return free, f"{free} of {cpus} cores free"
 
 
+class FreeCores:
+    """The cores other programs leave free, measured over the time between two calls while this process works:
+    the busy time of this process's cores (/proc/stat) minus this process's own CPU time."""
+
+    def __init__(self):
+        self.cpus = usable_cpus()
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._mark()
+
+    def _mark(self) -> None:
+        self.at, self.own = time.monotonic(), _own_cpu_seconds()
+        try:
+            self.times = _cpu_times()
+        except (OSError, ValueError, IndexError):
+            self.times = {}
+
+    def since_last(self) -> int | None:
+        """Free cores since the last call (at least 1; None where /proc/stat cannot tell)."""
+        before, own = self.times, self.own
+        self._mark()
+        cpus = [c for c in self.cpus if c in before and c in self.times]
+        total = sum(self.times[c][1] - before[c][1] for c in cpus) / self.hz
+        if not cpus or total <= 0:
+            return None
+        busy = sum(self.times[c][0] - before[c][0] for c in cpus) / self.hz
+        others = max(0.0, busy - (self.own - own)) / (total / len(cpus))  # cores' worth of other programs' work
+        return max(1, min(len(self.cpus), round(len(self.cpus) - others)))
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class ThreadFollower:
+    """Called after every training step: every `every` seconds, set torch's CPU threads to the free cores and say
+    so when the count changes."""
+
+    def __init__(self, every: float, say):
+        self.every, self.say, self.cores = every, say, FreeCores()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.cores.at < self.every:
+            return
+        import torch
+
+        free = self.cores.since_last()
+        if free is not None and free != torch.get_num_threads():
+            torch.set_num_threads(free)
+            self.say(f"{free} CPU thread(s) from now on ({free} of {len(self.cores.cpus)} cores free)")
+
+
+def follow_free_cores(requested: int, every: int, processes: int, say):
+    """A ThreadFollower when the thread count is automatic (no --threads, no OMP_NUM_THREADS), `every` > 0 and this
+    is the only training process; else a no-op."""
+    if requested > 0 or os.environ.get("OMP_NUM_THREADS", "").isdigit() or every <= 0 or processes > 1:
+        return lambda: None
+    return ThreadFollower(every, say)
+
+
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps freed blocks under
     its mmap threshold (up to 32 MiB each) in the process: after a full-precision base is quantized on the CPU, that

@@ -49,7 +49,7 @@ def atomic_path(path: str | Path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
-        raise WriteError(f"cannot write {path}: {_reason(e)}") from None
+        raise WriteError(f"cannot write {path}: {_in_the_way(path.parent) or _reason(e)}") from None
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask())
@@ -98,14 +98,11 @@ def check_writable(path: str | Path) -> Path:
     """Make sure a file can be written at `path` before hours of work go into it: its folder exists (or can be made)
     and takes new files, and `path` is not a folder. Raises WriteError saying what is in the way."""
     path = Path(path)
-    if path.is_dir():
-        raise WriteError(f"cannot write {path}: a folder of that name exists; choose another output name")
-    for parent in (path.parent, *path.parent.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise WriteError(f"cannot write {path}: {parent} is a file, not a folder")
-            break
     try:
+        if path.is_dir():
+            raise WriteError(f"cannot write {path}: a folder of that name exists; choose another output name")
+        if _in_the_way(path.parent):
+            raise WriteError(f"cannot write {path}: {_in_the_way(path.parent)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -113,6 +110,33 @@ def check_writable(path: str | Path) -> Path:
     except OSError as e:
         raise WriteError(f"cannot write {path}: {_reason(e)}") from None
     return path
+
+
+def check_folder(folder: str | Path, flag: str = "--output") -> Path:
+    """Make sure files can be written into `folder` (made when missing) before any work goes into them, without
+    making it yet: a refused input must leave nothing behind. Raises WriteError saying what is in the way."""
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise WriteError(f"{flag} {folder} is a file, not a folder: give a folder to write into (it is made if "
+                             "missing)")
+        if _in_the_way(folder):
+            raise WriteError(f"{flag} {folder} cannot be made: {_in_the_way(folder)}")
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        fd, probe = tempfile.mkstemp(prefix=".sdlora-probe.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise WriteError(f"{flag} {folder}: cannot write there: {_reason(e)}") from None
+    return folder
+
+
+def _in_the_way(folder: Path) -> str:
+    """'X is a file, not a folder' when a file stands where `folder` or one of its parents should be; else ''."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return "" if p.is_dir() else f"{p} is a file, not a folder"
+    return ""
 
 
 def check_output(path: str | Path, inputs: list[str | Path] = (), overwrite: bool = True) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, ModelError
-from .families import FAMILIES, Family, detect_family
+from .families import FAMILIES, Family, folder_family
 
 
 @dataclass
@@ -50,6 +50,20 @@ class Components:
         cfg = self.denoiser.config
         down = 2 ** (len(cfg.block_out_channels) - 1) if "block_out_channels" in cfg else cfg.patch_size
         return self.vae_factor * down
+
+    @property
+    def max_side(self) -> int | None:
+        """The largest image side the denoiser takes: an SD3 transformer crops its position embedding from a grid of
+        pos_embed_max_size patches a side (diffusers' PatchEmbed raises beyond it); None for UNets (any size)."""
+        grid = self.denoiser.config.get("pos_embed_max_size")
+        return grid * self.size_multiple if grid else None
+
+    def check_size(self, width: int, height: int, what: str, fix: str) -> None:
+        """A one-line ConfigError when an image of width x height is larger than the denoiser takes."""
+        most = self.max_side
+        if most and max(width, height) > most:
+            raise ConfigError(f"{what} {width}x{height} is larger than {self.family.title} takes: at most {most} px "
+                              f"a side (its position embedding); {fix}")
 
     @property
     def name(self) -> str:
@@ -93,31 +107,21 @@ def _from_pretrained(cls, source: str, subfolder: str, **kw):
                          "reachable or has no such model; pass a local diffusers folder") from None
 
 
-def _folder_family(source: str) -> Family:
-    """The family of a diffusers folder or hub id, from its model_index.json and denoiser config."""
-    import diffusers
-    from diffusers import DiffusionPipeline
-
-    try:
-        index = DiffusionPipeline.load_config(source)
-    except (OSError, ValueError) as e:
-        if Path(source).exists():
-            raise ModelError(f"{source} is not a diffusers model folder: {str(e).splitlines()[0]}") from None
-        raise ModelError(f"could not load '{source}': not a local folder, and the hub is not reachable or has "
-                         "no such model; pass a local diffusers folder") from None
-    parts = {k: v for k, v in index.items() if isinstance(v, (list, tuple)) and v[0]}
-    sub = "transformer" if "transformer" in parts else "unet"
-    cls = parts.get(sub, [None, "UNet2DConditionModel"])[1]
-    if sub not in parts or cls not in ("UNet2DConditionModel", "SD3Transformer2DModel"):
-        what = f"a {cls} ({index.get('_class_name', 'unknown pipeline')})" if sub in parts else \
-            "no unet/ or transformer/"
-        raise ModelError(f"{source} has {what}: not supported; sdlora trains SD 1.x/2.x, SDXL and SD3/3.5 models")
-    try:
-        config = getattr(diffusers, cls).load_config(source, subfolder=sub)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{source} is not a diffusers model folder (no usable '{sub}/'): "
-                         f"{str(e).splitlines()[0]}") from None
-    return detect_family(config, set(parts))
+def _tokenizer(cls, source: str, subfolder: str, family: Family):
+    """A folder's tokenizer, checked: transformers builds an empty tokenizer from a missing or empty folder without a
+    word, which then fails deep inside tokenization (OverflowError: int too big to convert)."""
+    folder = Path(source) / subfolder
+    copy = (f"copy the {subfolder}/ folder of the {family.title} model it was made from into {folder} (the "
+            "tokenizer does not change when a model is fine-tuned)")
+    if Path(source).is_dir() and not (folder.is_dir() and any(folder.iterdir())):
+        raise ModelError(f"{source} has no {subfolder}/ folder{' (it is empty)' if folder.is_dir() else ''}: {copy}")
+    tok = _from_pretrained(cls, source, subfolder)
+    if len(tok) < 2:
+        raise ModelError(f"{folder} holds no vocabulary ({len(tok)} tokens): {copy}")
+    if subfolder != "tokenizer_3" and not 0 < tok.model_max_length < 10**5:  # CLIP's is 77; T5's is passed along
+        raise ModelError(f"{folder} does not say how many tokens a prompt has (model_max_length); add "
+                         '"model_max_length": 77 to its tokenizer_config.json, or ' + copy)
+    return tok
 
 
 def load_components(source: str, prediction_type: str = "auto", *, text_encoders: str = "",
@@ -140,14 +144,14 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
         family = FAMILIES[detect_checkpoint(source).family]
         sample_scheduler = parts["scheduler"]
     else:
-        family = _folder_family(source)
+        family = folder_family(source)
         as_dtype = {"torch_dtype": dtype} if dtype is not None else {}
         parts = {"vae": _from_pretrained(AutoencoderKL, source, "vae"),
                  family.denoiser_attr: _from_pretrained(getattr(diffusers, family.denoiser_class), source,
                                                         family.denoiser_attr, **as_dtype)}
         for slot in family.text_encoders:
-            parts[slot.tokenizer_attr] = _from_pretrained(getattr(transformers, slot.tokenizer_class), source,
-                                                          slot.tokenizer_attr)
+            parts[slot.tokenizer_attr] = _tokenizer(getattr(transformers, slot.tokenizer_class), source,
+                                                    slot.tokenizer_attr, family)
             parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr,
                                                 **({"dtype": dtype} if dtype is not None else {}))
         for slot in family.frozen_encoders if t5 is not False else ():
@@ -155,25 +159,23 @@ def load_components(source: str, prediction_type: str = "auto", *, text_encoders
                 if t5 is None:
                     continue
                 raise ModelError(f"{source} has no {slot.attr}/ (T5): pass --no-t5 to train with zero T5 embeddings")
-            parts[slot.tokenizer_attr] = _from_pretrained(transformers.AutoTokenizer, source, slot.tokenizer_attr)
+            parts[slot.tokenizer_attr] = _tokenizer(transformers.AutoTokenizer, source, slot.tokenizer_attr, family)
             parts[slot.attr] = _from_pretrained(getattr(transformers, slot.model_class), source, slot.attr,
                                                 **({"dtype": dtype} if dtype == torch.bfloat16 else {}))
         sample_scheduler = _load_scheduler(source)
     noise_scheduler, sample_scheduler = training_scheduler(sample_scheduler, prediction_type, family)
     denoiser = parts[family.denoiser_attr]
-    frozen = [frozen_text(parts.get(s.attr), parts.get(s.tokenizer_attr), denoiser.config, t5_length)
+    frozen = [frozen_text(family, parts.get(s.attr), parts.get(s.tokenizer_attr), denoiser.config, t5_length)
               for s in family.frozen_encoders]
     return freeze(Components(family, source, denoiser, parts["vae"],
                              [parts[s.tokenizer_attr] for s in family.text_encoders],
                              [parts[s.attr] for s in family.text_encoders], noise_scheduler, sample_scheduler, frozen))
 
 
-def frozen_text(model, tokenizer, denoiser_config, length: int):
+def frozen_text(family: Family, model, tokenizer, denoiser_config, length: int):
     """The conditioning's frozen text part (SD3: a T5Text of `length` tokens at the transformer's joint width, from
     the denoiser's config); `model` None: none is loaded."""
-    from .families.sd3 import T5Text
-
-    return T5Text(tokenizer, model, length, denoiser_config["joint_attention_dim"])
+    return family.conditioning.frozen_text(model, tokenizer, denoiser_config, length)
 
 
 def training_scheduler(sample_scheduler, prediction_type: str, family: Family):
@@ -221,7 +223,7 @@ def _load_scheduler(source: str):
 def load_model(model: str | Path | None, allow_pickle: bool = False, text_encoders: str = "",
                t5: bool | None = None) -> Components:
     """Components of a base model for the tools: a diffusers folder (empty: the built-in model), a hub id, or a
-    single-file checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read with weights_only).
+    single-file checkpoint read offline (`.safetensors`; `.ckpt` only with allow_pickle, read by `pickles.read_pickle`).
     SD3: `text_encoders` for a single file without them; T5 where the model has it unless `t5` is False."""
     import tempfile
 
@@ -232,8 +234,8 @@ def load_model(model: str | Path | None, allow_pickle: bool = False, text_encode
     p = Path(model)
     if p.is_file() and p.suffix.lower() in PICKLES:
         if not allow_pickle:
-            raise ModelError(f"{p} is a pickle checkpoint; pass --allow-pickle to read it (weights only) or "
-                             "use a .safetensors file")
+            raise ModelError(f"{p} is a pickle checkpoint; pass --allow-pickle to read its weights (no code in it "
+                             "runs) or use a .safetensors file")
         with tempfile.TemporaryDirectory() as tmp:
             c = load_components(str(ckpt_to_safetensors(p, Path(tmp) / f"{p.stem}.safetensors")),
                                 text_encoders=text_encoders, t5=t5)

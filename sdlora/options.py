@@ -44,10 +44,11 @@ GROUPS = (
     Group("model", "Base model (SD3 text encoders)", "Where SD3 single files get their text encoders, and T5."),
     Group("dreambooth", "DreamBooth (prior preservation)", "Keep the class the subject belongs to."),
     Group("pivotal", "Pivotal tuning", "Learn a new token first, then the LoRA with it."),
+    Group("slider", "Slider / eraser", "A LoRA from prompts alone: a direction to slide, or a concept to erase."),
 )
 SECTION_GROUP = {"model": "model", "lora": "network", "data": "images", "augment": "images", "optim": "learning",
                  "train": "learning", "validation": "validation", "speed": "speed", "sample": "samples",
-                 "output": "output", "prior": "dreambooth", "pivotal": "pivotal"}
+                 "output": "output", "prior": "dreambooth", "pivotal": "pivotal", "slider": "slider"}
 # section.name: (label, group or None for the section's, level, short help or None for the first sentence of help)
 _F = {
     "model.path": ("Base model", None, FIRST, "Empty: the built-in shapes-world model; or a folder, file or hub id."),
@@ -69,6 +70,19 @@ _F = {
     "lora.text_encoder_2_lr": ("Second text encoder learning rate", "learning", MORE, "0: the text encoder's."),
     "lora.network": ("Network type", None, BASIC, "lora, dora, loha or lokr."),
     "lora.network_args": ("Network options", None, MORE, "key=value, comma-separated (conv_rank, factor, …)."),
+    "lora.block_dims": ("Rank per block", None, MORE, "kohya's block_dims: one rank per UNet block; 0 = no LoRA."),
+    "lora.block_alphas": ("Alpha per block", None, MORE, "kohya's block_alphas; empty = Alpha."),
+    "lora.conv_block_dims": ("Conv rank per block", None, MORE, "kohya's conv_block_dims (Layers to train: all)."),
+    "lora.conv_block_alphas": ("Conv alpha per block", None, MORE, "kohya's conv_block_alphas."),
+    "lora.down_lr_weight": ("Input blocks' lr weights", None, MORE, "kohya's down_lr_weight: a list or a preset "
+                            "(cosine, linear, …)."),
+    "lora.mid_lr_weight": ("Middle block's lr weight", None, MORE, "kohya's mid_lr_weight."),
+    "lora.up_lr_weight": ("Output blocks' lr weights", None, MORE, "kohya's up_lr_weight."),
+    "lora.block_lr_zero_threshold": ("Block lr zero threshold", None, MORE, "Block lr weights at or below it: no "
+                                     "LoRA in that block."),
+    "lora.network_reg_dims": ("Rank by layer pattern", None, MORE, "REGEX=RANK,… on each layer's name; 0 = no LoRA."),
+    "lora.network_reg_alphas": ("Alpha by layer pattern", None, MORE, "REGEX=ALPHA,…"),
+    "lora.network_reg_lrs": ("Learning rate by layer pattern", None, MORE, "REGEX=LR,…; 0 = no LoRA."),
     "data.path": ("Image folder", None, FIRST, "Uploads are copied here; or type the path of a folder of images."),
     "data.prompt": ("Instance prompt / trigger", None, FIRST, "For images without a caption, and the samples."),
     "data.use_captions": ("Use caption files", None, BASIC, None),
@@ -139,15 +153,34 @@ _F = {
     "train.multires_noise_discount": ("Multi-resolution discount", "noise", MORE, None),
     "train.ip_noise_gamma": ("Input perturbation", "noise", MORE,
                              "Extra noise on the input only; 0.1 is typical, 0 = off."),
+    "train.precondition_outputs": ("Preconditioned flow loss", "noise", MORE, "SD3: compare x0, as diffusers and "
+                                   "kohya do; off: the plain velocity loss."),
     "train.zero_terminal_snr": ("Zero terminal SNR", "noise", MORE, "v-prediction: the last timestep is pure noise."),
     "validation.data": ("Validation folder", None, BASIC, "Held-out images; or hold out a share below."),
     "validation.split": ("Hold out share", None, BASIC, "e.g. 0.1: a tenth of the images, never trained on."),
     "validation.every": ("Validate every (steps)", None, BASIC, "0: only at the end."),
     "validation.timesteps": ("Timesteps per image", None, MORE, "The validation loss is averaged over them."),
-    "validation.keep_best": ("Keep the best file", None, BASIC, "NAME_best.safetensors at the lowest loss."),
+    "validation.keep_best": ("Keep the best file", None, BASIC, "NAME_best.safetensors at the best validation "
+                             "(Select the best by)."),
+    "validation.scorer": ("Image scorer", None, BASIC, "Render the validation prompts and score them: shapes, "
+                          "clip-dino; none = off."),
+    "validation.select_by": ("Select the best by", None, BASIC, "images (the combined score), loss; auto: images "
+                             "with a scorer."),
+    "validation.prompts": ("Validation prompts", None, MORE, "One per line; empty: training captions with and "
+                           "without the trigger."),
+    "validation.seeds": ("Images per validation prompt", None, MORE, None),
+    "validation.image_steps": ("Validation image steps", None, MORE, "Denoising steps per validation image."),
+    "validation.image_size": ("Validation image size", None, MORE, "Pixels; 0 = the training resolution."),
+    "validation.score_weights": ("Score weights", None, MORE, "The combined score: likeness=1,adherence=0,…"),
+    "validation.concept": ("Judge's concept", None, MORE, "shapes scorer: the class the trigger should draw; "
+                           "empty = read from the images."),
+    "validation.clip_model": ("CLIP model", None, MORE, "clip-dino scorer: prompt adherence."),
+    "validation.dino_model": ("DINO model", None, MORE, "clip-dino scorer: likeness, preservation and copying."),
     "validation.early_stop_patience": ("Early-stop patience", None, BASIC, "Validations without improvement; "
                                        "0 = off."),
     "speed.threads": ("CPU threads", None, MORE, "0: the cores not busy with other work."),
+    "speed.thread_check": ("Recount free cores every (s)", None, MORE, "CPU threads 0: follow the machine's load; "
+                           "0 = count once."),
     "speed.attention": ("Attention kernel", None, BASIC, "sdpa (fused), math (plain) or xformers."),
     "speed.channels_last": ("Channels-last", None, MORE, None),
     "speed.tf32": ("TF32", None, MORE, None),
@@ -160,6 +193,15 @@ _F = {
     "sample.steps": ("Sample steps", None, BASIC, "Denoising steps per sample image."),
     "sample.guidance": ("Sample guidance", None, BASIC, None),
     "sample.seed": ("Sample seed", None, MORE, None),
+    "slider.target": ("Target prompt", None, BASIC, "The prompt the LoRA acts on, e.g. 'a person'."),
+    "slider.positive": ("Positive prompt", None, BASIC, "enhance: the +1 direction; erase: the concept to remove."),
+    "slider.negative": ("Negative prompt", None, BASIC, "enhance: the -1 direction (empty: the target)."),
+    "slider.guidance": ("Slider strength (eta)", None, BASIC, "How far +1 moves the target; Concept Sliders use 4."),
+    "slider.action": ("Action", None, BASIC, "enhance: a slider (-1 to +1); erase: an eraser (0 to 1)."),
+    "slider.attributes": ("Attributes", None, MORE, "Words put before every prompt in turn, one per line."),
+    "slider.anchors": ("Anchor prompts", None, MORE, "Prompts the LoRA must leave unchanged, one per line."),
+    "slider.anchor_weight": ("Anchor weight", None, MORE, None),
+    "slider.denoise_steps": ("Denoising steps", None, MORE, "Partial denoising before each step (LECO)."),
     "output.path": ("Output file", None, MORE, "Set by the page from the LoRA name."),
     "output.format": ("File layout", None, BASIC, "kohya: A1111, ComfyUI, kohya, diffusers; diffusers: PEFT."),
     "output.save_every": ("Checkpoint every (steps)", None, BASIC, "Resumable checkpoints; 0 = only at the end."),
@@ -240,14 +282,28 @@ def by_key() -> dict[Key, Option]:
 
 
 # ------------------------------------------------------------------ methods
-LORA, DREAMBOOTH, PIVOTAL = "LoRA", "DreamBooth (prior preservation)", "Pivotal tuning"
-METHODS = (LORA, DREAMBOOTH, PIVOTAL)
-_METHOD_GROUP = {"dreambooth": DREAMBOOTH, "pivotal": PIVOTAL}
+LORA, DREAMBOOTH, PIVOTAL, SLIDER = "LoRA", "DreamBooth (prior preservation)", "Pivotal tuning", "Slider / eraser"
+METHODS = (LORA, DREAMBOOTH, PIVOTAL, SLIDER)
+_METHOD_GROUP = {"dreambooth": DREAMBOOTH, "pivotal": PIVOTAL, "slider": SLIDER}
+FROM_PROMPTS = "A slider learns from prompts alone, not from images"
 
 
 def method_of(cfg: Config) -> str:
-    """The training method a config describes: pivotal tuning with a token, DreamBooth with a class prompt."""
+    """The training method a config describes: a slider with a slider target, pivotal tuning with a token,
+    DreamBooth with a class prompt."""
+    if cfg.is_slider:
+        return SLIDER
     return PIVOTAL if cfg.pivotal.token else DREAMBOOTH if cfg.prior.class_prompt else LORA
+
+
+def _slider_unused(key: Key) -> str:
+    """Why a slider does not use a field that training on images uses (images, captions, masks, the objective's
+    noise settings, validation against images), or ''."""
+    from .config import SLIDER_UNUSED
+
+    if key[0] == "validation":
+        return "A slider has no images to validate against"
+    return FROM_PROMPTS if key in SLIDER_UNUSED or key[0] == "data" else ""
 
 
 # ------------------------------------------------------------------ what applies
@@ -286,7 +342,7 @@ def model_facts(path: str) -> ModelFacts | None:
 def _read_facts(source: str) -> ModelFacts:
     from pathlib import Path
 
-    from .families import FAMILIES
+    from .families import FAMILIES, folder_family
 
     if Path(source).is_file():
         from .single_file import detect_checkpoint
@@ -295,9 +351,7 @@ def _read_facts(source: str) -> ModelFacts:
         return ModelFacts(FAMILIES[info.family], info.prediction_type)
     import diffusers
 
-    from .models import _folder_family
-
-    family = _folder_family(source)  # a FlowMatch scheduler has no prediction_type: flow, as Components reads it
+    family = folder_family(source)  # a FlowMatch scheduler has no prediction_type: flow, as Components reads it
     scheduler = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler")
     return ModelFacts(family, scheduler.get("prediction_type") or "flow")
 
@@ -391,11 +445,16 @@ def _set(cfg: Config, key: Key, value) -> None:
         setattr(obj, name, value)
 
 
-def _probe_base(cfg: Config, facts: ModelFacts | None) -> Config:
-    """The config as the rules should see it: a data folder and an output file (the page sets them), and `auto`
-    read as the model's own prediction type (so a v-prediction-only option is judged against the model)."""
+def _probe_base(cfg: Config, facts: ModelFacts | None, method: str | None = None) -> Config:
+    """The config as the rules should see it: a data folder (a slider: none, and a target) and an output file (the
+    page sets them), and `auto` read as the model's own prediction type (so a v-prediction-only option is judged
+    against the model)."""
     base = copy.deepcopy(cfg)
-    if not base.data:
+    if (method or method_of(cfg)) == SLIDER:
+        base.data = []
+        base.slider.target = base.slider.target or "a shape"
+        base.slider.positive = base.slider.positive or "a big shape"
+    elif not base.data:
         base.data = [DataFolder(path="images")]
     base.output.path = "lora.safetensors"
     if facts is not None and base.model.prediction_type == "auto" and facts.prediction in ("epsilon",
@@ -416,7 +475,10 @@ def inapplicable(cfg: Config, facts: ModelFacts | None = None, method: str | Non
         if opt.group in _METHOD_GROUP and _METHOD_GROUP[opt.group] != method:
             out[opt.key] = f"{_METHOD_GROUP[opt.group]} only"
             continue
-        why = _pinned(cfg, facts, opt) or _rule(cfg, facts, opt.key)
+        if method == SLIDER and _slider_unused(opt.key):
+            out[opt.key] = _slider_unused(opt.key)
+            continue
+        why = _pinned(cfg, facts, opt, method) or _rule(cfg, facts, opt.key)
         if why:
             out[opt.key] = why
     return out
@@ -427,12 +489,12 @@ def _rule(cfg: Config, facts: ModelFacts | None, key: Key) -> str | None:
     return None if ok(cfg, facts) else why[:1].upper() + why[1:]
 
 
-def _pinned(cfg: Config, facts: ModelFacts | None, opt: Option) -> str | None:
+def _pinned(cfg: Config, facts: ModelFacts | None, opt: Option, method: str | None = None) -> str | None:
     """Why every other value of this field is refused where its default is accepted, or None."""
     probes = _probes(opt)
     if not probes:
         return None
-    base = _probe_base(cfg, facts)
+    base = _probe_base(cfg, facts, method)
     _set(base, opt.key, opt.default)
     before = _problem(base, facts)
     reasons = []

@@ -19,8 +19,7 @@ from .paths import sample_data
 GOALS = ("character", "object", "style", "quick-test")
 GOAL_TITLES = {"character": "person or character", "object": "object", "style": "style", "quick-test": "quick test",
                "concept": "new concept"}
-# the presets made for a model family: SD 2.x takes SD 1.5's (their values are the model's own size, not 512)
-FAMILY_PRESETS = {"shapes": "shapes", "sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sd3": "sd3"}
+SHAPES = "shapes"  # the presets of the built-in shapes-world model; a family's are named in its row (presets)
 _LEFT_OUT = ("data", "output")  # what `based_on` does not take from the job file it starts from
 
 
@@ -40,8 +39,10 @@ def presets_dir() -> Path:
 
 def list_presets() -> list[Preset]:
     """Every shipped preset, by family then goal."""
+    from .families import FAMILIES
+
     found = [_read_meta(p) for p in sorted(presets_dir().glob("*.toml"))]
-    order = list(FAMILY_PRESETS) + [None]
+    order = [SHAPES, *dict.fromkeys(f.presets for f in reversed(FAMILIES.values()))]  # SD 1.5 first, SD3 last
     return sorted(found, key=lambda p: (order.index(p.family) if p.family in order else len(order),
                                         GOALS.index(p.goal) if p.goal in GOALS else -1, p.name))
 
@@ -91,20 +92,17 @@ def load_preset(name: str) -> Config:
 def family_key(model: str) -> str:
     """Which presets fit a base model: shapes (the built-in model), or its family read from its configs; for a hub id
     that is not on this machine, a guess from its name (SDXL and SD3 names say so)."""
+    from .families import FALLBACK, FAMILIES
     from .options import model_facts
     from .paths import default_model_path
 
     if not model or Path(model).resolve() == default_model_path().resolve():
-        return "shapes"
+        return SHAPES
     facts = model_facts(model)
     if facts is not None:
-        return FAMILY_PRESETS.get(facts.family.name, "sd1")
+        return facts.family.presets
     low = model.lower()
-    if "xl" in low:
-        return "sdxl"
-    if "diffusion-3" in low or "sd3" in low or "sd35" in low:
-        return "sd3"
-    return "sd1"
+    return next((f for f in FAMILIES.values() if any(w in low for w in f.hub_words)), FALLBACK).presets
 
 
 def presets_for(family: str) -> list[Preset]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread beats two contending ones
@@ -13,6 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread beats t
 import pytest
 import torch
 from PIL import Image, ImageDraw
+
+from sdlora.callbacks import Callbacks
 
 torch.set_num_threads(1)
 
@@ -103,3 +107,54 @@ def launch_two(model, data, out, *flags, precision="no") -> subprocess.Completed
            "--lr", "1e-3", "--output", str(out), "--save-dtype", "fp32", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+# -- helpers shared by the test modules (`from conftest import Capture, ...`) --
+
+class Capture(Callbacks):
+    """Keeps the training state so a test can compare the trainer's in-memory model with what it saved."""
+
+    def on_start(self, state):
+        self.state = state
+
+
+def fresh_pipeline(model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_checked(pipe, path, caplog, has_te=True):
+    """load_lora_weights(path) as users call it; fail on any sign of keys that did not load."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.load_lora_weights(str(path), adapter_name="t")
+    lines = (caplog.text + "\n" + "\n".join(str(w.message) for w in caught)).splitlines()
+    if not has_te:  # diffusers notes that a UNet-only file has no text-encoder keys: expected
+        lines = [x for x in lines if "No LoRA keys associated to CLIPTextModel" not in x]
+    text = "\n".join(lines)
+    for bad in ("unexpected", "alpha_pattern", "did not match", "not loaded", "not found"):
+        assert bad not in text.lower(), text
+
+
+def unet_and_te_outputs(unet, text_encoder, tokenizer):
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ids = tokenizer(["a red sks", "a blue dog"], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = text_encoder(ids)[0]
+        out = unet(x, torch.tensor([10, 700]), encoder_hidden_states=cond).sample
+    return out, cond
+
+
+class StopAt(Callbacks):
+    def __init__(self, commands, step):
+        self.commands, self.step = commands, step
+
+    def on_step(self, step, stats):
+        if step == self.step:
+            self.commands.stop = True

@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import draw_images, tiny_config
+from conftest import Capture, StopAt, draw_images, tiny_config
 from PIL import Image
-from test_train import Capture, StopAt
 
 from sdlora import train
 from sdlora.callbacks import Commands

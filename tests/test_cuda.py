@@ -10,9 +10,8 @@ import os
 
 import pytest
 import torch
-from conftest import draw_images, launch_two, tiny_config
+from conftest import Capture, StopAt, draw_images, fresh_pipeline, launch_two, load_checked, tiny_config
 from test_fit import real_saved
-from test_train import Capture, StopAt, fresh_pipeline, load_checked
 
 from sdlora import train
 from sdlora.callbacks import Commands

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
-from test_train import Capture
+from conftest import Capture, draw_images, tiny_config
 
 from sdlora import train
 from sdlora.config import Config

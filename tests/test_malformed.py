@@ -270,11 +270,62 @@ TOOLS = tool_cases() + [
     Case("demo zero steps", ["demo", "--max-steps", "0"], "must be > 0"),
 ]
 
-ALL = config_cases() + JOB_FILES + FLAGS + DATA + TOOLS
+# ---------------------------------------------------------------- issue 27: the last library/OS exceptions
+
+LAST_FIVE = [
+    Case("caption is a png", TRAIN + ["--data", "{png_caption}"],
+         "its caption img0.txt is not text: byte 0x89 at 0 is not UTF-8"),
+    Case("caption with control characters", TRAIN + ["--data", "{nul_caption}"],
+         "its caption img0.txt is not text: control character U+0000"),
+    Case("caption of 50 kB", TRAIN + ["--data", "{long_caption}"],
+         "too long for a caption of at most 10,000 characters"),
+    Case("model folder without tokenizer", ["train", "--model", "{no_tokenizer}", "--data", "{images}", "--output",
+                                            "{out}/m.safetensors"], "has no tokenizer/ folder: copy the tokenizer/"),
+    Case("generate without tokenizer", ["generate", "--model", "{no_tokenizer}", "--prompt", "a", "-o", "{out}/g"],
+         "has no tokenizer/ folder"),
+    Case("generate allow-pickle code", ["generate", "--model", "{evil_ckpt}", "--allow-pickle", "--prompt", "a", "-o",
+                                        "{out}/g"], "refused: loading it would import posix.system"),
+    Case("merge allow-pickle code", ["merge", "--model", "{evil_ckpt}", "--allow-pickle", "--lora", "{lora}", "-o",
+                                     "{out}/m"], "nothing from it ran"),
+    Case("merge allow-pickle junk", ["merge", "--model", "{junk_ckpt}", "--allow-pickle", "--lora", "{lora}", "-o",
+                                     "{out}/m"], "not a readable PyTorch checkpoint"),
+    Case("generate output is a file", ["generate", "--model", "{model}", "--prompt", "a", "-o", "{afile}"],
+         "is a file, not a folder"),
+    Case("generate output under a file", ["generate", "--model", "{model}", "--prompt", "a", "-o", "{afile}/g"],
+         "is a file, not a folder"),
+    Case("eval output is a file", ["eval", "{lora}", "--trigger", "sks", "--concept", "star", "--n", "1",
+                                   "--output", "{afile}"], "is a file, not a folder"),
+    # the same class of mistake elsewhere: the machine's errors, and files that are not what their name says
+    Case("lora name too long", ["inspect", "{tmp}/" + "x" * 300 + ".safetensors"], "file name too long"),
+    Case("data folder name too long", TRAIN + ["--data", "{tmp}/" + "d" * 300], "file name too long"),
+    Case("output under a file", ["convert", "{lora}", "--to", "diffusers", "-o", "{afile}/c.safetensors"],
+         "is a file, not a folder"),
+    Case("job file is binary", ["train", "{png_job}"], "not a TOML job file (not UTF-8"),
+    Case("eval n 0", ["eval", "{lora}", "--trigger", "sks", "--concept", "star", "--n", "0", "--output", "{out}/e"],
+         "--n must be at least 1"),
+    Case("eval steps 0", ["eval", "{lora}", "--trigger", "sks", "--concept", "star", "--steps", "0", "--output",
+                          "{out}/e"], "--steps must be at least 1"),
+    Case("eval empty trigger", ["eval", "{lora}", "--trigger", " ", "--concept", "star", "--output", "{out}/e"],
+         "--trigger is empty"),
+    Case("demo n 0", ["demo", "--n", "0", "--output", "{out}/demo"], "--n must be at least 1"),
+    Case("queue file is binary", ["train", "--queue", "{png_job}"], "is not a text file (not UTF-8"),
+]
+
+ALL = config_cases() + JOB_FILES + FLAGS + DATA + TOOLS + LAST_FIVE
 
 
 def test_the_table_is_big_enough():
     assert len(ALL) >= 150 and len({c.id for c in ALL}) == len(ALL)
+
+
+def test_a_refused_pickle_ran_nothing(prepared):
+    """The code-running pickle of the table was refused by generate and merge above without running: no marker."""
+    from sdlora.errors import ModelError
+    from sdlora.models import load_model
+
+    with pytest.raises(ModelError, match="nothing from it ran"):
+        load_model(prepared["evil_ckpt"], allow_pickle=True)
+    assert not (Path(prepared["evil_ckpt"]).parent / "RAN").exists()
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +380,40 @@ def prepared(tiny_model, tmp_path_factory):
     save_file(load_file(str(full)), str(d / "nonstandard.safetensors"))  # without the configs header
     p["nonstandard"] = str(d / "nonstandard.safetensors")
     _prepare_sd3(d, p)
+    _prepare_last_five(d, p, tiny_model)
     return p
+
+
+def _prepare_last_five(d: Path, p: dict, tiny_model: str) -> None:
+    """Captions that are not text, a model folder without its tokenizer, pickles that would run code or are junk,
+    and a PNG where a job file should be."""
+    import shutil
+
+    png = (Path(p["images"]) / "img0.png").read_bytes()
+    for name, caption in (("png_caption", png), ("nul_caption", b"a red\x00sks"),
+                          ("long_caption", b"a red sks, " * 5000)):
+        folder = draw_images(d / name, n=1)
+        (folder / "img0.txt").write_bytes(caption)
+        p[name] = str(folder)
+    shutil.copytree(tiny_model, d / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer"))
+    p["no_tokenizer"] = str(d / "no_tokenizer")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": RunsCode(str(d / "RAN"))}, d / "evil.ckpt")
+    assert not (d / "RAN").exists()
+    (d / "junk.ckpt").write_bytes(b"\x80\x02}q\x00(X\x01\x00\x00\x00w" + bytes(range(200)))  # a pickle cut short
+    (d / "png.toml").write_bytes(png)
+    p.update(evil_ckpt=str(d / "evil.ckpt"), junk_ckpt=str(d / "junk.ckpt"), png_job=str(d / "png.toml"))
+
+
+class RunsCode:
+    """Pickled, it asks the loader to call os.system (which would create `marker`)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
 
 
 def _prepare_sd3(d: Path, p: dict) -> None:

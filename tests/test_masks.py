@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import draw_images, tiny_config
+from conftest import Capture, draw_images, tiny_config
 from PIL import Image
-from test_train import Capture
 
 from sdlora import train
 from sdlora.cli import main

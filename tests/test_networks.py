@@ -12,10 +12,9 @@ import json
 
 import pytest
 import torch
-from conftest import draw_images, launch_two, tiny_config
+from conftest import Capture, StopAt, draw_images, fresh_pipeline, launch_two, tiny_config, unet_and_te_outputs
 from test_qlora import quantized_linears, use_weights
 from test_sdxl import xl_outputs
-from test_train import Capture, StopAt, fresh_pipeline, unet_and_te_outputs
 
 from sdlora import convert_lora, merge_into_model, train
 from sdlora.callbacks import Commands
@@ -25,10 +24,10 @@ from sdlora.loras.files import load_lora, read_lora
 from sdlora.loras.modules import DoraModule, LohaModule, LokrModule
 from sdlora.training.adapters import started_at_zero
 
-# (network, args, rank): at the tiny model's widths (32, 64) these give LoKr both factors full (alpha/r baked in),
-# w2 factorised with Tucker convs, and w1 factorised (peft does not swap a factor > sqrt(dim))
+# (network, args, rank): at the tiny model's widths (32, 64) these give LoKr both factors full (scale 1), w2
+# factorised with Tucker convs (written without the core), and both factorised (w1, the smaller factor, at width 64)
 CASES = [("loha", "", 4), ("loha", "use_tucker=true,conv_rank=2", 4), ("lokr", "factor=4,decompose_both=true", 4),
-         ("lokr", "use_tucker=true", 2), ("lokr", "factor=16,decompose_both=true", 4), ("dora", "", 4),
+         ("lokr", "use_tucker=true", 2), ("lokr", "factor=8,decompose_both=true", 2), ("dora", "", 4),
          ("dora", "dora_axis=output", 4)]
 TYPES = {"loha": LohaModule, "lokr": LokrModule, "dora": DoraModule}
 
@@ -96,7 +95,7 @@ def test_trained_file_reproduces_the_trainer_applied_or_merged(tiny_model, image
 
 def test_dora_on_the_output_axis_loads_in_diffusers(tiny_model, images, tmp_path, caplog):
     """--format diffusers: peft's lora_magnitude_vector, which diffusers' own loader reads (use_dora)."""
-    from test_train import load_checked
+    from conftest import load_checked
 
     cfg = network_config(tiny_model, images, tmp_path / "o" / "d.safetensors", "dora", "dora_axis=output")
     cfg.output.format = "diffusers"
@@ -223,12 +222,16 @@ def test_two_processes_train_an_input_axis_dora(tiny_model, tmp_path):
 
 
 def test_the_lokr_cases_cover_every_factor_layout(tiny_model, images, tmp_path):
-    """The cases above really train each LoKr layout the loaders tell apart (full or factorised w1/w2, Tucker)."""
-    seen = set()
+    """The cases above really train each LoKr layout the loaders tell apart (full or factorised w1/w2; LyCORIS's
+    split never makes w1, the smaller factor, factorised beside a full w2), and Tucker cores, which the file holds
+    multiplied out."""
+    seen, tucker = set(), False
     for network, args, rank in (c for c in CASES if c[0] == "lokr"):
         cfg = network_config(tiny_model, images, tmp_path / f"{rank}{args}" / "k.safetensors", network, args,
                              train__max_steps=1, lora__rank=rank)
-        train(cfg)
+        cap = Capture()
+        train(cfg, cap)
+        tucker |= any(k.endswith("lokr_t2") for part in cap.state.lora_states().values() for k in part)
         for m in load_lora(cfg.output.path)[0].values():
             seen.add((m.w1 is None, m.w2 is None, m.t2 is not None))
-    assert {(False, False, False), (False, True, False), (False, True, True), (True, False, False)} <= seen
+    assert seen == {(False, False, False), (False, True, False), (True, True, False)} and tucker

@@ -27,13 +27,15 @@ def test_uniform_sampling_draws_exactly_as_randint():
 
 @pytest.mark.parametrize("kind,mean,scale", [("logit-normal", 0.5, 0.8), ("sigmoid", 0.0, 1.5)])
 def test_logit_normal_sampling_has_its_moments(kind, mean, scale):
+    """The noise fraction's logit is normal with the scale, and mean -mean: diffusers' --logit_mean draws u and
+    indexes a descending timestep table with it, so its noise fraction is 1 - u."""
     ts = Timesteps(kind, mean, scale)
     u = ts.fractions(40_000, torch.Generator().manual_seed(0))
     z = torch.logit(u.double())
-    assert abs(z.mean() - mean) < 0.02 and abs(z.std() - scale) < 0.02
+    assert abs(z.mean() + mean) < 0.02 and abs(z.std() - scale) < 0.02
     t = ts.sample(40_000, 1000, torch.Generator().manual_seed(0), "cpu")
     assert t.dtype == torch.long and t.min() >= 0 and t.max() < 1000
-    median = 1000 / (1 + math.exp(-mean))  # the logit-normal's median: sigmoid(mean)
+    median = 1000 / (1 + math.exp(mean))  # the logit-normal's median: sigmoid(-mean)
     assert abs(t.float().median() - median) < 5
     assert abs(ts.quantiles(1, 1000).item() - median) <= 1
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
-from test_train import StopAt
+from conftest import StopAt, draw_images, tiny_config
 
 from sdlora import train
 from sdlora.callbacks import Callbacks, Commands

@@ -19,6 +19,7 @@ from sdlora.options import (
     LORA,
     MORE,
     PIVOTAL,
+    SLIDER,
     ModelFacts,
     check,
     describe,
@@ -26,6 +27,7 @@ from sdlora.options import (
     groups,
     humanize,
     inapplicable,
+    method_of,
     method_problems,
     model_facts,
     options,
@@ -54,21 +56,21 @@ def test_a_field_without_metadata_gets_a_place(monkeypatch):
     import sdlora.options as so
 
     @dataclasses.dataclass
-    class SliderConfig:
+    class FutureConfig:
         target_strength: float = opt(1.0, "How strong the slider pulls. More words follow here.")
 
     @dataclasses.dataclass
     class ExtraTrain:
-        precondition_outputs: bool = opt(False, "SD3: precondition the outputs (diffusers' flag).")
+        future_flag: bool = opt(False, "A setting a later change adds to [train].")
 
-    extra = [("slider", dataclasses.fields(SliderConfig)[0]), ("train", dataclasses.fields(ExtraTrain)[0])]
+    extra = [("future", dataclasses.fields(FutureConfig)[0]), ("train", dataclasses.fields(ExtraTrain)[0])]
     real = so.iter_options
     monkeypatch.setattr(so, "iter_options", lambda: [*real(), *extra])
     new = describe(*extra[0])
-    assert (new.label, new.group, new.level, new.short) == ("Target strength", "slider", MORE,
+    assert (new.label, new.group, new.level, new.short) == ("Target strength", "future", MORE,
                                                              "How strong the slider pulls.")
     assert describe(*extra[1]).group == "learning"
-    assert "slider" in [g.key for g in groups()] and any(o.key == ("slider", "target_strength") for o in options())
+    assert "future" in [g.key for g in groups()] and any(o.key == ("future", "target_strength") for o in options())
 
 
 @pytest.mark.parametrize("change,facts,hidden,shown", [
@@ -131,6 +133,14 @@ def test_methods_and_their_fields():
     assert ("prior", "class_prompt") not in inapplicable(cfg, None, DREAMBOOTH)
     assert ("pivotal", "token") not in inapplicable(cfg, None, PIVOTAL)
     assert PIVOTAL in method_problems(cfg, SD3) and not method_problems(cfg, SD1)
+    assert ("slider", "target") in inapplicable(cfg, None, LORA)
+    slider = inapplicable(cfg, SD1, SLIDER)  # prompts alone: no images, no image objective, no validation
+    assert {("data", "path"), ("data", "repeats"), ("train", "noise_offset"), ("augment", "random_flip"),
+            ("validation", "scorer"), ("lora", "train_text_encoder")} <= set(slider)
+    assert not {("slider", "target"), ("slider", "positive"), ("slider", "guidance"), ("slider", "action"),
+                ("optim", "lr"), ("train", "max_steps"), ("lora", "rank")} & set(slider)
+    cfg.slider.target = "a circle"
+    assert method_of(cfg) == SLIDER
 
 
 def test_model_facts_of_the_built_in_model_and_a_hub_id(tiny_model):

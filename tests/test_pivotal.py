@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
-from test_train import Capture, StopAt, fresh_pipeline
+from conftest import Capture, StopAt, draw_images, fresh_pipeline, tiny_config
 
 from sdlora import train
 from sdlora.callbacks import Commands

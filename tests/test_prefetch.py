@@ -9,9 +9,8 @@ import traceback
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import Capture, StopAt, tiny_config
 from PIL import Image, ImageDraw
-from test_train import Capture, StopAt
 
 from sdlora import train
 from sdlora.callbacks import Callbacks, Commands

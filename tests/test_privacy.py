@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
+from conftest import draw_images, fresh_pipeline, load_checked, tiny_config
 from PIL import Image
-from test_train import fresh_pipeline, load_checked
 
 from sdlora import convert_lora, inspect_lora, train
 from sdlora.loras.files import read_lora

@@ -7,9 +7,8 @@ import importlib.metadata
 import bitsandbytes as bnb  # the test extra installs it: QLoRA's CPU path is tested, never skipped
 import pytest
 import torch
-from conftest import draw_images, tiny_config
+from conftest import Capture, StopAt, draw_images, fresh_pipeline, load_checked, tiny_config, unet_and_te_outputs
 from test_sdxl import xl_outputs
-from test_train import Capture, StopAt, fresh_pipeline, load_checked, unet_and_te_outputs
 
 from sdlora import train
 from sdlora.callbacks import Commands

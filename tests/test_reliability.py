@@ -9,8 +9,7 @@ import stat
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
-from test_train import StopAt
+from conftest import StopAt, draw_images, tiny_config
 
 from sdlora import train
 from sdlora.callbacks import Commands

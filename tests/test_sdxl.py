@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
-from test_train import Capture, load_checked
+from conftest import Capture, draw_images, load_checked, tiny_config
 
 from sdlora import train
 from sdlora.loras.checks import validate_kohya

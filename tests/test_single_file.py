@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 from sdlora.callbacks import Callbacks
 from sdlora.errors import ModelError
+from sdlora.families import FAMILIES
 from sdlora.single_file import (
     ASSETS,
-    ENCODERS,
     ckpt_to_safetensors,
     clip_tokenizer,
     detect_checkpoint,
@@ -94,7 +94,7 @@ def real_layout(family):
     with torch.device("meta"):
         parts = {"unet": UNet2DConditionModel.from_config(cfg("unet")).state_dict(),
                  "vae": AutoencoderKL.from_config(cfg("vae")).state_dict()}
-        for e in ENCODERS[family]:
+        for e in FAMILIES[family].single_file.encoders:
             cls = CLIPTextModelWithProjection if e.projection else CLIPTextModel
             parts[e.name] = cls(CLIPTextConfig.from_dict(cfg(e.name))).state_dict()
     return to_ldm(family, parts), cfg

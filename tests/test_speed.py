@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
-from test_train import Capture
+from conftest import Capture, tiny_config
 
 from sdlora import train
 from sdlora.loras.files import read_lora

@@ -3,58 +3,17 @@
 from __future__ import annotations
 
 import json
-import logging
-import warnings
+import math
 
 import pytest
 import torch
-from conftest import draw_images, tiny_config
+from conftest import Capture, StopAt, draw_images, fresh_pipeline, load_checked, tiny_config, unet_and_te_outputs
 
 from sdlora import train
 from sdlora.callbacks import Callbacks, Commands
 from sdlora.errors import TrainingError
 from sdlora.loras.checks import validate_kohya
 from sdlora.loras.files import read_lora
-
-
-class Capture(Callbacks):
-    """Keeps the training state so a test can compare the trainer's in-memory model with what it saved."""
-
-    def on_start(self, state):
-        self.state = state
-
-
-def fresh_pipeline(model):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def load_checked(pipe, path, caplog, has_te=True):
-    """load_lora_weights(path) as users call it; fail on any sign of keys that did not load."""
-    caplog.clear()
-    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipe.load_lora_weights(str(path), adapter_name="t")
-    lines = (caplog.text + "\n" + "\n".join(str(w.message) for w in caught)).splitlines()
-    if not has_te:  # diffusers notes that a UNet-only file has no text-encoder keys: expected
-        lines = [x for x in lines if "No LoRA keys associated to CLIPTextModel" not in x]
-    text = "\n".join(lines)
-    for bad in ("unexpected", "alpha_pattern", "did not match", "not loaded", "not found"):
-        assert bad not in text.lower(), text
-
-
-def unet_and_te_outputs(unet, text_encoder, tokenizer):
-    g = torch.Generator().manual_seed(123)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    ids = tokenizer(["a red sks", "a blue dog"], padding="max_length", max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids
-    with torch.no_grad():
-        cond = text_encoder(ids)[0]
-        out = unet(x, torch.tensor([10, 700]), encoder_hidden_states=cond).sample
-    return out, cond
 
 
 @pytest.mark.parametrize("fmt,te", [("kohya", True), ("diffusers", True), ("kohya", False)])
@@ -114,15 +73,6 @@ def test_cli_run_loss_falls_and_writes_everything(tiny_model, tmp_path):
     assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].dim() == 4  # conv LoRA
     assert tensors[next(iter(tensors))].dtype == torch.float16  # default save dtype
     assert meta["sshs_model_hash"] and meta["ss_base_model_version"] == "sd_v1"
-
-
-class StopAt(Callbacks):
-    def __init__(self, commands, step):
-        self.commands, self.step = commands, step
-
-    def on_step(self, step, stats):
-        if step == self.step:
-            self.commands.stop = True
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tiny_model, tmp_path):
@@ -248,7 +198,7 @@ def test_training_options_give_a_working_lora(tiny_model, tmp_path, options):
     cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=3, **options)
     cap = Capture()
     result = train(cfg, cap)
-    assert result.final_loss == result.final_loss and result.steps == 3  # finite
+    assert math.isfinite(result.final_loss) and result.steps == 3
     assert all(p.grad is None for p in cap.state.optim.params)  # zeroed after the step
     tensors, _ = read_lora(cfg.output.path)
     ups = [v for k, v in tensors.items() if "lora_up" in k]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from .boundary import guard_handlers
+from .compare_tab import CompareTab
 from .jobs import JobManager
 from .library_tab import LibraryTab
 from .merge_tab import MergeTab
@@ -41,6 +43,7 @@ CSS = """
 def build_app(manager: JobManager) -> gr.Blocks:
     """The Blocks of the whole UI; every bit of state lives in `manager`, so reloaded pages see the same runs."""
     train, preview, library, merge = TrainTab(manager), PreviewTab(manager), LibraryTab(manager), MergeTab(manager)
+    compare = CompareTab(manager)
     with gr.Blocks(title="sdlora") as demo:
         gr.Markdown(f"# sdlora · Stable Diffusion LoRA trainer\nOutput folder: `{manager.output_dir}`")
         with gr.Tabs():
@@ -52,11 +55,14 @@ def build_app(manager: JobManager) -> gr.Blocks:
                 library.build()
             with gr.Tab("Merge", id="merge", elem_id="tab-merge") as merge_tab:
                 merge.build()
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_tab:
+                compare.build()
         train.wire(demo)
         preview.wire(demo, preview_tab)
         library.wire(demo, library_tab)
         merge.wire(demo, merge_tab)
-    return demo
+        compare.wire(demo, compare_tab)
+    return guard_handlers(demo)
 
 
 def serve(manager: JobManager, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,

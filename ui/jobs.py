@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from sdlora.callbacks import Callbacks, Commands
 from sdlora.errors import SdloraError
+from sdlora.failures import describe
 
 from .files import Allowed
 
@@ -41,6 +41,9 @@ class Job:
     ended: float = 0.0
     losses: list = field(default_factory=list)  # [(step, loss)]
     val_losses: list = field(default_factory=list)  # [(step, validation loss)]
+    scores: list = field(default_factory=list)  # [(step, {score, likeness, adherence, preservation, copying})]
+    validation_images: list = field(default_factory=list)  # [(step, path of the validation's sheet)]
+    best_step: int = 0  # the step of the best validation so far (by what select_by follows)
     samples: list = field(default_factory=list)  # [(step, path)]
     messages: list = field(default_factory=list)
     error: str = ""
@@ -86,8 +89,16 @@ class JobCallbacks(Callbacks):
         self.job.touch()
 
     def on_validation(self, step, stats):
-        self.job.val_losses.append((step, float(stats["val_loss"])))
-        self.job.touch()
+        j = self.job
+        if "val_loss" in stats:
+            j.val_losses.append((step, float(stats["val_loss"])))
+        parts = {k: float(stats[k]) for k in ("score", "likeness", "adherence", "preservation", "copying")
+                 if k in stats}
+        if parts:
+            j.scores.append((step, parts))
+        j.validation_images.extend((step, p) for p in stats.get("images", []))
+        j.best_step = stats.get("best_step", j.best_step)
+        j.touch()
 
     def on_sample(self, step, paths):
         self.job.samples.extend((step, p) for p in paths)
@@ -247,10 +258,7 @@ class JobManager:
             job.output = str(result.output)
             early = getattr(result, "early_stopped", False)  # finished by its own rule: the output is the best file
             job.state = STOPPED if result.stopped and not early else DONE
-        except SdloraError as e:
-            job.error, job.state = str(e), FAILED
-        except Exception as e:  # noqa: BLE001 - an unexpected bug: one line in the page, the traceback in the log
-            traceback.print_exc()
-            job.error, job.state = f"{type(e).__name__}: {e}", FAILED
+        except Exception as e:  # noqa: BLE001 - one line in the page; a bug's traceback goes to the crash log named
+            job.error, job.state = describe(e)[0], FAILED
         job.ended = time.time()
         job.touch()

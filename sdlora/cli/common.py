@@ -38,9 +38,15 @@ class ProgressBar(Callbacks):
         self.bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", **extra)
 
     def on_validation(self, step, stats):
-        self.val = stats["val_loss"]
-        if stats["best_step"] == step:
-            self._say(f"step {step}: validation loss {self.val:.6g} (best so far)")
+        self.val = stats.get("val_loss", self.val)
+        parts = [f"loss {stats['val_loss']:.6g}"] if "val_loss" in stats else []
+        if "score" in stats:
+            parts.append(f"score {stats['score']:.4f} (" + ", ".join(
+                f"{k} {stats[k]:.3f}" for k in ("likeness", "adherence", "preservation", "copying") if k in stats)
+                + ")")
+        best = " (best so far)" if stats.get("best_step") == step else ""
+        if best or "score" in stats:
+            self._say(f"step {step}: validation {'; '.join(parts)}{best}")
 
     def on_sample(self, step, paths):
         self._say(f"samples at step {step}: {Path(paths[0]).parent}")

@@ -20,7 +20,9 @@ def _output_flags(p, what: str) -> None:
 def _model_flags(p, flag: str = "--model", required: bool = False) -> None:
     p.add_argument(flag, required=required, default=None,
                    help="Base model: a diffusers folder (default: the built-in model) or a single-file checkpoint.")
-    p.add_argument("--allow-pickle", action="store_true", help="Allow .ckpt checkpoints (read weights only).")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="Read .ckpt/.pt checkpoints (pickles): tensors, numbers and PyTorch Lightning's records only, "
+                        "as ComfyUI and A1111 do; a file that asks to run code is refused and nothing in it runs.")
     p.add_argument("--text-encoders", default="", metavar="FOLDER",
                    help="SD3 single files without text encoders: a diffusers SD3 folder, or a folder of ComfyUI-style "
                         "clip_l / clip_g / t5xxl .safetensors files (with tokenizer folders).")

@@ -84,7 +84,12 @@ def job_configs(args) -> list[tuple[str, object]]:
         q = Path(args.queue)
         if not q.is_file():
             raise SdloraError(f"queue file not found: {q}")
-        for line in q.read_text().splitlines():
+        try:
+            lines = q.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise SdloraError(f"queue file {q} is not a text file (not UTF-8: byte {e.start}); list one job file "
+                              "per line") from None
+        for line in lines:
             if line.strip() and not line.strip().startswith("#"):
                 p = Path(line.strip())
                 paths.append(str(p if p.is_absolute() else q.parent / p))
@@ -118,11 +123,14 @@ def cmd_train(args) -> int:
             print(f"{label}: {state}: {result.output} ({result.steps} steps, loss {result.final_loss:.4f}, "
                   f"{result.seconds:.1f}s)")
             if result.best:
-                print(f"{label}: best validation loss {result.best_val_loss:.6g} at step {result.best_step}: "
-                      f"{result.best}")
-        except SdloraError as e:
+                what = f"score {result.best_score:.4g}" if result.best_score == result.best_score else \
+                    f"loss {result.best_val_loss:.6g}"
+                print(f"{label}: best validation {what} at step {result.best_step}: {result.best}")
+        except Exception as e:  # noqa: BLE001 - one job's failure is one line; the batch goes on
+            from ..failures import describe
+
             failures += 1
-            print(f"{label}: error: {e}", file=sys.stderr)
+            print(f"{label}: error: {describe(e, verbose=getattr(args, 'verbose', False))[0]}", file=sys.stderr)
         finally:
             signal.signal(signal.SIGINT, previous)
         if commands.stop:

@@ -20,7 +20,8 @@ def register(sub) -> None:
     e.add_argument("--steps", type=int, default=25, help="Denoising steps (default: 25).")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="Train the demo LoRA on the built-in shapes model, then evaluate it.")
+    d = sub.add_parser("demo", help="Train the demo LoRA on the built-in shapes model (the file kept is chosen by "
+                       "its images), then evaluate it.")
     d.add_argument("--output", default="output/demo", help="Folder for the LoRA, samples and eval (default: "
                                                            "output/demo).")
     d.add_argument("--max-steps", type=int, default=None, help="Override the demo's training steps.")
@@ -50,19 +51,29 @@ def cmd_demo(args) -> int:
     from ..config import load_toml
     from ..paths import sample_data
     from ..training.loop import train
+    from ..training.selection import score_curve, validation_history
+    from ..world.evaluate import check_eval_settings
     from .common import ProgressBar
 
+    demo = json.loads((sample_data() / "demo.json").read_text())
+    check_eval_settings(demo["trigger"], args.n, 25)  # before the minutes of training, not after
     job = sample_data() / "demo.toml"
     cfg = load_toml(job)
     out = Path(args.output)
     cfg.output.path = str(out / "demo.safetensors")
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
-    demo = json.loads((sample_data() / "demo.json").read_text())
     print(f"training the demo LoRA: {cfg.data[0].path} -> {cfg.output.path}", file=sys.stderr)
     t0 = time.time()
     result = train(cfg, ProgressBar("demo"))
     print(f"trained {result.steps} steps in {time.time() - t0:.0f}s: {result.output}")
     print(f"samples during training: {Path(result.output).with_name('demo_samples')}")
-    run_eval(result.output, demo["trigger"], demo["concept"], n=args.n, output=str(out / "eval"))
+    chosen = result.best or result.output
+    history = validation_history(result.log)
+    if history:
+        print(f"validation by images ({cfg.validation.scorer} scorer; sheets in "
+              f"{out / 'demo_validation'}):\n{score_curve(history, result.best_step)}")
+        print(f"chosen by images: {chosen} (step {result.best_step}, score {result.best_score:.4f}); "
+              f"the last file: {out / 'demo.safetensors'}")
+    run_eval(chosen, demo["trigger"], demo["concept"], n=args.n, output=str(out / "eval"))
     return 0

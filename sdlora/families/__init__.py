@@ -2,19 +2,24 @@
 
 A family row says which diffusers pipeline and denoiser it uses, its text encoders (with the key prefixes LoRA files
 give them and the names their token embeddings travel under), how kohya names its denoiser's layers, the LoRA target
-presets, the kohya/ModelSpec labels of its files, and how a diffusers folder is recognised. What a family computes
-differently (its text conditioning and how its denoiser is called) lives in the family's own module (`sd`, `sdxl`,
-`sd3`).
+presets, the kohya/ModelSpec labels of its files and how a file's labels and layers tell it, how a diffusers folder
+is recognised, and what it cannot train. What a family computes or reads differently (its text conditioning and how
+its denoiser is called, its single-file checkpoints, its random-weight models) lives in the family's own module
+(`sd`, `sdxl`, `sd3`); code outside this package asks the row, never a family's name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from . import mmdit, sd, sd3, sdxl
-from .sd import Conditioning
+from .checkpoint import SingleFileLayout, asset
+from .naming import DIFFUSERS, SGM, KohyaNaming
+from .sd import SD_BLOCKS, Conditioning, KohyaBlocks
+from .sdxl import SDXL_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class TextEncoderSlot:
     kohya_prefix: str     # lora_te (SD1/SD2), lora_te1 / lora_te2 (SDXL, SD3), lora_te3 (SD3's T5)
     embedding_key: str    # what its token embeddings are called in embedding files: clip_l, clip_g
     tokenizer_class: str = "CLIPTokenizer"
+    kohya_aliases: tuple[str, ...] = ()  # prefixes other trainers give it (lora_te for the first of two encoders)
 
 
 _ATTN = r"attn{n}\.(to_q|to_k|to_v|to_out\.0)"
@@ -64,9 +70,15 @@ class Family:
     v_architecture: str = ""         # modelspec.architecture for v-prediction, where it differs
     is_v2: bool = False              # kohya's ss_v2
     denoiser_attr: str = "unet"      # pipeline attribute and subfolder of the denoiser
-    # how kohya names denoiser layers: diffusers paths, sgm (original names), or mmdit (SD3's original names with
-    # q/k/v fused: a view of the file only, sdlora keys the layers by their diffusers paths)
-    kohya_naming: str = "diffusers"
+    # how kohya names denoiser layers: after their diffusers paths, or SGM's (SDXL's original names). SD3's kohya files
+    # use the original MMDiT names with q/k/v fused: a view of the file only (loras/mmdit), sdlora keys SD3's layers
+    # by their diffusers paths
+    kohya_naming: KohyaNaming = DIFFUSERS
+    lora_names: Callable[[Iterable[str]], bool] | None = None  # layer names only this family's LoRAs have
+    file_labels: tuple[str, ...] = ()    # prefixes of the ss_base_model_version / sdlora_family values naming it
+    kohya_lora_module: str = ""          # sd-scripts' network module of a plain LoRA, where not networks.lora
+    fused_file_layers: str = ""          # why its files fuse layers (it then trains plain LoRA only, which fuses)
+    no_pivotal: str = ""                 # why it offers no pivotal tuning, where it does not
     targets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: UNET_TARGETS)
     default_targets: str = "cross_attn"  # what lora.targets = auto means
     block_prefix: str = ""               # numbered blocks lora.blocks selects from (SD3: transformer_blocks)
@@ -85,6 +97,17 @@ class Family:
     # the denoiser config that names every layer a LoRA for this family may have: a shipped config (assets/<name>)
     # with these overrides (SD1/SD2: 3 layers per block, a superset of their block names)
     reference_overrides: Mapping[str, object] = field(default_factory=dict)
+    # sd-scripts' block list (block_dims, down/mid/up_lr_weight); None where sd-scripts has none (SD3)
+    kohya_blocks: KohyaBlocks | None = None
+    single_file: SingleFileLayout | None = None  # its single-file checkpoints (`sdlora.single_file` dispatches here)
+    # random-weight models: a tiny one saved as a diffusers folder (the tests'), the full-size parts (the benchmark's:
+    # (seed, **sizes) -> parts) and their configs without allocating anything ((**sizes) -> configs)
+    save_tiny: Callable[..., object] | None = None
+    full_size: Callable[..., dict] | None = None
+    full_size_configs: Callable[..., dict] | None = None
+    full_size_name: str = ""             # what a full-size random model is called (default random-<name>)
+    presets: str = ""                    # the `family` of its presets in sample_data/presets (SD 2.x takes SD 1.5's)
+    hub_words: tuple[str, ...] = ()      # words in a hub id that name it, for a model not on this machine
 
     def ss_base_model_version(self, prediction_type: str, config=None) -> str:
         """kohya's label; SD1/SD2 v-prediction models add '_v'; SD3 names its variant (medium, 5-medium, 5-large)."""
@@ -111,46 +134,88 @@ class Family:
     def resolved_targets(self, name: str) -> str:
         return self.default_targets if name == "auto" else name
 
+    def reference_config(self) -> dict:
+        """The denoiser config naming every layer a LoRA for this family may have: the shipped one with the
+        reference overrides."""
+        return {**asset(self.name, self.denoiser_attr), **self.reference_overrides}
 
-def _clip(attr: str, tokenizer: str, prefix: str, key: str, cls: str = "CLIPTextModel") -> TextEncoderSlot:
-    return TextEncoderSlot(attr, tokenizer, cls, prefix, key)
+    @property
+    def context_width(self) -> int | None:
+        """The width of the text its UNet attends to (the shipped config's cross_attention_dim); None for a joint
+        transformer."""
+        return asset(self.name, self.denoiser_attr).get("cross_attention_dim")
+
+    def parts(self, denoiser, text_encoders, vae=None, frozen=()) -> dict:
+        """{pipeline attribute: model} of a model's parts: the denoiser, the VAE where given, the text encoders, and
+        the frozen encoders where given (in pipeline order)."""
+        out = {self.denoiser_attr: denoiser, **({"vae": vae} if vae is not None else {})}
+        out.update(zip([s.attr for s in self.text_encoders], text_encoders))
+        out.update(zip([s.attr for s in self.frozen_encoders], frozen))
+        return out
+
+    def labelled(self, version: str) -> bool:
+        """Whether a file's ss_base_model_version (or sdlora_family) names this family."""
+        return version.startswith(self.file_labels)
+
+
+def _clip(attr: str, tokenizer: str, prefix: str, key: str, cls: str = "CLIPTextModel",
+          aliases: tuple[str, ...] = ()) -> TextEncoderSlot:
+    return TextEncoderSlot(attr, tokenizer, cls, prefix, key, kohya_aliases=aliases)
 
 
 _SD_EXTRA = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd3", "Stable Diffusion 3 / 3.5", "StableDiffusion3Pipeline", "SD3Transformer2DModel",
-           (_clip("text_encoder", "tokenizer", "lora_te1", "clip_l", "CLIPTextModelWithProjection"),
+           (_clip("text_encoder", "tokenizer", "lora_te1", "clip_l", "CLIPTextModelWithProjection", ("lora_te",)),
             _clip("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", "CLIPTextModelWithProjection")),
            1024, "medium", "stable-diffusion-3-medium/lora", sd3.CONDITIONING,
            matches=lambda cfg, parts: cfg.get("_class_name") == "SD3Transformer2DModel" or "joint_attention_dim" in cfg,
-           denoiser_attr="transformer", kohya_naming="mmdit", targets=MMDIT_TARGETS, default_targets="attn",
+           denoiser_attr="transformer", targets=MMDIT_TARGETS, default_targets="attn",
            block_prefix="transformer_blocks", variant=mmdit.variant, diffusers_reads_kohya=False,
+           lora_names=mmdit.is_internal, kohya_lora_module="networks.lora_sd3",
+           file_labels=("sd3", "medium", "5-medium", "5-large", "stable-diffusion-3"),
+           fused_file_layers="its q/k/v are one fused layer in the files ComfyUI and Forge load",
+           no_pivotal="T5 has no token to add",
            clients={"diffusers": "diffusers, ComfyUI; not Forge (sdlora convert --to kohya)",
                     "kohya": "ComfyUI, Forge, kohya sd-scripts; not diffusers, which loads no kohya SD3 file "
                              "(sdlora convert --to diffusers)"},
            unused_layers=mmdit.unused_layers,
+           single_file=sd3.SINGLE_FILE, save_tiny=sd3.save_tiny_sd3_pipeline, full_size=sd3.full_size,
+           full_size_configs=sd3.full_size_configs, full_size_name="random-sd3.5-medium",
            frozen_encoders=(TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5EncoderModel", "lora_te3", "t5",
                                             "T5TokenizerFast"),),
            # every layer any SD3 variant has: 38 blocks (3.5 Large), attn2 in each (3.5 Medium has it in 0-12)
            reference_overrides={"num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
-                                "dual_attention_layers": list(range(38)), "qk_norm": "rms_norm"}),
+                                "dual_attention_layers": list(range(38)), "qk_norm": "rms_norm"},
+           presets="sd3", hub_words=("diffusion-3", "sd3", "sd35")),
     Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline", "UNet2DConditionModel",
-           (_clip("text_encoder", "tokenizer", "lora_te1", "clip_l"),
+           (_clip("text_encoder", "tokenizer", "lora_te1", "clip_l", aliases=("lora_te",)),
             _clip("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", "CLIPTextModelWithProjection")),
            1024, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", sdxl.CONDITIONING,
            matches=lambda cfg, parts: "text_encoder_2" in parts or cfg.get("addition_embed_type") == "text_time",
-           kohya_naming="sgm"),
+           kohya_naming=SGM, kohya_blocks=SDXL_BLOCKS, file_labels=("sdxl",), single_file=sdxl.SINGLE_FILE,
+           save_tiny=sdxl.save_tiny_sdxl_pipeline, full_size=sdxl.full_size, full_size_configs=sdxl.full_size_configs,
+           presets="sdxl", hub_words=("xl",)),
     Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            768, "sd_v2", "stable-diffusion-v2-512/lora", sd.CONDITIONING,
            matches=lambda cfg, parts: cfg.get("cross_attention_dim") == 1024,
            v_architecture="stable-diffusion-v2-768-v/lora", is_v2=True, pipeline_extra=_SD_EXTRA,
-           reference_overrides={"layers_per_block": 3}),
+           file_labels=("sd_v2", "sd2"), kohya_blocks=SD_BLOCKS,
+           reference_overrides={"layers_per_block": 3}, single_file=sd.SD2_FILE,
+           full_size=sd.full_size, full_size_configs=sd.full_size_configs, presets="sd1"),
     Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            512, "sd_v1", "stable-diffusion-v1/lora", sd.CONDITIONING,
-           matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA, reference_overrides={"layers_per_block": 3}),
+           matches=lambda cfg, parts: True, pipeline_extra=_SD_EXTRA, reference_overrides={"layers_per_block": 3},
+           file_labels=("sd_v1", "sd1"), kohya_blocks=SD_BLOCKS,
+           single_file=sd.SD1_FILE, save_tiny=sd.save_tiny_pipeline, full_size=sd.full_size,
+           full_size_configs=sd.full_size_configs, presets="sd1"),
 )}
+
+
+# the family a LoRA file is read as when neither its labels nor its layers say which it is for (SD1's naming)
+FALLBACK = FAMILIES["sd1"]
 
 
 def detect_family(denoiser_config: dict, parts: set[str] | frozenset = frozenset()) -> Family:
@@ -163,7 +228,35 @@ def family_of_pipeline(pipe) -> Family:
     name = type(pipe).__name__
     found = [f for f in FAMILIES.values() if f.pipeline_class == name]
     if not found:
-        from ..errors import ModelError
-
         raise ModelError(f"{name} is not a pipeline of a family sdlora supports")
     return found[-1]
+
+
+def folder_family(source: str) -> Family:
+    """The family of a diffusers folder or hub id, from its model_index.json and denoiser config."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(source)
+    except (OSError, ValueError) as e:
+        if Path(source).exists():
+            raise ModelError(f"{source} is not a diffusers model folder: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"could not load '{source}': not a local folder, and the hub is not reachable or has "
+                         "no such model; pass a local diffusers folder") from None
+    parts = {k: v for k, v in index.items() if isinstance(v, (list, tuple)) and v[0]}
+    attrs = list(dict.fromkeys(f.denoiser_attr for f in FAMILIES.values()))
+    sub = next((a for a in attrs if a in parts), attrs[-1])
+    cls = parts.get(sub, [None, "?"])[1]
+    if sub not in parts or cls not in {f.denoiser_class for f in FAMILIES.values()}:
+        what = f"a {cls} ({index.get('_class_name', 'unknown pipeline')})" if sub in parts else \
+            f"no {'/ or '.join(attrs)}/"
+        titles = [f.title for f in reversed(FAMILIES.values())]
+        raise ModelError(f"{source} has {what}: not supported; sdlora trains {', '.join(titles[:-1])} and "
+                         f"{titles[-1]} models")
+    try:
+        config = getattr(diffusers, cls).load_config(source, subfolder=sub)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{source} is not a diffusers model folder (no usable '{sub}/'): "
+                         f"{str(e).splitlines()[0]}") from None
+    return detect_family(config, set(parts))

@@ -93,3 +93,44 @@ def unused_layers(config) -> set[str]:
     """Layers whose output SD3 discards: the last block keeps no context output, so its context query (which only
     makes context outputs) never reaches the prediction."""
     return {f"transformer_blocks.{dict(config)['num_layers'] - 1}.attn.add_q_proj"}
+
+
+# ---------------------------------------------------------------- LoRA layer names
+# kohya base names: sdlora's (diffusers paths, lora_unet_transformer_blocks_0_attn_to_q) and sd-scripts' lora_sd3
+# (original paths, lora_unet_joint_blocks_0_x_block_attn_qkv)
+
+PREFIX = "lora_unet_"
+_INTERNAL_BLOCK = re.compile(r"^lora_unet_transformer_blocks_(\d+)_(.+)$")
+_ORIGINAL_BLOCK = re.compile(r"^lora_unet_joint_blocks_(\d+)_(.+)$")
+_D_BLOCK = {d.replace(".", "_"): d for d in BLOCK}
+_D_TOP = {d.replace(".", "_"): d for d in TOP}
+_O_BLOCK = {o.replace(".", "_"): o for o, _ in BLOCK.values()}
+_O_TOP = {o.replace(".", "_"): o for o in TOP.values()}
+
+
+def _path(base: str, block: re.Pattern, prefix: str, inside: dict, top: dict) -> str | None:
+    if m := block.match(base):
+        rest = inside.get(m[2])
+        return f"{prefix}.{m[1]}.{rest}" if rest else None
+    return top.get(base[len(PREFIX):]) if base.startswith(PREFIX) else None
+
+
+def internal_path(base: str) -> str | None:
+    """The diffusers module path of one of sdlora's SD3 layer names, or None."""
+    return _path(base, _INTERNAL_BLOCK, "transformer_blocks", _D_BLOCK, _D_TOP)
+
+
+def original_path(base: str) -> str | None:
+    """The original MMDiT module path of a kohya SD3 layer name, or None."""
+    return _path(base, _ORIGINAL_BLOCK, "joint_blocks", _O_BLOCK, _O_TOP)
+
+
+def is_file_layout(mods) -> bool:
+    """Whether these layer names are the original MMDiT ones (a kohya SD3 file)."""
+    return any(b.startswith("lora_unet_joint_blocks_") or (original_path(b) and not internal_path(b)) for b in mods)
+
+
+def is_internal(mods) -> bool:
+    """Whether these layer names are sdlora's SD3 ones (diffusers module paths)."""
+    return any(b.startswith("lora_unet_transformer_blocks_") or (internal_path(b) and not original_path(b))
+               for b in mods)

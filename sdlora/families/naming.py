@@ -1,12 +1,14 @@
-"""A diffusers UNet's module paths in the original LDM/SGM naming of Stable Diffusion checkpoints.
+"""How kohya names a family's denoiser layers in LoRA files, and a diffusers UNet's module paths in the original
+LDM/SGM naming of Stable Diffusion checkpoints.
 
-Single files store UNet weights under these names (`model.diffusion_model.input_blocks.4.1...`), and kohya names
+Single files store UNet weights under the SGM names (`model.diffusion_model.input_blocks.4.1...`), and kohya names
 SDXL LoRA layers after them (`lora_unet_input_blocks_4_1_...`): one mapping serves both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -43,3 +45,19 @@ def sgm_namer(unet_config) -> Callable[[str], str]:
     """path -> SGM path for a UNet config (its layers per block and which up blocks have attention)."""
     up_attn = tuple("CrossAttn" in t for t in unet_config["up_block_types"])
     return lambda path: sgm_path(path, unet_config["layers_per_block"], up_attn)
+
+
+@dataclass(frozen=True)
+class KohyaNaming:
+    """What kohya names each denoiser layer after: (denoiser config) -> (diffusers module path -> that path); and the
+    base-name prefixes only this naming writes (how a file's layer names tell it)."""
+
+    path: Callable[[dict], Callable[[str], str]]
+    marks: tuple[str, ...] = ()
+
+    def written_in(self, bases) -> bool:
+        return bool(self.marks) and any(b.startswith(self.marks) for b in bases)
+
+
+DIFFUSERS = KohyaNaming(lambda config: lambda path: path)
+SGM = KohyaNaming(sgm_namer, ("lora_unet_input_blocks_", "lora_unet_output_blocks_"))

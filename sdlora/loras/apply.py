@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import LoraFileError, SdloraError
 from ..families import Family, family_of_pipeline
+from ..io import check_folder
 from .checks import check_fits
 from .files import check_weights, load_lora, read_lora
 from .layout import diffusers_tensors, model_layers, name_map, split_embeddings
@@ -41,6 +42,7 @@ class ActiveLoras:
     def __init__(self, pipe):
         self.pipe = pipe
         self.entries: list[tuple[str, HookedLora | None]] = []  # (diffusers adapter name, or hooks)
+        self.embeddings: dict[str, dict] = {}  # the bundled embeddings loaded with them ({token: {part: vectors}})
 
     def add(self, path: str | Path, name: str) -> None:
         """One more file, at scale 1. A file that does not fit the pipeline's model (another family or size) is an
@@ -56,6 +58,7 @@ class ActiveLoras:
         else:
             self.entries.append((name, HookedLora(layers, mods)))
         load_embeddings(self.pipe, family, embeddings)
+        self.embeddings.update(embeddings)
 
     def _diffusers_state(self, path, family: Family, mods: dict) -> dict:
         """What diffusers' load_lora_weights is given: the file's own tensors where diffusers converts that
@@ -88,13 +91,20 @@ class ActiveLoras:
                 hooks.on = on
 
     def remove(self) -> None:
-        """Take every file off the pipeline."""
+        """Take every file off the pipeline, its bundled embeddings' tokens too (so another file's can load)."""
         if self._adapters:
             self.pipe.delete_adapters(self._adapters)
         for _, hooks in self.entries:
             if hooks is not None:
                 hooks.remove()
-        self.entries = []
+        family = family_of_pipeline(self.pipe) if self.embeddings else None
+        for token, parts in self.embeddings.items():
+            for slot in (s for s in family.text_encoders if s.embedding_key in parts):
+                n = len(parts[slot.embedding_key])  # diffusers names the 2nd, 3rd... vector token_1, token_2, ...
+                self.pipe.unload_textual_inversion([token] + [f"{token}_{i}" for i in range(1, n)],
+                                                   tokenizer=getattr(self.pipe, slot.tokenizer_attr),
+                                                   text_encoder=getattr(self.pipe, slot.attr))
+        self.entries, self.embeddings = [], {}
 
 
 class HookedLora:
@@ -173,6 +183,7 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
 
     scales = [0.0, 0.5, 1.0] if scales is None else list(scales)
     _check_generate(n, steps, guidance, width, height, seed, scales)
+    check_folder(output_dir)
     check_weights(loras)
     c = load_model(model, allow_pickle, text_encoders, t5)
     multiple = c.size_multiple
@@ -183,6 +194,7 @@ def generate(model: str | Path | None, loras: list[tuple[str, float]], prompt: s
     sched = set_scheduler(pipe, scheduler)
     size = c.denoiser.config.sample_size * pipe.vae_scale_factor
     width, height = width or size, height or size
+    c.check_size(width, height, "--width/--height", "give smaller ones")
     active = apply_loras(pipe, loras)
     out_dir = Path(output_dir)
     params = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,

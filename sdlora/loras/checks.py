@@ -8,15 +8,16 @@ import re
 import torch
 
 from ..errors import LoraFileError
-from ..families import FAMILIES
-from .layout import BUNDLE, _split_key, parse_modules
+from ..families import FALLBACK, FAMILIES
+from .layout import BUNDLE, ROLES, _split_key, parse_modules
 from .modules import DoraModule, LohaModule, LokrModule, LoraModule, fits
 
-KOHYA_KEY = re.compile(r"^(lora_unet|lora_te[123]?)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|"
-                       r"alpha|dora_scale|hada_w[12]_[ab]|hada_t[12]|lokr_w[12]|lokr_w[12]_[ab]|lokr_t2)$")
+# a kohya key: a base name, then alpha or a tensor name of one of the module types
+KOHYA_KEY = re.compile(r"^(lora_unet|lora_te[123]?)_[A-Za-z0-9_]+\.("
+                       + "|".join(re.escape(k) for roles in ROLES.values() for k in ("alpha", *roles)) + ")$")
 
 
-def validate_kohya(tensors: dict[str, torch.Tensor], family: str = "sd1") -> list[str]:
+def validate_kohya(tensors: dict[str, torch.Tensor], family: str = FALLBACK.name) -> list[str]:
     """Problems that would make a kohya-layout file load wrongly (or not at all) in A1111/ComfyUI/diffusers."""
     problems = [f"key {k} is not in the kohya layout" for k in tensors
                 if not (KOHYA_KEY.match(k) or k.startswith(BUNDLE))]
@@ -42,6 +43,12 @@ def validate_kohya(tensors: dict[str, torch.Tensor], family: str = "sd1") -> lis
         if isinstance(m, LoraModule) and m.up.shape[1] != m.rank:
             problems.append(f"{base}: lora_up {tuple(m.up.shape)} does not match rank {m.rank}")
         problems += _lycoris_problems(base, m)
+    tucker = [b for b, m in mods.items() if isinstance(getattr(m, "inner", m), LokrModule)
+              and getattr(m, "inner", m).t2 is not None]
+    if tucker:
+        problems.append(f"ComfyUI skips {len(tucker)} LoKr conv layers with a Tucker core lokr_t2 (e.g. {tucker[0]}: "
+                        "its torch.kron fails on the rebuilt w2); `sdlora convert FILE --to kohya -o OUT` writes them "
+                        "without the core, which every client applies")
     outputs = [b for b, m in mods.items() if isinstance(m, DoraModule) and m.axis == "output"]
     if outputs:
         problems.append(f"{len(outputs)} DoRA layers have an output-axis dora_scale (e.g. {outputs[0]}): "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import LoraFileError, SdloraError
-from ..families import FAMILIES
+from ..families import FALLBACK, FAMILIES
 from ..io import check_output
 from .files import load_lora, parse_lora, read_lora, save_kohya, write_embedding, write_lora
 from .layout import NameMap, diffusers_tensors, guess_family, name_map, reference_name_map
@@ -23,7 +23,7 @@ def names_for(mods: dict, meta: dict[str, str], model=None) -> NameMap:
         c = load_model(model) if isinstance(model, (str, Path)) else model
         return name_map(c.family, c.denoiser, c.text_encoders)
     from_meta, from_shape = guess_family(mods, meta)
-    return reference_name_map(FAMILIES[from_meta or from_shape or "sd1"])
+    return reference_name_map(FAMILIES.get(from_meta or from_shape, FALLBACK))
 
 
 def dtype_of(mods: dict):

@@ -14,6 +14,7 @@ from .files import damage, read_lora
 from .layout import LORA_METADATA_KEY, detect_layout, guess_family, parse_modules, split_embeddings
 from .metadata import private_paths
 from .modules import DoraModule, is_plain
+from .networks import LYCORIS, NETWORKS, network_of
 
 
 @dataclass
@@ -74,7 +75,6 @@ def clients(layout: str, mods: dict, family: str = "") -> str:
     """Which clients load a file of this layout and these module types as it is meant (their loaders' code:
     A1111 v1.10 extensions-builtin/Lora, ComfyUI comfy/weight_adapter and comfy/lora.py, diffusers'
     lora_state_dict; SD3: ComfyUI's MMDiT key map, diffusers' SD3LoraLoaderMixin, which converts no other layout)."""
-    kinds = {m.kind for m in mods.values()}
     axes = {m.axis for m in mods.values() if isinstance(m, DoraModule)}
     if not mods:
         return "-"
@@ -83,14 +83,15 @@ def clients(layout: str, mods: dict, family: str = "") -> str:
         return said
     if layout == "diffusers":
         return "diffusers" + (" (peft's DoRA)" if axes else "") + "; not A1111 or ComfyUI (sdlora convert --to kohya)"
-    if kinds & {"loha", "lokr", "lora_tucker", "loha+dora", "lokr+dora"}:
-        return "AUTOMATIC1111, ComfyUI, LyCORIS; not diffusers (it cannot load LoHa, LoKr or lora_mid)"
-    if axes == {"input"}:
-        return "AUTOMATIC1111 and ComfyUI (exact); diffusers drops dora_scale and loads a plain LoRA (wrong)"
+    if any(getattr(getattr(m, "inner", m), "t2", None) is not None for m in mods.values() if "lokr" in m.kind):
+        return ("AUTOMATIC1111, LyCORIS; ComfyUI skips the LoKr layers with lokr_t2 (sdlora convert --to kohya "
+                "fixes that); not diffusers")
+    if any(network_of(getattr(m, "inner", m)).clients == LYCORIS or getattr(m, "mid", None) is not None
+           for m in mods.values()):  # a LyCORIS type (also under DoRA), or LoCon's Tucker lora_mid
+        return LYCORIS
     if axes:
-        return ("LyCORIS >= 3.2 (exact), ComfyUI (approximate: it normalises by the base weight), AUTOMATIC1111 "
-                "v1.10 (wrong: it expects the input axis); diffusers drops dora_scale")
-    return "AUTOMATIC1111, ComfyUI, kohya, diffusers"
+        return NETWORKS["dora"].clients_by_axis["input" if axes == {"input"} else "output"]
+    return NETWORKS["lora"].clients
 
 
 def inspect_lora(path: str | Path) -> LoraInfo:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LoraFileError
-from ..families import Family
-from ..families.naming import sgm_namer
+from ..families import FAMILIES, Family
 from . import mmdit
 from .modules import AXES, DoraModule, LohaModule, LokrModule, LoraModule, is_plain, magnitude_shape
+from .networks import NETWORKS, PEFT_TENSORS
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the adapter config
 BUNDLE = "bundle_emb."                       # A1111's embeddings inside a LoRA file
@@ -49,9 +49,7 @@ def kohya_base(prefix: str, path: str) -> str:
 
 def denoiser_namer(family: Family, denoiser_config) -> Callable[[str], str]:
     """diffusers module path -> the path kohya names the layer after (SDXL: the original SGM names)."""
-    if family.kohya_naming == "sgm":
-        return sgm_namer(denoiser_config)
-    return lambda path: path
+    return family.kohya_naming.path(denoiser_config)
 
 
 @dataclass
@@ -97,9 +95,9 @@ def name_map(family: Family, denoiser: torch.nn.Module, text_encoders: list[torc
         names.add(family.denoiser_attr, path, kohya_base(DENOISER_PREFIX, namer(path)),
                   kohya_base(DENOISER_PREFIX, path))
     for slot, encoder in zip(family.text_encoders, text_encoders):
-        aliases = ("lora_te",) if slot.kohya_prefix == "lora_te1" else ()
         for path, _ in adaptable_layers(encoder):
-            names.add(slot.attr, path, kohya_base(slot.kohya_prefix, path), *(kohya_base(a, path) for a in aliases))
+            names.add(slot.attr, path, kohya_base(slot.kohya_prefix, path),
+                      *(kohya_base(a, path) for a in slot.kohya_aliases))
     return names
 
 
@@ -108,7 +106,7 @@ def model_layers(family: Family, denoiser: torch.nn.Module, text_encoders: list,
     """kohya base name -> Linear/Conv2d module of the denoiser and text encoders; with `aliases`, every spelling
     other trainers use for the same layer too."""
     names = name_map(family, denoiser, text_encoders)
-    parts = {family.denoiser_attr: denoiser, **{s.attr: e for s, e in zip(family.text_encoders, text_encoders)}}
+    parts = family.parts(denoiser, text_encoders)
     if aliases:
         return {b: base_layer(parts[part].get_submodule(path)) for b, (part, path) in names.to_module.items()}
     return {b: base_layer(parts[part].get_submodule(path)) for (part, path), b in names.to_base.items()}
@@ -117,15 +115,11 @@ def model_layers(family: Family, denoiser: torch.nn.Module, text_encoders: list,
 def _reference_model(family: Family):
     """The family's standard denoiser (its shipped config with the family's reference overrides) and text encoders
     (named right, sized at CLIP's defaults), as meta-device models: no weights, no download."""
-    from pathlib import Path
-
     import diffusers
     import transformers
 
-    config = Path(__file__).resolve().parent.parent / "assets" / family.name / family.denoiser_attr / "config.json"
     with torch.device("meta"):
-        denoiser = getattr(diffusers, family.denoiser_class).from_config(
-            {**json.loads(config.read_text()), **family.reference_overrides})
+        denoiser = getattr(diffusers, family.denoiser_class).from_config(family.reference_config())
         encoders = [getattr(transformers, s.model_class)(transformers.CLIPTextConfig(num_hidden_layers=32))
                     for s in family.text_encoders]
     return denoiser, encoders
@@ -172,16 +166,19 @@ def split_embeddings(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, 
 
 # ---------------------------------------------------------------- reading any layout
 
+# the module types a file's layer can be: every network type's, but DoRA's, which wraps one of them; LyCORIS's first
+# (their tensor names say them, where four layouts name a LoRA's). And each type's role of each of its kohya / LyCORIS
+# tensors, what `assemble` reads: a LoRA's roles are its fields, a LoHa's and LoKr's their LyCORIS names (their fields
+# clash), DoRA's magnitude its own
+TYPES = tuple(sorted(dict.fromkeys(n.module for n in NETWORKS.values() if n.module is not DoraModule),
+                     key=lambda cls: cls is LoraModule))
+ROLES = {cls: {k: (f if cls is LoraModule else k) for k, f in cls.TENSORS.items()} for cls in (*TYPES, DoraModule)}
 # tensor-name suffix -> role, for every layout diffusers, ComfyUI or A1111 load (LyCORIS's LoHa/LoKr/DoRA keys
 # as A1111's network_hada/network_lokr/network.py and ComfyUI's comfy/weight_adapter read them)
-SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
-            ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
-            ".lora_linear_layer.up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
-            ".dora_scale": "dora_scale", ".lora_magnitude_vector": "magnitude",
-            ".lora_magnitude_vector.weight": "magnitude",
-            **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-                                    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                                    "lokr_t2")}}
+SUFFIXES = {**{f".{k}": role for roles in ROLES.values() for k, role in roles.items()}, ".alpha": "alpha",
+            ".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up",
+            ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+            ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
 # older diffusers attention processors: <attention>.processor.to_q_lora.down.weight -> <attention>.to_q (UNet),
 # text_encoder.<attention>.to_q_lora.down.weight -> <attention>.q_proj (text encoder)
 PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -285,11 +282,6 @@ def parse_modules(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None 
     return mmdit.from_file(mods) if mmdit.is_file_layout(mods) else mods
 
 
-_TYPES = ((("hada_",), LohaModule, {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
-                                    "hada_t1": "t1", "hada_t2": "t2"}),
-          (("lokr_",), LokrModule, {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2",
-                                    "lokr_w2_a": "w2a", "lokr_w2_b": "w2b", "lokr_t2": "t2"}),
-          (("down", "up", "mid"), LoraModule, {"down": "down", "up": "up", "mid": "mid"}))
 # tensors that come together (either one alone is a broken module), and what each type cannot lack
 _PAIRS = (("down", "up"), ("w1a", "w1b"), ("w2a", "w2b"), ("t1", "t2"))
 _NEEDED = {LohaModule: ("w1a", "w2a"), LokrModule: ("w1", "w2"), LoraModule: ("down", "up")}
@@ -302,9 +294,10 @@ def assemble(base: str, g: dict[str, torch.Tensor], alpha: float | None, keys: d
     g = dict(g)
     key = {r: (keys or {}).get(r, f"{base}.{r}") for r in g}
     magnitude = {r: g.pop(r) for r in ("dora_scale", "magnitude", "input_magnitude") if r in g}
-    cls, names = next(((c, n) for t, c, n in _TYPES if any(r.startswith(t) for r in g)), (None, None))
+    cls = next((c for c in TYPES if any(r in ROLES[c].values() for r in g)), None)
     if cls is None:
         raise LoraFileError(f"key {next(iter(key.values()))}: module {base} has no LoRA, LoHa or LoKr tensors")
+    names = {ROLES[cls][k]: f for k, f in cls.TENSORS.items()}  # role -> field
     stray = [r for r in g if r not in names] + list(magnitude)[1:]
     if stray:
         raise LoraFileError(f"key {key[stray[0]]} does not go with the other tensors of {base} (mixed layouts)")
@@ -364,9 +357,10 @@ def kohya_tensors(mods: dict, dtype=torch.float16) -> dict[str, torch.Tensor]:
     alpha/rank ratio keeps its update, its `up` (LoHa: w1_a, LoKr: w1) multiplied by alpha_m / A. DoRA's dora_scale
     stays fp32, as LyCORIS saves it: it scales the whole base weight, so fp16 rounding would move every output.
     SD3 layers are written in the original MMDiT layout (`mmdit.to_file`): a fused q/k/v layer's alpha is then the
-    sum of its parts' (3 A), so alpha / rank stays A / rank everywhere."""
+    sum of its parts' (3 A), so alpha / rank stays A / rank everywhere. A LoKr Tucker conv (lokr_t2) is written
+    without its core (`LokrModule.without_tucker`), the form ComfyUI can apply."""
     common, out = common_alpha(mods), {}
-    mods = {b: m.with_alpha(common) for b, m in mods.items()}
+    mods = {b: _readable(m.with_alpha(common)) for b, m in mods.items()}
     if mmdit.is_internal(mods):
         mods = mmdit.to_file(mods)
     for base, m in mods.items():
@@ -374,6 +368,13 @@ def kohya_tensors(mods: dict, dtype=torch.float16) -> dict[str, torch.Tensor]:
             out[f"{base}.{suffix}"] = t.float() if suffix == "dora_scale" else t.to(dtype)
         out[f"{base}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
     return out
+
+
+def _readable(m):
+    """A module in a form every client applies: a LoKr's Tucker core multiplied out (also under DoRA)."""
+    if isinstance(m, DoraModule):
+        return dataclasses.replace(m, inner=_readable(m.inner))
+    return m.without_tucker() if isinstance(m, LokrModule) else m
 
 
 def diffusers_tensors(mods: dict, names: NameMap, dtype=torch.float16) -> tuple[dict[str, torch.Tensor],
@@ -416,14 +417,6 @@ def diffusers_tensors(mods: dict, names: NameMap, dtype=torch.float16) -> tuple[
     return out, {LORA_METADATA_KEY: json.dumps(cfg, sort_keys=True)} if cfg else {}
 
 
-# state-dict suffixes of peft's adapters (and of sdlora's input-axis DoRA magnitude) -> the roles `assemble` reads
-PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_magnitude_vector": "magnitude",
-                 ".lora_input_magnitude": "input_magnitude",
-                 **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-                                         "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                                         "lokr_t2")}}
-
-
 def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, family: Family, denoiser_config,
                  ranks: dict[str, dict[str, tuple[int, float]]] | None = None) -> tuple[dict, NameMap]:
     """peft state dicts keyed by model part ('unet', 'text_encoder', ...) -> modules keyed by kohya base name, and
@@ -437,10 +430,10 @@ def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, famil
     for part, state in states.items():
         groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         for key, value in state.items():
-            suffix = next((s for s in PEFT_SUFFIXES if key.endswith(s)), None)
+            suffix = next((s for s in PEFT_TENSORS if key.endswith(s)), None)
             if suffix is None:
                 raise LoraFileError(f"adapter weight {key} of the {part} is of no type sdlora writes")
-            groups[key[: -len(suffix)]][PEFT_SUFFIXES[suffix]] = value
+            groups[key[: -len(suffix)]][PEFT_TENSORS[suffix]] = value
         for path, g in groups.items():
             base = kohya_base(prefixes[part], path) if part in prefixes else kohya_base(DENOISER_PREFIX, namer(path))
             names.add(part, path, base)
@@ -456,21 +449,29 @@ def peft_modules(states: dict[str, dict[str, torch.Tensor]], alpha: float, famil
 
 # ---------------------------------------------------------------- which family a file is for
 
-_LABELS = (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd1", "sd1"), ("sd_v2", "sd2"), ("sd2", "sd2"), ("sd3", "sd3"),
-           ("medium", "sd3"), ("5-medium", "sd3"), ("5-large", "sd3"), ("stable-diffusion-3", "sd3"))
-
-
 def guess_family(mods: dict, meta: dict[str, str]) -> tuple[str, str]:
     """(family named by the metadata, family the layer names and shapes say); '' where unknown."""
     version = meta.get("sdlora_family") or meta.get("ss_base_model_version", "")
-    from_meta = next((f for p, f in _LABELS if version.startswith(p)), "")
-    if mmdit.is_internal(mods):
-        return from_meta, "sd3"
-    if any(b.startswith(("lora_te1_", "lora_te2_")) for b in mods):  # CLIP-L + CLIP-G: SDXL's, or SD3's
-        return from_meta, from_meta if from_meta in ("sdxl", "sd3") else "sdxl"
+    from_meta = next((f.name for f in FAMILIES.values() if f.labelled(version)), "")
+    return from_meta, _family_of_layers(mods, from_meta)
+
+
+def _family_of_layers(mods: dict, from_meta: str) -> str:
+    """The family a file's layers say, by the first rule that tells: layer names only one family has (SD3's); the
+    text-encoder prefixes of the families with several encoders (SDXL's and SD3's lora_te1/lora_te2: the one the
+    metadata names, else one whose layer names would have told); one context width (the key width of the UNet's
+    cross-attention, or the text encoder's) that one family's UNet has; kohya names only one naming writes (SGM)."""
+    families = list(FAMILIES.values())
+    own = next((f for f in families if f.lora_names is not None and f.lora_names(mods)), None)
+    if own is not None:
+        return own.name
+    several = [f for f in families if len(f.text_encoders) > 1]
+    if any(b.startswith(f"{s.kohya_prefix}_") for f in several for s in f.text_encoders for b in mods):
+        named = next((f for f in several if f.name == from_meta), None)
+        return (named or next((f for f in several if f.lora_names is None), several[0])).name
     widths = {m.weight_shape[1] for b, m in mods.items() if b.endswith("attn2_to_k")}
     widths |= {m.weight_shape[1] for b, m in mods.items() if b.startswith("lora_te") and b.endswith("q_proj")}
-    from_shape = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(next(iter(widths), 0), "") if len(widths) == 1 else ""
-    if not from_shape and any(b.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for b in mods):
-        from_shape = "sdxl"  # the original SGM names: what kohya writes for SDXL UNets
-    return from_meta, from_shape
+    by_width = [f for f in families if len(widths) == 1 and f.context_width in widths]
+    if len(by_width) == 1:
+        return by_width[0].name
+    return next((f.name for f in families if f.kohya_naming.written_in(mods)), "")

@@ -66,7 +66,7 @@ def merge_into_model(model: str | Path | None, loras: list[tuple[str, float]], o
 
         state, header = ldm_file(c)
         save_safetensors(state, output, {**header, "sdlora_merged": json.dumps([[Path(p).name, w] for p, w in loras])})
-        save_tokenizers(output, c.tokenizers, c.text_encoders, c.frozen_text)
+        save_tokenizers(output, c.family, c.tokenizers, c.text_encoders, c.frozen_text)
         return output
     pipe = c.pipeline()
     for _, _, _, emb in loaded:
@@ -99,9 +99,7 @@ def ldm_file(c: Components) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     cond_stage_model.* / conditioner.*), which A1111, ComfyUI and diffusers' from_single_file read."""
     from ..single_file import ldm_contents
 
-    models = {c.family.denoiser_attr: c.denoiser, "vae": c.vae}
-    models.update({s.attr: m for s, m in zip(c.family.text_encoders, c.text_encoders)})
-    models.update({s.attr: f.model for s, f in zip(c.family.frozen_encoders, c.frozen_text)})
+    models = c.family.parts(c.denoiser, c.text_encoders, c.vae, [f.model for f in c.frozen_text])
     return ldm_contents(c.family.name, models, c.prediction_type)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..families import Family
+from .networks import NETWORKS, conv_rank_alpha
 
 # header keys that say which model a LoRA is for (carried over by tools that write a new file)
 FAMILY_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.sai_model_spec", "modelspec.architecture",
@@ -31,10 +32,21 @@ def family_meta(meta: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in meta.items() if k in FAMILY_KEYS}
 
 
-def trigger_words(cfg) -> str:
-    """The trigger phrase: as configured, else the instance prompt's words that the class prompt lacks."""
+def trigger_words(cfg, captions_by_folder: dict | None = None) -> str:
+    """The trigger phrase, from where users put it: `output.trigger`; the pivotal token; the tags a folder keeps
+    first (`keep_tags`) that all its captions share; else the instance prompt's words that the class prompt lacks."""
     if cfg.output.trigger:
         return cfg.output.trigger
+    if cfg.pivotal.token:
+        return cfg.pivotal.token
+    kept = []
+    for d in cfg.data:
+        captions = (captions_by_folder or {}).get(d.path) or []
+        if d.keep_tags and captions:
+            firsts = [[t.strip() for t in c.split(d.tag_separator)[:d.keep_tags] if t.strip()] for c in captions]
+            kept += [t for t in firsts[0] if all(t in f for f in firsts) and t not in kept]
+    if kept:
+        return ", ".join(kept)
     prompts = [d.prompt for d in cfg.data if d.prompt]
     if not prompts:
         return ""
@@ -50,11 +62,17 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict:
 
 
 def recipe_metadata(cfg, flow: bool = False) -> dict[str, str]:
-    """kohya's keys for the optimizer and the objective's options (flow matching: sd-scripts' SD3 keys too)."""
+    """kohya's keys for the optimizer and the objective's options (flow matching: sd-scripts' SD3 keys too, in its
+    terms: weighting_scheme sigma_sqrt or cosmap is uniform sampling with that loss weight, and logit_mean has the
+    opposite sign to diffusers' and sdlora's timestep_mean)."""
     tr = cfg.train
-    sd3 = {"ss_weighting_scheme": {"uniform": "uniform", "mode": "mode"}.get(tr.timestep_sampling, "logit_normal"),
-           "ss_logit_mean": str(tr.timestep_mean), "ss_logit_std": str(tr.timestep_scale),
-           "ss_mode_scale": str(tr.mode_scale), "sdlora_flow_weighting": tr.flow_weighting} if flow else {}
+    scheme = {"uniform": "uniform", "mode": "mode"}.get(tr.timestep_sampling, "logit_normal")
+    if scheme == "uniform" and tr.flow_weighting != "none":
+        scheme = tr.flow_weighting
+    sd3 = {"ss_weighting_scheme": scheme, "ss_logit_mean": str(-tr.timestep_mean + 0.0),
+           "ss_logit_std": str(tr.timestep_scale), "ss_mode_scale": str(tr.mode_scale),
+           "sdlora_flow_weighting": tr.flow_weighting,
+           "sdlora_precondition_outputs": str(tr.precondition_outputs)} if flow else {}
     return {**sd3, "ss_optimizer": cfg.optim.optimizer, "ss_loss_type": tr.loss.replace("-", "_"),
             "ss_huber_c": str(tr.huber_delta), "ss_huber_schedule": tr.huber_schedule,
             "ss_min_timestep": str(tr.min_timestep), "ss_max_timestep": str(tr.max_timestep),
@@ -71,29 +89,43 @@ def network_labels(cfg, family: Family | None = None) -> dict[str, str]:
     and sdlora's own record of both. `targets` is the preset `auto` resolves to for `family`."""
     import dataclasses
 
-    lo, args = cfg.lora, cfg.network_args
+    from ..config import PER_LAYER_KEYS
+
+    lo, args, net = cfg.lora, cfg.network_args, NETWORKS[cfg.lora.network]
     if family is not None:
         lo = dataclasses.replace(lo, targets=family.resolved_targets(lo.targets))
     own = {"sdlora_network": lo.network, "sdlora_network_args": json.dumps(args, sort_keys=True)}
-    conv = {"conv_dim": str(args["conv_rank"] or lo.rank),
-            "conv_alpha": f"{args['conv_alpha'] or cfg.lora_alpha * (args['conv_rank'] or lo.rank) / lo.rank:g}"}
-    if lo.network == "lora":
+    # sd-scripts' per-block / per-layer network_args, as typed (its --network_args values are strings)
+    per_layer = {k: str(getattr(lo, k)) for k in PER_LAYER_KEYS if getattr(lo, k) not in ("", 0.0)}
+    conv_rank, conv_alpha = conv_rank_alpha(lo.rank, cfg.lora_alpha, args)
+    conv = {"conv_dim": str(conv_rank), "conv_alpha": f"{conv_alpha:g}"}
+    if net.algo is None:  # kohya's own network (networks.lora; the family's own where it has one)
         extra = conv if args["conv_rank"] or args["conv_alpha"] else {}
-        module = "networks.lora_sd3" if family is not None and family.kohya_naming == "mmdit" else "networks.lora"
+        module = (family.kohya_lora_module if family is not None else "") or net.kohya_module
         blocks = {"train_block_indices": lo.blocks} if lo.blocks.strip() else {}
-        return {"ss_network_module": module, "ss_network_args": json.dumps({"targets": lo.targets, **blocks, **extra}),
-                **own}
-    lycoris = {"algo": lo.network, **conv}
-    if lo.network == "dora":
-        lycoris.update(algo="locon" if lo.targets == "all" else "lora", dora_wd="True",
-                       wd_on_output=str(args["dora_axis"] == "output"))
+        return {"ss_network_module": module,
+                "ss_network_args": json.dumps({"targets": lo.targets, **blocks, **extra, **per_layer}), **own}
+    lycoris = {"algo": net.algo(lo.targets), **conv, **net.lycoris_args(args), "targets": lo.targets, **per_layer}
+    return {"ss_network_module": net.kohya_module, "ss_network_args": json.dumps(lycoris), **own}
+
+
+def slider_labels(cfg) -> dict[str, str]:
+    """A slider's or eraser's header: sdlora_slider (its prompts, eta and the strengths it is meant for), and
+    ModelSpec's usage hint and tags, which model sites and UIs show; nothing for other LoRAs."""
+    sl = cfg.slider
+    if not cfg.is_slider:
+        return {}
+    low, high = (-1, 1) if sl.action == "enhance" else (0, 1)
+    record = {"action": sl.action, "target": sl.target, "positive": sl.positive or sl.target,
+              "negative": sl.negative or (sl.target if sl.action == "enhance" else ""), "guidance": sl.guidance,
+              "attributes": list(sl.attributes), "anchors": list(sl.anchors), "strength_range": [low, high]}
+    if sl.action == "enhance":
+        hint = (f"concept slider on '{sl.target}': strength +1 toward '{record['positive']}', -1 toward "
+                f"'{record['negative']}', 0 leaves the model unchanged")
     else:
-        lycoris.update(use_tucker=str(args["use_tucker"]), rank_dropout=f"{args['rank_dropout']:g}",
-                       module_dropout=f"{args['module_dropout']:g}")
-    if lo.network == "lokr":
-        lycoris.update(factor=str(args["factor"]), decompose_both=str(args["decompose_both"]))
-    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({**lycoris, "targets": lo.targets}),
-            **own}
+        hint = f"eraser: removes '{record['positive']}' from '{sl.target}' at strength 1 (use 0 to 1)"
+    return {"sdlora_slider": json.dumps(record), "modelspec.usage_hint": hint,
+            "modelspec.tags": "slider" if sl.action == "enhance" else "eraser"}
 
 
 def dataset_dirs(cfg, captions_by_folder: dict) -> dict:
@@ -113,6 +145,7 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(cfg.lora_alpha),
         **network_labels(cfg, family),
+        **slider_labels(cfg),
         "ss_output_name": name,
         "ss_sd_model_name": model_name,
         "ss_sd_model_hash": model_hash[:10],
@@ -141,7 +174,7 @@ def training_metadata(cfg, family: Family, prediction_type: str, *, model_name: 
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.trigger_phrase": trigger_words(cfg),
+        "modelspec.trigger_phrase": trigger_words(cfg, captions_by_folder),
         "sdlora_version": __version__,
         "sdlora_targets": json.dumps(targets),
         "sdlora_config": json.dumps(cfg.to_dict() if cfg.output.metadata == "full" else public_config(cfg)),
@@ -173,6 +206,8 @@ def public_config(cfg) -> dict:
     d["model"]["path"] = public_name(d["model"]["path"])
     d["prior"]["class_data"] = public_name(d["prior"]["class_data"])
     d["output"]["path"] = public_name(d["output"]["path"])
+    for key in ("data", "clip_model", "dino_model"):  # the scorer's models may be local folders too
+        d["validation"][key] = public_name(d["validation"][key])
     for folder in d["data"]:
         folder["path"] = public_name(folder["path"])
     return d

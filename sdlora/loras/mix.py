@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import LoraFileError, SdloraError
-from ..families import FAMILIES
+from ..families import FALLBACK, FAMILIES
 from ..io import check_output
 from . import lowrank
 from .convert import dtype_of, names_for
@@ -54,7 +54,7 @@ def layer_weights(files: list[tuple[str, dict, dict]], model) -> dict | None:
                             "pass --model with the base model")
     _, ms, meta = files[0]
     from_meta, from_shape = guess_family(ms, meta)
-    return reference_weights(FAMILIES[from_meta or from_shape or "sd1"])
+    return reference_weights(FAMILIES.get(from_meta or from_shape, FALLBACK))
 
 
 def mix_loras(loras: list[tuple[str, float]], output: str | Path, rank: int | None = None,

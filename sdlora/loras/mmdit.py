@@ -20,49 +20,13 @@ diffusers' layout) needs nothing SD3-specific. This module is the file boundary,
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
 from ..errors import LoraFileError
 from ..families import mmdit
+from ..families.mmdit import PREFIX, internal_path, is_file_layout, is_internal, original_path  # noqa: F401
 from .modules import LoraModule, is_plain
-
-PREFIX = "lora_unet_"
-_INTERNAL_BLOCK = re.compile(r"^lora_unet_transformer_blocks_(\d+)_(.+)$")
-_ORIGINAL_BLOCK = re.compile(r"^lora_unet_joint_blocks_(\d+)_(.+)$")
-_D_BLOCK = {d.replace(".", "_"): d for d in mmdit.BLOCK}
-_D_TOP = {d.replace(".", "_"): d for d in mmdit.TOP}
-_O_BLOCK = {o.replace(".", "_"): o for o, _ in mmdit.BLOCK.values()}
-_O_TOP = {o.replace(".", "_"): o for o in mmdit.TOP.values()}
-
-
-def _path(base: str, block: re.Pattern, prefix: str, inside: dict, top: dict) -> str | None:
-    if m := block.match(base):
-        rest = inside.get(m[2])
-        return f"{prefix}.{m[1]}.{rest}" if rest else None
-    return top.get(base[len(PREFIX):]) if base.startswith(PREFIX) else None
-
-
-def internal_path(base: str) -> str | None:
-    """The diffusers module path of one of sdlora's SD3 layer names, or None."""
-    return _path(base, _INTERNAL_BLOCK, "transformer_blocks", _D_BLOCK, _D_TOP)
-
-
-def original_path(base: str) -> str | None:
-    """The original MMDiT module path of a kohya SD3 layer name, or None."""
-    return _path(base, _ORIGINAL_BLOCK, "joint_blocks", _O_BLOCK, _O_TOP)
-
-
-def is_file_layout(mods) -> bool:
-    """Whether these layer names are the original MMDiT ones (a kohya SD3 file)."""
-    return any(b.startswith("lora_unet_joint_blocks_") or (original_path(b) and not internal_path(b)) for b in mods)
-
-
-def is_internal(mods) -> bool:
-    """Whether these layer names are sdlora's SD3 ones (diffusers module paths)."""
-    return any(b.startswith("lora_unet_transformer_blocks_") or (internal_path(b) and not original_path(b))
-               for b in mods)
 
 
 def _plain(base: str, m) -> LoraModule:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,6 +24,11 @@ class _Module:
     """What every module type shares: its tensors under kohya's suffixes decide dtype and finiteness."""
 
     alpha: float
+    TENSORS: ClassVar[dict[str, str]]  # its tensors' names in kohya / LyCORIS files -> the field holding each
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Its tensors under kohya's / LyCORIS's names (those it has)."""
+        return {k: getattr(self, f) for k, f in self.TENSORS.items() if getattr(self, f) is not None}
 
     @property
     def scale(self) -> float:
@@ -75,6 +81,8 @@ class LoraModule(_Module):
     alpha: float
     mid: torch.Tensor | None = None
 
+    TENSORS: ClassVar[dict[str, str]] = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid"}
+
     @property
     def kind(self) -> str:
         return "lora" if self.mid is None else "lora_tucker"
@@ -115,11 +123,6 @@ class LoraModule(_Module):
             return self
         return dataclasses.replace(self, up=self.up.float() * (self.alpha / alpha), alpha=alpha)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Its tensors under kohya's suffixes."""
-        out = {"lora_down.weight": self.down, "lora_up.weight": self.up}
-        return out if self.mid is None else {**out, "lora_mid.weight": self.mid}
-
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     """A Tucker (CP) conv factor: core t [r, r, kh, kw], wa [r, out], wb [r, in] -> [out, in, kh, kw]
@@ -141,6 +144,8 @@ class LohaModule(_Module):
     t2: torch.Tensor | None = None
 
     kind = "loha"
+    TENSORS: ClassVar[dict[str, str]] = {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a",
+                                         "hada_w2_b": "w2b", "hada_t1": "t1", "hada_t2": "t2"}
 
     @property
     def rank(self) -> int:
@@ -172,10 +177,6 @@ class LohaModule(_Module):
             return self
         return dataclasses.replace(self, w1a=self.w1a.float() * (self.alpha / alpha), alpha=alpha)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"hada_w1_a": self.w1a, "hada_w1_b": self.w1b, "hada_w2_a": self.w2a, "hada_w2_b": self.w2b}
-        return out if self.t1 is None else {**out, "hada_t1": self.t1, "hada_t2": self.t2}
-
 
 @dataclass
 class LokrModule(_Module):
@@ -193,6 +194,8 @@ class LokrModule(_Module):
     t2: torch.Tensor | None = None
 
     kind = "lokr"
+    TENSORS: ClassVar[dict[str, str]] = {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2",
+                                         "lokr_w2_a": "w2a", "lokr_w2_b": "w2b", "lokr_t2": "t2"}
 
     @property
     def rank(self) -> int | None:
@@ -239,6 +242,15 @@ class LokrModule(_Module):
             w1 = w1[:, :, None, None]
         return _shaped(self.scale * torch.kron(w1.contiguous(), w2.contiguous()), base)
 
+    def without_tucker(self) -> LokrModule:
+        """The same update with w2 as w2_a [out, r] @ w2_b [r, in*kh*kw] instead of a Tucker core: the conv form
+        LyCORIS writes without use_tucker, at the same rank (so the same alpha/rank). Every client reads it; ComfyUI
+        skips a layer with lokr_t2 (its torch.kron fails on the strided einsum that rebuilds w2)."""
+        if self.t2 is None:
+            return self
+        w2b = torch.einsum("i j k l, j r -> i r k l", self.t2.float(), self.w2b.float()).flatten(1)
+        return dataclasses.replace(self, w2a=self.w2a.float().T.contiguous(), w2b=w2b.contiguous(), t2=None)
+
     def with_alpha(self, alpha: float) -> LokrModule:
         if alpha == self.alpha or self.rank is None:  # both sides full: the loaders use scale 1 whatever alpha says
             return dataclasses.replace(self, alpha=alpha)
@@ -246,11 +258,6 @@ class LokrModule(_Module):
         if self.w1 is not None:
             return dataclasses.replace(self, w1=self.w1.float() * ratio, alpha=alpha)
         return dataclasses.replace(self, w1a=self.w1a.float() * ratio, alpha=alpha)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        names = {"lokr_w1": self.w1, "lokr_w1_a": self.w1a, "lokr_w1_b": self.w1b, "lokr_w2": self.w2,
-                 "lokr_w2_a": self.w2a, "lokr_w2_b": self.w2b, "lokr_t2": self.t2}
-        return {k: v for k, v in names.items() if v is not None}
 
 
 AXES = ("input", "output")
@@ -280,6 +287,8 @@ class DoraModule(_Module):
     inner: _Module
     magnitude: torch.Tensor
     axis: str  # "input" or "output"
+
+    TENSORS: ClassVar[dict[str, str]] = {"dora_scale": "magnitude"}
 
     @property
     def kind(self) -> str:
@@ -323,7 +332,7 @@ class DoraModule(_Module):
         return dataclasses.replace(self, inner=self.inner.with_alpha(alpha))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.inner.tensors(), "dora_scale": self.magnitude}
+        return {**self.inner.tensors(), **super().tensors()}
 
 
 def is_plain(m) -> bool:

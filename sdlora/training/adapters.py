@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..errors import TrainingError
+from ..loras.networks import NETWORKS, PEFT_PREFIXES, ZERO_START, conv_rank_alpha
 
 
 def target_modules(model: torch.nn.Module, patterns, keep=None) -> list[str]:
@@ -20,55 +22,106 @@ def target_modules(model: torch.nn.Module, patterns, keep=None) -> list[str]:
 
 
 def inject(model: torch.nn.Module, patterns, rank: int, alpha: float, dropout: float = 0.0,
-           what: str = "denoiser", network: str = "lora", args: dict | None = None, keep=None) -> list[str]:
-    """Add a trainable adapter that leaves the model unchanged at the start (LoRA's and DoRA's B = 0, LoHa's w2_b = 0,
-    LoKr's w2 = 0) to the matched layers, through peft: LoraConfig (DoRA on the output axis: use_dora), LoHaConfig,
-    LoKrConfig; input-axis DoRA is peft's LoRA with sdlora's magnitude on top (`dora.py`)."""
+           what: str = "denoiser", network: str = "lora", args: dict | None = None, keep=None,
+           layers=None) -> list[str]:
+    """Add a trainable adapter that leaves the model unchanged at the start (the network's zero-start tensor: LoRA's
+    and DoRA's B, LoHa's w2_b, LoKr's w2) to the matched layers, through the network's peft config (LoraConfig, DoRA on
+    the output axis with use_dora; LoHaConfig; LoKrConfig), with peft's layers made to compute what LyCORIS's do
+    where they differ; input-axis DoRA is peft's LoRA with sdlora's magnitude on top (`dora.py`). `layers(names)`,
+    when given, says which matched layers get an adapter and each one's (rank, alpha) (per-block settings)."""
     names = target_modules(model, patterns, keep)
     if not names:
         raise TrainingError(f"LoRA targets {list(patterns)} matched no layer of the {what}; choose other targets")
-    model.add_adapter(adapter_config(model, names, rank, alpha, dropout, network, args or {}))
-    if network == "dora" and (args or {}).get("dora_axis", "input") == "input":
+    own = layers(names) if layers is not None else None
+    if own is not None:
+        names = [n for n in names if n in own]
+        if not names:
+            raise TrainingError(f"the per-block settings leave no {what} layer with LoRA (every rank or learning "
+                                "rate is 0)")
+    net, args = NETWORKS[network], args or {}
+    with lycoris_factorization() if net.lycoris_split else nullcontext():
+        model.add_adapter(adapter_config(model, names, rank, alpha, dropout, network, args, own))
+    if net.input_magnitude(args):
         from .dora import add_input_dora
 
         add_input_dora(model)
+    if net.full_factors_at_scale_one:
+        full_factors_at_scale_one(model)
+    if net.unscaled_rank_dropout:
+        unscaled_rank_dropout(model)
     return names
 
 
-def adapter_config(model, names: list[str], rank: int, alpha: float, dropout: float, network: str, args: dict):
+def unscaled_rank_dropout(model: torch.nn.Module) -> None:
+    """peft's LoHa divides the rows kept by rank_dropout by their share (inverted dropout); LyCORIS's LohaModule
+    (rank_dropout_scale=False, its default and what kohya's networks use) and peft's own LoKr do not: make peft's
+    LoHa layers drop rows as LyCORIS does (the same draws, no rescale)."""
+    for m in model.modules():
+        if "default" in getattr(m, "hada_w1_a", {}) and m.rank_dropout.get("default"):
+            m.get_delta_weight = partial(_unscaled_rank_dropout, m, type(m).get_delta_weight)
+
+
+def _unscaled_rank_dropout(layer, delta, adapter_name: str, *, apply_rank_dropout: bool = False) -> torch.Tensor:
+    w = delta(layer, adapter_name)
+    if apply_rank_dropout:
+        keep = (torch.rand(w.size(0)) > layer.rank_dropout[adapter_name]).to(w.dtype)
+        w = w * keep.view(-1, *[1] * (w.dim() - 1)).to(w.device)
+    return w
+
+
+@contextmanager
+def lycoris_factorization():
+    """peft's LoKr splits a dimension by `decompose_factor` as (factor, dim / factor) where LyCORIS's factorization()
+    (lycoris/functional/general.py, which kohya's LyCORIS networks use) puts the smaller part first: 320 with factor
+    32 is (32, 10) in peft, (10, 32) in LyCORIS. The first part sizes w1, the second w2, so one `factor` builds two
+    different networks; while peft builds its layers here, its split is ordered as LyCORIS's (the same otherwise)."""
+    from peft.tuners.lokr import layer
+
+    peft_split = layer.factorization
+    layer.factorization = lambda dimension, factor=-1: tuple(sorted(peft_split(dimension, factor)))
+    try:
+        yield
+    finally:
+        layer.factorization = peft_split
+
+
+def full_factors_at_scale_one(model: torch.nn.Module) -> None:
+    """A LoKr layer with both factors full (lokr_w1 and lokr_w2) has scale 1 in LyCORIS (its alpha is set to the rank,
+    lycoris/modules/lokr.py) and in every loader, where peft scales by alpha / r: set peft's alpha and scale so."""
+    for m in model.modules():
+        if "default" in getattr(m, "lokr_w1", {}) and "default" in getattr(m, "lokr_w2", {}):
+            m.alpha["default"], m.scaling["default"] = m.r["default"], 1.0
+
+
+def adapter_config(model, names: list[str], rank: int, alpha: float, dropout: float, network: str, args: dict,
+                   own: dict | None = None):
     """The peft config of one model's adapter; 3x3 (k x k) convs get conv_rank / conv_alpha (LyCORIS's conv_dim /
-    conv_alpha) through rank_pattern / alpha_pattern, keyed by their exact module names."""
+    conv_alpha) through rank_pattern / alpha_pattern, keyed by their exact module names (anchored: peft matches a
+    pattern at the end of a name); `own` {name: (rank, alpha)} gives every layer its own instead."""
+    import peft
+
     patterns = {}
-    if args.get("conv_rank") or args.get("conv_alpha"):
+    if own is not None:
+        odd = {n: own[n] for n in names if tuple(own[n]) != (rank, alpha)}
+        patterns = {"rank_pattern": {"^" + re.escape(n): r for n, (r, _) in odd.items()},
+                    "alpha_pattern": {"^" + re.escape(n): a for n, (_, a) in odd.items()}}
+    elif args.get("conv_rank") or args.get("conv_alpha"):
         convs = [n for n in names if getattr(model.get_submodule(n), "kernel_size", (1, 1)) != (1, 1)]
-        conv_rank = args.get("conv_rank") or rank
-        conv_alpha = args.get("conv_alpha") or alpha * conv_rank / rank  # 0: the other layers' alpha/rank ratio
+        conv_rank, conv_alpha = conv_rank_alpha(rank, alpha, args)
         patterns = {"rank_pattern": {re.escape(n): conv_rank for n in convs},
                     "alpha_pattern": {re.escape(n): conv_alpha for n in convs}}
-    if network in ("lora", "dora"):
-        extra = {"use_dora": True} if network == "dora" and args.get("dora_axis") == "output" else {}
-        return PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                              init_lora_weights=True, **extra, **patterns)
-    from peft import LoHaConfig, LoKrConfig
-
-    common = dict(r=rank, alpha=alpha, rank_dropout=args.get("rank_dropout", 0.0), target_modules=names,
-                  module_dropout=args.get("module_dropout", 0.0), use_effective_conv2d=args.get("use_tucker", False),
-                  **patterns)
-    if network == "loha":
-        return LoHaConfig(init_weights=True, **common)
-    # LyCORIS's start (w1 random, w2 = 0), which peft offers as init_weights="lycoris"
-    return LoKrConfig(decompose_both=args.get("decompose_both", False), decompose_factor=args.get("factor", -1),
-                      init_weights="lycoris", **common)
-
-
-ADAPTER_PREFIXES = ("lora_", "hada_", "lokr_")  # peft's parameter names of LoRA/DoRA, LoHa and LoKr
-# the tensor of each type that starts at zero: while it is zero, the module changes nothing
-ZERO_START = (".lora_B.weight", ".hada_w2_b", ".lokr_w2", ".lokr_w2_b")
+    net = NETWORKS[network]
+    return getattr(peft, net.peft_config)(r=rank, target_modules=names, **net.peft_options(alpha, dropout, args),
+                                          **patterns)
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The trainable adapter parameters (everything else stays frozen)."""
-    return [p for n, p in model.named_parameters() if any(x in n for x in ADAPTER_PREFIXES) and p.requires_grad]
+    return list(named_lora_parameters(model).values())
+
+
+def named_lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if any(x in n for x in PEFT_PREFIXES) and p.requires_grad}
 
 
 def layer_ranks(model: torch.nn.Module) -> dict[str, tuple[int, float]]:
@@ -95,11 +148,11 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def started_at_zero(state: dict[str, torch.Tensor]) -> list[str]:
-    """The keys of the tensors that start at zero, one per adapted module (see ZERO_START)."""
+    """The keys of the tensors that start at zero, one per adapted module (each network's zero_start)."""
     return [k for k in state if k.endswith(ZERO_START)]
 
 
 def zero_update_modules(state: dict[str, torch.Tensor]) -> list[str]:
     """Modules whose zero-started tensor (LoRA's B, LoHa's w2_b, LoKr's w2) is still all zeros: they change nothing."""
-    return [k.rpartition(".lora_B")[0] if ".lora_B" in k else k.rpartition(".")[0]
+    return [next(k.removesuffix(s) for s in ZERO_START if k.endswith(s))
             for k in started_at_zero(state) if not torch.any(state[k] != 0)]

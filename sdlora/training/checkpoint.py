@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import PER_LAYER_KEYS, Config, SliderConfig
 from ..errors import TrainingError
 from ..io import torch_save
 
@@ -16,7 +17,9 @@ RESUME_KEYS = (("model", "path"), ("lora", "rank"), ("lora", "alpha"), ("lora", 
                ("lora", "train_text_encoder"), ("train", "seed"), ("train", "batch_size"), ("train", "grad_accum"),
                ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"), ("lora", "network"),
                ("lora", "network_args"), ("optim", "optimizer"), ("optim", "loraplus_ratio"), ("validation", "data"),
-               ("validation", "split"))
+               ("validation", "split"), ("validation", "scorer"),
+               *(("lora", k) for k in PER_LAYER_KEYS),  # per-block ranks and rates
+               *(("slider", f.name) for f in fields(SliderConfig)))  # every setting of a slider
 
 
 class UnreadableCheckpoint(TrainingError):

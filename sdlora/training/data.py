@@ -3,10 +3,12 @@ deterministic batch plan (step N's batch depends only on the seed and N, so resu
 
 from __future__ import annotations
 
+import codecs
 import functools
 import logging
 import math
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,9 +106,42 @@ def scan_folder(folder: str | Path, prompt: str = "",
         caption = prompt
         side = path.with_suffix(".txt")
         if use_captions and side.is_file():
-            caption = side.read_text(encoding="utf-8", errors="replace").strip()
+            try:
+                caption = read_caption(side)
+            except ValueError as e:
+                skipped.append(f"{path.name} (its caption {side.name} {e})")
+                continue
         items.append((str(path), caption, size))
     return items, skipped
+
+
+MAX_CAPTION = 10_000  # characters; CLIP reads 77 tokens and T5 at most 512, so a longer file is not a caption
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text, stripped: UTF-8 (a BOM allowed) or UTF-16 with its BOM (as Windows Notepad saves).
+    Raises ValueError saying why the file is not a caption: not text (an image saved as .txt), control characters,
+    an absurd length. Decoding with replacement would train on the bytes of whatever the file holds."""
+    try:
+        if path.stat().st_size > 4 * MAX_CAPTION:
+            raise ValueError(f"is {path.stat().st_size:,} bytes, too long for a caption of at most {MAX_CAPTION:,} "
+                             "characters")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot be read: {e.strerror or e}") from None
+    utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"is not text: byte 0x{raw[e.start]:02x} at {e.start} is not UTF-8; save captions as UTF-8 "
+                         "text") from None
+    bad = next((c for c in text if unicodedata.category(c) == "Cc" and not c.isspace()), None)
+    if bad is not None:
+        raise ValueError(f"is not text: control character U+{ord(bad):04X} at {text.index(bad)}")
+    text = text.strip()
+    if len(text) > MAX_CAPTION:
+        raise ValueError(f"holds {len(text):,} characters, too long for a caption of at most {MAX_CAPTION:,}")
+    return text
 
 
 # ---------------------------------------------------------------- captions as tag lists
@@ -240,9 +275,10 @@ def build_examples(folders, resolution: int, bucketing: bool, step: int | None =
     their bucket and images with no caption at all are reported (`say`, else the log)."""
     say = say or log.warning
     buckets = make_buckets(resolution, step) if bucketing else [(resolution, resolution)]
-    examples = []
+    examples, first_skip = [], ""
     for source, (folder, prompt, use_captions, repeats) in enumerate(folders):
         items, skipped = scan_folder(folder, prompt, use_captions)
+        first_skip = first_skip or (f" (skipped {skipped[0]})" if skipped else "")
         for name in skipped:
             say(f"skipped {name} in {folder}")
         small, uncaptioned = [], []
@@ -263,7 +299,7 @@ def build_examples(folders, resolution: int, bucketing: bool, step: int | None =
                 f"an empty caption, e.g. {uncaptioned[0]}; add .txt captions or an instance prompt")
     if not examples:
         where = ", ".join(str(f[0]) for f in folders)
-        raise DataError(f"no readable images in {where}; add .png/.jpg images to train on")
+        raise DataError(f"no readable images in {where}{first_skip}; add .png/.jpg images to train on")
     return examples
 
 

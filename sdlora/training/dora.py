@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..loras.modules import weight_norm
-
-MAGNITUDE = "lora_input_magnitude"  # a 'lora_' name: peft's state dicts (checkpoints, the file) carry it
+from ..loras.networks import INPUT_MAGNITUDE as MAGNITUDE
 
 
 def add_input_dora(model: torch.nn.Module) -> int:
@@ -51,3 +50,24 @@ def _scale_input(module, args):
     if isinstance(module.get_base_layer(), torch.nn.Conv2d):
         factor = factor[:, None, None]
     return (x * factor, *args[1:])
+
+
+def is_dora(module) -> bool:
+    """A peft LoRA layer with a DoRA magnitude: peft's output-axis one (use_dora) or sdlora's input-axis one."""
+    return hasattr(module, MAGNITUDE) or any(getattr(module, "use_dora", {}).values())
+
+
+def at_strength(module, strength: float) -> list:
+    """Make a DoRA layer compute what A1111 (finalize_updown: (W' - W) x strength) and ComfyUI (weight_decompose:
+    W + strength (W' - W)) apply at a strength: base + strength (DoRA output - base), W' being the full DoRA weight.
+    Scaling its LoRA instead would keep the magnitude fully applied. Returns the hook handles to remove."""
+    seen = []
+
+    def keep_input(mod, args):
+        seen[:] = [args[0]]
+
+    def mix(mod, args, output):
+        base = mod.get_base_layer()(seen[0])
+        return base + strength * (output - base)
+
+    return [module.register_forward_pre_hook(keep_input, prepend=True), module.register_forward_hook(mix)]

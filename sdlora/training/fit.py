@@ -24,7 +24,7 @@ import torch
 
 from ..config import Config
 from ..errors import ModelError
-from ..families import FAMILIES, Family, TextEncoderSlot
+from ..families import FAMILIES, Family, TextEncoderSlot, folder_family
 from .data import IMAGE_EXTS
 from .memtrace import MetaStep, Trace, checkpointing, mark_trainable, trace
 
@@ -105,19 +105,15 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
     read. A frozen encoder (SD3's T5) is there where the model has one."""
     import diffusers
 
-    from ..models import _folder_family
-
     if Path(source).is_file():
         from ..single_file import detect_checkpoint
 
         info = detect_checkpoint(source)
         family, configs = FAMILIES[info.family], info.configs
         if any(s.attr not in configs for s in (*family.text_encoders, *family.frozen_encoders)):
-            from ..single_file_sd3 import part_configs
-
-            configs = part_configs(configs, text_encoders)
+            configs = family.single_file.part_configs(configs, text_encoders)
         return MetaModel(family, configs, source)
-    family = _folder_family(source)
+    family = folder_family(source)
     try:
         configs = {family.denoiser_attr: dict(getattr(diffusers, family.denoiser_class).load_config(
                        source, subfolder=family.denoiser_attr)),
@@ -262,7 +258,7 @@ def _frozen_text_spec(model: MetaModel, cfg: Config):
     """The conditioning's frozen part as training makes it (SD3: a T5Text's length and width), without a model."""
     from ..models import frozen_text
 
-    return frozen_text(None, None, model.denoiser_config, cfg.model.t5_max_length)
+    return frozen_text(model.family, None, None, model.denoiser_config, cfg.model.t5_max_length)
 
 
 def _vae_factor(model: MetaModel) -> int:
@@ -316,9 +312,7 @@ def _counts(model: MetaModel) -> dict:
     """Per part: floating-point parameter count, each nn.Linear weight's size, and the largest one."""
     def make():
         denoiser, vae, encoders, frozen = _built(model)
-        fam = model.family
-        parts = {fam.denoiser_attr: denoiser, "vae": vae, **{s.attr: e for s, e in zip(fam.text_encoders, encoders)},
-                 **{s.attr: e for s, e in zip(model.frozen_slots, frozen)}}
+        parts = model.family.parts(denoiser, encoders, vae, frozen)
         out = {}
         for name, m in parts.items():
             linear = [mod.weight.numel() for mod in m.modules() if type(mod) is torch.nn.Linear]
@@ -355,29 +349,35 @@ def _denoiser_targets(model: MetaModel, cfg: Config, denoiser) -> list[str]:
 
 def _lora_params(model: MetaModel, cfg: Config) -> list[int]:
     """Parameters of each LoRA tensor (A and B per target layer): r x in and r x out for a Linear, r x in x k x k and
-    r x out for a convolution."""
+    r x out for a convolution; r per layer where per-block settings give one (a layer at rank 0 has none)."""
+    from ..config import PER_LAYER_KEYS
     from .adapters import target_modules
+    from .blocks import kohya_namer, plan_layers
 
     text = text_trained(cfg, len(model.family.text_encoders))
 
     def make():
         denoiser, _, encoders, _ = _built(model)
         fam = model.family
-        plan = [(denoiser, _denoiser_targets(model, cfg, denoiser))] if cfg.train.max_steps > 0 else []
+        names = _denoiser_targets(model, cfg, denoiser) if cfg.train.max_steps > 0 else []
+        layers = plan_layers(cfg, fam, denoiser, names, kohya_namer(fam, denoiser.config)) if names else None
+        ranks = {n: layer.rank for n, layer in (layers or {}).items()}
+        plan = [(denoiser, [n for n in names if layers is None or n in layers])] if names else []
         plan += [(e, target_modules(e, fam.text_targets)) for e, t in zip(encoders, text) if t]
         sizes = []
         for module, names in plan:
             for name in names:
                 layer = module.get_submodule(name)
+                r = ranks.get(name, cfg.lora.rank) if module is denoiser else cfg.lora.rank
                 if isinstance(layer, torch.nn.Conv2d):
                     k = layer.kernel_size[0] * layer.kernel_size[1]
-                    sizes += [cfg.lora.rank * layer.in_channels * k, cfg.lora.rank * layer.out_channels]
+                    sizes += [r * layer.in_channels * k, r * layer.out_channels]
                 else:
-                    sizes += [cfg.lora.rank * layer.in_features, cfg.lora.rank * layer.out_features]
+                    sizes += [r * layer.in_features, r * layer.out_features]
         return sizes
 
     return _cached(("lora", model.key, cfg.lora.targets, cfg.lora.blocks, cfg.lora.rank, text,
-                    cfg.train.max_steps > 0), make)
+                    cfg.train.max_steps > 0, *(getattr(cfg.lora, k) for k in PER_LAYER_KEYS)), make)
 
 
 class _Tokenizer:
@@ -460,7 +460,8 @@ def _measure_step(model: MetaModel, cfg: Config, res: int, precision: str, devic
             with torch.set_grad_enabled(any(text)):
                 cond = fam.conditioning.encode([_Tokenizer()] * len(encoders), [*encoders, *stand_ins],
                                                [""] * batch, "meta")
-            micro = torch.zeros(batch, 6, device="meta")
+            one = fam.conditioning.micro((res, res), (0, 0), (res, res))  # SDXL's size/crop values, else None
+            micro = None if one is None else one.expand(batch, -1).to("meta")
             noisy = torch.empty(batch, model.denoiser_config["in_channels"], lat, lat, device="meta", dtype=wdtype)
             t = torch.zeros(batch, dtype=torch.long, device="meta")
             pred = fam.conditioning.predict(denoiser, noisy, t, cond, micro)

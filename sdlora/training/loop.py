@@ -18,10 +18,10 @@ import torch
 from ..callbacks import Callbacks, Commands
 from ..config import Config, validate
 from ..errors import ConfigError, TrainingError, WriteError
-from ..hardware import pick_threads
+from ..hardware import follow_free_cores, pick_threads
 from ..io import check_writable, remove_stale_temps
 from . import checkpoint as ckpt
-from . import runlog
+from . import runlog, selection
 from .adapters import started_at_zero, zero_update_modules
 from .fit_plan import warn_if_too_big
 from .optimizers import check_packages
@@ -49,7 +49,8 @@ class TrainResult:
     message: str = ""
     best: str = ""  # NAME_best.safetensors, when keep_best or early stopping wrote one
     best_step: int = 0
-    best_val_loss: float = float("nan")
+    best_val_loss: float = float("nan")  # the best's validation loss, selecting by loss
+    best_score: float = float("nan")     # the best's combined image score, selecting by images
 
 
 def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | None = None,
@@ -66,6 +67,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
         callbacks.on_message(f"{threads} CPU thread(s) ({why})")
     acc = make_accelerator(cfg)
     main = acc.is_main_process
+    follow_load = follow_free_cores(cfg.speed.threads, cfg.speed.thread_check, acc.num_processes, callbacks.on_message)
     if main:
         warn_if_too_big(cfg, acc.device, callbacks.on_message)
     state = setup(cfg, acc, callbacks if main else Callbacks())
@@ -93,6 +95,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
             if step % every == 0 or step == cfg.total_steps:
                 steps.flush()
             _periodic(state, step, result, commands, callbacks, run_log, steps.flush)
+            follow_load()
         steps.flush()
         result.steps, result.seconds = step, time.time() - t0
         _check_in_sync(state)
@@ -107,7 +110,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     if main:
         from ..loras.metadata import trigger_words
 
-        result.trigger = state.concept.token if state.concept else trigger_words(cfg)
+        result.trigger = state.concept.token if state.concept else trigger_words(cfg, state.captions_by_folder)
         callbacks.on_end(result)
     acc.wait_for_everyone()
     acc.end_training()
@@ -151,7 +154,7 @@ def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[flo
         sync = micro == cfg.train.grad_accum - 1
         with acc.no_sync(state.models.denoiser) if not sync and state.world > 1 else contextlib.nullcontext(), \
                 acc.autocast():
-            loss, stats = training_step(batch, state.models, cfg, gen)
+            loss, stats = (state.objective or training_step)(batch, state.models, cfg, gen)
         if read and not torch.isfinite(loss):
             raise _non_finite(state, loss.item(), step + 1)
         acc.backward(loss / cfg.train.grad_accum)
@@ -290,6 +293,8 @@ def resume_from_checkpoint(state: TrainState, out: Path, callbacks: Callbacks) -
         state.optim.ema.to(state.device)
     if state.validation is not None and "validation" in saved:
         state.validation.best.load_state_dict(saved["validation"])
+    if state.image_validation is not None and "image_validation" in saved:
+        state.image_validation.load_state_dict(saved["image_validation"])
     callbacks.on_message(f"resumed from {path} at step {saved['step']}")
     return saved["step"]
 
@@ -305,7 +310,7 @@ def _periodic(state: TrainState, step: int, result: TrainResult, commands: Comma
             (cfg.sample.every and step % cfg.sample.every == 0 and not done) or sample_now):
         result.samples += _samples(state, step, callbacks, run_log)
     every = cfg.validation.every
-    if state.validation is not None and ((every and step % every == 0) or done):
+    if state.validates and ((every and step % every == 0) or done):
         flush()
         stop = _validate(state, step, result, callbacks, run_log, done) or stop
     if (cfg.output.save_every and step % cfg.output.save_every == 0 and not done) or save_now or stop:
@@ -316,24 +321,28 @@ def _periodic(state: TrainState, step: int, result: TrainResult, commands: Comma
 
 
 def _validate(state: TrainState, step: int, result: TrainResult, callbacks, run_log, done: bool) -> bool:
-    """The validation loss (logged as a `val_loss` line), the best file when it improved; True when early stopping
-    says stop (every process decides alike: the loss was averaged over them)."""
-    cfg, v = state.cfg, state.validation
+    """The validation loss and/or image scores (one log line), the best file when what `select_by` follows improved;
+    True when early stopping says stop (every process decides alike: the loss is averaged over them, the scores
+    shared from the main one)."""
+    cfg = state.cfg
     keep = cfg.validation.keep_best or cfg.validation.early_stop_patience > 0
     with state.optim.evaluation():
-        loss = v.loss(state)
-        if v.best.update(step, loss) and keep and state.acc.is_main_process:
-            write_best(state, step, loss)
+        improved, record, sheet = selection.validate(state, step)
+        if improved and keep and state.acc.is_main_process:
+            write_best(state, step, selection.best_metadata(state, record))
     _note_best(state, result)
-    run_log.write({"step": step, "val_loss": loss})
+    run_log.write(record)
+    if sheet:
+        run_log.images(step, [sheet], key="validation")
     if state.acc.is_main_process:
-        callbacks.on_validation(step, {"val_loss": loss, "best_val_loss": v.best.loss, "best_step": v.best.step})
-    patience = cfg.validation.early_stop_patience
-    if not patience or v.best.waited < patience or done:
+        callbacks.on_validation(step, selection.validation_stats(state, record, sheet))
+    best, patience = selection.selected(state), cfg.validation.early_stop_patience
+    if not patience or best is None or best.waited < patience or done:
         return False
     result.early_stopped = True
-    result.message = (f"early stop at step {step}: the validation loss has not improved in {patience} "
-                      f"validations (best {v.best.loss:.6g} at step {v.best.step}: {result.best}); "
+    what = "score" if cfg.select_by == "images" else "loss"
+    result.message = (f"early stop at step {step}: the validation {what} has not improved in {patience} "
+                      f"validations (best {selection.describe(state)} at step {best.step}: {result.best}); "
                       "--resume with a larger --early-stop-patience goes on")
     if state.acc.is_main_process:
         callbacks.on_message(result.message)
@@ -341,11 +350,16 @@ def _validate(state: TrainState, step: int, result: TrainResult, callbacks, run_
 
 
 def _note_best(state: TrainState, result: TrainResult) -> None:
-    """The best validation so far into the result (and the best file's path once one is written)."""
-    v = state.validation
-    if v is None or not v.best.step:
+    """The best validation so far (by what `select_by` follows) into the result, and the best file's path once one
+    is written."""
+    best = selection.selected(state)
+    if best is None or not best.step:
         return
-    result.best_step, result.best_val_loss = v.best.step, v.best.loss
+    result.best_step = best.step
+    if state.cfg.select_by == "images":
+        result.best_score = best.score
+    else:
+        result.best_val_loss = best.loss
     if state.cfg.validation.keep_best or state.cfg.validation.early_stop_patience:
         result.best = str(best_path(state.cfg.output.path))
 

@@ -18,9 +18,15 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Timesteps:
-    """Which timesteps train: `kind` uniform, logit-normal (sigmoid(mean + scale z)), sigmoid (sigmoid(scale z),
-    kohya's name) or mode (SD3's mode sampling, 1 - u - mode_scale (cos^2(pi u / 2) - 1 + u), as diffusers'
-    compute_density_for_timestep_sampling), restricted to [low, high) of a schedule of `total` steps."""
+    """Which timesteps train: `kind` uniform, logit-normal (diffusers' logit_normal with mean and scale), sigmoid
+    (kohya's sigmoid(scale z)) or mode (SD3's mode sampling, as diffusers' compute_density_for_timestep_sampling),
+    restricted to [low, high) of a schedule of `total` steps.
+
+    A draw is a noise fraction in (0, 1) (1 = pure noise). logit-normal and mode are the fraction 1 - u of diffusers'
+    draw u, because diffusers' SD3 script indexes a descending timestep table with it: `mean` > 0 favours less noisy
+    timesteps, as diffusers' --logit_mean does (kohya's sd3 --logit_mean and the SD3 paper's m take u itself: the
+    opposite sign). uniform and sigmoid are symmetric and taken as drawn (kohya's). A schedule may `warp` the
+    fraction (SD3's shift) before the window maps it into [low, high), as kohya's sd3_train_utils does."""
 
     kind: str = "uniform"
     mean: float = 0.0
@@ -32,38 +38,41 @@ class Timesteps:
     def _window(self, total: int) -> tuple[int, int]:
         return self.low, min(self.high, total)
 
-    def _from_normal(self, z: torch.Tensor) -> torch.Tensor:
-        """A standard normal sample -> a fraction in (0, 1) by this distribution."""
-        return torch.sigmoid((self.mean if self.kind == "logit-normal" else 0.0) + self.scale * z)
-
-    def _from_uniform(self, u: torch.Tensor) -> torch.Tensor:
-        """A uniform sample -> a fraction by SD3's mode density (symmetric about 1/2)."""
+    def _mode(self, u: torch.Tensor) -> torch.Tensor:
+        """SD3's mode map of a uniform sample (symmetric about 1/2, decreasing from 1 to 0)."""
         return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
 
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n fractions in (0, 1) of a non-uniform kind."""
+        """n noise fractions in (0, 1) of a non-uniform kind."""
         if self.kind == "mode":
-            return self._from_uniform(torch.rand(n, generator=generator))
-        return self._from_normal(torch.randn(n, generator=generator))
+            return 1 - self._mode(torch.rand(n, generator=generator))
+        z = torch.randn(n, generator=generator)
+        if self.kind == "logit-normal":
+            return 1 - torch.sigmoid(self.mean + self.scale * z)
+        return torch.sigmoid(self.scale * z)
 
     def _quantile(self, q: torch.Tensor) -> torch.Tensor:
-        """The distribution's quantile function on [0, 1] (fractions, float64)."""
+        """The noise fraction's quantile function on [0, 1] (float64)."""
         if self.kind == "uniform":
             return q
-        if self.kind == "mode":  # the map decreases from 1 to 0: the q-quantile is the map of 1 - q
-            return self._from_uniform(1 - q).double()
-        return self._from_normal(math.sqrt(2) * torch.erfinv(2 * q - 1)).double()
+        if self.kind == "mode":  # 1 - map(u) increases with u
+            return (1 - self._mode(q)).double()
+        mean = -self.mean if self.kind == "logit-normal" else 0.0
+        return torch.sigmoid(mean + self.scale * math.sqrt(2) * torch.erfinv(2 * q - 1)).double()
 
-    def fractions(self, n: int, generator: torch.Generator, total: int = 1000) -> torch.Tensor:
-        """n continuous times in [low/total, high/total) (flow matching's sigmas), float32 on the CPU."""
+    def fractions(self, n: int, generator: torch.Generator, total: int = 1000, warp=None) -> torch.Tensor:
+        """n continuous times in [low/total, high/total): noise fractions, warped by `warp` (an increasing map of
+        [0, 1] onto itself) before the window; float32 on the CPU."""
         low, high = self._window(total)
         u = torch.rand(n, generator=generator) if self.kind == "uniform" else self._draw(n, generator)
+        u = warp(u) if warp else u
         return (low + u * (high - low)) / total
 
-    def fraction_quantiles(self, k: int, total: int = 1000) -> torch.Tensor:
+    def fraction_quantiles(self, k: int, total: int = 1000, warp=None) -> torch.Tensor:
         """k fixed continuous times, the quantiles at (i + 0.5) / k within the window (float32)."""
         low, high = self._window(total)
         u = self._quantile((torch.arange(k, dtype=torch.float64) + 0.5) / k)
+        u = warp(u) if warp else u
         return ((low + u * (high - low)) / total).float()
 
     def sample(self, n: int, total: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -99,13 +108,14 @@ class Recipe:
     min_snr_gamma: float = 0.0
     debiased: bool = False
     flow_weighting: str = "none"
+    precondition: bool = True  # flow matching: the loss on x0 = x_t - sigma v (diffusers' precondition_outputs)
 
     @classmethod
     def from_config(cls, tr) -> Recipe:
         return cls(Timesteps(tr.timestep_sampling, tr.timestep_mean, tr.timestep_scale, tr.min_timestep,
                              tr.max_timestep, tr.mode_scale), tr.noise_offset, tr.multires_noise_iterations,
                    tr.multires_noise_discount, tr.ip_noise_gamma, tr.loss, tr.huber_delta, tr.huber_schedule,
-                   tr.min_snr_gamma, tr.debiased_estimation, tr.flow_weighting)
+                   tr.min_snr_gamma, tr.debiased_estimation, tr.flow_weighting, tr.precondition_outputs)
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The noise the model learns to remove: Gaussian, with noise offset and multi-resolution noise."""
@@ -214,9 +224,10 @@ class DDPM:
 
 
 class Flow:
-    """Rectified flow (SD3, SD3.5): a time u from the recipe's sampling becomes sigma = shift u / (1 + (shift - 1) u)
-    with the FlowMatch scheduler's shift (its sigma table's formula); the latents are noised as (1 - sigma) x +
-    sigma n, the model gets timestep sigma * 1000 and predicts the velocity n - x (diffusers' SD3 training)."""
+    """Rectified flow (SD3, SD3.5): a time u from the recipe's sampling is shifted, shift u / (1 + (shift - 1) u)
+    with the FlowMatch scheduler's shift (its sigma table's formula), then mapped into the timestep window (kohya's
+    order); sigma = timestep / 1000. The latents are noised as (1 - sigma) x + sigma n, the model gets the timestep
+    and predicts the velocity n - x (diffusers' SD3 training); `precondition` gives the loss on the model's x0."""
 
     prediction_type = "flow"
 
@@ -225,15 +236,15 @@ class Flow:
         self.shift = float(scheduler.config.shift)
         self.total = scheduler.config.num_train_timesteps
 
-    def _timesteps(self, u: torch.Tensor, device) -> torch.Tensor:
-        sigma = self.shift * u / (1 + (self.shift - 1) * u)
-        return (sigma * self.total).to(device)
+    def shifted(self, u: torch.Tensor) -> torch.Tensor:
+        """The scheduler's shift of a noise fraction."""
+        return self.shift * u / (1 + (self.shift - 1) * u)
 
     def sample(self, timesteps: Timesteps, n: int, generator: torch.Generator, device) -> torch.Tensor:
-        return self._timesteps(timesteps.fractions(n, generator, self.total), device)
+        return (timesteps.fractions(n, generator, self.total, self.shifted) * self.total).to(device)
 
     def quantiles(self, timesteps: Timesteps, k: int, device) -> torch.Tensor:
-        return self._timesteps(timesteps.fraction_quantiles(k, self.total), device)
+        return (timesteps.fraction_quantiles(k, self.total, self.shifted) * self.total).to(device)
 
     def sigmas(self, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         """sigma of each timestep (float32), shaped to broadcast over `like`."""
@@ -246,6 +257,13 @@ class Flow:
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise - latents
+
+    def precondition(self, pred: torch.Tensor, tgt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The velocity and its target as the output preconditioning of diffusers' and kohya's SD3 training compares
+        them: x0_hat = x_t - sigma v_hat against x0, whose difference is sigma (v - v_hat); so both are scaled by
+        sigma (fp32), which also keeps input perturbation's noise out of the target, as without preconditioning."""
+        s = self.sigmas(t, pred)
+        return s * pred.float(), s * tgt.float()
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio ((1 - sigma) / sigma)^2 (for the Huber schedule)."""

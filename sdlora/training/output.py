@@ -14,6 +14,7 @@ from ..loras.files import DTYPES, write_embedding, write_lora
 from ..loras.layout import bundle_tensors, diffusers_tensors, kohya_tensors, peft_modules
 from ..loras.metadata import training_metadata
 from . import checkpoint as ckpt
+from .selection import step_metadata
 from .state import TrainState
 
 
@@ -53,7 +54,7 @@ def adapted_ranks(state: TrainState, states: dict) -> dict[str, dict[str, tuple[
     from .adapters import layer_ranks
 
     c = state.components
-    parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders), **{c.family.denoiser_attr: c.denoiser})
+    parts = c.family.parts(c.denoiser, c.text_encoders)
     return {part: layer_ranks(parts[part]) for part in states}
 
 
@@ -85,14 +86,23 @@ def sample_prompts(cfg, resolution: int) -> list[SamplePrompt]:
 
 @contextmanager
 def lora_scaled(models, scale: float):
-    """The LoRA of these models applied at `scale` (its layers' scaling multiplied) inside the block."""
+    """The LoRA of these models applied at `scale` inside the block, as clients apply a strength (W + scale dW): the
+    layers' scaling multiplied, a DoRA layer's output mixed with its base's (`dora.at_strength`)."""
+    from .dora import at_strength, is_dora
+
     layers = [m for model in models for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
     saved = [dict(m.scaling) for m in layers]
+    hooks = []
     for m in layers:
-        m.scaling = {k: v * scale for k, v in m.scaling.items()}
+        if scale != 1 and is_dora(m):
+            hooks += at_strength(m, scale)
+        else:
+            m.scaling = {k: v * scale for k, v in m.scaling.items()}
     try:
         yield
     finally:
+        for h in hooks:
+            h.remove()
         for m, s in zip(layers, saved):
             m.scaling = s
 
@@ -159,13 +169,16 @@ def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
             extra["ema"] = state.optim.ema.state_dict()
         if state.validation is not None:
             extra["validation"] = state.validation.best.state_dict()
+        if state.image_validation is not None:
+            extra["image_validation"] = state.image_validation.state_dict()
         states = state.lora_states()
         last = ckpt.latest_checkpoint(state.cfg.output.path)
         try:
             ckpt.save_state(path, step, states, state.optim.main, state.optim.lr_scheduler, state.cfg.to_dict(),
                             state.acc.scaler, extra)
             with state.optim.evaluation():
-                write_output(state, state.lora_states(), step, path.with_suffix(".safetensors"))
+                write_output(state, state.lora_states(), step, path.with_suffix(".safetensors"),
+                             step_metadata(state, step))
         except WriteError as e:
             raise WriteError(f"{e}; " + (f"the last good checkpoint is {last}" if last else "no checkpoint yet")) \
                 from None
@@ -179,8 +192,8 @@ def best_path(output: str | Path) -> Path:
     return output.with_name(output.stem + "_best.safetensors")
 
 
-def write_best(state: TrainState, step: int, loss: float) -> Path:
-    """NAME_best.safetensors from the weights as they are now (call inside `state.optim.evaluation()`), with the
-    step and validation loss in its metadata; written atomically, replacing the previous best."""
-    return write_output(state, state.lora_states(), step, best_path(state.cfg.output.path),
-                        {"sdlora_best_step": str(step), "sdlora_best_val_loss": repr(loss)})
+def write_best(state: TrainState, step: int, meta: dict[str, str]) -> Path:
+    """NAME_best.safetensors from the weights as they are now (call inside `state.optim.evaluation()`), with `meta`
+    (its step, what chose it, the validation's loss and scores) in its metadata; written atomically, replacing the
+    previous best."""
+    return write_output(state, state.lora_states(), step, best_path(state.cfg.output.path), meta)

@@ -67,8 +67,8 @@ class RunLog:
         if self.acc.trackers:
             self.acc.log({k: float(v) for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
-    def images(self, step: int, paths: list[str]) -> None:
-        """Sample images to the trackers (the PNGs are already on disk)."""
+    def images(self, step: int, paths: list[str], key: str = "samples") -> None:
+        """Sample (or validation) images to the trackers under `key` (the PNGs are already on disk)."""
         if self.file is None or not self.acc.trackers:
             return
         import numpy as np
@@ -77,9 +77,9 @@ class RunLog:
         images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
         for tracker in self.acc.trackers:
             if tracker.name == "tensorboard":
-                tracker.log_images({"samples": np.stack(images)}, step=step, dataformats="NHWC")
+                tracker.log_images({key: np.stack(images)}, step=step, dataformats="NHWC")
             else:
-                tracker.log_images({"samples": images}, step=step)
+                tracker.log_images({key: images}, step=step)
 
     def close(self) -> None:
         if self.file is not None:

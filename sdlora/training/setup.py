@@ -13,15 +13,19 @@ from ..callbacks import Callbacks
 from ..config import Config
 from ..errors import ConfigError, DataError, ModelError
 from ..hardware import cpu_has_native_bf16
+from ..loras.networks import NETWORKS
 from ..models import Components
 from ..quantize import quantize_nf4, require_bitsandbytes
-from .adapters import inject, lora_parameters
+from . import image_validation
+from .adapters import inject, lora_parameters, named_lora_parameters
 from .batches import Batches, Latents, Prefetcher, pins
+from .blocks import kohya_namer, param_groups, plan_layers
 from .data import BatchPlan, TagRule, build_examples, scan_folder
 from .embeddings import ConceptTokens, add_concept
 from .optimizers import loraplus_groups, make_ema, make_optimizer, scheduler_warmup
 from .output import sample_prompts
 from .phases import plan_phases
+from .slider import SliderBatches, SliderObjective, SliderPrompts
 from .state import Adapters, Optimizers, TrainState
 from .step import Models
 from .text import TextEncoding
@@ -131,15 +135,25 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if odd:
         raise ConfigError(f"sample size {odd[0].width}x{odd[0].height} is not a multiple of {c.size_multiple} for "
                           "this model")
+    c.check_size(resolution, resolution, "resolution", "lower --resolution")
+    for p in sample_prompts(cfg, resolution):
+        c.check_size(p.width, p.height, "sample size", "give the sample a smaller width and height")
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         if acc.is_main_process:
             ensure_class_images(cfg, c, resolution, callbacks)
         acc.wait_for_everyone()
     concept = pivotal_tokens(cfg, c)
     prompt = (lambda text: concept.prompt(text, cfg.pivotal.trigger)) if concept else (lambda text: text)
-    held_out = held_out_images(cfg)
-    batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message, held_out)
-    examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
+    if cfg.is_slider:  # prompts alone: no images, no validation images
+        batches, captions_by_folder, examples = SliderBatches(SliderPrompts.from_config(cfg.slider)), {}, []
+    else:
+        held_out = held_out_images(cfg)
+        batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message,
+                                                held_out)
+        examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
+        for e in [*batches.examples, *batches.prior_examples, *examples]:
+            c.check_size(*e.bucket, f"the bucket of {Path(e.path).name} at resolution {resolution}:",
+                         "lower --resolution (aspect-ratio buckets are longer than it on one side) or --no-bucketing")
     use_zero_terminal_snr(cfg, c)
     varying = captions_vary(cfg)
     cache_frozen_text(cfg, c, acc.device, acc.mixed_precision, varying, callbacks.on_message,
@@ -150,13 +164,8 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     compile_denoiser(cfg, c)
     phases = plan_phases(cfg, has_lora=cfg.train.max_steps > 0, text_lora=adapters.text_lora,
                          has_concept=concept is not None)
-    cached = cfg.train.cache_latents and cfg.augment.crop == "center"
-    prefetch = cfg.speed.prefetch and not cached  # cached latents live on the device: nothing to prepare ahead
-    batches.latents = Latents(c.vae, acc.device, weight_dtype, cached=cached, crop=cfg.augment.crop,
-                              pin=pins(acc.device, prefetch))
-    batches.prefetcher = Prefetcher(batches.prepare) if prefetch else None
-    if cfg.train.cache_latents and not batches.latents.cached:
-        callbacks.on_message("latent caching is off: random crop needs a fresh crop every step")
+    if not cfg.is_slider:
+        attach_latents(cfg, c, batches, acc.device, weight_dtype, callbacks.on_message)
     optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
     if cfg.train.cache_text and varying:
         callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
@@ -167,6 +176,9 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
                        concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
     if examples:
         state.validation = Validation(examples, cfg.validation.timesteps, cfg.train.seed)
+    state.image_validation = image_validation.build(cfg, state, callbacks.on_message)
+    if cfg.is_slider:
+        state.objective = slider_objective(cfg, acc, c, resolution)
     state.enter_phase(0)
     batches.fill_cache()
     if text.cache_allowed and not phases.main.text_trainable and concept is None:
@@ -174,10 +186,29 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     return state
 
 
+def attach_latents(cfg: Config, c: Components, batches: Batches, device, dtype, say) -> None:
+    """The VAE's latents of the images, cached (center crops) or encoded each step, and the prefetching thread."""
+    cached = cfg.train.cache_latents and cfg.augment.crop == "center"
+    prefetch = cfg.speed.prefetch and not cached  # cached latents live on the device: nothing to prepare ahead
+    batches.latents = Latents(c.vae, device, dtype, cached=cached, crop=cfg.augment.crop, pin=pins(device, prefetch))
+    batches.prefetcher = Prefetcher(batches.prepare) if prefetch else None
+    if cfg.train.cache_latents and not batches.latents.cached:
+        say("latent caching is off: random crop needs a fresh crop every step")
+
+
+def slider_objective(cfg: Config, acc, c: Components, resolution: int) -> SliderObjective:
+    """The slider's step at this model's latent shape and the family's size conditioning (SDXL)."""
+    side = resolution // c.vae_factor
+    micro = c.family.conditioning.micro((resolution, resolution), (0, 0), (resolution, resolution))
+    return SliderObjective(SliderPrompts.from_config(cfg.slider), (c.denoiser.config.in_channels, side, side),
+                           cfg.slider.denoise_steps, micro, lambda loss: acc.backward(loss / cfg.train.grad_accum))
+
+
 def check_family_options(cfg: Config, c: Components) -> None:
     """Options the loaded model's family or objective cannot serve, as one-line errors: the SNR-based weights and
-    zero terminal SNR on flow matching (SD3), SD3's loss weights on DDPM, lora.blocks where the denoiser has no
-    numbered blocks, and (SD3) networks other than LoRA or pivotal tuning."""
+    zero terminal SNR on flow matching (SD3), flow matching's loss weights and preconditioning on DDPM, networks
+    other than LoRA where the family's files fuse layers and pivotal tuning where it has none (SD3), lora.blocks where
+    the denoiser has no numbered blocks."""
     tr, fam, flow = cfg.train, c.family, c.prediction_type == "flow"
     if flow:
         for on, what in ((tr.min_snr_gamma, "train.min_snr_gamma (min-SNR)"),
@@ -186,15 +217,18 @@ def check_family_options(cfg: Config, c: Components) -> None:
             if on:
                 raise ConfigError(f"{what} is for noise (epsilon/v) prediction; {fam.title} trains by flow matching: "
                                   "use train.flow_weighting or timestep_sampling instead")
-        if cfg.lora.network != "lora":
-            raise ConfigError(f"lora.network {cfg.lora.network}: {fam.title} trains plain LoRA (its q/k/v are one "
-                              "fused layer in the files ComfyUI and Forge load)")
-        if cfg.pivotal.token:
-            raise ConfigError(f"pivotal tuning is not supported for {fam.title} (T5 has no token to add); train a "
-                              "LoRA with a trigger word")
     elif tr.flow_weighting != "none":
         raise ConfigError(f"train.flow_weighting applies to flow matching (SD3); {c.name} predicts "
                           f"{c.prediction_type}: use min_snr_gamma or debiased_estimation")
+    elif not tr.precondition_outputs:
+        raise ConfigError(f"train.precondition_outputs applies to flow matching (SD3); {c.name} predicts "
+                          f"{c.prediction_type}: leave it on")
+    if fam.fused_file_layers and not NETWORKS[cfg.lora.network].fuses:
+        fusing = " or ".join(n.title for n in NETWORKS.values() if n.fuses)
+        raise ConfigError(f"lora.network {cfg.lora.network}: {fam.title} trains {fusing} ({fam.fused_file_layers})")
+    if fam.no_pivotal and cfg.pivotal.token:
+        raise ConfigError(f"pivotal tuning is not supported for {fam.title} ({fam.no_pivotal}); train a LoRA with a "
+                          "trigger word")
     if cfg.lora.blocks.strip() and not fam.block_prefix:
         raise ConfigError(f"lora.blocks selects transformer blocks (SD3); {fam.title} has none: leave it empty")
     if c.frozen_text and not cfg.model.t5 and any(f.present for f in c.frozen_text):
@@ -379,8 +413,15 @@ def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> A
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices start the same for the same seed
     lo, fam = cfg.lora, c.family
     kind = dict(network=lo.network, args=cfg.network_args)
+    layer_lrs: dict[str, float] = {}
+
+    def per_layer(names: list[str]):  # per-block / per-layer rank, alpha and lr (None: the global ones)
+        plan = plan_layers(cfg, fam, c.denoiser, names, kohya_namer(fam, c.denoiser.config))
+        layer_lrs.update({n: layer.lr for n, layer in (plan or {}).items()})
+        return None if plan is None else {n: (layer.rank, layer.alpha) for n, layer in plan.items()}
+
     targets = inject(c.denoiser, fam.target_patterns(lo.targets), lo.rank, cfg.lora_alpha, lo.dropout,
-                     keep=layer_filter(cfg, c), **kind) if cfg.train.max_steps > 0 else []
+                     keep=layer_filter(cfg, c), layers=per_layer, **kind) if cfg.train.max_steps > 0 else []
     lrs = text_encoder_lrs(cfg, len(c.text_encoders))
     for i, (encoder, lr) in enumerate(zip(c.text_encoders, lrs)):
         if lr:
@@ -394,7 +435,7 @@ def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> A
         for encoder, lr in zip(c.text_encoders, lrs):
             if lr:
                 encoder.gradient_checkpointing_enable()
-    return Adapters(targets, lrs)
+    return Adapters(targets, lrs, layer_lrs)
 
 
 def layer_filter(cfg: Config, c: Components):
@@ -427,7 +468,7 @@ def make_optimizers(cfg: Config, acc, c: Components, adapters: Adapters, concept
     from diffusers.optimization import get_scheduler
 
     has_lora = cfg.train.max_steps > 0
-    groups = [{"params": lora_parameters(c.denoiser), "lr": cfg.optim.lr}] if has_lora else []
+    groups = param_groups(named_lora_parameters(c.denoiser), adapters.layer_lrs, cfg.optim.lr) if has_lora else []
     groups += [{"params": lora_parameters(e), "lr": lr} for e, lr in zip(c.text_encoders, adapters.text_lrs) if lr]
     emb = concept.params if concept else []
     lora_params = [p for g in groups for p in g["params"]]

@@ -3,6 +3,7 @@ checkpoints and the output read it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,7 @@ from ..config import Config
 from ..models import Components
 from .batches import Batches
 from .embeddings import ConceptTokens
+from .image_validation import ImageValidation
 from .phases import Phase, Phases
 from .step import Models
 from .validation import Validation
@@ -18,10 +20,12 @@ from .validation import Validation
 
 @dataclass
 class Adapters:
-    """Where the LoRA sits: the adapted module paths, and each text encoder's learning rate (0: no LoRA on it)."""
+    """Where the LoRA sits: the adapted module paths, each text encoder's learning rate (0: no LoRA on it), and the
+    denoiser layers' own learning rates where per-block settings give them."""
 
     targets: list[str]
     text_lrs: list[float]
+    layer_lrs: dict[str, float] = field(default_factory=dict)
 
     @property
     def text_lora(self) -> bool:
@@ -66,6 +70,14 @@ class TrainState:
     start_step: int = 0
     phase: Phase | None = field(default=None)  # the phase of the last step taken
     validation: Validation | None = None       # held-out images and the best loss so far; None without
+    image_validation: ImageValidation | None = None  # validation prompts, scorer and best score; None without
+    # the step's loss, (batch, models, cfg, generator) -> (loss, stats), where it is not the diffusion step's
+    # (`step.training_step`): a slider's
+    objective: Callable | None = None
+
+    @property
+    def validates(self) -> bool:
+        return self.validation is not None or self.image_validation is not None
 
     @property
     def rank(self) -> int:
@@ -113,7 +125,6 @@ class TrainState:
         from .adapters import load_lora_state_dict
 
         c = self.components
-        parts = dict(zip([s.attr for s in c.family.text_encoders], c.text_encoders),
-                     **{c.family.denoiser_attr: c.denoiser})
+        parts = c.family.parts(c.denoiser, c.text_encoders)
         for part, state in states.items():
             load_lora_state_dict(parts[part], state)

@@ -58,8 +58,10 @@ def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro,
     schedule = models.schedule
     noisy = schedule.noisy(latents, inputs, t)
     pred = models.conditioning.predict(models.denoiser, noisy, t, cond, micro)
-    loss = recipe.per_sample(pred, schedule.target(latents, noise, t), t, schedule.total, lambda: schedule.snr(t),
-                             schedule.prediction_type, mask)
+    tgt = schedule.target(latents, noise, t)
+    if schedule.prediction_type == "flow" and recipe.precondition:
+        pred, tgt = schedule.precondition(pred, tgt, t)
+    loss = recipe.per_sample(pred, tgt, t, schedule.total, lambda: schedule.snr(t), schedule.prediction_type, mask)
     weights = schedule.weights(t, recipe.flow_weighting)
     return (loss if weights is None else loss * weights.to(loss.device)), noisy, t
 

@@ -31,15 +31,19 @@ def held_out_images(cfg) -> set[str]:
 
 
 def validation_examples(cfg, resolution: int, bucket_step: int, prompt, held_out: set[str]) -> list[Example]:
-    """One example per validation image (no repeats), captions through `prompt` (the pivotal trigger)."""
+    """One example per validation image (no repeats), captions through `prompt` (the pivotal trigger), each with the
+    mask training would give it: a held-out image its folder's; a validation folder's image its alpha channel when
+    the first data folder trains with alpha masks (it is validated as that folder's, source 0)."""
     if cfg.validation.data:
         default = cfg.data[0].prompt if cfg.data else ""
+        alpha = bool(cfg.data) and cfg.data[0].alpha_mask
         examples = build_examples([(cfg.validation.data, default, True, 1)], resolution, cfg.augment.bucketing,
-                                  bucket_step)
+                                  bucket_step, masks=[("", alpha)])
     elif held_out:
         folders = [(d.path, d.prompt, d.use_captions, 1) for d in cfg.data]
+        masks = [(d.masks, d.alpha_mask) for d in cfg.data]
         seen, examples = set(), []
-        for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step):
+        for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, masks=masks):
             if e.path in held_out and e.path not in seen:
                 seen.add(e.path)
                 examples.append(e)
@@ -82,7 +86,8 @@ class Validation:
 
     def loss(self, state) -> float:
         """Mean loss over the validation images (this rank's share, then averaged over ranks), each at the same
-        fixed timesteps and noise every time; adapters in eval mode (no dropout), no gradients."""
+        fixed timesteps and noise every time; adapters in eval mode (no dropout), no gradients. It is the loss
+        training minimises: masked images count inside their mask (lifted by the folder's unmasked weight)."""
         models = dataclasses.replace(state.models, denoiser=state.models.raw_denoiser)
         recipe = objective.Recipe.from_config(state.cfg.train)
         modules = [state.components.denoiser, *state.components.text_encoders]
@@ -103,7 +108,10 @@ class Validation:
 
     def _one(self, state, models, recipe, i: int) -> float:
         ex, k = self.examples[i], self.timesteps
-        lat, crop, _ = state.batches.latents(ex, False)  # validation examples carry no mask (built without one)
+        lat, crop, mask = state.batches.latents(ex, False)
+        if mask is not None:  # as Batches gives it to training
+            w = state.batches.unmasked_weights[ex.source]
+            mask = (w + (1 - w) * mask)[None].expand(k, *mask.shape)
         micro = models.conditioning.micro(ex.size[::-1], crop, ex.bucket[::-1])
         latents = lat[None].expand(k, *lat.shape)
         gen = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([self.seed, 77, i]).generate_state(1)[0]))
@@ -113,5 +121,5 @@ class Validation:
         cond = text.conditioning.encode(text.tokenizers, text.raw_encoders, [ex.caption] * k, state.device) \
             if text.trainable else text([ex.caption] * k)
         micro = None if micro is None else micro[None].expand(k, *micro.shape)
-        loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro)
+        loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro, mask)
         return loss.double().mean().item()

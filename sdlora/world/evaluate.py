@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from .. import paths
 from ..errors import ConfigError
+from ..io import check_folder
 from ..loras.apply import load_lora_into
 from ..sampling import render
 from . import shapes
@@ -144,12 +145,22 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image], list[bool]]], cell: i
     return sheet
 
 
+def check_eval_settings(trigger: str, n: int, steps: int) -> None:
+    """One line for settings an evaluation cannot run with (before any model loads)."""
+    if not trigger.strip():
+        raise ConfigError("--trigger is empty: give the word(s) the LoRA was trained on, e.g. 'sks'")
+    for flag, value in (("--n", n), ("--steps", steps)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, not {value}")
+
+
 def evaluate(lora_path: str | Path, trigger: str, concept: str, model=None, n: int = 16,
              output_dir: str | Path = "eval", seed: int = 0, n_base: int = 36, steps: int = 25,
              guidance_scale: float = 5.0, judge: Judge | None = None) -> EvalReport:
     """Generate trigger and world prompts with the LoRA on and off; write report.json and contact_sheet.png."""
     t0 = time.time()
-    out = Path(output_dir)
+    check_eval_settings(trigger, n, steps)
+    out = check_folder(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe, judge = load_pipeline(model), judge or load_judge()
     if concept not in judge.config.shapes:

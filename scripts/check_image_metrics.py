@@ -1,0 +1,68 @@
+"""Check the real-photo metrics (clip-dino: DINOv2 likeness, CLIP/SigLIP adherence, DINO preservation) against the
+shapes world's judge on the same images, before trusting them (as reference/quality.md asks).
+
+    python scripts/check_image_metrics.py RUN_checkpoints/ --clip-model DIR_OR_ID --dino-model DIR_OR_ID \\
+        [--output output/metrics] [--seeds 2]
+
+Both scorers rank the same files (a shapes-world run's checkpoints) on the same rendered prompts and seeds through
+`sdlora compare`; the table gives, for each part and the combined score, the rank correlation (Spearman) of the
+clip-dino value with the judge's over the files. Needs the CLIP/SigLIP and DINOv2 weights (a folder or the hub
+cache): nothing is downloaded unless the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sdlora.config import SCORE_PARTS
+from sdlora.loras.compare import CompareSettings, compare
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="A shapes-world run's checkpoints folder, files or a glob.")
+    p.add_argument("--clip-model", required=True)
+    p.add_argument("--dino-model", required=True)
+    p.add_argument("--output", default="output/metrics")
+    p.add_argument("--seeds", type=int, default=2)
+    args = p.parse_args()
+    out = Path(args.output)
+    runs = {}
+    for scorer in ("shapes", "clip-dino"):
+        s = CompareSettings(scorer=scorer, seeds=args.seeds, clip_model=args.clip_model, dino_model=args.dino_model)
+        report = compare(args.files, out / scorer, s)
+        runs[scorer] = {(Path(r.file).name, r.strength): {"score": r.score, **r.parts} for r in report.rows}
+    keys = sorted(runs["shapes"])
+    print(f"{len(keys)} files; Spearman of clip-dino's value with the judge's, over the files:")
+    for part in ("score", *SCORE_PARTS):
+        a = [runs["clip-dino"][k].get(part) for k in keys]
+        b = [runs["shapes"][k].get(part) for k in keys]
+        if None in a or None in b:
+            print(f"  {part:13s} (not measured)")
+            continue
+        print(f"  {part:13s} {spearman(a, b):+.2f}")
+
+
+if __name__ == "__main__":
+    main()
