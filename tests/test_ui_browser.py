@@ -539,3 +539,53 @@ def test_sample_now_and_save_now_on_a_running_job(page, app, shots, tmp_path):
     job_status(page, "done", "now-lora").wait_for()
     assert job.state == "done" and job.start_step >= saved_step and job.step == job.start_step + 3
     assert any("resumed from" in m for m in job.messages)
+
+
+def test_image_scores_and_a_slider_on_the_built_in_model(browser, builtin_app, shots):
+    """A short run with the shapes scorer on the shapes world: the score chart draws a point for each validation and
+    part, the validation sheets and the checkpoint table (with the row --select-by picked) appear. Then the method
+    "Slider / eraser": no images asked for, its prompts train a file, as `sdlora slider` does."""
+    url, manager = builtin_app
+    page = new_page(browser, url)
+    set_value(page, "lora-name", "scored-star")
+    stars = sorted(str(p) for p in (sample_data() / "concepts" / "star").iterdir())
+    page.locator("#upload input[type=file]").set_input_files(stars)
+    page.wait_for_function("() => document.querySelectorAll('#dataset-gallery img').length >= 8")
+    set_value(page, "opt-train-max_steps", 4)
+    set_value(page, "opt-sample-every", 0)
+    open_group(page, "validation", more=True)
+    assert field(page, "opt-validation-scorer").input_value() == "shapes"  # the preset's, the demo's
+    set_value(page, "opt-validation-every", 2)
+    set_value(page, "opt-validation-seeds", 1)
+    set_value(page, "opt-validation-image_steps", 2)
+    page.locator("#start").click()
+    job = job_named(page, manager, "scored-star")
+    job_status(page, "done", "scored-star").wait_for()
+    assert job.state == "done" and [s for s, _ in job.scores] == [2, 4]
+    points = page.locator("#score-chart circle.score-point")
+    points.first.wait_for()
+    assert points.count() == sum(len(p) for _, p in job.scores)
+    assert page.locator("#score-chart line.score-best").count() == 1
+    page.wait_for_function("() => document.querySelectorAll('#validation-images img').length >= 2")
+    table = page.locator("#checkpoint-scores").inner_text()
+    assert "best (images)" in table and "scored-star_best.safetensors" in table
+    page.locator("#validation-view").scroll_into_view_if_needed()
+    page.screenshot(path=shots / "image-scores.png", full_page=True)
+
+    page.get_by_label("Slider / eraser").check()
+    page.locator("#images-section").wait_for(state="hidden")  # prompts alone: no images asked for
+    set_value(page, "lora-name", "bigger")
+    set_value(page, "opt-slider-target", "a circle")
+    set_value(page, "opt-slider-positive", "a big circle")
+    set_value(page, "opt-train-max_steps", 2)
+    open_group(page, "slider", more=True)
+    set_value(page, "opt-slider-denoise_steps", 2)
+    page.wait_for_function("() => document.querySelector('#applies-style').innerHTML"
+                           ".includes('#opt-train-noise_offset')")  # the image objective's settings do nothing here
+    page.screenshot(path=shots / "slider.png", full_page=True)
+    page.locator("#start").click()
+    slider = job_named(page, manager, "bigger")
+    job_status(page, "done", "bigger").wait_for()
+    assert slider.state == "done" and slider.cfg.is_slider and not slider.cfg.data
+    assert read_lora(slider.output)[1]["modelspec.tags"] == "slider"
+    page.close()

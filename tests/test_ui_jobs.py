@@ -454,3 +454,77 @@ def test_dreambooth_help_says_what_the_page_does():
     assert "needed for DreamBooth" in opts[("prior", "class_prompt")].short
     assert "empty = off" not in opts[("prior", "class_prompt")].short
     assert "class_images folder" in opts[("prior", "num_class_images")].short  # where the page puts them
+
+
+def test_image_scores_reach_the_page(tmp_path, tiny_model):
+    """A run with the shapes scorer: the page's score curve has a point for each validation and part (the values of
+    the run's JSON-lines log), the validation sheets are listed, and the checkpoint table gives each checkpoint's
+    scores and marks the step the best file was picked at."""
+    import json
+    import re
+
+    from ui.chart import score_chart
+
+    data = draw_images(tmp_path / "imgs", n=4)
+    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=4,
+                      validation__scorer="shapes", validation__every=2, validation__seeds=1,
+                      validation__image_steps=2, validation__prompts=["a red sks", "a blue square"],
+                      validation__keep_best=True, output__trigger="sks", output__save_every=2)
+    m = JobManager(tmp_path)
+    job = m.wait(m.submit(cfg, "l"), 300)
+    m.close()
+    assert job.state == DONE, job.error
+    from sdlora.training.runlog import log_path
+
+    lines = [json.loads(x) for x in log_path(cfg.output.path).read_text().splitlines()]
+    lines = [r for r in lines if "score" in r]
+    assert [r["step"] for r in lines] == [s for s, _ in job.scores] == [2, 4]
+    parts = ("score", "likeness", "adherence", "preservation", "copying")
+    for (_, got), r in zip(job.scores, lines):
+        assert {k: got[k] for k in parts if k in got} == pytest.approx({k: r[k] for k in parts if k in r})
+    chart = score_chart(job.scores, job.best_step, job.cfg.select_by)
+    n_values = sum(len(p) for _, p in job.scores)
+    assert len(re.findall(r'<circle class="score-point', chart)) == n_values > 0
+    assert f"step {job.best_step}" in chart and "picked by the combined score" in chart
+    best = max(lines, key=lambda r: r["score"])["step"]  # ties: the first, as the best file keeps the first
+    assert job.best_step == best
+    assert [c for _, c in progress.validation_items(job)] == ["validation at step 4", "validation at step 2"]
+    rows = progress.checkpoint_rows(job)
+    assert [r[0] for r in rows] == [2, 4, best] and all(r[1].endswith(".safetensors") for r in rows)
+    for row, r in zip(rows, lines):
+        assert row[2] == f"{r['score']:.4f}"
+    picked = [r for r in rows if r[-1].startswith("best")]
+    assert len(picked) == 1 and picked[0][0] == best
+    assert rows[-1][1] == "l_best.safetensors" and rows[-1][2] == f"{max(r['score'] for r in lines):.4f}"
+    assert "image score" in progress.status_html(job)
+
+
+def test_the_page_trains_a_slider(tmp_path):
+    """Method "Slider / eraser": the page's slider fields (no images) make the job `sdlora slider` runs; the
+    image-only settings of the preset are dropped as hidden, and the LoRA file says it is a slider."""
+    import json
+
+    import gradio as gr
+
+    from sdlora.loras.files import read_lora
+    from sdlora.options import SLIDER
+    from ui.runs import FormError
+    from ui.train_tab import TrainTab
+
+    tab = TrainTab(JobManager(tmp_path / "out"))
+    with gr.Blocks():
+        tab.build()
+    cfg = tab.settings.initial  # the shapes-world preset: caption dropout, flips, text encoder on
+    cfg.slider.target, cfg.slider.denoise_steps = "a circle", 2
+    cfg.train.max_steps, cfg.sample.every, cfg.augment.resolution = 2, 0, 32
+    values = tab.form.values_of(cfg)
+    with pytest.raises(FormError, match="needs Positive prompt"):  # enhance needs the +1 direction
+        tab.runs.make_config("slide", SLIDER, values)
+    cfg.slider.positive = "a big circle"
+    made, name = tab.runs.make_config("slide", SLIDER, tab.form.values_of(cfg))
+    assert made.is_slider and not made.data and not made.lora.train_text_encoder
+    job = tab.manager.wait(tab.manager.submit(made, name), 300)
+    tab.manager.close()
+    assert job.state == DONE, job.error
+    meta = read_lora(job.output)[1]
+    assert json.loads(meta["sdlora_slider"])["positive"] == "a big circle" and meta["modelspec.tags"] == "slider"

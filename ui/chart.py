@@ -1,5 +1,5 @@
 """The loss chart, drawn on the server as an SVG: the training loss per step (thin), its moving average (bold) and the
-validation loss (points), on axes with a few round ticks that never overlap."""
+validation loss (points), on axes with a few round ticks that never overlap; and the image-validation scores."""
 
 from __future__ import annotations
 
@@ -84,3 +84,51 @@ def _axes(x0, x1, y0, y1, x, y) -> str:
     out.append(f'<text x="{(LEFT + W - RIGHT) / 2}" y="{H - 4}" text-anchor="middle" font-size="11" '
                'fill="currentColor">step</text>')
     return "".join(out)
+
+
+SCORE_SERIES = (  # (key, label, colour, stroke width): the combined score bold, its parts thin
+    ("score", "combined score", "#7c3aed", 2.5), ("likeness", "likeness", "#059669", 1.2),
+    ("adherence", "adherence", "#2563eb", 1.2), ("preservation", "preservation", "#d97706", 1.2),
+    ("copying", "copying", "#dc2626", 1.2))
+
+
+def score_chart(scores: list[tuple[int, dict]], best_step: int = 0, select_by: str = "") -> str:
+    """The image-validation scores by step (the combined score and each part measured), points joined by lines, and
+    the step of the best file (what --select-by picked) marked; a line of text before the first validation."""
+    rows = [(s, {k: v for k, v in parts.items() if math.isfinite(v)}) for s, parts in scores]
+    rows = [(s, parts) for s, parts in rows if parts]
+    if not rows:
+        return ('<div id="score-chart" class="empty">The image scores appear here after the first validation '
+                '(Image scorer in "Validation and the best file").</div>')
+    steps = [s for s, _ in rows]
+    values = [v for _, parts in rows for v in parts.values()]
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    y0, y1 = min(0.0, min(values)), max(1.0, max(values))
+
+    def x(s):
+        return LEFT + (s - x0) / (x1 - x0) * (W - LEFT - RIGHT)
+
+    def y(v):
+        return TOP + (y1 - v) / (y1 - y0) * (H - TOP - BOTTOM)
+
+    parts_svg, legend = [_axes(x0, x1, y0, y1, x, y)], []
+    if best_step in steps:
+        parts_svg.append(f'<line class="score-best" x1="{x(best_step):.1f}" x2="{x(best_step):.1f}" y1="{TOP}" '
+                         f'y2="{H - BOTTOM}" stroke="#7c3aed" stroke-dasharray="4 3"/>')
+    for key, label, colour, width in SCORE_SERIES:
+        pts = [(s, parts[key]) for s, parts in rows if key in parts]
+        if not pts:
+            continue
+        legend.append(f'<span style="color:{colour}">■</span> {label}')
+        line = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts)
+        parts_svg.append(f'<polyline class="score-line score-{key}" points="{line}" fill="none" stroke="{colour}" '
+                         f'stroke-width="{width}"/>')
+        parts_svg += [f'<circle class="score-point score-{key}" cx="{x(s):.1f}" cy="{y(v):.1f}" r="3" '
+                      f'fill="{colour}"><title>step {s}: {label} {v:.3f}</title></circle>' for s, v in pts]
+    if best_step in steps:
+        by = {"images": "the combined score", "loss": "the validation loss"}.get(select_by, select_by)
+        legend.append(f"dashed: the best file, step {best_step}" + (f" (picked by {by})" if by else ""))
+    text = "Image-validation scores by step: " + ", ".join(k for k, *_ in SCORE_SERIES)
+    return (f'<div id="score-chart"><svg viewBox="0 0 {W} {H}" width="100%" role="img" '
+            f'aria-label="{html.escape(text)}">{"".join(parts_svg)}</svg>'
+            f'<div class="chart-legend">{" · ".join(legend)}</div></div>')

@@ -10,13 +10,14 @@ import html
 import gradio as gr
 
 from sdlora.errors import SdloraError
-from sdlora.options import DREAMBOOTH, METHODS, PIVOTAL, check, field_errors, method_of
+from sdlora.options import DREAMBOOTH, METHODS, PIVOTAL, SLIDER, check, field_errors, method_of
 
 from . import notify, progress
-from .chart import loss_chart
+from .chart import loss_chart, score_chart
 from .files import safe_name
 from .form import classes
 from .jobs import FINISHED
+from .settings import for_method
 
 LATEST = 0  # job selector value: "whatever runs now, else the newest"
 
@@ -52,6 +53,17 @@ class RunSection:
                 self.chart = gr.HTML(loss_chart([], []), elem_id="loss-plot")
             self.samples = gr.Gallery(label="Samples (newest first)", columns=3, height=280, fit_columns=False,
                                       elem_id="samples", object_fit="contain", scale=1, min_width=320)
+        with gr.Accordion("Image validation: scores, images and the checkpoints", open=True, elem_id="validation-view"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=320):
+                    gr.Markdown("**Image scores** (higher is better; copying: lower)")
+                    self.score_chart = gr.HTML(score_chart([]), elem_id="score-plot")
+                self.val_images = gr.Gallery(label="Validation images (newest first; a row per prompt)", columns=1,
+                                             height=280, elem_id="validation-images", object_fit="contain",
+                                             scale=1, min_width=320)
+            self.checkpoints = gr.Dataframe(headers=progress.SCORE_COLUMNS, interactive=False, wrap=True,
+                                            label="Checkpoints and their scores (the row --select-by picked is marked)",
+                                            elem_id="checkpoint-scores")
         self.log = gr.Textbox(label="Messages", lines=3, max_lines=8, interactive=False, elem_id="messages")
         self.queue = gr.Dataframe(headers=["#", "name", "state", "step", "loss", "output / error"],
                                   interactive=False, label="Jobs", elem_id="queue", wrap=True)
@@ -69,7 +81,8 @@ class RunSection:
         self.stop_btn.click(self.on_stop, [], [self.seen])
         self.sample_now_btn.click(self.on_command("sample_now"), [], [self.seen])
         self.save_now_btn.click(self.on_command("save_now"), [], [self.seen])
-        watch = [self.status, self.chart, self.samples, self.log, self.queue, self.job_pick, self.seen]
+        watch = [self.status, self.chart, self.samples, self.score_chart, self.val_images, self.checkpoints,
+                 self.log, self.queue, self.job_pick, self.seen]
         self.timer.tick(self.on_tick, [self.job_pick, self.seen], watch, show_progress="hidden")
         demo.load(self.on_tick, [self.job_pick, self.seen], watch, show_progress="hidden")
         shown = [name, method, last_name] + comps
@@ -93,6 +106,7 @@ class RunSection:
         if method != PIVOTAL:
             over[("pivotal", "token")] = ""  # pivotal tuning is on when it has a token
         cfg, errors = self.form.read(values, over)
+        for_method(cfg, method, errors)
         self.settings.clean(cfg, method, errors)  # what the page hides does nothing: it neither trains nor blocks
         errors.update(self._paths(cfg))
         if not cfg.sample.prompts and cfg.data and cfg.data[0].prompt:
@@ -123,7 +137,9 @@ class RunSection:
             errors[("prior", "class_prompt")] = "DreamBooth needs a class prompt (e.g. 'a photo of a dog')"
         if method == PIVOTAL and not cfg.pivotal.token:
             errors[("pivotal", "token")] = "Pivotal tuning needs a token to learn (e.g. '<s1>')"
-        if not cfg.data and ("data", "path") not in errors:
+        if method == SLIDER and not cfg.slider.target.strip():
+            errors[("slider", "target")] = "A slider needs a target prompt, the prompt it acts on (e.g. 'a person')"
+        if method != SLIDER and not cfg.data and ("data", "path") not in errors:
             errors[("data", "path")] = "No training images: upload some or give an image folder"
         for key, message in field_errors(cfg).items():
             errors.setdefault(key, message)
@@ -218,11 +234,13 @@ class RunSection:
         jobs = self.manager.jobs()
         sig = (job.id, job.version) if job else None, tuple((j.id, j.state) for j in jobs)
         if sig == seen:
-            return [gr.skip()] * 6 + [seen]
+            return [gr.skip()] * 9 + [seen]
         waiting = [j for j in self.manager.queued() if j is not job]
         chart = loss_chart(job.losses, job.val_losses) if job else loss_chart([], [])
-        return (progress.status_html(job, len(waiting)), chart, progress.sample_items(job),
-                progress.messages_text(job), progress.queue_rows(jobs), self._job_choices(pick), sig)
+        scores = score_chart(job.scores, job.best_step, job.cfg.select_by) if job else score_chart([])
+        return (progress.status_html(job, len(waiting)), chart, progress.sample_items(job), scores,
+                progress.validation_items(job), progress.checkpoint_rows(job), progress.messages_text(job),
+                progress.queue_rows(jobs), self._job_choices(pick), sig)
 
     def on_page_load(self):
         """A reloaded page shows the settings of the job it shows (the running one, else the newest)."""

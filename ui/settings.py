@@ -9,13 +9,14 @@ import html
 
 import gradio as gr
 
-from sdlora.config import Config, DataFolder
+from sdlora.config import Config, DataFolder, SliderConfig
 from sdlora.errors import SdloraError
 from sdlora.options import (
     BASIC,
     FIRST,
     METHODS,
     MORE,
+    SLIDER,
     ModelFacts,
     changed,
     groups,
@@ -28,10 +29,23 @@ from sdlora.presets import family_key, load_preset, preset_for, preset_values, p
 
 from .form import FREE_TEXT, ConfigForm
 
-METHOD_GROUPS = {"dreambooth": METHODS[1], "pivotal": METHODS[2]}
+METHOD_GROUPS = {"dreambooth": METHODS[1], "pivotal": METHODS[2], "slider": SLIDER}
 PAGE_OWNED = {("model", "path"), ("data", "path"), ("data", "prompt"), ("data", "masks"), ("output", "path"),
               ("prior", "class_data")}  # placed by the page, or set from the LoRA's name
 NO_PRESET = "(none: sdlora's defaults)"
+
+
+def for_method(cfg: Config, method: str, errors: dict | None = None) -> Config:
+    """The form's config as the method trains it: a slider learns from prompts alone (the page's image folder is not
+    its), any other method has no slider (on when it has a target); the errors of what is dropped go too."""
+    drop = "data" if method == SLIDER else "slider"
+    if method == SLIDER:
+        cfg.data = []
+    else:
+        cfg.slider = SliderConfig()
+    for key in [k for k in (errors or {}) if k[0] == drop]:
+        errors.pop(key)
+    return cfg
 
 
 def preset_choices(model: str) -> list[tuple[str, str]]:
@@ -162,10 +176,11 @@ class SettingsPanel:
         for key in self.accordions:
             opts = [o for o in self.form.options.values() if o.group == key and o.key not in PAGE_OWNED]
             show = (METHOD_GROUPS[key] == method) if key in METHOD_GROUPS else \
-                any(o.key not in hidden for o in opts) or key == "images"
+                any(o.key not in hidden for o in opts) or (key == "images" and method != SLIDER)
             off += [] if show else [f"#group-{key}"]
             labels.append(self._label(key, cfg))
         off += [f"#more-{key}" for key, keys in self.mores.items() if all(k in hidden for k in keys)]
+        off += ["#images-section"] if method == SLIDER else []  # prompts alone: no images to add
         problems = method_problems(cfg, facts)
         info = "; ".join(f"{m}: {why}" for m, why in problems.items()) or "How the LoRA learns the subject."
         return {"style": f"<style>{', '.join(off)} {{ display: none !important; }}</style>" if off else "",
@@ -198,7 +213,7 @@ class SettingsPanel:
     def wire(self, model, method) -> None:
         """A change redraws the panel, then estimates the memory (one after the other: fewer events at once)."""
         comps = self.form.components
-        self.fit_args = dict(fn=self.on_fit, inputs=[model, self.vram] + comps,
+        self.fit_args = dict(fn=self.on_fit, inputs=[model, self.vram, method] + comps,
                              outputs=[self.fit_status, self.fit_apply, self.plan], concurrency_limit=1,
                              concurrency_id="fit", show_progress="minimal", show_progress_on=[self.fit_status])
         triggers = [t for c in comps for t in ((c.blur, c.submit) if isinstance(c, gr.Textbox) else (c.input,))]
@@ -234,7 +249,7 @@ class SettingsPanel:
         return self.form.read(values, {("data", "path"): folder or "images"})[0]
 
     def on_settings(self, model, method, view, *values):
-        new = self.view(self.read(values), method, model)
+        new = self.view(for_method(self.read(values), method), method, model)
         return self.updates(new, view) + [new]
 
     def on_model(self, model, preset):
@@ -262,9 +277,10 @@ class SettingsPanel:
             out.append(gr.skip() if keep else new)
         return out
 
-    def on_fit(self, model, vram, *values, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+    def on_fit(self, model, vram, method, *values, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
         cfg, errors = self.form.read(values)
-        if self.clean(cfg, method_of(cfg), errors) and errors:
+        for_method(cfg, method, errors)
+        if self.clean(cfg, method, errors) and errors:
             return _fit_box("Fix the marked settings to estimate the memory.", "idle"), gr.update(visible=False), []
         key = (cfg.to_toml(), model, vram)  # a field left without a change costs nothing
         if key not in self._fits:

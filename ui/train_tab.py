@@ -19,7 +19,7 @@ from .jobs import JobManager
 from .runs import FormError, RunSection
 from .settings import SettingsPanel
 
-OWN_PLACE = ("images", "dreambooth", "pivotal")  # groups laid out beside their section, not under Settings
+OWN_PLACE = ("images", "dreambooth", "pivotal", "slider")  # groups laid out beside their section, not under Settings
 
 
 class TrainTab:
@@ -41,14 +41,16 @@ class TrainTab:
                                            value=self.manager.model, scale=2)
             self.settings.build_preset()
         self.last_name = gr.State("my-lora")
-        gr.Markdown("### 1 · Images")
-        self.dataset.build()
-        self.settings.build_group("images", extra=self.dataset.build_group_extra)
+        with gr.Column(elem_id="images-section"):  # hidden for a slider, which learns from prompts alone
+            gr.Markdown("### 1 · Images")
+            self.dataset.build()
+            self.settings.build_group("images", extra=self.dataset.build_group_extra)
         gr.Markdown("### 2 · Method")
         self.method = gr.Radio(list(METHODS), value=method_of(self.settings.initial) or LORA, label="Method",
                                elem_id="method", info="How the LoRA learns the subject.")
         self.settings.build_group("dreambooth", open=True)
         self.settings.build_group("pivotal", open=True)
+        self.settings.build_group("slider", open=True)
         gr.Markdown("### 3 · Settings")
         self.settings.build_first()
         for group in groups():
