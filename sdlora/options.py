@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 from .config import SECTIONS, Config, DataFolder, flag_name, iter_options, validate
 from .errors import ConfigError
+from .option_labels import BASIC, FIRST, LABELS, MORE  # noqa: F401 - BASIC: for importers
 
 Key = tuple[str, str]  # (section, field name); section "data" is one data folder
 
-FIRST, BASIC, MORE = "first", "basic", "more"
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ GROUPS = (
     Group("network", "The network", "Adapter type, rank, alpha, which layers and blocks."),
     Group("learning", "Learning", "Optimizer, learning rates, schedule, batch and steps."),
     Group("noise", "Noise and timesteps", "The training objective: noise, timesteps and the loss."),
-    Group("validation", "Validation and the best file", "Held-out images, the validation loss and the best file."),
+    Group("validation", "Validation and the best file", "Held-out images, image scores and the best file."),
     Group("samples", "Samples", "Images rendered while training."),
     Group("output", "Output and sharing", "File layout, precision, metadata, checkpoints and logging."),
     Group("speed", "Speed and memory", "What changes how fast a step runs and how much memory it takes."),
@@ -49,168 +49,6 @@ GROUPS = (
 SECTION_GROUP = {"model": "model", "lora": "network", "data": "images", "augment": "images", "optim": "learning",
                  "train": "learning", "validation": "validation", "speed": "speed", "sample": "samples",
                  "output": "output", "prior": "dreambooth", "pivotal": "pivotal", "slider": "slider"}
-# section.name: (label, group or None for the section's, level, short help or None for the first sentence of help)
-_F = {
-    "model.path": ("Base model", None, FIRST, "Empty: the built-in shapes-world model; or a folder, file or hub id."),
-    "model.prediction_type": ("Prediction type", "noise", MORE, "auto: read from the model's scheduler."),
-    "model.text_encoders": ("Text encoders folder", None, MORE, "SD3 single files without text encoders: where "
-                            "to take them from."),
-    "model.t5": ("Use T5", None, BASIC, "SD3: the T5-XXL text encoder; off trains with zero T5 embeddings."),
-    "model.t5_max_length": ("T5 tokens per caption", None, MORE, None),
-    "model.quantize": ("Quantize the base (QLoRA)", "speed", BASIC, "nf4: the frozen model in 4 bits."),
-    "lora.rank": ("Rank", None, FIRST, "Bigger learns more and makes a bigger file."),
-    "lora.alpha": ("Alpha", None, BASIC, "The update is scaled by alpha/rank; 0 means alpha = rank."),
-    "lora.dropout": ("LoRA dropout", None, MORE, None),
-    "lora.targets": ("Layers to train", None, FIRST, "auto: the family's default; all: also ResNet/conv layers."),
-    "lora.blocks": ("Transformer blocks", None, MORE, "SD3: only these blocks, e.g. 0-11; empty = every block."),
-    "lora.train_text_encoder": ("Train the text encoder", None, FIRST, "Also LoRA on CLIP: the trigger word "
-                                "learns a meaning."),
-    "lora.text_encoder_lr": ("Text encoder learning rate", "learning", BASIC, "0: the same as the learning rate."),
-    "lora.train_text_encoder_2": ("Train the second text encoder", None, MORE, None),
-    "lora.text_encoder_2_lr": ("Second text encoder learning rate", "learning", MORE, "0: the text encoder's."),
-    "lora.network": ("Network type", None, BASIC, "lora, dora, loha or lokr."),
-    "lora.network_args": ("Network options", None, MORE, "key=value, comma-separated (conv_rank, factor, …)."),
-    "lora.block_dims": ("Rank per block", None, MORE, "kohya's block_dims: one rank per UNet block; 0 = no LoRA."),
-    "lora.block_alphas": ("Alpha per block", None, MORE, "kohya's block_alphas; empty = Alpha."),
-    "lora.conv_block_dims": ("Conv rank per block", None, MORE, "kohya's conv_block_dims (Layers to train: all)."),
-    "lora.conv_block_alphas": ("Conv alpha per block", None, MORE, "kohya's conv_block_alphas."),
-    "lora.down_lr_weight": ("Input blocks' lr weights", None, MORE, "kohya's down_lr_weight: a list or a preset "
-                            "(cosine, linear, …)."),
-    "lora.mid_lr_weight": ("Middle block's lr weight", None, MORE, "kohya's mid_lr_weight."),
-    "lora.up_lr_weight": ("Output blocks' lr weights", None, MORE, "kohya's up_lr_weight."),
-    "lora.block_lr_zero_threshold": ("Block lr zero threshold", None, MORE, "Block lr weights at or below it: no "
-                                     "LoRA in that block."),
-    "lora.network_reg_dims": ("Rank by layer pattern", None, MORE, "REGEX=RANK,… on each layer's name; 0 = no LoRA."),
-    "lora.network_reg_alphas": ("Alpha by layer pattern", None, MORE, "REGEX=ALPHA,…"),
-    "lora.network_reg_lrs": ("Learning rate by layer pattern", None, MORE, "REGEX=LR,…; 0 = no LoRA."),
-    "data.path": ("Image folder", None, FIRST, "Uploads are copied here; or type the path of a folder of images."),
-    "data.prompt": ("Instance prompt / trigger", None, FIRST, "For images without a caption, and the samples."),
-    "data.use_captions": ("Use caption files", None, BASIC, None),
-    "data.repeats": ("Repeats", None, BASIC, None),
-    "data.shuffle_tags": ("Shuffle tags", None, BASIC, "Captions are tag lists: shuffle them every step."),
-    "data.keep_tags": ("Tags kept in front", None, BASIC, "The first N tags stay in place (e.g. the trigger)."),
-    "data.tag_dropout": ("Tag dropout", None, MORE, None),
-    "data.tag_separator": ("Tag separator", None, MORE, None),
-    "data.masks": ("Mask folder", None, BASIC, "White = learn, black = ignore; one mask per image, same name."),
-    "data.alpha_mask": ("Alpha channel as mask", None, MORE, None),
-    "data.unmasked_weight": ("Weight outside the mask", None, MORE, None),
-    "prior.class_prompt": ("Class prompt", None, BASIC, "The class of the subject, e.g. 'a photo of a dog' "
-                           "(needed for DreamBooth)."),
-    "prior.class_data": ("Class image folder", None, MORE, "Made in the LoRA's folder (class_images) by the page."),
-    "prior.num_class_images": ("Class images", None, BASIC, "How many; the base model renders the missing ones "
-                               "into the LoRA's class_images folder."),
-    "prior.weight": ("Prior loss weight", None, BASIC, None),
-    "prior.mode": ("Prior from", None, BASIC, "images: rendered class images; model: the base model's own "
-                   "prediction (no images)."),
-    "pivotal.token": ("New token", None, BASIC, "The token to learn, e.g. <s1>."),
-    "pivotal.trigger": ("Word it replaces", None, BASIC, "e.g. sks; empty: the captions already use the token."),
-    "pivotal.num_vectors": ("Vectors per token", None, BASIC, None),
-    "pivotal.init_word": ("Start from word", None, BASIC, "e.g. the class noun; empty: random."),
-    "pivotal.ti_steps": ("Embedding-only steps", None, BASIC, "Phase 1 before the LoRA trains."),
-    "pivotal.ti_lr": ("Embedding learning rate", None, BASIC, None),
-    "pivotal.continue_lr": ("Embedding rate with the LoRA", None, MORE, "Phase 2; 0: the embedding is frozen."),
-    "augment.resolution": ("Resolution", None, FIRST, "Pixels, a multiple of 8; 0: the model's own size."),
-    "augment.crop": ("Crop", None, MORE, None),
-    "augment.random_flip": ("Random flip", None, BASIC, "Mirror images left-right at random."),
-    "augment.caption_dropout": ("Caption dropout", None, BASIC, "Share of steps with an empty caption."),
-    "augment.bucketing": ("Aspect-ratio buckets", None, MORE, None),
-    "optim.lr": ("Learning rate", None, FIRST, None),
-    "optim.optimizer": ("Optimizer", None, BASIC, "adamw, adamw8bit, prodigy (lr 1), adafactor, "
-                        "adamw-schedulefree, lion."),
-    "optim.weight_decay": ("Weight decay", None, MORE, None),
-    "optim.loraplus_ratio": ("LoRA+ ratio", None, MORE, "B matrices learn at lr × this; 0 = off."),
-    "optim.ema_decay": ("EMA decay", None, MORE, "e.g. 0.999: samples and the file use the averaged weights; 0 = off."),
-    "optim.ema_warmup": ("EMA warm-up", None, MORE, "diffusers' warm-up of the EMA decay."),
-    "optim.save_ema": ("Save EMA", None, MORE, "both: also the raw weights as NAME_raw."),
-    "optim.lr_scheduler": ("LR schedule", None, BASIC, None),
-    "optim.warmup_steps": ("Warm-up steps", None, BASIC, None),
-    "optim.max_grad_norm": ("Gradient clipping", None, MORE, "The gradient norm's limit; 0 = off."),
-    "train.max_steps": ("Steps", None, FIRST, "Optimizer steps to train."),
-    "train.batch_size": ("Batch size", None, FIRST, "Images per step."),
-    "train.grad_accum": ("Gradient accumulation", None, BASIC, "Effective batch = batch size × this."),
-    "train.gradient_checkpointing": ("Gradient checkpointing", "speed", BASIC, "Less memory, slower steps."),
-    "train.mixed_precision": ("Precision", "speed", BASIC,
-                              "auto: bf16 or fp16 on a GPU, the fastest exact one on the CPU."),
-    "train.seed": ("Seed", None, BASIC, "The same seed repeats a run exactly."),
-    "train.min_snr_gamma": ("Min-SNR gamma", "noise", BASIC, "Loss weighting; 5 is typical, 0 = off."),
-    "train.noise_offset": ("Noise offset", "noise", BASIC, "e.g. 0.05 for darker/brighter images; 0 = off."),
-    "train.cache_latents": ("Cache latents", "speed", MORE, "Encode the images once."),
-    "train.cache_text": ("Cache text embeddings", "speed", MORE, None),
-    "train.timestep_sampling": ("Timestep sampling", "noise", BASIC,
-                                "uniform, logit-normal (the middle), sigmoid or mode."),
-    "train.timestep_mean": ("Logit-normal mean", "noise", MORE, None),
-    "train.timestep_scale": ("Timestep spread", "noise", MORE, None),
-    "train.mode_scale": ("Mode scale", "noise", MORE, "How far mode sampling leans to the middle."),
-    "train.flow_weighting": ("Flow loss weighting", "noise", BASIC, "SD3: none, sigma_sqrt or cosmap."),
-    "train.min_timestep": ("Lowest timestep", "noise", MORE, None),
-    "train.max_timestep": ("Highest timestep", "noise", MORE, None),
-    "train.loss": ("Loss", "noise", BASIC, "l2 (MSE), huber or smooth-l1."),
-    "train.huber_delta": ("Huber delta", "noise", BASIC, None),
-    "train.huber_schedule": ("Huber schedule", "noise", BASIC,
-                             "The delta over the timesteps: constant, exponential or snr."),
-    "train.debiased_estimation": ("Debiased estimation", "noise", MORE, None),
-    "train.multires_noise_iterations": ("Multi-resolution noise levels", "noise", MORE, "6-10 is typical; 0 = off."),
-    "train.multires_noise_discount": ("Multi-resolution discount", "noise", MORE, None),
-    "train.ip_noise_gamma": ("Input perturbation", "noise", MORE,
-                             "Extra noise on the input only; 0.1 is typical, 0 = off."),
-    "train.precondition_outputs": ("Preconditioned flow loss", "noise", MORE, "SD3: compare x0, as diffusers and "
-                                   "kohya do; off: the plain velocity loss."),
-    "train.zero_terminal_snr": ("Zero terminal SNR", "noise", MORE, "v-prediction: the last timestep is pure noise."),
-    "validation.data": ("Validation folder", None, BASIC, "Held-out images; or hold out a share below."),
-    "validation.split": ("Hold out share", None, BASIC, "e.g. 0.1: a tenth of the images, never trained on."),
-    "validation.every": ("Validate every (steps)", None, BASIC, "0: only at the end."),
-    "validation.timesteps": ("Timesteps per image", None, MORE, "The validation loss is averaged over them."),
-    "validation.keep_best": ("Keep the best file", None, BASIC, "NAME_best.safetensors at the best validation "
-                             "(Select the best by)."),
-    "validation.scorer": ("Image scorer", None, BASIC, "Render the validation prompts and score them: shapes, "
-                          "clip-dino; none = off."),
-    "validation.select_by": ("Select the best by", None, BASIC, "images (the combined score), loss; auto: images "
-                             "with a scorer."),
-    "validation.prompts": ("Validation prompts", None, MORE, "One per line; empty: training captions with and "
-                           "without the trigger."),
-    "validation.seeds": ("Images per validation prompt", None, MORE, None),
-    "validation.image_steps": ("Validation image steps", None, MORE, "Denoising steps per validation image."),
-    "validation.image_size": ("Validation image size", None, MORE, "Pixels; 0 = the training resolution."),
-    "validation.score_weights": ("Score weights", None, MORE, "The combined score: likeness=1,adherence=0,…"),
-    "validation.concept": ("Judge's concept", None, MORE, "shapes scorer: the class the trigger should draw; "
-                           "empty = read from the images."),
-    "validation.clip_model": ("CLIP model", None, MORE, "clip-dino scorer: prompt adherence."),
-    "validation.dino_model": ("DINO model", None, MORE, "clip-dino scorer: likeness, preservation and copying."),
-    "validation.early_stop_patience": ("Early-stop patience", None, BASIC, "Validations without improvement; "
-                                       "0 = off."),
-    "speed.threads": ("CPU threads", None, MORE, "0: the cores not busy with other work."),
-    "speed.thread_check": ("Recount free cores every (s)", None, MORE, "CPU threads 0: follow the machine's load; "
-                           "0 = count once."),
-    "speed.attention": ("Attention kernel", None, BASIC, "sdpa (fused), math (plain) or xformers."),
-    "speed.channels_last": ("Channels-last", None, MORE, None),
-    "speed.tf32": ("TF32", None, MORE, None),
-    "speed.compile": ("torch.compile", None, MORE, "regional or full: faster steps after a slow start."),
-    "speed.fused_optimizer": ("Fused AdamW", None, MORE, None),
-    "speed.log_every": ("Read the loss every (steps)", None, MORE, "Each read waits for the GPU."),
-    "speed.prefetch": ("Prefetch batches", None, MORE, "Prepare the next batch on a background thread."),
-    "sample.prompts": ("Sample prompts", None, BASIC, "One per line; empty: the instance prompt."),
-    "sample.every": ("Sample every (steps)", None, FIRST, "Also at step 0 and the end; 0: only those."),
-    "sample.steps": ("Sample steps", None, BASIC, "Denoising steps per sample image."),
-    "sample.guidance": ("Sample guidance", None, BASIC, None),
-    "sample.seed": ("Sample seed", None, MORE, None),
-    "slider.target": ("Target prompt", None, BASIC, "The prompt the LoRA acts on, e.g. 'a person'."),
-    "slider.positive": ("Positive prompt", None, BASIC, "enhance: the +1 direction; erase: the concept to remove."),
-    "slider.negative": ("Negative prompt", None, BASIC, "enhance: the -1 direction (empty: the target)."),
-    "slider.guidance": ("Slider strength (eta)", None, BASIC, "How far +1 moves the target; Concept Sliders use 4."),
-    "slider.action": ("Action", None, BASIC, "enhance: a slider (-1 to +1); erase: an eraser (0 to 1)."),
-    "slider.attributes": ("Attributes", None, MORE, "Words put before every prompt in turn, one per line."),
-    "slider.anchors": ("Anchor prompts", None, MORE, "Prompts the LoRA must leave unchanged, one per line."),
-    "slider.anchor_weight": ("Anchor weight", None, MORE, None),
-    "slider.denoise_steps": ("Denoising steps", None, MORE, "Partial denoising before each step (LECO)."),
-    "output.path": ("Output file", None, MORE, "Set by the page from the LoRA name."),
-    "output.format": ("File layout", None, BASIC, "kohya: A1111, ComfyUI, kohya, diffusers; diffusers: PEFT."),
-    "output.save_every": ("Checkpoint every (steps)", None, BASIC, "Resumable checkpoints; 0 = only at the end."),
-    "output.name": ("Name in A1111", None, MORE, "ss_output_name; default: the file name."),
-    "output.trigger": ("Trigger words", None, BASIC, "Stored in the file; default: taken from the prompts."),
-    "output.dtype": ("Saved precision", None, BASIC, None),
-    "output.log_with": ("Log to", None, MORE, "tensorboard or wandb, through accelerate."),
-    "output.metadata": ("Metadata in the file", None, MORE, "public (no paths), full or none."),
-}
 
 
 @dataclass(frozen=True)
@@ -259,7 +97,7 @@ _ABBREV = re.compile(r"(\be\.g\.|\bi\.e\.|\bal\.|\betc\.|\bvs\.)$")
 
 def describe(section: str, f: dataclasses.Field) -> Option:
     """The presentation of one field: its entry in the table, or the defaults for a field that has none."""
-    label, group, level, short = _F.get(f"{section}.{f.name}", (None, None, MORE, None))
+    label, group, level, short = LABELS.get(f"{section}.{f.name}", (None, None, MORE, None))
     text = f.metadata.get("help", "")
     return Option(section, f, label or f.name.replace("_", " ").capitalize(),
                   group or SECTION_GROUP.get(section, section), level, short or short_help(text), text)

@@ -288,7 +288,7 @@ def test_page_is_grouped_readable_and_complete(browser, app, shots, tiny_model):
         assert not cut, f"{size}: " + "\n".join(cut)
         assert not unnamed, "\n".join(unnamed)
         save_groups(page, shots, groups, f"{size[0]}x{size[1]}")
-        for tab in ("Preview", "Library", "Merge"):
+        for tab in ("Preview", "Library", "Merge", "Compare"):
             open_tab(page, tab)
             page.wait_for_timeout(500)
             cut = page.evaluate(CUT_OFF)
@@ -401,6 +401,9 @@ def test_errors_paths_uploads_and_renames(page, app, shots, tmp_path):
     job_status(page, "failed", "empty-folder").wait_for()
     job = manager.jobs()[-1]
     assert job.state == "failed" and job.error in page.locator("#job-status .job-error").inner_text()
+    # nothing of an earlier job stays under the new error: its loss, scores and samples are gone
+    page.locator("#loss-chart.empty").wait_for()
+    assert page.locator("#score-chart.empty").count() == 1 and page.locator("#samples img").count() == 0
     assert "Traceback" not in page.content()
 
 
