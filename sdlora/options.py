@@ -224,6 +224,11 @@ _RULES = {
     ("data", "unmasked_weight"): (lambda c, m: any(d.masks or d.alpha_mask for d in c.data),
                                   "needs a Mask folder or Alpha channel as mask"),
     ("validation", "timesteps"): (lambda c, m: _has_validation(c), "needs validation images"),
+    **{("validation", name): (lambda c, m: c.validation.scorer != "none", "needs an Image scorer")
+       for name in ("prompts", "seeds", "image_steps", "image_size", "score_weights")},
+    ("validation", "concept"): (lambda c, m: c.validation.scorer == "shapes", "the shapes scorer only"),
+    ("validation", "clip_model"): (lambda c, m: c.validation.scorer == "clip-dino", "the clip-dino scorer only"),
+    ("validation", "dino_model"): (lambda c, m: c.validation.scorer == "clip-dino", "the clip-dino scorer only"),
     ("optim", "warmup_steps"): (lambda c, m: c.optim.lr_scheduler != "constant"
                                 or c.optim.optimizer == "adamw-schedulefree",
                                 "the constant schedule has no warm-up: choose constant_with_warmup"),
@@ -236,7 +241,8 @@ _RULES = {
 }
 # Probe values where the generic ones would break a rule of their own (a resolution of 1), or for free-text fields
 # whose rules are worth trying (other text fields always apply).
-_PROBES = {("lora", "blocks"): "0", ("pivotal", "token"): "<s1>", ("augment", "resolution"): 64}
+_PROBES = {("lora", "blocks"): "0", ("pivotal", "token"): "<s1>", ("augment", "resolution"): 64,
+           ("validation", "image_size"): 64}
 _PAGE_SET = {("output", "path"), ("prior", "class_data")}
 
 

@@ -98,6 +98,11 @@ def test_a_field_without_metadata_gets_a_place(monkeypatch):
     ({}, ModelFacts(FAMILIES["sd2"], "v_prediction"), set(), {("train", "zero_terminal_snr")}),
     ({"lora.train_text_encoder": True}, ModelFacts(FAMILIES["sdxl"], "epsilon"), set(),
      {("lora", "train_text_encoder_2"), ("lora", "text_encoder_lr")}),
+    ({}, None, {("validation", "seeds"), ("validation", "image_size"), ("validation", "concept"),
+                ("validation", "clip_model"), ("validation", "select_by")}, {("validation", "scorer")}),
+    ({"validation.scorer": "shapes"}, None, {("validation", "clip_model"), ("validation", "dino_model")},
+     {("validation", "seeds"), ("validation", "image_size"), ("validation", "concept"), ("validation", "every"),
+      ("validation", "keep_best"), ("validation", "select_by"), ("validation", "score_weights")}),
     ({"data.shuffle_tags": True, "data.masks": "m"}, None, set(),
      {("data", "keep_tags"), ("data", "tag_separator"), ("data", "unmasked_weight")}),
 ])

@@ -102,7 +102,7 @@ def score_chart(scores: list[tuple[int, dict]], best_step: int = 0, select_by: s
                 '(Image scorer in "Validation and the best file").</div>')
     steps = [s for s, _ in rows]
     values = [v for _, parts in rows for v in parts.values()]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    x0, x1 = 0, max(max(steps), 1)  # from step 0: a single validation is not drawn at the chart's edge
     y0, y1 = min(0.0, min(values)), max(1.0, max(values))
 
     def x(s):

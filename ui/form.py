@@ -45,6 +45,8 @@ def widget(opt: Option, value=None, **kw) -> gr.components.Component:
         return gr.Textbox(value=value, lines=2, **kw)
     if f.type in ("int", "float"):
         return gr.Textbox(value=value, lines=1, max_lines=1, **kw)
+    if len(str(opt.default)) > 24:  # a long default (score weights, a hub id) wraps instead of being cut off
+        return gr.Textbox(value=value, lines=2, max_lines=4, **kw)
     return gr.Textbox(value=value, lines=1, max_lines=1, **kw)
 
 
@@ -55,8 +57,8 @@ def parse(opt: Option, raw) -> tuple[object, str | None]:
         return [line.strip() for line in (raw or "").splitlines() if line.strip()], None
     if t == "bool":
         return bool(raw), None
-    if t == "str":
-        return ("" if raw is None else str(raw)), None
+    if t == "str":  # one line, also where the box wraps a long value
+        return ("" if raw is None else str(raw).replace("\n", "")), None
     if t not in ("int", "float"):
         return raw, None
     text = "" if raw is None else str(raw).strip()
