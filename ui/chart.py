@@ -115,7 +115,7 @@ def score_chart(scores: list[tuple[int, dict]], best_step: int = 0, select_by: s
     if best_step in steps:
         parts_svg.append(f'<line class="score-best" x1="{x(best_step):.1f}" x2="{x(best_step):.1f}" y1="{TOP}" '
                          f'y2="{H - BOTTOM}" stroke="#7c3aed" stroke-dasharray="4 3"/>')
-    for key, label, colour, width in SCORE_SERIES:
+    for key, label, colour, width in SCORE_SERIES[1:] + SCORE_SERIES[:1]:  # the combined score drawn on top
         pts = [(s, parts[key]) for s, parts in rows if key in parts]
         if not pts:
             continue

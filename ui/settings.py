@@ -33,6 +33,7 @@ METHOD_GROUPS = {"dreambooth": METHODS[1], "pivotal": METHODS[2], "slider": SLID
 PAGE_OWNED = {("model", "path"), ("data", "path"), ("data", "prompt"), ("data", "masks"), ("output", "path"),
               ("prior", "class_data")}  # placed by the page, or set from the LoRA's name
 NO_PRESET = "(none: sdlora's defaults)"
+METHOD_INFO = "From images (LoRA, DreamBooth, pivotal tuning) or from prompts alone (slider / eraser)."
 
 
 def for_method(cfg: Config, method: str, errors: dict | None = None) -> Config:
@@ -182,7 +183,7 @@ class SettingsPanel:
         off += [f"#more-{key}" for key, keys in self.mores.items() if all(k in hidden for k in keys)]
         off += ["#images-section"] if method == SLIDER else []  # prompts alone: no images to add
         problems = method_problems(cfg, facts)
-        info = "; ".join(f"{m}: {why}" for m, why in problems.items()) or "How the LoRA learns the subject."
+        info = "; ".join(f"{m}: {why}" for m, why in problems.items()) or METHOD_INFO
         return {"style": f"<style>{', '.join(off)} {{ display: none !important; }}</style>" if off else "",
                 "labels": labels, "notes": [self._note(key, hidden) for key in self.notes],
                 "method": ([m for m in METHODS if m not in problems], info)}

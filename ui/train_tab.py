@@ -17,7 +17,7 @@ from .dataset import DatasetSection
 from .form import ConfigForm
 from .jobs import JobManager
 from .runs import FormError, RunSection
-from .settings import SettingsPanel
+from .settings import METHOD_INFO, SettingsPanel
 
 OWN_PLACE = ("images", "dreambooth", "pivotal", "slider")  # groups laid out beside their section, not under Settings
 
@@ -47,7 +47,7 @@ class TrainTab:
             self.settings.build_group("images", extra=self.dataset.build_group_extra)
         gr.Markdown("### 2 · Method")
         self.method = gr.Radio(list(METHODS), value=method_of(self.settings.initial) or LORA, label="Method",
-                               elem_id="method", info="How the LoRA learns the subject.")
+                               elem_id="method", info=METHOD_INFO)
         self.settings.build_group("dreambooth", open=True)
         self.settings.build_group("pivotal", open=True)
         self.settings.build_group("slider", open=True)
