@@ -472,7 +472,7 @@ def test_upload_train_watch_preview_download(page, app, shots, tmp_path):
     page.locator("#preview-base img").wait_for()
     assert "Seed 0" in page.locator("#preview-status").inner_text()
     page.locator("#preview-lora-1 input").click()  # every slot offers LoRAs only, and an empty choice
-    offered = page.get_by_role("option").all_inner_texts()
+    offered = [o.replace("✓", "").strip() for o in page.get_by_role("option").all_inner_texts()]  # ✓: the chosen
     assert "(none)" in offered and not any("_emb" in o for o in offered)
     page.keyboard.press("Escape")
     choose(page, "preview-lora-0", "(none)")  # a slot can be cleared, and stays cleared
