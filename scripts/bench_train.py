@@ -300,7 +300,7 @@ def own(r: dict) -> str:
 
 
 def markdown(env: dict, rows: list[dict]) -> str:
-    """The README's table, and one line per speed switch."""
+    """The table docs/benchmarks.md shows, and one line per speed switch."""
     names = {"sd1": "SD 1.5", "sdxl": "SDXL", "sd3": "SD3.5 Medium"}
     out = ["| model | px | batch | precision | caching | base | s/step (wall) | images/s | peak GiB |",
            "|---|---|---|---|---|---|---|---|---|"]

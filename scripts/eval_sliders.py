@@ -1,5 +1,5 @@
 """Train the shipped eraser and colour slider on the built-in shapes world (prompts alone, no images) and measure
-them with the judge; prints the table the README shows.
+them with the judge; prints the table docs/training.md shows (sliders and erasers).
 
     OMP_NUM_THREADS=1 python scripts/eval_sliders.py              # trains both (CPU: ~10 minutes), then measures
     python scripts/eval_sliders.py --skip-training                 # measure the files already in --output

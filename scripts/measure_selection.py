@@ -5,7 +5,7 @@
 1. Trains the demo job as shipped (image validation: shapes scorer, every 250 steps, select by images) with a
    checkpoint at every validation, timing the validations against the rest of training.
 2. Trains the same job selecting by the validation loss instead (`--validation-split 0.1 --select-by loss`), as
-   the README's earlier measurement did (skip with --skip-loss).
+   docs/shapes-world.md's earlier measurement did (skip with --skip-loss).
 3. Scores run 1's best and last files and run 2's best file with `sdlora eval --n 32`, and every checkpoint of
    run 1 with `sdlora eval` at --n-checkpoints trigger and world images (concept fidelity, prompt fidelity,
    preservation; cached in evals.json, so a rerun only adds what is missing).

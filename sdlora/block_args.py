@@ -52,6 +52,9 @@ def parse_lr_weight(name: str, text: str, n: int) -> list[float]:
     items = text.split(",")
     if len(items) == 1 and name != "mid_lr_weight" and not re.fullmatch(r"\s*[0-9.eE+-]*\s*", text):
         return lr_preset(name, text, n)
+    if len(items) == 1 and name != "mid_lr_weight":  # sd-scripts reads a bare number as an unknown preset
+        raise ConfigError(f"lora.{name} takes comma-separated values (one per block) or a preset "
+                          f"({', '.join(LR_PRESETS)}, optionally +BASE); got {text!r}")
     values = [_number(name, item, float) if item.strip() else 0.0 for item in items]
     if len(values) > n:
         raise ConfigError(f"lora.{name} has {len(values)} values; this model has {n} blocks there")

@@ -20,7 +20,8 @@ from .block_args import BLOCK_KEYS, LR_WEIGHTS, PATTERNS, check_syntax
 from .errors import ConfigError
 from .paths import default_model_path
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+SIGN_FLIP = 2  # from version 2 on, train.timestep_mean has diffusers' --logit_mean sign (version 1: the opposite)
 
 TARGET_PRESETS = ("auto", "cross_attn", "attn", "attn_ff", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw-schedulefree", "lion")
@@ -528,6 +529,11 @@ def from_dict(values: dict) -> Config:
             if value > CONFIG_VERSION:
                 raise ConfigError(f"config_version {value} is newer than this sdlora ({CONFIG_VERSION}); "
                                   "upgrade sdlora")
+            mean = values.get("train", {}).get("timestep_mean", 0) if isinstance(values.get("train"), dict) else 0
+            if value < SIGN_FLIP and mean:
+                raise ConfigError(f"train.timestep_mean = {mean} in a config_version {value} job meant the opposite "
+                                  f"sign (it now follows diffusers' --logit_mean): write {-mean} and config_version = "
+                                  f"{CONFIG_VERSION}")
         elif key == "data":
             items = value if isinstance(value, list) else [value]
             cfg.data = []
@@ -704,7 +710,8 @@ SLIDER_UNUSED = (("train", "timestep_sampling"), ("train", "timestep_mean"), ("t
                  ("train", "multires_noise_iterations"), ("train", "multires_noise_discount"),
                  ("train", "ip_noise_gamma"), ("augment", "crop"), ("augment", "random_flip"),
                  ("augment", "caption_dropout"), ("lora", "train_text_encoder"), ("pivotal", "token"),
-                 ("prior", "class_prompt"), ("validation", "data"), ("validation", "split"))
+                 ("prior", "class_prompt"), ("validation", "data"), ("validation", "split"),
+                 ("validation", "scorer"))  # image scores read training images; a slider has none
 
 
 def check_slider(cfg: Config) -> None:
@@ -882,6 +889,12 @@ def validate_training_options(cfg: Config, check_paths: bool = True) -> None:
     _rule(va.select_by != "loss" or bool(va.split or va.data), "select_by loss needs held-out images: give "
           "--validation-data DIR or --validation-split F")
     _rule(va.image_size % 8 == 0, f"validation.image_size must be a multiple of 8, got {va.image_size}")
+    if va.scorer == "none":
+        va_defaults = ValidationConfig()
+        for name in ("prompts", "seeds", "image_steps", "image_size", "score_weights", "concept", "clip_model",
+                     "dino_model"):
+            _rule(getattr(va, name) == getattr(va_defaults, name), f"validation.{name} is for image validation: "
+                  "set validation.scorer (--scorer shapes|clip-dino) or leave it at its default")
     cfg.score_weights  # noqa: B018 - parses, raising on a bad weight
     for i, p in enumerate(va.prompts):
         kind = p.get("kind", "concept") if isinstance(p, dict) else "concept"

@@ -194,6 +194,25 @@ def test_block_learning_rates_reach_the_optimizer_as_sd_scripts_computes_them(ti
     assert state.optim.main.param_groups[0]["lr"] == cfg.optim.lr  # the logged lr is the UNet's own
 
 
+def test_an_alpha_of_zero_is_the_rank_as_sd_scripts_reads_it(tiny_model, images, tmp_path):
+    """sd-scripts' LoRAModule: `alpha = lora_dim if alpha is None or alpha == 0 else alpha` (scale 1), for block_alphas,
+    conv_block_alphas and sdlora's network_reg_alphas alike; a LoRA scaled to nothing would train nothing."""
+    def scales(state):
+        return {n: m.scaling["default"] for n, m in state.components.denoiser.named_modules()
+                if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
+
+    cfg = block_config(tiny_model, images, tmp_path / "o" / "z.safetensors")
+    cfg.lora.block_alphas = ",".join("0" for _ in DIMS)
+    cfg.lora.conv_block_alphas = ",".join("0" for _ in CONV)
+    got = scales(setup_state(cfg))
+    assert got and set(got.values()) == {1.0}, got  # alpha / rank with alpha = rank
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "r.safetensors", lora__targets="all")
+    cfg.lora.network_reg_dims, cfg.lora.network_reg_alphas = "attn2=6", "attn2=0"
+    got = scales(setup_state(cfg))
+    assert {v for n, v in got.items() if "attn2" in n} == {1.0}
+    assert {v for n, v in got.items() if "attn2" not in n} == {cfg.lora_alpha / cfg.lora.rank}
+
+
 def test_regexes_set_rank_alpha_and_lr_on_sd3_joint_blocks(sd35m, images, tmp_path):
     """network_reg_*: on SD3's diffusers paths or its kohya (original MMDiT, fused q/k/v) names, first match wins."""
     cfg = tiny_config(sd35m, images, tmp_path / "o" / "r.safetensors", train__max_steps=2, lora__targets="attn_ff")
@@ -244,6 +263,7 @@ def test_sdxl_block_dims_follow_the_original_block_names(tiny_xl, tmp_path):
     (dict(block_alphas="1"), "need block_dims"),
     (dict(network_args="block_dims=1,2"), "has an option of its own"),
     (dict(block_lr_zero_threshold=0.1), "applies to down/mid/up_lr_weight"),
+    (dict(down_lr_weight="0.5"), "comma-separated values"),  # sd-scripts: an unknown preset, no effect
 ])
 def test_bad_block_settings_are_one_line_errors(tiny_model, images, tmp_path, change, says):
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "e.safetensors")

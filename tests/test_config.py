@@ -107,8 +107,10 @@ def test_shipped_job_files_are_valid(name):
 
 
 @pytest.mark.parametrize("text,message", [
-    ('config_version = "1"\n[[data]]\npath = "."\n', "config_version must be a whole number like 1"),
+    ('config_version = "1"\n[[data]]\npath = "."\n', "config_version must be a whole number like 2"),
     ("config_version = 99\n[[data]]\npath = '.'\n", "config_version 99 is newer than this sdlora"),
+    ("config_version = 1\n[train]\ntimestep_sampling = 'logit-normal'\ntimestep_mean = 0.5\n[[data]]\npath = '.'\n",
+     "write -0.5 and config_version = 2"),  # version 1's sign was the opposite of diffusers' --logit_mean
     ("[train]\nmax_steps = 0\n[[data]]\npath = '.'\n", "0 is only for plain textual inversion"),
     ("[train]\nmax_steps = -2\n[[data]]\npath = '.'\n", "train.max_steps must be >= 0, got -2"),
 ])
@@ -130,3 +132,20 @@ def test_zero_steps_are_valid_for_plain_textual_inversion(tmp_path):
 def test_demo_refuses_zero_steps_instead_of_ignoring_them(capsys):
     assert main(["demo", "--max-steps", "0"]) == 2
     assert "train.max_steps must be > 0" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_timestep_mean_sign_flip_is_not_resumed(tmp_path):
+    """config_version 1 ran timestep_mean with the opposite sign to diffusers' --logit_mean: resuming it under
+    version 2 would silently favour the other end of the timesteps."""
+    import torch
+
+    from sdlora.errors import TrainingError
+    from sdlora.training.checkpoint import STATE_VERSION, load_state
+
+    config = Config().to_dict()
+    old = {**config, "config_version": 1, "train": {**config["train"], "timestep_mean": 0.5}}
+    torch.save({"version": STATE_VERSION, "config": old}, tmp_path / "step.pt")
+    with pytest.raises(TrainingError, match="opposite sign"):
+        load_state(tmp_path / "step.pt", config)
+    torch.save({"version": STATE_VERSION, "config": {**old, "config_version": 2}}, tmp_path / "new.pt")
+    assert load_state(tmp_path / "new.pt", config)["version"] == STATE_VERSION

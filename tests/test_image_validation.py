@@ -14,7 +14,7 @@ from conftest import draw_images, tiny_config
 from sdlora import train
 from sdlora.callbacks import Callbacks, Commands
 from sdlora.config import Config, DataFolder, validate
-from sdlora.errors import ConfigError
+from sdlora.errors import ConfigError, TrainingError
 from sdlora.loras.files import read_lora
 from sdlora.scoring.base import Scores
 from sdlora.training import image_validation
@@ -64,6 +64,10 @@ def test_scores_are_deterministic_and_a_resumed_run_logs_the_same_and_keeps_the_
     commands = Commands()
     first = train(c, Stop(commands, 3), commands)
     assert first.stopped and first.steps == 3
+    reweighted = job(tiny_model, data, tmp_path / "c" / "l.safetensors", validation__keep_best=True,
+                     validation__score_weights="likeness=1")
+    with pytest.raises(TrainingError, match=r"validation\.score_weights was"):  # the kept best is on another scale
+        train(reweighted, resume=True)
     second = train(c, resume=True)
     assert score_lines(second.log) == lines and second.best_step == ra.best_step and second.best_score == ra.best_score
     (ta, ma), (tc, mc) = read_lora(ra.best), read_lora(second.best)
@@ -159,7 +163,7 @@ def test_validation_draws_the_weights_a_file_gets_and_the_base_model(tiny_model,
     from diffusers import StableDiffusionPipeline
 
     from sdlora.loras.apply import load_lora_into
-    from sdlora.scoring.base import make_scorer
+    from sdlora.scoring.make import make_scorer
 
     made = []
     monkeypatch.setattr(image_validation, "make_scorer",
@@ -211,6 +215,8 @@ def test_default_validation_prompts_come_from_the_captions():
     ({"validation__scorer": "shapes", "validation__score_weights": "style=1"}, "unknown part 'style'"),
     ({"validation__scorer": "shapes", "validation__prompts": [{"text": "a", "kind": "x"}]}, "kind must be concept"),
     ({"validation__scorer": "shapes", "validation__image_size": 30}, "multiple of 8"),
+    ({"validation__prompts": ["a red sks"]}, r"validation\.prompts is for image validation"),  # read by no one
+    ({"validation__seeds": 4}, r"validation\.seeds is for image validation"),
 ])
 def test_bad_image_validation_settings_are_one_line(tmp_path, changes, message):
     cfg = tiny_config("", tmp_path, tmp_path / "o.safetensors", **changes)

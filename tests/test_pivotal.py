@@ -38,11 +38,11 @@ def test_textual_inversion_changes_only_the_new_rows(tiny_model, images, tmp_pat
     te = state.components.text_encoders[0]
     weight = te.get_input_embeddings().weight.detach()
     original = fresh_pipeline(tiny_model).text_encoder.get_input_embeddings().weight.detach()
-    first = state.concept.per_encoder[0].first_id
+    first = state.concept.tokens.per_encoder[0].first_id
     assert weight.shape == original.shape  # the tiny model has spare rows, as SD's tokenizer/vocab may not
     changed = (weight != original).any(dim=1).nonzero().flatten().tolist()
     assert changed == [first, first + 1]  # every other row is bit-identical
-    assert not torch.equal(state.concept.vectors()[0], state.concept_init[0])
+    assert not torch.equal(state.concept.tokens.vectors()[0], state.concept.initial[0])
     caption = state.batches.examples[0].caption
     assert "sks" not in caption and "<s1> <s1>_1" in caption
     # plain TI writes the embedding file diffusers loads

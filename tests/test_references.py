@@ -58,10 +58,11 @@ class _Linear:
 
 
 def _models(denoiser):
+    from sdlora.training.parts import Part
     from sdlora.training.step import Models
 
     conditioning = SimpleNamespace(predict=lambda den, x, t, cond, micro: den(x, t))
-    return Models(denoiser, denoiser, None, _flow_scheduler(), conditioning)
+    return Models(Part.unwrapped(denoiser), None, _flow_scheduler(), conditioning)
 
 
 @pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
@@ -503,7 +504,9 @@ def test_sd3_sizes_beyond_the_position_embedding_are_one_line_errors(sd35m, tmp_
     most = tc["pos_embed_max_size"] * tc["patch_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     data = draw_images(tmp_path / "imgs", n=2, sizes=((96, 48),))
     for options, says in (({"augment__resolution": most + 8 * tc["patch_size"]}, "resolution"),
-                          ({"augment__resolution": most}, "the bucket of img0.png")):
+                          ({"augment__resolution": most}, "the bucket of img0.png"),
+                          ({"augment__resolution": 32, "validation__scorer": "shapes",
+                            "validation__image_size": most + 8 * tc["patch_size"]}, "validation.image_size")):
         cfg = tiny_config(sd35m, data, tmp_path / "o" / "l.safetensors", model__t5=False, **options)
         with pytest.raises(ConfigError, match=rf"{says}.* is larger than .* at most {most} px a side"):
             train(cfg)

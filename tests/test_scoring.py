@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from sdlora.errors import ConfigError, DataError, ModelError
 from sdlora.paths import default_model_path
-from sdlora.scoring.base import Scores, Shots, has_trigger, make_scorer, without_trigger
+from sdlora.scoring.base import Scores, Shots, has_trigger, without_trigger
+from sdlora.scoring.make import make_scorer
 from sdlora.world import shapes
 
 

@@ -5,7 +5,8 @@ max_denoising_steps, the first k steps from noise on [unconditional, target] at 
 LECO from 1), then MSE between the
 LoRA's prediction for the target and neutral +/- guidance (positive - unconditional), prompt_util.PromptEmbedsPair)
 and ai-toolkit's concept slider (the same target mirrored at network multiplier -1; an anchor prompt kept at the
-base model's prediction); the LoRA at +1 and -1 is diffusers' own, loaded from the written file."""
+base model's prediction); the partial denoising runs with the LoRA off, as ai-toolkit's does (LECO and Concept
+Sliders denoise with it on); the LoRA at +1 and -1 is diffusers' own, loaded from the written file."""
 
 from __future__ import annotations
 
@@ -194,6 +195,10 @@ def test_bad_slider_settings_are_one_line_errors(tiny_model, tmp_path, change, s
 
 
 def test_what_a_slider_does_not_use_is_refused(tiny_model, tmp_path):
+    cfg = slider_config(tiny_model, tmp_path / "o" / "s.safetensors")
+    cfg.validation.scorer = "shapes"  # image scores compare with training images; a slider has none
+    with pytest.raises(ConfigError, match=r"validation\.scorer is for training on images"):
+        validate(cfg)
     cfg = slider_config(tiny_model, tmp_path / "o" / "s.safetensors")
     cfg.train.noise_offset = 0.05
     with pytest.raises(ConfigError, match=r"train\.noise_offset is for training on images"):

@@ -234,7 +234,8 @@ def _check(s: CompareSettings) -> None:
 
 def _scorer(cfg: Config, trigger: str, captions: dict, device: str):
     """The scorer with the training images that carry the trigger as its reference; None for scorer none."""
-    from ..scoring.base import has_trigger, make_scorer
+    from ..scoring.base import has_trigger
+    from ..scoring.make import make_scorer
     from ..training.data import load_image, scan_folder
 
     va = cfg.validation

@@ -12,7 +12,6 @@ from typing import Protocol
 from PIL import Image
 
 from ..config import SCORE_PARTS
-from ..errors import ConfigError
 
 
 @dataclass
@@ -63,21 +62,6 @@ class Scorer(Protocol):
         saying what it read."""
 
     def score(self, shots: Shots) -> Scores: ...
-
-
-def make_scorer(name: str, trigger: str, concept: str = "", clip_model: str = "", dino_model: str = "",
-                device: str = "cpu") -> Scorer:
-    """The scorer called `name` (shapes, clip-dino). A model that is not here is a one-line error saying how to get
-    it."""
-    if name == "shapes":
-        from .shapes import ShapesScorer
-
-        return ShapesScorer(trigger, concept)
-    if name == "clip-dino":
-        from .clip_dino import ClipDinoScorer
-
-        return ClipDinoScorer(trigger, clip_model, dino_model, device)
-    raise ConfigError(f"unknown scorer {name!r}; choose shapes or clip-dino")
 
 
 def has_trigger(text: str, trigger: str) -> bool:

@@ -94,7 +94,7 @@ def plan_layers(cfg, family, denoiser, names: list[str], kohya_name) -> dict[str
             rank = found["network_reg_dims"]
             alpha = lo.alpha or float(rank)
         if found["network_reg_alphas"] is not None:
-            alpha = found["network_reg_alphas"]
+            alpha = found["network_reg_alphas"] or float(rank)
         if found["network_reg_lrs"] is not None:
             lr = found["network_reg_lrs"]
         if rank and lr:
@@ -110,13 +110,14 @@ def _block_rank(cfg, lists: dict, blocks, path: str, config, conv: bool) -> tupl
     rank, alpha = lo.rank, cfg.lora_alpha
     i = blocks.index(path, config) if lists else None
     if i is not None and lists["block_dims"] is not None:
-        rank, alpha = lists["block_dims"][i], lists["block_alphas"][i]
+        rank, alpha = lists["block_dims"][i], lists["block_alphas"][i] or float(lists["block_dims"][i])
     if not conv:
         return rank, alpha
     if i is not None and lists["conv_block_dims"] is not None:
         r = lists["conv_block_dims"][i]
         a = lists["conv_block_alphas"][i] if lists["conv_block_alphas"] is not None else \
             args["conv_alpha"] or r * cfg.lora_alpha / lo.rank
+        a = a or float(r)  # an alpha of 0 is the rank, as sd-scripts reads it (not a LoRA scaled to nothing)
         return r, a
     r = args["conv_rank"] or rank
     return r, args["conv_alpha"] or (alpha * r / rank if rank else 0.0)

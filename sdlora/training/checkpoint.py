@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import PER_LAYER_KEYS, Config, SliderConfig
+from ..config import PER_LAYER_KEYS, SIGN_FLIP, Config, SliderConfig
 from ..errors import TrainingError
 from ..io import torch_save
 
@@ -18,6 +18,8 @@ RESUME_KEYS = (("model", "path"), ("lora", "rank"), ("lora", "alpha"), ("lora", 
                ("pivotal", "token"), ("pivotal", "num_vectors"), ("pivotal", "ti_steps"), ("lora", "network"),
                ("lora", "network_args"), ("optim", "optimizer"), ("optim", "loraplus_ratio"), ("validation", "data"),
                ("validation", "split"), ("validation", "scorer"),
+               *(("validation", k) for k in ("select_by", "prompts", "seeds", "image_steps", "image_size",
+                                             "score_weights", "concept", "clip_model", "dino_model")),  # the best score
                *(("lora", k) for k in PER_LAYER_KEYS),  # per-block ranks and rates
                *(("slider", f.name) for f in fields(SliderConfig)))  # every setting of a slider
 
@@ -76,6 +78,9 @@ def load_state(path: Path, config: dict) -> dict:
     if state["version"] != STATE_VERSION:
         raise TrainingError(f"{path.name} was written by another sdlora version (checkpoint format "
                             f"{state['version']}, this one reads {STATE_VERSION}); train into a new output")
+    if state["config"].get("config_version", 1) < SIGN_FLIP and state["config"].get("train", {}).get("timestep_mean"):
+        raise TrainingError(f"cannot resume from {path.name}: its train.timestep_mean had the opposite sign before "
+                            "config_version 2 (now diffusers' --logit_mean); train into a new output")
     defaults = Config()  # a checkpoint written before a setting existed ran with its default
     for section, key in RESUME_KEYS:
         old = state["config"].get(section, {}).get(key, getattr(getattr(defaults, section), key))

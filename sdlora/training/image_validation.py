@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..scoring.base import Scorer, Shots, has_trigger, make_scorer
+from ..scoring.base import Scorer, Shots, has_trigger
+from ..scoring.make import make_scorer
 
 CONCEPT_PROMPTS, PRESERVATION_PROMPTS = 4, 2  # default prompts drawn from the training captions
 MAX_REFERENCE = 64  # training images scored against (evenly spread when there are more)
@@ -182,7 +183,7 @@ def reference_images(state, trigger: str) -> list:
     spread."""
     from .data import load_image
 
-    token = state.prompt(trigger) if trigger else ""
+    token = state.concept.prompt(trigger) if trigger else ""
     paths = sorted({e.path for e in state.batches.examples if not token or has_trigger(e.caption, token)})
     return [load_image(p) for p in _spread(paths, MAX_REFERENCE)]
 
@@ -191,12 +192,11 @@ def render_shots(state, shots: list, steps: int, guidance: float, size: int) -> 
     """Each shot (prompt, seed) rendered with the models as they are (None shots give None), the pivotal trigger
     replaced by its token; consecutive shots with the same negative prompt render as one batch."""
     from ..sampling import render
-    from .output import sample_embeds
 
-    c = state.components
-    modes = [m.training for m in (c.denoiser, *c.text_encoders)]
-    c.denoiser.eval()
-    pipe = c.pipeline()
+    modules = state.models.modules()
+    modes = [m.training for m in modules]
+    state.models.denoiser.module.eval()
+    pipe = state.components.pipeline()
     pipe.set_progress_bar_config(disable=True)
     out: list = [None] * len(shots)
     try:
@@ -210,12 +210,13 @@ def render_shots(state, shots: list, steps: int, guidance: float, size: int) -> 
                     and shots[j][1] == shots[i][1] + (j - i):
                 j += 1
             with state.acc.autocast():
-                images = render(pipe, [state.prompt(p.text) for p, _ in shots[i:j]], shots[i][1], steps, guidance,
-                                size, size, shots[i][0].negative, batch=16, embeds=sample_embeds(state))
+                images = render(pipe, [state.concept.prompt(p.text) for p, _ in shots[i:j]], shots[i][1], steps,
+                                guidance, size, size, shots[i][0].negative, batch=16,
+                                embeds=state.models.text.for_pipeline())
             out[i:j] = images
             i = j
     finally:
-        for m, mode in zip((c.denoiser, *c.text_encoders), modes):
+        for m, mode in zip(modules, modes):
             m.train(mode)
     return out
 
@@ -226,8 +227,7 @@ def adapters_off(state):
     alone (peft's disable flag, which sdlora's input-axis DoRA also reads), so the pipeline draws the base model."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    c = state.components
-    layers = [m for model in (c.denoiser, *c.text_encoders) for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for model in state.models.modules() for m in model.modules() if isinstance(m, BaseTunerLayer)]
     saved = [m._disable_adapters for m in layers]
     for m in layers:
         m._disable_adapters = True

@@ -28,7 +28,7 @@ from .optimizers import check_packages
 from .output import best_path, write_best, write_checkpoint, write_output, write_samples
 from .setup import check_bitsandbytes, make_accelerator, setup
 from .state import TrainState
-from .step import seeded, training_step
+from .step import seeded
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, commands: Commands | 
     if main:
         from ..loras.metadata import trigger_words
 
-        result.trigger = state.concept.token if state.concept else trigger_words(cfg, state.captions_by_folder)
+        result.trigger = state.concept.token or trigger_words(cfg, state.captions_by_folder)
         callbacks.on_end(result)
     acc.wait_for_everyone()
     acc.end_training()
@@ -142,9 +142,9 @@ def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[flo
     """Forward/backward over grad_accum micro-batches, clip, step what this phase trains. With `read`, the loss and
     stats come back as numbers and a non-finite loss raises before it is applied; without, they stay tensors on the
     device (no wait for the GPU inside the step) and `StepLog` checks them when it reads them."""
-    cfg, acc, optim = state.cfg, state.acc, state.optim
+    cfg, acc = state.cfg, state.acc
     torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # LoRA dropout: per-step too
-    state.models.denoiser.train()
+    state.models.denoiser.module.train()
     phase = state.enter_phase(step)
     total, stats = torch.zeros((), dtype=torch.float64), {}
     for micro in range(cfg.train.grad_accum):
@@ -152,30 +152,17 @@ def optimizer_step(state: TrainState, step: int, read: bool = True) -> tuple[flo
         following = _following(state, step, micro) if state.batches.prefetcher is not None else None
         batch = state.batches.fetch(_index(state, step, micro), rng, following)
         sync = micro == cfg.train.grad_accum - 1
-        with acc.no_sync(state.models.denoiser) if not sync and state.world > 1 else contextlib.nullcontext(), \
+        with acc.no_sync(state.models.denoiser.wrapped) if not sync and state.world > 1 else contextlib.nullcontext(), \
                 acc.autocast():
-            loss, stats = (state.objective or training_step)(batch, state.models, cfg, gen)
+            loss, stats = state.objective(batch, state.models, cfg, gen)
         if read and not torch.isfinite(loss):
             raise _non_finite(state, loss.item(), step + 1)
         acc.backward(loss / cfg.train.grad_accum)
         total = total + loss.detach().double() / cfg.train.grad_accum  # as a float64 sum of .item()s, unread
-    if not phase.trains_lora:
-        for p in optim.lora_params:
-            p.grad = None
-    if state.concept is not None and not phase.trains_embedding:
-        for p in state.concept.params:
-            p.grad = None
-    if phase.embedding_optimizer:
-        _clip(state, state.concept.params)
-        optim.embedding.step()
-        optim.embedding.zero_grad(set_to_none=True)
-    else:
-        _clip(state, optim.params)
-        optim.main.step()
-        optim.lr_scheduler.step()
-        optim.main.zero_grad(set_to_none=True)
-        if optim.ema is not None and phase.trains_lora:
-            optim.ema.step(optim.lora_params)
+    for p in phase.dropped:  # what trains in another phase (the LoRA during textual inversion)
+        p.grad = None
+    _clip(state, phase.params)
+    phase.step()
     if state.world > 1:  # log the loss of the whole batch, not of this rank's share
         stats["loss"] = total.float().to(acc.device)
         stats = {k: acc.reduce(v.detach().reshape(1).float(), "mean")[0] for k, v in stats.items()}
@@ -277,10 +264,7 @@ def resume_from_checkpoint(state: TrainState, out: Path, callbacks: Callbacks) -
         return 0
     path, saved = found
     state.load_lora_states(saved["lora"])
-    if state.concept is not None:
-        state.concept.load(saved["embeddings"])
-        if state.optim.embedding is not None:
-            state.optim.embedding.load_state_dict(saved["ti_optimizer"])
+    state.concept.load_state_dict(saved)
     state.optim.main.load_state_dict(saved["optimizer"])
     state.optim.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if saved.get("scaler") and state.acc.scaler is not None:
@@ -376,7 +360,7 @@ def _check_in_sync(state: TrainState) -> None:
     """Under several processes, every rank must hold the same LoRA weights (DDP kept them in sync)."""
     if state.world == 1:
         return
-    params = state.optim.lora_params + (state.concept.params if state.concept else [])
+    params = state.optim.lora_params + state.concept.params
     sums = torch.stack([p.detach().double().sum() for p in params]).to(state.device)
     gathered = state.acc.gather(sums[None]).cpu()
     if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=0, atol=1e-9):
@@ -385,10 +369,7 @@ def _check_in_sync(state: TrainState) -> None:
 
 def _check_update(state: TrainState, states: dict, step: int) -> None:
     """A LoRA (or embedding) that never moved from its start would change nothing: an error, not a file."""
-    if state.concept is not None and all(torch.equal(a, b) for a, b in zip(state.concept.vectors(),
-                                                                          state.concept_init)):
-        raise TrainingError(f"the new embedding of {state.cfg.pivotal.token} never changed in {step} steps; "
-                            "raise pivotal.ti_lr or train more steps")
+    state.concept.check_trained(step)
     if not states:
         return
     zero = [m for s in states.values() for m in zero_update_modules(s)]

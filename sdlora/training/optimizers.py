@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +16,30 @@ from ..errors import ConfigError
 PACKAGES = {"prodigy": ("prodigyopt", "optimizers"), "adamw-schedulefree": ("schedulefree", "optimizers"),
             "lion": ("lion_pytorch", "optimizers"), "adafactor": ("transformers", None)}
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+@dataclass
+class Optimizers:
+    """The main optimizer (LoRA, and pivotal tuning's embedding in phase 2 when it keeps training) with its LR
+    schedule, and the EMA of the LoRA weights. (Pivotal tuning's phase 1 has its own: `Pivotal.optimizer`.)"""
+
+    main: torch.optim.Optimizer
+    lr_scheduler: object
+    params: list[torch.nn.Parameter]        # everything the main optimizer steps
+    lora_params: list[torch.nn.Parameter]   # the LoRA's alone
+    ema: object | None = None               # diffusers EMAModel of lora_params, when optim.ema_decay is set
+
+    def step(self) -> None:
+        """Apply the gradients: the optimizer's step, the schedule's, and the EMA's."""
+        self.main.step()
+        self.lr_scheduler.step()
+        self.main.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.lora_params)
+
+    def evaluation(self):
+        """Context: the weights that samples, validation and saved files use (EMA / schedule-free averaged)."""
+        return evaluation_weights(self.main, self.ema, self.lora_params)
 
 
 def require(module: str, extra: str | None, what: str) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..callbacks import Callbacks
 from ..errors import WriteError
-from ..loras.files import DTYPES, write_embedding, write_lora
-from ..loras.layout import bundle_tensors, diffusers_tensors, kohya_tensors, peft_modules
+from ..loras.files import DTYPES, write_lora
+from ..loras.layout import diffusers_tensors, kohya_tensors, peft_modules
 from ..loras.metadata import training_metadata
 from . import checkpoint as ckpt
 from .selection import step_metadata
@@ -22,27 +22,24 @@ def write_output(state: TrainState, states: dict, step: int, path: Path, extra_m
     """The LoRA file in the configured layout and, for pivotal tuning, the embedding file beside it (plain textual
     inversion: the embedding file is the output)."""
     cfg, c, concept = state.cfg, state.components, state.concept
+    denoiser_config = state.models.denoiser.module.config
     dtype = DTYPES[cfg.output.dtype]
     extra = {"sdlora_processes": str(state.world), **(extra_meta or {})}
     if state.optim.ema is not None:
         extra["sdlora_ema"] = json.dumps({"decay": cfg.optim.ema_decay, "updates": state.optim.ema.optimization_step})
-    if concept is not None:
-        extra.update({"modelspec.trigger_phrase": concept.token,
-                      "sdlora_embeddings": json.dumps({concept.token: cfg.pivotal.num_vectors})})
-        if not states:
-            return write_embedding(path, concept.token, concept.tensors(dtype))
-        write_embedding(path.with_name(path.stem + "_emb.safetensors"), concept.token, concept.tensors(dtype))
+    extra.update(concept.metadata())
+    if not states:  # plain textual inversion: the embedding file is the output
+        return concept.save(path, dtype)
+    concept.save(path.with_name(path.stem + "_emb.safetensors"), dtype)
     for f in c.frozen_text:  # SD3: whether T5 took part (--no-t5: zero T5 embeddings), and its length
         extra["sdlora_t5"] = json.dumps({"used": f.present, "max_length": f.length})
     meta = training_metadata(cfg, c.family, c.prediction_type, model_name=c.name, model_hash=c.model_hash(),
                              steps=step, resolution=state.resolution, targets=state.adapters.targets,
                              started=state.started, captions_by_folder=state.captions_by_folder, extra=extra,
-                             denoiser_config=c.denoiser.config)
-    mods, names = peft_modules(states, cfg.lora_alpha, c.family, c.denoiser.config, adapted_ranks(state, states))
+                             denoiser_config=denoiser_config)
+    mods, names = peft_modules(states, cfg.lora_alpha, c.family, denoiser_config, adapted_ranks(state, states))
     if cfg.output.format == "kohya":
-        tensors = kohya_tensors(mods, dtype)
-        if concept is not None:  # diffusers' loader rejects bundled keys: kohya files only
-            tensors.update(bundle_tensors(concept.token, concept.tensors(dtype)))
+        tensors = {**kohya_tensors(mods, dtype), **concept.bundle(dtype)}  # diffusers' loader rejects the bundle
     else:
         tensors, adapter_meta = diffusers_tensors(mods, names, dtype)
         meta.update({**adapter_meta, "sdlora_format": "diffusers"})
@@ -53,8 +50,7 @@ def adapted_ranks(state: TrainState, states: dict) -> dict[str, dict[str, tuple[
     """{part: {module path: (rank, alpha)}} of the adapted layers, as peft holds them (conv_rank changes some)."""
     from .adapters import layer_ranks
 
-    c = state.components
-    parts = c.family.parts(c.denoiser, c.text_encoders)
+    parts = state.parts()
     return {part: layer_ranks(parts[part]) for part in states}
 
 
@@ -112,41 +108,27 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
     settings, saved with them in the PNG's text and listed in the run's log."""
     from ..sampling import render, save_png
 
-    cfg, c = state.cfg, state.components
+    cfg, denoiser = state.cfg, state.models.denoiser.module
     out = Path(cfg.output.path)
     folder = out.with_name(out.stem + "_samples")
-    c.denoiser.eval()
-    pipe = c.pipeline()
+    denoiser.eval()
+    pipe = state.components.pipeline()
     pipe.set_progress_bar_config(disable=True)
     paths, records = [], []
     with state.optim.evaluation():  # the EMA's / schedule-free's averaged weights
         for i, sp in enumerate(sample_prompts(cfg, state.resolution)):
-            with state.acc.autocast(), lora_scaled([c.denoiser, *c.text_encoders], sp.lora_scale):
-                image = render(pipe, [state.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width, sp.height,
-                               sp.negative, embeds=sample_embeds(state))[0]
+            with state.acc.autocast(), lora_scaled(state.models.modules(), sp.lora_scale):
+                image = render(pipe, [state.concept.prompt(sp.text)], sp.seed, sp.steps, sp.guidance, sp.width,
+                               sp.height, sp.negative, embeds=state.models.text.for_pipeline())[0]
             settings = {"prompt": sp.text, **{k: v for k, v in asdict(sp).items() if k != "text"}, "step": step}
             path = folder / f"step_{step:07d}_{i}.png"
             paths.append(str(save_png(image, path, {**settings, "parameters": _a1111_text(sp)})))
             records.append({"step": step, "sample": path.name, **settings})
-    c.denoiser.train()
+    denoiser.train()
     with open(out.with_name(out.stem + "_log.jsonl"), "a") as log:
         log.write("".join(json.dumps(r) + "\n" for r in records))
     callbacks.on_sample(step, paths)
     return paths
-
-
-def sample_embeds(state: TrainState):
-    """For families whose samples come from the training text path (SD3: its T5 is cached and released), the
-    function giving the pipeline's embedding arguments for prompts and negative prompts; None for the others."""
-    conditioning, text = state.components.family.conditioning, state.models.text
-    if not conditioning.samples_from_embeddings:
-        return None
-
-    def embeds(prompts: list[str], negatives: list[str]) -> dict:
-        def encode(texts):
-            return conditioning.encode(text.tokenizers, text.raw_encoders, texts, text.device)
-        return conditioning.pipeline_embeds(encode(prompts), encode(negatives))
-    return embeds
 
 
 def _a1111_text(sp: SamplePrompt) -> str:
@@ -160,11 +142,7 @@ def write_checkpoint(state: TrainState, step: int, callbacks: Callbacks) -> str:
     this step (with EMA: the averaged weights; the checkpoint keeps the raw ones)."""
     path = ckpt.checkpoint_path(state.cfg.output.path, step)
     if state.acc.is_main_process:
-        extra = {}
-        if state.concept is not None:
-            extra["embeddings"] = state.concept.vectors()
-            if state.optim.embedding is not None:
-                extra["ti_optimizer"] = state.optim.embedding.state_dict()
+        extra = state.concept.state_dict()
         if state.optim.ema is not None:
             extra["ema"] = state.optim.ema.state_dict()
         if state.validation is not None:

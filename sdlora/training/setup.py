@@ -1,5 +1,5 @@
 """`setup`: from a config to a ready `TrainState`, top to bottom: model, resolution, class images, pivotal tokens,
-data, device and precision, LoRA adapters, phases, caches, optimizers, and accelerate's wrapping."""
+data, device and precision, LoRA adapters, caches, optimizers, accelerate's wrapping, and phases."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from .adapters import inject, lora_parameters, named_lora_parameters
 from .batches import Batches, Latents, Prefetcher, pins
 from .blocks import kohya_namer, param_groups, plan_layers
 from .data import BatchPlan, TagRule, build_examples, scan_folder
-from .embeddings import ConceptTokens, add_concept
-from .optimizers import loraplus_groups, make_ema, make_optimizer, scheduler_warmup
+from .optimizers import Optimizers, loraplus_groups, make_ema, make_optimizer, scheduler_warmup
 from .output import sample_prompts
-from .phases import plan_phases
+from .parts import Part
+from .pivotal import Concept, concept_for
 from .slider import SliderBatches, SliderObjective, SliderPrompts
-from .state import Adapters, Optimizers, TrainState
+from .state import Adapters, TrainState
 from .step import Models
 from .text import TextEncoding
 from .validation import Validation, held_out_images, validation_examples
@@ -138,19 +138,23 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     c.check_size(resolution, resolution, "resolution", "lower --resolution")
     for p in sample_prompts(cfg, resolution):
         c.check_size(p.width, p.height, "sample size", "give the sample a smaller width and height")
+    if cfg.validation.scorer != "none" and cfg.validation.image_size:
+        size = cfg.validation.image_size
+        if size % c.size_multiple:
+            raise ConfigError(f"validation.image_size {size} is not a multiple of {c.size_multiple} for this model")
+        c.check_size(size, size, "validation.image_size", "lower --validation-size")
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         if acc.is_main_process:
             ensure_class_images(cfg, c, resolution, callbacks)
         acc.wait_for_everyone()
-    concept = pivotal_tokens(cfg, c)
-    prompt = (lambda text: concept.prompt(text, cfg.pivotal.trigger)) if concept else (lambda text: text)
+    concept = concept_for(cfg, c)
     if cfg.is_slider:  # prompts alone: no images, no validation images
         batches, captions_by_folder, examples = SliderBatches(SliderPrompts.from_config(cfg.slider)), {}, []
     else:
         held_out = held_out_images(cfg)
-        batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, prompt, callbacks.on_message,
+        batches, captions_by_folder = load_data(cfg, c, resolution, bucket_step, concept, callbacks.on_message,
                                                 held_out)
-        examples = validation_examples(cfg, resolution, bucket_step, prompt, held_out)
+        examples = validation_examples(cfg, resolution, bucket_step, concept.prompt, held_out)
         for e in [*batches.examples, *batches.prior_examples, *examples]:
             c.check_size(*e.bucket, f"the bucket of {Path(e.path).name} at resolution {resolution}:",
                          "lower --resolution (aspect-ratio buckets are longer than it on one side) or --no-bucketing")
@@ -162,18 +166,18 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     apply_speed(cfg, c, acc.device)
     adapters = add_adapters(cfg, c, concept)
     compile_denoiser(cfg, c)
-    phases = plan_phases(cfg, has_lora=cfg.train.max_steps > 0, text_lora=adapters.text_lora,
-                         has_concept=concept is not None)
     if not cfg.is_slider:
         attach_latents(cfg, c, batches, acc.device, weight_dtype, callbacks.on_message)
     optim, denoiser, encoders = make_optimizers(cfg, acc, c, adapters, concept)
+    phases = concept.phases(optim, text_lora=adapters.text_lora)
     if cfg.train.cache_text and varying:
         callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
-    text = TextEncoding(c.family.conditioning, c.tokenizers, encoders + c.frozen_text, c.conditioning_encoders,
-                        [bool(lr) for lr in adapters.text_lrs], acc.device, cfg.train.cache_text and not varying)
-    models = Models(denoiser, c.denoiser, text, c.noise_scheduler, c.family.conditioning)
-    state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept,
-                       concept.vectors() if concept else None, phases, optim, weight_dtype, time.time())
+    text = TextEncoding(c.family.conditioning, c.tokenizers, [Part(e, w) for e, w in zip(c.text_encoders, encoders)],
+                        c.frozen_text, [bool(lr) for lr in adapters.text_lrs], acc.device,
+                        cfg.train.cache_text and not varying)
+    models = Models(Part(c.denoiser, denoiser), text, c.noise_scheduler, c.family.conditioning)
+    state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept, phases, optim,
+                       weight_dtype, time.time())
     if examples:
         state.validation = Validation(examples, cfg.validation.timesteps, cfg.train.seed)
     state.image_validation = image_validation.build(cfg, state, callbacks.on_message)
@@ -181,7 +185,7 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
         state.objective = slider_objective(cfg, acc, c, resolution)
     state.enter_phase(0)
     batches.fill_cache()
-    if text.cache_allowed and not phases.main.text_trainable and concept is None:
+    if text.cache_allowed and not any(phase.text_trainable for phase in phases):
         text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
     return state
 
@@ -298,31 +302,19 @@ def ensure_class_images(cfg: Config, c: Components, resolution: int, callbacks: 
             save_png(im, folder / f"class_{have + start + i:05d}.png", {"prompt": cfg.prior.class_prompt})
 
 
-def pivotal_tokens(cfg: Config, c: Components) -> ConceptTokens | None:
-    """Pivotal tuning: the new token(s), added to every tokenizer and text encoder."""
-    pv = cfg.pivotal
-    if not pv.token:
-        return None
-    return add_concept(c.tokenizers, c.text_encoders, [s.embedding_key for s in c.family.text_encoders], pv.token,
-                       pv.num_vectors, pv.init_word, cfg.train.seed)
-
-
-def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, prompt,
+def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, concept: Concept,
               say=None, held_out: frozenset | set = frozenset()) -> tuple[Batches, dict]:
-    """The examples (bucketed, captions through `prompt`; the `held_out` validation images left out), the class
-    images' examples, their batch plans, and the captions of each folder (for the file's tag frequencies). Latents
-    are attached by `setup`."""
+    """The examples (bucketed; captions through `concept.prompt`, pivotal tuning's trigger replaced and checked; the
+    `held_out` validation images left out), the class images' examples, their batch plans, and the captions of each
+    folder (for the file's tag frequencies). Latents are attached by `setup`."""
     import dataclasses
 
     folders = [(d.path, d.prompt, d.use_captions, d.repeats) for d in cfg.data]
     masks = [(d.masks, d.alpha_mask) for d in cfg.data]
     raw = [e for e in build_examples(folders, resolution, cfg.augment.bucketing, bucket_step, say=say, masks=masks)
            if e.path not in held_out]
-    examples = [dataclasses.replace(e, caption=prompt(e.caption)) for e in raw]
-    if cfg.pivotal.token and not any(cfg.pivotal.token in e.caption for e in examples):
-        what = f"the trigger {cfg.pivotal.trigger!r}" if cfg.pivotal.trigger else f"the token {cfg.pivotal.token!r}"
-        raise ConfigError(f"no caption or instance prompt contains {what}; put it in the captions "
-                          "or set pivotal.trigger")
+    examples = [dataclasses.replace(e, caption=concept.prompt(e.caption)) for e in raw]
+    concept.check_captions(examples)
     captions = {d.path: list({e.path: e.caption for e in raw if e.source == i}.values())
                 for i, d in enumerate(cfg.data)}
     prior_examples, prior_plan = [], None
@@ -405,7 +397,7 @@ def text_encoder_lrs(cfg: Config, n: int) -> list[float]:
     return lrs
 
 
-def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> Adapters:
+def add_adapters(cfg: Config, c: Components, concept: Concept) -> Adapters:
     """LoRA (B = 0: the model is unchanged) on the denoiser's target layers and on the text encoders that train;
     pivotal tuning's new embedding rows stay trainable. With max_steps 0 (plain textual inversion) no LoRA."""
     from diffusers.training_utils import cast_training_params
@@ -427,7 +419,7 @@ def add_adapters(cfg: Config, c: Components, concept: ConceptTokens | None) -> A
         if lr:
             targets += inject(encoder, fam.text_targets, lo.rank, cfg.lora_alpha, lo.dropout, f"text encoder {i + 1}",
                               **kind)
-    for param in concept.params if concept else []:  # peft froze every non-LoRA parameter
+    for param in concept.params:  # peft froze every non-LoRA parameter
         param.requires_grad_(True)
     cast_training_params([c.denoiser, *c.text_encoders], dtype=torch.float32)
     if cfg.train.gradient_checkpointing:
@@ -462,28 +454,31 @@ def layer_filter(cfg: Config, c: Components):
     return keep
 
 
-def make_optimizers(cfg: Config, acc, c: Components, adapters: Adapters, concept: ConceptTokens | None):
-    """The optimizers with the LR schedule, and accelerate's wrapping of the models that train:
-    (Optimizers, denoiser as the step runs it, text encoders as the step runs them)."""
+def make_optimizers(cfg: Config, acc, c: Components, adapters: Adapters, concept: Concept):
+    """The optimizers with the LR schedule (the concept's own too), and accelerate's wrapping of the models that
+    train: (Optimizers, denoiser as the step runs it, text encoders as the step runs them)."""
     from diffusers.optimization import get_scheduler
 
     has_lora = cfg.train.max_steps > 0
     groups = param_groups(named_lora_parameters(c.denoiser), adapters.layer_lrs, cfg.optim.lr) if has_lora else []
     groups += [{"params": lora_parameters(e), "lr": lr} for e, lr in zip(c.text_encoders, adapters.text_lrs) if lr]
-    emb = concept.params if concept else []
     lora_params = [p for g in groups for p in g["params"]]
-    if emb and cfg.pivotal.continue_lr > 0:
-        groups.append({"params": emb, "lr": cfg.pivotal.continue_lr, "weight_decay": 0.0})
+    groups += concept.main_groups()
     if has_lora:
         groups = loraplus_groups(groups, [c.denoiser, *c.text_encoders], cfg.optim.loraplus_ratio)
-    main = make_optimizer(cfg, groups or [{"params": emb, "lr": 0.0}], acc.device)
+    # plain textual inversion: the schedule needs an optimizer, which never steps
+    main = make_optimizer(cfg, groups or [{"params": concept.params, "lr": 0.0}], acc.device)
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, main, num_warmup_steps=scheduler_warmup(cfg),
                                  num_training_steps=max(cfg.train.max_steps, 1))
-    embedding = torch.optim.AdamW(emb, lr=cfg.pivotal.ti_lr, weight_decay=0.0) if cfg.ti_steps else None
     denoiser = acc.prepare(c.denoiser)
-    encoders = [acc.prepare(e) if lr or emb else e for e, lr in zip(c.text_encoders, adapters.text_lrs)]
+    encoders = [acc.prepare(e) if trains(e) else e for e in c.text_encoders]
     main = acc.prepare(main)
-    embedding = acc.prepare(embedding) if embedding is not None else None
-    optim = Optimizers(main, lr_scheduler, embedding, [p for g in groups for p in g["params"]], lora_params,
+    concept.prepare(acc)
+    optim = Optimizers(main, lr_scheduler, [p for g in groups for p in g["params"]], lora_params,
                        make_ema(cfg, lora_params))
     return optim, denoiser, encoders
+
+
+def trains(module: torch.nn.Module) -> bool:
+    """Whether anything in the module trains (a LoRA, pivotal tuning's new rows): then accelerate wraps it."""
+    return any(p.requires_grad for p in module.parameters())

@@ -4,7 +4,9 @@ No images: each step draws fresh noise, lets the frozen base model (adapters off
 for a random k = 0 .. N-1 of N sampler steps (with guidance 3), and asks the base model what it predicts there for
 the prompts that define the direction (LECO draws k from 1; k = 0, pure noise, is the noise level of a sampler's
 first step, where a picture's colours and layout are settled). The LoRA then learns to make the target's prediction
-at that noise level (LECO's and Concept Sliders' train_lora.py, ESD, ai-toolkit's slider trainer):
+at that noise level (the targets of LECO's and Concept Sliders' train_lora.py, ESD and ai-toolkit's slider trainer;
+the partial denoising runs with the LoRA off as ai-toolkit's does, where LECO and Concept Sliders denoise with the
+LoRA applied, so the latents the LoRA learns on do not move with it):
 
 - enhance (a slider), at strength +1:  eps(target) + eta (eps(positive) - eps(negative)),
   and at strength -1 (ai-toolkit's second pass):  eps(target) - eta (eps(positive) - eps(negative));
@@ -123,23 +125,23 @@ class SliderObjective:
         self.prompts, self.shape, self.steps, self.micro, self.backward = prompts, shape, steps, micro, backward
 
     def __call__(self, batch: SliderBatch, models, cfg, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        p, n = self.prompts.at(batch.index), cfg.train.batch_size
-        device = next(models.raw_denoiser.parameters()).device
+        p, n, module = self.prompts.at(batch.index), cfg.train.batch_size, models.denoiser.module
+        device = next(module.parameters()).device
         noise = torch.randn((n, *self.shape), generator=gen).to(device)
         k = int(torch.randint(0, self.steps, (1,), generator=gen))  # LECO: 1..N-1; 0 trains the first step too
         anchor = p.anchors[batch.index % len(p.anchors)] if p.anchors else None
-        with torch.no_grad(), adapters_off([models.raw_denoiser]):
+        with torch.no_grad(), adapters_off([module]):
             x, t = self.partly_denoise(models, noise, k, p.target)
             asked = sorted({p.positive, p.negative, p.neutral} | ({anchor} if anchor is not None else set()))
-            preds = dict(zip(asked, self.predict(models.raw_denoiser, models, x, t, asked).float().chunk(len(asked))))
+            preds = dict(zip(asked, self.predict(module, models, x, t, asked).float().chunk(len(asked))))
         direction = p.guidance * (preds[p.positive] - preds[p.negative])
         stats = {}
         total = torch.zeros((), device=device)
         for strength in p.strengths:
             goal = preds[p.neutral] + strength * direction if p.action == "enhance" else preds[p.neutral] - direction
-            with lora_scaled([models.raw_denoiser], strength):
+            with lora_scaled([module], strength):
                 asked = [p.target] + ([anchor] if anchor is not None else [])
-                got = self.predict(models.denoiser, models, x, t, asked).float().chunk(len(asked))
+                got = self.predict(models.denoiser.wrapped, models, x, t, asked).float().chunk(len(asked))
                 loss = per_sample_loss(got[0], goal).mean()
                 side = "_neg" if strength < 0 else ""
                 stats[f"loss_slider{side}"] = loss.detach()
@@ -161,7 +163,7 @@ class SliderObjective:
         sampler.set_timesteps(self.steps, device=noise.device)
         x = noise  # DDIM and flow matching start from the noise itself and feed their latents to the model as they are
         for t in sampler.timesteps[:k]:
-            uncond, cond = self.predict(models.raw_denoiser, models, x, t, ["", target]).float().chunk(2)
+            uncond, cond = self.predict(models.denoiser.module, models, x, t, ["", target]).float().chunk(2)
             x = sampler.step(uncond + DENOISE_GUIDANCE * (cond - uncond), t, x).prev_sample
         return x, sampler.timesteps[k]
 

@@ -11,10 +11,11 @@ import torch
 from ..config import Config
 from ..models import Components
 from .batches import Batches
-from .embeddings import ConceptTokens
 from .image_validation import ImageValidation
+from .optimizers import Optimizers
 from .phases import Phase, Phases
-from .step import Models
+from .pivotal import Concept
+from .step import Models, training_step
 from .validation import Validation
 
 
@@ -33,36 +34,16 @@ class Adapters:
 
 
 @dataclass
-class Optimizers:
-    """The main optimizer (LoRA, and the embedding in phase 2 when it keeps training) with its LR schedule, the
-    new embedding's own optimizer for textual inversion (phase 1), and the EMA of the LoRA weights."""
-
-    main: torch.optim.Optimizer
-    lr_scheduler: object
-    embedding: torch.optim.Optimizer | None
-    params: list[torch.nn.Parameter]        # everything the main optimizer steps
-    lora_params: list[torch.nn.Parameter]   # the LoRA's alone
-    ema: object | None = None               # diffusers EMAModel of lora_params, when optim.ema_decay is set
-
-    def evaluation(self):
-        """Context: the weights that samples, validation and saved files use (EMA / schedule-free averaged)."""
-        from .optimizers import evaluation_weights
-
-        return evaluation_weights(self.main, self.ema, self.lora_params)
-
-
-@dataclass
 class TrainState:
     cfg: Config
     acc: object                   # accelerate.Accelerator
-    components: Components        # the models as loaded, adapters added; never wrapped
-    models: Models                # what the step runs (wrapped by accelerate where they train)
+    components: Components        # the models as loaded (adapters added, never wrapped): setup's, and pipelines'
+    models: Models                # what the step runs; after setup, the one way to the denoiser and text encoders
     batches: Batches
     resolution: int
     captions_by_folder: dict[str, list[str]]
     adapters: Adapters
-    concept: ConceptTokens | None  # pivotal tuning's new token
-    concept_init: list[torch.Tensor] | None
+    concept: Concept              # pivotal tuning's token, its phases and files (pivotal.py); NoConcept without
     phases: Phases
     optim: Optimizers
     weight_dtype: torch.dtype
@@ -71,9 +52,8 @@ class TrainState:
     phase: Phase | None = field(default=None)  # the phase of the last step taken
     validation: Validation | None = None       # held-out images and the best loss so far; None without
     image_validation: ImageValidation | None = None  # validation prompts, scorer and best score; None without
-    # the step's loss, (batch, models, cfg, generator) -> (loss, stats), where it is not the diffusion step's
-    # (`step.training_step`): a slider's
-    objective: Callable | None = None
+    # the step's loss, (batch, models, cfg, generator) -> (loss, stats): the diffusion step's, or a slider's
+    objective: Callable = training_step
 
     @property
     def validates(self) -> bool:
@@ -93,7 +73,8 @@ class TrainState:
 
     @property
     def has_lora(self) -> bool:
-        return self.phases.main.trains_lora
+        """False for plain textual inversion (max_steps 0: pivotal tuning's first phase alone)."""
+        return self.cfg.train.max_steps > 0
 
     def enter_phase(self, step: int) -> Phase:
         """The phase of `step`; on a change, cached text conditioning is dropped (the embedding may have moved)."""
@@ -104,19 +85,15 @@ class TrainState:
             self.phase = phase
         return phase
 
-    def prompt(self, text: str) -> str:
-        """A caption or sample prompt with the pivotal trigger replaced by the new token(s)."""
-        return self.concept.prompt(text, self.cfg.pivotal.trigger) if self.concept is not None else text
-
     def lora_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """peft state dicts of the LoRA, keyed by model part (unet, text_encoder, ...); empty without a LoRA."""
         from .adapters import lora_state_dict
 
         if not self.has_lora:
             return {}
-        c = self.components
-        states = {c.family.denoiser_attr: lora_state_dict(c.denoiser)}
-        for slot, encoder, lr in zip(c.family.text_encoders, c.text_encoders, self.adapters.text_lrs):
+        fam, (denoiser, *encoders) = self.components.family, self.models.modules()
+        states = {fam.denoiser_attr: lora_state_dict(denoiser)}
+        for slot, encoder, lr in zip(fam.text_encoders, encoders, self.adapters.text_lrs):
             if lr:
                 states[slot.attr] = lora_state_dict(encoder)
         return states
@@ -124,7 +101,11 @@ class TrainState:
     def load_lora_states(self, states: dict) -> None:
         from .adapters import load_lora_state_dict
 
-        c = self.components
-        parts = c.family.parts(c.denoiser, c.text_encoders)
+        parts = self.parts()
         for part, state in states.items():
             load_lora_state_dict(parts[part], state)
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """{pipeline attribute (unet, text_encoder, ...): module} of the denoiser and the text encoders."""
+        denoiser, *encoders = self.models.modules()
+        return self.components.family.parts(denoiser, encoders)

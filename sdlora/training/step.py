@@ -7,7 +7,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,16 +15,16 @@ import torch
 from ..families.sd import Conditioning
 from . import objective
 from .batches import Batch
+from .parts import Part
 from .text import TextEncoding, adapters_off
 
 
 @dataclass
 class Models:
-    """What the step runs: the denoiser (wrapped by accelerate when several processes train), the text encoding,
-    the noise schedule, and the family's conditioning."""
+    """What the step runs: the denoiser (a `Part`: which form to use when is written there), the text encoding, the
+    noise schedule, and the family's conditioning."""
 
-    denoiser: torch.nn.Module
-    raw_denoiser: torch.nn.Module  # the same model unwrapped, to switch its adapters off
+    denoiser: Part
     text: TextEncoding
     scheduler: object              # the training scheduler (DDPM-style, or FlowMatch for SD3)
     conditioning: Conditioning
@@ -33,6 +33,15 @@ class Models:
     def schedule(self) -> objective.DDPM | objective.Flow:
         """The objective of the scheduler: how it noises, what the model predicts."""
         return objective.schedule_of(self.scheduler)
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The denoiser's and the text encoders' modules, in that order (eval/train, adapters, weights)."""
+        return [self.denoiser.module, *(p.module for p in self.text.parts)]
+
+    def unwrapped(self) -> Models:
+        """The same models with the denoiser's forward through the module itself (not accelerate's wrapper): for
+        forwards that processes do not all make alike (validation)."""
+        return replace(self, denoiser=Part.unwrapped(self.denoiser.module))
 
 
 def seeded(seed: int, step: int, rank: int, micro: int = 0) -> tuple[torch.Generator, np.random.Generator]:
@@ -57,7 +66,7 @@ def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro,
     made of) and timesteps, weighted by the loss `mask` on the latent grid; and (noisy latents, timesteps)."""
     schedule = models.schedule
     noisy = schedule.noisy(latents, inputs, t)
-    pred = models.conditioning.predict(models.denoiser, noisy, t, cond, micro)
+    pred = models.conditioning.predict(models.denoiser.wrapped, noisy, t, cond, micro)
     tgt = schedule.target(latents, noise, t)
     if schedule.prediction_type == "flow" and recipe.precondition:
         pred, tgt = schedule.precondition(pred, tgt, t)
@@ -69,10 +78,10 @@ def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro,
 def model_prior_loss(models: Models, noisy: torch.Tensor, t: torch.Tensor, micro, class_prompt: str) -> torch.Tensor:
     """Prior preservation without class images: on the class prompt, match the base model (adapters off)."""
     n, predict = noisy.shape[0], models.conditioning.predict
-    with torch.no_grad(), adapters_off([models.raw_denoiser]):
+    with torch.no_grad(), adapters_off([models.denoiser.module]):
         base_cond = models.text([class_prompt] * n, base=True)
-        base = predict(models.raw_denoiser, noisy, t, base_cond, micro)
-    pred = predict(models.denoiser, noisy, t, models.text([class_prompt] * n), micro)
+        base = predict(models.denoiser.module, noisy, t, base_cond, micro)
+    pred = predict(models.denoiser.wrapped, noisy, t, models.text([class_prompt] * n), micro)
     return objective.per_sample_loss(pred, base).mean()
 
 

@@ -88,9 +88,9 @@ class Validation:
         """Mean loss over the validation images (this rank's share, then averaged over ranks), each at the same
         fixed timesteps and noise every time; adapters in eval mode (no dropout), no gradients. It is the loss
         training minimises: masked images count inside their mask (lifted by the folder's unmasked weight)."""
-        models = dataclasses.replace(state.models, denoiser=state.models.raw_denoiser)
+        models = state.models.unwrapped()
         recipe = objective.Recipe.from_config(state.cfg.train)
-        modules = [state.components.denoiser, *state.components.text_encoders]
+        modules = models.modules()
         modes = [m.training for m in modules]
         total = torch.zeros(2, dtype=torch.float64)
         try:
@@ -118,7 +118,7 @@ class Validation:
         noise = recipe.noise(latents, gen)
         t = models.schedule.quantiles(recipe.timesteps, k, latents.device)
         text = models.text  # a text path that trains is encoded afresh, never cached
-        cond = text.conditioning.encode(text.tokenizers, text.raw_encoders, [ex.caption] * k, state.device) \
+        cond = text.conditioning.encode(text.tokenizers, text.encoders(), [ex.caption] * k, state.device) \
             if text.trainable else text([ex.caption] * k)
         micro = None if micro is None else micro[None].expand(k, *micro.shape)
         loss, _, _ = denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, micro, mask)

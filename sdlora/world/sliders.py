@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write_text
 from ..loras.apply import load_lora_into
+from ..sampling import save_png
 from . import shapes
 from .evaluate import contact_sheet, generate, load_pipeline
 from .judge import Judge, load_judge
@@ -39,7 +41,7 @@ class EraserReport:
     concept_rate_by_colour: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        atomic_write_text(path, json.dumps(asdict(self), indent=2))
 
 
 @dataclass
@@ -58,7 +60,7 @@ class SliderReport:
     shape_kept: dict[str, float] = field(default_factory=dict)  # share still judged the prompt's shape
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        atomic_write_text(path, json.dumps(asdict(self), indent=2))
 
 
 def _shares(labels: list[str]) -> dict[str, float]:
@@ -100,7 +102,7 @@ def evaluate_eraser(lora_path: str | Path, concept: str = "circle", others: tupl
         rows = [(f"{s} {'eraser' if on else 'base'}", images[on, s][::n][:6],
                  [(g[0] != s) if on and s == concept else g[0] == s for g in got[on, s][::n][:6]])
                 for s in (concept, *others) for on in (True, False)]
-        contact_sheet(rows).save(Path(output_dir) / "eraser.png")
+        save_png(contact_sheet(rows), Path(output_dir) / "eraser.png")
     by_colour = {c: sum(g[0] == concept for g, (_, pc) in zip(got[True, concept], prompts[concept]) if pc == c) / n
                  for c in colours}
     return EraserReport(str(lora_path), concept, strength, n, rate(True), rate(False), with_, without,
@@ -136,6 +138,6 @@ def evaluate_colour_slider(lora_path: str | Path, prompt: str = "a circle", posi
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         rows = [(f"x{s:g}", images[s][:8], [True] * 8) for s in strengths] + [("no LoRA", base_images[:8], [True] * 8)]
-        contact_sheet(rows).save(Path(output_dir) / "slider.png")
+        save_png(contact_sheet(rows), Path(output_dir) / "slider.png")
     return SliderReport(str(lora_path), prompt, positive, negative, n, colours, _shares([c for _, c in base]), change,
                         kept)
