@@ -42,7 +42,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 def _add_flag(group, opt) -> None:
     f = opt.field
     where = f"[[data]] {f.name}" if opt.section == "data" else f"[{opt.section}] {f.name}"
-    help_text = f"{opt.label}: {opt.help} ({where}; default: {opt.default!r})"
+    help_text = f"{opt.label}: {opt.help} ({where}) (default: {opt.default!r})"
     kw = dict(dest=f"{opt.section}.{f.name}", default=None, help=help_text.replace("%", "%%"))
     if f.type != "bool":
         kw["metavar"] = {"int": "N", "float": "X"}.get(f.type, "TEXT")
