@@ -140,7 +140,9 @@ def set_value(page, elem_id: str, value, key: str = "Tab") -> None:
 def choose(page, elem_id: str, option: str) -> None:
     """Pick an option of a dropdown."""
     page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
+    page.get_by_role("option").first.wait_for()
+    mine = page.locator(f"#{elem_id}").get_by_role("option", name=option, exact=True)  # not another open list's
+    (mine if mine.count() else page.get_by_role("option", name=option, exact=True)).first.click()
     page.wait_for_timeout(300)
 
 
@@ -494,7 +496,7 @@ def test_upload_train_watch_preview_download(page, app, shots, tmp_path):
     assert any(k.endswith(".lora_down.weight") for k in tensors)
     assert meta["ss_network_dim"] == str(settings.lora.rank)
     open_accordion(page, "library-tools")
-    page.get_by_role("button", name="Convert").click()  # to kohya, which it is already: nothing written
+    page.get_by_role("button", name="Convert", exact=True).click()  # to kohya, which it is already: nothing written
     page.get_by_text("already in the kohya layout").wait_for()
     assert not (out.parent / "web_lora_kohya.safetensors").exists()
     page.screenshot(path=shots / "library.png", full_page=True)
