@@ -582,8 +582,9 @@ def from_dict(values: dict) -> Config:
     return cfg
 
 
-def load_toml(path: str | Path) -> Config:
-    """Read a config file; relative data/output paths are resolved against the file's folder."""
+def load_toml(path: str | Path, under: dict | None = None) -> Config:
+    """Read a config file; relative data/output paths are resolved against the file's folder. `under`: values the
+    file's own go on top of (a preset's, `sdlora train --preset`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -593,7 +594,7 @@ def load_toml(path: str | Path) -> Config:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a TOML job file (not UTF-8 text: byte {e.start}); give a .toml file") from None
-    cfg = from_dict(values)
+    cfg = from_dict(merge_values(under or {}, values))
     base = path.parent
     for folder in cfg.data:
         folder.path = _rel(folder.path, base)
@@ -611,6 +612,15 @@ def load_toml(path: str | Path) -> Config:
         if value and value != "clip" and (base / value).exists():
             setattr(cfg.validation, name, str(base / value))
     return cfg
+
+
+def merge_values(under: dict, over: dict) -> dict:
+    """`over`'s values on top of `under`'s, table by table (a list or value in `over` replaces `under`'s)."""
+    out = dict(under)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_values(out[key], value) if both else value
+    return out
 
 
 def _rel(value: str, base: Path) -> str:

@@ -22,7 +22,8 @@ LAYERS = [  # (layer, module prefixes); a module belongs to the longest prefix t
                "sdlora.loras.lowrank", "sdlora.loras.files", "sdlora.loras.metadata", "sdlora.loras.checks"]),
     ("trainer", ["sdlora.training"]),
     ("tools", ["sdlora.loras.inspect", "sdlora.loras.convert", "sdlora.loras.merge", "sdlora.loras.mix",
-               "sdlora.loras.apply", "sdlora.captioning", "sdlora.loras.compare"]),
+               "sdlora.loras.apply", "sdlora.captioning", "sdlora.loras.compare",
+               "sdlora.options", "sdlora.option_labels", "sdlora.presets"]),  # fields as the CLI and UI show them
     ("front", ["sdlora.cli", "sdlora.__main__", "sdlora.world", "ui"]),
 ]
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}

@@ -518,7 +518,7 @@ def test_ui_functions_refuse_malformed_input(tmp_path, monkeypatch):
         assert inside(out, name).parent == out.resolve()
         assert "/" not in safe_name(name) and ".." not in safe_name(name)
     (tmp_path / "escape.png").write_bytes(b"")
-    assert write_captions(out, [["../escape.png", "x"]]) == 0  # the name is reduced to one inside `out`: no image
+    assert write_captions(out, [["../escape.png", "x"]]) == []  # the name is reduced to one inside `out`: no image
     assert not (tmp_path / "escape.txt").exists()
     monkeypatch.setattr(gr, "Warning", lambda text: None)
     manager = JobManager(out, data_roots=[tmp_path / "data"])

@@ -176,8 +176,10 @@ def test_uploads_cannot_escape_the_job_folder(tmp_path):
 def test_captions_round_trip_through_sidecars(tmp_path):
     folder = draw_images(tmp_path / "d", n=2, captions=False)
     assert dataset_rows(folder) == [["img0.png", ""], ["img1.png", ""]]
-    write_captions(folder, [["img0.png", "a red sks"], ["img1.png", ""], ["../escape.png", "x"]])
+    assert write_captions(folder, [["img0.png", "a red sks"], ["img1.png", ""], ["../escape.png", "x"]]) == \
+        ["img0.png"]
     assert (folder / "img0.txt").read_text() == "a red sks\n" and not (folder / "img1.txt").exists()
+    assert write_captions(folder, [["img0.png", "a red sks"], ["img1.png", ""]]) == []  # nothing changed: none written
     assert not (tmp_path / "escape.txt").exists()
     assert dataset_rows(folder)[0] == ["img0.png", "a red sks"]
 
@@ -190,21 +192,103 @@ def test_list_loras_skips_checkpoints(tmp_path):
 
 
 def test_form_round_trips_a_config():
-    """The generated inputs map back to the same Config (what the Save/Load settings buttons rely on)."""
+    """The generated inputs map back to the same Config (what Save/Load settings and Start rely on); a number typed
+    wrong is named by its label and kept out of the config, the other fields read as they are."""
     import gradio as gr
 
     from sdlora.config import Config, DataFolder
+    from sdlora.options import options
     from ui.form import ConfigForm
 
     cfg = Config()
     cfg.data = [DataFolder(path="/d", prompt="a sks")]
-    cfg.lora.rank, cfg.sample.prompts, cfg.optim.lr_scheduler = 8, ["p1", "p2"], "cosine"
+    cfg.lora.rank, cfg.sample.prompts, cfg.optim.lr_scheduler, cfg.optim.lr = 8, ["p1", "p2"], "cosine", 3e-05
     with gr.Blocks():
         form = ConfigForm()
-        form.add_remaining()
-    again = form.to_config(form.values_of(cfg))
-    assert again.to_dict() == cfg.to_dict()
-    assert all(c.info for c in form.components)  # every input has its help text as a tooltip
+        for o in options():
+            form.add(*o.key)
+    again, errors = form.read(form.values_of(cfg))
+    assert again.to_dict() == cfg.to_dict() and errors == {}
+    assert all(c.info and c.label and "_" not in c.label for c in form.components)  # words, and a line of help
+    values = form.values_of(cfg)
+    values[form.keys.index(("lora", "rank"))] = "abc"
+    values[form.keys.index(("train", "max_steps"))] = "2.5"
+    wrong, errors = form.read(values)
+    assert errors == {("lora", "rank"): "Rank must be a whole number, got 'abc'",
+                      ("train", "max_steps"): "Steps must be a whole number, got '2.5'"}
+    assert wrong.optim.lr == 3e-05 and wrong.lora.rank == Config().lora.rank
+
+
+def test_status_says_loading_until_the_steps_begin_and_the_chart_draws_every_step(tmp_path):
+    from ui.chart import loss_chart, nice_ticks
+
+    fake = FakeTrain(steps=3)
+    fake.gate.clear()
+    started = threading.Event()
+
+    def slow_load(cfg, callbacks, commands, resume=False):
+        started.set()
+        fake.gate.wait(5)  # the model is still loading: on_start not called yet
+        return fake(cfg, callbacks, commands, resume)
+
+    m = JobManager(tmp_path, train_fn=slow_load)
+    job = m.submit(cfg_named("a", 3), "a")
+    started.wait(5)
+    html = progress.status_html(job)
+    assert "Loading the model" in html and "step 0" not in html and 'class="running loading"' in html
+    fake.gate.set()
+    m.wait(job, 10)
+    chart = loss_chart(job.losses, job.val_losses)
+    points = chart.split('class="loss-raw" points="')[1].split('"')[0].split()
+    assert len(points) == 3 and "Loss by step" in chart
+    assert nice_ticks(0, 260) == [0, 100, 200] and nice_ticks(1, 60) == [20, 40, 60]  # few round ticks: no overlap
+    m.close()
+
+
+def test_resume_continues_the_same_job(tmp_path):
+    from sdlora.errors import SdloraError
+
+    fake = FakeTrain(steps=1000)
+    fake.gate.clear()
+    m = JobManager(tmp_path, train_fn=fake)
+    job = m.submit(cfg_named("a", 1000), "a")
+    wait_for(lambda: job.state == RUNNING)
+    with pytest.raises(SdloraError, match="stop it before resuming"):
+        m.resume(job, cfg_named("a", 2))
+    m.stop()
+    fake.gate.set()
+    m.wait(job, 10)
+    assert job.state == STOPPED
+    again = m.wait(m.resume(job, cfg_named("a", 2)), 10)
+    assert again is job and job.state == DONE and job.resume and len(m.jobs()) == 1
+    m.close()
+
+
+def test_toasts_keep_angle_brackets(monkeypatch):
+    import gradio as gr
+
+    from ui import notify
+
+    shown = []
+    monkeypatch.setattr(gr, "Warning", shown.append)
+    notify.warn("pivotal tuning needs a token (e.g. '<s1>')")
+    assert shown == ["pivotal tuning needs a token (e.g. &#x27;&lt;s1&gt;&#x27;)"]  # rendered as the text
+
+
+def test_uploads_follow_a_renamed_lora_and_embedding_files_are_no_loras(tmp_path):
+    import torch
+
+    from sdlora.loras.files import write_embedding
+    from ui.files import move_uploads
+
+    draw_images(tmp_path / "first" / "images", n=1)
+    folder, masks = move_uploads(tmp_path, "first", "second", str(tmp_path / "first" / "images"), "")
+    assert folder == str(tmp_path / "second" / "images") and masks == ""
+    assert (tmp_path / "second" / "images" / "img0.png").is_file() and not (tmp_path / "first" / "images").exists()
+    typed = str(tmp_path / "elsewhere")  # a folder the user typed is theirs: it stays where it is
+    assert move_uploads(tmp_path, "second", "third", typed, "") == (typed, "")
+    write_embedding(tmp_path / "l_emb.safetensors", "<s1>", {"clip_l": torch.zeros(1, 8)})
+    assert list_loras(tmp_path) == []
 
 
 def test_real_training_stop_then_resume(tmp_path, tiny_model):
@@ -269,7 +353,7 @@ def test_browser_paths_stay_inside_the_allowed_folders(tmp_path):
         allowed.model_path(str(elsewhere))
 
 
-def test_train_tab_refuses_folders_and_captions_outside(tmp_path, monkeypatch):
+def test_train_tab_refuses_folders_and_captions_outside(tmp_path):
     import gradio as gr
     from PIL import Image
 
@@ -278,15 +362,13 @@ def test_train_tab_refuses_folders_and_captions_outside(tmp_path, monkeypatch):
     outside = tmp_path / "outside"
     outside.mkdir()
     Image.new("RGB", (8, 8)).save(outside / "secret.png")
-    warned = []
-    monkeypatch.setattr(gr, "Warning", lambda text: warned.append(text))
     tab = TrainTab(JobManager(tmp_path / "out", data_roots=[tmp_path / "data"]))
-    assert tab.on_folder(str(outside)) == ([], [])  # no listing, no thumbnails
-    assert "outside the folders" in warned[-1]
+    rows, gallery, status = tab.dataset.on_folder(str(outside))
+    assert (rows, gallery) == ([], []) and "outside the folders" in status and "--data-root" in status
     with pytest.raises(gr.Error, match="outside the folders"):
-        tab.on_captions(str(outside), [["secret.png", "written"]])
+        tab.dataset.on_captions(str(outside), [["secret.png", "written"]])
     with pytest.raises(gr.Error, match="outside the folders"):
-        tab.on_captions(str(outside), [["secret.png", ""]])  # an empty caption would delete a sidecar
+        tab.dataset.on_captions(str(outside), [["secret.png", ""]])  # an empty caption would delete a sidecar
     assert [p.name for p in outside.iterdir()] == ["secret.png"]
 
 
@@ -315,3 +397,134 @@ def test_logins_are_slowed_and_locked_after_repeated_failures():
     assert not login("bob", "right")  # locked: even the right password waits for the window to pass
     now[0] = 61.0
     assert login("bob", "right")
+
+
+def test_the_page_picks_the_models_preset_and_settings_files_round_trip(tmp_path):
+    """A model of another family picks (and fills in) its family's preset for the same goal, leaving the page's own
+    fields alone; a saved settings file loads back into the same widgets, name and method."""
+    import gradio as gr
+
+    from sdlora.config import DataFolder, load_toml
+    from sdlora.presets import load_preset
+    from ui.train_tab import TrainTab
+
+    tab = TrainTab(JobManager(tmp_path / "out"))
+    with gr.Blocks():
+        tab.build()
+    assert tab.settings.initial_preset == "shapes-world"  # the built-in model
+    update, picked = tab.settings.on_model("stabilityai/stable-diffusion-xl-base-1.0", "shapes-world")
+    assert picked and update["value"] == "sdxl-character"
+    values = tab.form.values_of(tab.settings.initial)
+    filled = tab.settings.on_picked(True, "sdxl-character", *values)
+    at = tab.form.keys.index
+    assert filled[at(("lora", "rank"))] == str(load_preset("sdxl-character").lora.rank)
+    assert filled[at(("model", "path"))] == gr.skip() and filled[at(("data", "prompt"))] == gr.skip()
+    assert tab.settings.on_model("stabilityai/stable-diffusion-xl-base-1.0", "sdxl-object")[1] is False
+    cfg = load_preset("sd15-style")
+    cfg.data = [DataFolder(path=str(tmp_path), prompt="a sks")]
+    cfg.output.path = str(tmp_path / "mine.safetensors")
+    cfg.pivotal.token = "<s1>"
+    (tmp_path / "mine.toml").write_text(cfg.to_toml())
+    name, method, last, *loaded = tab.on_load(str(tmp_path / "mine.toml"))
+    assert (name, method, last) == ("mine", "Pivotal tuning", "mine")
+    assert loaded == tab.form.values_of(load_toml(tmp_path / "mine.toml"))
+
+
+def test_captioning_errors_leave_the_images_and_say_why(tmp_path):
+    """The gallery and captions table are never replaced by an error: each case is said beside the button."""
+    import gradio as gr
+
+    from ui.train_tab import TrainTab
+
+    folder = draw_images(tmp_path / "data" / "imgs", n=2)  # both have a caption
+    tab = TrainTab(JobManager(tmp_path / "out", data_roots=[tmp_path / "data"]))
+    quiet = lambda *a, **k: None  # noqa: E731 - Gradio's progress, outside an event
+    missing = str(tmp_path / "data" / "no-model")
+    rows, gallery, status = tab.dataset.on_caption(str(folder), missing, "", False, progress=quiet)
+    assert (rows, gallery) == (gr.skip(), gr.skip()) and "tick <b>Overwrite" in status  # no silent "done"
+    rows, gallery, status = tab.dataset.on_caption(str(folder), missing, "", True, progress=quiet)
+    assert (rows, gallery) == (gr.skip(), gr.skip()) and "Captioning failed" in status and "no-model" in status
+    assert "give a captioner" in tab.dataset.on_caption(str(folder), "", "", True, progress=quiet)[2]
+
+
+def test_dreambooth_help_says_what_the_page_does():
+    from sdlora.options import by_key
+
+    opts = by_key()
+    assert "needed for DreamBooth" in opts[("prior", "class_prompt")].short
+    assert "empty = off" not in opts[("prior", "class_prompt")].short
+    assert "class_images folder" in opts[("prior", "num_class_images")].short  # where the page puts them
+
+
+def test_image_scores_reach_the_page(tmp_path, tiny_model):
+    """A run with the shapes scorer: the page's score curve has a point for each validation and part (the values of
+    the run's JSON-lines log), the validation sheets are listed, and the checkpoint table gives each checkpoint's
+    scores and marks the step the best file was picked at."""
+    import json
+    import re
+
+    from ui.chart import score_chart
+
+    data = draw_images(tmp_path / "imgs", n=4)
+    cfg = tiny_config(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=4,
+                      validation__scorer="shapes", validation__every=2, validation__seeds=1,
+                      validation__image_steps=2, validation__prompts=["a red sks", "a blue square"],
+                      validation__keep_best=True, output__trigger="sks", output__save_every=2)
+    m = JobManager(tmp_path)
+    job = m.wait(m.submit(cfg, "l"), 300)
+    m.close()
+    assert job.state == DONE, job.error
+    from sdlora.training.runlog import log_path
+
+    lines = [json.loads(x) for x in log_path(cfg.output.path).read_text().splitlines()]
+    lines = [r for r in lines if "score" in r]
+    assert [r["step"] for r in lines] == [s for s, _ in job.scores] == [2, 4]
+    parts = ("score", "likeness", "adherence", "preservation", "copying")
+    for (_, got), r in zip(job.scores, lines):
+        assert {k: got[k] for k in parts if k in got} == pytest.approx({k: r[k] for k in parts if k in r})
+    chart = score_chart(job.scores, job.best_step, job.cfg.select_by)
+    n_values = sum(len(p) for _, p in job.scores)
+    assert len(re.findall(r'<circle class="score-point', chart)) == n_values > 0
+    assert f"step {job.best_step}" in chart and "picked by the combined score" in chart
+    best = max(lines, key=lambda r: r["score"])["step"]  # ties: the first, as the best file keeps the first
+    assert job.best_step == best
+    assert [c for _, c in progress.validation_items(job)] == ["validation at step 4", "validation at step 2"]
+    rows = progress.checkpoint_rows(job)
+    assert [r[0] for r in rows] == [2, 4, best] and all(r[1].endswith(".safetensors") for r in rows)
+    for row, r in zip(rows, lines):
+        assert row[2] == f"{r['score']:.4f}"
+    picked = [r for r in rows if r[-1].startswith("best")]
+    assert len(picked) == 1 and picked[0][0] == best
+    assert rows[-1][1] == "l_best.safetensors" and rows[-1][2] == f"{max(r['score'] for r in lines):.4f}"
+    assert "image score" in progress.status_html(job)
+
+
+def test_the_page_trains_a_slider(tmp_path):
+    """Method "Slider / eraser": the page's slider fields (no images) make the job `sdlora slider` runs; the
+    image-only settings of the preset are dropped as hidden, and the LoRA file says it is a slider."""
+    import json
+
+    import gradio as gr
+
+    from sdlora.loras.files import read_lora
+    from sdlora.options import SLIDER
+    from ui.runs import FormError
+    from ui.train_tab import TrainTab
+
+    tab = TrainTab(JobManager(tmp_path / "out"))
+    with gr.Blocks():
+        tab.build()
+    cfg = tab.settings.initial  # the shapes-world preset: caption dropout, flips, text encoder on
+    cfg.slider.target, cfg.slider.denoise_steps = "a circle", 2
+    cfg.train.max_steps, cfg.sample.every, cfg.augment.resolution = 2, 0, 32
+    values = tab.form.values_of(cfg)
+    with pytest.raises(FormError, match="needs Positive prompt"):  # enhance needs the +1 direction
+        tab.runs.make_config("slide", SLIDER, values)
+    cfg.slider.positive = "a big circle"
+    made, name = tab.runs.make_config("slide", SLIDER, tab.form.values_of(cfg))
+    assert made.is_slider and not made.data and not made.lora.train_text_encoder
+    job = tab.manager.wait(tab.manager.submit(made, name), 300)
+    tab.manager.close()
+    assert job.state == DONE, job.error
+    meta = read_lora(job.output)[1]
+    assert json.loads(meta["sdlora_slider"])["positive"] == "a big circle" and meta["modelspec.tags"] == "slider"

@@ -18,6 +18,25 @@ CSS = """
 #job-status progress { height: 14px; margin-top: 6px; }
 #job-status.failed { border-color: #b91c1c; }
 #job-status.done { border-color: #15803d; }
+#job-status.loading { border-style: dashed; }
+#form-errors .form-errors { color: #b91c1c; border: 1px solid #b91c1c; border-radius: 8px; padding: 6px 12px; }
+#form-errors ul { margin: 4px 0 0 18px; }
+.field-error textarea, .field-error input, .field-error .wrap-inner { outline: 2px solid #b91c1c; }
+.field-error [data-testid="block-info"] + div, .field-error .info { color: #b91c1c; }
+.folder-status { padding: 2px 4px; }
+.folder-status.error { color: #b91c1c; }
+.folder-status.ok { color: #15803d; }
+#fit-box { padding: 8px 12px; border-radius: 8px; border: 1px solid var(--border-color-primary); }
+#fit-box.fits { border-color: #15803d; }
+#fit-box.nofit { border-color: #b91c1c; }
+.group-note { font-size: 0.9em; opacity: 0.85; }
+#applies-style { display: none; }
+.option-check { min-width: min(240px, 100%) !important; flex: 1 1 240px !important; }
+#loss-chart svg { max-height: 280px; }
+.chart-legend { font-size: 0.85em; opacity: 0.8; }
+/* small images (64 px models) are drawn large and sharp, not tiny in a big panel */
+#preview-base img, #preview-lora img, #preview-grid img, #samples img, #library-samples img {
+  image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 """
 
 

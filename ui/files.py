@@ -107,31 +107,52 @@ def dataset_rows(folder: str | Path) -> list[list[str]]:
     return rows
 
 
-def write_captions(folder: str | Path, rows: list[list[str]]) -> int:
-    """Write each row's caption to its image's .txt sidecar (an empty caption removes the sidecar)."""
+def write_captions(folder: str | Path, rows: list[list[str]]) -> list[str]:
+    """Write each row's caption to its image's .txt sidecar where it differs from what is there (an empty caption
+    removes the sidecar); the names of the images whose caption changed."""
     folder = Path(folder)
-    written = 0
+    written = []
     for name, caption in rows:
         image = inside(folder, name)
         if not image.is_file():
             continue
         side = image.with_suffix(".txt")
         caption = (caption or "").strip()
-        if caption:
+        old = side.read_text(encoding="utf-8", errors="replace").strip() if side.is_file() else None
+        if caption and caption != old:
             side.write_text(caption + "\n", encoding="utf-8")
-            written += 1
-        elif side.exists():
+            written.append(image.name)
+        elif not caption and old is not None:
             side.unlink()
+            written.append(image.name)
     return written
 
 
+def move_uploads(output_dir: str | Path, old: str, new: str, folder: str, masks: str) -> tuple[str, str]:
+    """After the LoRA is renamed: the images and masks uploaded under the old name move to the new name's folder
+    (only the page's own upload folders, and only where the new ones do not exist yet); the folders to use now."""
+    out = []
+    for current, sub in ((folder, "images"), (masks, "masks")):
+        src, dst = Path(output_dir) / old / sub, Path(output_dir) / new / sub
+        if current and Path(current) == src and src.is_dir() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(dst))
+            current = str(dst)
+        out.append(current)
+    return out[0], out[1]
+
+
 def list_loras(output_dir: str | Path) -> list[Path]:
-    """LoRA files under the output folder, newest first (intermediate checkpoints left out)."""
+    """LoRA files under the output folder, newest first (intermediate checkpoints and the embedding files of pivotal
+    tuning left out)."""
+    from sdlora.loras.files import is_embedding_file
+
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.rglob("*.safetensors")
-             if not any(part.endswith("_checkpoints") or part.startswith(".") for part in p.relative_to(root).parts)]
+             if not any(part.endswith("_checkpoints") or part.startswith(".") for part in p.relative_to(root).parts)
+             and not is_embedding_file(p)]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

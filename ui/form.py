@@ -1,95 +1,113 @@
-"""Inputs generated from the config tree: one widget per option, its tooltip taken from the field's help text.
+"""Inputs generated from the config tree (`sdlora.options`): one widget per field, labelled in words, with a short line
+of help; numbers are typed as text so a mistyped one stays on screen and is named in the error.
 
-The page places a few options up front (`ConfigForm.add`) and generates the rest (`ConfigForm.add_remaining`);
-`to_config` turns the widgets' values back into the same `Config` the CLI and TOML files fill.
+`ConfigForm.read` turns the widgets' values back into the same `Config` the CLI and TOML files fill, with every
+value that is not a number of the right kind reported by field.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 
 import gradio as gr
 
-from sdlora.config import SECTIONS, Config, DataFolder, from_dict, iter_options
+from sdlora.config import Config, DataFolder, from_dict
+from sdlora.options import Key, Option, by_key
 
-Key = tuple[str, str]  # (section, field name); section "data" is the one image folder
-
-
-def default_of(section: str, f: dataclasses.Field):
-    obj = SECTIONS[section]() if section in SECTIONS else DataFolder()
-    return getattr(obj, f.name)
+FREE_TEXT = ("str", "list")
 
 
-def widget(section: str, f: dataclasses.Field, **kw) -> gr.components.Component:
-    """The input for one config field: checkbox, dropdown, number or text; its `info` is the help text."""
-    value = kw.pop("value", default_of(section, f))
-    kw = {"label": f.name.replace("_", " "), "info": f.metadata.get("help", ""),
-          "elem_id": f"opt-{section}-{f.name}", **kw}
+def shown(opt: Option, value) -> object:
+    """A config value as its widget shows it."""
+    if opt.field.type in ("int", "float") and not isinstance(value, bool) and value is not None:
+        return repr(value)
+    if opt.field.type == "list":
+        return "\n".join(str(v) for v in value) if isinstance(value, list) else value
+    return value
+
+
+def classes(opt: Option) -> list[str]:
+    """A field's CSS classes: numbers, and checkboxes (which take the width of a field, not of their box)."""
+    return {"int": ["number"], "float": ["number"], "bool": ["option-check"]}.get(opt.field.type, [])
+
+
+def widget(opt: Option, value=None, **kw) -> gr.components.Component:
+    """The input of one field: checkbox, dropdown, or a text box (numbers too)."""
+    value = shown(opt, opt.default if value is None else value)
+    kw = {"label": opt.label, "info": opt.short, "elem_id": f"opt-{opt.section}-{opt.field.name}",
+          "min_width": 240, "elem_classes": classes(opt), **kw}
+    f = opt.field
     if f.metadata.get("choices"):
         return gr.Dropdown(choices=list(f.metadata["choices"]), value=value, **kw)
     if f.type == "bool":
         return gr.Checkbox(value=value, **kw)
-    if f.type == "int":
-        return gr.Number(value=value, precision=0, **kw)
-    if f.type == "float":
-        return gr.Number(value=value, **kw)
     if f.type == "list":
-        kw["info"] += " One per line."
-        return gr.Textbox(value="\n".join(value), lines=2, **kw)
-    return gr.Textbox(value=value, **kw)
+        return gr.Textbox(value=value, lines=2, **kw)
+    if f.type in ("int", "float"):
+        return gr.Textbox(value=value, lines=1, max_lines=1, **kw)
+    if len(str(opt.default)) > 24:  # a long default (score weights, a hub id) wraps instead of being cut off
+        return gr.Textbox(value=value, lines=2, max_lines=4, **kw)
+    return gr.Textbox(value=value, lines=1, max_lines=1, **kw)
+
+
+def parse(opt: Option, raw) -> tuple[object, str | None]:
+    """(value, None) or (the default, an error in words) for what a widget holds."""
+    t = opt.field.type
+    if t == "list":
+        return [line.strip() for line in (raw or "").splitlines() if line.strip()], None
+    if t == "bool":
+        return bool(raw), None
+    if t == "str":  # one line, also where the box wraps a long value
+        return ("" if raw is None else str(raw).replace("\n", "")), None
+    if t not in ("int", "float"):
+        return raw, None
+    text = "" if raw is None else str(raw).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    kind = "a whole number" if t == "int" else "a number"
+    if number is None or not math.isfinite(number) or (t == "int" and not number.is_integer()):
+        return opt.default, f"{opt.label} must be {kind}, got {text!r}" if text else f"{opt.label} needs {kind}"
+    return (int(number) if t == "int" else number), None
 
 
 class ConfigForm:
-    """The widgets of one settings page, in a fixed order, keyed by (section, field)."""
+    """The widgets of the settings, in the order they were made, keyed by (section, field)."""
 
     def __init__(self):
+        self.options = by_key()
         self.keys: list[Key] = []
         self.components: list[gr.components.Component] = []
-        self._fields = {(s, f.name): f for s, f in iter_options()}
 
-    def add(self, section: str, name: str, **kw) -> gr.components.Component:
-        comp = widget(section, self._fields[(section, name)], **kw)
+    def add(self, section: str, name: str, value=None, **kw) -> gr.components.Component:
+        comp = widget(self.options[(section, name)], value, **kw)
         self.keys.append((section, name))
         self.components.append(comp)
         return comp
 
-    def add_remaining(self, skip: set[Key] = frozenset(), skip_sections: set[str] = frozenset()) -> None:
-        """Every option not placed yet, grouped by section (for the "Advanced" accordion)."""
-        by_section: dict[str, list[Key]] = {}
-        for key in self._fields:
-            if key not in self.keys and key not in skip and key[0] not in skip_sections:
-                by_section.setdefault(key[0], []).append(key)
-        for section, keys in by_section.items():
-            gr.Markdown(f"**[{section}]**" if section != "data" else "**[[data]]**")
-            with gr.Row(equal_height=False):
-                for s, name in keys:
-                    self.add(s, name, min_width=220)
+    def component(self, key: Key) -> gr.components.Component:
+        return self.components[self.keys.index(key)]
 
-    def to_config(self, values: list, overrides: dict[Key, object] | None = None) -> Config:
-        """A Config from the widgets' values (plus page-set values); bad values raise ConfigError."""
+    def read(self, values, overrides: dict[Key, object] | None = None) -> tuple[Config, dict[Key, str]]:
+        """The Config of the widgets' values (plus page-set values), and {field: error} for values that are not of
+        their field's kind (those fields take their defaults)."""
         tree: dict = {}
-        items = dict(zip(self.keys, values)) | dict(overrides or {})
-        for (section, name), value in items.items():
-            f = self._fields[(section, name)]
-            if f.type == "list":
-                value = [line.strip() for line in (value or "").splitlines() if line.strip()]
-            elif f.type == "int" and value is not None:
-                value = int(value)
-            elif f.type == "float" and value is not None:
-                value = float(value)
-            elif f.type == "str" and value is None:
-                value = ""
+        errors: dict[Key, str] = {}
+        for key, raw in zip(self.keys, values):
+            value, error = parse(self.options[key], raw)
+            if error:
+                errors[key] = error
+            tree.setdefault(key[0], {})[key[1]] = value
+        for (section, name), value in (overrides or {}).items():
             tree.setdefault(section, {})[name] = value
         data = tree.pop("data", {})
         if data.get("path"):
             tree["data"] = [data]
-        return from_dict(tree)
+        return from_dict(tree), errors
 
     def values_of(self, cfg: Config) -> list:
-        """The widgets' values for a Config (to show a loaded TOML)."""
+        """The widgets' values for a Config."""
         folder = cfg.data[0] if cfg.data else DataFolder()
-        out = []
-        for section, name in self.keys:
-            value = getattr(folder if section == "data" else getattr(cfg, section), name)
-            out.append("\n".join(value) if isinstance(value, list) else value)
-        return out
+        return [shown(self.options[(s, n)], getattr(folder if s == "data" else getattr(cfg, s), n))
+                for s, n in self.keys]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.callbacks import Callbacks, Commands
+from sdlora.errors import SdloraError
 from sdlora.failures import describe
 
 from .files import Allowed
@@ -49,6 +50,7 @@ class Job:
     output: str = ""
     version: int = 0  # bumped on every change, so a poller can skip unchanged updates
     commands: Commands = field(default_factory=Commands)
+    begun: bool = False  # the model is loaded and the steps have begun (before that: loading, caching)
 
     @property
     def rate(self) -> float:
@@ -75,6 +77,10 @@ class JobCallbacks(Callbacks):
     def on_start(self, run):
         j = self.job
         j.total, j.start_step, j.step, j.started = run.cfg.total_steps, run.start_step, run.start_step, time.time()
+        j.begun = True
+        # a resumed run goes on from its checkpoint: what the stopped run showed after it is redone
+        j.losses = [x for x in j.losses if x[0] <= run.start_step]
+        j.val_losses = [x for x in j.val_losses if x[0] <= run.start_step]
         j.touch()
 
     def on_step(self, step, stats):
@@ -141,6 +147,20 @@ class JobManager:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="sdlora-ui-worker", daemon=True)
                 self._worker.start()
+            self._lock.notify_all()
+        return job
+
+    def resume(self, job: Job, cfg) -> Job:
+        """Queue a finished job again, resuming from its last checkpoint with `cfg` (its own config, or the page's
+        when the page shows that job): the same job goes on, its curve and samples kept."""
+        with self._lock:
+            if job.state not in FINISHED:
+                raise SdloraError(f"job #{job.id} '{job.name}' is {job.state}: stop it before resuming")
+            job.cfg, job.resume, job.state, job.total = cfg, True, QUEUED, cfg.total_steps
+            job.error, job.output, job.ended, job.begun, job.commands = "", "", 0.0, False, Commands()
+            job.messages.append("resuming from the last checkpoint…")
+            job.touch()
+            self._queue.append(job)
             self._lock.notify_all()
         return job
 

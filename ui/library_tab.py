@@ -27,11 +27,15 @@ class LibraryTab:
             self.refresh = gr.Button("Refresh", size="sm", scale=1)
         self.table = gr.Dataframe(headers=["LoRA", "size (MB)", "modified"], interactive=False, label="All LoRAs")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2):
+            with gr.Column(scale=2, min_width=320):
                 self.summary = gr.Markdown(elem_id="library-summary")
-            with gr.Column(scale=1):
-                self.download = gr.File(label="Download", elem_id="library-download", height=80)
-                self.samples = gr.Gallery(label="Samples from training", columns=3, height=240)
+                with gr.Accordion("All metadata", open=False, elem_id="library-metadata"):
+                    self.details = gr.Markdown(elem_id="library-details")
+            with gr.Column(scale=1, min_width=280):
+                self.download = gr.DownloadButton("Download this LoRA", variant="primary", visible=False,
+                                                  elem_id="library-download")
+                self.samples = gr.Gallery(label="Samples from training", columns=3, height=240,
+                                          elem_id="library-samples")
         with gr.Accordion("Convert / resize", open=False, elem_id="library-tools"):
             with gr.Row():
                 self.to = gr.Radio(["kohya", "diffusers"], value="kohya", label="Convert to")
@@ -46,12 +50,12 @@ class LibraryTab:
     def wire(self, demo: gr.Blocks, tab: gr.Tab) -> None:
         tab.select(self.on_refresh, [self.pick], [self.pick, self.table])
         self.refresh.click(self.on_refresh, [self.pick], [self.pick, self.table])
-        self.pick.change(self.on_pick, [self.pick], [self.summary, self.download, self.samples])
+        self.pick.change(self.on_pick, [self.pick], [self.summary, self.details, self.download, self.samples])
         self.convert_btn.click(self.on_convert, [self.pick, self.to], [self.tool_status, self.tool_file])
         self.resize_btn.click(self.on_resize, [self.pick, self.rank, self.energy], [self.tool_status, self.tool_file])
 
     def on_refresh(self, current):
-        choices = lora_choices(self.manager)
+        choices = lora_choices(self.manager)[1:]  # the Library shows LoRAs; no empty choice
         paths = [p for _, p in choices]
         rows = [[relative(p, self.manager.output_dir), round(Path(p).stat().st_size / 2**20, 2),
                  time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(p).stat().st_mtime))]
@@ -61,14 +65,15 @@ class LibraryTab:
 
     def on_pick(self, path):
         if not path:
-            return "No LoRA yet: train one in the Train tab.", None, []
+            return "No LoRA yet: train one in the Train tab.", "", gr.update(visible=False), []
         from sdlora import inspect_lora
 
         try:
             info = inspect_lora(self.manager.allowed.output(path))
         except SdloraError as e:
-            return f"**Error:** {e}", path, samples_of(path)
-        return f"```\n{info.summary()}\n```", path, samples_of(path)
+            return f"**Error:** {e}", "", gr.update(value=path, visible=True), samples_of(path)
+        return headline(info), f"```\n{info.summary()}\n```", gr.update(value=path, visible=True), \
+            samples_of(path)
 
     def on_convert(self, path, to):
         from sdlora import convert_lora
@@ -76,6 +81,9 @@ class LibraryTab:
         if not path:
             raise gr.Error("Pick a LoRA first.")
         path = self._lora(path)
+        layout = _layout(path)
+        if layout == to:
+            return f"{Path(path).name} is already in the {to} layout: nothing written.", None
         out = Path(path).with_name(safe_name(f"{Path(path).stem}_{to}.safetensors"))
         return self._run(lambda: convert_lora(path, to, out, overwrite=True), out, f"Converted to {to}")
 
@@ -104,3 +112,30 @@ class LibraryTab:
             return f"**Error:** {e}", None
         report = f"\n\n```\n{result.table(limit=12)}\n```" if hasattr(result, "table") else ""
         return f"{done}: `{relative(out, self.manager.output_dir)}`{report}", str(out)
+
+
+def _layout(path) -> str:
+    from sdlora.loras.files import read_lora
+    from sdlora.loras.layout import detect_layout, split_embeddings
+
+    try:
+        return detect_layout(split_embeddings(read_lora(path)[0])[0])
+    except SdloraError:
+        return ""
+
+
+def headline(info) -> str:
+    """What a user looks for first: the trigger words, the base, the network, how it was trained, where it loads."""
+    m = info.metadata
+    trigger = m.get("modelspec.trigger_phrase") or "(none recorded)"
+    trained = ", ".join(x for x in (
+        f"{m['ss_max_train_steps']} steps" if m.get("ss_max_train_steps") else "",
+        f"{m['ss_resolution']} px" if m.get("ss_resolution") else "",
+        f"lr {m['ss_learning_rate']}" if m.get("ss_learning_rate") else "") if x) or "-"
+    types = ", ".join(info.types) or "-"
+    rows = [("Trigger words", f"**{trigger}**"), ("Base", m.get("modelspec.architecture") or info.family or "-"),
+            ("Network", f"{types}, rank {', '.join(map(str, info.ranks)) or '-'}"), ("Trained", trained),
+            ("Layout", f"{info.layout}: loads in {info.loads_in}"), ("Size", f"{info.size_bytes / 1e6:.2f} MB"),
+            ("Problems", "; ".join(info.problems) or "none")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"### {Path(info.path).name}\n\n| | |\n|---|---|\n{table}"

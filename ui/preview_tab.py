@@ -7,6 +7,7 @@ import gradio as gr
 
 from sdlora.errors import SdloraError
 
+from . import notify
 from .files import list_loras, relative
 from .jobs import JobManager
 
@@ -14,9 +15,22 @@ SLOTS = 3
 SWEEP = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
+NONE = ("(none)", "")  # an empty slot: every LoRA menu has it, so a slot can be cleared
+
+
 def lora_choices(manager: JobManager) -> list[tuple[str, str]]:
-    """(name shown, absolute path) of every LoRA in the output folder, newest first."""
-    return [(relative(p, manager.output_dir), str(p)) for p in list_loras(manager.output_dir)]
+    """(name shown, absolute path) of every LoRA in the output folder, newest first, after the empty choice."""
+    return [NONE] + [(relative(p, manager.output_dir), str(p)) for p in list_loras(manager.output_dir)]
+
+
+def refreshed(choices: list[tuple[str, str]], current: list, first_default: bool = False) -> list:
+    """The slots' menus: a chosen LoRA stays, a vanished one empties its slot; with `first_default` the first slot
+    takes the newest LoRA until a LoRA or "(none)" is chosen in it."""
+    paths = {p for _, p in choices}
+    values = [v if v in paths else "" for v in current]
+    if first_default and current and current[0] is None and len(choices) > 1:
+        values[0] = choices[1][1]
+    return [gr.update(choices=choices, value=v) for v in values]
 
 
 class PreviewTab:
@@ -32,8 +46,8 @@ class PreviewTab:
         self.picks, self.scales = [], []
         for i in range(SLOTS):
             with gr.Row():
-                self.picks.append(gr.Dropdown(choices=[], value=None, label=f"LoRA {i + 1}", scale=3,
-                                              elem_id=f"preview-lora-{i}"))
+                self.picks.append(gr.Dropdown(choices=[NONE], value=None, label=f"LoRA {i + 1}", scale=3,
+                                              elem_id=f"preview-lora-{i}", min_width=260))
                 self.scales.append(gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="scale", scale=2))
         with gr.Row():
             self.prompt = gr.Textbox(value="a photo of sks", label="Prompt", scale=3, elem_id="preview-prompt")
@@ -63,10 +77,7 @@ class PreviewTab:
             trigger(self.on_refresh, self.picks, self.picks)
 
     def on_refresh(self, *current):
-        choices = lora_choices(self.manager)
-        paths = {p for _, p in choices}
-        first = [current[0] if current[0] in paths else (choices[0][1] if choices else None)]
-        return [gr.update(choices=choices, value=v if v in paths else None) for v in first + list(current[1:])]
+        return refreshed(lora_choices(self.manager), list(current), first_default=True)
 
     def _render(self, model, prompt, negative, seed, steps, guidance, size, loras, **kw):
         from sdlora import generate
@@ -81,13 +92,13 @@ class PreviewTab:
     def on_generate(self, model, prompt, negative, seed, steps, guidance, size, *slots):
         loras = _chosen(slots)
         if not loras:
-            gr.Warning("Pick a LoRA first (train one, or press Refresh LoRA list).")
+            notify.warn("Pick a LoRA first (train one, or press Refresh LoRA list).")
             return None, None, "Pick a LoRA first."
         try:
             base = self._render(model, prompt, negative, seed, steps, guidance, size, [])
             mine = self._render(model, prompt, negative, seed, steps, guidance, size, loras)
         except SdloraError as e:
-            gr.Warning(str(e))
+            notify.warn(str(e))
             return None, None, f"**Error:** {e}"
         names = ", ".join(f"{relative(p, self.manager.output_dir)} × {s:g}" for p, s in loras)
         return str(base[0]), str(mine[0]), f"Seed {int(seed or 0)} · {names}"
@@ -95,13 +106,13 @@ class PreviewTab:
     def on_sweep(self, model, prompt, negative, seed, steps, guidance, size, *slots):
         loras = _chosen(slots)
         if not loras:
-            gr.Warning("Pick a LoRA first.")
+            notify.warn("Pick a LoRA first.")
             return None, "Pick a LoRA first."
         try:
             paths = self._render(model, prompt, negative, seed, steps, guidance, size, loras, grid=True,
                                  scales=SWEEP)
         except SdloraError as e:
-            gr.Warning(str(e))
+            notify.warn(str(e))
             return None, f"**Error:** {e}"
         return str(paths[0]), "Scale sweep: each LoRA's scale multiplied by 0, ¼, ½, ¾, 1 (same seed)."
 

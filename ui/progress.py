@@ -26,13 +26,18 @@ def status_html(job: Job | None, queued: int = 0) -> str:
     if job is None:
         return '<div id="job-status" class="idle">No training yet. Add images, then press <b>Start training</b>.</div>'
     pct = 100 * job.step / job.total if job.total else 0
+    loading = job.state == RUNNING and not job.begun
     head = {QUEUED: "Queued", RUNNING: "Training", DONE: "Finished", STOPPED: "Stopped (resumable)",
             FAILED: "Failed"}.get(job.state, job.state.capitalize())
+    head = "Loading the model" if loading else head
+    if job.state == RUNNING and job.begun and job.total and job.step >= job.total:
+        head = "Finishing (saving the file and the last samples)"
     parts = [f"<b>{head}</b> · job #{job.id} <code>{html.escape(job.name)}</code>",
+             "loading the base model and preparing the images…" if loading else
              f"step <b>{job.step} / {job.total}</b> ({pct:.0f}%)"]
     if job.rate:
         parts.append(f"{job.rate:.2f} steps/s")
-    if job.state == RUNNING:
+    if job.state == RUNNING and not loading:
         parts.append(f"ETA {duration(job.eta)}")
     elif job.ended and job.started:
         parts.append(f"took {duration(job.ended - job.started)}")
@@ -41,6 +46,9 @@ def status_html(job: Job | None, queued: int = 0) -> str:
     if job.val_losses:
         step, best = min(job.val_losses, key=lambda x: x[1])
         parts.append(f"validation {job.val_losses[-1][1]:.4f} (best {best:.4f} at step {step})")
+    if job.scores and "score" in job.scores[-1][1]:
+        parts.append(f"image score {job.scores[-1][1]['score']:.3f}"
+                     + (f" (best file: step {job.best_step})" if job.best_step else ""))
     if queued:
         parts.append(f"{queued} more queued")
     body = " · ".join(parts)
@@ -51,7 +59,8 @@ def status_html(job: Job | None, queued: int = 0) -> str:
     elif job.state == DONE and job.output:
         name = html.escape(Path(job.output).name)
         extra = f"<div>Saved <code>{name}</code> — see the Library and Preview tabs.</div>"
-    return f'<div id="job-status" class="{job.state}">{body}{bar}{extra}</div>'
+    state = f"{job.state} loading" if loading else job.state
+    return f'<div id="job-status" class="{state}">{body}{bar}{extra}</div>'
 
 
 def loss_frame(job: Job | None) -> pd.DataFrame:
@@ -76,3 +85,49 @@ def queue_rows(jobs: list[Job]) -> list[list]:
 
 def messages_text(job: Job | None) -> str:
     return "\n".join(job.messages[-20:]) if job else ""
+
+
+SCORE_COLUMNS = ["step", "file", "score", "likeness", "adherence", "preservation", "copying", "val. loss", "picked"]
+
+
+def validation_items(job: Job | None) -> list[tuple[str, str]]:
+    """(sheet path, caption) of the job's validation images, newest first: one sheet per validation."""
+    if not job:
+        return []
+    return [(p, f"validation at step {s}") for s, p in reversed(job.validation_images) if Path(p).is_file()]
+
+
+def checkpoint_rows(job: Job | None) -> list[list]:
+    """One row per validated step or checkpoint of the job: its LoRA file (a checkpoint's, or '–'), its scores and
+    validation loss, and which step --select-by picked for NAME_best (the row of the best file itself last)."""
+    if not job or (not job.scores and not job.val_losses):
+        return []
+    from sdlora.training.output import best_path
+    from sdlora.training.selection import checkpoint_scores
+
+    output = job.cfg.output.path
+    rows = {r["step"]: dict(r) for r in checkpoint_scores(output)}
+    for step, parts in job.scores:
+        rows.setdefault(step, {"step": step}).update(parts)
+    for step, loss in job.val_losses:
+        rows.setdefault(step, {"step": step})["val_loss"] = loss
+    by = job.cfg.select_by
+    out = []
+    for step in sorted(rows):
+        r = rows[step]
+        file = Path(r["file"]).name if r.get("file") and Path(r["file"]).is_file() else "–"
+        if file == "–" and step == job.step and job.output and Path(job.output).is_file():
+            file = Path(job.output).name  # the last step's validation is the final file's
+        picked = f"best ({by})" if step == job.best_step and by else ""
+        out.append([step, file] + [_num(r.get(k)) for k in ("score", "likeness", "adherence", "preservation",
+                                                           "copying", "val_loss")] + [picked])
+    best = best_path(output)
+    if best.is_file() and job.best_step:
+        same = next((r for r in out if r[0] == job.best_step), None)
+        numbers = same[2:8] if same else [""] * 6
+        out.append([job.best_step, best.name, *numbers, f"the best file ({by}): step {job.best_step}"])
+    return out
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{v:.4f}"

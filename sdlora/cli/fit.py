@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def register(sub) -> None:
     from .train import add_config_flags
@@ -25,36 +23,26 @@ def register(sub) -> None:
 
 
 def cmd_fit(args) -> int:
-    import torch
-
-    from ..training.fit import estimate, meta_model
-    from ..training.fit_plan import changed_flags, device_budget, fit_plan, parse_size
+    from ..training.fit_plan import check_fit, parse_size
     from .train import job_configs
 
     vram = parse_size(args.vram) if args.vram else None
-    device = "cuda" if vram else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not vram and not torch.cuda.is_available():
-        print("error: no CUDA GPU here; give --vram SIZE to plan for one", file=sys.stderr)
-        return 2
-    budget, where = device_budget(device, vram)
     worst = 0
     for label, cfg in job_configs(args):
-        model = meta_model(cfg.model_path, cfg.model.text_encoders)
-        est = estimate(cfg, device, model)
-        print(report(label, cfg, model, est))
-        if est.total <= budget:
-            print(f"fits: {where} has {budget / 2**30:.2f} GiB ({(budget - est.total) / 2**30:.2f} to spare)\n")
+        fit = check_fit(cfg, args.device, vram)
+        print(report(label, cfg, fit.model, fit.estimate))
+        budget, est = fit.budget, fit.estimate
+        if fit.fits:
+            print(f"fits: {fit.where} has {budget / 2**30:.2f} GiB ({(budget - est.total) / 2**30:.2f} to spare)\n")
             continue
         worst = 1
-        print(f"does not fit: {where} has {budget / 2**30:.2f} GiB")
-        plan = fit_plan(cfg, device, budget, model)
-        if plan is None:
+        print(f"does not fit: {fit.where} has {budget / 2**30:.2f} GiB")
+        if fit.plan is None:
             print("nothing sdlora can change makes it fit (an NF4 base, batch 1, checkpointing, no T5 and a "
                   "lower resolution included)\n")
         else:
-            new, e = plan
-            print(f"cheapest settings that fit: {' '.join(changed_flags(cfg, new))} "
-                  f"(about {e.total / 2**30:.2f} GiB)\n")
+            print(f"cheapest settings that fit: {' '.join(fit.flags)} "
+                  f"(about {fit.plan_estimate.total / 2**30:.2f} GiB)\n")
     return worst
 
 

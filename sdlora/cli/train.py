@@ -23,26 +23,36 @@ def register(sub) -> None:
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per config field, generated from the dataclasses (help text and default included)."""
-    from ..config import SECTIONS, flag_name, iter_options
+    """`--preset`, then one flag per config field, generated from the dataclasses (help text and default included)
+    and grouped as the web UI groups them (sdlora.options)."""
+    from ..options import by_key, groups
+    from ..presets import list_presets
 
-    defaults = {s: SECTIONS[s]() for s in SECTIONS}
-    groups = {}
-    for section, f in iter_options():
-        group = groups.setdefault(section, p.add_argument_group(f"[{section}]" if section != "data" else
-                                                                  "[[data]] (one folder from the command line)"))
-        default = getattr(defaults[section], f.name) if section in defaults else f.default
-        help_text = f"{f.metadata['help']} (default: {default!r})"
-        kw = dict(dest=f"{section}.{f.name}", default=None, help=help_text)
-        if f.type != "bool":
-            kw["metavar"] = {"int": "N", "float": "X"}.get(f.type, "TEXT")
-        if f.type == "bool":
-            group.add_argument(f"--{flag_name(f)}", action=argparse.BooleanOptionalAction, **kw)
-        elif f.type == "list":
-            group.add_argument(f"--{flag_name(f)}", action="append", **kw)
-        else:
-            typ = {"int": int, "float": float}.get(f.type, str)
-            group.add_argument(f"--{flag_name(f)}", type=typ, choices=f.metadata.get("choices"), **kw)
+    names = ", ".join(x.name for x in list_presets())
+    p.add_argument("--preset", metavar="NAME", help=f"Start from a preset's values (a job file and flags go on top); "
+                   f"sample_data/presets/: {names}; or a preset file's path.")
+    titles = {g.key: g.title for g in groups()}
+    arg_groups = {}
+    for opt in by_key().values():
+        title = titles.get(opt.group, opt.group)
+        group = arg_groups.get(title) or arg_groups.setdefault(title, p.add_argument_group(title))
+        _add_flag(group, opt)
+
+
+def _add_flag(group, opt) -> None:
+    f = opt.field
+    where = f"[[data]] {f.name}" if opt.section == "data" else f"[{opt.section}] {f.name}"
+    help_text = f"{opt.label}: {opt.help} ({where}) (default: {opt.default!r})"
+    kw = dict(dest=f"{opt.section}.{f.name}", default=None, help=help_text.replace("%", "%%"))
+    if f.type != "bool":
+        kw["metavar"] = {"int": "N", "float": "X"}.get(f.type, "TEXT")
+    if f.type == "bool":
+        group.add_argument(opt.flag, action=argparse.BooleanOptionalAction, **kw)
+    elif f.type == "list":
+        group.add_argument(opt.flag, action="append", **kw)
+    else:
+        typ = {"int": int, "float": float}.get(f.type, str)
+        group.add_argument(opt.flag, type=typ, choices=f.metadata.get("choices"), **kw)
 
 
 def apply_flags(cfg, args: argparse.Namespace):
@@ -65,8 +75,9 @@ def apply_flags(cfg, args: argparse.Namespace):
 
 
 def job_configs(args) -> list[tuple[str, object]]:
-    """(label, Config) per job: each TOML (and each line of a queue file) with the flags applied."""
-    from ..config import Config, load_toml
+    """(label, Config) per job: each TOML (and each line of a queue file) over the preset, with the flags applied."""
+    from ..config import from_dict, load_toml
+    from ..presets import preset_values
 
     paths = list(args.configs)
     if getattr(args, "queue", None):
@@ -82,9 +93,10 @@ def job_configs(args) -> list[tuple[str, object]]:
             if line.strip() and not line.strip().startswith("#"):
                 p = Path(line.strip())
                 paths.append(str(p if p.is_absolute() else q.parent / p))
+    under = preset_values(args.preset) if getattr(args, "preset", None) else {}
     if not paths:
-        return [("command line", apply_flags(Config(), args))]
-    return [(p, apply_flags(load_toml(p), args)) for p in paths]
+        return [("command line", apply_flags(from_dict(under), args))]
+    return [(p, apply_flags(load_toml(p, under), args)) for p in paths]
 
 
 def cmd_train(args) -> int:

@@ -111,6 +111,8 @@ class Family:
     # diffusers pipeline that runs it and the ModelSpec architecture of its LoRAs (OneTrainer's labels); "" for none
     inpaint_pipeline_class: str = ""
     inpaint_architecture: str = ""
+    presets: str = ""                    # the `family` of its presets in sample_data/presets (SD 2.x takes SD 1.5's)
+    hub_words: tuple[str, ...] = ()      # words in a hub id that name it, for a model not on this machine
 
     def ss_base_model_version(self, prediction_type: str, config=None) -> str:
         """kohya's label; SD1/SD2 v-prediction models add '_v'; SD3 names its variant (medium, 5-medium, 5-large)."""
@@ -212,7 +214,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                             "T5TokenizerFast"),),
            # every layer any SD3 variant has: 38 blocks (3.5 Large), attn2 in each (3.5 Medium has it in 0-12)
            reference_overrides={"num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
-                                "dual_attention_layers": list(range(38)), "qk_norm": "rms_norm"}),
+                                "dual_attention_layers": list(range(38)), "qk_norm": "rms_norm"},
+           presets="sd3", hub_words=("diffusion-3", "sd3", "sd35")),
     Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te1", "clip_l", aliases=("lora_te",)),
             _clip("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", "CLIPTextModelWithProjection")),
@@ -221,7 +224,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            kohya_naming=SGM, kohya_blocks=SDXL_BLOCKS, file_labels=("sdxl",), single_file=sdxl.SINGLE_FILE,
            inpaint_pipeline_class="StableDiffusionXLInpaintPipeline",
            inpaint_architecture="stable-diffusion-xl-v1-base-inpainting/lora",
-           save_tiny=sdxl.save_tiny_sdxl_pipeline, full_size=sdxl.full_size, full_size_configs=sdxl.full_size_configs),
+           save_tiny=sdxl.save_tiny_sdxl_pipeline, full_size=sdxl.full_size, full_size_configs=sdxl.full_size_configs,
+           presets="sdxl", hub_words=("xl",)),
     Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            768, "sd_v2", "stable-diffusion-v2-512/lora", sd.CONDITIONING,
@@ -231,7 +235,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            reference_overrides={"layers_per_block": 3}, single_file=sd.SD2_FILE,
            inpaint_pipeline_class="StableDiffusionInpaintPipeline",
            inpaint_architecture="stable-diffusion-v2-inpainting/lora",
-           full_size=sd.full_size, full_size_configs=sd.full_size_configs),
+           full_size=sd.full_size, full_size_configs=sd.full_size_configs, presets="sd1"),
     Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", "UNet2DConditionModel",
            (_clip("text_encoder", "tokenizer", "lora_te", "clip_l"),),
            512, "sd_v1", "stable-diffusion-v1/lora", sd.CONDITIONING,
@@ -240,7 +244,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            single_file=sd.SD1_FILE, save_tiny=sd.save_tiny_pipeline, full_size=sd.full_size,
            inpaint_pipeline_class="StableDiffusionInpaintPipeline",
            inpaint_architecture="stable-diffusion-v1-inpainting/lora",
-           full_size_configs=sd.full_size_configs),
+           full_size_configs=sd.full_size_configs, presets="sd1"),
 )}
 
 

@@ -55,6 +55,16 @@ def write_embedding(path: str | Path, token: str, vectors: dict[str, torch.Tenso
     return Path(path)
 
 
+def is_embedding_file(path: str | Path) -> bool:
+    """An embedding file (`write_embedding`'s: a token and its vectors, no LoRA module), from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+    except Exception:  # noqa: BLE001 - an unreadable file is no embedding file (the LoRA tools say what is wrong)
+        return False
+    return "token" in meta and "vectors" in meta and not any("lora" in k or "." in k for k in keys)
+
+
 def load_lora(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """(modules by kohya base name, bundled embeddings {token: {part: tensor}}, metadata) of a LoRA file of any
     layout. A file with no LoRA module, or with a key no layout explains, is an error naming it."""

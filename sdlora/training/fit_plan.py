@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -166,6 +167,41 @@ def changed_flags(before: Config, after: Config) -> list[str]:
                 name = flag_name(f)
                 flags.append((f"--{name}" if b else f"--no-{name}") if isinstance(b, bool) else f"--{name} {b}")
     return flags
+
+
+@dataclass
+class FitCheck:
+    """Will a job fit: its estimate, what the device offers, and (when it does not fit) the cheapest settings that
+    do: `plan` (None when nothing sdlora can change makes it fit) with its estimate and the flags that make it."""
+
+    estimate: Estimate
+    budget: int
+    where: str
+    model: MetaModel
+    plan: Config | None = None
+    plan_estimate: Estimate | None = None
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.total <= self.budget
+
+
+def check_fit(cfg: Config, device: str | None = None, vram: int | None = None) -> FitCheck:
+    """The fit check of `sdlora fit` and the web UI: the job's estimated peak against `vram` bytes of a CUDA GPU (or
+    this machine's `device`: CUDA when there is a GPU, else the CPU) and, when it does not fit, the cheapest plan."""
+    device = "cuda" if vram else device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not vram and not torch.cuda.is_available():
+        raise ConfigError("no CUDA GPU here; give the memory of the GPU to plan for (--vram SIZE)")
+    budget, where = device_budget(device, vram)
+    model = meta_model(cfg.model_path, cfg.model.text_encoders)
+    result = FitCheck(estimate(cfg, device, model), budget, where, model)
+    if not result.fits:
+        plan = fit_plan(cfg, device, budget, model)
+        if plan is not None:
+            result.plan, result.plan_estimate = plan
+            result.flags = changed_flags(cfg, plan[0])
+    return result
 
 
 def warn_if_too_big(cfg: Config, device: torch.device, say) -> Estimate | None:

@@ -261,9 +261,9 @@ def check_family_options(cfg: Config, c: Components) -> None:
 def check_inpainting(cfg: Config, c: Components) -> None:
     """The inpainting settings need an inpainting base; a slider (prompts alone, no image to repaint) one without."""
     if cfg.inpaint_settings and not c.inpainting:
-        raise ConfigError(f"{cfg.inpaint_settings[0]} is for inpainting bases, and {c.name} is a text-to-image model "
-                          f"(its {c.family.denoiser_attr} takes {c.denoiser.config.in_channels} input channels): "
-                          "leave it at its default, or train on an inpainting model")
+        raise ConfigError(f"{cfg.inpaint_settings[0]} is for inpainting bases (a {c.family.denoiser_attr} that also "
+                          f"takes the mask and the masked image), and {c.name} is a text-to-image model: leave it at "
+                          "its default, or train on an inpainting model")
     if cfg.is_slider and c.inpainting:
         raise ConfigError(f"{c.name} is an inpainting model; sliders and erasers train on text-to-image models: use "
                           "the text-to-image model it was made from")
