@@ -89,8 +89,8 @@ def one(spec: dict) -> dict:
     from sdlora.callbacks import Callbacks
     from sdlora.config import Config, DataFolder
     from sdlora.training.loop import optimizer_step
-    from sdlora.training.optimizers import state_bytes
-    from sdlora.training.setup import make_accelerator, setup
+    from sdlora.training.run.optimizers import state_bytes
+    from sdlora.training.run.setup import make_accelerator, setup
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmp = Path(tempfile.mkdtemp())

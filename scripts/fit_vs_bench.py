@@ -28,7 +28,7 @@ def rows_of(files: list[Path], device: str | None) -> list[dict]:
 
 
 def compare(rows: list[dict]) -> list[dict]:
-    from sdlora.training.fit import check_row
+    from sdlora.training.memory.fit import check_row
 
     return [dict(r, **check_row(r)) for r in rows]
 

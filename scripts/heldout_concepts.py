@@ -36,7 +36,7 @@ from sdlora.cli.train import add_config_flags, apply_flags  # noqa: E402
 from sdlora.config import load_toml  # noqa: E402
 from sdlora.loras.apply import load_lora_into  # noqa: E402
 from sdlora.training.loop import train  # noqa: E402
-from sdlora.training.selection import RECORD_KEYS  # noqa: E402
+from sdlora.training.periodic.selection import RECORD_KEYS  # noqa: E402
 from sdlora.world import shapes  # noqa: E402
 from sdlora.world.evaluate import evaluate, generate, load_pipeline, trigger_prompts, world_prompts  # noqa: E402
 from sdlora.world.judge import load_judge  # noqa: E402

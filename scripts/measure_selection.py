@@ -27,7 +27,7 @@ from sdlora import train
 from sdlora.config import Config, load_toml, parse_score_weights
 from sdlora.paths import sample_data
 from sdlora.scoring.base import Scores
-from sdlora.training import selection
+from sdlora.training.periodic import selection
 
 DEFAULT = ",".join(f"{v:g}" for v in Config().score_weights.values())  # as the weightings below are written
 

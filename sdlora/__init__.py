@@ -21,7 +21,8 @@ _API = {
     "generate": "sdlora.loras.apply", "load_lora_into": "sdlora.loras.apply", "apply_loras": "sdlora.loras.apply",
     "evaluate": "sdlora.world.evaluate",
     "compare": "sdlora.loras.compare", "CompareSettings": "sdlora.loras.compare",
-    "checkpoint_scores": "sdlora.training.selection", "validation_history": "sdlora.training.selection",
+    "checkpoint_scores": "sdlora.training.periodic.selection",
+    "validation_history": "sdlora.training.periodic.selection",
 }
 __all__ = sorted(_API)
 

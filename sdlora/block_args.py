@@ -1,5 +1,5 @@
 """The per-block and per-layer settings of a [lora] table in sd-scripts' spellings, parsed and checked (the
-config's side; `sdlora.training.blocks` turns them into a (rank, alpha, lr) per adapted layer of a model)."""
+config's side; `sdlora.training.run.blocks` turns them into a (rank, alpha, lr) per adapted layer of a model)."""
 
 from __future__ import annotations
 

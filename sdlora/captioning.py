@@ -71,7 +71,7 @@ def caption_folder(folder: str | Path, captioner: str | Captioner, prefix: str =
     image with `overwrite`). Existing captions are never replaced without `overwrite`; an image the model gives an
     empty caption is an error naming it, not an empty file. A model named by folder or hub id is loaded (on
     `device`, with `prompt`) only once the folder has images to caption."""
-    from .training.data import load_image, scan_folder
+    from .training.inputs.data import load_image, scan_folder
 
     folder = Path(folder)
     if not folder.is_dir():

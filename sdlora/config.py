@@ -102,7 +102,7 @@ class LoraConfig:
                             "in A1111 and ComfyUI) or output (peft's; needed for --format diffusers); loha/lokr: "
                             "use_tucker, rank_dropout (as LyCORIS: kept rows not rescaled), module_dropout; lokr: "
                             "factor (-1 = balanced; split as LyCORIS splits it), decompose_both.")
-    # per block and per layer, in sd-scripts' spelling (sdlora/training/blocks.py; the block tables: families/)
+    # per block and per layer, in sd-scripts' spelling (sdlora/training/run/blocks.py; the block tables: families/)
     block_dims: str = opt("", "sd-scripts' block_dims: the rank of each UNet block, comma-separated, 25 values on SD "
                           "1.x/2.x (IN00-IN11, MID, OUT00-OUT11; IN00 never has LoRA) or 23 on SDXL (BASE, IN00-IN08, "
                           "MID00-MID02, OUT00-OUT08, OUT); 0 = no LoRA in that block. Empty = rank everywhere.")
@@ -227,7 +227,7 @@ class TrainConfig:
     noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05) for darker/brighter images; 0 = off.", ge=0)
     cache_latents: bool = opt(True, "Encode images once; the VAE does no per-step work (off with random crop).")
     cache_text: bool = opt(True, "Encode captions once when the text encoder is frozen.")
-    # the objective's recipe (sdlora/training/objective.py): any family, whatever the model predicts
+    # the objective's recipe (sdlora/training/steps/objective.py): any family, whatever the model predicts
     timestep_sampling: str = opt("uniform", "How training timesteps are drawn: uniform; logit-normal "
                                  "(diffusers' --weighting_scheme logit_normal, its SD3 default: favours the middle); "
                                  "sigmoid (kohya's name for sigmoid(scale z)); mode (SD3's mode sampling, see "
@@ -403,9 +403,9 @@ class OutputConfig:
 
 @dataclass
 class SliderConfig:
-    """A concept slider or eraser trained from prompts alone (`sdlora slider job.toml`; sdlora/training/slider.py):
-    no images, the LoRA learns from the frozen base model's own predictions on latents the base model partly
-    denoises itself, as LECO, Concept Sliders and ai-toolkit train them."""
+    """A concept slider or eraser trained from prompts alone (`sdlora slider job.toml`;
+    sdlora/training/steps/slider.py): no images, the LoRA learns from the frozen base model's own predictions on
+    latents the base model partly denoises itself, as LECO, Concept Sliders and ai-toolkit train them."""
 
     target: str = opt("", "Slider / eraser: the prompt the LoRA acts on (e.g. 'a person', 'a circle'). Setting it "
                       "makes the job a slider (sdlora slider), trained from prompts alone: no [[data]].",

@@ -254,7 +254,7 @@ def _problem(cfg: Config, facts: ModelFacts | None) -> str | None:
     try:
         validate(cfg, check_paths=False)
         if facts is not None:
-            from .training.setup import check_family_options
+            from .training.run.setup import check_family_options
 
             facts.family.target_patterns(cfg.lora.targets)
             check_family_options(cfg, facts.components())

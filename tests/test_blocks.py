@@ -22,8 +22,8 @@ from sdlora.errors import ConfigError
 from sdlora.families import FAMILIES
 from sdlora.loras.files import load_lora, read_lora
 from sdlora.loras.layout import DENOISER_PREFIX, denoiser_namer, kohya_base
-from sdlora.training.adapters import layer_ranks
-from sdlora.training.blocks import lr_weights
+from sdlora.training.run.adapters import layer_ranks
+from sdlora.training.run.blocks import lr_weights
 
 RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 
@@ -162,7 +162,7 @@ def test_ranks_per_block_load_in_diffusers_and_reproduce_the_trainer(tiny_model,
 
 def setup_state(cfg):
     from sdlora.training.loop import prepare_output
-    from sdlora.training.setup import make_accelerator, setup
+    from sdlora.training.run.setup import make_accelerator, setup
 
     validate(cfg)
     prepare_output(cfg)

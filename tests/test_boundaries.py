@@ -151,7 +151,7 @@ def test_a_ui_job_that_hits_a_bug_says_where_the_traceback_is(tmp_path, crash_di
 
 
 def test_captions_are_read_as_text_or_skipped_by_name(tmp_path):
-    from sdlora.training.data import scan_folder
+    from sdlora.training.inputs.data import scan_folder
 
     folder = draw_images(tmp_path / "imgs", n=5)
     (folder / "img0.txt").write_bytes((folder / "img0.png").read_bytes())  # a PNG saved as a caption

@@ -15,7 +15,7 @@ from sdlora import train
 from sdlora.callbacks import Commands
 from sdlora.cli import main
 from sdlora.loras.files import read_lora
-from sdlora.training.data import TagRule, vary_tags
+from sdlora.training.inputs.data import TagRule, vary_tags
 
 
 def test_tags_keep_drop_and_shuffle_from_the_rng_alone():
@@ -90,7 +90,7 @@ def test_sample_prompt_tables_render_with_their_own_settings(tiny_model, tmp_pat
 
 
 def test_lora_scale_of_a_sample_scales_the_lora(tiny_model, tmp_path):
-    from sdlora.training.output import lora_scaled
+    from sdlora.training.periodic.output import lora_scaled
 
     cfg = tiny_config(tiny_model, draw_images(tmp_path / "imgs", n=2), tmp_path / "l.safetensors", train__max_steps=2)
     cap = Capture()

@@ -1,4 +1,4 @@
-"""Pivotal tuning is one object (sdlora/training/pivotal.py): a run holds `Pivotal` or the do-nothing `NoConcept`,
+"""Pivotal tuning is one object (sdlora/training/run/pivotal.py): a run holds `Pivotal` or the do-nothing `NoConcept`,
 and the code that builds and runs it calls the two alike. Checked on the source of sdlora/training and sdlora/cli:
 no branch on whether a run has a concept (`if concept`, `concept is None`, `isinstance(x, Pivotal)`), and the
 `[pivotal]` settings read only in pivotal.py, besides two config-level readers that run without a training run
@@ -11,8 +11,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HOME = "sdlora/training/pivotal.py"
-READERS = {("sdlora/training/setup.py", "check_family_options"), ("sdlora/training/image_validation.py", "trigger_of")}
+HOME = "sdlora/training/run/pivotal.py"
+READERS = {("sdlora/training/run/setup.py", "check_family_options"),
+           ("sdlora/training/periodic/image_validation.py", "trigger_of")}
 KINDS = {"Pivotal", "NoConcept"}
 
 
@@ -89,5 +90,5 @@ def test_the_check_catches_a_planted_branch():
              "state.concept.check_trained(step)\n")
     assert violations(loop + calls, "sdlora/training/loop.py") == []
     reader = "def trigger_of(cfg):\n    return cfg.pivotal.trigger if cfg.pivotal.token else ''\n"
-    assert violations(reader, "sdlora/training/image_validation.py") == []
+    assert violations(reader, "sdlora/training/periodic/image_validation.py") == []
     assert len(violations(reader, "sdlora/training/loop.py")) == 2

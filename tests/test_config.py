@@ -144,7 +144,7 @@ def test_a_checkpoint_from_before_the_timestep_mean_sign_flip_is_not_resumed(tmp
     import torch
 
     from sdlora.errors import TrainingError
-    from sdlora.training.checkpoint import STATE_VERSION, load_state
+    from sdlora.training.periodic.checkpoint import STATE_VERSION, load_state
 
     config = Config().to_dict()
     old = {**config, "config_version": 1, "train": {**config["train"], "timestep_mean": 0.5}}

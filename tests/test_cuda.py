@@ -127,7 +127,7 @@ def test_ui_job_trains_on_the_gpu(tiny_model, tmp_path):
 def test_fit_emulates_cuda_autocast(tiny_model, precision):
     """The fit check's meta trace against the bytes real CUDA tensors save (weights in the training dtype, CUDA
     autocast, PyTorch's own SDPA kernels)."""
-    from sdlora.training import fit
+    from sdlora.training.memory import fit
 
     cfg = tiny_config(tiny_model, ".", "o.safetensors", train__batch_size=2, train__mixed_precision=precision,
                       lora__targets="all")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdlora.errors import DataError
-from sdlora.training.data import BatchPlan, build_examples, fit_to_bucket, load_image, make_buckets, pick_bucket
+from sdlora.training.inputs.data import BatchPlan, build_examples, fit_to_bucket, load_image, make_buckets, pick_bucket
 
 
 def test_awkward_images_load_as_rgb(tmp_path):

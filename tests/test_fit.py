@@ -16,7 +16,7 @@ from conftest import Capture, draw_images, tiny_config
 
 from sdlora import train
 from sdlora.config import Config
-from sdlora.training import fit, fit_plan
+from sdlora.training.memory import fit, fit_plan
 
 GiB = 2**30
 
@@ -26,10 +26,10 @@ def real_saved(model_path: str, cfg: Config, device: str = "cpu") -> int:
     autocast), the model set up by setup's own pieces (weights placed, adapters added); SD3's T5 encodes the
     captions first."""
     from sdlora.models import load_components
-    from sdlora.training import setup as s
-    from sdlora.training.batches import Batch
-    from sdlora.training.pivotal import NoConcept
-    from sdlora.training.step import seeded, training_step
+    from sdlora.training.inputs.batches import Batch
+    from sdlora.training.run import setup as s
+    from sdlora.training.run.pivotal import NoConcept
+    from sdlora.training.steps.step import seeded, training_step
 
     c, dev, precision = load_components(model_path), torch.device(device), cfg.train.mixed_precision
     b, lat = cfg.train.batch_size, cfg.augment.resolution // c.vae_factor
@@ -223,7 +223,7 @@ def test_nf4_weights_quantized_on_meta_are_what_bitsandbytes_holds():
     import bitsandbytes as bnb
 
     from sdlora.quantize import quantize_nf4
-    from sdlora.training.memtrace import OnMeta
+    from sdlora.training.memory.memtrace import OnMeta
 
     for shape in ((320, 768), (1280, 5120), (37, 32)):
         w = bnb.nn.Params4bit(torch.randn(shape), requires_grad=False, quant_type="nf4").to("cpu")
@@ -263,8 +263,8 @@ def real_step_peak(cfg: Config) -> tuple[int, int]:
     from torch.profiler import ProfilerActivity, profile
 
     from sdlora.callbacks import Callbacks
-    from sdlora.training.setup import make_accelerator, setup
-    from sdlora.training.step import seeded
+    from sdlora.training.run.setup import make_accelerator, setup
+    from sdlora.training.steps.step import seeded
 
     acc = make_accelerator(cfg)
     if acc.device.type != "cpu":

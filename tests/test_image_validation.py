@@ -17,8 +17,8 @@ from sdlora.config import Config, DataFolder, validate
 from sdlora.errors import ConfigError, TrainingError
 from sdlora.loras.files import read_lora
 from sdlora.scoring.base import Scores
-from sdlora.training import image_validation
-from sdlora.training.image_validation import trigger_of, validation_prompts
+from sdlora.training.periodic import image_validation
+from sdlora.training.periodic.image_validation import trigger_of, validation_prompts
 
 SCORE_KEYS = ("score", "likeness", "adherence", "preservation", "copying")
 

@@ -19,7 +19,7 @@ from sdlora.errors import ConfigError, DataError, ModelError
 from sdlora.families import FAMILIES
 from sdlora.loras.files import read_lora
 from sdlora.loras.inspect import inspect_lora
-from sdlora.training.inpaint_masks import random_mask
+from sdlora.training.inputs.inpaint_masks import random_mask
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_an_inpainting_lora_loads_in_the_inpaint_pipeline_changes_it_and_merges_
     assert np.abs(_inpaint_outputs(merged, image, mask) - runtime).max() < 1e-4
 
     # the training sample repainted the first image under a centred rectangle, as the pipeline does with the file
-    from sdlora.training.inpaint_masks import centred_rectangle
+    from sdlora.training.inputs.inpaint_masks import centred_rectangle
 
     first = Image.open(data / "img0.png").convert("RGB")
     want = pipe("a red sks", image=first, mask_image=centred_rectangle(32, 32), height=32, width=32,

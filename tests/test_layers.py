@@ -150,8 +150,8 @@ def test_the_checkers_see_a_cycle_and_the_lazy_api(tmp_path):
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
     planted = graph()
-    planted["sdlora.training.text"].add("sdlora.training.loop")  # loop -> setup -> ... -> text -> loop
-    assert any("sdlora.training.text" in c for c in cycles(planted))
+    planted["sdlora.training.steps.text"].add("sdlora.training.loop")  # loop -> setup -> ... -> text -> loop
+    assert any("sdlora.training.steps.text" in c for c in cycles(planted))
     path = tmp_path / "m.py"
     path.write_text("def f():\n    from sdlora import train\n")
     assert "sdlora.training.loop" in imports("sdlora.models", path)  # models would import the trainer

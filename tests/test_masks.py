@@ -12,7 +12,7 @@ from PIL import Image
 from sdlora import train
 from sdlora.cli import main
 from sdlora.loras.files import read_lora
-from sdlora.training.objective import per_sample_loss
+from sdlora.training.steps.objective import per_sample_loss
 
 
 def masks_for(folder, out, paint):
@@ -54,8 +54,8 @@ def test_an_all_ones_mask_is_the_plain_mean_and_a_small_mask_is_not_a_small_loss
 
 
 def test_cells_outside_the_mask_send_no_gradient(tiny_model, tmp_path):
-    from sdlora.training.setup import make_accelerator, setup
-    from sdlora.training.step import seeded, training_step
+    from sdlora.training.run.setup import make_accelerator, setup
+    from sdlora.training.steps.step import seeded, training_step
 
     data = draw_images(tmp_path / "imgs", n=2, sizes=((64, 64),))
     left = masks_for(data, tmp_path / "left", lambda a: a.__setitem__((slice(None), slice(0, 32)), 255))
@@ -80,8 +80,8 @@ def test_cells_outside_the_mask_send_no_gradient(tiny_model, tmp_path):
 
 
 def test_unmasked_weight_lifts_the_outside(tiny_model, tmp_path):
-    from sdlora.training.setup import make_accelerator, setup
-    from sdlora.training.step import seeded
+    from sdlora.training.run.setup import make_accelerator, setup
+    from sdlora.training.steps.step import seeded
 
     data = draw_images(tmp_path / "imgs", n=1, sizes=((64, 64),))
     left = masks_for(data, tmp_path / "left", lambda a: a.__setitem__((slice(None), slice(0, 32)), 255))
@@ -94,7 +94,7 @@ def test_unmasked_weight_lifts_the_outside(tiny_model, tmp_path):
 
 
 def test_masks_follow_flips_crops_and_the_cache():
-    from sdlora.training.data import fit_to_bucket
+    from sdlora.training.inputs.data import fit_to_bucket
 
     im = Image.new("RGB", (96, 64), "white")
     im.paste((255, 0, 0), (0, 0, 30, 64))  # a red band on the left
@@ -110,8 +110,8 @@ def test_masks_follow_flips_crops_and_the_cache():
 
 
 def test_class_images_are_never_masked(tiny_model, tmp_path):
-    from sdlora.training.setup import make_accelerator, setup
-    from sdlora.training.step import seeded
+    from sdlora.training.run.setup import make_accelerator, setup
+    from sdlora.training.steps.step import seeded
 
     data = draw_images(tmp_path / "imgs", n=2)
     half = masks_for(data, tmp_path / "m", lambda a: a.__setitem__((slice(0, 16),), 255))

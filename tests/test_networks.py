@@ -22,7 +22,7 @@ from sdlora.loras.apply import load_lora_into
 from sdlora.loras.checks import validate_kohya
 from sdlora.loras.files import load_lora, read_lora
 from sdlora.loras.modules import DoraModule, LohaModule, LokrModule
-from sdlora.training.adapters import started_at_zero
+from sdlora.training.run.adapters import started_at_zero
 
 # (network, args, rank): at the tiny model's widths (32, 64) these give LoKr both factors full (scale 1), w2
 # factorised with Tucker convs (written without the core), and both factorised (w1, the smaller factor, at width 64)

@@ -13,7 +13,14 @@ from sdlora import train
 from sdlora.callbacks import Callbacks
 from sdlora.config import validate
 from sdlora.errors import ConfigError
-from sdlora.training.objective import Recipe, Timesteps, debiased_weight, huber_delta, multires_noise, per_sample_loss
+from sdlora.training.steps.objective import (
+    Recipe,
+    Timesteps,
+    debiased_weight,
+    huber_delta,
+    multires_noise,
+    per_sample_loss,
+)
 
 
 def test_uniform_sampling_draws_exactly_as_randint():

@@ -72,7 +72,7 @@ class Capture(Callbacks):
 
 @pytest.mark.parametrize("warmup", [False, True])
 def test_ema_follows_its_formula_and_is_what_is_saved(tiny_model, images, tmp_path, warmup):
-    from sdlora.training.output import write_output
+    from sdlora.training.periodic.output import write_output
 
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=6,
                       optim__ema_decay=0.8, optim__ema_warmup=warmup, optim__save_ema="both")
@@ -120,7 +120,7 @@ def test_schedule_free_saves_its_averaged_weights(tiny_model, images, tmp_path):
 
 
 def test_loraplus_gives_b_matrices_the_higher_rate(tiny_model, images, tmp_path):
-    from sdlora.training.setup import make_accelerator, setup
+    from sdlora.training.run.setup import make_accelerator, setup
 
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", optim__loraplus_ratio=16.0)
     cfg.lora.train_text_encoder, cfg.lora.text_encoder_lr = True, 5e-4

@@ -60,3 +60,12 @@ def test_optional_packages_are_imported_only_inside_functions():
             for m in mods:
                 names = {d.lower().replace("_", "-") for d in dists.get(m.split(".")[0], [])}
                 assert not (names & extras - base), f"{path.relative_to(ROOT)} imports optional {m} at module level"
+
+
+def test_every_package_folder_ships_in_the_wheel():
+    """pyproject lists the packages (sample_data is mapped, not found), so a folder of modules missing from the list
+    would install without its code."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for top in ("sdlora", "ui")
+               for p in (ROOT / top).rglob("*.py") if "__pycache__" not in p.parts}
+    assert folders <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(folders - listed)}"

@@ -16,7 +16,7 @@ from sdlora import train
 from sdlora.callbacks import Callbacks, Commands
 from sdlora.errors import DataError
 from sdlora.loras.files import read_lora
-from sdlora.training.batches import Batches, Latents, pins
+from sdlora.training.inputs.batches import Batches, Latents, pins
 
 PREPARE = Batches.prepare
 
@@ -130,7 +130,7 @@ def test_an_image_that_breaks_mid_run_is_the_same_one_line_error_either_way(tiny
 
 
 def test_pinned_memory_only_for_cuda_with_prefetch(monkeypatch, tmp_path):
-    from sdlora.training.data import Example
+    from sdlora.training.inputs.data import Example
 
     assert pins(torch.device("cuda", 0), True) and pins("cuda", True)
     assert not pins("cpu", True) and not pins("cuda", False) and not pins("mps", True)

@@ -58,10 +58,11 @@ class _Linear:
 
 
 def _models(denoiser):
-    from sdlora.training.parts import Part
-    from sdlora.training.step import Models
+    from sdlora.training.run.parts import Part
+    from sdlora.training.steps.step import Models
 
-    conditioning = SimpleNamespace(predict=lambda den, x, t, cond, micro: den(x, t))
+    conditioning = SimpleNamespace(predict=lambda den, x, t, cond, micro: den(x, t),
+                                   denoiser_input=lambda noisy, image=None: noisy)  # text-to-image: latents alone
     return Models(Part.unwrapped(denoiser), None, _flow_scheduler(), conditioning)
 
 
@@ -72,8 +73,8 @@ def test_sd3_loss_is_diffusers_for_every_weighting_and_preconditioning(weighting
     and --precondition_outputs 1 / 0; the default config preconditions, as diffusers' default (1) and kohya's
     sd3_train_network.get_noise_pred_and_target (always) do."""
     from sdlora.config import TrainConfig
-    from sdlora.training.objective import Recipe
-    from sdlora.training.step import denoise_loss
+    from sdlora.training.steps.objective import Recipe
+    from sdlora.training.steps.step import denoise_loss
 
     assert TrainConfig().precondition_outputs is True
     g = torch.Generator().manual_seed(1)
@@ -90,8 +91,8 @@ def test_sd3_preconditioned_sigma_sqrt_is_the_unweighted_velocity_loss():
     """With preconditioning, sigma_sqrt's 1/sigma^2 cancels the sigma^2 of x0 - (x_t - sigma v) = sigma (v - v):
     the loss is the plain velocity loss, with no weight near 1e6 at nearly clean timesteps (kohya's sd3 docs)."""
     from sdlora.config import TrainConfig
-    from sdlora.training.objective import Recipe
-    from sdlora.training.step import denoise_loss
+    from sdlora.training.steps.objective import Recipe
+    from sdlora.training.steps.step import denoise_loss
 
     g = torch.Generator().manual_seed(2)
     x, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
@@ -118,7 +119,7 @@ def test_sd3_timestep_window_applies_after_the_shift_as_kohya():
     """kohya's library/sd3_train_utils.get_noisy_model_input_and_timesteps: u (uniform), shifted u s / (1 + (s - 1)
     u), then the window: timesteps = (u (t_max - t_min) + t_min).long(). sdlora's timesteps are the same draws
     before the floor, so every one lies in [t_min, t_max)."""
-    from sdlora.training.objective import Flow, Timesteps
+    from sdlora.training.steps.objective import Flow, Timesteps
 
     flow, window = Flow(_flow_scheduler()), Timesteps(low=200, high=500)
     got = flow.sample(window, 4000, torch.Generator().manual_seed(5), "cpu")
@@ -139,7 +140,7 @@ def test_sd3_timestep_sampling_draws_diffusers_timesteps(kind, mean, scale):
     - mode_scale (cos^2(pi u / 2) - 1 + u)), indices = (u * 1000).long(), timesteps = scheduler.timesteps[indices]
     (a descending table: mean > 0 favours less noise). sdlora draws the same u from the same generator and does not
     round to the table, so each timestep lies within one table step of diffusers'."""
-    from sdlora.training.objective import Flow, Timesteps
+    from sdlora.training.steps.objective import Flow, Timesteps
 
     sched, n = _flow_scheduler(), 4000
     g = torch.Generator().manual_seed(7)
@@ -298,7 +299,7 @@ def test_lokr_builds_the_network_lycoris_builds_from_its_ss_network_args(tiny_mo
     from sdlora.config import Config
     from sdlora.families import FAMILIES
     from sdlora.loras.metadata import network_labels
-    from sdlora.training.adapters import inject
+    from sdlora.training.run.adapters import inject
 
     cfg = Config()
     cfg.lora.network, cfg.lora.network_args, cfg.lora.rank, cfg.lora.alpha = "lokr", args, rank, 3.0
@@ -333,7 +334,7 @@ def test_loha_rank_dropout_drops_rows_without_rescaling_as_lycoris(tiny_model):
     channel of a LoHa layer's added output is either 0 or the whole update's, never rescaled."""
     from diffusers import UNet2DConditionModel
 
-    from sdlora.training.adapters import inject
+    from sdlora.training.run.adapters import inject
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     names = inject(unet, ["attn2.to_q"], 2, 2.0, network="loha", args={"rank_dropout": 0.5})
@@ -373,8 +374,8 @@ def test_samples_render_dora_at_a_strength_as_the_clients(tiny_model, axis):
     the base model, not the base with the magnitude still applied)."""
     from diffusers import UNet2DConditionModel
 
-    from sdlora.training.adapters import inject
-    from sdlora.training.output import lora_scaled
+    from sdlora.training.periodic.output import lora_scaled
+    from sdlora.training.run.adapters import inject
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     names = inject(unet, ["attn2.to_k", r"resnets\.0\.conv1"], 2, 2.0, network="dora", args={"dora_axis": axis})

@@ -84,7 +84,7 @@ def test_full_disk_during_a_checkpoint_says_where_the_last_good_one_is(tiny_mode
 
 
 def test_a_failed_final_write_keeps_the_run_and_resume_finishes_it(tiny_model, images, tmp_path, monkeypatch):
-    import sdlora.training.output as output
+    import sdlora.training.periodic.output as output
 
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=3)
     real = output.write_lora
@@ -179,7 +179,7 @@ def test_ctrl_c_is_one_line(tiny_model, images, tmp_path, capsys, monkeypatch, w
     import signal
 
     import sdlora.training.loop as loop
-    import sdlora.training.setup as setup
+    import sdlora.training.run.setup as setup
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -386,7 +386,7 @@ def test_shuffled_tags_keep_t5_and_its_cache_bounded(sd35m, tmp_path, monkeypatc
     without keeping it: the cache holds the fixed texts only, however many steps run."""
     from sdlora.callbacks import Callbacks
     from sdlora.training.loop import optimizer_step
-    from sdlora.training.setup import make_accelerator, setup
+    from sdlora.training.run.setup import make_accelerator, setup
 
     data = draw_images(tmp_path / "imgs", n=2, captions=False)
     cfg = tiny_config(sd35m, data, tmp_path / "o" / "sd3.safetensors", train__max_steps=6)
@@ -459,7 +459,7 @@ def test_flow_objective_follows_diffusers_sd3_training():
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-    from sdlora.training.objective import Flow, Timesteps
+    from sdlora.training.steps.objective import Flow, Timesteps
 
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     flow = Flow(sched)

@@ -25,8 +25,8 @@ from sdlora.errors import ConfigError
 from sdlora.loras.checks import validate_kohya
 from sdlora.loras.files import read_lora
 from sdlora.paths import sample_data
-from sdlora.training.output import write_output
-from sdlora.training.slider import SliderBatch
+from sdlora.training.periodic.output import write_output
+from sdlora.training.steps.slider import SliderBatch
 
 PROMPTS = dict(target="a dog", positive="a red dog", negative="a blue dog")
 
@@ -142,7 +142,7 @@ def test_slider_file_loads_like_any_lora_and_says_what_it_is(tiny_model, tmp_pat
     same strengths, and the header names the slider and its range."""
     from conftest import Capture
 
-    from sdlora.training.output import lora_scaled
+    from sdlora.training.periodic.output import lora_scaled
 
     cfg = slider_config(tiny_model, tmp_path / "o" / "s.safetensors", steps=2)
     cap = Capture()

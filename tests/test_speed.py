@@ -78,7 +78,7 @@ def test_xformers_missing_is_one_line(tiny_model, reference, tmp_path, monkeypat
 def test_auto_precision_follows_the_cpu(monkeypatch, flags, cuda, want):
     import sdlora.hardware as hw
     from sdlora.config import Config
-    from sdlora.training.setup import mixed_precision
+    from sdlora.training.run.setup import mixed_precision
 
     monkeypatch.setattr(hw, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)

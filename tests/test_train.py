@@ -150,7 +150,7 @@ class Poison(Callbacks):
 
 
 def test_nan_loss_stops_with_advice_and_keeps_checkpoint(tiny_model, images, tmp_path):
-    from sdlora.training.checkpoint import load_state
+    from sdlora.training.periodic.checkpoint import load_state
 
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=6)
     cfg.output.save_every = 2
@@ -179,7 +179,7 @@ def test_zero_update_is_an_error_not_a_file(tiny_model, images, tmp_path):
 
 
 def test_targets_that_match_nothing_are_an_error():
-    from sdlora.training.adapters import inject
+    from sdlora.training.run.adapters import inject
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(TrainingError, match="matched no layer"):
@@ -206,8 +206,8 @@ def test_training_options_give_a_working_lora(tiny_model, tmp_path, options):
 
 
 def test_lora_parameters_get_finite_nonzero_gradients(tiny_model, images, tmp_path):
-    from sdlora.training.setup import make_accelerator, setup
-    from sdlora.training.step import seeded, training_step
+    from sdlora.training.run.setup import make_accelerator, setup
+    from sdlora.training.steps.step import seeded, training_step
 
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors")
     cfg.lora.train_text_encoder = True
@@ -239,7 +239,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("cache", [True, False])
 def test_cached_latents_and_text_mean_no_per_step_encoder_work(tiny_model, images, tmp_path, cache):
     from sdlora.training.loop import optimizer_step
-    from sdlora.training.setup import make_accelerator, setup
+    from sdlora.training.run.setup import make_accelerator, setup
 
     cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors")
     cfg.train.cache_latents = cfg.train.cache_text = cache

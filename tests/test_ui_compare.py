@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import draw_images, tiny_config
 
-from sdlora.training.selection import checkpoint_scores, validation_history
+from sdlora.training.periodic.selection import checkpoint_scores, validation_history
 from ui.compare_tab import COLUMNS, CompareTab, compare_choices
 from ui.jobs import DONE, JobManager
 

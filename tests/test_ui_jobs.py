@@ -474,7 +474,7 @@ def test_image_scores_reach_the_page(tmp_path, tiny_model):
     job = m.wait(m.submit(cfg, "l"), 300)
     m.close()
     assert job.state == DONE, job.error
-    from sdlora.training.runlog import log_path
+    from sdlora.training.periodic.runlog import log_path
 
     lines = [json.loads(x) for x in log_path(cfg.output.path).read_text().splitlines()]
     lines = [r for r in lines if "score" in r]

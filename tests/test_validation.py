@@ -67,8 +67,8 @@ def test_validation_loss_is_deterministic_and_leaves_training_alone(tiny_model, 
 
 def test_validation_images_are_never_trained_on(tiny_model, tmp_path):
     from sdlora.config import DataFolder
-    from sdlora.training.setup import make_accelerator, setup
-    from sdlora.training.step import seeded
+    from sdlora.training.run.setup import make_accelerator, setup
+    from sdlora.training.steps.step import seeded
 
     a, b = draw_images(tmp_path / "a", n=6), draw_images(tmp_path / "b", n=4)
     cfg = job(tiny_model, a, tmp_path / "o" / "l.safetensors", validation__split=0.3, train__batch_size=2)

@@ -10,7 +10,7 @@ import gradio as gr
 from PIL import Image
 
 from sdlora.errors import SdloraError
-from sdlora.training.data import Example, load_mask, mask_file
+from sdlora.training.inputs.data import Example, load_mask, mask_file
 
 from . import notify
 from .files import dataset_rows, import_uploads, move_uploads, safe_name, write_captions

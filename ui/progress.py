@@ -102,8 +102,8 @@ def checkpoint_rows(job: Job | None) -> list[list]:
     validation loss, and which step --select-by picked for NAME_best (the row of the best file itself last)."""
     if not job or (not job.scores and not job.val_losses):
         return []
-    from sdlora.training.output import best_path
-    from sdlora.training.selection import checkpoint_scores
+    from sdlora.training.periodic.output import best_path
+    from sdlora.training.periodic.selection import checkpoint_scores
 
     output = job.cfg.output.path
     rows = {r["step"]: dict(r) for r in checkpoint_scores(output)}

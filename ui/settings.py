@@ -1,7 +1,7 @@
 """The settings of the Train tab: a preset, the settings users change most on the first screen, then one collapsed group
 per thing users do (`sdlora.options`), each with a one-line summary of what differs from the defaults, its expert
 fields behind "More", the fields that do nothing here hidden with the reason, and the help with each CLI flag on
-demand; and the memory fit of the current settings (`sdlora.training.fit_plan.check_fit`)."""
+demand; and the memory fit of the current settings (`sdlora.training.memory.fit_plan.check_fit`)."""
 
 from __future__ import annotations
 
@@ -292,7 +292,7 @@ class SettingsPanel:
 
     def _fit(self, cfg: Config, model: str, vram: str) -> tuple[str, list]:
         """(the report, the plan's changed fields) of `check_fit` for the form's config."""
-        from sdlora.training.fit_plan import check_fit, parse_size
+        from sdlora.training.memory.fit_plan import check_fit, parse_size
 
         try:
             cfg.model.path = self.manager.allowed.model_path(model)

@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def cmd_fit(args) -> int:
-    from ..training.fit_plan import check_fit, parse_size
+    from ..training.memory.fit_plan import check_fit, parse_size
     from .train import job_configs
 
     vram = parse_size(args.vram) if args.vram else None

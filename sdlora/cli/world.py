@@ -51,7 +51,7 @@ def cmd_demo(args) -> int:
     from ..config import load_toml
     from ..paths import sample_data
     from ..training.loop import train
-    from ..training.selection import score_curve, validation_history
+    from ..training.periodic.selection import score_curve, validation_history
     from ..world.evaluate import check_eval_settings
     from .common import ProgressBar
 

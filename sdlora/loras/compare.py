@@ -107,7 +107,7 @@ def _loras(paths) -> list[Path]:
 def run_config(files: list[Path]) -> Config | None:
     """The config of the run that wrote these files: from its newest checkpoint (every path as trained), else the
     public config in the first file's metadata; None when neither is there."""
-    from ..training.checkpoint import checkpoint_dir, checkpoints
+    from ..training.periodic.checkpoint import checkpoint_dir, checkpoints
 
     for f in files:
         folder = f.parent if f.parent.name.endswith("_checkpoints") else None
@@ -145,7 +145,7 @@ def _metadata(path: Path) -> dict[str, str]:
 def settle(files: list[Path], s: CompareSettings) -> tuple[Config, dict]:
     """The config the files were trained with (or a default one) with the given settings written over it, and the
     training captions by folder (for the default prompts)."""
-    from ..training.data import scan_folder
+    from ..training.inputs.data import scan_folder
 
     cfg = run_config(files) or Config()
     va = cfg.validation
@@ -178,7 +178,7 @@ def compare(inputs: list[str], output_dir: str | Path, settings: CompareSettings
             progress=None) -> CompareReport:
     """Render every file at every strength on the validation prompts and seeds, score each (file, strength), and
     write grid.png and scores.md / .csv / .json into `output_dir`; `progress(done, total)` after each row."""
-    from ..training.image_validation import trigger_of, validation_prompts
+    from ..training.periodic.image_validation import trigger_of, validation_prompts
 
     s = settings or CompareSettings()
     _check(s)
@@ -236,7 +236,7 @@ def _scorer(cfg: Config, trigger: str, captions: dict, device: str):
     """The scorer with the training images that carry the trigger as its reference; None for scorer none."""
     from ..scoring.base import has_trigger
     from ..scoring.make import make_scorer
-    from ..training.data import load_image, scan_folder
+    from ..training.inputs.data import load_image, scan_folder
 
     va = cfg.validation
     if va.scorer == "none":
@@ -284,7 +284,7 @@ class Renderer:
 
     def render(self, shots: list, active, trigger: str = "") -> list:
         from ..sampling import render
-        from ..training.embeddings import replace_trigger
+        from ..training.run.embeddings import replace_trigger
 
         texts = [p.text for p, _ in shots]
         for token in (active.embeddings if active is not None else {}):

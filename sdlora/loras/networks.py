@@ -15,7 +15,7 @@ from .modules import DoraModule, LohaModule, LokrModule, LoraModule
 
 LYCORIS = "AUTOMATIC1111, ComfyUI, LyCORIS; not diffusers (it cannot load LoHa, LoKr or lora_mid)"
 INPUT_MAGNITUDE = "lora_input_magnitude"  # sdlora's input-axis DoRA magnitude (a 'lora_' name: peft's state dicts
-                                          # carry it, training/dora.py adds it)
+                                          # carry it, training/run/dora.py adds it)
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,15 @@ from ..config import Config, validate
 from ..errors import ConfigError, TrainingError, WriteError
 from ..hardware import follow_free_cores, pick_threads
 from ..io import check_writable, remove_stale_temps
-from . import checkpoint as ckpt
-from . import runlog, selection
-from .adapters import started_at_zero, zero_update_modules
-from .fit_plan import warn_if_too_big
-from .optimizers import check_packages
-from .output import best_path, write_best, write_checkpoint, write_output, write_samples
-from .setup import check_bitsandbytes, make_accelerator, setup
-from .state import TrainState
-from .step import seeded
+from .memory.fit_plan import warn_if_too_big
+from .periodic import checkpoint as ckpt
+from .periodic import runlog, selection
+from .periodic.output import best_path, write_best, write_checkpoint, write_output, write_samples
+from .run.adapters import started_at_zero, zero_update_modules
+from .run.optimizers import check_packages
+from .run.setup import check_bitsandbytes, make_accelerator, setup
+from .run.state import TrainState
+from .steps.step import seeded
 
 log = logging.getLogger(__name__)
 

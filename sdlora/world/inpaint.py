@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .. import paths
-from ..training.inpaint_masks import random_mask
+from ..training.inputs.inpaint_masks import random_mask
 from . import shapes
 from .builder import SCHEDULE
 from .judge import Judge, load_judge

@@ -9,34 +9,35 @@ from pathlib import Path
 
 import torch
 
-from ..callbacks import Callbacks
-from ..config import Config
-from ..errors import ConfigError, DataError, ModelError
-from ..hardware import cpu_has_native_bf16
-from ..loras.networks import NETWORKS
-from ..models import Components
-from ..quantize import quantize_nf4, require_bitsandbytes
-from . import image_validation, inpaint
+from ...callbacks import Callbacks
+from ...config import Config
+from ...errors import ConfigError, DataError, ModelError
+from ...hardware import cpu_has_native_bf16
+from ...loras.networks import NETWORKS
+from ...models import Components
+from ...quantize import quantize_nf4, require_bitsandbytes
+from ..inputs.batches import Batches, Latents, Prefetcher, pins
+from ..inputs.data import BatchPlan, TagRule, build_examples, scan_folder
+from ..periodic import image_validation
+from ..periodic.output import sample_prompts
+from ..periodic.validation import Validation, held_out_images, validation_examples
+from ..steps import inpaint
+from ..steps.slider import SliderBatches, SliderObjective, SliderPrompts
+from ..steps.step import Models
+from ..steps.text import TextEncoding
 from .adapters import inject, lora_parameters, named_lora_parameters
-from .batches import Batches, Latents, Prefetcher, pins
 from .blocks import kohya_namer, param_groups, plan_layers
-from .data import BatchPlan, TagRule, build_examples, scan_folder
 from .optimizers import Optimizers, loraplus_groups, make_ema, make_optimizer, scheduler_warmup
-from .output import sample_prompts
 from .parts import Part
 from .pivotal import Concept, concept_for
-from .slider import SliderBatches, SliderObjective, SliderPrompts
 from .state import Adapters, TrainState
-from .step import Models
-from .text import TextEncoding
-from .validation import Validation, held_out_images, validation_examples
 
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from .runlog import tracker_kwargs
+    from ..periodic.runlog import tracker_kwargs
 
     # Several jobs run in one process (queue, UI): each gets a fresh precision setting; the process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -124,7 +125,7 @@ def resolve_resolution(cfg: Config, c: Components) -> tuple[int, int]:
 
 def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None = None) -> TrainState:
     """Load the model (unless `components` are given), data and LoRA; build caches, optimizer and schedule."""
-    from ..models import load_components
+    from ...models import load_components
 
     c = components or load_components(cfg.model_path, cfg.model.prediction_type, text_encoders=cfg.model.text_encoders,
                                       t5=cfg.model.t5, t5_length=cfg.model.t5_max_length,
@@ -310,7 +311,7 @@ def frozen_text_dtype(device: str, precision: str) -> torch.dtype:
 
 def ensure_class_images(cfg: Config, c: Components, resolution: int, callbacks: Callbacks) -> None:
     """Generate the class images the prior folder lacks, with the base model (no LoRA)."""
-    from ..sampling import render, save_png
+    from ...sampling import render, save_png
 
     folder = Path(cfg.prior.class_data)
     folder.mkdir(parents=True, exist_ok=True)
@@ -470,7 +471,7 @@ def layer_filter(cfg: Config, c: Components):
     """Which matched denoiser layers get LoRA: not the ones whose output the model discards (the family's
     unused_layers: SD3's last context query), and with lora.blocks only the chosen blocks' (layers outside every
     block stay); None when every matched layer does."""
-    from ..config import block_indices
+    from ...config import block_indices
 
     fam = c.family
     unused = fam.unused_layers(c.denoiser.config) if fam.unused_layers else set()

@@ -8,14 +8,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..callbacks import Callbacks
-from ..errors import WriteError
-from ..loras.files import DTYPES, write_lora
-from ..loras.layout import diffusers_tensors, kohya_tensors, peft_modules
-from ..loras.metadata import training_metadata
+from ...callbacks import Callbacks
+from ...errors import WriteError
+from ...loras.files import DTYPES, write_lora
+from ...loras.layout import diffusers_tensors, kohya_tensors, peft_modules
+from ...loras.metadata import training_metadata
+from ..run.state import TrainState
 from . import checkpoint as ckpt
 from .selection import step_metadata
-from .state import TrainState
 
 
 def write_output(state: TrainState, states: dict, step: int, path: Path, extra_meta: dict | None = None) -> Path:
@@ -48,7 +48,7 @@ def write_output(state: TrainState, states: dict, step: int, path: Path, extra_m
 
 def adapted_ranks(state: TrainState, states: dict) -> dict[str, dict[str, tuple[int, float]]]:
     """{part: {module path: (rank, alpha)}} of the adapted layers, as peft holds them (conv_rank changes some)."""
-    from .adapters import layer_ranks
+    from ..run.adapters import layer_ranks
 
     parts = state.parts()
     return {part: layer_ranks(parts[part]) for part in states}
@@ -84,7 +84,7 @@ def sample_prompts(cfg, resolution: int) -> list[SamplePrompt]:
 def lora_scaled(models, scale: float):
     """The LoRA of these models applied at `scale` inside the block, as clients apply a strength (W + scale dW): the
     layers' scaling multiplied, a DoRA layer's output mixed with its base's (`dora.at_strength`)."""
-    from .dora import at_strength, is_dora
+    from ..run.dora import at_strength, is_dora
 
     layers = [m for model in models for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
     saved = [dict(m.scaling) for m in layers]
@@ -107,8 +107,8 @@ def write_samples(state: TrainState, step: int, callbacks: Callbacks) -> list[st
     """The sample prompts rendered with the LoRA as it is at `step` (same seeds every time), each with its own
     settings, saved with them in the PNG's text and listed in the run's log; an inpainting base repaints the sample
     image under the sample mask (`inpaint.sample_inputs`)."""
-    from ..sampling import render, save_png
-    from .inpaint import sample_inputs
+    from ...sampling import render, save_png
+    from ..steps.inpaint import sample_inputs
 
     cfg, denoiser = state.cfg, state.models.denoiser.module
     out = Path(cfg.output.path)

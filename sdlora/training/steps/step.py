@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..families.sd import Conditioning
+from ...families.sd import Conditioning
+from ..inputs.batches import Batch
+from ..run.parts import Part
 from . import objective
-from .batches import Batch
-from .parts import Part
 from .text import TextEncoding, adapters_off
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..families.sd import Conditioning
-from .parts import Part
+from ...families.sd import Conditioning
+from ..run.parts import Part
 
 
 class adapters_off:

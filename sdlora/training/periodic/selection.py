@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from ..config import SCORE_PARTS
+from ...config import SCORE_PARTS
 
 RECORD_KEYS = ("val_loss", "score", *SCORE_PARTS)  # what a validation line of the log may hold besides its step
 

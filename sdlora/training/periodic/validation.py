@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import DataError
-from . import objective
-from .data import Example, build_examples, scan_folder
-from .step import denoise_loss
+from ...errors import DataError
+from ..inputs.data import Example, build_examples, scan_folder
+from ..steps import objective
+from ..steps.step import denoise_loss
 
 
 def held_out_images(cfg) -> set[str]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 # optimizer -> (module to import, pip extra that brings it)
 PACKAGES = {"prodigy": ("prodigyopt", "optimizers"), "adamw-schedulefree": ("schedulefree", "optimizers"),

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..scoring.base import Scorer, Shots, has_trigger
-from ..scoring.make import make_scorer
+from ...errors import ConfigError
+from ...scoring.base import Scorer, Shots, has_trigger
+from ...scoring.make import make_scorer
 
 CONCEPT_PROMPTS, PRESERVATION_PROMPTS = 4, 2  # default prompts drawn from the training captions
 MAX_REFERENCE = 64  # training images scored against (evenly spread when there are more)
@@ -34,7 +34,7 @@ def trigger_of(cfg, captions_by_folder: dict[str, list[str]]) -> str:
     output.trigger, the instance prompt's words the class prompt lacks, else the words every caption of the first
     data folder has and no caption of another folder has (kohya-style folders: "a red sks" beside "a blue circle");
     '' when none can be told (then every caption is a concept prompt)."""
-    from ..loras.metadata import trigger_words
+    from ...loras.metadata import trigger_words
 
     if cfg.pivotal.token:
         return cfg.pivotal.trigger or cfg.pivotal.token
@@ -138,7 +138,7 @@ class ImageValidation:
 
     def sheet(self, images: list, step: int, record: dict):
         """One row per prompt (its seeds across, the base model's images after them for preservation prompts)."""
-        from ..scoring.grid import labelled_grid
+        from ...scoring.grid import labelled_grid
 
         n = self.seeds
         rows, labels = [], []
@@ -181,7 +181,7 @@ def build(cfg, state, say) -> ImageValidation | None:
 def reference_images(state, trigger: str) -> list:
     """The training images whose caption carries the trigger (all of them without a trigger), at most 64, evenly
     spread."""
-    from .data import load_image
+    from ..inputs.data import load_image
 
     token = state.concept.prompt(trigger) if trigger else ""
     paths = sorted({e.path for e in state.batches.examples if not token or has_trigger(e.caption, token)})
@@ -191,7 +191,7 @@ def reference_images(state, trigger: str) -> list:
 def render_shots(state, shots: list, steps: int, guidance: float, size: int) -> list:
     """Each shot (prompt, seed) rendered with the models as they are (None shots give None), the pivotal trigger
     replaced by its token; consecutive shots with the same negative prompt render as one batch."""
-    from ..sampling import render
+    from ...sampling import render
 
     modules = state.models.modules()
     modes = [m.training for m in modules]
@@ -240,7 +240,7 @@ def adapters_off(state):
 
 def save_sheet(state, step: int, sheet) -> str:
     """The validation's sheet as NAME_validation/step_N.png (atomically)."""
-    from ..sampling import save_png
+    from ...sampling import save_png
 
     out = Path(state.cfg.output.path)
     image, head = sheet

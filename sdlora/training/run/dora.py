@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..loras.modules import weight_norm
-from ..loras.networks import INPUT_MAGNITUDE as MAGNITUDE
+from ...loras.modules import weight_norm
+from ...loras.networks import INPUT_MAGNITUDE as MAGNITUDE
 
 
 def add_input_dora(model: torch.nn.Module) -> int:

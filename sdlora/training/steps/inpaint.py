@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import DataError
-from .data import Example, cover_size, load_image, load_mask, mask_file
-from .inpaint_masks import centred_rectangle, random_mask
+from ...errors import DataError
+from ..inputs.data import Example, cover_size, load_image, load_mask, mask_file
+from ..inputs.inpaint_masks import centred_rectangle, random_mask
 
 
 @dataclass

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ConfigError, TrainingError
-from ..loras.files import write_embedding
-from ..loras.layout import bundle_tensors
+from ...errors import ConfigError, TrainingError
+from ...loras.files import write_embedding
+from ...loras.layout import bundle_tensors
 from .embeddings import ConceptTokens, add_concept
 from .phases import Phase, Phases
 
 if TYPE_CHECKING:
-    from ..config import Config, PivotalConfig
-    from ..models import Components
+    from ...config import Config, PivotalConfig
+    from ...models import Components
     from .optimizers import Optimizers
 
 

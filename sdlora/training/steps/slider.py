@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..periodic.output import lora_scaled
 from .objective import per_sample_loss
-from .output import lora_scaled
 from .text import adapters_off
 
 DENOISE_GUIDANCE = 3.0  # LECO's, Concept Sliders' and ai-toolkit's guidance while partly denoising

@@ -9,8 +9,8 @@ from functools import partial
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from ..errors import TrainingError
-from ..loras.networks import NETWORKS, PEFT_PREFIXES, ZERO_START, conv_rank_alpha
+from ...errors import TrainingError
+from ...loras.networks import NETWORKS, PEFT_PREFIXES, ZERO_START, conv_rank_alpha
 
 
 def target_modules(model: torch.nn.Module, patterns, keep=None) -> list[str]:

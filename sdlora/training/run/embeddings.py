@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 def token_names(token: str, n: int) -> list[str]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import PER_LAYER_KEYS, SIGN_FLIP, Config, SliderConfig
-from ..errors import TrainingError
-from ..io import torch_save
+from ...config import PER_LAYER_KEYS, SIGN_FLIP, Config, SliderConfig
+from ...errors import TrainingError
+from ...io import torch_save
 
 STATE_VERSION = 2  # 2: LoRA states keyed by model part (unet, text_encoder, ...)
 # Settings that must match for a resume to continue the same run.

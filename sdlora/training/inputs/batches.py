@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from ...errors import DataError
+from ..steps.inpaint import Drawn, InpaintMasks
 from .data import BatchPlan, Example, TagRule, fit_to_bucket, load_image, load_mask, vary_tags
-from .inpaint import Drawn, InpaintMasks
 
 
 @dataclass

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
-from ..errors import ConfigError
+from ...config import Config
+from ...errors import ConfigError
 from .fit import CUDA_CONTEXT, Estimate, GiB, MetaModel, estimate, meta_model, text_trained
 
 
@@ -157,7 +157,7 @@ def changed_flags(before: Config, after: Config) -> list[str]:
     """The command-line flags that turn `before` into `after`."""
     from dataclasses import fields
 
-    from ..config import SECTIONS, flag_name
+    from ...config import SECTIONS, flag_name
 
     flags = []
     for section in SECTIONS:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
-from ..errors import ModelError
-from ..families import FAMILIES, Family, TextEncoderSlot, folder_family
-from ..models import Components
-from .data import IMAGE_EXTS
+from ...config import Config
+from ...errors import ModelError
+from ...families import FAMILIES, Family, TextEncoderSlot, folder_family
+from ...models import Components
+from ..inputs.data import IMAGE_EXTS
 from .memtrace import MetaStep, OnMeta, Trace, checkpointing, trace
 
 GiB = 2**30
@@ -67,7 +67,7 @@ class MetaModel:
         `cfg.model.t5` loads it), with tokenizers that give every caption its full length of token ids."""
         import diffusers
 
-        from ..models import freeze, frozen_text, training_scheduler
+        from ...models import freeze, frozen_text, training_scheduler
 
         fam, sched = self.family, dict(self.configs["scheduler"])
         with torch.device("meta"), _quiet():
@@ -125,10 +125,10 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
     read. A frozen encoder (SD3's T5) is there where the model has one."""
     import diffusers
 
-    from ..models import _load_scheduler
+    from ...models import _load_scheduler
 
     if Path(source).is_file():
-        from ..single_file import detect_checkpoint
+        from ...single_file import detect_checkpoint
 
         info = detect_checkpoint(source)
         family, configs = FAMILIES[info.family], info.configs
@@ -153,7 +153,7 @@ def meta_model(source: str, text_encoders: str = "") -> MetaModel:
 
 def _shipped_scheduler(family: Family, prediction_type: str = "") -> dict:
     """The family's scheduler config as sdlora ships it (a single file's), with the model's prediction type."""
-    from ..families.checkpoint import asset
+    from ...families.checkpoint import asset
 
     sched = asset(family.name, "scheduler")
     return {**sched, "prediction_type": prediction_type} if "prediction_type" in sched and prediction_type else sched
@@ -168,7 +168,7 @@ def _encoder_config(slot: TextEncoderSlot, source: str) -> dict:
 def random_model(family: str, **sizes) -> MetaModel:
     """The full-size random-weight models of `random_pipelines` (the benchmark's), as configs; SD3: SD3.5 Medium with
     T5-XXL (`sizes`: sd3_blocks, t5_layers)."""
-    from ..random_pipelines import full_size_configs
+    from ...random_pipelines import full_size_configs
 
     with _quiet():
         configs = full_size_configs(family, **sizes)
@@ -209,7 +209,7 @@ def estimate(cfg: Config, device: str = "cuda", model: MetaModel | None = None,
              n_images: int | None = None) -> Estimate:
     """Peak memory of training `cfg` on `device` ('cuda' or 'cpu'). `model` defaults to the job's model (read from
     its configs), `n_images` to the images in its data folders."""
-    from .setup import mixed_precision
+    from ..run.setup import mixed_precision
 
     model = model or meta_model(cfg.model_path, cfg.model.text_encoders)
     job, notes = cfg, []
@@ -267,7 +267,7 @@ def _count_images(cfg: Config) -> int:
 
 
 def text_trained(cfg: Config, n: int) -> tuple[bool, ...]:
-    from .setup import text_encoder_lrs
+    from ..run.setup import text_encoder_lrs
 
     return tuple(bool(lr) for lr in text_encoder_lrs(cfg, n))
 
@@ -317,9 +317,9 @@ def _trace_run(model: MetaModel, cfg: Config, device: str) -> Run:
     then the VAE encoding an image and one `training_step` with its backward."""
     from types import SimpleNamespace
 
-    from . import setup as s
-    from .adapters import lora_parameters
-    from .pivotal import NoConcept
+    from ..run import setup as s
+    from ..run.adapters import lora_parameters
+    from ..run.pivotal import NoConcept
 
     precision, dev, run = s.mixed_precision(cfg, device), torch.device(device), Run()
     if cfg.speed.attention == "xformers":  # the same memory-efficient kernel as SDPA's, without needing xformers
@@ -364,7 +364,7 @@ def _trace_run(model: MetaModel, cfg: Config, device: str) -> Run:
 def _trace_encode(latents, res: int, modules: list, device: str) -> tuple[Trace, torch.Tensor]:
     """The VAE encoding an image of `res` px as `Latents` encodes each one (fp32, no gradient, no autocast), and the
     latent it makes."""
-    from .batches import Fitted
+    from ..inputs.batches import Fitted
 
     out = []
     pixels = Fitted(torch.empty(1, 3, res, res, device="meta"), (0, 0), None)
@@ -394,8 +394,8 @@ def _trace_step(cfg: Config, c: Components, modules: list, models, latent, capti
                 precision: str, device: str, inpainting: bool = False) -> Trace:
     """One `training_step` on a batch of `captions` (with its class-image batch where prior preservation has one), as
     the loop runs it: the denoiser in training mode, under autocast; the text cache filled first, as setup fills it."""
-    from .batches import Batch
-    from .step import seeded, training_step
+    from ..inputs.batches import Batch
+    from ..steps.step import seeded, training_step
 
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -471,7 +471,7 @@ def config_of_row(row: dict) -> Config:
     cfg.lora.targets, cfg.lora.rank, cfg.optim.optimizer = row["targets"], row["rank"], row["optimizer"]
     cfg.train.gradient_checkpointing, cfg.speed.attention = row["gradient_checkpointing"], row["attention"]
     if row.get("t5") == "kept":  # the benchmark keeps SD3's T5 by shuffling tags
-        from ..config import DataFolder
+        from ...config import DataFolder
 
         cfg.data = [DataFolder(path="benchmark-images", prompt="a photo, of, sks", shuffle_tags=True)]
     for key, value in row.get("overrides", {}).items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ...io import atomic_write_text
 
 
 def log_path(output: str | Path) -> Path:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..block_args import (
+from ...block_args import (
     BLOCK_LISTS,
     LR_WEIGHTS,
     PATTERNS,
@@ -24,7 +24,7 @@ from ..block_args import (
     uses_blocks,
     uses_patterns,
 )
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,8 @@ def _block_rank(cfg, lists: dict, blocks, path: str, config, conv: bool) -> tupl
 def kohya_namer(family, config):
     """diffusers module path -> the layer's name in the family's kohya file (SDXL: SGM names; SD3: the original
     MMDiT layer, q/k/v fused), which network_reg_* patterns may match."""
-    from ..families import mmdit
-    from ..loras.layout import DENOISER_PREFIX, denoiser_namer, kohya_base
+    from ...families import mmdit
+    from ...loras.layout import DENOISER_PREFIX, denoiser_namer, kohya_base
 
     if family.fused_file_layers:  # its files name the original MMDiT layers (q/k/v fused): `loras.mmdit`
         def name(path: str) -> str:

@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config
-from ..models import Components
-from .batches import Batches
-from .image_validation import ImageValidation
+from ...config import Config
+from ...models import Components
+from ..inputs.batches import Batches
+from ..periodic.image_validation import ImageValidation
+from ..periodic.validation import Validation
+from ..steps.step import Models, training_step
 from .optimizers import Optimizers
 from .phases import Phase, Phases
 from .pivotal import Concept
-from .step import Models, training_step
-from .validation import Validation
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The memory estimate: the real setup and step traced on the meta device (`sdlora fit`)."""
