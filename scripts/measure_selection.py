@@ -160,8 +160,9 @@ def main() -> None:
         runs_file.write_text(json.dumps(runs, indent=2))
     if "loss" not in runs and not args.skip_loss:
         cfg = demo_cfg(out / "loss", args.max_steps)
-        cfg.validation.scorer, cfg.validation.select_by, cfg.validation.split = "none", "loss", 0.1
-        cfg.validation.every = 100
+        cfg.validation = type(cfg.validation)()  # by loss alone: none of the demo's image-validation settings
+        cfg.validation.select_by, cfg.validation.split, cfg.validation.every = "loss", 0.1, 100
+        cfg.validation.keep_best = True
         runs["loss"] = timed_run(cfg)
         runs_file.write_text(json.dumps(runs, indent=2))
     img = runs["images"]
