@@ -245,7 +245,8 @@ _RULES = {
 # Probe values where the generic ones would break a rule of their own (a resolution of 1), or for free-text fields
 # whose rules are worth trying (other text fields always apply).
 _PROBES = {("lora", "blocks"): "0", ("pivotal", "token"): "<s1>", ("augment", "resolution"): 64,
-           ("validation", "image_size"): 64}
+           ("validation", "image_size"): 64, ("inpaint", "sample_image"): "image.png",
+           ("inpaint", "sample_mask"): "mask.png", ("data", "inpaint_masks"): "masks"}  # inpainting bases only
 _PAGE_SET = {("output", "path"), ("prior", "class_data")}
 
 

@@ -523,7 +523,8 @@ def test_ui_functions_refuse_malformed_input(tmp_path, monkeypatch):
     monkeypatch.setattr(gr, "Warning", lambda text: None)
     manager = JobManager(out, data_roots=[tmp_path / "data"])
     tab, library = TrainTab(manager), LibraryTab(manager)
-    assert tab.on_folder("/etc") == ([], [])
+    rows, gallery, status = tab.dataset.on_folder("/etc")  # outside the allowed folders: nothing read, said at once
+    assert rows == [] and gallery == [] and "error" in status
     for bad in ("/etc/passwd", str(tmp_path / "x.safetensors")):
         with pytest.raises(gr.Error):
             library.on_convert(bad, "kohya")
