@@ -256,6 +256,16 @@ def test_the_plan_fits_and_is_cheapest(tiny_model):
     assert fit_plan.fit_plan(cfg, "cuda", 1, model, 8) is None  # nothing fits in one byte
 
 
+def test_a_setting_out_of_bounds_is_its_error_not_a_trace(tiny_model):
+    """The web UI estimates while a field is being edited: batch size 0 made the traced step encode no caption and
+    fail inside CLIP; the fit check now names the setting, as training would."""
+    from sdlora.errors import ConfigError
+
+    cfg = tiny_config(tiny_model, ".", "o.safetensors", train__batch_size=0)
+    with pytest.raises(ConfigError, match=r"train\.batch_size must be > 0"):
+        fit_plan.check_fit(cfg, "cpu")
+
+
 def real_step_peak(cfg: Config) -> tuple[int, int]:
     """(the most bytes PyTorch's CPU allocator holds over one real training step's forward and backward beyond what it
     held before, as torch.profiler's memory events count them; the trainable parameters) of `cfg`, set up by

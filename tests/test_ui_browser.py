@@ -328,8 +328,6 @@ def save_groups(page, shots, groups, tag: str) -> None:
             im.crop(tuple(round(v) for v in box)).save(shots / f"group-{key}-{tag}.png")
 
 
-@pytest.mark.xfail(reason="in a whole-suite run (twice, 2026-12-07) the caption table's first cell never appears after "
-                   "the mask upload; alone it passes: an open defect, not yet found", strict=False)
 def test_errors_paths_uploads_and_renames(page, app, shots, tmp_path):
     """All errors at once, in words, each field marked (not in the job's status); a missing or refused folder said at
     once; an old error gone once images arrive; uploads follow a renamed LoRA; masks uploaded make their option
@@ -351,7 +349,8 @@ def test_errors_paths_uploads_and_renames(page, app, shots, tmp_path):
         assert "field-error" in page.locator(f"#{elem}").get_attribute("class")
     assert field(page, "opt-lora-rank").input_value() == "abc"  # kept on screen, not emptied
     page.screenshot(path=shots / "errors.png", full_page=True)
-    set_value(page, "opt-lora-rank", 4)
+    set_value(page, "opt-lora-rank", 4)  # batch size still 0: the memory estimate waits for it, it does not crash
+    page.locator("#fit-box").filter(has_text="Fix the marked settings").wait_for(state="attached")
     set_value(page, "opt-train-batch_size", 1)
     set_value(page, "opt-data-path", tmp_path / "no-such-folder", key="Enter")
     page.locator("#folder-status").filter(has_text="Folder not found").wait_for()

@@ -19,6 +19,7 @@ from sdlora.options import (
     SLIDER,
     ModelFacts,
     changed,
+    field_errors,
     groups,
     inapplicable,
     method_of,
@@ -281,7 +282,8 @@ class SettingsPanel:
     def on_fit(self, model, vram, method, *values, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
         cfg, errors = self.form.read(values)
         for_method(cfg, method, errors)
-        if self.clean(cfg, method, errors) and errors:
+        self.clean(cfg, method, errors)
+        if errors or field_errors(cfg):
             return _fit_box("Fix the marked settings to estimate the memory.", "idle"), gr.update(visible=False), []
         key = (cfg.to_toml(), model, vram)  # a field left without a change costs nothing
         if key not in self._fits:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ...config import Config
+from ...config import Config, validate
 from ...errors import ConfigError
 from .fit import CUDA_CONTEXT, Estimate, GiB, MetaModel, estimate, meta_model, text_trained
 
@@ -190,6 +190,7 @@ class FitCheck:
 def check_fit(cfg: Config, device: str | None = None, vram: int | None = None) -> FitCheck:
     """The fit check of `sdlora fit` and the web UI: the job's estimated peak against `vram` bytes of a CUDA GPU (or
     this machine's `device`: CUDA when there is a GPU, else the CPU) and, when it does not fit, the cheapest plan."""
+    validate(cfg, check_paths=False)  # a setting out of its bounds (batch size 0) is its one-line error, not a trace's
     device = "cuda" if vram else device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not vram and not torch.cuda.is_available():
         raise ConfigError("no CUDA GPU here; give the memory of the GPU to plan for (--vram SIZE)")
