@@ -528,3 +528,50 @@ def test_the_page_trains_a_slider(tmp_path):
     assert job.state == DONE, job.error
     meta = read_lora(job.output)[1]
     assert json.loads(meta["sdlora_slider"])["positive"] == "a big circle" and meta["modelspec.tags"] == "slider"
+
+
+@pytest.mark.parametrize("method", ["DreamBooth (prior preservation)", "Pivotal tuning"])
+def test_dreambooth_and_pivotal_at_the_pages_starting_values_change_the_image(tmp_path, method):
+    """At the form's first values every image once stayed the base model's, for DreamBooth and pivotal runs too. The
+    preset the page picks for the built-in model, the shipped stars, 100 steps and only the fields the method needs
+    (a class prompt and how many class images, which Start asks for by name rather than failing in the run; a token
+    for the trigger): the Preview draws, at the same seed, a visibly different image with the trained file than
+    without it."""
+    import gradio as gr
+    import numpy as np
+    from PIL import Image
+
+    from sdlora.config import DataFolder
+    from sdlora.options import DREAMBOOTH, METHODS
+    from sdlora.paths import sample_data
+    from ui.preview_tab import SLOTS, PreviewTab
+    from ui.runs import FormError
+    from ui.train_tab import TrainTab
+
+    assert method in METHODS
+    tab = TrainTab(JobManager(tmp_path / "out"))
+    with gr.Blocks():
+        tab.build()
+    folder = tab.manager.output_dir / "stars" / "images"
+    import_uploads([str(p) for p in sorted((sample_data() / "concepts" / "star").iterdir())], folder)
+    cfg = tab.settings.initial
+    cfg.data, cfg.train.max_steps = [DataFolder(path=str(folder))], 100
+    if method == DREAMBOOTH:
+        cfg.prior.class_prompt, prompt = "a red shape", "a red sks"
+        with pytest.raises(FormError) as e:  # the page's class folder is empty: the run would fail on it
+            tab.runs.make_config("stars", method, tab.form.values_of(cfg))
+        assert list(e.value.fields) == [("prior", "num_class_images")] and "class images" in e.value.fields[
+            ("prior", "num_class_images")]
+        cfg.prior.num_class_images = 8
+    else:
+        cfg.pivotal.token, cfg.pivotal.trigger, prompt = "<s1>", "sks", "a red <s1>"
+    made, name = tab.runs.make_config("stars", method, tab.form.values_of(cfg))
+    assert made.train.max_steps == 100 and made.lora.rank == tab.settings.initial.lora.rank  # the preset's values
+    job = tab.manager.wait(tab.manager.submit(made, name), 600)
+    tab.manager.close()
+    assert job.state == DONE, job.error
+    picks = [job.output] + [""] * (SLOTS - 1)
+    base, mine, _ = PreviewTab(tab.manager).on_generate(tab.manager.model, prompt, "", 0, 20, 7.5, 0, *picks,
+                                                         *[1.0] * SLOTS)
+    a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=float) for p in (base, mine))
+    assert np.abs(a - b).mean() > 10, f"{method}: the trained file draws the base model's image"
