@@ -146,3 +146,22 @@ def test_early_stop_stops_at_the_right_validation_and_resumes_exactly(tiny_model
     assert val_lines(second.log) == vals
     a, b = read_lora(result.best)[0], read_lora(second.best)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_best_loss_and_the_best_score_keep_their_checkpoint_form():
+    """One tracker for both (lower loss, higher score); a checkpoint holds it as it always did ({"loss": ...} or
+    {"score": ...} with step and waited), so runs saved before still resume."""
+    import math
+
+    from sdlora.training.periodic.selection import Best
+
+    loss, score = Best("loss"), Best("score")
+    assert [loss.update(s, v) for s, v in ((10, 0.5), (20, 0.7), (30, 0.4))] == [True, False, True]
+    assert [score.update(s, v) for s, v in ((10, 0.5), (20, math.nan), (30, 0.4), (40, 0.6))] == \
+        [True, False, False, True]
+    assert loss.state_dict() == {"loss": 0.4, "step": 30, "waited": 0}
+    assert score.state_dict() == {"score": 0.6, "step": 40, "waited": 0}
+    saved = Best("score")
+    saved.load_state_dict({"score": 0.875, "step": 250, "waited": 3})  # as written by sdlora before the merge
+    assert (saved.value, saved.step, saved.waited) == (0.875, 250, 3) and not saved.update(500, 0.8)
+    assert saved.waited == 4

@@ -340,10 +340,10 @@ def _note_best(state: TrainState, result: TrainResult) -> None:
     if best is None or not best.step:
         return
     result.best_step = best.step
-    if state.cfg.select_by == "images":
-        result.best_score = best.score
+    if best.higher:
+        result.best_score = best.value
     else:
-        result.best_val_loss = best.loss
+        result.best_val_loss = best.value
     if state.cfg.validation.keep_best or state.cfg.validation.early_stop_patience:
         result.best = str(best_path(state.cfg.output.path))
 

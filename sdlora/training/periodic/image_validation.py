@@ -9,7 +9,6 @@ the base model's image at the same seed, rendered with the adapters switched off
 from __future__ import annotations
 
 import dataclasses
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from ...errors import ConfigError
 from ...scoring.base import Scorer, Shots, has_trigger
 from ...scoring.make import make_scorer
+from .selection import Best
 
 CONCEPT_PROMPTS, PRESERVATION_PROMPTS = 4, 2  # default prompts drawn from the training captions
 MAX_REFERENCE = 64  # training images scored against (evenly spread when there are more)
@@ -79,29 +79,6 @@ def _spread(items: list, k: int) -> list:
 
 
 @dataclass
-class BestScore:
-    """The best combined score so far (higher is better), its step, and validations since it improved."""
-
-    score: float = -math.inf
-    step: int = 0
-    waited: int = 0
-
-    def update(self, step: int, score: float) -> bool:
-        """Record a validation; True when it improved on the best (strictly higher; NaN never does)."""
-        if score > self.score:
-            self.score, self.step, self.waited = score, step, 0
-            return True
-        self.waited += 1
-        return False
-
-    def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.score, self.step, self.waited = float(state["score"]), int(state["step"]), int(state["waited"])
-
-
-@dataclass
 class ImageValidation:
     """The prompts, how they are rendered, the scorer (main process only; None on the others) and the best score."""
 
@@ -113,7 +90,7 @@ class ImageValidation:
     size: int
     guidance: float
     seed: int
-    best: BestScore = dataclasses.field(default_factory=BestScore)
+    best: Best = dataclasses.field(default_factory=lambda: Best("score"))
     last: dict = dataclasses.field(default_factory=dict)  # the latest validation's record
     base: list | None = None  # the base model's image of every preservation shot (None: not rendered yet)
 

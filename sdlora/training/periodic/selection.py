@@ -6,11 +6,46 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...config import SCORE_PARTS
 
 RECORD_KEYS = ("val_loss", "score", *SCORE_PARTS)  # what a validation line of the log may hold besides its step
+
+
+@dataclass
+class Best:
+    """The best validation so far, its step, and validations since it improved: a loss (`key` "loss", lower is
+    better) or an image score ("score", higher is better; NaN never improves). Checkpoints keep it as {key: value,
+    "step": ..., "waited": ...}."""
+
+    key: str = "loss"
+    value: float = math.nan  # set in __post_init__: the worst value of its kind
+    step: int = 0
+    waited: int = 0
+
+    def __post_init__(self):
+        if math.isnan(self.value):
+            self.value = -math.inf if self.higher else math.inf
+
+    @property
+    def higher(self) -> bool:
+        return self.key == "score"
+
+    def update(self, step: int, value: float) -> bool:
+        """Record a validation; True when it improved on the best (strictly)."""
+        if value > self.value if self.higher else value < self.value:
+            self.value, self.step, self.waited = value, step, 0
+            return True
+        self.waited += 1
+        return False
+
+    def state_dict(self) -> dict:
+        return {self.key: self.value, "step": self.step, "waited": self.waited}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.step, self.waited = float(state[self.key]), int(state["step"]), int(state["waited"])
 
 
 def validate(state, step: int) -> tuple[bool, dict, str]:
@@ -51,7 +86,7 @@ def _shared(state, values: list[float]) -> list[float]:
 
 
 def selected(state):
-    """The best that `select_by` follows (a `Best` loss or a `BestScore`), or None without validation."""
+    """The `Best` that `select_by` follows (the loss's or the image score's), or None without validation."""
     by = state.cfg.select_by
     if by == "images" and state.image_validation is not None:
         return state.image_validation.best
@@ -65,8 +100,7 @@ def describe(state) -> str:
     best = selected(state)
     if best is None:
         return ""
-    return f"validation score {best.score:.4g}" if state.cfg.select_by == "images" else \
-        f"validation loss {best.loss:.6g}"
+    return f"validation score {best.value:.4g}" if best.higher else f"validation loss {best.value:.6g}"
 
 
 def best_metadata(state, record: dict) -> dict[str, str]:
@@ -93,9 +127,9 @@ def validation_stats(state, record: dict, sheet: str) -> dict:
     best = selected(state)
     stats.update(select_by=state.cfg.select_by, best_step=best.step if best is not None else 0)
     if state.validation is not None:
-        stats["best_val_loss"] = state.validation.best.loss
+        stats["best_val_loss"] = state.validation.best.value
     if state.image_validation is not None:
-        stats["best_score"] = state.image_validation.best.score
+        stats["best_score"] = state.image_validation.best.value
     if sheet:
         stats["images"] = [sheet]
     return stats

@@ -5,7 +5,6 @@ far with the patience counter that early stopping reads (all in checkpoints, so 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +14,7 @@ from ...errors import DataError
 from ..inputs.data import Example, build_examples, scan_folder
 from ..steps import objective
 from ..steps.step import denoise_loss
+from .selection import Best
 
 
 def held_out_images(cfg) -> set[str]:
@@ -53,36 +53,13 @@ def validation_examples(cfg, resolution: int, bucket_step: int, prompt, held_out
 
 
 @dataclass
-class Best:
-    """The best validation loss so far, its step, and validations since it improved."""
-
-    loss: float = math.inf
-    step: int = 0
-    waited: int = 0
-
-    def update(self, step: int, loss: float) -> bool:
-        """Record a validation; True when it improved on the best (strictly lower)."""
-        if loss < self.loss:
-            self.loss, self.step, self.waited = loss, step, 0
-            return True
-        self.waited += 1
-        return False
-
-    def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loss, self.step, self.waited = float(state["loss"]), int(state["step"]), int(state["waited"])
-
-
-@dataclass
 class Validation:
     """The validation set and how its loss is measured."""
 
     examples: list[Example]
     timesteps: int
     seed: int
-    best: Best = dataclasses.field(default_factory=Best)
+    best: Best = dataclasses.field(default_factory=lambda: Best("loss"))
 
     def loss(self, state) -> float:
         """Mean loss over the validation images (this rank's share, then averaged over ranks), each at the same
