@@ -1,7 +1,8 @@
 """The demo job under a changing load: training time with the CPU thread count re-checked during the run
 (`--thread-check N`, the default 30) against counted once at the start (`--thread-check 0`, sdlora before it).
 
-    python scripts/bench_threads_load.py [--max-steps 300] [--busy-until 0.5] [--check 10] [--repeats 1] [--exact]
+    python scripts/bench_threads_load.py [--max-steps 300] [--resolution 0] [--busy-until 0.5] [--check 10]
+                                         [--repeats 1] [--exact]
 
 Each run trains `sample_data/demo.toml` (no sample renders) with the automatic thread count (no OMP_NUM_THREADS, no
 --threads) while a busy process (one core of pure Python) runs from before the start until the run is
@@ -36,13 +37,15 @@ def environment() -> dict:
     return env
 
 
-def demo_job(folder: Path, max_steps: int) -> Path:
-    """demo.toml with absolute paths, `max_steps`, no sample renders (they would time the same in both modes)."""
+def demo_job(folder: Path, max_steps: int, resolution: int = 0) -> Path:
+    """demo.toml with absolute paths, `max_steps`, no sample renders (they would time the same in both modes), at
+    `resolution` px (0: the demo's 64)."""
     from sdlora.config import load_toml
     from sdlora.paths import sample_data
 
     cfg = load_toml(sample_data() / "demo.toml")
     cfg.train.max_steps, cfg.sample.prompts = max_steps, []
+    cfg.augment.resolution = resolution or cfg.augment.resolution
     cfg.output.path = str(folder / "demo.safetensors")
     job = folder / "demo.toml"
     job.write_text(cfg.to_toml())
@@ -138,6 +141,8 @@ def main(argv=None) -> None:
     ap.add_argument("--busy-until", type=float, default=0.5, help="Share of the steps the busy process runs for.")
     ap.add_argument("--check", type=int, default=10, help="--thread-check of the re-checking runs (seconds).")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--resolution", type=int, default=0, help="Training px (0: the demo's 64, where a step is too "
+                    "small for a second thread to help on a 2-core machine; 192: where it does).")
     ap.add_argument("--exact", action="store_true", help="First compare 1 vs 2 threads bit for bit.")
     args = ap.parse_args(argv)
     print(f"{os.cpu_count()} CPUs; {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
@@ -147,7 +152,7 @@ def main(argv=None) -> None:
             (tmp / "exact").mkdir()
             for line in thread_dependence(tmp / "exact"):
                 print(line, flush=True)
-        job = demo_job(tmp, args.max_steps)
+        job = demo_job(tmp, args.max_steps, args.resolution)
         rows = []
         for r in range(args.repeats):
             for mode, check in (("once", 0), ("recheck", args.check)):
@@ -155,7 +160,9 @@ def main(argv=None) -> None:
                 row = run(job, out, ["--thread-check", str(check)], round(args.busy_until * args.max_steps))
                 rows.append({"mode": f"{mode} (--thread-check {check})", **row})
                 print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-    print(f"\nDemo, {args.max_steps} steps, a busy process on one core for the first {args.busy_until:.0%} of them:\n")
+    px = f"{args.resolution} px" if args.resolution else "64 px"
+    print(f"\nDemo at {px}, {args.max_steps} steps, a busy process on one core for the first "
+          f"{args.busy_until:.0%} of them:\n")
     print("| mode | training s | steps/s | threads | final loss | busy stopped at step | load avg before |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
