@@ -111,6 +111,17 @@ def new_page(browser, url: str, size=(1280, 800)):
     return page
 
 
+@pytest.fixture(autouse=True)
+def no_internal_error(tmp_path, monkeypatch):
+    """No handler behind the page fails with an internal error (a bug) during a test: the error boundary would write
+    its crash log here. (A toast is easy to miss: the memory estimate once crashed on batch size 0 unseen.)"""
+    logs = tmp_path / "crash-logs"
+    monkeypatch.setenv("SDLORA_LOG_DIR", str(logs))
+    yield
+    found = sorted(logs.glob("crash-*.log")) if logs.is_dir() else []
+    assert not found, f"an internal error behind the page:\n{found[0].read_text()[-2000:] if found else ''}"
+
+
 @pytest.fixture
 def page(browser, app):
     page = new_page(browser, app[0])

@@ -83,22 +83,26 @@ class DatasetSection:
     def wire(self, name, last_name, form_errors, redraw: list[dict]) -> None:
         """`redraw`: the events that follow a change of the folders (what applies, the memory estimate)."""
         view = [self.captions, self.gallery, self.folder_status]
+        # What reads or moves the folders runs one at a time, in the order it was asked for: a folder field's blur
+        # (leaving it for the name field) must read the folder before a rename moves the uploads away from it.
+        one = dict(concurrency_limit=1, concurrency_id="dataset")
         uploads = [self.upload.upload(self.on_upload, [self.upload, name, self.masks],
-                                      [self.folder] + view + [form_errors]),
+                                      [self.folder] + view + [form_errors], **one),
                    self.mask_upload.upload(self.on_mask_upload, [self.mask_upload, name, self.folder],
-                                           [self.masks, self.gallery])]
+                                           [self.masks, self.gallery], **one)]
         for event in uploads:
             for then in redraw:
                 event = event.then(**then)
         gr.on([self.folder.blur, self.folder.submit, self.masks.blur, self.masks.submit], self.on_folder,
-              [self.folder, self.masks], view)
+              [self.folder, self.masks], view, **one)
         self.captions.input(self.on_captions, [self.folder, self.captions, self.masks], [self.gallery],
                             trigger_mode="always_last")
         self.caption_btn.click(self.on_caption, [self.folder, self.captioner, self.caption_prefix, self.overwrite,
                                                  self.masks], [self.captions, self.gallery, self.caption_status],
                                show_progress_on=[self.caption_status])
         gr.on([name.blur, name.submit], self.on_rename, [name, last_name, self.folder, self.masks],
-              [self.folder, self.masks, last_name], show_progress="hidden")
+              [self.folder, self.masks, last_name], show_progress="hidden", **one).then(
+            self.on_folder, [self.folder, self.masks], view, show_progress="hidden", **one)
 
     def _allowed(self, folder: str, what: str) -> str:
         return str(self.manager.allowed.path(folder, what)) if folder else ""
