@@ -78,12 +78,12 @@ def candidates(output: Path, max_steps: int) -> dict[int, Path]:
 
 
 @torch.no_grad()
-def validation_score(pipe, judge, lora: Path | None, concept: str, n: int, seed: int) -> dict:
+def validation_score(pipe, judge, lora: Path | None, concept: str, n: int, seed: int, trigger: str = TRIGGER) -> dict:
     """The selection's stand-in for image validation: the judge on validation seeds (``sdlora eval``'s prompts,
     other seeds), with the LoRA only; without a LoRA only the base world's accuracy."""
     active = load_lora_into(pipe, lora, adapter_name="val") if lora else None
     try:
-        trig, world = trigger_prompts(TRIGGER, n), world_prompts(36)
+        trig, world = trigger_prompts(trigger, n), world_prompts(36)
         got = judge.classify(generate(pipe, [p for p, _ in trig], seed)) if lora else []
         base = judge.classify(generate(pipe, [p for p, _, _ in world], seed + 10_000))
     finally:
@@ -118,6 +118,7 @@ def run_concept(concept: str, args, train_args, pipe, judge, base: float) -> dic
     if args.selection == "eval":
         cfg.output.save_every = args.save_every
     cfg.train.threads = args.threads
+    trigger = cfg.pivotal.token if cfg.pivotal.trigger == TRIGGER else TRIGGER  # pivotal: prompts use the token
     t0 = time.time()
     last = Path(cfg.output.path)
     best, step = last.with_name(f"{concept}_best.safetensors"), None
@@ -130,7 +131,7 @@ def run_concept(concept: str, args, train_args, pipe, judge, base: float) -> dic
     if args.selection == "eval":
         files = candidates(last, cfg.train.max_steps)
         for step, path in sorted(files.items()):
-            scores[step] = validation_score(pipe, judge, path, concept, args.select_n, args.select_seed)
+            scores[step] = validation_score(pipe, judge, path, concept, args.select_n, args.select_seed, trigger)
             print(f"    validation step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in scores[step].items()),
                   flush=True)
         step = max(scores, key=lambda s: (scores[s]["score"], s))
@@ -147,7 +148,7 @@ def run_concept(concept: str, args, train_args, pipe, judge, base: float) -> dic
             rows[name] = {"file": str(path), "source": "validation",
                           **from_validation(scores[step if name == "selected" else cfg.train.max_steps], base)}
         else:
-            rep = evaluate(path, TRIGGER, concept, model=pipe, n=args.n, output_dir=out / f"eval_{name}",
+            rep = evaluate(path, trigger, concept, model=pipe, n=args.n, output_dir=out / f"eval_{name}",
                            judge=judge)
             rows[name] = {"file": str(path), "source": f"sdlora eval --n {args.n}", **figures(rep)}
     return {"concept": concept, "role": "tuned" if concept in args.tuned else "held-out", "selected_step": step,
