@@ -360,7 +360,8 @@ def test_errors_paths_uploads_and_renames(page, app, shots, tmp_path):
         assert "field-error" in page.locator(f"#{elem}").get_attribute("class")
     assert field(page, "opt-lora-rank").input_value() == "abc"  # kept on screen, not emptied
     page.screenshot(path=shots / "errors.png", full_page=True)
-    set_value(page, "opt-lora-rank", 4)  # batch size still 0: the memory estimate waits (no_internal_error)
+    set_value(page, "opt-lora-rank", 4)  # batch size still 0: the memory estimate says why it waits, no crash
+    page.locator("#fit-box").filter(has_text="settings are valid (Batch size must be > 0").wait_for(state="attached")
     set_value(page, "opt-train-batch_size", 1)
     set_value(page, "opt-data-path", tmp_path / "no-such-folder", key="Enter")
     page.locator("#folder-status").filter(has_text="Folder not found").wait_for()

@@ -283,8 +283,10 @@ class SettingsPanel:
         cfg, errors = self.form.read(values)
         for_method(cfg, method, errors)
         self.clean(cfg, method, errors)
-        if errors or field_errors(cfg):
-            return _fit_box("Fix the marked settings to estimate the memory.", "idle"), gr.update(visible=False), []
+        problems = list({**errors, **field_errors(cfg)}.values())
+        if problems:  # estimated once the settings are valid (a batch size of 0 has no memory to estimate)
+            text = f"Memory: estimated once the settings are valid ({html.escape(problems[0])})."
+            return _fit_box(text, "idle"), gr.update(visible=False), []
         key = (cfg.to_toml(), model, vram)  # a field left without a change costs nothing
         if key not in self._fits:
             progress(0, desc="Estimating the memory …")
