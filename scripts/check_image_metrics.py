@@ -13,12 +13,14 @@ cache): nothing is downloaded unless the hub is reachable.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-
-from measure_selection import spearman  # scripts/, this script's own folder, is on sys.path
 
 from sdlora.config import SCORE_PARTS
 from sdlora.loras.compare import CompareSettings, compare
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ also when imported from elsewhere (the docs test)
+from measure_selection import spearman
 
 
 def main() -> None:
