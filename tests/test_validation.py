@@ -153,7 +153,7 @@ def test_the_best_loss_and_the_best_score_keep_their_checkpoint_form():
     {"score": ...} with step and waited), so runs saved before still resume."""
     import math
 
-    from sdlora.training.periodic.selection import Best
+    from sdlora.training.periodic.best import Best
 
     loss, score = Best("loss"), Best("score")
     assert [loss.update(s, v) for s, v in ((10, 0.5), (20, 0.7), (30, 0.4))] == [True, False, True]

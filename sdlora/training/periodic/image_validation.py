@@ -16,7 +16,7 @@ from pathlib import Path
 from ...errors import ConfigError
 from ...scoring.base import Scorer, Shots, has_trigger
 from ...scoring.make import make_scorer
-from .selection import Best
+from .best import Best
 
 CONCEPT_PROMPTS, PRESERVATION_PROMPTS = 4, 2  # default prompts drawn from the training captions
 MAX_REFERENCE = 64  # training images scored against (evenly spread when there are more)

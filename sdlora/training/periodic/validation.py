@@ -14,7 +14,7 @@ from ...errors import DataError
 from ..inputs.data import Example, build_examples, scan_folder
 from ..steps import objective
 from ..steps.step import denoise_loss
-from .selection import Best
+from .best import Best
 
 
 def held_out_images(cfg) -> set[str]:
