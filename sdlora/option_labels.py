@@ -58,6 +58,8 @@ LABELS = {
     "prior.weight": ("Prior loss weight", None, BASIC, None),
     "prior.mode": ("Prior from", None, BASIC, "images: rendered class images; model: the base model's own "
                    "prediction (no images)."),
+    "prior.blank_weight": ("Blank-prompt preservation", "noise", MORE, "Keeps the base model's answer to the empty "
+                           "prompt, which guidance steers from: against colour shifts."),
     "pivotal.token": ("New token", None, BASIC, "The token to learn, e.g. <s1>."),
     "pivotal.trigger": ("Word it replaces", None, BASIC, "e.g. sks; empty: the captions already use the token."),
     "pivotal.num_vectors": ("Vectors per token", None, BASIC, None),

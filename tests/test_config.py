@@ -79,6 +79,9 @@ def test_prior_preservation_settings_are_checked(tmp_path):
         validate(cfg)
     cfg.prior.mode = "model"
     validate(cfg)
+    cfg.prior.class_data = str(tmp_path / "missing")  # the model prior's images to preserve: an existing folder
+    with pytest.raises(ConfigError, match=r"prior\.class_data folder not found"):
+        validate(cfg)
 
 
 def test_queue_runs_every_job_and_a_failure_does_not_stop_the_next(tiny_model, tmp_path, capsys):

@@ -126,6 +126,52 @@ def test_prior_from_base_model_needs_no_class_images(tiny_model, images, tmp_pat
     assert log[-1]["loss"] == pytest.approx(log[-1]["loss_instance"] + 0.5 * log[-1]["loss_prior"], rel=1e-5)
 
 
+def test_prior_from_base_model_on_images_to_preserve(tiny_model, images, tmp_path, monkeypatch):
+    """--prior-mode model with a class folder: every step also matches the base model on those images, noised, with
+    their own captions; --blank-prompt-weight also on the empty prompt at the training images' noisy latents.
+    Reference: the base model loaded apart from the trainer, through diffusers' UNet and the CLIP text encoder; the
+    trained one through its LoRA'd UNet and text encoder; each loss is their mean squared gap."""
+    from sdlora.training.steps import step as step_mod
+
+    keep = draw_images(tmp_path / "keep", n=2)
+    captions = {"a blue dog", "a green cat"}
+    for i, caption in enumerate(sorted(captions)):
+        (keep / f"img{i}.txt").write_text(caption)
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=4)
+    cfg.lora.train_text_encoder, cfg.train.batch_size = True, 2
+    cfg.prior.class_prompt, cfg.prior.mode, cfg.prior.class_data = "a dog", "model", str(keep)
+    cfg.prior.weight, cfg.prior.blank_weight = 2.0, 0.5
+    base = fresh_pipeline(tiny_model)
+    original, calls = step_mod.model_prior_loss, []
+
+    def spy(models, noisy, t, micro, prompts, image=None):
+        loss = original(models, noisy, t, micro, prompts, image)
+        ids = base.tokenizer(list(prompts), padding="max_length", max_length=base.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = base.unet(noisy, t, encoder_hidden_states=base.text_encoder(ids)[0]).sample
+            te = models.text.parts[0].module
+            got = models.denoiser.module(noisy, t, encoder_hidden_states=te(ids)[0]).sample
+        calls.append((list(prompts), loss.item(), ((got - want) ** 2).mean().item()))
+        return loss
+
+    monkeypatch.setattr(step_mod, "model_prior_loss", spy)
+    train(cfg)
+    kept, blank = calls[0::2], calls[1::2]  # per step: the folder's images, then the empty prompt
+    assert len(kept) == len(blank) == 4
+    assert all(set(prompts) <= captions and len(prompts) == 2 for prompts, _, _ in kept)  # their own captions
+    assert all(prompts == ["", ""] for prompts, _, _ in blank)
+    assert kept[0][1] == blank[0][1] == 0.0  # the LoRA starts as the identity
+    assert kept[-1][1] > 1e-8 and blank[-1][1] > 1e-8
+    for _, loss, reference in calls:
+        assert loss == pytest.approx(reference, rel=1e-3, abs=1e-9)
+    log = [json.loads(x) for x in (tmp_path / "o" / "l_log.jsonl").read_text().splitlines()]
+    assert [rec["loss_prior"] for rec in log] == pytest.approx([loss for _, loss, _ in kept], rel=1e-3)  # 8 decimals
+    assert [rec["loss_blank"] for rec in log] == pytest.approx([loss for _, loss, _ in blank], rel=1e-3)
+    assert log[-1]["loss"] == pytest.approx(log[-1]["loss_instance"] + 2.0 * log[-1]["loss_prior"]
+                                            + 0.5 * log[-1]["loss_blank"], rel=1e-5)
+
+
 def test_vprediction_model_trains_on_velocity(tiny_vpred_model, images, tmp_path):
     cap = Capture()
     cfg = tiny_config(tiny_vpred_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=2)

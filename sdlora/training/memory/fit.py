@@ -256,13 +256,15 @@ def _optimizer_bytes(name: str, numel: int) -> int:
 
 
 def _count_images(cfg: Config) -> int:
-    n = 0
-    for folder in cfg.data:
-        p = Path(folder.path)
-        if p.is_dir():
-            n += sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+    def count(folder: str) -> int:
+        p = Path(folder)
+        return sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS) if folder and p.is_dir() else 0
+
+    n = sum(count(folder.path) for folder in cfg.data)
     if cfg.prior.class_prompt and cfg.prior.mode == "images":
         n += cfg.prior.num_class_images
+    elif cfg.prior.has_images:
+        n += count(cfg.prior.class_data)
     return n
 
 
@@ -419,7 +421,7 @@ def _trace_step(cfg: Config, c: Components, modules: list, models, latent, capti
 
     def step():
         b = batch(captions)
-        if cfg.prior.class_prompt and cfg.prior.mode == "images":
+        if cfg.prior.has_images:
             b.prior = batch([cfg.prior.class_prompt] * len(captions))
         return training_step(b, models, cfg, seeded(cfg.train.seed, 0, 0)[0])[0]
 

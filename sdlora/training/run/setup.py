@@ -350,9 +350,10 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, con
     captions = {d.path: list({e.path: e.caption for e in raw if e.source == i}.values())
                 for i, d in enumerate(cfg.data)}
     prior_examples, prior_plan = [], None
-    if cfg.prior.class_prompt and cfg.prior.mode == "images":
-        prior_examples = build_examples([(cfg.prior.class_data, cfg.prior.class_prompt, False, 1)], resolution,
-                                        cfg.augment.bucketing, bucket_step, is_prior=True, say=say)
+    if cfg.prior.has_images:  # class images take the class prompt; the model prior's images keep their captions
+        folder = (cfg.prior.class_data, cfg.prior.class_prompt, cfg.prior.mode == "model", 1)
+        prior_examples = build_examples([folder], resolution, cfg.augment.bucketing, bucket_step, is_prior=True,
+                                        say=say)
         prior_plan = BatchPlan(prior_examples, cfg.train.batch_size, cfg.train.seed + 1)
     batches = Batches(examples, BatchPlan(examples, cfg.train.batch_size, cfg.train.seed), prior_examples,
                       prior_plan, latents=None, conditioning=c.family.conditioning,

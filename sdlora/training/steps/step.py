@@ -78,29 +78,46 @@ def denoise_loss(models: Models, recipe, latents, noise, inputs, t, cond, micro,
     return (loss if weights is None else loss * weights.to(loss.device)), noisy, t
 
 
-def model_prior_loss(models: Models, noisy: torch.Tensor, t: torch.Tensor, micro, class_prompt: str,
+def model_prior_loss(models: Models, noisy: torch.Tensor, t: torch.Tensor, micro, prompts: list[str],
                      image: torch.Tensor | None = None) -> torch.Tensor:
-    """Prior preservation without class images: on the class prompt, match the base model (adapters off); an
-    inpainting base sees the batch's `image` conditioning."""
-    n, predict = noisy.shape[0], models.conditioning.predict
+    """Prior preservation from the model: on these prompts, at these noisy latents, match the base model (adapters
+    off, in the denoiser and the text encoders); an inpainting base sees its `image` conditioning."""
+    predict = models.conditioning.predict
     noisy = models.conditioning.denoiser_input(noisy, image)
     with torch.no_grad(), adapters_off([models.denoiser.module]):
-        base_cond = models.text([class_prompt] * n, base=True)
-        base = predict(models.denoiser.module, noisy, t, base_cond, micro)
-    pred = predict(models.denoiser.wrapped, noisy, t, models.text([class_prompt] * n), micro)
+        base = predict(models.denoiser.module, noisy, t, models.text(prompts, base=True), micro)
+    pred = predict(models.denoiser.wrapped, noisy, t, models.text(prompts), micro)
     return objective.per_sample_loss(pred, base).mean()
 
 
+def model_prior_on(models: Models, prior: Batch, train_cfg, gen: torch.Generator) -> torch.Tensor:
+    """The model prior on a batch of images to preserve, noised as the training images are, with their captions."""
+    recipe = objective.Recipe.from_config(train_cfg)
+    noise = recipe.noise(prior.latents, gen)
+    t = models.schedule.sample(recipe.timesteps, prior.latents.shape[0], gen, prior.latents.device)
+    return model_prior_loss(models, models.schedule.noisy(prior.latents, noise, t), t, prior.micro, prior.captions,
+                            prior.inpaint)
+
+
 def training_step(batch: Batch, models: Models, cfg, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Loss of one micro-batch: the instance loss, plus the prior-preservation loss when configured."""
+    """Loss of one micro-batch: the instance loss, plus the prior-preservation and blank-prompt losses when
+    configured."""
     loss, noisy, t = diffusion_loss(models, batch, cfg.train, gen)
     loss = loss.mean()
     stats = {"loss_instance": loss.detach()}
-    if batch.prior is not None:
+    prior = None
+    if batch.prior is not None and cfg.prior.mode == "images":
         prior = diffusion_loss(models, batch.prior, cfg.train, gen)[0].mean()
+    elif batch.prior is not None:
+        prior = model_prior_on(models, batch.prior, cfg.train, gen)
     elif cfg.prior.class_prompt and cfg.prior.mode == "model":
-        prior = model_prior_loss(models, noisy, t, batch.micro, cfg.prior.class_prompt, batch.inpaint)
-    else:
-        return loss, stats
-    stats["loss_prior"] = prior.detach()
-    return loss + cfg.prior.weight * prior, stats
+        prior = model_prior_loss(models, noisy, t, batch.micro, [cfg.prior.class_prompt] * noisy.shape[0],
+                                 batch.inpaint)
+    if prior is not None:
+        stats["loss_prior"] = prior.detach()
+        loss = loss + cfg.prior.weight * prior
+    if cfg.prior.blank_weight:
+        blank = model_prior_loss(models, noisy, t, batch.micro, [""] * noisy.shape[0], batch.inpaint)
+        stats["loss_blank"] = blank.detach()
+        loss = loss + cfg.prior.blank_weight * blank
+    return loss, stats
