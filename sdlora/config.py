@@ -169,8 +169,8 @@ class PriorConfig:
                     flag="prior-mode", choices=("images", "model"))
     blank_weight: float = opt(0.0, "Also match the base model's prediction on the empty prompt (the unconditional "
                               "branch classifier-free guidance steers from) at the training images' noisy latents, "
-                              "with this weight, as ai-toolkit's blank-prompt preservation does; 0 = off. Keeps a "
-                              "LoRA from shifting what guidance amplifies (e.g. colours).",
+                              "with this weight, as ai-toolkit's blank-prompt preservation does; 0 = off. Guidance "
+                              "then steers from the base model's own empty prompt.",
                               flag="blank-prompt-weight", ge=0)
 
     @property
@@ -756,7 +756,7 @@ SLIDER_UNUSED = (("train", "timestep_sampling"), ("train", "timestep_mean"), ("t
                  ("train", "multires_noise_iterations"), ("train", "multires_noise_discount"),
                  ("train", "ip_noise_gamma"), ("augment", "crop"), ("augment", "random_flip"),
                  ("augment", "caption_dropout"), ("lora", "train_text_encoder"), ("pivotal", "token"),
-                 ("prior", "class_prompt"), ("validation", "data"), ("validation", "split"),
+                 ("prior", "class_prompt"), ("prior", "blank_weight"), ("validation", "data"), ("validation", "split"),
                  ("validation", "scorer"))  # image scores read training images; a slider has none
 
 

@@ -59,7 +59,7 @@ LABELS = {
     "prior.mode": ("Prior from", None, BASIC, "images: rendered class images; model: the base model's own "
                    "prediction (no images)."),
     "prior.blank_weight": ("Blank-prompt preservation", "noise", MORE, "Keeps the base model's answer to the empty "
-                           "prompt, which guidance steers from: against colour shifts."),
+                           "prompt, which guidance steers from; 0 = off."),
     "pivotal.token": ("New token", None, BASIC, "The token to learn, e.g. <s1>."),
     "pivotal.trigger": ("Word it replaces", None, BASIC, "e.g. sks; empty: the captions already use the token."),
     "pivotal.num_vectors": ("Vectors per token", None, BASIC, None),
