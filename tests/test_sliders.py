@@ -204,6 +204,10 @@ def test_what_a_slider_does_not_use_is_refused(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.noise_offset is for training on images"):
         validate(cfg)
     cfg = slider_config(tiny_model, tmp_path / "o" / "s.safetensors")
+    cfg.prior.blank_weight = 1.0  # the slider's step has no training images to pin the empty prompt at
+    with pytest.raises(ConfigError, match=r"prior\.blank_weight is for training on images"):
+        validate(cfg)
+    cfg = slider_config(tiny_model, tmp_path / "o" / "s.safetensors")
     cfg.data = [__import__("sdlora.config", fromlist=["DataFolder"]).DataFolder(path=str(tmp_path))]
     with pytest.raises(ConfigError, match="prompts alone"):
         validate(cfg)
