@@ -826,7 +826,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
                           "or use --prior-mode model")
     if pr.class_data and not pr.class_prompt:
         raise ConfigError("prior.class_data is set but prior.class_prompt is empty; give --class-prompt")
-    if check_paths and pr.class_prompt and pr.mode == "model" and pr.class_data and not Path(pr.class_data).is_dir():
+    if check_paths and pr.has_images and pr.mode == "model" and not Path(pr.class_data).is_dir():
         raise ConfigError(f"prior.class_data folder not found: {pr.class_data}; give a folder of images to "
                           "preserve, or leave it empty to match the base model at the training images")
     validate_training_options(cfg, check_paths)

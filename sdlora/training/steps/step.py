@@ -51,13 +51,18 @@ def seeded(seed: int, step: int, rank: int, micro: int = 0) -> tuple[torch.Gener
     return g, np.random.default_rng(key)
 
 
+def draw_noise(models: Models, recipe, latents: torch.Tensor, gen: torch.Generator):
+    """The recipe's noise and timesteps for these latents, drawn from `gen` in that order."""
+    noise = recipe.noise(latents, gen)
+    return noise, models.schedule.sample(recipe.timesteps, latents.shape[0], gen, latents.device)
+
+
 def diffusion_loss(models: Models, batch: Batch, train_cfg, gen: torch.Generator):
     """Per-sample loss of the denoiser on this batch's noised latents, and (noisy latents, timesteps)."""
     recipe = objective.Recipe.from_config(train_cfg)
     cond = models.text(batch.captions)
-    latents, schedule = batch.latents, models.schedule
-    noise = recipe.noise(latents, gen)
-    t = schedule.sample(recipe.timesteps, latents.shape[0], gen, latents.device)
+    latents = batch.latents
+    noise, t = draw_noise(models, recipe, latents, gen)
     return denoise_loss(models, recipe, latents, noise, recipe.perturb(noise, gen), t, cond, batch.micro, batch.mask,
                         batch.inpaint)
 
@@ -92,9 +97,7 @@ def model_prior_loss(models: Models, noisy: torch.Tensor, t: torch.Tensor, micro
 
 def model_prior_on(models: Models, prior: Batch, train_cfg, gen: torch.Generator) -> torch.Tensor:
     """The model prior on a batch of images to preserve, noised as the training images are, with their captions."""
-    recipe = objective.Recipe.from_config(train_cfg)
-    noise = recipe.noise(prior.latents, gen)
-    t = models.schedule.sample(recipe.timesteps, prior.latents.shape[0], gen, prior.latents.device)
+    noise, t = draw_noise(models, objective.Recipe.from_config(train_cfg), prior.latents, gen)
     return model_prior_loss(models, models.schedule.noisy(prior.latents, noise, t), t, prior.micro, prior.captions,
                             prior.inpaint)
 
