@@ -172,6 +172,13 @@ class PriorConfig:
                               "with this weight, as ai-toolkit's blank-prompt preservation does; 0 = off. Guidance "
                               "then steers from the base model's own empty prompt.",
                               flag="blank-prompt-weight", ge=0)
+    dop_class: str = opt("", "Differential output preservation, as ai-toolkit's: each training caption with the "
+                         "trigger (output.trigger, or pivotal tuning's token) replaced by this class word (e.g. "
+                         "'person') is also matched to the base model's prediction at the training image's noisy "
+                         "latents, so the class and the words around the trigger keep what they draw; empty = off.",
+                         flag="dop-class")
+    dop_weight: float = opt(1.0, "Weight of differential output preservation (prior.dop_class).", flag="dop-weight",
+                            ge=0)
 
     @property
     def has_images(self) -> bool:
@@ -756,7 +763,8 @@ SLIDER_UNUSED = (("train", "timestep_sampling"), ("train", "timestep_mean"), ("t
                  ("train", "multires_noise_iterations"), ("train", "multires_noise_discount"),
                  ("train", "ip_noise_gamma"), ("augment", "crop"), ("augment", "random_flip"),
                  ("augment", "caption_dropout"), ("lora", "train_text_encoder"), ("pivotal", "token"),
-                 ("prior", "class_prompt"), ("prior", "blank_weight"), ("validation", "data"), ("validation", "split"),
+                 ("prior", "class_prompt"), ("prior", "blank_weight"), ("prior", "dop_class"), ("validation", "data"),
+                 ("validation", "split"),
                  ("validation", "scorer"))  # image scores read training images; a slider has none
 
 
@@ -829,6 +837,8 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     if check_paths and pr.has_images and pr.mode == "model" and not Path(pr.class_data).is_dir():
         raise ConfigError(f"prior.class_data folder not found: {pr.class_data}; give a folder of images to "
                           "preserve, or leave it empty to match the base model at the training images")
+    _rule(not pr.dop_class or cfg.output.trigger or cfg.pivotal.token, "prior.dop_class replaces the trigger word "
+          "in the training captions: give the word they use with --trigger (e.g. --trigger sks)")
     validate_training_options(cfg, check_paths)
     if check_paths and cfg.model.path and _looks_local(cfg.model.path) and not Path(cfg.model.path).exists():
         raise ConfigError(f"model not found: {cfg.model.path}")

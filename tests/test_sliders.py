@@ -208,6 +208,10 @@ def test_what_a_slider_does_not_use_is_refused(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"prior\.blank_weight is for training on images"):
         validate(cfg)
     cfg = slider_config(tiny_model, tmp_path / "o" / "s.safetensors")
+    cfg.prior.dop_class, cfg.output.trigger = "dog", "sks"  # nor training captions to swap the trigger in
+    with pytest.raises(ConfigError, match=r"prior\.dop_class is for training on images"):
+        validate(cfg)
+    cfg = slider_config(tiny_model, tmp_path / "o" / "s.safetensors")
     cfg.data = [__import__("sdlora.config", fromlist=["DataFolder"]).DataFolder(path=str(tmp_path))]
     with pytest.raises(ConfigError, match="prompts alone"):
         validate(cfg)

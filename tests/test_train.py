@@ -11,7 +11,7 @@ from conftest import Capture, StopAt, draw_images, fresh_pipeline, load_checked,
 
 from sdlora import train
 from sdlora.callbacks import Callbacks, Commands
-from sdlora.errors import TrainingError
+from sdlora.errors import ConfigError, TrainingError
 from sdlora.loras.checks import validate_kohya
 from sdlora.loras.files import read_lora
 
@@ -126,22 +126,12 @@ def test_prior_from_base_model_needs_no_class_images(tiny_model, images, tmp_pat
     assert log[-1]["loss"] == pytest.approx(log[-1]["loss_instance"] + 0.5 * log[-1]["loss_prior"], rel=1e-5)
 
 
-def test_prior_from_base_model_on_images_to_preserve(tiny_model, images, tmp_path, monkeypatch):
-    """--prior-mode model with a class folder: every step also matches the base model on those images, noised, with
-    their own captions; --blank-prompt-weight also on the empty prompt at the training images' noisy latents.
-    Reference: the base model loaded apart from the trainer, through diffusers' UNet and the CLIP text encoder; the
-    trained one through its LoRA'd UNet and text encoder; each loss is their mean squared gap."""
+def spy_model_prior(monkeypatch, base) -> list:
+    """Records each call of the model prior: (prompts, its loss, the reference loss, the noisy latents). The
+    reference: the base model loaded apart from the trainer (diffusers' UNet and the CLIP text encoder) against the
+    trained LoRA'd UNet and text encoder, at the same latents; the loss is their mean squared gap."""
     from sdlora.training.steps import step as step_mod
 
-    keep = draw_images(tmp_path / "keep", n=2)
-    captions = {"a blue dog", "a green cat"}
-    for i, caption in enumerate(sorted(captions)):
-        (keep / f"img{i}.txt").write_text(caption)
-    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=4)
-    cfg.lora.train_text_encoder, cfg.train.batch_size = True, 2
-    cfg.prior.class_prompt, cfg.prior.mode, cfg.prior.class_data = "a dog", "model", str(keep)
-    cfg.prior.weight, cfg.prior.blank_weight = 2.0, 0.5
-    base = fresh_pipeline(tiny_model)
     original, calls = step_mod.model_prior_loss, []
 
     def spy(models, noisy, t, micro, prompts, image=None):
@@ -152,24 +142,81 @@ def test_prior_from_base_model_on_images_to_preserve(tiny_model, images, tmp_pat
             want = base.unet(noisy, t, encoder_hidden_states=base.text_encoder(ids)[0]).sample
             te = models.text.parts[0].module
             got = models.denoiser.module(noisy, t, encoder_hidden_states=te(ids)[0]).sample
-        calls.append((list(prompts), loss.item(), ((got - want) ** 2).mean().item()))
+        calls.append((list(prompts), loss.item(), ((got - want) ** 2).mean().item(), noisy.detach().clone()))
         return loss
 
     monkeypatch.setattr(step_mod, "model_prior_loss", spy)
+    return calls
+
+
+def test_prior_from_base_model_on_images_to_preserve(tiny_model, images, tmp_path, monkeypatch):
+    """--prior-mode model with a class folder: every step also matches the base model on those images, noised, with
+    their own captions; --blank-prompt-weight also on the empty prompt at the training images' noisy latents.
+    Reference: `spy_model_prior`."""
+    keep = draw_images(tmp_path / "keep", n=2)
+    captions = {"a blue dog", "a green cat"}
+    for i, caption in enumerate(sorted(captions)):
+        (keep / f"img{i}.txt").write_text(caption)
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=4)
+    cfg.lora.train_text_encoder, cfg.train.batch_size = True, 2
+    cfg.prior.class_prompt, cfg.prior.mode, cfg.prior.class_data = "a dog", "model", str(keep)
+    cfg.prior.weight, cfg.prior.blank_weight = 2.0, 0.5
+    calls = spy_model_prior(monkeypatch, fresh_pipeline(tiny_model))
     train(cfg)
     kept, blank = calls[0::2], calls[1::2]  # per step: the folder's images, then the empty prompt
     assert len(kept) == len(blank) == 4
-    assert all(set(prompts) <= captions and len(prompts) == 2 for prompts, _, _ in kept)  # their own captions
-    assert all(prompts == ["", ""] for prompts, _, _ in blank)
+    assert all(set(prompts) <= captions and len(prompts) == 2 for prompts, *_ in kept)  # their own captions
+    assert all(prompts == ["", ""] for prompts, *_ in blank)
     assert kept[0][1] == blank[0][1] == 0.0  # the LoRA starts as the identity
     assert kept[-1][1] > 1e-8 and blank[-1][1] > 1e-8
-    for _, loss, reference in calls:
+    for _, loss, reference, _ in calls:
         assert loss == pytest.approx(reference, rel=1e-3, abs=1e-9)
     log = [json.loads(x) for x in (tmp_path / "o" / "l_log.jsonl").read_text().splitlines()]
-    assert [rec["loss_prior"] for rec in log] == pytest.approx([loss for _, loss, _ in kept], rel=1e-3)  # 8 decimals
-    assert [rec["loss_blank"] for rec in log] == pytest.approx([loss for _, loss, _ in blank], rel=1e-3)
+    assert [rec["loss_prior"] for rec in log] == pytest.approx([c[1] for c in kept], rel=1e-3)  # 8 decimals
+    assert [rec["loss_blank"] for rec in log] == pytest.approx([c[1] for c in blank], rel=1e-3)
     assert log[-1]["loss"] == pytest.approx(log[-1]["loss_instance"] + 2.0 * log[-1]["loss_prior"]
                                             + 0.5 * log[-1]["loss_blank"], rel=1e-5)
+
+
+def test_differential_output_preservation(tiny_model, images, tmp_path, monkeypatch):
+    """--dop-class (ai-toolkit's differential output preservation): each step also matches the base model on the
+    training captions with the trigger swapped for the class word, at the training images' own noisy latents.
+    Reference: `spy_model_prior`; the latents are the ones the instance loss noised (spied on `denoise_loss`)."""
+    from sdlora.training.steps import step as step_mod
+
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=4)
+    cfg.lora.train_text_encoder, cfg.train.batch_size = True, 2
+    cfg.output.trigger, cfg.prior.dop_class, cfg.prior.dop_weight = "sks", "dog", 0.5
+    calls = spy_model_prior(monkeypatch, fresh_pipeline(tiny_model))
+    original, noised = step_mod.denoise_loss, []
+
+    def spy_instance(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if out[1].device.type != "meta":  # not the memory estimate's trace
+            noised.append(out[1].detach().clone())
+        return out
+
+    monkeypatch.setattr(step_mod, "denoise_loss", spy_instance)
+    train(cfg)
+    assert [c[0] for c in calls] == [["a red dog", "a red dog"]] * 4  # "a red sks", the trigger swapped
+    assert calls[0][1] == 0.0 and calls[-1][1] > 1e-8
+    for (_, loss, reference, noisy), instance in zip(calls, noised, strict=True):
+        assert torch.equal(noisy, instance)
+        assert loss == pytest.approx(reference, rel=1e-3, abs=1e-9)
+    log = [json.loads(x) for x in (tmp_path / "o" / "l_log.jsonl").read_text().splitlines()]
+    assert [rec["loss_dop"] for rec in log] == pytest.approx([c[1] for c in calls], rel=1e-3)
+    assert log[-1]["loss"] == pytest.approx(log[-1]["loss_instance"] + 0.5 * log[-1]["loss_dop"], rel=1e-5)
+    assert step_mod.dop_prompts(["sks, a sksy <sks> tree"], cfg) == ["dog, a sksy <sks> tree"]  # whole words only
+
+
+def test_differential_output_preservation_needs_the_trigger_in_captions(tiny_model, images, tmp_path):
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors")
+    cfg.prior.dop_class = "dog"
+    with pytest.raises(ConfigError, match="--trigger"):
+        train(cfg)
+    cfg.output.trigger = "ohwx"  # the captions say "a red sks"
+    with pytest.raises(ConfigError, match="no training caption holds the trigger 'ohwx'"):
+        train(cfg)
 
 
 def test_vprediction_model_trains_on_velocity(tiny_vpred_model, images, tmp_path):

@@ -23,7 +23,7 @@ from ..periodic.output import sample_prompts
 from ..periodic.validation import Validation, held_out_images, validation_examples
 from ..steps import inpaint
 from ..steps.slider import SliderBatches, SliderObjective, SliderPrompts
-from ..steps.step import Models
+from ..steps.step import Models, dop_prompts
 from ..steps.text import TextEncoding
 from .adapters import inject, lora_parameters, named_lora_parameters
 from .blocks import kohya_namer, param_groups, plan_layers
@@ -347,6 +347,9 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, con
     raw = inpaint.attach_masks(cfg, raw) if c.inpainting else raw
     examples = [dataclasses.replace(e, caption=concept.prompt(e.caption)) for e in raw]
     concept.check_captions(examples)
+    if cfg.prior.dop_class and all(dop_prompts([e.caption], cfg) == [e.caption] for e in examples):
+        raise ConfigError(f"prior.dop_class: no training caption holds the trigger {cfg.output.trigger!r} to replace "
+                          "by the class word; give the word the captions use with --trigger")
     captions = {d.path: list({e.path: e.caption for e in raw if e.source == i}.values())
                 for i, d in enumerate(cfg.data)}
     prior_examples, prior_plan = [], None

@@ -14,6 +14,7 @@ import torch
 
 from ...families.sd import Conditioning
 from ..inputs.batches import Batch
+from ..run.embeddings import expansion, replace_trigger
 from ..run.parts import Part
 from . import objective
 from .text import TextEncoding, adapters_off
@@ -102,9 +103,16 @@ def model_prior_on(models: Models, prior: Batch, train_cfg, gen: torch.Generator
                             prior.inpaint)
 
 
+def dop_prompts(captions: list[str], cfg) -> list[str]:
+    """Differential output preservation's prompts: the captions with the trigger as the model reads it (the pivotal
+    token's expansion, else output.trigger; whole words) replaced by prior.dop_class."""
+    seen = expansion(cfg.pivotal.token, cfg.pivotal.num_vectors) if cfg.pivotal.token else cfg.output.trigger
+    return [replace_trigger(c, seen, cfg.prior.dop_class, 1) for c in captions]
+
+
 def training_step(batch: Batch, models: Models, cfg, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Loss of one micro-batch: the instance loss, plus the prior-preservation and blank-prompt losses when
-    configured."""
+    """Loss of one micro-batch: the instance loss, plus the prior-preservation, blank-prompt and differential output
+    preservation losses when configured."""
     loss, noisy, t = diffusion_loss(models, batch, cfg.train, gen)
     loss = loss.mean()
     stats = {"loss_instance": loss.detach()}
@@ -123,4 +131,8 @@ def training_step(batch: Batch, models: Models, cfg, gen: torch.Generator) -> tu
         blank = model_prior_loss(models, noisy, t, batch.micro, [""] * noisy.shape[0], batch.inpaint)
         stats["loss_blank"] = blank.detach()
         loss = loss + cfg.prior.blank_weight * blank
+    if cfg.prior.dop_class:
+        dop = model_prior_loss(models, noisy, t, batch.micro, dop_prompts(batch.captions, cfg), batch.inpaint)
+        stats["loss_dop"] = dop.detach()
+        loss = loss + cfg.prior.dop_weight * dop
     return loss, stats
