@@ -206,7 +206,17 @@ def test_differential_output_preservation(tiny_model, images, tmp_path, monkeypa
     log = [json.loads(x) for x in (tmp_path / "o" / "l_log.jsonl").read_text().splitlines()]
     assert [rec["loss_dop"] for rec in log] == pytest.approx([c[1] for c in calls], rel=1e-3)
     assert log[-1]["loss"] == pytest.approx(log[-1]["loss_instance"] + 0.5 * log[-1]["loss_dop"], rel=1e-5)
-    assert step_mod.dop_prompts(["sks, a sksy <sks> tree"], cfg) == ["dog, a sksy <sks> tree"]  # whole words only
+    assert step_mod.TriggerSwap("sks", "dog")(["sks, a sksy <sks> tree"]) == ["dog, a sksy <sks> tree"]  # words
+
+
+def test_differential_output_preservation_with_pivotal_tuning(tiny_model, images, tmp_path, monkeypatch):
+    """With pivotal tuning the captions hold the new token's vectors where the trigger was: those are swapped."""
+    cfg = tiny_config(tiny_model, images, tmp_path / "o" / "l.safetensors", train__max_steps=3)
+    cfg.pivotal.token, cfg.pivotal.trigger, cfg.pivotal.num_vectors, cfg.pivotal.ti_steps = "<s1>", "sks", 2, 1
+    cfg.prior.dop_class = "dog"
+    calls = spy_model_prior(monkeypatch, fresh_pipeline(tiny_model))
+    train(cfg)
+    assert len(calls) >= 3 and all(c[0] == ["a red dog"] for c in calls)  # "a red <s1> <s1>_1", swapped
 
 
 def test_differential_output_preservation_needs_the_trigger_in_captions(tiny_model, images, tmp_path):

@@ -345,6 +345,7 @@ def _trace_run(model: MetaModel, cfg: Config, device: str) -> Run:
         run.weights, run.kept = {part: weight_bytes(m) for part, m in {**_parts(c), **kept}.items()}, bool(kept)
         adapters = s.add_adapters(cfg, c, NoConcept())  # pivotal tuning's embeddings are not counted
         models = s.step_models(cfg, c, adapters, c.denoiser, c.text_encoders, dev)
+        models.dop = s.trigger_swap(cfg, NoConcept())
         no_optimizer = SimpleNamespace(params=[], step=None)
         models.text.trainable = NoConcept().phases(no_optimizer, adapters.text_lora).main.text_trainable
         inpainting = c.family.inpainting(c.denoiser.config)

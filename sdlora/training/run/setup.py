@@ -23,7 +23,7 @@ from ..periodic.output import sample_prompts
 from ..periodic.validation import Validation, held_out_images, validation_examples
 from ..steps import inpaint
 from ..steps.slider import SliderBatches, SliderObjective, SliderPrompts
-from ..steps.step import Models, dop_prompts
+from ..steps.step import Models, TriggerSwap
 from ..steps.text import TextEncoding
 from .adapters import inject, lora_parameters, named_lora_parameters
 from .blocks import kohya_namer, param_groups, plan_layers
@@ -149,6 +149,7 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
             ensure_class_images(cfg, c, resolution, callbacks)
         acc.wait_for_everyone()
     concept = concept_for(cfg, c)
+    dop = trigger_swap(cfg, concept)
     if cfg.is_slider:  # prompts alone: no images, no validation images
         batches, captions_by_folder, examples = SliderBatches(SliderPrompts.from_config(cfg.slider)), {}, []
     else:
@@ -158,13 +159,16 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
         examples = validation_examples(cfg, resolution, bucket_step, concept.prompt, held_out)
         if c.inpainting and not cfg.validation.data:  # held-out images: their folder's inpainting masks
             examples = inpaint.attach_masks(cfg, examples)
+        if dop is not None and all(dop([e.caption]) == [e.caption] for e in batches.examples):
+            raise ConfigError(f"prior.dop_class: no training caption holds the trigger {dop.seen!r} to replace by "
+                              "the class word; give the word the captions use with --trigger")
         for e in [*batches.examples, *batches.prior_examples, *examples]:
             c.check_size(*e.bucket, f"the bucket of {Path(e.path).name} at resolution {resolution}:",
                          "lower --resolution (aspect-ratio buckets are longer than it on one side) or --no-bucketing")
     use_zero_terminal_snr(cfg, c)
     varying = captions_vary(cfg)
     cache_frozen_text(cfg, c, acc.device, acc.mixed_precision, varying, callbacks.on_message,
-                      batches.captions() + [e.caption for e in examples])
+                      batches.captions() + [e.caption for e in examples] + (dop(batches.captions()) if dop else []))
     weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
     apply_speed(cfg, c, acc.device)
     adapters = add_adapters(cfg, c, concept)
@@ -176,6 +180,7 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     if cfg.train.cache_text and varying:
         callbacks.on_message("text caching is off: shuffled or dropped tags make a new caption every step")
     models = step_models(cfg, c, adapters, denoiser, encoders, acc.device)
+    models.dop = dop
     state = TrainState(cfg, acc, c, models, batches, resolution, captions_by_folder, adapters, concept, phases, optim,
                        weight_dtype, time.time())
     if examples:
@@ -186,7 +191,8 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     state.enter_phase(0)
     batches.fill_cache()
     if models.text.cache_allowed and not any(phase.text_trainable for phase in phases):
-        models.text.fill(sorted(set(batches.captions()) | {"", cfg.prior.class_prompt}))
+        models.text.fill(sorted({*batches.captions(), *(dop(batches.captions()) if dop else []), "",
+                                 cfg.prior.class_prompt}))
     return state
 
 
@@ -197,6 +203,14 @@ def make_latents(cfg: Config, c: Components, device: torch.device, dtype: torch.
     cached = cfg.train.cache_latents and cfg.augment.crop == "center"
     prefetch = cfg.speed.prefetch and (not cached or inpainting)  # an inpainting base's masked images, always
     return Latents(c.vae, device, dtype, cached=cached, crop=cfg.augment.crop, pin=pins(device, prefetch))
+
+
+def trigger_swap(cfg: Config, concept: Concept) -> TriggerSwap | None:
+    """Differential output preservation's caption swap (prior.dop_class): the trigger as the captions hold it once
+    the concept has rewritten them (pivotal tuning: its token), replaced by the class word."""
+    if not cfg.prior.dop_class:
+        return None
+    return TriggerSwap(concept.prompt(image_validation.trigger_of(cfg, {})), cfg.prior.dop_class)
 
 
 def step_models(cfg: Config, c: Components, adapters: Adapters, denoiser, encoders: list, device) -> Models:
@@ -347,9 +361,6 @@ def load_data(cfg: Config, c: Components, resolution: int, bucket_step: int, con
     raw = inpaint.attach_masks(cfg, raw) if c.inpainting else raw
     examples = [dataclasses.replace(e, caption=concept.prompt(e.caption)) for e in raw]
     concept.check_captions(examples)
-    if cfg.prior.dop_class and all(dop_prompts([e.caption], cfg) == [e.caption] for e in examples):
-        raise ConfigError(f"prior.dop_class: no training caption holds the trigger {cfg.output.trigger!r} to replace "
-                          "by the class word; give the word the captions use with --trigger")
     captions = {d.path: list({e.path: e.caption for e in raw if e.source == i}.values())
                 for i, d in enumerate(cfg.data)}
     prior_examples, prior_plan = [], None

@@ -14,21 +14,34 @@ import torch
 
 from ...families.sd import Conditioning
 from ..inputs.batches import Batch
-from ..run.embeddings import expansion, replace_trigger
+from ..run.embeddings import replace_trigger
 from ..run.parts import Part
 from . import objective
 from .text import TextEncoding, adapters_off
 
 
+@dataclass(frozen=True)
+class TriggerSwap:
+    """Differential output preservation's prompts: captions as the model reads them, with the trigger as it appears
+    there (`seen`: the word, or pivotal tuning's token expansion) replaced by the class word, whole words only."""
+
+    seen: str
+    word: str
+
+    def __call__(self, captions: list[str]) -> list[str]:
+        return [replace_trigger(c, self.seen, self.word, 1) for c in captions]
+
+
 @dataclass
 class Models:
     """What the step runs: the denoiser (a `Part`: which form to use when is written there), the text encoding, the
-    noise schedule, and the family's conditioning."""
+    noise schedule, the family's conditioning, and differential output preservation's caption swap (or None)."""
 
     denoiser: Part
     text: TextEncoding
     scheduler: object              # the training scheduler (DDPM-style, or FlowMatch for SD3)
     conditioning: Conditioning
+    dop: TriggerSwap | None = None
 
     @property
     def schedule(self) -> objective.DDPM | objective.Flow:
@@ -103,13 +116,6 @@ def model_prior_on(models: Models, prior: Batch, train_cfg, gen: torch.Generator
                             prior.inpaint)
 
 
-def dop_prompts(captions: list[str], cfg) -> list[str]:
-    """Differential output preservation's prompts: the captions with the trigger as the model reads it (the pivotal
-    token's expansion, else output.trigger; whole words) replaced by prior.dop_class."""
-    seen = expansion(cfg.pivotal.token, cfg.pivotal.num_vectors) if cfg.pivotal.token else cfg.output.trigger
-    return [replace_trigger(c, seen, cfg.prior.dop_class, 1) for c in captions]
-
-
 def training_step(batch: Batch, models: Models, cfg, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch: the instance loss, plus the prior-preservation, blank-prompt and differential output
     preservation losses when configured."""
@@ -131,8 +137,8 @@ def training_step(batch: Batch, models: Models, cfg, gen: torch.Generator) -> tu
         blank = model_prior_loss(models, noisy, t, batch.micro, [""] * noisy.shape[0], batch.inpaint)
         stats["loss_blank"] = blank.detach()
         loss = loss + cfg.prior.blank_weight * blank
-    if cfg.prior.dop_class:
-        dop = model_prior_loss(models, noisy, t, batch.micro, dop_prompts(batch.captions, cfg), batch.inpaint)
+    if models.dop is not None:
+        dop = model_prior_loss(models, noisy, t, batch.micro, models.dop(batch.captions), batch.inpaint)
         stats["loss_dop"] = dop.detach()
         loss = loss + cfg.prior.dop_weight * dop
     return loss, stats
