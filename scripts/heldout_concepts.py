@@ -41,8 +41,8 @@ from sdlora.world import shapes  # noqa: E402
 from sdlora.world.evaluate import evaluate, generate, load_pipeline, trigger_prompts, world_prompts  # noqa: E402
 from sdlora.world.judge import load_judge  # noqa: E402
 
-TUNED = ("heart", "arrow")
-HELD_OUT = ("cross", "diamond", "crescent", "hourglass")
+TUNED = ("heart", "arrow", "cross")  # cross: held out until the Q1 recipe (docs/shapes-world.md), tuned on since
+HELD_OUT = ("diamond", "crescent", "hourglass")
 TRIGGER = "sks"
 TARGETS = {"concept_fidelity": 0.90, "prompt_fidelity": 0.85, "preservation_drop": 0.03}
 

@@ -60,8 +60,8 @@ LABELS = {
                    "prediction (no images)."),
     "prior.blank_weight": ("Blank-prompt preservation", "noise", MORE, "Keeps the base model's answer to the empty "
                            "prompt, which guidance steers from; 0 = off."),
-    "prior.dop_class": ("Differential output preservation", "noise", MORE, "A class word, e.g. person: the captions "
-                        "with it in place of the trigger keep drawing what the base model draws; empty = off."),
+    "prior.dop_class": ("Differential output preservation", "noise", MORE, "A class word (e.g. person): captions "
+                        "with it for the trigger keep what the base model draws; empty = off."),
     "prior.dop_weight": ("DOP weight", "noise", MORE, None),
     "pivotal.token": ("New token", None, BASIC, "The token to learn, e.g. <s1>."),
     "pivotal.trigger": ("Word it replaces", None, BASIC, "e.g. sks; empty: the captions already use the token."),
