@@ -159,16 +159,18 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
         examples = validation_examples(cfg, resolution, bucket_step, concept.prompt, held_out)
         if c.inpainting and not cfg.validation.data:  # held-out images: their folder's inpainting masks
             examples = inpaint.attach_masks(cfg, examples)
-        if dop is not None and all(dop([e.caption]) == [e.caption] for e in batches.examples):
+        captions = [e.caption for e in batches.examples]
+        if dop is not None and dop(captions) == captions:
             raise ConfigError(f"prior.dop_class: no training caption holds the trigger {dop.seen!r} to replace by "
                               "the class word; give the word the captions use with --trigger")
         for e in [*batches.examples, *batches.prior_examples, *examples]:
             c.check_size(*e.bucket, f"the bucket of {Path(e.path).name} at resolution {resolution}:",
                          "lower --resolution (aspect-ratio buckets are longer than it on one side) or --no-bucketing")
+    texts = batches.captions() + (dop(batches.captions()) if dop else [])  # what the steps encode
     use_zero_terminal_snr(cfg, c)
     varying = captions_vary(cfg)
     cache_frozen_text(cfg, c, acc.device, acc.mixed_precision, varying, callbacks.on_message,
-                      batches.captions() + [e.caption for e in examples] + (dop(batches.captions()) if dop else []))
+                      texts + [e.caption for e in examples])
     weight_dtype = place_models(cfg, c, acc.device, acc.mixed_precision)
     apply_speed(cfg, c, acc.device)
     adapters = add_adapters(cfg, c, concept)
@@ -191,8 +193,7 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
     state.enter_phase(0)
     batches.fill_cache()
     if models.text.cache_allowed and not any(phase.text_trainable for phase in phases):
-        models.text.fill(sorted({*batches.captions(), *(dop(batches.captions()) if dop else []), "",
-                                 cfg.prior.class_prompt}))
+        models.text.fill(sorted({*texts, "", cfg.prior.class_prompt}))
     return state
 
 
