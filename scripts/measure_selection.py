@@ -28,6 +28,7 @@ from sdlora.config import Config, load_toml, parse_score_weights
 from sdlora.paths import sample_data
 from sdlora.scoring.base import Scores
 from sdlora.training.periodic import selection
+from sdlora.training.periodic.best import Best
 
 DEFAULT = ",".join(f"{v:g}" for v in Config().score_weights.values())  # as the weightings below are written
 
@@ -119,8 +120,8 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def weightings(history: list[dict], evals: dict[int, dict]) -> list[dict]:
-    """For every weighting: the step it picks (the first best, as training does), that step's target, regret and
-    the rank correlation of its score with the target over the evaluated steps."""
+    """For every weighting: the step it picks (replayed through the trainer's `Best`), that step's target, regret
+    and the rank correlation of its score with the target over the evaluated steps."""
     steps = [r for r in history if r["step"] in evals]
     grid = [0, 0.5, 1, 2]
     out = []
@@ -130,7 +131,10 @@ def weightings(history: list[dict], evals: dict[int, dict]) -> list[dict]:
         w = parse_score_weights(f"likeness={wl},adherence={wa},preservation={wp},copying={wc}")
         scores = [Scores(*(r.get(k) for k in ("likeness", "adherence", "preservation", "copying"))).combined(w)
                   for r in steps]
-        pick = max(range(len(steps)), key=lambda i: (scores[i], -i))
+        best = Best("score")
+        for r, s in zip(steps, scores):
+            best.update(r["step"], s)
+        pick = [r["step"] for r in steps].index(best.step)
         targets = [target(evals[r["step"]]) for r in steps]
         out.append({"weights": f"{wl:g},{wa:g},{wp:g},{wc:g}", "step": steps[pick]["step"],
                     "target": targets[pick], "regret": max(targets) - targets[pick],

@@ -106,7 +106,7 @@ def test_keep_best_by_images_keeps_the_highest_score_file(tiny_model, data, tmp_
     cfg.output.save_every = 1
     result = train(cfg)
     lines = score_lines(result.log)
-    best = max(lines, key=lambda r: (r["score"], -r["step"]))  # the first of the highest
+    best = max(lines, key=lambda r: (r["score"], r["step"]))  # the latest of the highest
     assert best["step"] == 3 and best["score"] == 0.9
     assert result.best_step == best["step"] and round(result.best_score, 8) == best["score"]
     tensors, meta = read_lora(result.best)
@@ -140,6 +140,30 @@ def test_early_stop_by_images(tiny_model, data, tmp_path, scripted):
     assert stop == 5 and [r["score"] for r in lines] == Scripted.values[:5]
     assert result.early_stopped and result.steps == stop == lines[-1]["step"]
     assert any(m.startswith(f"early stop at step {stop}: the validation score has not improved") for m in messages)
+
+
+def test_a_tied_image_score_keeps_the_later_file_and_early_stop_counts_from_the_last_gain(tiny_model, data,
+                                                                                          tmp_path, monkeypatch):
+    """Rounds of a few images tie often: the best file moves to the later of equal scores, while early stopping
+    still counts validations since the score last rose."""
+    class Tied(Scripted):
+        values = (0.3, 0.9, 0.5, 0.9, 0.4, 0.1, 0.1, 0.1)
+
+    monkeypatch.setattr(image_validation, "make_scorer", lambda *a, **k: Tied())
+    cfg = job(tiny_model, data, tmp_path / "o" / "l.safetensors", train__max_steps=8, validation__every=1,
+              validation__keep_best=True, validation__early_stop_patience=3, validation__score_weights="likeness=1",
+              optim__lr=0.05)
+    cfg.output.save_every = 1
+    result = train(cfg)
+    assert [r["score"] for r in score_lines(result.log)] == list(Tied.values[:5])
+    assert result.early_stopped and result.steps == 5  # 3 validations after step 2's gain, the tie at 4 among them
+    assert result.best_step == 4 and result.best_score == 0.9
+    tensors, meta = read_lora(result.best)
+    assert int(meta["sdlora_best_step"]) == 4
+    step_4 = read_lora(tmp_path / "o" / "l_checkpoints" / "step_0000004.safetensors")[0]
+    step_2 = read_lora(tmp_path / "o" / "l_checkpoints" / "step_0000002.safetensors")[0]
+    assert all(torch.equal(tensors[k], step_4[k]) for k in tensors)
+    assert any(not torch.equal(tensors[k], step_2[k]) for k in tensors)
 
 
 class Recording:

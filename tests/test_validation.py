@@ -161,6 +161,11 @@ def test_the_best_loss_and_the_best_score_keep_their_checkpoint_form():
         [True, False, False, True]
     assert loss.state_dict() == {"loss": 0.4, "step": 30, "waited": 0}
     assert score.state_dict() == {"score": 0.6, "step": 40, "waited": 0}
+    tied = Best("score")  # a tie moves the best to the later step; only a gain resets the patience
+    assert [tied.update(s, v) for s, v in ((10, 0.5), (20, 0.75), (30, 0.75), (40, 0.5), (50, 0.75))] == \
+        [True, True, True, False, True]
+    assert tied.state_dict() == {"score": 0.75, "step": 50, "waited": 3}
+    assert [loss.update(s, v) for s, v in ((40, 0.4), (50, 0.45))] == [False, False] and loss.step == 30
     saved = Best("score")
     saved.load_state_dict({"score": 0.875, "step": 250, "waited": 3})  # as written by sdlora before the merge
     assert (saved.value, saved.step, saved.waited) == (0.875, 250, 3) and not saved.update(500, 0.8)

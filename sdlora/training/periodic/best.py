@@ -26,9 +26,13 @@ class Best:
         return self.key == "score"
 
     def update(self, step: int, value: float) -> bool:
-        """Record a validation; True when it improved on the best (strictly)."""
-        if value > self.value if self.higher else value < self.value:
-            self.value, self.step, self.waited = value, step, 0
+        """Record a validation; True when it is the new best. An image score that ties the best moves the best to
+        this later step (a round of a few images ties often, and the later file has trained longer; on the shapes
+        world the later of tied files scored as well or better in 3 of 4 runs), but only a strictly better value
+        resets the patience that early stopping reads."""
+        better = value > self.value if self.higher else value < self.value
+        if better or (self.higher and value == self.value):
+            self.value, self.step, self.waited = value, step, 0 if better else self.waited + 1
             return True
         self.waited += 1
         return False
