@@ -2,8 +2,8 @@
 taken by `sdlora train --preset NAME` and by the web UI's preset menu.
 
 A preset is a job file without data or output, plus a `[preset]` table saying what it is for (title, family, goal,
-description). `based_on = "FILE"` starts it from another job file's values (its data, output and sample prompts
-left out): the shapes-world preset is the demo job's recipe that way, so the two cannot drift apart.
+description). `based_on = "FILE"` starts it from another job file's values (its data, prior folder, output and
+prompts left out): the shapes-world preset is the demo job's recipe that way, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ GOALS = ("character", "object", "style", "quick-test")
 GOAL_TITLES = {"character": "person or character", "object": "object", "style": "style", "quick-test": "quick test",
                "concept": "new concept"}
 SHAPES = "shapes"  # the presets of the built-in shapes-world model; a family's are named in its row (presets)
-_LEFT_OUT = ("data", "output")  # what `based_on` does not take from the job file it starts from
+_LEFT_OUT = ("data", "prior", "output")  # what `based_on` does not take from the job file: its images and folders
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,8 @@ def preset_values(name: str) -> dict:
     if not base:
         return values
     start = {k: v for k, v in _toml(path.parent / base).items() if k not in _LEFT_OUT}
-    start.get("sample", {}).pop("prompts", None)  # the demo's prompts name its own concept
+    for section in ("sample", "validation"):  # the demo's prompts name its own concept
+        start.get(section, {}).pop("prompts", None)
     return merge_values(start, values)
 
 

@@ -194,9 +194,13 @@ def test_the_shapes_preset_is_the_demo_recipe():
     """Derived from demo.toml (based_on), so a retuned demo retunes the preset."""
     demo = load_toml(sample_data() / "demo.toml")
     preset = load_preset("shapes-world")
-    for section in ("model", "lora", "augment", "optim", "train", "validation", "speed"):
+    for section in ("model", "lora", "augment", "optim", "train", "speed"):
         assert getattr(preset, section) == getattr(demo, section), section
     assert (preset.sample.every, preset.sample.prompts) == (demo.sample.every, [])
+    assert preset.validation.prompts == [] and demo.validation.prompts  # the demo's name its star "sks"
+    preset.validation.prompts = demo.validation.prompts
+    assert preset.validation == demo.validation
+    assert demo.prior.class_data and preset.prior == type(demo.prior)()  # a folder of the demo's, as its data
     assert preset_for("").name == "shapes-world"
     values = tomllib.loads((sample_data() / "presets" / "shapes-world.toml").read_text())
     assert set(values) == {"preset"} and "based_on" in values["preset"]
