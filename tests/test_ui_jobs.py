@@ -486,7 +486,7 @@ def test_image_scores_reach_the_page(tmp_path, tiny_model):
     n_values = sum(len(p) for _, p in job.scores)
     assert len(re.findall(r'<circle class="score-point', chart)) == n_values > 0
     assert f"step {job.best_step}" in chart and "picked by the combined score" in chart
-    best = max(lines, key=lambda r: r["score"])["step"]  # ties: the first, as the best file keeps the first
+    best = max(lines, key=lambda r: (r["score"], r["step"]))["step"]  # on ties the later step, as the trainer keeps
     assert job.best_step == best
     assert [c for _, c in progress.validation_items(job)] == ["validation at step 4", "validation at step 2"]
     rows = progress.checkpoint_rows(job)

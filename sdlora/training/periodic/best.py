@@ -28,8 +28,8 @@ class Best:
     def update(self, step: int, value: float) -> bool:
         """Record a validation; True when it is the new best. An image score that ties the best moves the best to
         this later step (a round of a few images ties often, and the later file has trained longer; on the shapes
-        world the later of tied files scored as well or better in 3 of 4 runs), but only a strictly better value
-        resets the patience that early stopping reads."""
+        world it scored better by `sdlora eval` in 3 of the 4 runs that could tell), but only a strictly better
+        value resets the patience that early stopping reads."""
         better = value > self.value if self.higher else value < self.value
         if better or (self.higher and value == self.value):
             self.value, self.step, self.waited = value, step, 0 if better else self.waited + 1
