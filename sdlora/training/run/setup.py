@@ -166,7 +166,8 @@ def setup(cfg: Config, acc, callbacks: Callbacks, components: Components | None 
         for e in [*batches.examples, *batches.prior_examples, *examples]:
             c.check_size(*e.bucket, f"the bucket of {Path(e.path).name} at resolution {resolution}:",
                          "lower --resolution (aspect-ratio buckets are longer than it on one side) or --no-bucketing")
-    texts = batches.captions() + (dop(batches.captions()) if dop else [])  # what the steps encode
+    texts = batches.captions()
+    texts = texts + (dop(texts) if dop else [])  # what the steps encode
     use_zero_terminal_snr(cfg, c)
     varying = captions_vary(cfg)
     cache_frozen_text(cfg, c, acc.device, acc.mixed_precision, varying, callbacks.on_message,
