@@ -102,6 +102,8 @@ JOB_FILES = [
     Case("pivotal token with spaces", ["train", "{job}"], "one word", {"job": job("pivotal", "token", '"a b"')}),
     Case("prior images without folder", ["train", "{job}"], "needs prior.class_data",
          {"job": job("prior", "class_prompt", '"a dog"')}),
+    Case("no class images", ["train", "{job}"], "no class images in",
+         {"job": job("prior", "class_prompt", '"a dog"\nclass_data = "{tmp}/empty"')}),
     Case("class folder without prompt", ["train", "{job}"], "class_prompt is empty",
          {"job": job("prior", "class_data", '"{tmp}"')}),
     Case("resolution not multiple of 8", ["train", "{job}"], "multiple of 8",

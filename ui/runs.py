@@ -14,7 +14,7 @@ from sdlora.options import DREAMBOOTH, METHODS, PIVOTAL, SLIDER, check, field_er
 
 from . import notify, progress
 from .chart import loss_chart, score_chart
-from .files import dataset_rows, safe_name
+from .files import safe_name
 from .form import classes
 from .jobs import FINISHED
 from .settings import for_method
@@ -142,10 +142,6 @@ class RunSection:
         """Adds the fields' own errors to `errors`; the messages that name no field."""
         if method == DREAMBOOTH and not cfg.prior.class_prompt:
             errors[("prior", "class_prompt")] = "DreamBooth needs a class prompt (e.g. 'a photo of a dog')"
-        if method == DREAMBOOTH and cfg.prior.class_data and not cfg.prior.num_class_images \
-                and not dataset_rows(cfg.prior.class_data):  # the page's class folder is empty: the run would fail
-            errors[("prior", "num_class_images")] = "DreamBooth needs class images: give how many the base model " \
-                "renders from the class prompt (diffusers' DreamBooth script renders 100; a few per training image)"
         if method == PIVOTAL and not cfg.pivotal.token:
             errors[("pivotal", "token")] = "Pivotal tuning needs a token to learn (e.g. '<s1>')"
         if method == SLIDER and not cfg.slider.target.strip():

@@ -11,7 +11,7 @@ import torch
 
 from ...callbacks import Callbacks
 from ...config import Config
-from ...errors import ConfigError, DataError, ModelError
+from ...errors import ConfigError, ModelError
 from ...hardware import cpu_has_native_bf16
 from ...loras.networks import NETWORKS
 from ...models import Components
@@ -333,9 +333,7 @@ def ensure_class_images(cfg: Config, c: Components, resolution: int, callbacks: 
     folder.mkdir(parents=True, exist_ok=True)
     have = len(scan_folder(folder)[0])
     missing = cfg.prior.num_class_images - have
-    if missing <= 0:
-        if have == 0:
-            raise DataError(f"no class images in {folder}; set num_class_images to have them generated")
+    if missing <= 0:  # none at all is config.validate's error
         return
     callbacks.on_message(f"generating {missing} class images for '{cfg.prior.class_prompt}' into {folder}")
     pipe = c.pipeline()
