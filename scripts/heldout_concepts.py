@@ -12,9 +12,11 @@ images with the shapes scorer and keeps the best), ``last`` the final file, and 
 report's; 16 concept and 36 world images) by the mean of concept fidelity, prompt fidelity and base-world accuracy,
 the later step winning ties. The picked file and the last one are then scored exactly as ``sdlora eval --n N``
 does (seed 0). Concepts are split into the ones the recipe was tuned on (``--tuned``) and the held-out ones; the
-summary gives mean and worst of the held-out ones against the targets. Each concept's figures, the trainer's
-validation scores and the merged config are appended to ``--results`` (JSON lines); ``--report-only --label L``
-prints a table from it again.
+summary gives mean and worst of the held-out ones against the targets. ``--replay WEIGHTS`` (with ``best``) also
+scores the file another weighting of the combined score would have picked from the same validations (replayed
+through the trainer's ``Best``; the run then keeps a checkpoint at every validation). Each concept's figures, the
+trainer's validation scores and the merged config are appended to ``--results`` (JSON lines); ``--report-only
+--label L`` prints a table from it again.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from sdlora.callbacks import Callbacks  # noqa: E402
 from sdlora.cli.train import add_config_flags, apply_flags  # noqa: E402
-from sdlora.config import load_toml  # noqa: E402
+from sdlora.config import SCORE_PARTS, load_toml, parse_score_weights  # noqa: E402
+from sdlora.errors import ConfigError  # noqa: E402
 from sdlora.loras.apply import load_lora_into  # noqa: E402
+from sdlora.scoring.base import Scores  # noqa: E402
 from sdlora.training.loop import train  # noqa: E402
+from sdlora.training.periodic.best import Best  # noqa: E402
 from sdlora.training.periodic.selection import RECORD_KEYS  # noqa: E402
 from sdlora.world import shapes  # noqa: E402
 from sdlora.world.evaluate import evaluate, generate, load_pipeline, trigger_prompts, world_prompts  # noqa: E402
@@ -97,6 +102,14 @@ def validation_score(pipe, judge, lora: Path | None, concept: str, n: int, seed:
     return s
 
 
+def replayed_step(history: dict[int, dict], weights: str) -> int:
+    """The step the trainer would have kept under another weighting of the combined score, from its logged parts."""
+    w, best = parse_score_weights(weights), Best("score")
+    for step, parts in sorted(history.items()):
+        best.update(step, Scores(*(parts.get(k) for k in SCORE_PARTS)).combined(w))
+    return best.step
+
+
 def from_validation(s: dict, base: float) -> dict:
     """Validation scores in the report's terms (exploration runs with --n 0 report these instead)."""
     return {"concept_fidelity": s["concept_fidelity"], "prompt_fidelity": s["prompt_fidelity"],
@@ -117,6 +130,8 @@ def run_concept(concept: str, args, train_args, pipe, judge, base: float) -> dic
     cfg.sample.prompts, cfg.sample.every = [], 0
     if args.selection == "eval":
         cfg.output.save_every = args.save_every
+    if args.replay:  # the other weightings' picks must exist as files
+        cfg.output.save_every = cfg.validation.every
     cfg.train.threads = args.threads
     trigger = cfg.pivotal.token if cfg.pivotal.trigger == TRIGGER else TRIGGER  # pivotal: prompts use the token
     t0 = time.time()
@@ -151,9 +166,19 @@ def run_concept(concept: str, args, train_args, pipe, judge, base: float) -> dic
             rep = evaluate(path, trigger, concept, model=pipe, n=args.n, output_dir=out / f"eval_{name}",
                            judge=judge)
             rows[name] = {"file": str(path), "source": f"sdlora eval --n {args.n}", **figures(rep)}
+    replays, done = {}, {step: rows["selected"], cfg.train.max_steps: rows["last"]}
+    for weights in args.replay:
+        at = replayed_step(progress.history, weights)
+        if at not in done:
+            path = last if at == cfg.train.max_steps else candidates(last, cfg.train.max_steps)[at]
+            rep = evaluate(path, trigger, concept, model=pipe, n=args.n, output_dir=out / f"eval_step_{at}",
+                           judge=judge)
+            done[at] = {"file": str(path), "source": f"sdlora eval --n {args.n}", **figures(rep)}
+        replays[weights] = {"step": at, **done[at]}
     return {"concept": concept, "role": "tuned" if concept in args.tuned else "held-out", "selected_step": step,
             "train_seconds": round(seconds, 1), "validation": scores,
-            "trainer_validation": progress.history, "config": cfg.to_dict(), **rows}
+            "trainer_validation": progress.history, "config": cfg.to_dict(), **rows,
+            **({"replays": replays} if replays else {})}
 
 
 def aggregate(rows: list[dict], which: str, role: str) -> dict | None:
@@ -185,6 +210,12 @@ def summary(rows: list[dict], which: str) -> list[str]:
     return lines
 
 
+def _line(r: dict, name: str, f: dict) -> str:
+    return (f"| {r['concept']} | {r['role']} | {name} | {f['concept_fidelity']:.1%} | {f['prompt_fidelity']:.1%} | "
+            f"{f['base_accuracy_with_lora']:.1%} / {f['base_accuracy_without_lora']:.1%} | "
+            f"{f['preservation_drop']:+.1%} |")
+
+
 def table(rows: list[dict]) -> str:
     head = ("| concept | role | file | concept fidelity | prompt fidelity | preservation (with / without LoRA) "
             "| drop |\n|---|---|---|---|---|---|---|")
@@ -193,9 +224,9 @@ def table(rows: list[dict]) -> str:
         for which in ("selected", "last"):
             f = r[which]
             name = which + (f" (step {r['selected_step']})" if which == "selected" and r["selected_step"] else "")
-            out.append(f"| {r['concept']} | {r['role']} | {name} | {f['concept_fidelity']:.1%} | "
-                       f"{f['prompt_fidelity']:.1%} | {f['base_accuracy_with_lora']:.1%} / "
-                       f"{f['base_accuracy_without_lora']:.1%} | {f['preservation_drop']:+.1%} |")
+            out.append(_line(r, name, f))
+        for weights, f in r.get("replays", {}).items():
+            out.append(_line(r, f"{weights} (step {f['step']})", f))
     return "\n".join(out + [""] + summary(rows, "selected") + summary(rows, "last"))
 
 
@@ -223,6 +254,9 @@ def main(argv=None) -> None:
     ap.add_argument("--save-every", type=int, default=500, help="checkpoints to choose from (selection eval)")
     ap.add_argument("--select-n", type=int, default=16, help="trigger images per validation (selection eval)")
     ap.add_argument("--select-seed", type=int, default=1000, help="first seed of validation images")
+    ap.add_argument("--replay", action="append", default=[], metavar="WEIGHTS",
+                    help="with --selection best: also score the file this weighting of the combined score (as "
+                         "--score-weights) would have picked; repeatable")
     ap.add_argument("--images", type=int, default=8, help="training images per concept")
     ap.add_argument("--data-seed", type=int, default=100, help="concept images use this seed + the shape's index")
     ap.add_argument("--threads", type=int, default=1)
@@ -235,6 +269,14 @@ def main(argv=None) -> None:
     args.tuned = args.tuned.split(",")
     if args.n == 0 and args.selection != "eval":
         ap.error("--n 0 reports the validation figures, which only --selection eval measures")
+    if args.replay and (args.selection != "best" or args.reuse or args.n == 0):
+        ap.error("--replay replays the trainer's validations: it needs --selection best, a fresh run (no --reuse) "
+                 "and --n > 0")
+    for weights in args.replay:
+        try:
+            parse_score_weights(weights)
+        except ConfigError as e:
+            ap.error(f"--replay {weights}: {e}")
     if args.report_only:
         if args.results is None or not args.results.is_file():
             ap.error("--report-only reads --results FILE (JSON lines written by an earlier run)")

@@ -70,3 +70,18 @@ def test_table_and_report_only(script, tmp_path, capsys):
     assert out.startswith("b\n") and "| star |" in out and "| cross |" not in out
     with pytest.raises(SystemExit):
         script.main(["--report-only", "--results", str(results), "--label", "nope"])
+
+
+def test_replay_picks_what_another_weighting_would_have_kept(script):
+    """The logged parts, re-weighted: (w_l L + w_a A + w_p P - w_c C) / (w_l + w_a + w_p), the best kept, a tie
+    going to the later step (the trainer's rule), worked out by hand."""
+    history = {250: {"likeness": 0.5, "adherence": 0.75, "preservation": 1.0, "copying": 0.6},
+               500: {"likeness": 1.0, "adherence": 0.75, "preservation": 1.0, "copying": 0.7},
+               750: {"likeness": 1.0, "adherence": 0.5, "preservation": 1.0, "copying": 0.8},
+               1000: {"likeness": 0.75, "adherence": 1.0, "preservation": 1.0, "copying": 0.8}}
+    # likeness and preservation: 0.75, 1.0, 1.0, 0.875 -> the tie at 1.0 keeps the later step, 750
+    assert script.replayed_step(history, "likeness=1,adherence=0,preservation=1,copying=0") == 750
+    # adding adherence: (L + A + P) / 3 = 0.75, 0.917, 0.833, 0.917 -> the tie keeps step 1000
+    assert script.replayed_step(history, "likeness=1,adherence=1,preservation=1") == 1000
+    # a copying penalty of 1 on likeness alone: L - C = -0.1, 0.3, 0.2, -0.05 -> step 500
+    assert script.replayed_step(history, "likeness=1,copying=1") == 500
