@@ -837,24 +837,12 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     if check_paths and pr.has_images and pr.mode == "model" and not Path(pr.class_data).is_dir():
         raise ConfigError(f"prior.class_data folder not found: {pr.class_data}; give a folder of images to "
                           "preserve, or leave it empty to match the base model at the training images")
-    if check_paths and pr.class_prompt and pr.mode == "images" and not pr.num_class_images \
-            and not _image_files(pr.class_data):
-        raise ConfigError(f"no class images in {pr.class_data}: set prior.num_class_images to how many the base model "
-                          "renders from the class prompt (diffusers' DreamBooth script renders 100; a few per "
-                          "training image)")
     _rule(not pr.dop_class or cfg.output.trigger or cfg.pivotal.token, "prior.dop_class replaces the trigger word "
           "in the training captions: give the word they use with --trigger (e.g. --trigger sks)")
     validate_training_options(cfg, check_paths)
     if check_paths and cfg.model.path and _looks_local(cfg.model.path) and not Path(cfg.model.path).exists():
         raise ConfigError(f"model not found: {cfg.model.path}")
     return cfg
-
-
-def _image_files(folder: str) -> list:
-    """The usable images of a folder (none if it does not exist)."""
-    from .training.inputs.data import scan_folder
-
-    return scan_folder(folder)[0] if Path(folder).is_dir() else []
 
 
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}

@@ -430,8 +430,12 @@ def check(cfg: Config, check_paths: bool = True) -> tuple[dict[Key, str], list[s
     errors = field_errors(cfg)
     if errors:
         return errors, []
+    from .training.inputs.data import missing_class_images
+
     try:
         validate(cfg, check_paths)
+        if check_paths and (problem := missing_class_images(cfg.prior)):  # caught before a run fails on it
+            raise ConfigError(problem)
     except ConfigError as e:
         text, keys = humanize(str(e)), mentioned(str(e))
         return (dict.fromkeys(keys, text), []) if keys else ({}, [text])

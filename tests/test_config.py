@@ -82,11 +82,15 @@ def test_prior_preservation_settings_are_checked(tmp_path):
     cfg.prior.class_data = str(tmp_path / "missing")  # the model prior's images to preserve: an existing folder
     with pytest.raises(ConfigError, match=r"prior\.class_data folder not found"):
         validate(cfg)
+
+    from sdlora.options import check
+
     cfg.prior.mode, cfg.prior.class_data = "images", str(tmp_path / "class")  # no class images, none to render
-    with pytest.raises(ConfigError, match=r"no class images in .*class: set prior\.num_class_images"):
-        validate(cfg)
+    fields, general = check(cfg)  # the page's check: the field to fix is marked before any run starts
+    assert list(fields) == [("prior", "num_class_images")] and not general
+    assert fields[("prior", "num_class_images")].startswith("No class images in ")
     cfg.prior.num_class_images = 3  # the trainer renders them into the folder
-    validate(cfg)
+    assert check(cfg) == ({}, [])
 
 
 def test_queue_runs_every_job_and_a_failure_does_not_stop_the_next(tiny_model, tmp_path, capsys):

@@ -91,6 +91,18 @@ def _decoded_size(path: str | Path) -> tuple[int, int]:
     return size
 
 
+def missing_class_images(prior) -> str:
+    """Why a run with class images (`PriorConfig`, mode images) would have none to train on, or "": the folder holds no
+    usable image and none are to be rendered."""
+    if not (prior.class_prompt and prior.mode == "images") or prior.num_class_images:
+        return ""
+    folder = Path(prior.class_data)
+    if folder.is_dir() and scan_folder(folder)[0]:
+        return ""
+    return (f"no class images in {folder}: set prior.num_class_images to how many the base model renders from the "
+            "class prompt (diffusers' DreamBooth script renders 100; a few per training image)")
+
+
 def scan_folder(folder: str | Path, prompt: str = "",
                 use_captions: bool = True) -> tuple[list[tuple[str, str, tuple[int, int]]], list[str]]:
     """(image path, caption, size) of every usable image of a folder, and the files skipped with the reason."""

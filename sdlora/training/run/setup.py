@@ -11,13 +11,13 @@ import torch
 
 from ...callbacks import Callbacks
 from ...config import Config
-from ...errors import ConfigError, ModelError
+from ...errors import ConfigError, DataError, ModelError
 from ...hardware import cpu_has_native_bf16
 from ...loras.networks import NETWORKS
 from ...models import Components
 from ...quantize import quantize_nf4, require_bitsandbytes
 from ..inputs.batches import Batches, Latents, Prefetcher, pins
-from ..inputs.data import BatchPlan, TagRule, build_examples, scan_folder
+from ..inputs.data import BatchPlan, TagRule, build_examples, missing_class_images, scan_folder
 from ..periodic import image_validation
 from ..periodic.output import sample_prompts
 from ..periodic.validation import Validation, held_out_images, validation_examples
@@ -329,11 +329,13 @@ def ensure_class_images(cfg: Config, c: Components, resolution: int, callbacks: 
     """Generate the class images the prior folder lacks, with the base model (no LoRA)."""
     from ...sampling import render, save_png
 
+    if problem := missing_class_images(cfg.prior):
+        raise DataError(problem)
     folder = Path(cfg.prior.class_data)
     folder.mkdir(parents=True, exist_ok=True)
     have = len(scan_folder(folder)[0])
     missing = cfg.prior.num_class_images - have
-    if missing <= 0:  # none at all is config.validate's error
+    if missing <= 0:
         return
     callbacks.on_message(f"generating {missing} class images for '{cfg.prior.class_prompt}' into {folder}")
     pipe = c.pipeline()
