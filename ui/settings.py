@@ -247,8 +247,11 @@ class SettingsPanel:
     def read(self, values) -> Config:
         """The form's Config for the rules: unreadable values at their defaults, and a data folder even before the
         images are chosen (its options apply)."""
+        return self._read(values)[0]
+
+    def _read(self, values) -> tuple[Config, dict]:
         folder = values[self.form.keys.index(("data", "path"))]
-        return self.form.read(values, {("data", "path"): folder or "images"})[0]
+        return self.form.read(values, {("data", "path"): folder or "images"})
 
     def on_settings(self, model, method, view, *values):
         new = self.view(for_method(self.read(values), method), method, model)
@@ -280,7 +283,7 @@ class SettingsPanel:
         return out
 
     def on_fit(self, model, vram, method, *values, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
-        cfg, errors = self.form.read(values)
+        cfg, errors = self._read(values)  # the estimate needs no images: before they are chosen too
         for_method(cfg, method, errors)
         self.clean(cfg, method, errors)
         problems = list({**errors, **field_errors(cfg)}.values())
