@@ -35,13 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 from sdlora.callbacks import Callbacks  # noqa: E402
 from sdlora.cli.train import add_config_flags, apply_flags  # noqa: E402
-from sdlora.config import SCORE_PARTS, load_toml, parse_score_weights  # noqa: E402
+from sdlora.config import load_toml, parse_score_weights  # noqa: E402
 from sdlora.errors import ConfigError  # noqa: E402
 from sdlora.loras.apply import load_lora_into  # noqa: E402
-from sdlora.scoring.base import Scores  # noqa: E402
 from sdlora.training.loop import train  # noqa: E402
-from sdlora.training.periodic.best import Best  # noqa: E402
-from sdlora.training.periodic.selection import RECORD_KEYS  # noqa: E402
+from sdlora.training.periodic.selection import RECORD_KEYS, rescored  # noqa: E402
 from sdlora.world import shapes  # noqa: E402
 from sdlora.world.evaluate import evaluate, generate, load_pipeline, trigger_prompts, world_prompts  # noqa: E402
 from sdlora.world.judge import load_judge  # noqa: E402
@@ -104,10 +102,8 @@ def validation_score(pipe, judge, lora: Path | None, concept: str, n: int, seed:
 
 def replayed_step(history: dict[int, dict], weights: str) -> int:
     """The step the trainer would have kept under another weighting of the combined score, from its logged parts."""
-    w, best = parse_score_weights(weights), Best("score")
-    for step, parts in sorted(history.items()):
-        best.update(step, Scores(*(parts.get(k) for k in SCORE_PARTS)).combined(w))
-    return best.step
+    return rescored([{"step": step, **parts} for step, parts in sorted(history.items())],
+                    parse_score_weights(weights))[1]
 
 
 def from_validation(s: dict, base: float) -> dict:

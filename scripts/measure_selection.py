@@ -26,9 +26,7 @@ from pathlib import Path
 from sdlora import train
 from sdlora.config import Config, load_toml, parse_score_weights
 from sdlora.paths import sample_data
-from sdlora.scoring.base import Scores
 from sdlora.training.periodic import selection
-from sdlora.training.periodic.best import Best
 
 DEFAULT = ",".join(f"{v:g}" for v in Config().score_weights.values())  # as the weightings below are written
 
@@ -129,12 +127,8 @@ def weightings(history: list[dict], evals: dict[int, dict]) -> list[dict]:
         if not (wl or wa or wp):
             continue
         w = parse_score_weights(f"likeness={wl},adherence={wa},preservation={wp},copying={wc}")
-        scores = [Scores(*(r.get(k) for k in ("likeness", "adherence", "preservation", "copying"))).combined(w)
-                  for r in steps]
-        best = Best("score")
-        for r, s in zip(steps, scores):
-            best.update(r["step"], s)
-        pick = [r["step"] for r in steps].index(best.step)
+        scores, step = selection.rescored(steps, w)
+        pick = [r["step"] for r in steps].index(step)
         targets = [target(evals[r["step"]]) for r in steps]
         out.append({"weights": f"{wl:g},{wa:g},{wp:g},{wc:g}", "step": steps[pick]["step"],
                     "target": targets[pick], "regret": max(targets) - targets[pick],

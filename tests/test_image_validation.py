@@ -116,6 +116,39 @@ def test_keep_best_by_images_keeps_the_highest_score_file(tiny_model, data, tmp_
     assert json.loads(step_meta["sdlora_scores"])["score"] == pytest.approx(best["score"])
 
 
+class TwoParts(Scripted):
+    """Likeness and adherence scripted so that the two weightings below keep different files."""
+
+    likeness = (0.2, 0.9, 0.5, 0.9, 0.6, 0.8)
+    adherence = (0.9, 0.3, 0.8, 0.2, 0.9, 0.4)
+
+    def score(self, shots):
+        self.calls += 1
+        return Scores(likeness=self.likeness[self.calls - 1], adherence=self.adherence[self.calls - 1])
+
+
+def test_a_log_replayed_under_other_weights_keeps_what_a_run_with_them_keeps(tiny_model, data, tmp_path,
+                                                                             monkeypatch):
+    """`selection.rescored` (what heldout_concepts --replay and measure_selection use) on one run's log names the
+    file a run trained with the other weights keeps, and gives the scores that run logs."""
+    from sdlora.config import parse_score_weights
+    from sdlora.training.periodic.selection import rescored, validation_history
+
+    def run(name, weights):
+        monkeypatch.setattr(image_validation, "make_scorer", lambda *a, **k: TwoParts())
+        cfg = job(tiny_model, data, tmp_path / name / "l.safetensors", train__max_steps=6, validation__every=1,
+                  validation__keep_best=True, validation__score_weights=weights, optim__lr=0.05)
+        return train(cfg)
+
+    likeness, equal = run("l", "likeness=1,adherence=0"), run("e", "likeness=1,adherence=1")
+    assert (likeness.best_step, equal.best_step) == (4, 5)  # ties keep the later step; worked out by hand
+    history = validation_history(likeness.log)
+    scores, step = rescored(history, parse_score_weights("likeness=1,adherence=1"))
+    assert step == equal.best_step
+    assert scores == pytest.approx([r["score"] for r in score_lines(equal.log)])
+    assert rescored(history, parse_score_weights("likeness=1,adherence=0"))[1] == likeness.best_step
+
+
 def expected_stop(scores, patience):
     best, waited = -float("inf"), 0
     for step, s in scores:

@@ -132,6 +132,19 @@ def checkpoint_scores(output: str | Path) -> list[dict]:
     return out
 
 
+def rescored(history: list[dict], weights: dict[str, float]) -> tuple[list[float], int]:
+    """Each validation's combined score under other weights, from the parts its log line holds, and the step the
+    trainer's `Best` would then have kept (what another `--score-weights` would have chosen from the same run)."""
+    from ...scoring.base import Scores
+    from .best import Best
+
+    best, scores = Best("score"), []
+    for r in history:
+        scores.append(Scores(*(r.get(k) for k in SCORE_PARTS)).combined(weights))
+        best.update(r["step"], scores[-1])
+    return scores, best.step
+
+
 def score_curve(history: list[dict], best_step: int = 0) -> str:
     """A text table of the validations: step, score and parts (and the loss), the best marked."""
     cols = [k for k in RECORD_KEYS if any(k in r for r in history)]
