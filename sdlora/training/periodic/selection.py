@@ -1,6 +1,6 @@
 """One validation round (the held-out loss and/or the image scores), which best it counts for (`--select-by`), what
 the best file and each checkpoint's LoRA file carry about it, and the library's reading of a run's scores from its
-log (the UI's per-checkpoint scores, `sdlora compare`, the demo's score curve)."""
+log (the UI's per-checkpoint scores, `sdlora compare`, the demo's score curve, a replay under other weights)."""
 
 from __future__ import annotations
 
